@@ -1,0 +1,122 @@
+"""The mLSTM op: `mlstm` over a sequence, `mlstm_step` for one token (contract in ARCHITECTURE.md, math in MATH.md)."""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_floating, check_shape
+from .chunkwise import mlstm_chunkwise
+from .reference import MLSTMState, mlstm_parallel, mlstm_recurrent, mlstm_step_reference
+
+__all__ = ["mlstm", "mlstm_step", "MLSTMState", "IMPLS"]
+
+IMPLS = ("auto", "recurrent", "parallel", "chunkwise", "triton")
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _prepare_state(state, B: int, H: int, Dk: int, Dv: int, like: torch.Tensor, dtype: torch.dtype) -> MLSTMState:
+    if state is None:
+        return (
+            torch.zeros(B, H, Dk, Dv, device=like.device, dtype=dtype),
+            torch.zeros(B, H, Dk, device=like.device, dtype=dtype),
+            torch.zeros(B, H, device=like.device, dtype=dtype),
+        )
+    if not isinstance(state, (tuple, list)) or len(state) != 3:
+        raise ValueError(f"state: expected a tuple (C, n, m) or None, got {type(state).__name__}")
+    C, n, m = state
+    check_shape("state[0] (C)", C, (B, H, Dk, Dv))
+    check_shape("state[1] (n)", n, (B, H, Dk))
+    check_shape("state[2] (m)", m, (B, H))
+    return C.to(dtype), n.to(dtype), m.to(dtype)
+
+
+def _validate(q, k, v, i, f, time_axis: bool) -> None:
+    check_floating("q", q)
+    expected_ndim = 4 if time_axis else 3
+    if q.ndim != expected_ndim:
+        layout = "(B, H, T, Dk)" if time_axis else "(B, H, Dk)"
+        raise ValueError(f"q: expected shape {layout}, got {tuple(q.shape)}")
+    lead = tuple(q.shape[:-1])  # (B, H, T) or (B, H)
+    check_shape("k", k, (*lead, q.shape[-1]))
+    check_shape("v", v, (*lead, None))
+    check_shape("i", i, lead)
+    check_shape("f", f, lead)
+    if time_axis and q.shape[2] == 0:
+        raise ValueError(f"q: expected a sequence length T >= 1, got shape {tuple(q.shape)}")
+
+
+def _resolve_impl(impl: str, device: torch.device) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "chunkwise"
+    return impl
+
+
+def _triton_available() -> bool:
+    try:
+        from .triton import available
+    except ImportError:
+        return False
+    return available()
+
+
+def mlstm(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    state: MLSTMState | None = None,
+    *,
+    impl: str = "auto",
+    chunk_size: int = 64,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, MLSTMState]:
+    """mLSTM over a sequence.
+
+    q, k: (B, H, T, Dk); v: (B, H, T, Dv); i, f: (B, H, T) gate pre-activations; state: (C (B, H, Dk, Dv),
+    n (B, H, Dk), m (B, H)) or None for zeros. Returns h (B, H, T, Dv) in q's dtype and the final state (float32,
+    or float64 for float64 inputs). `impl`: "auto" | "recurrent" | "parallel" | "chunkwise" | "triton".
+    """
+    _validate(q, k, v, i, f, time_axis=True)
+    if chunk_size < 8 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size: expected a power of two >= 8, got {chunk_size}")
+    impl = _resolve_impl(impl, q.device)
+    B, H, _, Dk = q.shape
+    dtype = _compute_dtype(q)
+    state = _prepare_state(state, B, H, Dk, v.shape[-1], q, dtype)
+    if impl == "triton":
+        from .triton import mlstm_triton
+
+        return mlstm_triton(q, k, v, i, f, state, chunk_size=chunk_size, eps=eps)
+    args = [x.to(dtype) for x in (q, k, v, i, f)]
+    if impl == "recurrent":
+        h, state = mlstm_recurrent(*args, state, eps)
+    elif impl == "parallel":
+        h, state = mlstm_parallel(*args, state, eps)
+    else:
+        h, state = mlstm_chunkwise(*args, state, chunk_size, eps)
+    return h.to(q.dtype), state
+
+
+def mlstm_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    state: MLSTMState | None = None,
+    *,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, MLSTMState]:
+    """One token: q, k: (B, H, Dk); v: (B, H, Dv); i, f: (B, H). Returns h (B, H, Dv) and the new state."""
+    _validate(q, k, v, i, f, time_axis=False)
+    B, H, Dk = q.shape
+    dtype = _compute_dtype(q)
+    state = _prepare_state(state, B, H, Dk, v.shape[-1], q, dtype)
+    h, state = mlstm_step_reference(*(x.to(dtype) for x in (q, k, v, i, f)), state, eps)
+    return h.to(q.dtype), state

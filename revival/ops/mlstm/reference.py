@@ -1,0 +1,75 @@
+"""mLSTM references: the recurrent form (one step at a time) and the parallel (quadratic) form.
+
+Both follow MATH.md exactly, including the stabilizer `m`: the parallel form uses the same stabilizer as the
+recurrent one, `m_t = max(F_t + m_0, max_{s<=t} (F_t - F_s + i_s))`, so the two agree to rounding (not only up to
+the stabilizer-dependent `eps`) and return the same final state. Inputs are assumed validated and already in the
+computation dtype (float32 or float64); see `revival.ops.mlstm`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+MLSTMState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def mlstm_step_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    state: MLSTMState,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, MLSTMState]:
+    """One recurrent step. q, k: (B, H, Dk); v: (B, H, Dv); i, f: (B, H); state (C, n, m)."""
+    C, n, m = state
+    log_f = F.logsigmoid(f)
+    m_new = torch.maximum(log_f + m, i)
+    f_bar = torch.exp(log_f + m - m_new)
+    i_bar = torch.exp(i - m_new)
+    C = f_bar[..., None, None] * C + i_bar[..., None, None] * (k[..., :, None] * v[..., None, :])
+    n = f_bar[..., None] * n + i_bar[..., None] * k
+    q_scaled = q * q.shape[-1] ** -0.5
+    numerator = torch.einsum("bhk,bhkv->bhv", q_scaled, C)
+    denominator = torch.maximum((q_scaled * n).sum(-1).abs(), torch.exp(-m_new)) + eps
+    return numerator / denominator[..., None], (C, n, m_new)
+
+
+def mlstm_recurrent(q, k, v, i, f, state: MLSTMState, eps: float = 1e-6) -> tuple[torch.Tensor, MLSTMState]:
+    """Loop over time with `mlstm_step_reference`. q, k: (B, H, T, Dk); v: (B, H, T, Dv); i, f: (B, H, T)."""
+    outputs = []
+    for t in range(q.shape[2]):
+        h, state = mlstm_step_reference(q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t], f[:, :, t], state, eps)
+        outputs.append(h)
+    return torch.stack(outputs, dim=2), state
+
+
+def mlstm_parallel(q, k, v, i, f, state: MLSTMState, eps: float = 1e-6) -> tuple[torch.Tensor, MLSTMState]:
+    """The quadratic, attention-like form over the whole sequence (O(T^2) time and memory)."""
+    C0, n0, m0 = state
+    T = q.shape[2]
+    log_f_cumsum = torch.cumsum(F.logsigmoid(f), dim=-1)  # F_t, (B, H, T)
+    # log weight of input s at time t: F_t - F_s + i_s (s <= t)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    log_weights = log_f_cumsum[..., :, None] - log_f_cumsum[..., None, :] + i[..., None, :]
+    log_weights = torch.where(causal, log_weights, torch.full_like(log_weights, float("-inf")))
+    log_weight_state = log_f_cumsum + m0[..., None]  # log weight of the initial state at time t
+    m = torch.maximum(log_weight_state, log_weights.amax(dim=-1))  # (B, H, T)
+    decay = torch.exp(log_weights - m[..., None])
+    state_weight = torch.exp(log_weight_state - m)
+    q_scaled = q * q.shape[-1] ** -0.5
+    scores = (q_scaled @ k.transpose(-1, -2)) * decay
+    numerator = scores @ v + state_weight[..., None] * (q_scaled @ C0)
+    denominator = scores.sum(-1) + state_weight * (q_scaled @ n0[..., None]).squeeze(-1)
+    denominator = torch.maximum(denominator.abs(), torch.exp(-m)) + eps
+    h = numerator / denominator[..., None]
+
+    # final state: the same sums at t = T - 1, kept separately per key/value
+    m_last = m[..., -1]
+    input_weight = torch.exp(log_weights[..., -1, :] - m_last[..., None])  # (B, H, T)
+    last_state_weight = state_weight[..., -1]
+    C = last_state_weight[..., None, None] * C0 + (k * input_weight[..., None]).transpose(-1, -2) @ v
+    n = last_state_weight[..., None] * n0 + (k * input_weight[..., None]).sum(dim=2)
+    return h, (C, n, m_last)
