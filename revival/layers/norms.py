@@ -1,0 +1,73 @@
+"""Normalization layers: RMSNorm, LayerNorm (optional bias) and the per-head norm used after mLSTM/sLSTM cells."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, reduced in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.to(y.dtype)).to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (the xLSTM paper blocks use none)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+class MultiHeadNorm(nn.Module):
+    """Normalize each head separately over its own features, then one weight over all H * d features.
+
+    Input (..., H, d); output (..., H * d). `kind="layer"` subtracts the mean (group norm with H groups, as in the
+    xLSTM paper blocks); `kind="rms"` does not. Reductions in float32.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, eps: float = 1e-6, kind: str = "layer", bias: bool = False):
+        super().__init__()
+        if kind not in ("layer", "rms"):
+            raise ValueError(f"kind: expected 'layer' or 'rms', got {kind!r}")
+        self.num_heads, self.head_dim, self.eps, self.kind = num_heads, head_dim, eps, kind
+        self.weight = nn.Parameter(torch.ones(num_heads * head_dim))
+        self.bias = nn.Parameter(torch.zeros(num_heads * head_dim)) if bias else None
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        if self.kind == "layer":
+            x32 = x32 - x32.mean(-1, keepdim=True)
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = y.flatten(-2) * self.weight.to(y.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype)
