@@ -1,0 +1,67 @@
+"""Llama-style causal self-attention: q/k/v/o projections, RoPE, grouped-query heads, a KV cache as the state."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.attention import append_kv, apply_rope, causal_attention, rope_cos_sin
+from .ffn import small_init_, wang_init_
+
+__all__ = ["Attention"]
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with RoPE and GQA (the Transformer baseline's mixer; no residual, no pre-norm).
+
+    forward(x: (B, T, D), state=None) -> (y: (B, T, D), state) with state = (k_cache, v_cache), each
+    (B, num_kv_heads, T_so_far, head_dim), keys stored after RoPE. The position of x[:, 0] is T_so_far, so a prefill
+    followed by single-token (or multi-token) steps reproduces one forward over the whole sequence.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int | None = None, rope_theta: float = 10000.0,
+                 bias: bool = False):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads < 1 or d_model % num_heads:
+            raise ValueError(f"num_heads: expected a positive divisor of d_model={d_model}, got {num_heads}")
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads: expected a positive divisor of num_heads={num_heads}, got {num_kv_heads}")
+        self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
+        self.head_dim = d_model // num_heads
+        if self.head_dim % 2:
+            raise ValueError(f"num_heads: head_dim = d_model / num_heads must be even for RoPE, got {self.head_dim}")
+        self.rope_theta = rope_theta
+        kv_dim = num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(d_model, kv_dim, bias=bias)
+        self.v_proj = nn.Linear(d_model, kv_dim, bias=bias)
+        self.o_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.reset_parameters()
+
+    def reset_parameters(self, *, block_index: int = 0, num_blocks: int = 1) -> None:
+        """Small init for q/k/v, Wang init (depth `num_blocks`) for o_proj, zero biases."""
+        for linear in (self.q_proj, self.k_proj, self.v_proj):
+            small_init_(linear.weight, self.d_model)
+        wang_init_(self.o_proj.weight, self.d_model, num_blocks)
+        for linear in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+
+    def forward(
+        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        if x.ndim != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x: expected shape (B, T, {self.d_model}), got {tuple(x.shape)}")
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        start = 0 if state is None else state[0].shape[2]
+        positions = torch.arange(start, start + T, device=x.device)
+        rope_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, rope_dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_all, v_all = append_kv(state, k, v)
+        y = causal_attention(q, k_all, v_all)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.d_model)), (k_all, v_all)
