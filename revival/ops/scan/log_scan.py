@@ -1,0 +1,146 @@
+"""minGRU / minLSTM ("Were RNNs All We Needed?", arXiv 2410.01201): the log-space parallel scan and its siblings.
+
+Both cells are the diagonal linear recurrence h_t = a_t * h_{t-1} + b_t with gates computed from pre-activations
+(MATH.md, "minGRU / minLSTM"):
+
+    minGRU:  z = sigmoid(gate), htilde = g(hidden),  h_t = (1 - z) h_{t-1} + z htilde
+    minLSTM: f = sigmoid(forget), i = sigmoid(input), f' = f / (f + i), i' = i / (f + i),
+             h_t = f' h_{t-1} + i' htilde,  htilde = g(hidden)
+
+with g(x) = x + 0.5 for x >= 0 and sigmoid(x) otherwise (keeps htilde > 0, so the values have a logarithm).
+
+Shapes: gate / forget / input / hidden (B, T, D) pre-activations, h0 (B, D) or None (zeros); returns
+(h (B, T, D), h_last (B, D)). Any T >= 1. `impl`:
+
+- "log" (Heinsen): log h_t = a*_t + logcumsumexp(log b - a*)_t with a* = cumsum(log a). The initial state enters
+  linearly (h_t += exp(a*_t) h0), so h0 may have any sign. Precision caveat of this form: over long sequences with
+  strong decay, |a*| grows like T and the sum a*_t + logcumsumexp(...) cancels; in float32 the relative error of h is
+  about |a*_t| * 6e-8.
+- "chunked": `linear_recurrence_chunked` on (log a, exp(log b)); no cancellation (products inside one chunk only).
+- "reference": the plain loop over the equations above (sigmoid, ratios), independent of the log-space algebra.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._checks import check_shape
+from .linear_recurrence import compute_dtype, linear_recurrence_chunked, validate_recurrence
+
+IMPLS = ("log", "chunked", "reference")
+
+
+def g(x: torch.Tensor) -> torch.Tensor:
+    """The positive activation of the paper: x + 0.5 for x >= 0, sigmoid(x) otherwise (continuous at 0)."""
+    return torch.where(x >= 0, F.relu(x) + 0.5, torch.sigmoid(x))
+
+
+def log_g(x: torch.Tensor) -> torch.Tensor:
+    """log g(x), computed stably: log(x + 0.5) for x >= 0, -softplus(-x) otherwise."""
+    return torch.where(x >= 0, torch.log(F.relu(x) + 0.5), -F.softplus(-x))
+
+
+def mingru_log_terms(gate: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log a, log b) of minGRU: log(1 - z) = -softplus(gate), log(z htilde) = -softplus(-gate) + log g(hidden)."""
+    return -F.softplus(gate), -F.softplus(-gate) + log_g(hidden)
+
+
+def minlstm_log_terms(
+    forget: torch.Tensor, input: torch.Tensor, hidden: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log a, log b) of minLSTM: diff = softplus(-forget) - softplus(-input), log f' = -softplus(diff),
+    log(i' htilde) = -softplus(-diff) + log g(hidden)."""
+    diff = F.softplus(-forget) - F.softplus(-input)
+    return -F.softplus(diff), -F.softplus(-diff) + log_g(hidden)
+
+
+def log_space_scan(
+    log_a: torch.Tensor, log_b: torch.Tensor, h0: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Heinsen's scan for h_t = a_t h_{t-1} + b_t with b > 0 given as logs; h0 (B, D) of any sign or None.
+
+    log_a, log_b: (B, T, D). Returns (h (B, T, D) in the input dtype, h_last (B, D) in float32/float64).
+    """
+    validate_recurrence(log_a, log_b, h0, names=("log_a", "log_b"))
+    out_dtype, dtype = log_b.dtype, compute_dtype(log_b)
+    log_a, log_b = log_a.to(dtype), log_b.to(dtype)
+    a_star = torch.cumsum(log_a, dim=1)  # (B, T, D)
+    h = torch.exp(a_star + torch.logcumsumexp(log_b - a_star, dim=1))
+    if h0 is not None:
+        h = h + torch.exp(a_star) * h0.to(dtype)[:, None]
+    return h.to(out_dtype), h[:, -1]
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+
+
+def _scan_log_terms(log_a, log_b, h0, impl: str, chunk_size: int, out_dtype: torch.dtype):
+    if impl == "log":
+        h, h_last = log_space_scan(log_a, log_b, h0)
+    else:
+        h, h_last = linear_recurrence_chunked(log_a, torch.exp(log_b), h0, chunk_size)
+    return h.to(out_dtype), h_last
+
+
+def mingru_scan(
+    gate: torch.Tensor, hidden: torch.Tensor, h0: torch.Tensor | None = None, *, impl: str = "log",
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """minGRU over a sequence. gate, hidden: (B, T, D) pre-activations; h0: (B, D) or None. -> (h, h_last)."""
+    _check_impl(impl)
+    validate_recurrence(gate, hidden, h0, names=("gate", "hidden"))
+    if impl == "reference":
+        return _mingru_reference(gate, hidden, h0)
+    dtype = compute_dtype(gate)
+    log_a, log_b = mingru_log_terms(gate.to(dtype), hidden.to(dtype))
+    return _scan_log_terms(log_a, log_b, h0, impl, chunk_size, gate.dtype)
+
+
+def minlstm_scan(
+    forget: torch.Tensor, input: torch.Tensor, hidden: torch.Tensor, h0: torch.Tensor | None = None, *,
+    impl: str = "log", chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """minLSTM over a sequence. forget, input, hidden: (B, T, D) pre-activations; h0: (B, D) or None."""
+    _check_impl(impl)
+    validate_recurrence(forget, hidden, h0, names=("forget", "hidden"))
+    check_shape("input", input, tuple(forget.shape))
+    if impl == "reference":
+        return _minlstm_reference(forget, input, hidden, h0)
+    dtype = compute_dtype(forget)
+    log_a, log_b = minlstm_log_terms(forget.to(dtype), input.to(dtype), hidden.to(dtype))
+    return _scan_log_terms(log_a, log_b, h0, impl, chunk_size, forget.dtype)
+
+
+def mingru_step(gate: torch.Tensor, hidden: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """One minGRU step: gate, hidden (B, D) pre-activations, h (B, D) previous state -> new state (B, D)."""
+    z = torch.sigmoid(gate)
+    return torch.sigmoid(-gate) * h + z * g(hidden)
+
+
+def minlstm_step(forget: torch.Tensor, input: torch.Tensor, hidden: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """One minLSTM step: forget, input, hidden (B, D) pre-activations, h (B, D) previous state -> new state."""
+    log_a, log_b = minlstm_log_terms(forget, input, hidden)
+    return torch.exp(log_a) * h + torch.exp(log_b)
+
+
+def _mingru_reference(gate, hidden, h0):
+    h = torch.zeros_like(gate[:, 0]) if h0 is None else h0.to(gate.dtype)
+    outputs = []
+    for t in range(gate.shape[1]):
+        z = torch.sigmoid(gate[:, t])
+        h = (1 - z) * h + z * g(hidden[:, t])
+        outputs.append(h)
+    return torch.stack(outputs, dim=1), h
+
+
+def _minlstm_reference(forget, input, hidden, h0):
+    h = torch.zeros_like(forget[:, 0]) if h0 is None else h0.to(forget.dtype)
+    outputs = []
+    for t in range(forget.shape[1]):
+        f, i = torch.sigmoid(forget[:, t]), torch.sigmoid(input[:, t])
+        h = f / (f + i) * h + i / (f + i) * g(hidden[:, t])
+        outputs.append(h)
+    return torch.stack(outputs, dim=1), h
