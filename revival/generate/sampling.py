@@ -1,0 +1,188 @@
+"""Sampling from a recurrent (or attention) language model: prefill once, then one token per step with carried state.
+
+    stream(model, input_ids, max_new_tokens, ...)   -> iterator over new tokens as they are sampled
+    generate(model, input_ids, max_new_tokens, ...) -> prompt + new tokens
+
+`input_ids` is a list of ints or a 1-d tensor (one sequence: tokens are yielded as ints, `generate` returns a 1-d
+tensor) or a (B, T) tensor (a batch: tokens are yielded as (B,) tensors, `generate` returns (B, T + new)).
+`model(ids (B, T), state) -> (logits (B, T, V), state)` is all that is used.
+
+Logits processing, in order: repetition penalty (HF convention: a seen token's positive logit is divided by the
+penalty, a negative one multiplied), then temperature 0 means greedy argmax; otherwise logits / temperature, top-k,
+top-p (nucleus: the smallest set of most likely tokens whose probability reaches p), then a multinomial draw.
+With `stop_tokens`, a sequence stops after emitting one (the stop token is included); in a batch, finished rows repeat
+their stop token until every row has stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+
+
+def apply_repetition_penalty(logits: torch.Tensor, previous_ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits (B, V), previous_ids (B, L): penalize every token id present in the row's previous ids."""
+    if penalty == 1.0 or previous_ids.shape[1] == 0:
+        return logits
+    seen = logits.gather(1, previous_ids)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(1, previous_ids, seen)
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits per row (ties at the k-th value kept), set the rest to -inf."""
+    k = min(k, logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose total probability is >= p (at least one), -inf the rest."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the tokens ranked above
+    remove_sorted = mass_before >= p
+    remove = remove_sorted.scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def process_logits(logits: torch.Tensor, previous_ids: torch.Tensor, temperature: float = 1.0,
+                   top_k: int | None = None, top_p: float | None = None,
+                   repetition_penalty: float = 1.0) -> torch.Tensor:
+    """logits (B, V) -> processed float32 logits (B, V) ready for softmax (temperature must be > 0 here)."""
+    logits = apply_repetition_penalty(logits.float(), previous_ids, repetition_penalty)
+    logits = logits / temperature
+    if top_k is not None:
+        logits = apply_top_k(logits, top_k)
+    if top_p is not None:
+        logits = apply_top_p(logits, top_p)
+    return logits
+
+
+def sample_next(logits: torch.Tensor, previous_ids: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, repetition_penalty: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row: logits (B, V), previous_ids (B, L) -> (B,) long."""
+    if temperature == 0:
+        return apply_repetition_penalty(logits.float(), previous_ids, repetition_penalty).argmax(dim=-1)
+    processed = process_logits(logits, previous_ids, temperature, top_k, top_p, repetition_penalty)
+    probs = torch.softmax(processed, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _as_batch(input_ids, vocab_size: int) -> tuple[torch.Tensor, bool]:
+    """-> (ids (B, T) long, was_single_sequence)."""
+    if isinstance(input_ids, (list, tuple)):
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in input_ids):
+            raise ValueError("input_ids: expected a list of ints, a 1-d tensor or a (B, T) tensor")
+        input_ids = torch.tensor(list(input_ids), dtype=torch.long)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dim() not in (1, 2):
+        got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids: expected a list of ints, a 1-d or a (B, T) integer tensor, got {got}")
+    single = input_ids.dim() == 1
+    ids = input_ids.unsqueeze(0) if single else input_ids
+    if ids.shape[1] == 0:
+        raise ValueError("input_ids: expected at least one prompt token, got an empty prompt")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"input_ids: token ids must lie in [0, {vocab_size}), got min {int(ids.min())}, "
+                         f"max {int(ids.max())}")
+    return ids.long(), single
+
+
+def _check_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_tokens, seed,
+                vocab_size: int) -> list[int]:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens: expected an integer >= 0, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"temperature: expected a number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k: expected None or an integer >= 1, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p: expected None or a number in (0, 1], got {top_p!r}")
+    if (isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, (int, float))
+            or not repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty: expected a number > 0 (1.0 = none), got {repetition_penalty!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed: expected None or an int, got {seed!r}")
+    if stop_tokens is None:
+        return []
+    stops = [stop_tokens] if isinstance(stop_tokens, int) else list(stop_tokens) if isinstance(
+        stop_tokens, Iterable) else None
+    if stops is None or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size
+                                for t in stops):
+        raise ValueError(f"stop_tokens: expected None, an int or a list of ints in [0, {vocab_size}), "
+                         f"got {stop_tokens!r}")
+    return stops
+
+
+def _step(model, ids: torch.Tensor, state):
+    """One no-grad forward in eval mode; returns (last-position logits (B, V), state)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits, state = model(ids, state)
+    finally:
+        model.train(was_training)
+    return logits[:, -1], state
+
+
+def stream(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, repetition_penalty: float = 1.0, stop_tokens=None,
+           seed: int | None = None) -> Iterator:
+    """Yield each new token (an int for a single sequence, a (B,) tensor for a batch) as soon as it is sampled."""
+    vocab_size = model.config.vocab_size
+    stops = _check_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_tokens, seed, vocab_size)
+    ids, single = _as_batch(input_ids, vocab_size)
+    return _stream(model, ids, single, max_new_tokens, float(temperature), top_k, top_p, float(repetition_penalty),
+                   stops, seed)
+
+
+def _stream(model, ids, single, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stops, seed):
+    if max_new_tokens == 0:
+        return
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+    stop_tensor = torch.tensor(stops, dtype=torch.long, device=device)
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+    finished_with = torch.zeros(ids.shape[0], dtype=torch.long, device=device)
+    history = ids
+    logits, state = _step(model, ids, None)
+    for step in range(max_new_tokens):
+        token = sample_next(logits, history if repetition_penalty != 1.0 else history[:, :0], temperature, top_k,
+                            top_p, repetition_penalty, generator)
+        token = torch.where(finished, finished_with, token)
+        if stops:
+            newly = ~finished & torch.isin(token, stop_tensor)
+            finished_with = torch.where(newly, token, finished_with)
+            finished = finished | newly
+        if repetition_penalty != 1.0:
+            history = torch.cat([history, token[:, None]], dim=1)
+        yield int(token[0]) if single else token
+        if step + 1 == max_new_tokens or bool(finished.all()):
+            return
+        logits, state = _step(model, token[:, None], state)
+
+
+def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, repetition_penalty: float = 1.0, stop_tokens=None,
+             seed: int | None = None) -> torch.Tensor:
+    """Prompt followed by the generated tokens: (T + n,) for a single sequence, (B, T + n) for a batch."""
+    vocab_size = model.config.vocab_size
+    stops = _check_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_tokens, seed, vocab_size)
+    ids, single = _as_batch(input_ids, vocab_size)
+    new = list(_stream(model, ids, single, max_new_tokens, float(temperature), top_k, top_p,
+                       float(repetition_penalty), stops, seed))
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    if new:
+        new_ids = torch.tensor(new, dtype=torch.long, device=device)[None] if single else torch.stack(new, dim=1)
+        ids = torch.cat([ids, new_ids], dim=1)
+    return ids[0] if single else ids

@@ -1,0 +1,174 @@
+"""Save and load models: `config.json` + `model.safetensors` ("revival" format), or a Hugging Face xLSTM directory.
+
+revival format: `config.json` holds the `ModelConfig` fields plus `"model_type": "revival"`, the library version and the
+weight dtype; `model.safetensors` holds the state dict (a tied LM head is stored once, as `embedding.weight`).
+Writes are atomic: a new directory is assembled in a temporary sibling and renamed into place; into an existing
+directory, each file is written to a temporary name and renamed, the weights before the config. A failure leaves
+either the old files or nothing, never a half-written file.
+
+A `config.json` with `"model_type": "xlstm"` is a Hugging Face `xLSTMForCausalLM` checkpoint: `from_pretrained`
+hands it to `revival.models.hf_xlstm`, as does `save_pretrained(..., format="hf")`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+from .model import LanguageModel
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMATS = ("revival", "hf")
+_META_KEYS = ("model_type", "revival_version", "torch_dtype")
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _hf_module():
+    from . import hf_xlstm
+
+    return hf_xlstm
+
+
+def _tied_keys(model: LanguageModel) -> set[str]:
+    return {"lm_head.weight"} if model.config.tie_embeddings else set()
+
+
+def _tensors_to_save(model: LanguageModel) -> dict[str, torch.Tensor]:
+    skip = _tied_keys(model)
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in skip}
+
+
+def _config_json(model: LanguageModel) -> str:
+    from .. import __version__
+
+    d = {"model_type": "revival", "revival_version": __version__,
+         "torch_dtype": str(model.dtype).removeprefix("torch.")}
+    d.update(model.config.to_dict())
+    return json.dumps(d, indent=2) + "\n"
+
+
+def _write_files(directory: Path, model: LanguageModel) -> None:
+    """Write the two files into `directory`, each via a temporary name + rename (weights first)."""
+    tensors = _tensors_to_save(model)
+    config_text = _config_json(model)
+    temps = []
+    try:
+        fd, weights_tmp = tempfile.mkstemp(dir=directory, prefix=f".{WEIGHTS_NAME}.", suffix=".tmp")
+        os.close(fd)
+        temps.append(weights_tmp)
+        save_file(tensors, weights_tmp, metadata={"format": "pt"})
+        fd, config_tmp = tempfile.mkstemp(dir=directory, prefix=f".{CONFIG_NAME}.", suffix=".tmp")
+        temps.append(config_tmp)
+        with os.fdopen(fd, "w") as f:
+            f.write(config_text)
+        os.replace(weights_tmp, directory / WEIGHTS_NAME)
+        os.replace(config_tmp, directory / CONFIG_NAME)
+    finally:
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def save_pretrained(model: LanguageModel, directory: str | Path, format: str = "revival") -> Path:
+    """Save `model` to `directory` (created if missing); returns the directory path."""
+    if format not in FORMATS:
+        raise ValueError(f"format: expected one of {list(FORMATS)}, got {format!r}")
+    if not isinstance(model, LanguageModel):
+        raise ValueError(f"model: expected a LanguageModel, got {type(model).__name__}")
+    directory = Path(directory)
+    if format == "hf":
+        return _hf_module().save_hf_xlstm(model, directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"directory: {str(directory)!r} exists and is not a directory")
+    if directory.is_dir():
+        _write_files(directory, model)
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    try:
+        _write_files(staging, model)
+        os.rename(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_config(directory: str | Path) -> dict:
+    """The raw `config.json` of a checkpoint directory, with clear errors when it is missing or broken."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"directory: {str(directory)!r} is not a directory")
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise ValueError(f"directory: no {CONFIG_NAME} in {str(directory)!r}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+
+
+def _resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
+        return _DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"dtype: expected None, a torch.dtype or one of {list(_DTYPES)}, got {dtype!r}")
+
+
+def check_state_dict(model: LanguageModel, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Raise ValueError naming every missing, unexpected or mis-shaped tensor."""
+    expected = {k: v.shape for k, v in model.state_dict().items() if k not in _tied_keys(model)}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    misshaped = [f"{k}: expected {tuple(expected[k])}, got {tuple(tensors[k].shape)}"
+                 for k in sorted(set(expected) & set(tensors)) if tuple(tensors[k].shape) != tuple(expected[k])]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing}")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected}")
+    if misshaped:
+        problems.append(f"mis-shaped tensors [{'; '.join(misshaped)}]")
+    if problems:
+        raise ValueError(f"{source}: " + "; ".join(problems))
+
+
+def from_pretrained(directory: str | Path, device=None, dtype=None) -> LanguageModel:
+    """Load a model saved by `save_pretrained` (or a HF xLSTM directory) onto `device`, cast to `dtype` if given.
+
+    Without `dtype` the model takes the dtype the weights were stored in.
+    """
+    directory = Path(directory)
+    raw = read_config(directory)
+    dtype = _resolve_dtype(dtype)
+    model_type = raw.get("model_type", "revival")
+    if model_type == "xlstm":
+        return _hf_module().load_hf_xlstm(directory, device=device, dtype=dtype)
+    if model_type != "revival":
+        raise ValueError(f"{directory / CONFIG_NAME}: model_type {model_type!r} is not supported; "
+                         f"expected 'revival' or 'xlstm' (Hugging Face xLSTMForCausalLM)")
+    stored_dtype = _resolve_dtype(raw.get("torch_dtype"))
+    config = ModelConfig.from_dict({k: v for k, v in raw.items() if k not in _META_KEYS})
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise ValueError(f"directory: no {WEIGHTS_NAME} in {str(directory)!r}")
+    tensors = load_file(str(weights))
+    model = LanguageModel(config)
+    check_state_dict(model, tensors, source=str(weights))
+    target_dtype = dtype or stored_dtype
+    if target_dtype is not None:
+        model.to(target_dtype)
+    model.load_state_dict(tensors, strict=not config.tie_embeddings)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model

@@ -1,0 +1,197 @@
+"""`ModelConfig`: one dataclass describing every model revival builds.
+
+A model is an embedding, a stack of residual blocks described by a *layer pattern* (one letter per block), a final
+norm and an LM head. Pattern letters:
+
+    m   paper mLSTM block ("pre up-projection"):  x + MLSTMLayer(LayerNorm(x))
+    s   paper sLSTM block ("post up-projection"): x + SLSTMLayer(LayerNorm(x)); x + GatedMLP(LayerNorm(x))
+    x   xLSTM-7B block:                           x + XLSTMLargeLayer(RMSNorm(x)); x + SwiGLU(RMSNorm(x))
+    a   Llama attention block:                    x + Attention(RMSNorm(x)); x + SwiGLU(RMSNorm(x))
+    g   minGRU block          (reserved)          x + MinGRU(RMSNorm(x)); x + SwiGLU(RMSNorm(x))
+    l   minLSTM block         (reserved)          x + MinLSTM(RMSNorm(x)); x + SwiGLU(RMSNorm(x))
+    M   Mamba-2 block         (reserved)          x + Mamba2(RMSNorm(x)); x + SwiGLU(RMSNorm(x))
+    d   Gated DeltaNet block  (reserved)          x + GatedDeltaNet(RMSNorm(x)); x + SwiGLU(RMSNorm(x))
+
+So xLSTM[7:1] is `"msmmmmmm..."`, a Transformer is `"aaaa"` and a Jamba-style hybrid is `"xxxaxxxa"`: one field apart.
+Extra keyword arguments for a letter's mixer go in `layer_options`, e.g. `{"g": {"expansion": 2}}`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+PATTERN_LETTERS: dict[str, str] = {
+    "m": "paper mLSTM block: x + MLSTMLayer(LayerNorm(x))",
+    "s": "paper sLSTM block: x + SLSTMLayer(LayerNorm(x)); x + GatedMLP(LayerNorm(x))",
+    "x": "xLSTM-7B block: x + XLSTMLargeLayer(RMSNorm(x)); x + SwiGLU(RMSNorm(x))",
+    "a": "Llama attention block: x + Attention(RMSNorm(x)); x + SwiGLU(RMSNorm(x))",
+    "g": "minGRU block: x + MinGRU(RMSNorm(x)); x + SwiGLU(RMSNorm(x))",
+    "l": "minLSTM block: x + MinLSTM(RMSNorm(x)); x + SwiGLU(RMSNorm(x))",
+    "M": "Mamba-2 block: x + Mamba2(RMSNorm(x)); x + SwiGLU(RMSNorm(x))",
+    "d": "Gated DeltaNet block: x + GatedDeltaNet(RMSNorm(x)); x + SwiGLU(RMSNorm(x))",
+}
+MLSTM_IMPLS = ("auto", "recurrent", "parallel", "chunkwise", "triton")
+FINAL_NORMS = ("layer", "rms")
+FFN_ACTIVATIONS = ("gelu", "silu", "relu")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to build a `LanguageModel`. Sizes are per model; per-letter options apply where used."""
+
+    vocab_size: int = 50304
+    d_model: int = 256
+    pattern: str = "m"
+    num_heads: int = 4
+    # paper mLSTM block (letter m)
+    mlstm_proj_factor: float = 2.0
+    mlstm_conv_kernel: int = 4
+    mlstm_qkv_block_size: int = 4
+    mlstm_impl: str = "auto"
+    chunk_size: int = 64  # chunk length of the chunkwise mLSTM (letters m and x)
+    # paper sLSTM block (letter s)
+    slstm_num_heads: int | None = None  # None: num_heads
+    slstm_conv_kernel: int = 4
+    slstm_impl: str = "auto"
+    slstm_ffn_proj_factor: float = 4 / 3
+    slstm_ffn_activation: str = "gelu"
+    # xLSTM-7B mLSTM layer (letter x)
+    qk_dim_factor: float = 0.5
+    v_dim_factor: float = 1.0
+    gate_soft_cap: float = 15.0
+    # SwiGLU feed-forward (letters x, a and the sibling mixers); also rounds the sLSTM gated MLP
+    ffn_proj_factor: float = 2.667
+    ffn_round_up_to_multiple_of: int = 64
+    # attention (letter a)
+    num_kv_heads: int | None = None  # None: num_heads (no grouped-query sharing)
+    rope_theta: float = 10000.0
+    # whole model
+    norm_eps: float = 1e-6
+    final_norm: str = "rms"  # "layer" (paper xLSTM) or "rms" (xLSTM-7B, Llama)
+    tie_embeddings: bool = False
+    logit_soft_cap: float | None = None  # logits -> cap * tanh(logits / cap)
+    use_bias: bool = False
+    dropout: float = 0.0
+    layer_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # letter -> extra mixer kwargs
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.pattern)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ValueError naming the field, the value received and what is allowed."""
+        for name in ("vocab_size", "d_model", "num_heads", "mlstm_conv_kernel", "mlstm_qkv_block_size", "chunk_size",
+                     "slstm_conv_kernel", "ffn_round_up_to_multiple_of"):
+            _check_positive_int(name, getattr(self, name))
+        for name in ("mlstm_proj_factor", "slstm_ffn_proj_factor", "qk_dim_factor", "v_dim_factor", "gate_soft_cap",
+                     "ffn_proj_factor", "rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name}: expected a positive number, got {value!r}")
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise ValueError(f"pattern: expected a non-empty string of block letters, got {self.pattern!r}; "
+                             f"letters: {_letters_help()}")
+        unknown = sorted({c for c in self.pattern if c not in PATTERN_LETTERS})
+        if unknown:
+            raise ValueError(f"pattern: unknown letter(s) {unknown} in {self.pattern!r}; "
+                             f"valid letters: {_letters_help()}")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"num_heads: {self.num_heads} does not divide d_model={self.d_model}; "
+                             f"choose one of {_divisors(self.d_model)}")
+        letters = set(self.pattern)
+        if "m" in letters:
+            inner = round(self.mlstm_proj_factor * self.d_model)
+            if inner % self.num_heads or inner % self.mlstm_qkv_block_size:
+                raise ValueError(f"mlstm_proj_factor: inner size {inner} (= {self.mlstm_proj_factor} * d_model) "
+                                 f"must be divisible by num_heads={self.num_heads} and mlstm_qkv_block_size="
+                                 f"{self.mlstm_qkv_block_size}")
+        if "s" in letters:
+            heads = self.slstm_num_heads if self.slstm_num_heads is not None else self.num_heads
+            _check_positive_int("slstm_num_heads", heads)
+            if self.d_model % heads:
+                raise ValueError(f"slstm_num_heads: {heads} does not divide d_model={self.d_model}; "
+                                 f"choose one of {_divisors(self.d_model)}")
+        if "x" in letters:
+            for name in ("qk_dim_factor", "v_dim_factor"):
+                dim = getattr(self, name) * self.d_model
+                if dim != int(dim) or int(dim) % self.num_heads:
+                    raise ValueError(f"{name}: {getattr(self, name)} * d_model = {dim} must be an integer divisible "
+                                     f"by num_heads={self.num_heads}")
+        if self.num_kv_heads is not None:
+            _check_positive_int("num_kv_heads", self.num_kv_heads)
+            if self.num_heads % self.num_kv_heads:
+                raise ValueError(f"num_kv_heads: {self.num_kv_heads} does not divide num_heads={self.num_heads}; "
+                                 f"choose one of {_divisors(self.num_heads)}")
+        if self.mlstm_impl not in MLSTM_IMPLS:
+            raise ValueError(f"mlstm_impl: expected one of {list(MLSTM_IMPLS)}, got {self.mlstm_impl!r}")
+        if not isinstance(self.slstm_impl, str) or not self.slstm_impl:
+            raise ValueError(f"slstm_impl: expected an implementation name such as 'auto', got {self.slstm_impl!r}")
+        if self.slstm_ffn_activation not in FFN_ACTIVATIONS:
+            raise ValueError(f"slstm_ffn_activation: expected one of {list(FFN_ACTIVATIONS)}, "
+                             f"got {self.slstm_ffn_activation!r}")
+        if self.final_norm not in FINAL_NORMS:
+            raise ValueError(f"final_norm: expected one of {list(FINAL_NORMS)}, got {self.final_norm!r}")
+        if self.logit_soft_cap is not None and (isinstance(self.logit_soft_cap, bool) or
+                                                not isinstance(self.logit_soft_cap, (int, float)) or
+                                                not self.logit_soft_cap > 0):
+            raise ValueError(f"logit_soft_cap: expected None or a positive number, got {self.logit_soft_cap!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: expected a number in [0, 1), got {self.dropout!r}")
+        for name in ("tie_embeddings", "use_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.layer_options, dict):
+            raise ValueError(f"layer_options: expected a dict letter -> kwargs, got {self.layer_options!r}")
+        for letter, options in self.layer_options.items():
+            if letter not in PATTERN_LETTERS or not isinstance(options, dict):
+                raise ValueError(f"layer_options: expected keys among {list(PATTERN_LETTERS)} with dict values, "
+                                 f"got {letter!r}: {options!r}")
+
+    # ------------------------------------------------------------------ (de)serialization
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build from a plain dict; unknown keys are rejected with the list of valid keys."""
+        if not isinstance(d, dict):
+            raise ValueError(f"config: expected a dict, got {type(d).__name__}")
+        valid = cls.field_names()
+        unknown = sorted(set(d) - set(valid))
+        if unknown:
+            raise ValueError(f"config: unknown key(s) {unknown}; valid keys: {valid}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layer_options"] = {k: dict(v) for k, v in self.layer_options.items()}
+        return d
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (validated, unknown keys rejected)."""
+        d = self.to_dict()
+        unknown = sorted(set(changes) - set(d))
+        if unknown:
+            raise ValueError(f"config: unknown key(s) {unknown}; valid keys: {self.field_names()}")
+        d.update(changes)
+        return ModelConfig.from_dict(d)
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0][:16]
+
+
+def _letters_help() -> str:
+    return ", ".join(f"{k!r} ({v.split(':')[0]})" for k, v in PATTERN_LETTERS.items())

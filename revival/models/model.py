@@ -1,0 +1,171 @@
+"""`LanguageModel`: embedding -> residual blocks from a layer pattern -> final norm -> LM head.
+
+Stable attribute names (the HF xLSTM import/export maps onto them):
+
+    model.embedding   nn.Embedding(vocab_size, d_model)
+    model.blocks      nn.ModuleList of `ResidualBlock` (see blocks.py: .norm, .mixer, .ffn_norm, .ffn)
+    model.out_norm    LayerNorm (final_norm="layer") or RMSNorm (final_norm="rms")
+    model.lm_head     nn.Linear(d_model, vocab_size, bias=False); shares embedding.weight when tie_embeddings
+
+forward(input_ids: (B, T) long, state=None) -> (logits: (B, T, vocab_size), state), where state is a list with one
+entry per block (each the block mixer's state; None means zeros). Feeding the returned state back continues the
+sequence exactly: prefill + single-token steps == one forward over the whole sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..layers.norms import LayerNorm, RMSNorm
+from .blocks import build_block
+from .config import ModelConfig
+
+
+class LanguageModel(nn.Module):
+    """A causal language model built from a `ModelConfig`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise ValueError(f"config: expected a ModelConfig, got {type(config).__name__}")
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.embedding_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.blocks = nn.ModuleList(build_block(config, i) for i in range(config.num_blocks))
+        if config.final_norm == "layer":
+            self.out_norm = LayerNorm(config.d_model, eps=config.norm_eps, bias=config.use_bias)
+        else:
+            self.out_norm = RMSNorm(config.d_model, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embedding.weight
+        self._reset_own_parameters()
+
+    # ------------------------------------------------------------------ parameters
+    def _reset_own_parameters(self) -> None:
+        std = math.sqrt(2.0 / (5.0 * self.config.d_model))  # "small init" of the xLSTM paper
+        nn.init.normal_(self.embedding.weight, mean=0.0, std=std)
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
+        self.out_norm.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialize every parameter (embedding/head small init, each block's own `reset_parameters`)."""
+        for block in self.blocks:
+            block.reset_parameters()
+        self._reset_own_parameters()
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Number of distinct parameters (a tied head counts once); optionally without the embedding/head."""
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= self.embedding.weight.numel()
+            if not self.config.tie_embeddings:
+                total -= self.lm_head.weight.numel()
+        return total
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding.weight.dtype
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, state: list | None = None) -> tuple[torch.Tensor, list]:
+        """input_ids (B, T) integer -> (logits (B, T, V) in the model dtype, new state: list, one entry per block)."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+            got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids: expected an integer tensor of shape (B, T), got {got}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids: expected at least one token (T >= 1), got T = 0")
+        if state is None:
+            state = [None] * len(self.blocks)
+        elif len(state) != len(self.blocks):
+            raise ValueError(f"state: expected a list of {len(self.blocks)} per-block states, got {len(state)}")
+        x = self.embedding_dropout(self.embedding(input_ids))
+        new_state = []
+        for block, block_state in zip(self.blocks, state):
+            x, block_state = block(x, block_state)
+            new_state.append(block_state)
+        logits = self.lm_head(self.out_norm(x))
+        cap = self.config.logit_soft_cap
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        return logits, new_state
+
+    # ------------------------------------------------------------------ generation (revival.generate)
+    def generate(self, input_ids, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
+        """Prompt + generated ids; see `revival.generate.generate` for the sampling arguments."""
+        from ..generate.sampling import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def stream(self, input_ids, max_new_tokens: int, **kwargs: Any) -> Iterator:
+        """Yield new tokens as they are sampled; see `revival.generate.stream`."""
+        from ..generate.sampling import stream
+
+        return stream(self, input_ids, max_new_tokens, **kwargs)
+
+    # ------------------------------------------------------------------ weights
+    def save_pretrained(self, directory: str | Path, format: str = "revival") -> Path:
+        """Write `config.json` + `model.safetensors` atomically (format "revival") or a HF xLSTM directory ("hf")."""
+        from .checkpoint import save_pretrained
+
+        return save_pretrained(self, directory, format=format)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device=None, dtype=None) -> LanguageModel:
+        from .checkpoint import from_pretrained
+
+        return from_pretrained(directory, device=device, dtype=dtype)
+
+    # ------------------------------------------------------------------ summaries
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"pattern={c.pattern!r}, d_model={c.d_model}, vocab_size={c.vocab_size}, "
+                f"parameters={format_count(self.num_parameters())}")
+
+    def summary(self) -> str:
+        """A short table: parameters per block kind, embedding/head, total."""
+        c = self.config
+        lines = [f"LanguageModel pattern={c.pattern!r} ({c.num_blocks} blocks) d_model={c.d_model} "
+                 f"vocab_size={c.vocab_size} tie_embeddings={c.tie_embeddings}"]
+        per_letter: dict[str, tuple[int, int]] = {}
+        for block in self.blocks:
+            count, params = per_letter.get(block.letter, (0, 0))
+            per_letter[block.letter] = (count + 1, params + sum(p.numel() for p in block.parameters()))
+        for letter, (count, params) in per_letter.items():
+            lines.append(f"  {letter!r} x {count:<3d} {format_count(params):>10s}")
+        embed = self.embedding.weight.numel() + (0 if c.tie_embeddings else self.lm_head.weight.numel())
+        lines.append(f"  embedding+head {format_count(embed):>9s}")
+        lines.append(f"  total          {format_count(self.num_parameters()):>9s} ({self.num_parameters():,})")
+        return "\n".join(lines)
+
+
+def state_bytes(state) -> int:
+    """Bytes held by a (nested list/tuple of) state tensor(s); None counts 0."""
+    if state is None:
+        return 0
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(s) for s in state)
+    if isinstance(state, dict):
+        return sum(state_bytes(s) for s in state.values())
+    raise ValueError(f"state: expected tensors in nested lists/tuples/dicts, got {type(state).__name__}")
+
+
+def format_count(n: int) -> str:
+    """1234567 -> '1.23M'."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
