@@ -1,0 +1,93 @@
+"""The sLSTM op: `slstm` over a sequence, `slstm_step` for one token (math in MATH.md, "sLSTM").
+
+    x_gates:          (B, T, 4, H, d)  input contributions `W x_t + b` to the pre-activations, gate order (i, f, z, o)
+    recurrent_weight: (4, H, d, d)     block-diagonal: raw[:, g, h, :] += y_prev[:, h, :] @ recurrent_weight[g, h]
+    state:            (c, n, m, y)     each (B, H, d); None means zeros (the first step then sets m = i, per unit)
+
+Outputs follow x_gates' dtype; states are float32 (float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_floating, check_shape
+from .fused import slstm_fused, slstm_fused_autograd
+from .reference import SLSTMState, slstm_reference, slstm_step_reference
+
+__all__ = ["slstm", "slstm_step", "SLSTMState", "IMPLS"]
+
+IMPLS = ("auto", "reference", "fused")
+_STATE_NAMES = ("c", "n", "m", "y")
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _validate_weight(recurrent_weight: torch.Tensor, H: int, d: int) -> None:
+    check_shape("recurrent_weight", recurrent_weight, (4, H, d, d))
+
+
+def _prepare_state(state, B: int, H: int, d: int, like: torch.Tensor, dtype: torch.dtype) -> SLSTMState:
+    if state is None:
+        zeros = torch.zeros(B, H, d, device=like.device, dtype=dtype)
+        return (zeros, zeros, zeros, zeros)
+    if not isinstance(state, (tuple, list)) or len(state) != 4:
+        got = f"a {type(state).__name__} of length {len(state)}" if isinstance(state, (tuple, list)) else type(state)
+        raise ValueError(f"state: expected a tuple (c, n, m, y) of (B, H, d) tensors or None, got {got}")
+    for index, (name, tensor) in enumerate(zip(_STATE_NAMES, state)):
+        check_shape(f"state[{index}] ({name})", tensor, (B, H, d))
+    return tuple(s.to(dtype) for s in state)
+
+
+def slstm(
+    x_gates: torch.Tensor,
+    recurrent_weight: torch.Tensor,
+    state: SLSTMState | None = None,
+    *,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, SLSTMState]:
+    """sLSTM over a sequence.
+
+    x_gates: (B, T, 4, H, d) gate input contributions (i, f, z, o); recurrent_weight: (4, H, d, d);
+    state: (c, n, m, y) each (B, H, d), or None for zeros. Returns y (B, T, H, d) in x_gates' dtype and the final
+    state. `impl`: "auto" (the fused path), "reference" (plain loop, autograd) or "fused" (batched step with a
+    hand-written backward).
+    """
+    check_floating("x_gates", x_gates)
+    if x_gates.ndim != 5 or x_gates.shape[2] != 4 or x_gates.shape[1] == 0:
+        raise ValueError(f"x_gates: expected shape (B, T >= 1, 4, H, d), got {tuple(x_gates.shape)}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    B, _, _, H, d = x_gates.shape
+    _validate_weight(recurrent_weight, H, d)
+    dtype = _compute_dtype(x_gates)
+    state = _prepare_state(state, B, H, d, x_gates, dtype)
+    args = (x_gates.to(dtype), recurrent_weight.to(dtype), state)
+    if impl == "reference":
+        y, state = slstm_reference(*args)
+    else:
+        y, state = slstm_fused(*args)
+    return y.to(x_gates.dtype), state
+
+
+def slstm_step(
+    x_gates_t: torch.Tensor,
+    recurrent_weight: torch.Tensor,
+    state: SLSTMState | None = None,
+) -> tuple[torch.Tensor, SLSTMState]:
+    """One token: x_gates_t (B, 4, H, d). Returns y_t (B, H, d) in x_gates_t's dtype and the new state."""
+    check_floating("x_gates_t", x_gates_t)
+    if x_gates_t.ndim != 4 or x_gates_t.shape[1] != 4:
+        raise ValueError(f"x_gates_t: expected shape (B, 4, H, d), got {tuple(x_gates_t.shape)}")
+    B, _, H, d = x_gates_t.shape
+    _validate_weight(recurrent_weight, H, d)
+    dtype = _compute_dtype(x_gates_t)
+    state = _prepare_state(state, B, H, d, x_gates_t, dtype)
+    y, state = slstm_step_reference(x_gates_t.to(dtype), recurrent_weight.to(dtype), state)
+    return y.to(x_gates_t.dtype), state
+
+
+# kept importable for benchmarks and tests
+__all__ += ["slstm_fused_autograd"]
