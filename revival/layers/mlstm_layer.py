@@ -1,0 +1,147 @@
+"""The xLSTM paper's mLSTM layer (inside the "pre up-projection" block), and the block-diagonal headwise projection.
+
+Data flow for x: (B, T, D), inner = round_up(proj_factor * D, 64), H heads of head_dim = inner / H:
+
+    x_m, z     = split(proj_up(x))                        # (B, T, inner) each
+    conv_act   = SiLU(conv(x_m))                          # causal depthwise conv, kernel conv_kernel, carried state
+    q, k, v    = q_proj(conv_act), k_proj(conv_act), v_proj(x_m)      # headwise: blocks of qkv_block_size
+    i, f       = igate(cat(q, k, v)), fgate(cat(q, k, v)) # (B, T, H) pre-activations, computed in float32
+    h          = mlstm(q, k, v, i, f)                     # revival.ops.mlstm, per head
+    y          = proj_down((group_norm(h) + learnable_skip * conv_act) * SiLU(z))
+
+The skip adds the conv output after its SiLU (what the paper's reference layer does; MATH.md says "conv_out").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import mlstm, mlstm_step
+from .conv import CausalConv1d
+from .ffn import round_up, small_init_, wang_init_
+from .norms import MultiHeadNorm
+
+__all__ = ["MLSTMLayer", "HeadwiseLinear"]
+
+
+class HeadwiseLinear(nn.Module):
+    """Block-diagonal linear map: the features split into blocks of `block_size`, each with its own square matrix.
+
+    weight: (num_blocks, block_size, block_size) with out = weight[b] @ in for block b; x: (..., dim) -> (..., dim).
+    """
+
+    def __init__(self, dim: int, block_size: int, bias: bool = False):
+        super().__init__()
+        if block_size < 1 or dim % block_size:
+            raise ValueError(f"block_size: expected a positive divisor of dim={dim}, got {block_size}")
+        self.dim, self.block_size, self.num_blocks = dim, block_size, dim // block_size
+        self.weight = nn.Parameter(torch.empty(self.num_blocks, block_size, block_size))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self, init_dim: int | None = None) -> None:
+        """Small init N(0, 2 / (5 init_dim)) (init_dim defaults to dim), zero bias."""
+        small_init_(self.weight, self.dim if init_dim is None else init_dim)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = x.unflatten(-1, (self.num_blocks, self.block_size))
+        y = torch.einsum("...bi,boi->...bo", blocks, self.weight).flatten(-2)
+        return y if self.bias is None else y + self.bias
+
+
+class MLSTMLayer(nn.Module):
+    """mLSTM mixer of the paper's pre-up-projection block (no residual, no outer pre-norm).
+
+    forward(x: (B, T, D), state=None) -> (y: (B, T, D), state) with
+    state = (conv_state (B, conv_kernel - 1, inner), (C (B, H, hd, hd), n (B, H, hd), m (B, H))); the mLSTM state is
+    float32 (float64 for float64 inputs). A single token (T == 1) takes the one-step op.
+    """
+
+    def __init__(self, d_model: int, num_heads: int = 4, proj_factor: float = 2.0, conv_kernel: int = 4,
+                 qkv_block_size: int = 4, chunk_size: int = 64, impl: str = "auto", bias: bool = False):
+        super().__init__()
+        inner = round_up(proj_factor * d_model, 64)
+        if num_heads < 1 or inner % num_heads:
+            raise ValueError(f"num_heads: expected a positive divisor of the inner width {inner}, got {num_heads}")
+        if qkv_block_size < 1 or inner % qkv_block_size:
+            raise ValueError(f"qkv_block_size: expected a positive divisor of the inner width {inner}, "
+                             f"got {qkv_block_size}")
+        if conv_kernel < 1:
+            raise ValueError(f"conv_kernel: expected >= 1, got {conv_kernel}")
+        self.d_model, self.inner_dim, self.num_heads = d_model, inner, num_heads
+        self.head_dim = inner // num_heads
+        self.chunk_size, self.impl = chunk_size, impl
+        self.proj_up = nn.Linear(d_model, 2 * inner, bias=bias)
+        self.conv = CausalConv1d(inner, conv_kernel, bias=True)
+        self.q_proj = HeadwiseLinear(inner, qkv_block_size, bias=bias)
+        self.k_proj = HeadwiseLinear(inner, qkv_block_size, bias=bias)
+        self.v_proj = HeadwiseLinear(inner, qkv_block_size, bias=bias)
+        self.igate = nn.Linear(3 * inner, num_heads)
+        self.fgate = nn.Linear(3 * inner, num_heads)
+        self.outnorm = MultiHeadNorm(num_heads, self.head_dim, eps=1e-5, kind="layer", bias=bias)
+        self.learnable_skip = nn.Parameter(torch.ones(inner))
+        self.proj_down = nn.Linear(inner, d_model, bias=bias)
+        self.reset_parameters()
+
+    def reset_parameters(self, *, block_index: int = 0, num_blocks: int = 1) -> None:
+        """The paper's init: small init (width D) for proj_up and q/k/v, Wang init (depth `num_blocks`) for proj_down,
+        gate weights 0, forget bias linspace(3, 6) over heads, input bias ~ N(0, 0.1), skip 1, other biases 0."""
+        small_init_(self.proj_up.weight, self.d_model)
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            proj.reset_parameters(init_dim=self.d_model)
+        wang_init_(self.proj_down.weight, self.d_model, num_blocks)
+        for linear in (self.proj_up, self.proj_down):
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+        self.conv.reset_parameters()
+        nn.init.zeros_(self.igate.weight)
+        nn.init.normal_(self.igate.bias, mean=0.0, std=0.1)
+        nn.init.zeros_(self.fgate.weight)
+        with torch.no_grad():
+            self.fgate.bias.copy_(torch.linspace(3.0, 6.0, self.num_heads))
+        self.outnorm.reset_parameters()
+        nn.init.ones_(self.learnable_skip)
+
+    @staticmethod
+    def _split_state(state):
+        if state is None:
+            return None, None
+        if not isinstance(state, (tuple, list)) or len(state) != 2:
+            raise ValueError(f"state: expected (conv_state, (C, n, m)) or None, got {type(state).__name__}")
+        return state
+
+    def forward(self, x: torch.Tensor, state=None):
+        if x.ndim != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x: expected shape (B, T, {self.d_model}), got {tuple(x.shape)}")
+        B, T, _ = x.shape
+        conv_state, cell_state = self._split_state(state)
+        x_m, z = self.proj_up(x).split(self.inner_dim, dim=-1)
+        conv_out, conv_state = self.conv(x_m, conv_state)
+        conv_act = F.silu(conv_out)
+        q, k, v = self.q_proj(conv_act), self.k_proj(conv_act), self.v_proj(x_m)
+
+        gate_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        qkv = torch.cat([q, k, v], dim=-1).to(gate_dtype)
+        i = F.linear(qkv, self.igate.weight.to(gate_dtype), self.igate.bias.to(gate_dtype))  # (B, T, H)
+        f = F.linear(qkv, self.fgate.weight.to(gate_dtype), self.fgate.bias.to(gate_dtype))
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, T, inner) -> (B, H, T, hd)
+            return t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+
+        if T == 1:
+            h, cell_state = mlstm_step(q[:, 0].view(B, self.num_heads, self.head_dim),
+                                       k[:, 0].view(B, self.num_heads, self.head_dim),
+                                       v[:, 0].view(B, self.num_heads, self.head_dim),
+                                       i[:, 0], f[:, 0], cell_state)
+            h = h[:, None]  # (B, 1, H, hd)
+        else:
+            h, cell_state = mlstm(heads(q), heads(k), heads(v), i.transpose(1, 2), f.transpose(1, 2), cell_state,
+                                  impl=self.impl, chunk_size=self.chunk_size)
+            h = h.transpose(1, 2)  # (B, T, H, hd)
+        h = self.outnorm(h) + self.learnable_skip * conv_act
+        y = self.proj_down(h * F.silu(z))
+        return y, (conv_state, cell_state)

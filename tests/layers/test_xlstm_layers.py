@@ -1,0 +1,201 @@
+"""xLSTM paper layers (mLSTM, sLSTM) and FFNs: float64 references, exact continuation, gradients, init."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from revival.layers.ffn import GatedMLP, SwiGLU, ffn_hidden_dim
+from revival.layers.mlstm_layer import HeadwiseLinear, MLSTMLayer
+from revival.ops.mlstm import mlstm
+
+DT = torch.float64
+
+
+def flat(state):
+    """All tensors of a (nested) state tuple, in order."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    return [t for s in state for t in flat(s)]
+
+
+def assert_close_all(a, b, atol=1e-10):
+    for x, y in zip(flat(a), flat(b), strict=True):
+        assert x.shape == y.shape
+        assert torch.allclose(x, y, atol=atol, rtol=1e-9), (x - y).abs().max()
+
+
+def check_prefill_then_steps(layer, x, prefill):
+    y_full, state_full = layer(x)
+    y, state = layer(x[:, :prefill])
+    outs = [y]
+    for t in range(prefill, x.shape[1]):
+        y_t, state = layer(x[:, t : t + 1], state)
+        outs.append(y_t)
+    assert_close_all(torch.cat(outs, dim=1), y_full)
+    assert_close_all(state, state_full)
+    sizes = [t.numel() for t in flat(state)]
+    assert sizes == [t.numel() for t in flat(layer(x[:, :1])[1])], "state must not grow with T"
+
+
+def check_split(layer, x, split):
+    y_full, state_full = layer(x)
+    y1, state = layer(x[:, :split])
+    y2, state = layer(x[:, split:], state)
+    assert_close_all(torch.cat([y1, y2], dim=1), y_full)
+    assert_close_all(state, state_full)
+
+
+def check_gradients(layer, x, zero_grad_ok=()):
+    y, _ = layer(x)
+    (y.square().sum() + y.sum()).backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if name not in zero_grad_ok:
+            assert p.grad.abs().sum() > 0, name
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------------------- mLSTM
+
+
+def mlstm_layer_reference(layer: MLSTMLayer, x: torch.Tensor) -> torch.Tensor:
+    """The layer spelled out: dense block-diagonal matrices, a conv loop, group norm by hand, recurrent mLSTM."""
+    B, T, _ = x.shape
+    H, hd, inner = layer.num_heads, layer.head_dim, layer.inner_dim
+    up = x @ layer.proj_up.weight.T
+    x_m, z = up[..., :inner], up[..., inner:]
+    K = layer.conv.kernel_size
+    padded = torch.cat([x.new_zeros(B, K - 1, inner), x_m], dim=1)
+    w = layer.conv.weight[:, 0]  # (inner, K)
+    conv = torch.stack([(padded[:, t : t + K] * w.T).sum(1) for t in range(T)], dim=1) + layer.conv.bias
+    conv_act = conv * torch.sigmoid(conv)
+
+    def dense(proj: HeadwiseLinear) -> torch.Tensor:
+        return torch.block_diag(*proj.weight)
+
+    q, k, v = conv_act @ dense(layer.q_proj).T, conv_act @ dense(layer.k_proj).T, x_m @ dense(layer.v_proj).T
+    qkv = torch.cat([q, k, v], -1)
+    i, f = layer.igate(qkv), layer.fgate(qkv)
+
+    def heads(t):
+        return t.reshape(B, T, H, hd).transpose(1, 2)
+
+    h, _ = mlstm(heads(q), heads(k), heads(v), i.transpose(1, 2), f.transpose(1, 2), impl="recurrent")
+    h = h.transpose(1, 2)  # (B, T, H, hd)
+    h = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    h = h.reshape(B, T, inner) * layer.outnorm.weight
+    out = (h + layer.learnable_skip * conv_act) * F.silu(z)
+    return out @ layer.proj_down.weight.T
+
+
+def random_mlstm(seed, **kwargs):
+    torch.manual_seed(seed)
+    layer = MLSTMLayer(16, **kwargs).to(DT)
+    with torch.no_grad():  # move gates away from their init so the test exercises them
+        layer.igate.weight.normal_(0, 0.1)
+        layer.fgate.weight.normal_(0, 0.1)
+        layer.learnable_skip.normal_(1, 0.5)
+        layer.outnorm.weight.normal_(1, 0.5)
+    return layer
+
+
+@pytest.mark.parametrize("impl", ["chunkwise", "parallel"])
+def test_mlstm_layer_matches_reference(impl):
+    layer = random_mlstm(0, num_heads=4, chunk_size=8, impl=impl)
+    x = torch.randn(2, 19, 16, dtype=DT)
+    y, (conv_state, (C, n, m)) = layer(x)
+    assert y.shape == (2, 19, 16) and y.dtype == DT
+    assert conv_state.shape == (2, 3, 64) and C.shape == (2, 4, 16, 16) and n.shape == (2, 4, 16) and m.shape == (2, 4)
+    assert torch.allclose(y, mlstm_layer_reference(layer, x), atol=1e-10)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_mlstm_layer_prefill_then_steps(seed):
+    layer = random_mlstm(seed, num_heads=2, chunk_size=8)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 21, 16, generator=g, dtype=DT)
+    check_prefill_then_steps(layer, x, prefill=int(torch.randint(1, 21, (1,), generator=g)))
+
+
+@pytest.mark.parametrize("split", [1, 8, 13, 20])
+def test_mlstm_layer_split(split):
+    check_split(random_mlstm(4, chunk_size=8), torch.randn(3, 21, 16, dtype=DT), split)
+
+
+def test_mlstm_layer_gradients_and_float32():
+    layer = random_mlstm(5, qkv_block_size=8, bias=True).float()
+    x = torch.randn(2, 11, 16, requires_grad=True)
+    check_gradients(layer, x)
+    y, state = layer(x.detach())
+    assert y.dtype == torch.float32 and all(t.dtype == torch.float32 for t in flat(state))
+
+
+def test_mlstm_layer_init():
+    torch.manual_seed(6)
+    layer = MLSTMLayer(128, num_heads=4)
+    assert layer.inner_dim == 256 and layer.head_dim == 64
+    assert torch.equal(layer.fgate.bias.detach(), torch.linspace(3.0, 6.0, 4))
+    assert layer.igate.weight.abs().sum() == 0 and layer.fgate.weight.abs().sum() == 0
+    assert 0 < layer.igate.bias.abs().max() < 0.6
+    assert torch.equal(layer.learnable_skip.detach(), torch.ones(256))
+    assert abs(layer.proj_up.weight.std().item() - math.sqrt(2 / (5 * 128))) < 0.01
+    assert abs(layer.q_proj.weight.std().item() - math.sqrt(2 / (5 * 128))) < 0.01
+    layer.reset_parameters(num_blocks=8)
+    assert abs(layer.proj_down.weight.std().item() - 2 / (8 * math.sqrt(128))) < 0.005
+    assert MLSTMLayer(48, proj_factor=2.0).inner_dim == 128  # rounded up to a multiple of 64
+
+
+def test_mlstm_layer_bad_arguments():
+    with pytest.raises(ValueError, match="num_heads"):
+        MLSTMLayer(32, num_heads=3)
+    with pytest.raises(ValueError, match="qkv_block_size"):
+        MLSTMLayer(32, qkv_block_size=5)
+    with pytest.raises(ValueError, match="x"):
+        MLSTMLayer(32)(torch.randn(1, 2, 16))
+    with pytest.raises(ValueError, match="state"):
+        MLSTMLayer(32)(torch.randn(1, 2, 32), state=torch.zeros(1))
+
+
+# -------------------------------------------------------------------------------------------------------------- FFN
+
+
+def test_gated_mlp_matches_formula():
+    torch.manual_seed(7)
+    mlp = GatedMLP(48, bias=True).to(DT)
+    assert mlp.hidden_dim == 64  # round_up(4/3 * 48, 64)
+    x = torch.randn(2, 5, 48, dtype=DT)
+    up = mlp.proj_up(x)
+    ref = mlp.proj_down(F.gelu(up[..., :64]) * up[..., 64:])
+    assert torch.allclose(mlp(x), ref, atol=1e-12)
+    xg = torch.randn(2, 5, 48, requires_grad=True)
+    check_gradients(_AsMixer(mlp.float()), xg)
+    with pytest.raises(ValueError, match="activation"):
+        GatedMLP(48, activation="tanh")
+
+
+def test_swiglu_matches_formula_and_hidden_dim():
+    assert ffn_hidden_dim(4096) == 10944 and ffn_hidden_dim(64, 4 / 3, 64) == 128
+    torch.manual_seed(8)
+    ffn = SwiGLU(32, 96).to(DT)
+    x = torch.randn(3, 4, 32, dtype=DT)
+    ref = ffn.proj_down(F.silu(ffn.proj_up_gate(x)) * ffn.proj_up(x))
+    assert torch.allclose(ffn(x), ref, atol=1e-12)
+    assert {n for n, _ in ffn.named_parameters()} == {"proj_up_gate.weight", "proj_up.weight", "proj_down.weight"}
+    check_gradients(_AsMixer(ffn.float()), torch.randn(2, 3, 32, requires_grad=True))
+    ffn.reset_parameters(num_blocks=4)
+    assert abs(ffn.proj_down.weight.std().item() - 2 / (4 * math.sqrt(32))) < 0.02
+
+
+class _AsMixer(torch.nn.Module):
+    """Wrap an FFN as forward(x) -> (y, None) so the gradient helper applies."""
+
+    def __init__(self, ffn):
+        super().__init__()
+        self.ffn = ffn
+
+    def forward(self, x):
+        return self.ffn(x), None
