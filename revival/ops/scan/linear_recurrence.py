@@ -102,9 +102,9 @@ def _equal_chunks(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, L: int
     cumulative_log_a = torch.cumsum(log_a, dim=2)  # (B, NC, L, D)
 
     # 2. Over chunk boundaries: the same recurrence one level up (coefficient = whole-chunk product).
-    chunk_ends, h_last = _chunked(cumulative_log_a[:, :, -1], local_h[:, :, -1], h0, L)  # (B, NC, D)
+    chunk_ends, _ = _chunked(cumulative_log_a[:, :, -1], local_h[:, :, -1], h0, L)  # (B, NC, D)
     chunk_starts = torch.cat([h0[:, None], chunk_ends[:, :-1]], dim=1)  # (B, NC, D)
 
     # 3. Each position = its local value + the decayed chunk start state.
-    h = local_h + torch.exp(cumulative_log_a) * chunk_starts[:, :, None]
-    return h.reshape(B, T, D), h_last
+    h = (local_h + torch.exp(cumulative_log_a) * chunk_starts[:, :, None]).reshape(B, T, D)
+    return h, h[:, -1]
