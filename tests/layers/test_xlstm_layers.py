@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from revival.layers.ffn import GatedMLP, SwiGLU, ffn_hidden_dim
 from revival.layers.mlstm_layer import HeadwiseLinear, MLSTMLayer
+from revival.layers.slstm_layer import SLSTMLayer, powerlaw_forget_bias
 from revival.ops.mlstm import mlstm
 
 DT = torch.float64
@@ -158,6 +159,107 @@ def test_mlstm_layer_bad_arguments():
         MLSTMLayer(32)(torch.randn(1, 2, 16))
     with pytest.raises(ValueError, match="state"):
         MLSTMLayer(32)(torch.randn(1, 2, 32), state=torch.zeros(1))
+
+
+# ----------------------------------------------------------------------------------------------------------- sLSTM
+
+
+def slstm_layer_reference(layer: SLSTMLayer, x: torch.Tensor) -> torch.Tensor:
+    """The layer spelled out with dense block-diagonal matrices and the MATH.md recurrence, one unit at a time."""
+    B, T, D = x.shape
+    H, d = layer.num_heads, layer.head_dim
+    K = layer.conv.kernel_size
+    padded = torch.cat([x.new_zeros(B, K - 1, D), x], dim=1)
+    w = layer.conv.weight[:, 0]
+    conv = torch.stack([(padded[:, t : t + K] * w.T).sum(1) for t in range(T)], dim=1) + layer.conv.bias
+    conv_act = conv * torch.sigmoid(conv)
+    W = {name: torch.block_diag(*getattr(layer, name).weight) for name in ("igate", "fgate", "zgate", "ogate")}
+    R = torch.stack([torch.block_diag(*layer.recurrent_weight[g]) for g in range(4)])  # (4, D, D)
+    bias = layer.gate_bias.reshape(4, D)
+    c, n, m, y = (x.new_zeros(B, D) for _ in range(4))
+    outs = []
+    for t in range(T):
+        pre = [conv_act[:, t] @ W["igate"].T, conv_act[:, t] @ W["fgate"].T, x[:, t] @ W["zgate"].T,
+               x[:, t] @ W["ogate"].T]
+        i, f, z, o = (pre[g] + y @ R[g] + bias[g] for g in range(4))
+        logfm = m + F.logsigmoid(f)
+        m_new = torch.where(n == 0, i, torch.maximum(i, logfm))
+        ibar, fbar = torch.exp(i - m_new), torch.exp(logfm - m_new)
+        c = fbar * c + ibar * torch.tanh(z)
+        n = fbar * n + ibar
+        m = m_new
+        y = torch.sigmoid(o) * c / n
+        outs.append(y)
+    h = torch.stack(outs, dim=1).reshape(B, T, H, d)
+    h = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    return h.reshape(B, T, D) * layer.group_norm.weight
+
+
+def random_slstm(seed, d_model=16, **kwargs):
+    torch.manual_seed(seed)
+    layer = SLSTMLayer(d_model, **kwargs).to(DT)
+    with torch.no_grad():  # recurrent weights start at 0: make them matter
+        layer.recurrent_weight.normal_(0, 0.3)
+        layer.group_norm.weight.normal_(1, 0.5)
+    return layer
+
+
+def test_slstm_layer_matches_reference():
+    layer = random_slstm(10, num_heads=4)
+    x = torch.randn(2, 9, 16, dtype=DT)
+    y, (conv_state, (c, n, m, y_state)) = layer(x)
+    assert y.shape == (2, 9, 16) and y.dtype == DT
+    assert conv_state.shape == (2, 3, 16) and all(t.shape == (2, 4, 4) for t in (c, n, m, y_state))
+    assert torch.allclose(y, slstm_layer_reference(layer, x), atol=1e-10)
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_slstm_layer_prefill_then_steps(seed):
+    layer = random_slstm(seed, num_heads=2)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 17, 16, generator=g, dtype=DT)
+    check_prefill_then_steps(layer, x, prefill=int(torch.randint(1, 17, (1,), generator=g)))
+
+
+@pytest.mark.parametrize("split", [1, 6, 16])
+@pytest.mark.parametrize("conv_kernel", [4, 0])
+def test_slstm_layer_split(split, conv_kernel):
+    check_split(random_slstm(14, conv_kernel=conv_kernel), torch.randn(3, 17, 16, dtype=DT), split)
+
+
+def test_slstm_layer_gradients_and_float32():
+    layer = random_slstm(15, num_heads=4).float()
+    x = torch.randn(2, 10, 16, requires_grad=True)
+    check_gradients(layer, x)
+    y, (conv_state, cell) = layer(x.detach())
+    assert y.dtype == torch.float32 and all(t.dtype == torch.float32 for t in cell)
+
+
+def test_slstm_layer_init():
+    layer = SLSTMLayer(64, num_heads=4)
+    assert layer.recurrent_weight.abs().sum() == 0
+    bias = layer.gate_bias.detach()
+    assert bias[0].abs().sum() == 0 and bias[2].abs().sum() == 0 and bias[3].abs().sum() == 0
+    forget = bias[1]  # (H, d): same power law in every head, from +5 down to -7
+    assert torch.allclose(forget, forget[:1].expand(4, -1))
+    assert forget[0, 0].item() == pytest.approx(5.0) and forget[0, -1].item() == pytest.approx(-7.0)
+    assert (forget[0, 1:] < forget[0, :-1]).all()
+    u = 5 / 15
+    assert forget[0, 5].item() == pytest.approx(5 - 12 * u**0.3, rel=1e-6)
+    layer.reset_parameters(block_index=2, num_blocks=3)
+    assert layer.gate_bias[1, 0, 5].item() == pytest.approx(5 - 12 * u**1.6, rel=1e-6)
+    assert torch.allclose(powerlaw_forget_bias(16, 1, 3)[5], torch.tensor(5 - 12 * u**0.95, dtype=torch.float64))
+    assert abs(layer.zgate.weight.std().item() - math.sqrt(2 / (5 * 64))) < 0.02
+    assert SLSTMLayer(16, bias=False).gate_bias is None
+
+
+def test_slstm_layer_bad_arguments():
+    with pytest.raises(ValueError, match="num_heads"):
+        SLSTMLayer(30, num_heads=4)
+    with pytest.raises(ValueError, match="x"):
+        SLSTMLayer(32)(torch.randn(1, 2, 16))
+    with pytest.raises(ValueError, match="state"):
+        SLSTMLayer(32)(torch.randn(1, 2, 32), state=(torch.zeros(1, 3, 32),))
 
 
 # -------------------------------------------------------------------------------------------------------------- FFN

@@ -1,0 +1,108 @@
+"""The xLSTM paper's sLSTM layer (inside the "post up-projection" block; the block adds the gated MLP).
+
+Data flow for x: (B, T, D), H heads of head_dim d = D / H:
+
+    conv_act  = SiLU(conv(x))                                       # causal depthwise conv, carried state
+    i, f      = igate(conv_act), fgate(conv_act)                    # headwise (block-diagonal, one block per head)
+    z, o      = zgate(x), ogate(x)
+    y         = slstm(stack(i, f, z, o) + gate_bias, recurrent_weight)  # revival.ops.slstm, memory mixing per head
+    out       = group_norm(y)                                       # per-head layer norm, (B, T, D)
+
+Init (the paper's reference): recurrent weights 0, gate biases 0 except the forget gate's "powerlaw_blockdependent"
+bias b_f[u] = 5 - 12 (u / (d - 1)) ** (0.3 + 1.3 * block_index / (num_blocks - 1)) for unit u of every head (from +5
+down to -7), gate projections small init. Our gates carry their true names (the reference layer swaps igate/fgate).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.slstm import slstm, slstm_step
+from .conv import CausalConv1d
+from .mlstm_layer import HeadwiseLinear
+from .norms import MultiHeadNorm
+
+__all__ = ["SLSTMLayer", "powerlaw_forget_bias"]
+
+
+def powerlaw_forget_bias(head_dim: int, block_index: int = 0, num_blocks: int = 1) -> torch.Tensor:
+    """Forget-gate bias per unit (head_dim,): 5 - 12 (u / (head_dim - 1)) ** (0.3 + 1.3 * block ratio)."""
+    ratio = block_index / (num_blocks - 1) if num_blocks > 1 else 0.0
+    units = torch.arange(head_dim, dtype=torch.float64) / max(head_dim - 1, 1)
+    return -(-5.0 + 12.0 * units ** (0.3 + 1.3 * ratio))
+
+
+class SLSTMLayer(nn.Module):
+    """sLSTM mixer of the paper's post-up-projection block (no residual, no outer pre-norm, no MLP).
+
+    forward(x: (B, T, D), state=None) -> (y: (B, T, D), state) with
+    state = (conv_state (B, conv_kernel - 1, D), (c, n, m, y) each (B, H, d)); the cell state is float32 (float64 for
+    float64 inputs). conv_kernel=0 means no conv (i, f read SiLU(x)). `bias` toggles the gate biases (the cell's
+    bias, where the forget init lives); the projections themselves have none, as in the paper. A single token
+    (T == 1) takes the one-step op.
+    """
+
+    def __init__(self, d_model: int, num_heads: int = 4, conv_kernel: int = 4, impl: str = "auto", bias: bool = True):
+        super().__init__()
+        if num_heads < 1 or d_model % num_heads:
+            raise ValueError(f"num_heads: expected a positive divisor of d_model={d_model}, got {num_heads}")
+        if conv_kernel < 0:
+            raise ValueError(f"conv_kernel: expected >= 0 (0 = no conv), got {conv_kernel}")
+        self.d_model, self.num_heads, self.head_dim = d_model, num_heads, d_model // num_heads
+        self.conv_kernel, self.impl = conv_kernel, impl
+        self.conv = CausalConv1d(d_model, conv_kernel, bias=True) if conv_kernel > 0 else None
+        self.igate = HeadwiseLinear(d_model, self.head_dim)
+        self.fgate = HeadwiseLinear(d_model, self.head_dim)
+        self.zgate = HeadwiseLinear(d_model, self.head_dim)
+        self.ogate = HeadwiseLinear(d_model, self.head_dim)
+        self.recurrent_weight = nn.Parameter(torch.empty(4, num_heads, self.head_dim, self.head_dim))
+        self.gate_bias = nn.Parameter(torch.empty(4, num_heads, self.head_dim)) if bias else None
+        self.group_norm = MultiHeadNorm(num_heads, self.head_dim, eps=1e-5, kind="layer")
+        self.reset_parameters()
+
+    def reset_parameters(self, *, block_index: int = 0, num_blocks: int = 1) -> None:
+        """Gate projections small init (width D), recurrent weights 0, biases 0 except the power-law forget bias
+        (depends on this block's position `block_index` among `num_blocks`)."""
+        for gate in (self.igate, self.fgate, self.zgate, self.ogate):
+            gate.reset_parameters(init_dim=self.d_model)
+        if self.conv is not None:
+            self.conv.reset_parameters()
+        nn.init.zeros_(self.recurrent_weight)
+        if self.gate_bias is not None:
+            with torch.no_grad():
+                self.gate_bias.zero_()
+                forget = powerlaw_forget_bias(self.head_dim, block_index, num_blocks)
+                self.gate_bias[1].copy_(forget.to(self.gate_bias.dtype).expand(self.num_heads, -1))
+        self.group_norm.reset_parameters()
+
+    @staticmethod
+    def _split_state(state):
+        if state is None:
+            return None, None
+        if not isinstance(state, (tuple, list)) or len(state) != 2:
+            raise ValueError(f"state: expected (conv_state, (c, n, m, y)) or None, got {type(state).__name__}")
+        return state
+
+    def forward(self, x: torch.Tensor, state=None):
+        if x.ndim != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x: expected shape (B, T, {self.d_model}), got {tuple(x.shape)}")
+        B, T, D = x.shape
+        conv_state, cell_state = self._split_state(state)
+        if self.conv is None:
+            conv_act = F.silu(x)
+            conv_state = x.new_zeros(B, 0, D)
+        else:
+            conv_out, conv_state = self.conv(x, conv_state)
+            conv_act = F.silu(conv_out)
+        gates = torch.stack([self.igate(conv_act), self.fgate(conv_act), self.zgate(x), self.ogate(x)], dim=2)
+        gates = gates.view(B, T, 4, self.num_heads, self.head_dim)
+        if self.gate_bias is not None:
+            gates = gates + self.gate_bias
+        if T == 1:
+            y, cell_state = slstm_step(gates[:, 0], self.recurrent_weight, cell_state)
+            y = y[:, None]
+        else:
+            y, cell_state = slstm(gates, self.recurrent_weight, cell_state, impl=self.impl)
+        return self.group_norm(y), (conv_state, cell_state)
