@@ -18,6 +18,7 @@ the builders, so a model whose pattern does not use a layer never imports it. To
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from importlib import import_module
 
@@ -32,11 +33,12 @@ class ResidualBlock(nn.Module):
     """x + mixer(norm(x)), then optionally x + ffn(ffn_norm(x)). Shapes (B, T, D) in and out."""
 
     def __init__(self, letter: str, norm: nn.Module, mixer: nn.Module, ffn_norm: nn.Module | None = None,
-                 ffn: nn.Module | None = None, dropout: float = 0.0):
+                 ffn: nn.Module | None = None, dropout: float = 0.0, block_index: int = 0, num_blocks: int = 1):
         super().__init__()
         if (ffn is None) != (ffn_norm is None):
             raise ValueError("ffn and ffn_norm: give both or neither")
         self.letter = letter
+        self.block_index, self.num_blocks = block_index, num_blocks
         self.norm = norm
         self.mixer = mixer
         self.ffn_norm = ffn_norm
@@ -44,8 +46,14 @@ class ResidualBlock(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def reset_parameters(self) -> None:
+        """Each part's own init; mixers and FFNs that accept them get this block's position and the stack depth."""
         for module in (self.norm, self.mixer, self.ffn_norm, self.ffn):
-            if module is not None:
+            if module is None:
+                continue
+            accepted = inspect.signature(module.reset_parameters).parameters
+            if "block_index" in accepted and "num_blocks" in accepted:
+                module.reset_parameters(block_index=self.block_index, num_blocks=self.num_blocks)
+            else:
                 module.reset_parameters()
 
     def forward(self, x: torch.Tensor, state=None):
@@ -56,7 +64,7 @@ class ResidualBlock(nn.Module):
         return x, state
 
     def extra_repr(self) -> str:
-        return f"letter={self.letter!r}"
+        return f"letter={self.letter!r}, block_index={self.block_index}"
 
 
 def _layer(module: str, name: str):
@@ -73,6 +81,10 @@ def _swiglu(config: ModelConfig) -> nn.Module:
     return ffn_module.SwiGLU(config.d_model, hidden, bias=config.use_bias)
 
 
+def _where(config: ModelConfig, index: int) -> dict:
+    return dict(dropout=config.dropout, block_index=index, num_blocks=config.num_blocks)
+
+
 def _rms(config: ModelConfig) -> RMSNorm:
     return RMSNorm(config.d_model, eps=config.norm_eps)
 
@@ -87,7 +99,7 @@ def build_mlstm_block(config: ModelConfig, index: int) -> ResidualBlock:
         conv_kernel=config.mlstm_conv_kernel, qkv_block_size=config.mlstm_qkv_block_size,
         chunk_size=config.chunk_size, impl=config.mlstm_impl, bias=config.use_bias,
         **config.layer_options.get("m", {}))
-    return ResidualBlock("m", _layernorm(config), mixer, dropout=config.dropout)
+    return ResidualBlock("m", _layernorm(config), mixer, **_where(config, index))
 
 
 def build_slstm_block(config: ModelConfig, index: int) -> ResidualBlock:
@@ -98,7 +110,7 @@ def build_slstm_block(config: ModelConfig, index: int) -> ResidualBlock:
     ffn = _layer("ffn", "GatedMLP")(
         config.d_model, proj_factor=config.slstm_ffn_proj_factor, activation=config.slstm_ffn_activation,
         round_to=config.ffn_round_up_to_multiple_of, bias=config.use_bias)
-    return ResidualBlock("s", _layernorm(config), mixer, _layernorm(config), ffn, dropout=config.dropout)
+    return ResidualBlock("s", _layernorm(config), mixer, _layernorm(config), ffn, **_where(config, index))
 
 
 def build_xlstm_large_block(config: ModelConfig, index: int) -> ResidualBlock:
@@ -107,14 +119,14 @@ def build_xlstm_large_block(config: ModelConfig, index: int) -> ResidualBlock:
         v_dim_factor=config.v_dim_factor, gate_soft_cap=config.gate_soft_cap, norm_eps=config.norm_eps,
         use_bias=config.use_bias, chunk_size=config.chunk_size, impl=config.mlstm_impl,
         **config.layer_options.get("x", {}))
-    return ResidualBlock("x", _rms(config), mixer, _rms(config), _swiglu(config), dropout=config.dropout)
+    return ResidualBlock("x", _rms(config), mixer, _rms(config), _swiglu(config), **_where(config, index))
 
 
 def build_attention_block(config: ModelConfig, index: int) -> ResidualBlock:
     mixer = _layer("attention", "Attention")(
         config.d_model, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, rope_theta=config.rope_theta,
         bias=config.use_bias, **config.layer_options.get("a", {}))
-    return ResidualBlock("a", _rms(config), mixer, _rms(config), _swiglu(config), dropout=config.dropout)
+    return ResidualBlock("a", _rms(config), mixer, _rms(config), _swiglu(config), **_where(config, index))
 
 
 def _sibling_builder(letter: str, module: str, name: str) -> Callable[[ModelConfig, int], ResidualBlock]:
@@ -122,7 +134,7 @@ def _sibling_builder(letter: str, module: str, name: str) -> Callable[[ModelConf
 
     def build(config: ModelConfig, index: int) -> ResidualBlock:
         mixer = _layer(module, name)(config.d_model, **config.layer_options.get(letter, {}))
-        return ResidualBlock(letter, _rms(config), mixer, _rms(config), _swiglu(config), dropout=config.dropout)
+        return ResidualBlock(letter, _rms(config), mixer, _rms(config), _swiglu(config), **_where(config, index))
 
     build.__name__ = f"build_{module}_block"
     return build

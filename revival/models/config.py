@@ -53,7 +53,7 @@ class ModelConfig:
     chunk_size: int = 64  # chunk length of the chunkwise mLSTM (letters m and x)
     # paper sLSTM block (letter s)
     slstm_num_heads: int | None = None  # None: num_heads
-    slstm_conv_kernel: int = 4
+    slstm_conv_kernel: int = 4  # 0: no conv
     slstm_impl: str = "auto"
     slstm_ffn_proj_factor: float = 4 / 3
     slstm_ffn_activation: str = "gelu"
@@ -87,13 +87,19 @@ class ModelConfig:
     def validate(self) -> None:
         """Raise ValueError naming the field, the value received and what is allowed."""
         for name in ("vocab_size", "d_model", "num_heads", "mlstm_conv_kernel", "mlstm_qkv_block_size", "chunk_size",
-                     "slstm_conv_kernel", "ffn_round_up_to_multiple_of"):
+                     "ffn_round_up_to_multiple_of"):
             _check_positive_int(name, getattr(self, name))
         for name in ("mlstm_proj_factor", "slstm_ffn_proj_factor", "qk_dim_factor", "v_dim_factor", "gate_soft_cap",
                      "ffn_proj_factor", "rope_theta", "norm_eps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name}: expected a positive number, got {value!r}")
+        if isinstance(self.slstm_conv_kernel, bool) or not isinstance(self.slstm_conv_kernel, int) or \
+                self.slstm_conv_kernel < 0:
+            raise ValueError(f"slstm_conv_kernel: expected an integer >= 0 (0 = no conv), "
+                             f"got {self.slstm_conv_kernel!r}")
+        if self.chunk_size < 8 or self.chunk_size & (self.chunk_size - 1):
+            raise ValueError(f"chunk_size: expected a power of two >= 8, got {self.chunk_size!r}")
         if not isinstance(self.pattern, str) or not self.pattern:
             raise ValueError(f"pattern: expected a non-empty string of block letters, got {self.pattern!r}; "
                              f"letters: {_letters_help()}")
@@ -105,12 +111,6 @@ class ModelConfig:
             raise ValueError(f"num_heads: {self.num_heads} does not divide d_model={self.d_model}; "
                              f"choose one of {_divisors(self.d_model)}")
         letters = set(self.pattern)
-        if "m" in letters:
-            inner = round(self.mlstm_proj_factor * self.d_model)
-            if inner % self.num_heads or inner % self.mlstm_qkv_block_size:
-                raise ValueError(f"mlstm_proj_factor: inner size {inner} (= {self.mlstm_proj_factor} * d_model) "
-                                 f"must be divisible by num_heads={self.num_heads} and mlstm_qkv_block_size="
-                                 f"{self.mlstm_qkv_block_size}")
         if "s" in letters:
             heads = self.slstm_num_heads if self.slstm_num_heads is not None else self.num_heads
             _check_positive_int("slstm_num_heads", heads)

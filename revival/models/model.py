@@ -45,7 +45,7 @@ class LanguageModel(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
-        self._reset_own_parameters()
+        self.reset_parameters()
 
     # ------------------------------------------------------------------ parameters
     def _reset_own_parameters(self) -> None:
