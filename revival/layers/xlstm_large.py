@@ -1,0 +1,112 @@
+"""The xLSTM-7B ("large") mLSTM layer: dense q/k/v, sigmoid output gate, soft-capped exponential gates, per-head norm.
+
+Computation (MATH.md "Blocks", the Hugging Face `xLSTMLayer` semantics), x: (B, T, D):
+
+    q = W_q x  (B, T, H, Dk),  k = W_k x  (B, T, H, Dk),  v = W_v x  (B, T, H, Dv)
+    i = cap * tanh((W_i x + b_i) / cap),  f = cap * tanh((W_f x + b_f) / cap)      (B, T, H), cap = gate_soft_cap
+    h = mlstm(q, k, v, i, f)                                                         (B, T, H, Dv)
+    y = W_out( sigmoid(W_o x) * MultiHeadLayerNorm(h) )                              (B, T, D)
+
+Dk = int(D * qk_dim_factor) / H, Dv = int(D * v_dim_factor) / H. The per-head norm is a LayerNorm over each head's Dv
+features (mean subtracted, eps = norm_eps) followed by one weight (and a bias when use_bias) over all H * Dv features.
+The gate projections always have a bias; the other projections and the per-head norm have one only when use_bias.
+Parameter names mirror the Hugging Face checkpoint: q, k, v, ogate_preact, igate_preact, fgate_preact,
+multihead_norm, out_proj.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.mlstm import IMPLS, MLSTMState, mlstm, mlstm_step
+from .ffn import small_init_, wang_init_
+from .norms import MultiHeadNorm
+
+__all__ = ["XLSTMLargeLayer", "soft_cap"]
+
+
+def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap); identity when cap is None."""
+    if cap is None:
+        return x
+    return cap * torch.tanh(x / cap)
+
+
+class XLSTMLargeLayer(nn.Module):
+    """xLSTM-7B mLSTM mixer (no residual, no pre-norm). forward(x: (B, T, D), state=None) -> (y, state).
+
+    state = (C (B, H, Dk, Dv), n (B, H, Dk), m (B, H)) in float32 (float64 for float64 inputs); None means zeros.
+    `eps` is the mLSTM denominator epsilon (Hugging Face config key `eps`).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, qk_dim_factor: float = 0.5, v_dim_factor: float = 1.0,
+                 gate_soft_cap: float | None = 15.0, norm_eps: float = 1e-6, use_bias: bool = False,
+                 chunk_size: int = 64, impl: str = "auto", *, eps: float = 1e-6):
+        super().__init__()
+        if num_heads < 1:
+            raise ValueError(f"num_heads: expected >= 1, got {num_heads}")
+        qk_dim, v_dim = int(d_model * qk_dim_factor), int(d_model * v_dim_factor)
+        if qk_dim < num_heads or qk_dim % num_heads:
+            raise ValueError(f"qk_dim_factor: int(d_model * qk_dim_factor) = {qk_dim} must be a positive multiple of "
+                             f"num_heads={num_heads} (d_model={d_model}, qk_dim_factor={qk_dim_factor})")
+        if v_dim < num_heads or v_dim % num_heads:
+            raise ValueError(f"v_dim_factor: int(d_model * v_dim_factor) = {v_dim} must be a positive multiple of "
+                             f"num_heads={num_heads} (d_model={d_model}, v_dim_factor={v_dim_factor})")
+        if gate_soft_cap is not None and gate_soft_cap <= 0:
+            raise ValueError(f"gate_soft_cap: expected a positive float or None, got {gate_soft_cap}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+        if chunk_size < 8 or chunk_size & (chunk_size - 1):
+            raise ValueError(f"chunk_size: expected a power of two >= 8, got {chunk_size}")
+        self.d_model, self.num_heads = d_model, num_heads
+        self.qk_dim, self.v_dim = qk_dim, v_dim
+        self.qk_head_dim, self.v_head_dim = qk_dim // num_heads, v_dim // num_heads
+        self.gate_soft_cap, self.chunk_size, self.impl, self.eps = gate_soft_cap, chunk_size, impl, eps
+
+        self.q = nn.Linear(d_model, qk_dim, bias=use_bias)
+        self.k = nn.Linear(d_model, qk_dim, bias=use_bias)
+        self.v = nn.Linear(d_model, v_dim, bias=use_bias)
+        self.ogate_preact = nn.Linear(d_model, v_dim, bias=use_bias)
+        self.igate_preact = nn.Linear(d_model, num_heads, bias=True)
+        self.fgate_preact = nn.Linear(d_model, num_heads, bias=True)
+        self.multihead_norm = MultiHeadNorm(num_heads, self.v_head_dim, eps=norm_eps, kind="layer", bias=use_bias)
+        self.out_proj = nn.Linear(v_dim, d_model, bias=use_bias)
+        self.reset_parameters()
+
+    def reset_parameters(self, *, block_index: int = 0, num_blocks: int = 1) -> None:
+        """xLSTM-7B init: small init for q/k/v/o, gate weights 0, input-gate bias -10, forget-gate bias
+        linspace(3, 6) over heads, Wang init (depth `num_blocks`) for out_proj, other biases 0, norm weight 1."""
+        for linear in (self.q, self.k, self.v, self.ogate_preact):
+            small_init_(linear.weight, self.d_model)
+        wang_init_(self.out_proj.weight, self.d_model, num_blocks)
+        for linear in (self.q, self.k, self.v, self.ogate_preact, self.out_proj):
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+        with torch.no_grad():
+            self.igate_preact.weight.zero_()
+            self.fgate_preact.weight.zero_()
+            self.igate_preact.bias.fill_(-10.0)
+            self.fgate_preact.bias.copy_(torch.linspace(3.0, 6.0, self.num_heads))
+        self.multihead_norm.reset_parameters()
+
+    def forward(self, x: torch.Tensor, state: MLSTMState | None = None) -> tuple[torch.Tensor, MLSTMState]:
+        if x.ndim != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x: expected shape (B, T, {self.d_model}), got {tuple(x.shape)}")
+        B, T, _ = x.shape
+        H = self.num_heads
+        q = self.q(x).view(B, T, H, self.qk_head_dim).transpose(1, 2)  # (B, H, T, Dk)
+        k = self.k(x).view(B, T, H, self.qk_head_dim).transpose(1, 2)
+        v = self.v(x).view(B, T, H, self.v_head_dim).transpose(1, 2)  # (B, H, T, Dv)
+        # gates in at least float32: the op works in float32 anyway, and the soft cap is cheap
+        gate_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        i = soft_cap(self.igate_preact(x).to(gate_dtype), self.gate_soft_cap).transpose(1, 2)  # (B, H, T)
+        f = soft_cap(self.fgate_preact(x).to(gate_dtype), self.gate_soft_cap).transpose(1, 2)
+        if T == 1:
+            h, state = mlstm_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], state, eps=self.eps)
+            h = h[:, :, None]
+        else:
+            h, state = mlstm(q, k, v, i, f, state, impl=self.impl, chunk_size=self.chunk_size, eps=self.eps)
+        h = self.multihead_norm(h.transpose(1, 2))  # (B, T, H * Dv)
+        y = self.out_proj(torch.sigmoid(self.ogate_preact(x)) * h)
+        return y, state
