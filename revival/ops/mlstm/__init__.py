@@ -48,11 +48,19 @@ def _validate(q, k, v, i, f, time_axis: bool) -> None:
         raise ValueError(f"q: expected a sequence length T >= 1, got shape {tuple(q.shape)}")
 
 
+def _check_chunk_size(chunk_size) -> None:
+    is_int = isinstance(chunk_size, int) and not isinstance(chunk_size, bool)
+    if not is_int or chunk_size < 8 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size: expected a power of two >= 8 (an int), got {chunk_size!r}")
+
+
 def _resolve_impl(impl: str, device: torch.device) -> str:
-    if impl not in IMPLS:
+    if not isinstance(impl, str) or impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     if impl == "auto":
         return "triton" if device.type == "cuda" and _triton_available() else "chunkwise"
+    if impl == "triton" and not _triton_available():
+        raise ValueError(f"impl: 'triton' is not available here (device {device.type}); use 'auto' or 'chunkwise'")
     return impl
 
 
@@ -83,8 +91,7 @@ def mlstm(
     or float64 for float64 inputs). `impl`: "auto" | "recurrent" | "parallel" | "chunkwise" | "triton".
     """
     _validate(q, k, v, i, f, time_axis=True)
-    if chunk_size < 8 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size: expected a power of two >= 8, got {chunk_size}")
+    _check_chunk_size(chunk_size)
     impl = _resolve_impl(impl, q.device)
     B, H, _, Dk = q.shape
     dtype = _compute_dtype(q)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import MLSTMState
+from .reference import MLSTMState, normalizer
 
 
 def mlstm_chunkwise(
@@ -84,6 +84,6 @@ def _equal_chunks(q, k, v, i, f, state: MLSTMState, L: int, eps: float) -> tuple
     q_weighted = q * state_weight
     numerator = scores @ v + q_weighted @ C_before
     denominator = scores.sum(-1) + (q_weighted @ n_before[..., None]).squeeze(-1)
-    denominator = torch.maximum(denominator.abs(), torch.exp(-m_query)) + eps
+    denominator = normalizer(denominator, m_query, eps)
     h = numerator / denominator[..., None]
     return h.reshape(B, H, T, Dv), (C, n, m)

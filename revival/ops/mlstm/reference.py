@@ -8,10 +8,23 @@ computation dtype (float32 or float64); see `revival.ops.mlstm`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 MLSTMState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def normalizer(q_dot_n: torch.Tensor, m: torch.Tensor, eps: float) -> torch.Tensor:
+    """The denominator `max(|q.n|, exp(-m)) + eps` (any shape; q_dot_n and m broadcast).
+
+    `exp(-m)` is the unstabilized "1" of `max(|q.n|, 1)`. When the stabilizer sinks below -log(dtype max) (gates
+    near -1e4), `exp(-m)` would be inf and its gradient inf * 0 = NaN; its exponent is capped there instead. The
+    capped value is ~1e38 (float32) or ~1e308 (float64), so h = num / den is 0 to the dtype's precision either way.
+    """
+    max_exponent = math.log(torch.finfo(m.dtype).max) - 1.0
+    return torch.maximum(q_dot_n.abs(), torch.exp(torch.clamp(-m, max=max_exponent))) + eps
 
 
 def mlstm_step_reference(
@@ -33,7 +46,7 @@ def mlstm_step_reference(
     n = f_bar[..., None] * n + i_bar[..., None] * k
     q_scaled = q * q.shape[-1] ** -0.5
     numerator = torch.einsum("bhk,bhkv->bhv", q_scaled, C)
-    denominator = torch.maximum((q_scaled * n).sum(-1).abs(), torch.exp(-m_new)) + eps
+    denominator = normalizer((q_scaled * n).sum(-1), m_new, eps)
     return numerator / denominator[..., None], (C, n, m_new)
 
 
@@ -63,7 +76,7 @@ def mlstm_parallel(q, k, v, i, f, state: MLSTMState, eps: float = 1e-6) -> tuple
     scores = (q_scaled @ k.transpose(-1, -2)) * decay
     numerator = scores @ v + state_weight[..., None] * (q_scaled @ C0)
     denominator = scores.sum(-1) + state_weight * (q_scaled @ n0[..., None]).squeeze(-1)
-    denominator = torch.maximum(denominator.abs(), torch.exp(-m)) + eps
+    denominator = normalizer(denominator, m, eps)
     h = numerator / denominator[..., None]
 
     # final state: the same sums at t = T - 1, kept separately per key/value
