@@ -1,0 +1,95 @@
+"""Gated DeltaNet mixer layer (arXiv 2412.06464).
+
+    q, k, v = silu(conv(W_q x, W_k x, W_v x))     short causal depthwise convs (one conv over the concatenation)
+    q, k = L2-normalize per head                  head dims: Dk = head_dim, Dv = round(expand_v * head_dim)
+    beta = sigmoid(W_b x)                         (B, T, H)
+    g = -exp(A_log) * softplus(W_a x + dt_bias)   log decay per head, Mamba-style
+    o = gated_delta_rule(q, k, v, g, beta)        S_t = a_t (I - beta k k^T) S_{t-1} + beta k v^T, o = S^T q / sqrt(Dk)
+    y = W_out (RMSNorm_per_head(o) * silu(W_gate x))
+
+The mixer only (no residual, outer norm or MLP). forward(x: (B, T, d_model), state=None) -> (y, state) with
+state = (conv_state: (B, conv_kernel - 1, H * (2 * Dk + Dv)),
+         delta_state: (B, H, Dk, Dv) key-major, in float32 (float64 for float64 weights)); constant in T.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.scan import gated_delta_rule
+from .conv import CausalConv1d
+from .ffn import small_init_, wang_init_
+from .mamba2 import init_dt_bias_, unpack_state
+from .norms import MultiHeadNorm
+
+__all__ = ["GatedDeltaNet"]
+
+
+class GatedDeltaNet(nn.Module):
+    """Gated DeltaNet mixer (see the module doc for the equations and the state)."""
+
+    def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None, expand_v: float = 2.0,
+                 conv_kernel: int = 4, chunk_size: int = 64, dt_min: float = 1e-3, dt_max: float = 0.1,
+                 dt_init_floor: float = 1e-4, A_init_range: tuple[float, float] = (1.0, 16.0), norm_eps: float = 1e-6,
+                 bias: bool = False, conv_bias: bool = False):
+        super().__init__()
+        if num_heads < 1:
+            raise ValueError(f"num_heads: expected >= 1, got {num_heads}")
+        head_dim = d_model // num_heads if head_dim is None else head_dim
+        if head_dim < 1:
+            raise ValueError(f"head_dim: expected >= 1 (default d_model // num_heads), got {head_dim}")
+        if not 0 < A_init_range[0] <= A_init_range[1]:
+            raise ValueError(f"A_init_range: expected 0 < low <= high, got {A_init_range}")
+        self.d_model, self.num_heads, self.chunk_size = d_model, num_heads, chunk_size
+        self.head_k_dim, self.head_v_dim = head_dim, max(1, round(expand_v * head_dim))
+        self.key_dim, self.value_dim = num_heads * self.head_k_dim, num_heads * self.head_v_dim
+        self.dt_min, self.dt_max, self.dt_init_floor, self.A_init_range = dt_min, dt_max, dt_init_floor, A_init_range
+        self.q_proj = nn.Linear(d_model, self.key_dim, bias=bias)
+        self.k_proj = nn.Linear(d_model, self.key_dim, bias=bias)
+        self.v_proj = nn.Linear(d_model, self.value_dim, bias=bias)
+        self.gate_proj = nn.Linear(d_model, self.value_dim, bias=bias)
+        self.a_proj = nn.Linear(d_model, num_heads, bias=False)
+        self.b_proj = nn.Linear(d_model, num_heads, bias=False)
+        self.conv = CausalConv1d(2 * self.key_dim + self.value_dim, conv_kernel, bias=conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(num_heads))
+        self.A_log = nn.Parameter(torch.empty(num_heads))
+        self.norm = MultiHeadNorm(num_heads, self.head_v_dim, eps=norm_eps, kind="rms")
+        self.out_proj = nn.Linear(self.value_dim, d_model, bias=bias)
+        self.reset_parameters()
+
+    def reset_parameters(self, *, block_index: int = 0, num_blocks: int = 1) -> None:
+        """Small init for the projections reading x, Wang init out, Mamba-style dt_bias, A uniform in A_init_range."""
+        reading = (self.q_proj, self.k_proj, self.v_proj, self.gate_proj, self.a_proj, self.b_proj)
+        for linear in reading:
+            small_init_(linear.weight, self.d_model)
+        wang_init_(self.out_proj.weight, self.d_model, num_blocks)
+        for linear in (*reading, self.out_proj):
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+        self.conv.reset_parameters()
+        self.norm.reset_parameters()
+        init_dt_bias_(self.dt_bias, self.dt_min, self.dt_max, self.dt_init_floor)
+        with torch.no_grad():
+            self.A_log.copy_(torch.log(torch.empty_like(self.A_log).uniform_(*self.A_init_range)))
+
+    def forward(
+        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        if x.ndim != 3 or x.shape[-1] != self.d_model or x.shape[1] == 0:
+            raise ValueError(f"x: expected shape (B, T >= 1, {self.d_model}), got {tuple(x.shape)}")
+        conv_state, delta_state = unpack_state(state, ("conv_state", "delta_state"))
+        batch, T, _ = x.shape
+        H, Dk, Dv = self.num_heads, self.head_k_dim, self.head_v_dim
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        qkv, conv_state = self.conv(qkv, conv_state)
+        q, k, v = F.silu(qkv).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = F.normalize(q.reshape(batch, T, H, Dk), dim=-1)
+        k = F.normalize(k.reshape(batch, T, H, Dk), dim=-1)
+        beta = torch.sigmoid(self.b_proj(x))
+        g = -torch.exp(self.A_log) * F.softplus(self.a_proj(x) + self.dt_bias)
+        o, delta_state = gated_delta_rule(q, k, v.reshape(batch, T, H, Dv), g, beta, delta_state,
+                                          scale=Dk**-0.5, chunk_size=self.chunk_size)
+        y = self.norm(o) * F.silu(self.gate_proj(x))
+        return self.out_proj(y), (conv_state, delta_state)
