@@ -1,5 +1,92 @@
-"""Triton mLSTM kernels (GPU). Filled in by the GPU kernel work; `available()` says whether they can run."""
+"""Triton mLSTM kernels (GPU): chunkwise forward + backward behind a `torch.autograd.Function`, and a decode step.
+
+`mlstm_triton(q, k, v, i, f, state, chunk_size=64, eps=1e-6)` has the contract of `revival.ops.mlstm` with the state
+already prepared (float32 `(C, n, m)`); `mlstm_step_triton` that of `mlstm_step`. `available()` says whether the
+kernels can run here (Triton importable; a CUDA device, or `TRITON_INTERPRET=1` for CPU tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton  # noqa: F401
+
+    _HAVE_TRITON = True
+except ImportError:  # pragma: no cover - depends on the environment
+    _HAVE_TRITON = False
+
+__all__ = ["available", "mlstm_triton", "mlstm_step_triton"]
+
+_MAX_CHUNK = 128
 
 
 def available() -> bool:
-    return False
+    if not _HAVE_TRITON:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class _MLSTMChunkwise(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, i, f, C0, n0, m0, chunk_size, eps):
+        from .forward import mlstm_forward
+
+        B, H, T, Dk = q.shape
+        Dv = v.shape[-1]
+        flat = [x.reshape(B * H, T, -1).contiguous() for x in (q, k, v)]
+        gates = [x.reshape(B * H, T).contiguous() for x in (i, f)]
+        state0 = (C0.reshape(B * H, Dk, Dv).contiguous(), n0.reshape(B * H, Dk).contiguous(),
+                  m0.reshape(B * H).contiguous())
+        keep = any(ctx.needs_input_grad[:8])
+        h, final, saved = mlstm_forward(*flat, *gates, *state0, chunk_size, eps, keep)
+        if keep:
+            ctx.save_for_backward(*flat, *gates, h, *state0, *final, *saved)
+            ctx.chunk_size, ctx.eps, ctx.shape = chunk_size, eps, (B, H, T, Dk, Dv)
+        C_T, n_T, m_T = final
+        return h.reshape(B, H, T, Dv), C_T.reshape(B, H, Dk, Dv), n_T.reshape(B, H, Dk), m_T.reshape(B, H)
+
+    @staticmethod
+    def backward(ctx, dh, dC_T, dn_T, dm_T):
+        from .backward import mlstm_backward
+
+        B, H, T, Dk, Dv = ctx.shape
+        q, k, v, i, f, h, C0, n0, m0, C_T, n_T, m_T, *saved = ctx.saved_tensors
+        BH = B * H
+        dh = torch.zeros_like(h) if dh is None else dh.reshape(BH, T, Dv).to(h.dtype)
+        dC_T = torch.zeros_like(C_T) if dC_T is None else dC_T.reshape(BH, Dk, Dv).float().contiguous()
+        dn_T = torch.zeros_like(n_T) if dn_T is None else dn_T.reshape(BH, Dk).float().contiguous()
+        dm_T = torch.zeros_like(m_T) if dm_T is None else dm_T.reshape(BH).float()
+        dq, dk, dv, di, df, dC0, dn0, dm0 = mlstm_backward(
+            q, k, v, i, f, h, dh, dC_T, dn_T, dm_T, (C0, n0, m0), (C_T, n_T, m_T), saved, ctx.chunk_size, ctx.eps,
+        )
+        return (dq.reshape(B, H, T, Dk), dk.reshape(B, H, T, Dk), dv.reshape(B, H, T, Dv), di.reshape(B, H, T),
+                df.reshape(B, H, T), dC0.reshape(B, H, Dk, Dv), dn0.reshape(B, H, Dk), dm0.reshape(B, H), None, None)
+
+
+def mlstm_triton(q, k, v, i, f, state, *, chunk_size: int = 64, eps: float = 1e-6):
+    """Chunkwise mLSTM. q, k: (B, H, T, Dk); v: (B, H, T, Dv); i, f: (B, H, T); state (C, n, m) float32.
+
+    Returns h (B, H, T, Dv) in q's dtype and the final state (float32). Differentiable in all inputs and the initial
+    state. `chunk_size` above 128 is capped at 128 (the intra-chunk tile); results do not depend on it beyond rounding.
+    """
+    if not _HAVE_TRITON:
+        raise RuntimeError("impl='triton' needs the `triton` package (pip install 'revival[gpu]')")
+    if q.dtype == torch.float64:
+        raise ValueError("q: impl='triton' supports float32/bfloat16/float16 inputs, got float64")
+    dtype = q.dtype
+    k, v = k.to(dtype), v.to(dtype)
+    i, f = i.float(), f.float()  # gates stay float32 (their cumulative sums need it)
+    C0, n0, m0 = (s.float() for s in state)
+    L = max(16, min(chunk_size, _MAX_CHUNK))
+    h, C, n, m = _MLSTMChunkwise.apply(q, k, v, i, f, C0, n0, m0, L, eps)
+    return h, (C, n, m)
+
+
+def mlstm_step_triton(q, k, v, i, f, state, *, eps: float = 1e-6):
+    """One token: q, k: (B, H, Dk); v: (B, H, Dv); i, f: (B, H); state float32. Forward only (decode)."""
+    from .step import mlstm_step_triton as _step
+
+    return _step(q, k, v, i, f, state, eps=eps)

@@ -1,0 +1,217 @@
+"""Chunkwise mLSTM backward in Triton: two kernels plus a little elementwise PyTorch on (BH, T) scalars.
+
+With the stabilizer treated as a constant (its effect on h is only through `eps`), each output is
+h_t = num_t / z_t with z_t = max(|den_t|, exp(-m_t)) + eps, so
+    dnum_t = dh_t / z_t,   dden_t = -(dh_t . h_t) / z_t * sign(den_t) * [|den_t| > exp(-m_t)],
+and (num, den) is a gated linear attention with values [v, 1] and state [C, n].
+
+1. `_dstates_kernel` walks the chunks backwards and stores, for each chunk, the gradient of the state at its end
+   (dC: Dk x Dv, dn: Dk); what is left after the first chunk is the gradient of the initial state.
+2. `_grads_kernel` runs every (chunk, batch*head, Dv-tile) in parallel: dq, dk, dv from the intra-chunk part, the
+   state entering the chunk (for dq) and the state gradient at its end (for dk, dv), and per token q.dq and k.dk.
+Gate gradients: di_t = k_t . dk_t; dF_t = q_t . dq_t - k_t . dk_t (F the cumulative log-forget), plus the final
+state's stabilizer routed through its max; df = reverse-cumsum(dF) * sigmoid(-f).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .forward import _chunk_gates, _dot, _pow2, _precision, _upcast
+
+
+@triton.jit
+def _dstates_kernel(
+    q_ptr, dh_ptr, rz_ptr, dden_ptr, mq_ptr, i_ptr, f_ptr, ms_ptr,
+    dc_last_ptr, dn_last_ptr,
+    dcs_ptr, dns_ptr, dc0_ptr, dn0_ptr,
+    T, NC, DK, DV, scale,
+    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_kv = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    ik = pid_kv // NV
+    iv = pid_kv % NV
+    offs_k = ik * BK + tl.arange(0, BK)
+    offs_v = iv * BV + tl.arange(0, BV)
+    mask_k = offs_k < DK
+    mask_v = offs_v < DV
+    mask_kv = mask_k[:, None] & mask_v[None, :]
+    offs_l = tl.arange(0, L)
+
+    state_off = row * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
+    dC = tl.load(dc_last_ptr + state_off, mask=mask_kv, other=0.0)
+    dn = tl.load(dn_last_ptr + row * DK + offs_k, mask=mask_k, other=0.0)
+    for cc in range(0, NC):
+        c = NC - 1 - cc
+        chunk_state = (row * NC + c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
+        tl.store(dcs_ptr + chunk_state, dC.to(dcs_ptr.dtype.element_ty), mask=mask_kv)
+        if iv == 0:
+            tl.store(dns_ptr + (row * NC + c) * DK + offs_k, dn, mask=mask_k)
+        t0 = c * L
+        b, g, ig, valid = _chunk_gates(i_ptr, f_ptr, row, t0, T, L)
+        m_prev = tl.load(ms_ptr + row * (NC + 1) + c)
+        m_next = tl.load(ms_ptr + row * (NC + 1) + c + 1)
+        rows = row * T + t0 + offs_l
+        m_query = tl.load(mq_ptr + rows, mask=valid, other=0.0)
+        rz = tl.load(rz_ptr + rows, mask=valid, other=0.0)
+        dden = tl.load(dden_ptr + rows, mask=valid, other=0.0)
+        w = tl.where(valid, scale * tl.exp(b + m_prev - m_query), 0.0)
+        q = tl.load(q_ptr + rows[:, None] * DK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
+        dh = tl.load(dh_ptr + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
+        qw = q.to(tl.float32) * w[:, None]
+        dnum = dh.to(tl.float32) * rz[:, None]
+        decay = tl.exp(g + m_prev - m_next)
+        dC = decay * dC + _dot(tl.trans(qw.to(q.dtype)), dnum.to(q.dtype), PRECISION, UPCAST)
+        dn = decay * dn + tl.sum(qw * dden[:, None], 0)
+    tl.store(dc0_ptr + state_off, dC, mask=mask_kv)
+    if iv == 0:
+        tl.store(dn0_ptr + row * DK + offs_k, dn, mask=mask_k)
+
+
+@triton.jit
+def _grads_kernel(
+    q_ptr, k_ptr, v_ptr, i_ptr, f_ptr, dh_ptr, rz_ptr, dden_ptr, mq_ptr,
+    cs_ptr, ns_ptr, ms_ptr, dcs_ptr, dns_ptr,
+    dq_ptr, dk_ptr, dv_ptr, qdq_ptr, kdk_ptr,
+    T, NC, DK, DV, scale,
+    L: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    c = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    iv = tl.program_id(2)
+    t0 = c * L
+    offs_l = tl.arange(0, L)
+    offs_k = tl.arange(0, BKF)
+    offs_v = iv * BV + tl.arange(0, BV)
+    mask_k = offs_k < DK
+    mask_v = offs_v < DV
+    mask_kv = mask_k[:, None] & mask_v[None, :]
+
+    b, g, ig, valid = _chunk_gates(i_ptr, f_ptr, row, t0, T, L)
+    rows = row * T + t0 + offs_l
+    mask_lk = valid[:, None] & mask_k[None, :]
+    mask_lv = valid[:, None] & mask_v[None, :]
+    q = tl.load(q_ptr + rows[:, None] * DK + offs_k[None, :], mask=mask_lk, other=0.0)
+    k = tl.load(k_ptr + rows[:, None] * DK + offs_k[None, :], mask=mask_lk, other=0.0)
+    v = tl.load(v_ptr + rows[:, None] * DV + offs_v[None, :], mask=mask_lv, other=0.0)
+    dh = tl.load(dh_ptr + rows[:, None] * DV + offs_v[None, :], mask=mask_lv, other=0.0)
+    m_query = tl.load(mq_ptr + rows, mask=valid, other=0.0)
+    rz = tl.load(rz_ptr + rows, mask=valid, other=0.0)
+    dden = tl.load(dden_ptr + rows, mask=valid, other=0.0)
+    dden = tl.where(iv == 0, dden, 0.0)  # the denominator's gradient counts once, not per Dv-tile
+    m_prev = tl.load(ms_ptr + row * (NC + 1) + c)
+    m_next = tl.load(ms_ptr + row * (NC + 1) + c + 1)
+    chunk_state = (row * NC + c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
+    C = tl.load(cs_ptr + chunk_state, mask=mask_kv, other=0.0).to(q.dtype)
+    dC = tl.load(dcs_ptr + chunk_state, mask=mask_kv, other=0.0).to(q.dtype)
+    n = tl.load(ns_ptr + (row * NC + c) * DK + offs_k, mask=mask_k, other=0.0)
+    dn = tl.load(dns_ptr + (row * NC + c) * DK + offs_k, mask=mask_k, other=0.0)
+    dn = tl.where(iv == 0, dn, 0.0)
+
+    causal = (offs_l[:, None] >= offs_l[None, :]) & valid[:, None]
+    decay = tl.where(causal, tl.exp(b[:, None] - b[None, :] + ig[None, :] - m_query[:, None]), 0.0)
+    scores = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale * decay  # P (L x L)
+    dnum = (dh.to(tl.float32) * rz[:, None]).to(q.dtype)
+    dscores = (_dot(dnum, tl.trans(v), PRECISION, UPCAST) + dden[:, None]) * decay  # dP * D
+    w_query = tl.where(valid, tl.exp(b + m_prev - m_query), 0.0)  # weight of the entering state for each query
+    w_key = tl.where(valid, tl.exp(g - b + ig - m_next), 0.0)  # weight of each key in the state at the chunk end
+
+    dq = _dot(dscores.to(q.dtype), k, PRECISION, UPCAST)
+    dq += w_query[:, None] * (_dot(dnum, tl.trans(C), PRECISION, UPCAST) + dden[:, None] * n[None, :])
+    dq = dq * scale
+    dk = _dot(tl.trans(dscores.to(q.dtype)), q, PRECISION, UPCAST) * scale
+    dk += w_key[:, None] * (_dot(v, tl.trans(dC), PRECISION, UPCAST) + dn[None, :])
+    dv = _dot(tl.trans(scores.to(q.dtype)), dnum, PRECISION, UPCAST)
+    dv += w_key[:, None] * _dot(k, dC, PRECISION, UPCAST)
+    tl.store(dv_ptr + rows[:, None] * DV + offs_v[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask_lv)
+    if NV == 1:
+        tl.store(dq_ptr + rows[:, None] * DK + offs_k[None, :], dq.to(dq_ptr.dtype.element_ty), mask=mask_lk)
+        tl.store(dk_ptr + rows[:, None] * DK + offs_k[None, :], dk.to(dk_ptr.dtype.element_ty), mask=mask_lk)
+        tl.store(qdq_ptr + rows, tl.sum(q.to(tl.float32) * dq, 1), mask=valid)
+        tl.store(kdk_ptr + rows, tl.sum(k.to(tl.float32) * dk, 1), mask=valid)
+    else:  # float32 partial sums over the Dv-tiles, reduced afterwards
+        part = (iv * tl.num_programs(1) * T + rows)[:, None] * DK + offs_k[None, :]
+        tl.store(dq_ptr + part, dq, mask=mask_lk)
+        tl.store(dk_ptr + part, dk, mask=mask_lk)
+
+
+def backward_config(Dk: int, Dv: int) -> dict:
+    """Fixed block sizes per shape class: state tiles BK x BV and the Dv-tile of the gradient kernel."""
+    return dict(BK=min(_pow2(Dk), 64), BV=min(_pow2(Dv), 64), BV_GRAD=min(_pow2(Dv), 128 if Dk <= 128 else 64))
+
+
+def mlstm_backward(q, k, v, i, f, h, dh, dC_last, dn_last, dm_last, state0, final_state, saved, chunk_size, eps):
+    """Gradients of q, k, v, i, f (shapes as the inputs, (BH, ...)) and of the initial state (C0, n0, m0)."""
+    cs, ns, ms, m_query, den = saved
+    C0, n0, m0 = state0
+    C_T, n_T, _ = final_state
+    BH, T, Dk = q.shape
+    Dv = v.shape[-1]
+    L = chunk_size
+    NC = triton.cdiv(T, L)
+    cfg = backward_config(Dk, Dv)
+    dev = q.device
+    scale = Dk**-0.5
+    prec, upcast = _precision(q.dtype), _upcast(q.dtype)
+    dh = dh.contiguous()
+
+    # per-token normalizer gradients (BH, T)
+    z = torch.maximum(den.abs(), torch.exp(-m_query)) + eps
+    rz = 1.0 / z
+    delta = (dh.float() * h.float()).sum(-1)
+    active = (den.abs() > torch.exp(-m_query)).float()
+    dden = -delta * rz * torch.sign(den) * active
+
+    dcs = torch.empty_like(cs)
+    dns = torch.empty_like(ns)
+    dC0 = torch.empty(BH, Dk, Dv, device=dev, dtype=torch.float32)
+    dn0 = torch.empty(BH, Dk, device=dev, dtype=torch.float32)
+    NK, NV = triton.cdiv(Dk, cfg["BK"]), triton.cdiv(Dv, cfg["BV"])
+    _dstates_kernel[(NK * NV, BH)](
+        q, dh, rz, dden, m_query, i, f, ms, dC_last, dn_last, dcs, dns, dC0, dn0, T, NC, Dk, Dv, scale,
+        L=L, BK=cfg["BK"], BV=cfg["BV"], NV=NV, PRECISION=prec, UPCAST=upcast, num_warps=4,
+    )
+
+    BV_GRAD = cfg["BV_GRAD"]
+    NVG = triton.cdiv(Dv, BV_GRAD)
+    dv = torch.empty_like(v)
+    qdq = torch.empty(BH, T, device=dev, dtype=torch.float32)
+    kdk = torch.empty(BH, T, device=dev, dtype=torch.float32)
+    if NVG == 1:
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+    else:
+        dq = torch.empty(NVG, BH, T, Dk, device=dev, dtype=torch.float32)
+        dk = torch.empty(NVG, BH, T, Dk, device=dev, dtype=torch.float32)
+    _grads_kernel[(NC, BH, NVG)](
+        q, k, v, i, f, dh, rz, dden, m_query, cs, ns, ms, dcs, dns, dq, dk, dv, qdq, kdk, T, NC, Dk, Dv, scale,
+        L=L, BKF=_pow2(Dk), BV=BV_GRAD, NV=NVG, PRECISION=prec, UPCAST=upcast, num_warps=8,
+    )
+    if NVG > 1:
+        dq, dk = dq.sum(0), dk.sum(0)
+        qdq = (q.float() * dq).sum(-1)
+        kdk = (k.float() * dk).sum(-1)
+        dq, dk = dq.to(q.dtype), dk.to(k.dtype)
+
+    # gate gradients, with the final stabilizer's gradient routed through its max
+    dF = qdq - kdk
+    di = kdk.clone()
+    final_dot = (C_T * dC_last).sum((-2, -1)) + (n_T * dn_last).sum(-1)
+    dm_total = dm_last - final_dot
+    dF[:, -1] += final_dot + dm_total
+    log_f_cumsum = torch.cumsum(F.logsigmoid(f.float()), dim=-1)
+    source = i.float() - log_f_cumsum  # m_T - F_T = max(m0, max_s (i_s - F_s))
+    best, where = source.max(dim=-1)
+    from_state = m0 >= best
+    route = torch.where(from_state, torch.zeros_like(dm_total), dm_total)
+    di.scatter_add_(1, where[:, None], route[:, None])
+    dF.scatter_add_(1, where[:, None], -route[:, None])
+    dlog_f = torch.flip(torch.cumsum(torch.flip(dF, [-1]), -1), [-1])
+    df = dlog_f * torch.sigmoid(-f.float())
+    dm0 = (C0 * dC0).sum((-2, -1)) + (n0 * dn0).sum(-1) + torch.where(from_state, dm_total, torch.zeros_like(dm_total))
+    return dq, dk, dv, di.to(i.dtype), df.to(f.dtype), dC0, dn0, dm0

@@ -1,0 +1,205 @@
+"""Chunkwise mLSTM forward in Triton: two kernels (MATH.md, "Chunkwise form").
+
+1. `_states_kernel` walks the chunks of one (batch*head, Dk-tile, Dv-tile) in order and stores the state *entering*
+   each chunk (C: Dk x Dv, n: Dk, m: scalar), plus the final state. One small matrix product per chunk.
+2. `_output_kernel` runs every (chunk, batch*head, Dv-tile) in parallel: the intra-chunk quadratic part plus the
+   contribution of the state entering the chunk, normalized.
+
+Stabilizer: exactly the one of `reference.py` / `chunkwise.py` (m_t = max(F_t + m_0, max_s(F_t - F_s + i_s))), so the
+Triton kernels agree with the references to rounding. A sequence whose length is not a multiple of the chunk is
+handled exactly: positions past T get log-forget 0 and input gate -inf (they contribute nothing, no padding).
+
+Layout: q, k (BH, T, Dk), v (BH, T, Dv), i, f (BH, T), all contiguous; states float32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _log_sigmoid(x):
+    return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Matrix product; UPCAST (interpreter only: its bf16 products are wrong) multiplies in float32."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _chunk_gates(i_ptr, f_ptr, row, t0, T, L: tl.constexpr):
+    """Local cumulative log-forget b (L), chunk total g, input gates (-inf past T) and the validity mask."""
+    offs_t = t0 + tl.arange(0, L)
+    valid = offs_t < T
+    f = tl.load(f_ptr + row * T + offs_t, mask=valid, other=0.0).to(tl.float32)
+    ig = tl.load(i_ptr + row * T + offs_t, mask=valid, other=0.0).to(tl.float32)
+    log_f = tl.where(valid, _log_sigmoid(f), 0.0)
+    b = tl.cumsum(log_f, 0)
+    g = tl.sum(log_f, 0)
+    ig = tl.where(valid, ig, float("-inf"))
+    return b, g, ig, valid
+
+
+@triton.jit
+def _states_kernel(
+    k_ptr, v_ptr, i_ptr, f_ptr,
+    c0_ptr, n0_ptr, m0_ptr,
+    cs_ptr, ns_ptr, ms_ptr,
+    c_out_ptr, n_out_ptr,
+    T, NC, DK, DV,
+    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_kv = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    ik = pid_kv // NV
+    iv = pid_kv % NV
+    offs_k = ik * BK + tl.arange(0, BK)
+    offs_v = iv * BV + tl.arange(0, BV)
+    mask_k = offs_k < DK
+    mask_v = offs_v < DV
+    mask_kv = mask_k[:, None] & mask_v[None, :]
+    offs_l = tl.arange(0, L)
+
+    state_off = row * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
+    C = tl.load(c0_ptr + state_off, mask=mask_kv, other=0.0)
+    n = tl.load(n0_ptr + row * DK + offs_k, mask=mask_k, other=0.0)
+    m = tl.load(m0_ptr + row)
+    for c in range(0, NC):
+        chunk_state = (row * NC + c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
+        tl.store(cs_ptr + chunk_state, C.to(cs_ptr.dtype.element_ty), mask=mask_kv)
+        if iv == 0:
+            tl.store(ns_ptr + (row * NC + c) * DK + offs_k, n, mask=mask_k)
+            if ik == 0:
+                tl.store(ms_ptr + row * (NC + 1) + c, m)
+        t0 = c * L
+        b, g, ig, valid = _chunk_gates(i_ptr, f_ptr, row, t0, T, L)
+        a = g - b + ig
+        m_new = tl.maximum(g + m, tl.max(a, 0))
+        w = tl.exp(a - m_new)
+        decay = tl.exp(g + m - m_new)
+        rows = row * T + t0 + offs_l
+        k = tl.load(k_ptr + rows[:, None] * DK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
+        v = tl.load(v_ptr + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
+        kw = k.to(tl.float32) * w[:, None]
+        C = decay * C + _dot(tl.trans(kw.to(v.dtype)), v, PRECISION, UPCAST)
+        n = decay * n + tl.sum(kw, 0)
+        m = m_new
+    tl.store(c_out_ptr + state_off, C, mask=mask_kv)
+    if iv == 0:
+        tl.store(n_out_ptr + row * DK + offs_k, n, mask=mask_k)
+        if ik == 0:
+            tl.store(ms_ptr + row * (NC + 1) + NC, m)
+
+
+@triton.jit
+def _output_kernel(
+    q_ptr, k_ptr, v_ptr, i_ptr, f_ptr,
+    cs_ptr, ns_ptr, ms_ptr,
+    h_ptr, mq_ptr, den_ptr,
+    T, NC, DK, DV, scale, eps,
+    L: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    c = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    iv = tl.program_id(2)
+    t0 = c * L
+    offs_l = tl.arange(0, L)
+    offs_k = tl.arange(0, BKF)
+    offs_v = iv * BV + tl.arange(0, BV)
+    mask_k = offs_k < DK
+    mask_v = offs_v < DV
+
+    b, g, ig, valid = _chunk_gates(i_ptr, f_ptr, row, t0, T, L)
+    rows = row * T + t0 + offs_l
+    q = tl.load(q_ptr + rows[:, None] * DK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
+    k = tl.load(k_ptr + rows[:, None] * DK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
+    v = tl.load(v_ptr + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
+    chunk_state = (row * NC + c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
+    C = tl.load(cs_ptr + chunk_state, mask=mask_k[:, None] & mask_v[None, :], other=0.0)
+    n = tl.load(ns_ptr + (row * NC + c) * DK + offs_k, mask=mask_k, other=0.0)
+    m_prev = tl.load(ms_ptr + row * (NC + 1) + c)
+
+    causal = offs_l[:, None] >= offs_l[None, :]
+    log_d = tl.where(causal, b[:, None] - b[None, :] + ig[None, :], float("-inf"))
+    log_state = b + m_prev
+    m_query = tl.maximum(log_state, tl.max(log_d, 1))
+    decay = tl.exp(log_d - m_query[:, None])
+    scores = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale * decay
+    q_state = q.to(tl.float32) * (scale * tl.exp(log_state - m_query))[:, None]
+    num = _dot(scores.to(v.dtype), v, PRECISION, UPCAST)
+    num += _dot(q_state.to(v.dtype), C.to(v.dtype), PRECISION, UPCAST)
+    den = tl.sum(scores, 1) + tl.sum(q_state * n[None, :], 1)
+    z = tl.maximum(tl.abs(den), tl.exp(-m_query)) + eps
+    h = num / z[:, None]
+    tl.store(h_ptr + rows[:, None] * DV + offs_v[None, :], h.to(h_ptr.dtype.element_ty),
+             mask=valid[:, None] & mask_v[None, :])
+    if iv == 0:
+        tl.store(mq_ptr + rows, m_query, mask=valid)
+        tl.store(den_ptr + rows, den, mask=valid)
+
+
+def _pow2(x: int, floor: int = 16) -> int:
+    return max(floor, triton.next_power_of_2(x))
+
+
+def forward_config(Dk: int, Dv: int, chunk_size: int) -> dict:
+    """Fixed block sizes per shape class (no autotuning): L, state tiles BK x BV, output Dv-tile."""
+    BK = min(_pow2(Dk), 64)
+    BV = min(_pow2(Dv), 64)
+    BV_OUT = min(_pow2(Dv), 128 if Dk <= 128 else 64)
+    return dict(L=chunk_size, BK=BK, BV=BV, BV_OUT=BV_OUT)
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def mlstm_forward(q, k, v, i, f, C0, n0, m0, chunk_size: int, eps: float, keep_states: bool):
+    """q, k: (BH, T, Dk); v: (BH, T, Dv); i, f: (BH, T); C0 (BH, Dk, Dv), n0 (BH, Dk), m0 (BH) float32.
+
+    Returns h (BH, T, Dv), the final state (C, n, m) and, for the backward, the chunk states (Cs (BH, NC, Dk, Dv) in
+    the input dtype, ns (BH, NC, Dk), ms (BH, NC + 1)) and per-token m and denominator (BH, T).
+    """
+    BH, T, Dk = q.shape
+    Dv = v.shape[-1]
+    cfg = forward_config(Dk, Dv, chunk_size)
+    L = cfg["L"]
+    NC = triton.cdiv(T, L)
+    dev = q.device
+    state_dtype = q.dtype if q.dtype != torch.float16 else torch.float32
+    cs = torch.empty(BH, NC, Dk, Dv, device=dev, dtype=state_dtype)
+    ns = torch.empty(BH, NC, Dk, device=dev, dtype=torch.float32)
+    ms = torch.empty(BH, NC + 1, device=dev, dtype=torch.float32)
+    C_out = torch.empty(BH, Dk, Dv, device=dev, dtype=torch.float32)
+    n_out = torch.empty(BH, Dk, device=dev, dtype=torch.float32)
+    prec = _precision(q.dtype)
+    NK, NV = triton.cdiv(Dk, cfg["BK"]), triton.cdiv(Dv, cfg["BV"])
+    _states_kernel[(NK * NV, BH)](
+        k, v, i, f, C0, n0, m0, cs, ns, ms, C_out, n_out, T, NC, Dk, Dv,
+        L=L, BK=cfg["BK"], BV=cfg["BV"], NV=NV, PRECISION=prec, UPCAST=_upcast(q.dtype), num_warps=4,
+    )
+    h = torch.empty(BH, T, Dv, device=dev, dtype=q.dtype)
+    m_query = torch.empty(BH, T, device=dev, dtype=torch.float32)
+    den = torch.empty(BH, T, device=dev, dtype=torch.float32)
+    BV_OUT = cfg["BV_OUT"]
+    _output_kernel[(NC, BH, triton.cdiv(Dv, BV_OUT))](
+        q, k, v, i, f, cs, ns, ms, h, m_query, den, T, NC, Dk, Dv, Dk**-0.5, eps,
+        L=L, BKF=_pow2(Dk), BV=BV_OUT, PRECISION=prec, UPCAST=_upcast(q.dtype),
+        num_warps=8 if BV_OUT * _pow2(Dk) > 8192 else 4,
+    )
+    m_final = ms[:, NC].clone()
+    saved = (cs, ns, ms, m_query, den) if keep_states else None
+    return h, (C_out, n_out, m_final), saved
