@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import mlstm, mlstm_step
+from ..ops.mlstm import IMPLS, mlstm, mlstm_step
 from .conv import CausalConv1d
 from .ffn import round_up, small_init_, wang_init_
 from .norms import MultiHeadNorm
@@ -72,6 +72,10 @@ class MLSTMLayer(nn.Module):
                              f"got {qkv_block_size}")
         if conv_kernel < 1:
             raise ValueError(f"conv_kernel: expected >= 1, got {conv_kernel}")
+        if chunk_size < 8 or chunk_size & (chunk_size - 1):
+            raise ValueError(f"chunk_size: expected a power of two >= 8, got {chunk_size}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
         self.d_model, self.inner_dim, self.num_heads = d_model, inner, num_heads
         self.head_dim = inner // num_heads
         self.chunk_size, self.impl = chunk_size, impl

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.slstm import slstm, slstm_step
+from ..ops.slstm import IMPLS, slstm, slstm_step
 from .conv import CausalConv1d
 from .mlstm_layer import HeadwiseLinear
 from .norms import MultiHeadNorm
@@ -50,6 +50,8 @@ class SLSTMLayer(nn.Module):
             raise ValueError(f"num_heads: expected a positive divisor of d_model={d_model}, got {num_heads}")
         if conv_kernel < 0:
             raise ValueError(f"conv_kernel: expected >= 0 (0 = no conv), got {conv_kernel}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
         self.d_model, self.num_heads, self.head_dim = d_model, num_heads, d_model // num_heads
         self.conv_kernel, self.impl = conv_kernel, impl
         self.conv = CausalConv1d(d_model, conv_kernel, bias=True) if conv_kernel > 0 else None

@@ -155,6 +155,10 @@ def test_mlstm_layer_bad_arguments():
         MLSTMLayer(32, num_heads=3)
     with pytest.raises(ValueError, match="qkv_block_size"):
         MLSTMLayer(32, qkv_block_size=5)
+    with pytest.raises(ValueError, match="chunk_size"):
+        MLSTMLayer(32, chunk_size=12)
+    with pytest.raises(ValueError, match="impl"):
+        MLSTMLayer(32, impl="cuda")
     with pytest.raises(ValueError, match="x"):
         MLSTMLayer(32)(torch.randn(1, 2, 16))
     with pytest.raises(ValueError, match="state"):
@@ -256,10 +260,25 @@ def test_slstm_layer_init():
 def test_slstm_layer_bad_arguments():
     with pytest.raises(ValueError, match="num_heads"):
         SLSTMLayer(30, num_heads=4)
+    with pytest.raises(ValueError, match="impl"):
+        SLSTMLayer(32, impl="cuda")
     with pytest.raises(ValueError, match="x"):
         SLSTMLayer(32)(torch.randn(1, 2, 16))
     with pytest.raises(ValueError, match="state"):
         SLSTMLayer(32)(torch.randn(1, 2, 32), state=(torch.zeros(1, 3, 32),))
+
+
+@pytest.mark.parametrize("make", [lambda: random_mlstm(16, chunk_size=8), lambda: random_slstm(16)])
+def test_layers_finite_on_extreme_inputs(make):
+    layer = make().float()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.mul_(20.0)  # gate pre-activations in the hundreds
+    x = (torch.randn(2, 12, 16) * 100).requires_grad_()
+    y, state = layer(x)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and all(torch.isfinite(t).all() for t in flat(state))
+    assert torch.isfinite(x.grad).all()
 
 
 # -------------------------------------------------------------------------------------------------------------- FFN
