@@ -42,7 +42,7 @@ def load_corpus(
         return stdlib_corpus(include_tests=False)
     if name in BUILDERS:
         return load_cached_corpus(name, cache_dir, build=build, show_progress=show_progress)
-    if not os.path.exists(name):
+    if not os.path.exists(os.path.expanduser(name)):
         raise FileNotFoundError(
             f"corpus {name!r} is neither a known corpus name ({', '.join(corpus_names())}) nor an existing path "
             "(a text file, a folder of text files or a .jsonl file with a 'text' field)"
