@@ -1,0 +1,82 @@
+"""Training checkpoints, written atomically: each one is built in a temporary directory and renamed into place, and
+the `latest` pointer is replaced with `os.replace`, so the latest complete checkpoint is always loadable.
+
+Layout: <out_dir>/checkpoints/step-00000100/{config.json, model.safetensors, tokenizer files, run.yaml,
+trainer_state.pt} and <out_dir>/checkpoints/latest (the name of the newest complete one).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out_dir: str | Path, step: int, model, tokenizer, run_config: dict[str, Any],
+                    trainer_state: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically and point `latest` at it; keep the newest `keep` checkpoints."""
+    root = Path(out_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    final = root / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    try:
+        model.save_pretrained(tmp / "model")
+        for item in (tmp / "model").iterdir():
+            os.replace(item, tmp / item.name)
+        (tmp / "model").rmdir()
+        tokenizer.save(tmp)
+        (tmp / "run.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    pointer_tmp = root / ".latest.tmp"
+    pointer_tmp.write_text(name + "\n")
+    os.replace(pointer_tmp, root / "latest")
+    existing = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    for old in existing[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory (its latest checkpoint), a checkpoints/ folder, or a model directory itself."""
+    path = Path(path)
+    for pointer in (path / "checkpoints" / "latest", path / "latest"):
+        if pointer.is_file():
+            return pointer.parent / pointer.read_text().strip()
+    if (path / "config.json").is_file():
+        return path
+    raise FileNotFoundError(
+        f"checkpoint: {str(path)!r} is neither a run directory (with checkpoints/latest) nor a model directory "
+        "(with config.json)")
+
+
+def load_trainer_state(checkpoint_dir: str | Path) -> dict[str, Any]:
+    return torch.load(Path(checkpoint_dir) / "trainer_state.pt", weights_only=False)

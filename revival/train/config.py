@@ -1,0 +1,160 @@
+"""Run configuration: three sections (`model`, `data`, `train`) read from YAML, with `section.key=value` overrides.
+
+Unknown keys and bad values are rejected with the valid choices listed. The `model` section is a preset name plus
+`ModelConfig` overrides (validated by `ModelConfig` itself when the model is built).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "stdlib"  # a corpus name (stdlib, shakespeare, kjv, python-docs, english-mix) or a path
+    tokenizer: str = "byte"  # "byte" or "bpe"
+    bpe_vocab_size: int = 4096
+    context_length: int = 256
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 200
+    eval_docs: int = 32  # validation documents per evaluation (whole documents, state carried)
+    eval_max_tokens: int = 65536  # cap on tokens per evaluation
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    max_bad_steps: int = 5  # NaN/inf losses in a row before stopping
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    out_dir: str = "runs/default"
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: dict[str, Any] = field(default_factory=lambda: {"preset": "xlstm[7:1]"})
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": dict(self.model), "data": dataclasses.asdict(self.data),
+                "train": dataclasses.asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
+        if not isinstance(raw, dict):
+            raise ValueError(f"config: expected a mapping with sections model, data, train; got {type(raw).__name__}")
+        unknown = set(raw) - {"model", "data", "train"}
+        if unknown:
+            raise ValueError(f"config: unknown section(s) {sorted(unknown)}; valid: ['data', 'model', 'train']")
+        model = dict(raw.get("model") or {})
+        if "preset" not in model:
+            raise ValueError("model.preset: missing; expected a preset name such as 'xlstm[7:1]' or 'llama'")
+        config = cls(model=model, data=_build(DataConfig, raw.get("data") or {}, "data"),
+                     train=_build(TrainConfig, raw.get("train") or {}, "train"))
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        d, t = self.data, self.train
+        if d.tokenizer not in ("byte", "bpe"):
+            raise ValueError(f"data.tokenizer: expected one of ['byte', 'bpe'], got {d.tokenizer!r}")
+        if t.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"train.precision: expected one of ['auto', 'fp32', 'bf16'], got {t.precision!r}")
+        for section, name in [("data", "context_length"), ("data", "bpe_vocab_size"), ("train", "steps"),
+                              ("train", "batch_size"), ("train", "grad_accum"), ("train", "eval_every"),
+                              ("train", "checkpoint_every"), ("train", "log_every"), ("train", "max_bad_steps"),
+                              ("train", "eval_docs"), ("train", "keep_checkpoints"), ("train", "eval_max_tokens")]:
+            value = getattr(getattr(self, section), name)
+            if value < 1:
+                raise ValueError(f"{section}.{name}: expected a positive integer, got {value}")
+        for name in ("lr", "grad_clip"):
+            if not (getattr(t, name) > 0 and math.isfinite(getattr(t, name))):
+                raise ValueError(f"train.{name}: expected a positive number, got {getattr(t, name)}")
+        if t.warmup_steps < 0:
+            raise ValueError(f"train.warmup_steps: expected >= 0, got {t.warmup_steps}")
+        if not 0 <= t.min_lr_ratio <= 1:
+            raise ValueError(f"train.min_lr_ratio: expected a number in [0, 1], got {t.min_lr_ratio}")
+
+
+def _build(cls, values: dict[str, Any], section: str):
+    valid = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(valid)
+    if unknown:
+        raise ValueError(f"{section}: unknown key(s) {sorted(unknown)}; valid keys: {sorted(valid)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = getattr(cls(), name)
+        kwargs[name] = _coerce(f"{section}.{name}", value, type(default))
+    return cls(**kwargs)
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"{name}: expected true or false, got {value!r}")
+    try:
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind is float:
+            return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected {kind.__name__}, got {value!r}") from None
+    return str(value)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=3e-4' -> (['train', 'lr'], 0.0003); values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ValueError(f"override: expected SECTION.KEY=VALUE (e.g. train.steps=100), got {text!r}")
+    key, value = text.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) != 2 or not all(path):
+        raise ValueError(f"override: expected SECTION.KEY=VALUE with SECTION in model, data, train; got {text!r}")
+    return path, yaml.safe_load(value)
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config (or the defaults when `path` is None) and apply `section.key=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config: no such file {str(path)!r}")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"config: {str(path)!r} must hold a mapping with sections model, data, train")
+    else:
+        raw = RunConfig().to_dict()
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        raw.setdefault(section, {})
+        if raw[section] is None:
+            raw[section] = {}
+        raw[section][key] = value
+    return RunConfig.from_dict(raw)

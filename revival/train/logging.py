@@ -1,0 +1,91 @@
+"""Metrics logging: a CSV file, TensorBoard (when installed), and a loss-curve PNG."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+
+class MetricsLogger:
+    """Appends rows of metrics to `<out_dir>/metrics.csv` and mirrors them to TensorBoard."""
+
+    def __init__(self, out_dir: str | Path, tensorboard: bool = True):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.csv_path = self.out_dir / "metrics.csv"
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard not installed: CSV only
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self.writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+
+    def log(self, step: int, split: str, **metrics: float) -> None:
+        row = {"step": step, "split": split, **metrics}
+        new = not self.csv_path.exists()
+        with open(self.csv_path, "a", newline="") as handle:
+            writer = csv.writer(handle)
+            if new:
+                writer.writerow(["step", "split", "metric", "value"])
+            for name, value in metrics.items():
+                writer.writerow([step, split, name, f"{value:.6g}"])
+        if self.writer is not None:
+            for name, value in metrics.items():
+                self.writer.add_scalar(f"{split}/{name}", value, step)
+        return row
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(csv_path: str | Path) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    """{(split, metric): [(step, value), ...]} from a metrics.csv file."""
+    series: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    with open(csv_path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            series.setdefault((row["split"], row["metric"]), []).append((int(row["step"]), float(row["value"])))
+    return series
+
+
+def plot_loss_curves(runs: dict[str, str | Path], path: str | Path, x: str = "tokens") -> Path:
+    """Plot train and validation loss of one or more runs ({label: metrics.csv}) into a PNG, written atomically.
+
+    x = "tokens" plots against tokens seen (needs the `tokens` train metric), "step" against optimizer steps.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for index, (label, csv_path) in enumerate(runs.items()):
+        series = read_metrics(csv_path)
+        color = f"C{index}"
+        for split, style in (("train", "-"), ("val", "o--")):
+            points = series.get((split, "loss"), [])
+            if not points:
+                continue
+            steps = [s for s, _ in points]
+            if x == "tokens":
+                tokens = dict(series.get(("train", "tokens"), []))
+                xs = [tokens.get(s, float("nan")) for s in steps]
+            else:
+                xs = steps
+            ax.plot(xs, [v for _, v in points], style, color=color, label=f"{label} {split}",
+                    alpha=0.6 if split == "train" else 1.0)
+    ax.set_xlabel("tokens seen" if x == "tokens" else "step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
