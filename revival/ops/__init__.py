@@ -1,5 +1,21 @@
-"""Pure functions over tensors: the math. No nn.Module, no config."""
+"""Pure functions over tensors: the math. No nn.Module, no config.
+
+mLSTM (`mlstm`, `mlstm_step`), sLSTM (`slstm`, `slstm_step`), linear recurrences for minGRU/minLSTM (`mingru_scan`,
+`minlstm_scan`, `linear_recurrence_chunked`), Mamba-2's SSD (`ssd`) and the gated delta rule (`gated_delta_rule`).
+"""
 
 from .mlstm import mlstm, mlstm_step
+from .scan import gated_delta_rule, linear_recurrence_chunked, mingru_scan, minlstm_scan, ssd
+from .slstm import slstm, slstm_step
 
-__all__ = ["mlstm", "mlstm_step"]
+__all__ = [
+    "gated_delta_rule",
+    "linear_recurrence_chunked",
+    "mingru_scan",
+    "minlstm_scan",
+    "mlstm",
+    "mlstm_step",
+    "slstm",
+    "slstm_step",
+    "ssd",
+]
