@@ -170,7 +170,9 @@ class HFTokenizer:
         return self.tokenizer.encode(as_text(text), add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str | bytes]) -> list[list[int]]:
-        encodings = self.tokenizer.encode_batch([as_text(text) for text in texts], add_special_tokens=False)
+        # encode_batch_fast (tokenizers >= 0.21) skips offset tracking: ~15% faster, same ids.
+        encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        encodings = encode([as_text(text) for text in texts], add_special_tokens=False)
         return [encoding.ids for encoding in encodings]
 
     def decode(self, ids: Iterable[int]) -> str:
