@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .forward import _chunk_gates, _dot, _pow2, _precision, _upcast
+from .forward import _chunk_gates, _dot, _mix, _pow2, _precision, _upcast
 
 
 @triton.jit
@@ -30,7 +30,7 @@ def _dstates_kernel(
     dcs_ptr, dns_ptr, dc0_ptr, dn0_ptr,
     T, NC, DK, DV, scale,
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr,
 ):
     pid_kv = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -66,7 +66,7 @@ def _dstates_kernel(
         qw = q.to(tl.float32) * w[:, None]
         dnum = dh.to(tl.float32) * rz[:, None]
         decay = tl.exp(g + m_prev - m_next)
-        dC = decay * dC + _dot(tl.trans(qw.to(q.dtype)), dnum.to(q.dtype), PRECISION, UPCAST)
+        dC = decay * dC + _dot(tl.trans(qw.to(MIX)), dnum.to(MIX), PRECISION, UPCAST)
         dn = decay * dn + tl.sum(qw * dden[:, None], 0)
     tl.store(dc0_ptr + state_off, dC, mask=mask_kv)
     if iv == 0:
@@ -80,7 +80,7 @@ def _grads_kernel(
     dq_ptr, dk_ptr, dv_ptr, qdq_ptr, kdk_ptr,
     T, NC, DK, DV, scale,
     L: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr,
 ):
     c = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -108,8 +108,8 @@ def _grads_kernel(
     m_prev = tl.load(ms_ptr + row * (NC + 1) + c)
     m_next = tl.load(ms_ptr + row * (NC + 1) + c + 1)
     chunk_state = (row * NC + c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
-    C = tl.load(cs_ptr + chunk_state, mask=mask_kv, other=0.0).to(q.dtype)
-    dC = tl.load(dcs_ptr + chunk_state, mask=mask_kv, other=0.0).to(q.dtype)
+    C = tl.load(cs_ptr + chunk_state, mask=mask_kv, other=0.0).to(MIX)
+    dC = tl.load(dcs_ptr + chunk_state, mask=mask_kv, other=0.0).to(MIX)
     n = tl.load(ns_ptr + (row * NC + c) * DK + offs_k, mask=mask_k, other=0.0)
     dn = tl.load(dns_ptr + (row * NC + c) * DK + offs_k, mask=mask_k, other=0.0)
     dn = tl.where(iv == 0, dn, 0.0)
@@ -117,18 +117,18 @@ def _grads_kernel(
     causal = (offs_l[:, None] >= offs_l[None, :]) & valid[:, None]
     decay = tl.where(causal, tl.exp(b[:, None] - b[None, :] + ig[None, :] - m_query[:, None]), 0.0)
     scores = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale * decay  # P (L x L)
-    dnum = (dh.to(tl.float32) * rz[:, None]).to(q.dtype)
-    dscores = (_dot(dnum, tl.trans(v), PRECISION, UPCAST) + dden[:, None]) * decay  # dP * D
+    dnum = (dh.to(tl.float32) * rz[:, None]).to(MIX)
+    dscores = (_dot(dnum, tl.trans(v.to(MIX)), PRECISION, UPCAST) + dden[:, None]) * decay  # dP * D
     w_query = tl.where(valid, tl.exp(b + m_prev - m_query), 0.0)  # weight of the entering state for each query
     w_key = tl.where(valid, tl.exp(g - b + ig - m_next), 0.0)  # weight of each key in the state at the chunk end
 
-    dq = _dot(dscores.to(q.dtype), k, PRECISION, UPCAST)
+    dq = _dot(dscores.to(MIX), k.to(MIX), PRECISION, UPCAST)
     dq += w_query[:, None] * (_dot(dnum, tl.trans(C), PRECISION, UPCAST) + dden[:, None] * n[None, :])
     dq = dq * scale
-    dk = _dot(tl.trans(dscores.to(q.dtype)), q, PRECISION, UPCAST) * scale
-    dk += w_key[:, None] * (_dot(v, tl.trans(dC), PRECISION, UPCAST) + dn[None, :])
-    dv = _dot(tl.trans(scores.to(q.dtype)), dnum, PRECISION, UPCAST)
-    dv += w_key[:, None] * _dot(k, dC, PRECISION, UPCAST)
+    dk = _dot(tl.trans(dscores.to(MIX)), q.to(MIX), PRECISION, UPCAST) * scale
+    dk += w_key[:, None] * (_dot(v.to(MIX), tl.trans(dC), PRECISION, UPCAST) + dn[None, :])
+    dv = _dot(tl.trans(scores.to(MIX)), dnum, PRECISION, UPCAST)
+    dv += w_key[:, None] * _dot(k.to(MIX), dC, PRECISION, UPCAST)
     tl.store(dv_ptr + rows[:, None] * DV + offs_v[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask_lv)
     if NV == 1:
         tl.store(dq_ptr + rows[:, None] * DK + offs_k[None, :], dq.to(dq_ptr.dtype.element_ty), mask=mask_lk)
@@ -158,7 +158,7 @@ def mlstm_backward(q, k, v, i, f, h, dh, dC_last, dn_last, dm_last, state0, fina
     cfg = backward_config(Dk, Dv)
     dev = q.device
     scale = Dk**-0.5
-    prec, upcast = _precision(q.dtype), _upcast(q.dtype)
+    prec, upcast, mix = _precision(q.dtype), _upcast(q.dtype), _mix(q.dtype)
     dh = dh.contiguous()
 
     # per-token normalizer gradients (BH, T)
@@ -175,7 +175,7 @@ def mlstm_backward(q, k, v, i, f, h, dh, dC_last, dn_last, dm_last, state0, fina
     NK, NV = triton.cdiv(Dk, cfg["BK"]), triton.cdiv(Dv, cfg["BV"])
     _dstates_kernel[(NK * NV, BH)](
         q, dh, rz, dden, m_query, i, f, ms, dC_last, dn_last, dcs, dns, dC0, dn0, T, NC, Dk, Dv, scale,
-        L=L, BK=cfg["BK"], BV=cfg["BV"], NV=NV, PRECISION=prec, UPCAST=upcast, num_warps=4,
+        L=L, BK=cfg["BK"], BV=cfg["BV"], NV=NV, PRECISION=prec, UPCAST=upcast, MIX=mix, num_warps=4,
     )
 
     BV_GRAD = cfg["BV_GRAD"]
@@ -190,7 +190,7 @@ def mlstm_backward(q, k, v, i, f, h, dh, dC_last, dn_last, dm_last, state0, fina
         dk = torch.empty(NVG, BH, T, Dk, device=dev, dtype=torch.float32)
     _grads_kernel[(NC, BH, NVG)](
         q, k, v, i, f, dh, rz, dden, m_query, cs, ns, ms, dcs, dns, dq, dk, dv, qdq, kdk, T, NC, Dk, Dv, scale,
-        L=L, BKF=_pow2(Dk), BV=BV_GRAD, NV=NVG, PRECISION=prec, UPCAST=upcast, num_warps=8,
+        L=L, BKF=_pow2(Dk), BV=BV_GRAD, NV=NVG, PRECISION=prec, UPCAST=upcast, MIX=mix, num_warps=8,
     )
     if NVG > 1:
         dq, dk = dq.sum(0), dk.sum(0)

@@ -56,7 +56,7 @@ def _states_kernel(
     c_out_ptr, n_out_ptr,
     T, NC, DK, DV,
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr,
 ):
     pid_kv = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -90,7 +90,7 @@ def _states_kernel(
         k = tl.load(k_ptr + rows[:, None] * DK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
         v = tl.load(v_ptr + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
         kw = k.to(tl.float32) * w[:, None]
-        C = decay * C + _dot(tl.trans(kw.to(v.dtype)), v, PRECISION, UPCAST)
+        C = decay * C + _dot(tl.trans(kw.to(MIX)), v.to(MIX), PRECISION, UPCAST)
         n = decay * n + tl.sum(kw, 0)
         m = m_new
     tl.store(c_out_ptr + state_off, C, mask=mask_kv)
@@ -106,7 +106,8 @@ def _output_kernel(
     cs_ptr, ns_ptr, ms_ptr,
     h_ptr, mq_ptr, den_ptr,
     T, NC, DK, DV, scale, eps,
-    L: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    L: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr,
 ):
     c = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -135,8 +136,8 @@ def _output_kernel(
     decay = tl.exp(log_d - m_query[:, None])
     scores = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale * decay
     q_state = q.to(tl.float32) * (scale * tl.exp(log_state - m_query))[:, None]
-    num = _dot(scores.to(v.dtype), v, PRECISION, UPCAST)
-    num += _dot(q_state.to(v.dtype), C.to(v.dtype), PRECISION, UPCAST)
+    num = _dot(scores.to(MIX), v.to(MIX), PRECISION, UPCAST)
+    num += _dot(q_state.to(MIX), C.to(MIX), PRECISION, UPCAST)
     den = tl.sum(scores, 1) + tl.sum(q_state * n[None, :], 1)
     z = tl.maximum(tl.abs(den), tl.exp(-m_query)) + eps
     h = num / z[:, None]
@@ -163,6 +164,16 @@ def _upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Matrix products whose operands are computed (decay-weighted scores, scaled gradients, states) use float32 operands
+# (tf32 on the tensor cores): bfloat16 operands there double the error of h and of the gradients (measured), while
+# the kernels are bound by memory traffic, not by the matrix units. False: operands in the input dtype.
+PRECISE_INTERMEDIATES = True
+
+
+def _mix(dtype: torch.dtype):
+    return tl.float32 if PRECISE_INTERMEDIATES or dtype == torch.float32 else getattr(tl, str(dtype).split(".")[-1])
+
+
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -179,7 +190,8 @@ def mlstm_forward(q, k, v, i, f, C0, n0, m0, chunk_size: int, eps: float, keep_s
     L = cfg["L"]
     NC = triton.cdiv(T, L)
     dev = q.device
-    state_dtype = q.dtype if q.dtype != torch.float16 else torch.float32
+    # chunk states in float32: bfloat16 states triple the error of the forget-gate gradient (measured)
+    state_dtype = torch.float32 if PRECISE_INTERMEDIATES else q.dtype
     cs = torch.empty(BH, NC, Dk, Dv, device=dev, dtype=state_dtype)
     ns = torch.empty(BH, NC, Dk, device=dev, dtype=torch.float32)
     ms = torch.empty(BH, NC + 1, device=dev, dtype=torch.float32)
@@ -189,7 +201,8 @@ def mlstm_forward(q, k, v, i, f, C0, n0, m0, chunk_size: int, eps: float, keep_s
     NK, NV = triton.cdiv(Dk, cfg["BK"]), triton.cdiv(Dv, cfg["BV"])
     _states_kernel[(NK * NV, BH)](
         k, v, i, f, C0, n0, m0, cs, ns, ms, C_out, n_out, T, NC, Dk, Dv,
-        L=L, BK=cfg["BK"], BV=cfg["BV"], NV=NV, PRECISION=prec, UPCAST=_upcast(q.dtype), num_warps=4,
+        L=L, BK=cfg["BK"], BV=cfg["BV"], NV=NV, PRECISION=prec, UPCAST=_upcast(q.dtype), MIX=_mix(q.dtype),
+        num_warps=4,
     )
     h = torch.empty(BH, T, Dv, device=dev, dtype=q.dtype)
     m_query = torch.empty(BH, T, device=dev, dtype=torch.float32)
@@ -197,7 +210,7 @@ def mlstm_forward(q, k, v, i, f, C0, n0, m0, chunk_size: int, eps: float, keep_s
     BV_OUT = cfg["BV_OUT"]
     _output_kernel[(NC, BH, triton.cdiv(Dv, BV_OUT))](
         q, k, v, i, f, cs, ns, ms, h, m_query, den, T, NC, Dk, Dv, Dk**-0.5, eps,
-        L=L, BKF=_pow2(Dk), BV=BV_OUT, PRECISION=prec, UPCAST=_upcast(q.dtype),
+        L=L, BKF=_pow2(Dk), BV=BV_OUT, PRECISION=prec, UPCAST=_upcast(q.dtype), MIX=_mix(q.dtype),
         num_warps=8 if BV_OUT * _pow2(Dk) > 8192 else 4,
     )
     m_final = ms[:, NC].clone()

@@ -1,0 +1,106 @@
+"""Triton mLSTM kernels against the float64 recurrent reference.
+
+On a machine without CUDA the kernels run under TRITON_INTERPRET=1 at small shapes (set here before the kernels are
+imported). Note: the interpreter multiplies bfloat16 matrices wrongly, so the kernels upcast those products to float32
+there; bfloat16 rounding of the dot operands is checked on the GPU (benchmarks/gpu_mlstm.py --check).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:  # before triton is imported: it reads the variable once
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="the `triton` package is not installed (pip install 'revival[gpu]')")
+
+from revival.ops.mlstm import mlstm, mlstm_step  # noqa: E402
+from revival.ops.mlstm.triton import available, mlstm_step_triton  # noqa: E402
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+NAMES = ("h", "C", "n", "m", "dq", "dk", "dv", "di", "df", "dC0", "dn0", "dm0")
+
+
+def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.double().cpu() - ref.cpu()).norm() / ref.cpu().norm().clamp_min(1e-30)).item()
+
+
+def _inputs(B, H, T, Dk, Dv, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    q, k, v = rand(B, H, T, Dk).to(dtype), rand(B, H, T, Dk).to(dtype), rand(B, H, T, Dv).to(dtype)
+    i, f = rand(B, H, T), rand(B, H, T) + 2.0
+    state = (rand(B, H, Dk, Dv), rand(B, H, Dk), rand(B, H))
+    weights = [rand(B, H, T, Dv), rand(B, H, Dk, Dv), rand(B, H, Dk), rand(B, H)]
+    return [q, k, v, i, f, *state], [w.double() for w in weights]
+
+
+def _run(inputs, weights, impl, chunk_size, device):
+    xs = [x.detach().to(device).clone().requires_grad_(True) for x in inputs]
+    h, (C, n, m) = mlstm(*xs[:5], tuple(xs[5:]), impl=impl, chunk_size=chunk_size)
+    outs = (h, C, n, m)
+    loss = sum((o.double() * w.to(device)).sum() for o, w in zip(outs, weights))
+    loss.backward()
+    return [o.detach() for o in outs] + [x.grad for x in xs]
+
+
+CASES = [
+    # B, H, T, Dk, Dv, chunk, dtype, tolerance
+    (1, 2, 37, 16, 32, 16, torch.float32, 1e-5),  # tail chunk, Dk != Dv
+    (1, 1, 45, 24, 40, 16, torch.float32, 1e-5),  # head dims that are not powers of two
+    (1, 1, 20, 16, 160, 16, torch.float32, 1e-5),  # Dv split over tiles (partial dq/dk sums)
+    (2, 1, 64, 32, 32, 32, torch.bfloat16, 1e-2),
+    (1, 1, 50, 16, 16, 16, torch.float16, 2e-3),
+]
+
+
+@pytest.mark.parametrize("B,H,T,Dk,Dv,chunk,dtype,tol", CASES)
+def test_forward_backward_match_float64_reference(B, H, T, Dk, Dv, chunk, dtype, tol):
+    inputs, weights = _inputs(B, H, T, Dk, Dv, dtype, seed=T + Dk + Dv)
+    ref = _run([x.double() for x in inputs], weights, "recurrent", chunk, "cpu")
+    got = _run(inputs, weights, "triton", chunk, DEVICE)
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    errors = {name: _rel(g, r) for name, g, r in zip(NAMES, got, ref)}
+    assert all(torch.isfinite(g).all() for g in got)
+    assert max(errors.values()) < tol, errors
+
+
+def test_state_carry_equals_one_pass():
+    inputs, _ = _inputs(1, 1, 40, 16, 16, torch.float32, seed=1)
+    x = [t.to(DEVICE) for t in inputs]
+    h_full, state_full = mlstm(*x[:5], tuple(x[5:]), impl="triton", chunk_size=16)
+    h1, state = mlstm(*(t[:, :, :23] for t in x[:5]), tuple(x[5:]), impl="triton", chunk_size=16)
+    h2, state = mlstm(*(t[:, :, 23:] for t in x[:5]), state, impl="triton", chunk_size=16)
+    assert _rel(torch.cat([h1, h2], 2), h_full.double()) < 1e-5
+    assert _rel(state[0], state_full[0].double()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_step_matches_reference(dtype, tol):
+    inputs, _ = _inputs(2, 3, 1, 16, 48, dtype, seed=7)
+    q, k, v, i, f = (t[:, :, 0] for t in inputs[:5])
+    state = tuple(inputs[5:])
+    h_ref, (C_ref, n_ref, m_ref) = mlstm_step(*(t.double() for t in (q, k, v, i, f)), tuple(s.double() for s in state))
+    dev = [t.to(DEVICE) for t in (q, k, v, i, f)]
+    h, (C, n, m) = mlstm_step_triton(*dev, tuple(s.to(DEVICE) for s in state))
+    assert h.dtype == dtype and C.dtype == torch.float32
+    assert _rel(h, h_ref) < tol and _rel(C, C_ref) < 1e-5 and _rel(n, n_ref) < 1e-5 and _rel(m, m_ref) < 1e-6
+
+
+def test_steps_continue_the_chunkwise_state():
+    inputs, _ = _inputs(1, 2, 21, 16, 16, torch.float32, seed=3)
+    x = [t.to(DEVICE) for t in inputs]
+    h_seq, _ = mlstm(*x[:5], tuple(x[5:]), impl="triton", chunk_size=16)
+    _, state = mlstm(*(t[:, :, :20] for t in x[:5]), tuple(x[5:]), impl="triton", chunk_size=16)
+    h_step, _ = mlstm_step_triton(*(t[:, :, 20] for t in x[:5]), state)
+    assert _rel(h_step, h_seq[:, :, 20].double()) < 1e-5
+
+
+def test_available_and_float64_rejected():
+    assert available()
+    inputs, _ = _inputs(1, 1, 4, 16, 16, torch.float64, seed=0)
+    with pytest.raises(ValueError, match="float64"):
+        mlstm(*inputs[:5], impl="triton")
