@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .forward import _chunk_gates, _dot, _mix, _pow2, _precision, _upcast
+from .forward import CONFIG_OVERRIDE, _chunk_gates, _dot, _mix, _pow2, _precision, _upcast
 
 
 @triton.jit
@@ -143,7 +143,9 @@ def _grads_kernel(
 
 def backward_config(Dk: int, Dv: int) -> dict:
     """Fixed block sizes per shape class: state tiles BK x BV and the Dv-tile of the gradient kernel."""
-    return dict(BK=min(_pow2(Dk), 64), BV=min(_pow2(Dv), 64), BV_GRAD=min(_pow2(Dv), 128 if Dk <= 128 else 64))
+    cfg = dict(BK=min(_pow2(Dk), 64), BV=min(_pow2(Dv), 64), BV_GRAD=min(_pow2(Dv), 128 if Dk <= 128 else 64),
+               WARPS_DSTATES=4, WARPS_GRAD=8)
+    return {**cfg, **CONFIG_OVERRIDE}
 
 
 def mlstm_backward(q, k, v, i, f, h, dh, dC_last, dn_last, dm_last, state0, final_state, saved, chunk_size, eps):
@@ -175,7 +177,8 @@ def mlstm_backward(q, k, v, i, f, h, dh, dC_last, dn_last, dm_last, state0, fina
     NK, NV = triton.cdiv(Dk, cfg["BK"]), triton.cdiv(Dv, cfg["BV"])
     _dstates_kernel[(NK * NV, BH)](
         q, dh, rz, dden, m_query, i, f, ms, dC_last, dn_last, dcs, dns, dC0, dn0, T, NC, Dk, Dv, scale,
-        L=L, BK=cfg["BK"], BV=cfg["BV"], NV=NV, PRECISION=prec, UPCAST=upcast, MIX=mix, num_warps=4,
+        L=L, BK=cfg["BK"], BV=cfg["BV"], NV=NV, PRECISION=prec, UPCAST=upcast, MIX=mix,
+        num_warps=cfg["WARPS_DSTATES"],
     )
 
     BV_GRAD = cfg["BV_GRAD"]
@@ -190,7 +193,8 @@ def mlstm_backward(q, k, v, i, f, h, dh, dC_last, dn_last, dm_last, state0, fina
         dk = torch.empty(NVG, BH, T, Dk, device=dev, dtype=torch.float32)
     _grads_kernel[(NC, BH, NVG)](
         q, k, v, i, f, dh, rz, dden, m_query, cs, ns, ms, dcs, dns, dq, dk, dv, qdq, kdk, T, NC, Dk, Dv, scale,
-        L=L, BKF=_pow2(Dk), BV=BV_GRAD, NV=NVG, PRECISION=prec, UPCAST=upcast, MIX=mix, num_warps=8,
+        L=L, BKF=_pow2(Dk), BV=BV_GRAD, NV=NVG, PRECISION=prec, UPCAST=upcast, MIX=mix,
+        num_warps=cfg["WARPS_GRAD"],
     )
     if NVG > 1:
         dq, dk = dq.sum(0), dk.sum(0)

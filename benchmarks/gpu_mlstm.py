@@ -1,0 +1,326 @@
+"""GPU benchmark of revival's Triton mLSTM kernels against the official ones (mlstm_kernels, fla) and SDPA flash.
+
+Run on a CUDA machine:  python benchmarks/gpu_mlstm.py --out benchmarks/results [--quick]
+It (1) measures the copy bandwidth and a bf16 matmul (the two ceilings), (2) checks revival's kernels against a
+float64 reference at real shapes (fresh random inputs, outputs poisoned through the allocator), (3) times forward and
+forward+backward (triton.testing.do_bench medians) for revival's config variants and the anchors, each anchor in its
+own subprocess so that a crash is recorded as such, (4) times the decode step, and writes gpu_mlstm.json + .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+TOKENS = 65536
+SHAPES = [  # heads, Dk, Dv, T
+    (16, 128, 128, 2048), (16, 128, 128, 8192), (16, 128, 128, 32768), (8, 256, 512, 8192),
+]
+STEP_SHAPE = (16, 8, 256, 512)  # B, H, Dk, Dv
+
+
+def make_inputs(H, Dk, Dv, T, dtype=torch.bfloat16, B=None, seed=0):
+    B = B or max(1, TOKENS // T)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    q, k, v = r(B, H, T, Dk).to(dtype), r(B, H, T, Dk).to(dtype), r(B, H, T, Dv).to(dtype)
+    i, f = r(B, H, T), r(B, H, T) + 3.0
+    return q, k, v, i, f
+
+
+def bench(fn, grads=None):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=200, grad_to_none=grads, return_mode="median")
+
+
+def poison():
+    """Fill freed allocator blocks with NaN so that an unwritten output shows up."""
+    free = torch.cuda.mem_get_info()[0]
+    blob = torch.full((int(free * 0.3) // 4,), float("nan"), device="cuda")
+    del blob
+
+
+# ----------------------------------------------------------------------------------------------- revival
+def revival_fns(H, Dk, Dv, T, chunk, dtype=torch.bfloat16):
+    from revival.ops.mlstm import mlstm
+
+    q, k, v, i, f = make_inputs(H, Dk, Dv, T, dtype)
+    xs = [x.requires_grad_(True) for x in (q, k, v, i, f)]
+    dh = torch.randn_like(q[..., :1].expand(*q.shape[:-1], Dv).contiguous())
+
+    def fwd():
+        with torch.no_grad():
+            return mlstm(*xs, impl="triton", chunk_size=chunk)[0]
+
+    def fwdbwd():
+        h, _ = mlstm(*xs, impl="triton", chunk_size=chunk)
+        h.backward(dh)
+
+    return fwd, fwdbwd, xs
+
+
+def check(H, Dk, Dv, T, B, dtype, chunk, seed):
+    """Relative errors of h, final state and all gradients vs float64 (chunkwise form, which equals the recurrent)."""
+    from revival.ops.mlstm import mlstm
+
+    q, k, v, i, f = make_inputs(H, Dk, Dv, T, dtype, B=B, seed=seed)
+    g = torch.Generator(device="cuda").manual_seed(seed + 1)
+    state = (torch.randn(B, H, Dk, Dv, device="cuda", generator=g), torch.randn(B, H, Dk, device="cuda", generator=g),
+             torch.randn(B, H, device="cuda", generator=g))
+    weights = [torch.randn(B, H, T, Dv, device="cuda", generator=g, dtype=torch.float64),
+               torch.randn(B, H, Dk, Dv, device="cuda", generator=g, dtype=torch.float64),
+               torch.randn(B, H, Dk, device="cuda", generator=g, dtype=torch.float64)]
+
+    def run(inputs, impl, poisoned):
+        xs = [x.detach().clone().requires_grad_(True) for x in inputs]
+        if poisoned:
+            poison()
+        h, (C, n, _) = mlstm(*xs[:5], tuple(xs[5:]), impl=impl, chunk_size=chunk)
+        loss = sum((o.double() * w).sum() for o, w in zip((h, C, n), weights))
+        if poisoned:
+            poison()
+        loss.backward()
+        return [h.detach(), C.detach(), n.detach()] + [x.grad for x in xs]
+
+    inputs = [q, k, v, i, f, *state]
+    ref = run([x.double() for x in inputs], "chunkwise", False)
+    got = run(inputs, "triton", True)
+    names = ["h", "C", "n", "dq", "dk", "dv", "di", "df", "dC0", "dn0", "dm0"]
+    err = {}
+    for name, a, b in zip(names, got, ref):
+        if not torch.isfinite(a).all():
+            err[name] = float("nan")
+        else:
+            err[name] = ((a.double() - b).norm() / b.norm()).item()
+    return err
+
+
+# ----------------------------------------------------------------------------------------------- anchors
+ANCHOR_CODE = r'''
+import json, sys, torch
+sys.path.insert(0, ".")
+from benchmarks.gpu_mlstm import make_inputs, bench, SHAPES
+name = sys.argv[1]
+res = {}
+def emit():
+    print("RESULT " + json.dumps(res), flush=True)
+for (H, Dk, Dv, T) in SHAPES:
+    key = f"{H},{Dk},{Dv},{T}"
+    try:
+        q, k, v, i, f = make_inputs(H, Dk, Dv, T)
+        if name in ("limit_chunk", "xl_chunk"):
+            from mlstm_kernels.torch import get_mlstm_kernel
+            kern = get_mlstm_kernel("chunkwise--triton_" + name)
+            call = lambda: kern(*xs, chunk_size=64 if name == "limit_chunk" else 128)
+        elif name == "fla_simple_gla":
+            if Dv != Dk:
+                res[key] = "n/a"; emit(); continue
+            from fla.ops.simple_gla import chunk_simple_gla
+            q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+            i = torch.nn.functional.logsigmoid(f).transpose(1, 2).contiguous()
+            call = lambda: chunk_simple_gla(xs[0], xs[1], xs[2], g=xs[3], scale=Dk ** -0.5)[0]
+        if name != "fla_simple_gla":
+            i, f = i.to(q.dtype), f.to(q.dtype)
+        xs = [x.requires_grad_(True) for x in (q, k, v, i, f)]
+        if name == "fla_simple_gla":
+            xs = xs[:4]
+        def fwd_fn():
+            with torch.no_grad():
+                call()
+        def fb_fn():
+            o = call()
+            o = o[0] if isinstance(o, tuple) else o
+            o.backward(dh)
+        o = call(); o = o[0] if isinstance(o, tuple) else o
+        dh = torch.randn_like(o)
+        res[key] = {"fwd_ms": bench(fwd_fn), "fwdbwd_ms": bench(fb_fn, xs)}
+    except Exception as e:
+        res[key] = "error: " + type(e).__name__ + ": " + str(e)[:300]
+    emit()
+if name == "limit_chunk":
+    try:
+        from mlstm_kernels.torch import get_mlstm_step_kernel
+        step = get_mlstm_step_kernel("triton")
+        B, H, Dk, Dv = 16, 8, 256, 512
+        g = lambda *s: torch.randn(*s, device="cuda")
+        a = [g(B, H, Dk).bfloat16(), g(B, H, Dk).bfloat16(), g(B, H, Dv).bfloat16(), g(B, H, 1), g(B, H, 1) + 3,
+             g(B, H, Dk, Dv), g(B, H, Dk), g(B, H, 1)]
+        res["step"] = {"ms": bench(lambda: step(*a))}
+    except Exception as e:
+        res["step"] = "error: " + type(e).__name__ + ": " + str(e)[:300]
+    emit()
+'''
+
+
+def run_anchor(name: str, timeout: int) -> dict:
+    try:
+        proc = subprocess.run([sys.executable, "-c", ANCHOR_CODE, name], capture_output=True, text=True,
+                              timeout=timeout, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        proc = None
+    else:
+        out = proc.stdout
+    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+    res = json.loads(lines[-1][7:]) if lines else {}
+    if proc is None:
+        res["process"] = f"timed out after {timeout} s"
+    elif proc.returncode != 0:
+        res["process"] = f"crashed (exit {proc.returncode}): " + proc.stderr.strip()[-600:]
+    return res
+
+
+def sdpa_times():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    res = {}
+    for (H, Dk, Dv, T) in SHAPES:
+        key = f"{H},{Dk},{Dv},{T}"
+        if Dk != Dv:
+            res[key] = "n/a"
+            continue
+        q, k, v, _, _ = make_inputs(H, Dk, Dv, T)
+        xs = [x.requires_grad_(True) for x in (q, k, v)]
+        dh = torch.randn_like(q)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            def fwd(xs=xs):
+                with torch.no_grad():
+                    F.scaled_dot_product_attention(*xs, is_causal=True)
+
+            def fb(xs=xs, dh=dh):
+                F.scaled_dot_product_attention(*xs, is_causal=True).backward(dh)
+            res[key] = {"fwd_ms": bench(fwd), "fwdbwd_ms": bench(fb, xs)}
+    return res
+
+
+def ceilings():
+    x = torch.randn(1 << 28, device="cuda")
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x))
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm = bench(lambda: a @ b)
+    return {"copy_TBps": 2 * x.numel() * 4 / ms / 1e9, "bf16_matmul_TFLOPs": 2 * 8192**3 / mm / 1e9}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--variants", default="L64,L128", help="comma list of revival configs: L64, L128, L64fast, ...")
+    ap.add_argument("--anchors", default="limit_chunk,xl_chunk,fla_simple_gla")
+    ap.add_argument("--skip-check", action="store_true")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    import triton
+
+    import revival.ops.mlstm.triton.forward as fw
+    from revival.ops.mlstm.triton import mlstm_step_triton
+
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "tokens_per_call": TOKENS, "dtype": "bfloat16"}
+    for pkg in ("mlstm_kernels", "fla"):
+        try:
+            result[pkg] = __import__(pkg).__version__
+        except Exception as e:  # noqa: BLE001
+            result[pkg] = f"not importable: {e}"
+    result["ceilings"] = ceilings()
+    print(result, flush=True)
+
+    if not args.skip_check:
+        checks = {}
+        for (H, Dk, Dv, T, B, dtype, chunk) in [(4, 128, 128, 2085, 2, torch.bfloat16, 64),
+                                                (4, 128, 128, 2085, 2, torch.float32, 64),
+                                                (4, 128, 128, 2085, 2, torch.bfloat16, 128),
+                                                (2, 256, 512, 1029, 1, torch.bfloat16, 64),
+                                                (2, 64, 256, 777, 2, torch.float16, 64)]:
+            key = f"H{H} Dk{Dk} Dv{Dv} T{T} B{B} {str(dtype)[6:]} L{chunk}"
+            try:
+                checks[key] = check(H, Dk, Dv, T, B, dtype, chunk, seed=int.from_bytes(os.urandom(2), "little"))
+            except Exception:  # noqa: BLE001
+                checks[key] = "error: " + traceback.format_exc()[-800:]
+            print("check", key, checks[key], flush=True)
+        result["checks"] = checks
+
+    timings = {}
+    for variant in args.variants.split(","):
+        chunk = int(variant[1:].replace("fast", "").split("w")[0])
+        fw.PRECISE_INTERMEDIATES = "fast" not in variant
+        res = {}
+        for (H, Dk, Dv, T) in SHAPES:
+            key = f"{H},{Dk},{Dv},{T}"
+            try:
+                fwd, fb, xs = revival_fns(H, Dk, Dv, T, chunk)
+                res[key] = {"fwd_ms": bench(fwd), "fwdbwd_ms": bench(fb, xs)}
+            except Exception as e:  # noqa: BLE001
+                res[key] = "error: " + type(e).__name__ + ": " + str(e)[:300]
+            print("revival", variant, key, res[key], flush=True)
+            torch.cuda.empty_cache()
+        timings["revival_" + variant] = res
+    fw.PRECISE_INTERMEDIATES = True
+
+    B, H, Dk, Dv = STEP_SHAPE
+    g = lambda *s: torch.randn(*s, device="cuda")  # noqa: E731
+    a = [g(B, H, Dk).bfloat16(), g(B, H, Dk).bfloat16(), g(B, H, Dv).bfloat16(), g(B, H), g(B, H) + 3]
+    st = (g(B, H, Dk, Dv), g(B, H, Dk), g(B, H))
+    step_ms = bench(lambda: mlstm_step_triton(*a, st))
+    result["step"] = {"shape_B_H_Dk_Dv": STEP_SHAPE, "revival_ms": step_ms,
+                      "roofline_ms": 2 * B * H * Dk * Dv * 4 / (result["ceilings"]["copy_TBps"] * 1e9)}
+    print("step", result["step"], flush=True)
+
+    timings["sdpa_flash"] = sdpa_times()
+    print("sdpa", timings["sdpa_flash"], flush=True)
+    for name in [a for a in args.anchors.split(",") if a]:
+        timings[name] = run_anchor(name, timeout=150)
+        print("anchor", name, timings[name], flush=True)
+    result["timings"] = timings
+    with open(os.path.join(args.out, "gpu_mlstm.json"), "w") as fh:
+        json.dump(result, fh, indent=1, default=str)
+    plot(result, os.path.join(args.out, "gpu_mlstm.png"))
+    table(result)
+
+
+def table(result):
+    t = result["timings"]
+    print(f"\n{result['device']} torch {result['torch']} triton {result['triton']}  fwd+bwd ms (fwd ms)")
+    for name, res in t.items():
+        cells = []
+        for (H, Dk, Dv, T) in SHAPES:
+            r = res.get(f"{H},{Dk},{Dv},{T}", "-")
+            cells.append(f"{r['fwdbwd_ms']:.2f} ({r['fwd_ms']:.2f})" if isinstance(r, dict) else str(r)[:24])
+        print(f"{name:22s} " + " | ".join(cells))
+
+
+def plot(result, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"H{H} {Dk}/{Dv}\nT={T}" for (H, Dk, Dv, T) in SHAPES]
+    names = list(result["timings"])
+    fig, ax = plt.subplots(figsize=(11, 5))
+    width = 0.8 / max(1, len(names))
+    for j, name in enumerate(names):
+        vals = []
+        for (H, Dk, Dv, T) in SHAPES:
+            r = result["timings"][name].get(f"{H},{Dk},{Dv},{T}")
+            vals.append(r["fwdbwd_ms"] if isinstance(r, dict) else 0.0)
+        ax.bar([x + j * width for x in range(len(SHAPES))], vals, width, label=name)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(SHAPES))], labels)
+    ax.set_ylabel("forward+backward ms (65,536 tokens, bf16); 0 = crash/refusal/n.a.")
+    ax.set_title(f"mLSTM chunkwise on {result['device']} (triton {result['triton']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
