@@ -221,7 +221,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     import triton
 
-    import revival.ops.mlstm.triton.forward as fw
+    from revival.ops.mlstm.triton import forward as fw
     from revival.ops.mlstm.triton import mlstm_step_triton
 
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
