@@ -56,18 +56,20 @@ def _equal_chunks(q, k, v, i, f, state: MLSTMState, L: int, eps: float) -> tuple
     C_local = k_weighted.transpose(-1, -2) @ v  # (B, H, NC, Dk, Dv)
     n_local = k_weighted.sum(dim=-2)  # (B, H, NC, Dk)
 
-    # Inter-chunk recurrence: the state before each chunk (sequential over NC chunks).
+    # Inter-chunk recurrence: the state before each chunk (sequential over NC chunks). `unbind` rather than
+    # indexing: the backward of an index is a zero tensor of the full size per chunk (O(NC^2) memory traffic).
     C, n, m = state
     C_before, n_before, m_before = [], [], []
-    for c in range(NC):
+    for g_c, a_max_c, C_local_c, n_local_c in zip(g.unbind(-1), a_max.unbind(-1), C_local.unbind(2),
+                                                  n_local.unbind(2)):
         C_before.append(C)
         n_before.append(n)
         m_before.append(m)
-        m_new = torch.maximum(g[..., c] + m, a_max[..., c])
-        decay = torch.exp(g[..., c] + m - m_new)
-        scale = torch.exp(a_max[..., c] - m_new)
-        C = decay[..., None, None] * C + scale[..., None, None] * C_local[:, :, c]
-        n = decay[..., None] * n + scale[..., None] * n_local[:, :, c]
+        m_new = torch.maximum(g_c + m, a_max_c)
+        decay = torch.exp(g_c + m - m_new)
+        scale = torch.exp(a_max_c - m_new)
+        C = decay[..., None, None] * C + scale[..., None, None] * C_local_c
+        n = decay[..., None] * n + scale[..., None] * n_local_c
         m = m_new
     C_before = torch.stack(C_before, dim=2)  # (B, H, NC, Dk, Dv)
     n_before = torch.stack(n_before, dim=2)  # (B, H, NC, Dk)
