@@ -1,6 +1,6 @@
 """Models: `ModelConfig`, `LanguageModel` (a block stack from a layer pattern), presets, save/load.
 
-Pattern letters (one per block): m paper mLSTM, s paper sLSTM, x xLSTM-7B mLSTM, a Llama attention; reserved g minGRU,
+Pattern letters (one per block): m paper mLSTM, s paper sLSTM, x xLSTM-7B mLSTM, a Llama attention, g minGRU,
 l minLSTM, M Mamba-2, d Gated DeltaNet. See `revival.models.config` for the block equations.
 """
 

@@ -162,13 +162,25 @@ def from_pretrained(directory: str | Path, device=None, dtype=None) -> LanguageM
     if not weights.is_file():
         raise ValueError(f"directory: no {WEIGHTS_NAME} in {str(directory)!r}")
     tensors = load_file(str(weights))
-    model = LanguageModel(config)
+    model = _empty_model(config, torch.device("cpu") if device is None else torch.device(device))
     check_state_dict(model, tensors, source=str(weights))
     target_dtype = dtype or stored_dtype
     if target_dtype is not None:
         model.to(target_dtype)
     model.load_state_dict(tensors, strict=not config.tie_embeddings)
-    if device is not None:
-        model.to(device)
     model.eval()
+    return model
+
+
+def _empty_model(config: ModelConfig, device: torch.device) -> LanguageModel:
+    """A model with uninitialised storage on `device` (skips the random init a load would overwrite anyway).
+
+    Safe because the layers hold no buffers or tensors computed at construction: every tensor is a parameter in the
+    state dict, and `from_pretrained` checks that the file provides all of them.
+    """
+    with torch.device("meta"):
+        model = LanguageModel(config)
+    model = model.to_empty(device=device)
+    if config.tie_embeddings:  # re-tie: moving off "meta" may give the two names separate storage
+        model.lm_head.weight = model.embedding.weight
     return model

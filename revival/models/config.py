@@ -7,10 +7,12 @@ norm and an LM head. Pattern letters:
     s   paper sLSTM block ("post up-projection"): x + SLSTMLayer(LayerNorm(x)); x + GatedMLP(LayerNorm(x))
     x   xLSTM-7B block:                           x + XLSTMLargeLayer(RMSNorm(x)); x + SwiGLU(RMSNorm(x))
     a   Llama attention block:                    x + Attention(RMSNorm(x)); x + SwiGLU(RMSNorm(x))
-    g   minGRU block          (reserved)          x + MinGRU(RMSNorm(x)); x + SwiGLU(RMSNorm(x))
-    l   minLSTM block         (reserved)          x + MinLSTM(RMSNorm(x)); x + SwiGLU(RMSNorm(x))
-    M   Mamba-2 block         (reserved)          x + Mamba2(RMSNorm(x)); x + SwiGLU(RMSNorm(x))
-    d   Gated DeltaNet block  (reserved)          x + GatedDeltaNet(RMSNorm(x)); x + SwiGLU(RMSNorm(x))
+    g   minGRU block:                             x + MinGRU(RMSNorm(x)); x + SwiGLU(RMSNorm(x))
+    l   minLSTM block:                            x + MinLSTM(RMSNorm(x)); x + SwiGLU(RMSNorm(x))
+    M   Mamba-2 block:                            x + Mamba2(RMSNorm(x)); x + SwiGLU(RMSNorm(x))
+    d   Gated DeltaNet block:                     x + GatedDeltaNet(RMSNorm(x)); x + SwiGLU(RMSNorm(x))
+
+The g/l/M/d mixers are built as `Mixer(d_model, **layer_options[letter])` (their own defaults otherwise).
 
 So xLSTM[7:1] is `"msmmmmmm..."`, a Transformer is `"aaaa"` and a Jamba-style hybrid is `"xxxaxxxa"`: one field apart.
 Extra keyword arguments for a letter's mixer go in `layer_options`, e.g. `{"g": {"expansion": 2}}`.

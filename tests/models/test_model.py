@@ -10,10 +10,12 @@ from revival import LanguageModel, ModelConfig, preset_config
 from revival.models import PATTERN_LETTERS, state_bytes, xlstm_pattern
 
 VOCAB = 37
-PATTERNS = ["m", "s", "x", "a", "mmsm", "xa", "msxa"]
+PATTERNS = ["m", "s", "x", "a", "mmsm", "xa", "msxa", "gl", "Md"]
+SMALL_MAMBA = {"M": {"head_dim": 8, "d_state": 8}}
 
 
 def tiny_config(pattern: str, d_model: int = 16, **overrides) -> ModelConfig:
+    overrides.setdefault("layer_options", SMALL_MAMBA)
     return ModelConfig(vocab_size=VOCAB, d_model=d_model, num_heads=2, pattern=pattern, chunk_size=8, **overrides)
 
 
@@ -54,7 +56,7 @@ def test_prefill_then_steps_matches_full_forward(pattern, dtype):
         assert rel_err(torch.cat([logits_a, logits_b, logits_c], 1), full) < tol
 
 
-@pytest.mark.parametrize("pattern", ["m", "s", "x", "ms", "mx"])
+@pytest.mark.parametrize("pattern", ["m", "s", "x", "ms", "mx", "g", "l", "M", "d"])
 def test_recurrent_state_bytes_do_not_grow_with_context(pattern):
     model = tiny_model(pattern, torch.float32, d_model=8)
     gen = torch.Generator().manual_seed(2)
@@ -81,7 +83,7 @@ def test_attention_state_grows_as_a_kv_cache(pattern):
 
 
 def test_gradients_reach_every_parameter():
-    model = tiny_model("msxa", torch.float64)
+    model = tiny_model("msxaglMd", torch.float64)
     ids = torch.randint(0, VOCAB, (2, 12))
     logits, _ = model(ids)
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
@@ -148,7 +150,7 @@ def test_config_rejects_bad_values(bad, match):
 
 
 def test_config_round_trips_through_dict():
-    config = tiny_config("msxa", logit_soft_cap=30.0, layer_options={"g": {"expansion": 2}})
+    config = tiny_config("msxaglMd", logit_soft_cap=30.0, layer_options={"g": {"expansion": 2}})
     assert ModelConfig.from_dict(config.to_dict()) == config
     assert config.replace(d_model=32).d_model == 32
     assert set(PATTERN_LETTERS) == set("msxaglMd")
