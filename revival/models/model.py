@@ -70,6 +70,11 @@ class LanguageModel(nn.Module):
                 total -= self.lm_head.weight.numel()
         return total
 
+    @staticmethod
+    def state_bytes(state) -> int:
+        """Bytes held by a state returned by `forward` (constant in T for recurrent blocks; attention adds KV)."""
+        return state_bytes(state)
+
     @property
     def device(self) -> torch.device:
         return self.embedding.weight.device
