@@ -139,10 +139,11 @@ class MLSTMLayer(nn.Module):
         v = self.v_proj(x_m)
 
         gate_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        qkv = torch.cat([q, k, v], dim=-1).to(gate_dtype)
-        gate_weight = torch.cat([self.igate.weight, self.fgate.weight]).to(gate_dtype)  # both gates in one product
-        gate_bias = torch.cat([self.igate.bias, self.fgate.bias]).to(gate_dtype)
-        i, f = F.linear(qkv, gate_weight, gate_bias).split(self.num_heads, dim=-1)  # (B, T, H) each
+        with torch.autocast(device_type=x.device.type, enabled=False):  # gate pre-activations stay in float32
+            qkv = torch.cat([q, k, v], dim=-1).to(gate_dtype)
+            gate_weight = torch.cat([self.igate.weight, self.fgate.weight]).to(gate_dtype)  # both gates at once
+            gate_bias = torch.cat([self.igate.bias, self.fgate.bias]).to(gate_dtype)
+            i, f = F.linear(qkv, gate_weight, gate_bias).split(self.num_heads, dim=-1)  # (B, T, H) each
 
         def heads(t: torch.Tensor) -> torch.Tensor:  # (B, T, inner) -> (B, H, T, hd)
             return t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)

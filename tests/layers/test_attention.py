@@ -170,3 +170,13 @@ def test_bad_arguments():
         Attention(32, 4, num_kv_heads=3)
     with pytest.raises(ValueError, match="x"):
         Attention(32, 4)(torch.randn(2, 3, 16))
+
+
+def test_bfloat16_close_to_float32():
+    torch.manual_seed(5)
+    layer = Attention(32, 4, num_kv_heads=2)
+    x = torch.randn(2, 9, 32)
+    ref, _ = layer(x)
+    y, (k_cache, _) = layer.to(torch.bfloat16)(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and k_cache.dtype == torch.bfloat16
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 0.03

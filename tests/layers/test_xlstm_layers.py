@@ -320,3 +320,20 @@ class _AsMixer(torch.nn.Module):
 
     def forward(self, x):
         return self.ffn(x), None
+
+
+@pytest.mark.parametrize("make", [lambda: MLSTMLayer(32, chunk_size=8), lambda: SLSTMLayer(32), lambda: GatedMLP(32),
+                                  lambda: SwiGLU(32, 64)])
+def test_bfloat16_close_to_float32(make):
+    torch.manual_seed(17)
+    layer = make()
+    x = torch.randn(2, 19, 32)
+
+    def run(module, inputs):
+        out = module(inputs)
+        return out[0] if isinstance(out, tuple) else out
+
+    ref = run(layer, x)
+    y = run(layer.to(torch.bfloat16), x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 0.03
