@@ -9,6 +9,8 @@ The mixer only: no residual around it, no outer norm, no MLP (the model's block 
 forward(x: (B, T, d_model), state=None) -> (y: (B, T, d_model), state) with
 state = (conv_state: (B, max(conv_kernel - 1, 0), d_model), h: (B, d_inner)), h in float32 (float64 for float64
 weights); its size does not depend on T. A single-token call with a state takes a direct step.
+scan_impl="auto" (default) runs the fused Triton kernel on CUDA (in-projection + gates + scan in one kernel,
+`revival.ops.scan.triton_scan.projected_scan_triton`) and the log-space scan elsewhere.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 
 from ..ops.scan import mingru_scan, mingru_step
 from ..ops.scan.log_scan import IMPLS as SCAN_IMPLS
+from ..ops.scan.log_scan import resolve_impl
 from .conv import CausalConv1d
 from .ffn import small_init_, wang_init_
 
@@ -30,7 +33,7 @@ class MinRNNBase(nn.Module):
     num_branches: int = 2
 
     def __init__(self, d_model: int, *, expansion: float = 1.5, conv_kernel: int = 4, proj_out: bool | None = None,
-                 bias: bool = False, scan_impl: str = "log", chunk_size: int = 64):
+                 bias: bool = False, scan_impl: str = "auto", chunk_size: int = 64):
         super().__init__()
         if d_model < 1:
             raise ValueError(f"d_model: expected >= 1, got {d_model}")
@@ -77,8 +80,12 @@ class MinRNNBase(nn.Module):
             u = x + conv_out
         else:
             u, conv_state = x, x.new_zeros(x.shape[0], 0, self.d_model)
+        stepping = x.shape[1] == 1 and h0 is not None
+        if not stepping and resolve_impl(self.scan_impl, u) == "triton" and u.dtype == self.in_proj.weight.dtype:
+            h, h_last = self._fused_scan(u, h0)
+            return (h if self.out_proj is None else self.out_proj(h)), (conv_state, h_last)
         branches = self.in_proj(u).chunk(self.num_branches, dim=-1)
-        if x.shape[1] == 1 and h0 is not None:
+        if stepping:
             h_last = self._step(*(b[:, 0].to(h0.dtype) for b in branches), h0)
             h = h_last[:, None].to(x.dtype)
         else:
@@ -87,6 +94,9 @@ class MinRNNBase(nn.Module):
         return y, (conv_state, h_last)
 
     def _scan(self, *branches_and_h0):
+        raise NotImplementedError
+
+    def _fused_scan(self, u, h0):
         raise NotImplementedError
 
     def _step(self, *branches_and_h):
@@ -108,6 +118,11 @@ class MinGRU(MinRNNBase):
 
     def _scan(self, hidden, gate, h0):
         return mingru_scan(gate, hidden, h0, impl=self.scan_impl, chunk_size=self.chunk_size)
+
+    def _fused_scan(self, u, h0):
+        from ..ops.scan.triton_scan import MINGRU, projected_scan_triton
+
+        return projected_scan_triton(u, self.in_proj.weight, self.in_proj.bias, h0, MINGRU, (1, 0))  # (hidden, gate)
 
     def _step(self, hidden, gate, h):
         return mingru_step(gate, hidden, h)

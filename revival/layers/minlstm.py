@@ -8,7 +8,8 @@
 
 The mixer only (no residual, outer norm or MLP). forward(x: (B, T, d_model), state=None) -> (y, state) with
 state = (conv_state: (B, max(conv_kernel - 1, 0), d_model), h: (B, d_inner)), h in float32 (float64 for float64
-weights); constant in T. A single-token call with a state takes a direct step. Constructor as `MinGRU`.
+weights); constant in T. A single-token call with a state takes a direct step. Constructor as `MinGRU` (scan_impl
+"auto" runs the fused Triton in-projection + scan kernel on CUDA).
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ class MinLSTM(MinRNNBase):
 
     def _scan(self, hidden, forget, input, h0):
         return minlstm_scan(forget, input, hidden, h0, impl=self.scan_impl, chunk_size=self.chunk_size)
+
+    def _fused_scan(self, u, h0):
+        from ..ops.scan.triton_scan import MINLSTM, projected_scan_triton
+
+        # branches (hidden, forget, input) -> roles (forget, input, hidden)
+        return projected_scan_triton(u, self.in_proj.weight, self.in_proj.bias, h0, MINLSTM, (1, 2, 0))
 
     def _step(self, hidden, forget, input, h):
         return minlstm_step(forget, input, hidden, h)

@@ -18,6 +18,8 @@ Shapes: gate / forget / input / hidden (B, T, D) pre-activations, h0 (B, D) or N
   about |a*_t| * 6e-8.
 - "chunked": `linear_recurrence_chunked` on (log a, exp(log b)); no cancellation (products inside one chunk only).
 - "reference": the plain loop over the equations above (sigmoid, ratios), independent of the log-space algebra.
+- "triton": the fused GPU kernel of `triton_scan` (gate math + scan in one pass, float32 in linear space; inputs
+  float32/float16/bfloat16 on CUDA). "auto": "triton" for such inputs on CUDA when Triton is importable, else "log".
 """
 
 from __future__ import annotations
@@ -28,7 +30,19 @@ import torch.nn.functional as F
 from .._checks import check_shape
 from .linear_recurrence import compute_dtype, linear_recurrence_chunked, validate_recurrence
 
-IMPLS = ("log", "chunked", "reference")
+IMPLS = ("log", "chunked", "reference", "triton", "auto")
+
+
+def resolve_impl(impl: str, x: torch.Tensor) -> str:
+    """The implementation `impl` stands for on input `x` ("auto" -> "triton" on CUDA where it can run, else "log")."""
+    _check_impl(impl)
+    if impl != "auto":
+        return impl
+    if x.is_cuda and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        from .triton_scan import available
+
+        return "triton" if available() else "log"
+    return "log"
 
 
 def g(x: torch.Tensor) -> torch.Tensor:
@@ -92,6 +106,11 @@ def mingru_scan(
     """minGRU over a sequence. gate, hidden: (B, T, D) pre-activations; h0: (B, D) or None. -> (h, h_last)."""
     _check_impl(impl)
     validate_recurrence(gate, hidden, h0, names=("gate", "hidden"))
+    impl = resolve_impl(impl, gate)
+    if impl == "triton":
+        from .triton_scan import mingru_scan_triton
+
+        return mingru_scan_triton(gate, hidden, h0)
     if impl == "reference":
         return _mingru_reference(gate, hidden, h0)
     dtype = compute_dtype(gate)
@@ -107,6 +126,11 @@ def minlstm_scan(
     _check_impl(impl)
     validate_recurrence(forget, hidden, h0, names=("forget", "hidden"))
     check_shape("input", input, tuple(forget.shape))
+    impl = resolve_impl(impl, forget)
+    if impl == "triton":
+        from .triton_scan import minlstm_scan_triton
+
+        return minlstm_scan_triton(forget, input, hidden, h0)
     if impl == "reference":
         return _minlstm_reference(forget, input, hidden, h0)
     dtype = compute_dtype(forget)
