@@ -7,6 +7,8 @@ that starts from their state (no padding).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -38,13 +40,17 @@ def mlstm_chunkwise(
 
 
 def _equal_chunks(q, k, v, i, f, state: MLSTMState, L: int, eps: float) -> tuple[torch.Tensor, MLSTMState]:
-    """The chunkwise form for T a multiple of L."""
+    """The chunkwise form for T a multiple of L.
+
+    The normalizer n rides along as an extra column of the state, `Cn = (C | n)`: (B, H, Dk, Dv + 1), with a column
+    of ones appended to v. The same matmuls then produce numerator and denominator together.
+    """
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
     NC = T // L
     q = q.reshape(B, H, NC, L, Dk) * Dk**-0.5
     k = k.reshape(B, H, NC, L, Dk)
-    v = v.reshape(B, H, NC, L, Dv)
+    v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1).reshape(B, H, NC, L, Dv + 1)
     i = i.reshape(B, H, NC, L)
     b = torch.cumsum(F.logsigmoid(f).reshape(B, H, NC, L), dim=-1)  # local cumulative log-forget
     g = b[..., -1]  # total log-forget of each chunk, (B, H, NC)
@@ -53,39 +59,45 @@ def _equal_chunks(q, k, v, i, f, state: MLSTMState, L: int, eps: float) -> tuple
     # Each chunk's own contribution to the state, stabilized by its own max.
     a_max = a.amax(dim=-1)  # (B, H, NC)
     k_weighted = k * torch.exp(a - a_max[..., None])[..., None]
-    C_local = k_weighted.transpose(-1, -2) @ v  # (B, H, NC, Dk, Dv)
-    n_local = k_weighted.sum(dim=-2)  # (B, H, NC, Dk)
+    Cn_local = k_weighted.transpose(-1, -2) @ v1  # (B, H, NC, Dk, Dv + 1)
 
-    # Inter-chunk recurrence: the state before each chunk (sequential over NC chunks). `unbind` rather than
-    # indexing: the backward of an index is a zero tensor of the full size per chunk (O(NC^2) memory traffic).
-    C, n, m = state
-    C_before, n_before, m_before = [], [], []
-    for g_c, a_max_c, C_local_c, n_local_c in zip(g.unbind(-1), a_max.unbind(-1), C_local.unbind(2),
-                                                  n_local.unbind(2)):
-        C_before.append(C)
-        n_before.append(n)
-        m_before.append(m)
-        m_new = torch.maximum(g_c + m, a_max_c)
-        decay = torch.exp(g_c + m - m_new)
-        scale = torch.exp(a_max_c - m_new)
-        C = decay[..., None, None] * C + scale[..., None, None] * C_local_c
-        n = decay[..., None] * n + scale[..., None] * n_local_c
-        m = m_new
-    C_before = torch.stack(C_before, dim=2)  # (B, H, NC, Dk, Dv)
-    n_before = torch.stack(n_before, dim=2)  # (B, H, NC, Dk)
-    m_before = torch.stack(m_before, dim=2)  # (B, H, NC)
+    C0, n0, m0 = state
+    Cn_before, m_before, (Cn, m) = _inter_chunk(g, a_max, Cn_local, torch.cat([C0, n0[..., None]], dim=-1), m0)
 
     # Intra-chunk (parallel): query j sees the state before its chunk and inputs s <= j of its chunk.
-    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-    log_decay = b[..., :, None] - b[..., None, :] + i[..., None, :]  # (B, H, NC, L, L)
-    log_decay = torch.where(causal, log_decay, torch.full_like(log_decay, float("-inf")))
+    log_decay = (b[..., :, None] - b[..., None, :]) + i[..., None, :]  # (B, H, NC, L, L)
+    log_decay = log_decay.masked_fill(_upper_triangle(L, q.device), float("-inf"))
     log_state_weight = b + m_before[..., None]  # (B, H, NC, L)
-    m_query = torch.maximum(log_state_weight, log_decay.amax(dim=-1))
+    # max_s<=j (b_j - b_s + i_s) as b_j + cummax(i - b): O(L) instead of a (L, L) max. The stabilizer only has to
+    # bound the exponents; its rounding cancels in h (only the eps term sees it).
+    m_query = torch.maximum(log_state_weight, b + torch.cummax(i - b, dim=-1).values)
     scores = (q @ k.transpose(-1, -2)) * torch.exp(log_decay - m_query[..., None])
-    state_weight = torch.exp(log_state_weight - m_query)[..., None]  # (B, H, NC, L, 1)
-    q_weighted = q * state_weight
-    numerator = scores @ v + q_weighted @ C_before
-    denominator = scores.sum(-1) + (q_weighted @ n_before[..., None]).squeeze(-1)
-    denominator = normalizer(denominator, m_query, eps)
-    h = numerator / denominator[..., None]
-    return h.reshape(B, H, T, Dv), (C, n, m)
+    q_weighted = q * torch.exp(log_state_weight - m_query)[..., None]
+    numerator, denominator = (scores @ v1 + q_weighted @ Cn_before).split([Dv, 1], dim=-1)
+    h = numerator * normalizer(denominator.squeeze(-1), m_query, eps).reciprocal()[..., None]
+    C, n = Cn.split([Dv, 1], dim=-1)
+    return h.reshape(B, H, T, Dv), (C, n.squeeze(-1), m)
+
+
+def _inter_chunk(g, a_max, Cn_local, Cn, m):
+    """States before each chunk, sequentially. g, a_max: (B, H, NC); Cn_local: (B, H, NC, Dk, Dv + 1); Cn, m: the
+    initial state. Returns Cn_before (B, H, NC, Dk, Dv + 1), m_before (B, H, NC) and the final (Cn, m).
+
+    `unbind` rather than indexing: the backward of an index is a zero tensor of the full size per chunk.
+    """
+    Cn_before, m_before = [], []
+    for g_c, a_max_c, Cn_local_c in zip(g.unbind(-1), a_max.unbind(-1), Cn_local.unbind(2)):
+        Cn_before.append(Cn)
+        m_before.append(m)
+        m_new = torch.maximum(g_c + m, a_max_c)
+        decay = torch.exp(g_c + m - m_new)[..., None, None]
+        scale = torch.exp(a_max_c - m_new)[..., None, None]
+        Cn = decay * Cn + scale * Cn_local_c
+        m = m_new
+    return torch.stack(Cn_before, dim=2), torch.stack(m_before, dim=2), (Cn, m)
+
+
+@functools.lru_cache(maxsize=64)
+def _upper_triangle(L: int, device: torch.device) -> torch.Tensor:
+    """(L, L) bool, True strictly above the diagonal (inputs after the query)."""
+    return torch.ones(L, L, dtype=torch.bool, device=device).triu(1)
