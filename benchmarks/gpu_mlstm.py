@@ -214,7 +214,7 @@ def ceilings():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--variants", default="L64,L128", help="comma list of revival configs: L64, L128, L64fast, ...")
+    ap.add_argument("--variants", default="L64,L128,L64fast", help="revival configs: L<chunk>[fast]")
     ap.add_argument("--anchors", default="limit_chunk,xl_chunk,fla_simple_gla")
     ap.add_argument("--skip-check", action="store_true")
     args = ap.parse_args()

@@ -20,7 +20,19 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .forward import CONFIG_OVERRIDE, _chunk_gates, _dot, _mix, _pow2, _precision, _upcast
+from .forward import (
+    CONFIG_OVERRIDE,
+    _chunk_gates,
+    _dot,
+    _halvings,
+    _mix,
+    _mm,
+    _pow2,
+    _precision,
+    _split_on,
+    _upcast,
+    launch_with_fallback,
+)
 
 
 @triton.jit
@@ -30,7 +42,7 @@ def _dstates_kernel(
     dcs_ptr, dns_ptr, dc0_ptr, dn0_ptr,
     T, NC, DK, DV, scale,
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid_kv = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -66,7 +78,7 @@ def _dstates_kernel(
         qw = q.to(tl.float32) * w[:, None]
         dnum = dh.to(tl.float32) * rz[:, None]
         decay = tl.exp(g + m_prev - m_next)
-        dC = decay * dC + _dot(tl.trans(qw.to(MIX)), dnum.to(MIX), PRECISION, UPCAST)
+        dC = decay * dC + _mm(tl.trans(qw), dnum, True, True, MIX, PRECISION, UPCAST, SPLIT)
         dn = decay * dn + tl.sum(qw * dden[:, None], 0)
     tl.store(dc0_ptr + state_off, dC, mask=mask_kv)
     if iv == 0:
@@ -80,7 +92,7 @@ def _grads_kernel(
     dq_ptr, dk_ptr, dv_ptr, qdq_ptr, kdk_ptr,
     T, NC, DK, DV, scale,
     L: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr, SPLIT: tl.constexpr,
 ):
     c = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -108,8 +120,8 @@ def _grads_kernel(
     m_prev = tl.load(ms_ptr + row * (NC + 1) + c)
     m_next = tl.load(ms_ptr + row * (NC + 1) + c + 1)
     chunk_state = (row * NC + c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
-    C = tl.load(cs_ptr + chunk_state, mask=mask_kv, other=0.0).to(MIX)
-    dC = tl.load(dcs_ptr + chunk_state, mask=mask_kv, other=0.0).to(MIX)
+    C = tl.load(cs_ptr + chunk_state, mask=mask_kv, other=0.0)
+    dC = tl.load(dcs_ptr + chunk_state, mask=mask_kv, other=0.0)
     n = tl.load(ns_ptr + (row * NC + c) * DK + offs_k, mask=mask_k, other=0.0)
     dn = tl.load(dns_ptr + (row * NC + c) * DK + offs_k, mask=mask_k, other=0.0)
     dn = tl.where(iv == 0, dn, 0.0)
@@ -117,18 +129,19 @@ def _grads_kernel(
     causal = (offs_l[:, None] >= offs_l[None, :]) & valid[:, None]
     decay = tl.where(causal, tl.exp(b[:, None] - b[None, :] + ig[None, :] - m_query[:, None]), 0.0)
     scores = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale * decay  # P (L x L)
-    dnum = (dh.to(tl.float32) * rz[:, None]).to(MIX)
-    dscores = (_dot(dnum, tl.trans(v.to(MIX)), PRECISION, UPCAST) + dden[:, None]) * decay  # dP * D
+    dnum = dh.to(tl.float32) * rz[:, None]
+    dscores = (_mm(dnum, tl.trans(v), True, False, MIX, PRECISION, UPCAST, SPLIT) + dden[:, None]) * decay  # dP * D
     w_query = tl.where(valid, tl.exp(b + m_prev - m_query), 0.0)  # weight of the entering state for each query
     w_key = tl.where(valid, tl.exp(g - b + ig - m_next), 0.0)  # weight of each key in the state at the chunk end
 
-    dq = _dot(dscores.to(MIX), k.to(MIX), PRECISION, UPCAST)
-    dq += w_query[:, None] * (_dot(dnum, tl.trans(C), PRECISION, UPCAST) + dden[:, None] * n[None, :])
+    dq = _mm(dscores, k, True, False, MIX, PRECISION, UPCAST, SPLIT)
+    dq_state = _mm(dnum, tl.trans(C), True, True, MIX, PRECISION, UPCAST, SPLIT) + dden[:, None] * n[None, :]
+    dq += w_query[:, None] * dq_state
     dq = dq * scale
-    dk = _dot(tl.trans(dscores.to(MIX)), q.to(MIX), PRECISION, UPCAST) * scale
-    dk += w_key[:, None] * (_dot(v.to(MIX), tl.trans(dC), PRECISION, UPCAST) + dn[None, :])
-    dv = _dot(tl.trans(scores.to(MIX)), dnum, PRECISION, UPCAST)
-    dv += w_key[:, None] * _dot(k.to(MIX), dC, PRECISION, UPCAST)
+    dk = _mm(tl.trans(dscores), q, True, False, MIX, PRECISION, UPCAST, SPLIT) * scale
+    dk += w_key[:, None] * (_mm(v, tl.trans(dC), False, True, MIX, PRECISION, UPCAST, SPLIT) + dn[None, :])
+    dv = _mm(tl.trans(scores), dnum, True, True, MIX, PRECISION, UPCAST, SPLIT)
+    dv += w_key[:, None] * _mm(k, dC, False, True, MIX, PRECISION, UPCAST, SPLIT)
     tl.store(dv_ptr + rows[:, None] * DV + offs_v[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask_lv)
     if NV == 1:
         tl.store(dq_ptr + rows[:, None] * DK + offs_k[None, :], dq.to(dq_ptr.dtype.element_ty), mask=mask_lk)
@@ -160,7 +173,7 @@ def mlstm_backward(q, k, v, i, f, h, dh, dC_last, dn_last, dm_last, state0, fina
     cfg = backward_config(Dk, Dv)
     dev = q.device
     scale = Dk**-0.5
-    prec, upcast, mix = _precision(q.dtype), _upcast(q.dtype), _mix(q.dtype)
+    prec, upcast, mix, split = _precision(q.dtype), _upcast(q.dtype), _mix(q.dtype), _split_on(q.dtype)
     dh = dh.contiguous()
 
     # per-token normalizer gradients (BH, T)
@@ -174,28 +187,38 @@ def mlstm_backward(q, k, v, i, f, h, dh, dC_last, dn_last, dm_last, state0, fina
     dns = torch.empty_like(ns)
     dC0 = torch.empty(BH, Dk, Dv, device=dev, dtype=torch.float32)
     dn0 = torch.empty(BH, Dk, device=dev, dtype=torch.float32)
-    NK, NV = triton.cdiv(Dk, cfg["BK"]), triton.cdiv(Dv, cfg["BV"])
-    _dstates_kernel[(NK * NV, BH)](
-        q, dh, rz, dden, m_query, i, f, ms, dC_last, dn_last, dcs, dns, dC0, dn0, T, NC, Dk, Dv, scale,
-        L=L, BK=cfg["BK"], BV=cfg["BV"], NV=NV, PRECISION=prec, UPCAST=upcast, MIX=mix,
-        num_warps=cfg["WARPS_DSTATES"],
-    )
+    flags = dict(PRECISION=prec, UPCAST=upcast, MIX=mix, SPLIT=split)
+    shape_class = (Dk, Dv, L, q.dtype, split)
 
-    BV_GRAD = cfg["BV_GRAD"]
-    NVG = triton.cdiv(Dv, BV_GRAD)
+    def dstates(BV):
+        NK, NV = triton.cdiv(Dk, cfg["BK"]), triton.cdiv(Dv, BV)
+        _dstates_kernel[(NK * NV, BH)](
+            q, dh, rz, dden, m_query, i, f, ms, dC_last, dn_last, dcs, dns, dC0, dn0, T, NC, Dk, Dv, scale,
+            L=L, BK=cfg["BK"], BV=BV, NV=NV, num_warps=cfg["WARPS_DSTATES"], **flags,
+        )
+
+    launch_with_fallback(("dstates", *shape_class), _halvings(cfg["BV"]), dstates)
+
     dv = torch.empty_like(v)
     qdq = torch.empty(BH, T, device=dev, dtype=torch.float32)
     kdk = torch.empty(BH, T, device=dev, dtype=torch.float32)
-    if NVG == 1:
-        dq, dk = torch.empty_like(q), torch.empty_like(k)
-    else:
-        dq = torch.empty(NVG, BH, T, Dk, device=dev, dtype=torch.float32)
-        dk = torch.empty(NVG, BH, T, Dk, device=dev, dtype=torch.float32)
-    _grads_kernel[(NC, BH, NVG)](
-        q, k, v, i, f, dh, rz, dden, m_query, cs, ns, ms, dcs, dns, dq, dk, dv, qdq, kdk, T, NC, Dk, Dv, scale,
-        L=L, BKF=_pow2(Dk), BV=BV_GRAD, NV=NVG, PRECISION=prec, UPCAST=upcast, MIX=mix,
-        num_warps=cfg["WARPS_GRAD"],
-    )
+    grads = {}
+
+    def grad_kernel(BV):
+        NVG = triton.cdiv(Dv, BV)
+        if NVG == 1:
+            dq, dk = torch.empty_like(q), torch.empty_like(k)
+        else:
+            dq = torch.empty(NVG, BH, T, Dk, device=dev, dtype=torch.float32)
+            dk = torch.empty(NVG, BH, T, Dk, device=dev, dtype=torch.float32)
+        _grads_kernel[(NC, BH, NVG)](
+            q, k, v, i, f, dh, rz, dden, m_query, cs, ns, ms, dcs, dns, dq, dk, dv, qdq, kdk, T, NC, Dk, Dv, scale,
+            L=L, BKF=_pow2(Dk), BV=BV, NV=NVG, num_warps=cfg["WARPS_GRAD"], **flags,
+        )
+        grads.update(dq=dq, dk=dk, NVG=NVG)
+
+    launch_with_fallback(("grads", *shape_class), _halvings(cfg["BV_GRAD"]), grad_kernel)
+    dq, dk, NVG = grads["dq"], grads["dk"], grads["NVG"]
     if NVG > 1:
         dq, dk = dq.sum(0), dk.sum(0)
         qdq = (q.float() * dq).sum(-1)

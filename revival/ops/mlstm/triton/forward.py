@@ -35,6 +35,36 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _split(x, LOW: tl.constexpr):
+    hi = x.to(LOW)
+    return hi, (x - hi.to(tl.float32)).to(LOW)
+
+
+@triton.jit
+def _mm(a, b, SA: tl.constexpr, SB: tl.constexpr, LOW: tl.constexpr, PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr, SPLIT: tl.constexpr):
+    """a @ b where a (SA) and/or b (SB) are computed float32 tiles and the others inputs in LOW. With SPLIT each
+    computed operand is x_hi + x_lo in LOW (about 16 bits of mantissa from 16-bit matrix units); else x.to(LOW)."""
+    if SPLIT:
+        if SA:
+            a_hi, a_lo = _split(a, LOW)
+        else:
+            a_hi = a.to(LOW)
+        if SB:
+            b_hi, b_lo = _split(b, LOW)
+        else:
+            b_hi = b.to(LOW)
+        acc = _dot(a_hi, b_hi, PRECISION, UPCAST)
+        if SA:
+            acc += _dot(a_lo, b_hi, PRECISION, UPCAST)
+        if SB:
+            acc += _dot(a_hi, b_lo, PRECISION, UPCAST)
+        return acc
+    else:
+        return _dot(a.to(LOW), b.to(LOW), PRECISION, UPCAST)
+
+
+@triton.jit
 def _chunk_gates(i_ptr, f_ptr, row, t0, T, L: tl.constexpr):
     """Local cumulative log-forget b (L), chunk total g, input gates (-inf past T) and the validity mask."""
     offs_t = t0 + tl.arange(0, L)
@@ -56,7 +86,7 @@ def _states_kernel(
     c_out_ptr, n_out_ptr,
     T, NC, DK, DV,
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid_kv = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -90,7 +120,7 @@ def _states_kernel(
         k = tl.load(k_ptr + rows[:, None] * DK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
         v = tl.load(v_ptr + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
         kw = k.to(tl.float32) * w[:, None]
-        C = decay * C + _dot(tl.trans(kw.to(MIX)), v.to(MIX), PRECISION, UPCAST)
+        C = decay * C + _mm(tl.trans(kw), v, True, False, MIX, PRECISION, UPCAST, SPLIT)
         n = decay * n + tl.sum(kw, 0)
         m = m_new
     tl.store(c_out_ptr + state_off, C, mask=mask_kv)
@@ -107,7 +137,7 @@ def _output_kernel(
     h_ptr, mq_ptr, den_ptr,
     T, NC, DK, DV, scale, eps,
     L: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr, SPLIT: tl.constexpr,
 ):
     c = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -136,8 +166,8 @@ def _output_kernel(
     decay = tl.exp(log_d - m_query[:, None])
     scores = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale * decay
     q_state = q.to(tl.float32) * (scale * tl.exp(log_state - m_query))[:, None]
-    num = _dot(scores.to(MIX), v.to(MIX), PRECISION, UPCAST)
-    num += _dot(q_state.to(MIX), C.to(MIX), PRECISION, UPCAST)
+    num = _mm(scores, v, True, False, MIX, PRECISION, UPCAST, SPLIT)
+    num += _mm(q_state, C, True, True, MIX, PRECISION, UPCAST, SPLIT)
     den = tl.sum(scores, 1) + tl.sum(q_state * n[None, :], 1)
     z = tl.maximum(tl.abs(den), tl.exp(-m_query)) + eps
     h = num / z[:, None]
@@ -170,14 +200,46 @@ def _upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# Matrix products whose operands are computed (decay-weighted scores, scaled gradients, states) use float32 operands
-# (tf32 on the tensor cores): bfloat16 operands there double the error of h and of the gradients (measured), while
-# the kernels are bound by memory traffic, not by the matrix units. False: operands in the input dtype.
+# Matrix products whose operands are computed (decay-weighted scores, scaled gradients, states) split those operands
+# into hi + lo 16-bit parts (two or three products instead of one): plain bfloat16 operands there double the error of
+# h and of the gradients (measured), while the kernels are bound by memory traffic, not by the matrix units.
+# False: computed operands rounded to the input dtype, states stored in it.
 PRECISE_INTERMEDIATES = True
 
 
 def _mix(dtype: torch.dtype):
-    return tl.float32 if PRECISE_INTERMEDIATES or dtype == torch.float32 else getattr(tl, str(dtype).split(".")[-1])
+    return getattr(tl, str(dtype).split(".")[-1])
+
+
+def _split_on(dtype: torch.dtype) -> bool:
+    return PRECISE_INTERMEDIATES and dtype != torch.float32
+
+
+_CHOSEN: dict = {}
+
+
+def launch_with_fallback(key, sizes, launch) -> None:
+    """Launch with the first tile size in `sizes` whose kernel fits the chip's shared memory; remember it per key
+    (a fixed config per shape class: at most one failed compile per size, on the first call)."""
+    from triton.runtime.errors import OutOfResources
+
+    start = _CHOSEN.get(key, 0)
+    for index in range(start, len(sizes)):
+        try:
+            launch(sizes[index])
+        except OutOfResources:
+            if index == len(sizes) - 1:
+                raise
+            continue
+        _CHOSEN[key] = index
+        return
+
+
+def _halvings(size: int, floor: int = 16) -> list[int]:
+    out = [size]
+    while out[-1] > floor:
+        out.append(out[-1] // 2)
+    return out
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -204,21 +266,28 @@ def mlstm_forward(q, k, v, i, f, C0, n0, m0, chunk_size: int, eps: float, keep_s
     C_out = torch.empty(BH, Dk, Dv, device=dev, dtype=torch.float32)
     n_out = torch.empty(BH, Dk, device=dev, dtype=torch.float32)
     prec = _precision(q.dtype)
-    NK, NV = triton.cdiv(Dk, cfg["BK"]), triton.cdiv(Dv, cfg["BV"])
-    _states_kernel[(NK * NV, BH)](
-        k, v, i, f, C0, n0, m0, cs, ns, ms, C_out, n_out, T, NC, Dk, Dv,
-        L=L, BK=cfg["BK"], BV=cfg["BV"], NV=NV, PRECISION=prec, UPCAST=_upcast(q.dtype), MIX=_mix(q.dtype),
-        num_warps=cfg["WARPS_STATES"],
-    )
+    flags = dict(PRECISION=prec, UPCAST=_upcast(q.dtype), MIX=_mix(q.dtype), SPLIT=_split_on(q.dtype))
+    shape_class = (Dk, Dv, L, q.dtype, PRECISE_INTERMEDIATES)
+
+    def states(BV):
+        NK, NV = triton.cdiv(Dk, cfg["BK"]), triton.cdiv(Dv, BV)
+        _states_kernel[(NK * NV, BH)](
+            k, v, i, f, C0, n0, m0, cs, ns, ms, C_out, n_out, T, NC, Dk, Dv,
+            L=L, BK=cfg["BK"], BV=BV, NV=NV, num_warps=cfg["WARPS_STATES"], **flags,
+        )
+
+    launch_with_fallback(("states", *shape_class), _halvings(cfg["BV"]), states)
     h = torch.empty(BH, T, Dv, device=dev, dtype=q.dtype)
     m_query = torch.empty(BH, T, device=dev, dtype=torch.float32)
     den = torch.empty(BH, T, device=dev, dtype=torch.float32)
-    BV_OUT = cfg["BV_OUT"]
-    _output_kernel[(NC, BH, triton.cdiv(Dv, BV_OUT))](
-        q, k, v, i, f, cs, ns, ms, h, m_query, den, T, NC, Dk, Dv, Dk**-0.5, eps,
-        L=L, BKF=_pow2(Dk), BV=BV_OUT, PRECISION=prec, UPCAST=_upcast(q.dtype), MIX=_mix(q.dtype),
-        num_warps=cfg["WARPS_OUT"],
-    )
+
+    def output(BV):
+        _output_kernel[(NC, BH, triton.cdiv(Dv, BV))](
+            q, k, v, i, f, cs, ns, ms, h, m_query, den, T, NC, Dk, Dv, Dk**-0.5, eps,
+            L=L, BKF=_pow2(Dk), BV=BV, num_warps=cfg["WARPS_OUT"], **flags,
+        )
+
+    launch_with_fallback(("output", *shape_class), _halvings(cfg["BV_OUT"]), output)
     m_final = ms[:, NC].clone()
     saved = (cs, ns, ms, m_query, den) if keep_states else None
     return h, (C_out, n_out, m_final), saved
