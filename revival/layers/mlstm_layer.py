@@ -53,15 +53,6 @@ class HeadwiseLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def headwise_shared_input(x: torch.Tensor, *projections: HeadwiseLinear) -> list[torch.Tensor]:
-    """[p(x) for p in projections] as one batched product (same block layout for all); each (..., dim), contiguous."""
-    first = projections[0]
-    blocks = x.unflatten(-1, (first.num_blocks, first.block_size)).flatten(0, -3)  # (N, nb, bs)
-    weight = torch.stack([p.weight for p in projections])  # (S, nb, bs, bs)
-    out = torch.einsum("nbi,sboi->snbo", blocks, weight).unflatten(1, x.shape[:-1]).flatten(-2)  # (S, ..., dim)
-    return [y if p.bias is None else y + p.bias for y, p in zip(out, projections)]
-
-
 class MLSTMLayer(nn.Module):
     """mLSTM mixer of the paper's pre-up-projection block (no residual, no outer pre-norm).
 
@@ -135,8 +126,7 @@ class MLSTMLayer(nn.Module):
         x_m, z = self.proj_up(x).split(self.inner_dim, dim=-1)
         conv_out, conv_state = self.conv(x_m, conv_state)
         conv_act = F.silu(conv_out)
-        q, k = headwise_shared_input(conv_act, self.q_proj, self.k_proj)
-        v = self.v_proj(x_m)
+        q, k, v = self.q_proj(conv_act), self.k_proj(conv_act), self.v_proj(x_m)
 
         gate_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=x.device.type, enabled=False):  # gate pre-activations stay in float32
