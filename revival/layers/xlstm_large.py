@@ -17,6 +17,7 @@ multihead_norm, out_proj.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops.mlstm import IMPLS, MLSTMState, mlstm, mlstm_step
@@ -90,6 +91,16 @@ class XLSTMLargeLayer(nn.Module):
             self.fgate_preact.bias.copy_(torch.linspace(3.0, 6.0, self.num_heads))
         self.multihead_norm.reset_parameters()
 
+    def _gate(self, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """Soft-capped gate pre-activation (B, T, H), computed in float32 (float64 for float64 inputs).
+
+        The gates enter exponentially: a bfloat16 rounding of a pre-activation near the cap (15) is an absolute
+        error of ~0.03, i.e. a 3% error in the input weight exp(i). The projection has only H outputs, so doing it
+        in float32 costs next to nothing and cuts the bfloat16 error of h several-fold.
+        """
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return soft_cap(F.linear(x.to(dtype), linear.weight.to(dtype), linear.bias.to(dtype)), self.gate_soft_cap)
+
     def forward(self, x: torch.Tensor, state: MLSTMState | None = None) -> tuple[torch.Tensor, MLSTMState]:
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected shape (B, T, {self.d_model}), got {tuple(x.shape)}")
@@ -98,15 +109,13 @@ class XLSTMLargeLayer(nn.Module):
         q = self.q(x).view(B, T, H, self.qk_head_dim).transpose(1, 2)  # (B, H, T, Dk)
         k = self.k(x).view(B, T, H, self.qk_head_dim).transpose(1, 2)
         v = self.v(x).view(B, T, H, self.v_head_dim).transpose(1, 2)  # (B, H, T, Dv)
-        # gates in at least float32: the op works in float32 anyway, and the soft cap is cheap
-        gate_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        i = soft_cap(self.igate_preact(x).to(gate_dtype), self.gate_soft_cap).transpose(1, 2)  # (B, H, T)
-        f = soft_cap(self.fgate_preact(x).to(gate_dtype), self.gate_soft_cap).transpose(1, 2)
+        i = self._gate(self.igate_preact, x).transpose(1, 2)  # (B, H, T)
+        f = self._gate(self.fgate_preact, x).transpose(1, 2)
         if T == 1:
             h, state = mlstm_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], state, eps=self.eps)
             h = h[:, :, None]
         else:
             h, state = mlstm(q, k, v, i, f, state, impl=self.impl, chunk_size=self.chunk_size, eps=self.eps)
         h = self.multihead_norm(h.transpose(1, 2))  # (B, T, H * Dv)
-        y = self.out_proj(torch.sigmoid(self.ogate_preact(x)) * h)
+        y = self.out_proj((torch.sigmoid(self.ogate_preact(x)) * h).to(x.dtype))
         return y, state
