@@ -33,11 +33,11 @@ B, T, D = 2, 21, 20  # tiles of 8 steps x 16 channels: 3 time tiles (last partia
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
-    monkeypatch.setitem(ts.SCAN_BLOCKS, "BT", 8)
-    monkeypatch.setitem(ts.SCAN_BLOCKS, "BD", 16)
-    monkeypatch.setitem(ts.PROJ_BLOCKS, "BT", 16)
-    monkeypatch.setitem(ts.PROJ_BLOCKS, "BD", 16)
-    monkeypatch.setitem(ts.PROJ_BLOCKS, "BK", 16)
+    for blocks in (ts.SCAN_BLOCKS, ts.BWD_BLOCKS):
+        monkeypatch.setitem(blocks, "BT", 8)
+        monkeypatch.setitem(blocks, "BD", 16)
+    for precision in ("tf32", "ieee"):
+        monkeypatch.setitem(ts.PROJ_BLOCKS, precision, {"BT": 16, "BD": 16, "BK": 16, "num_warps": 4})
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:

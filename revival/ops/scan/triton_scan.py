@@ -41,8 +41,13 @@ __all__ = ["available", "linear_recurrence_triton", "mingru_scan_triton", "minls
 
 LINEAR, MINGRU, MINLSTM = 0, 1, 2  # kernel modes; the number of inputs is 2, 2, 3
 NUM_INPUTS = {LINEAR: 2, MINGRU: 2, MINLSTM: 3}
-SCAN_BLOCKS = {"BT": 64, "BD": 32, "num_warps": 4}  # tile of the scan kernels (tuned on an H100, NOTES.md)
-PROJ_BLOCKS = {"BT": 64, "BD": 32, "BK": 32, "num_warps": 4}  # tile of the fused projection + scan kernel
+# Tiles (time steps BT x channels BD, reduction BK) and warps per program; chosen on an H100 (benchmarks/NOTES.md).
+SCAN_BLOCKS = {"BT": 64, "BD": 32, "num_warps": 4}  # forward scan kernel
+BWD_BLOCKS = {"BT": 64, "BD": 32, "num_warps": 4}  # backward scan kernel
+PROJ_BLOCKS = {  # fused in-projection + scan, by tl.dot precision
+    "tf32": {"BT": 64, "BD": 32, "BK": 32, "num_warps": 4},
+    "ieee": {"BT": 64, "BD": 32, "BK": 32, "num_warps": 4},
+}
 
 
 def available() -> bool:
@@ -246,7 +251,7 @@ def _scan_backward(inputs, grads, h0, h, dh, dh_last, mode: int) -> torch.Tensor
     d1, d2, d3 = (grads + grads[:1])[:3]
     dh = torch.zeros_like(h) if dh is None else dh.contiguous()
     dh0 = None if h0 is None else torch.empty(B, D, dtype=torch.float32, device=h.device)
-    blocks = SCAN_BLOCKS
+    blocks = BWD_BLOCKS
     grid = (triton.cdiv(D, blocks["BD"]), B)
     _scan_bwd_kernel[grid](x1, x2, x3, h if h0 is None else h0, h, dh, h if dh_last is None else dh_last.contiguous(),
                            d1, d2, d3, h if dh0 is None else dh0, T, D, x1.stride(0), x1.stride(1), T * D, D,
@@ -283,12 +288,13 @@ class _ProjectedScan(torch.autograd.Function):
         h = torch.empty(B, T, D, dtype=u.dtype, device=u.device)
         h_last = torch.empty(B, D, dtype=torch.float32, device=u.device)
         rows = [role * D for role in (list(roles) + [0])[:3]]
-        blocks = PROJ_BLOCKS
+        precision = _matmul_precision()
+        blocks = PROJ_BLOCKS[precision]
         grid = (triton.cdiv(D, blocks["BD"]), B)
         _proj_scan_fwd_kernel[grid](u, weight, weight if bias is None else bias, h_last if h0 is None else h0, h,
                                     h_last, T, K, D, u.stride(0), u.stride(1), weight.stride(0), T * D, D, *rows,
                                     MODE=mode, HAS_BIAS=bias is not None, HAS_H0=h0 is not None,
-                                    PRECISION=_matmul_precision(), BT=blocks["BT"], BD=blocks["BD"],
+                                    PRECISION=precision, BT=blocks["BT"], BD=blocks["BD"],
                                     BK=blocks["BK"], num_warps=blocks["num_warps"])
         ctx.mode, ctx.roles = mode, roles
         ctx.save_for_backward(u, weight, bias, h0, h)
