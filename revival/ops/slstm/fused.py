@@ -34,82 +34,129 @@ def _to_head_major(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(0, 1)
 
 
-def _forward_loop(raw, R_fused, c_all, n_all, m_all, y_all) -> None:
-    """In place. raw: (T, H, B, 4, d) holding x; on return the pre-activations. c/n/m/y_all: (T+1, H, B, d), [0] set."""
-    T = raw.shape[0]
-    first = n_all[0] == 0
+class _Buffers:
+    """Everything one forward writes, head-major. Index 0 of cn/m/y holds the initial state, index t+1 step t.
+
+    raw (T, H, B, 4, d): x, then the pre-activations; cn (T+1, H, B, 2, d): (c, n); m, y (T+1, H, B, d);
+    bars (T, H, B, 2, d): (ibar, fbar); tanh_z_one (T, H, B, 2, d): (tanh z, 1); sig_o (T, H, B, d).
+    """
+
+    def __init__(self, x_gates: torch.Tensor, initial: SLSTMState):
+        B, T, G, H, d = x_gates.shape
+        kw = dict(dtype=x_gates.dtype, device=x_gates.device)
+        self.raw = torch.empty(T, H, B, G, d, **kw)
+        self.raw.copy_(x_gates.permute(1, 3, 0, 2, 4))
+        self.cn = torch.empty(T + 1, H, B, 2, d, **kw)
+        self.m, self.y = torch.empty(T + 1, H, B, d, **kw), torch.empty(T + 1, H, B, d, **kw)
+        for buffer, value in zip((self.cn[0, :, :, 0], self.cn[0, :, :, 1], self.m[0], self.y[0]), initial):
+            buffer.copy_(_to_head_major(value))
+        self.bars = torch.empty(T, H, B, 2, d, **kw)
+        self.tanh_z_one = torch.ones(T, H, B, 2, d, **kw)
+        self.sig_o = torch.empty(T, H, B, d, **kw)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.raw, self.cn, self.m, self.y, self.bars, self.tanh_z_one, self.sig_o
+
+
+def _forward_loop(buf: _Buffers, R_fused: torch.Tensor) -> None:
+    """Run the recurrence in place over `buf` (see `_Buffers`). R_fused: (H, d, 4d)."""
+    raw, cn, m, y = buf.raw, buf.cn, buf.m, buf.y
+    T, H, B, G, d = raw.shape
+    first = cn[0, :, :, 1] == 0
     check_first = bool(first.any())
-    for t in range(T):
-        raw_t = raw[t]
-        raw_t.view(raw_t.shape[0], raw_t.shape[1], -1).baddbmm_(y_all[t], R_fused)
-        i, f, z, o = raw_t.unbind(2)
-        m_new = m_all[t + 1]
-        log_f_plus_m = F.logsigmoid(f).add_(m_all[t])
-        torch.maximum(i, log_f_plus_m, out=m_new)
+    per_step = zip(
+        raw.view(T, H, B, G * d).unbind(0), *(g.unbind(0) for g in raw.unbind(3)),
+        cn[1:].unbind(0), cn[1:, :, :, 0].unbind(0), cn[1:, :, :, 1].unbind(0), m[1:].unbind(0), y[1:].unbind(0),
+        buf.bars.unbind(0), buf.bars[:, :, :, 0].unbind(0), buf.bars[:, :, :, 1].unbind(0),
+        buf.bars[:, :, :, 0:1].unbind(0), buf.bars[:, :, :, 1:2].unbind(0),
+        buf.tanh_z_one.unbind(0), buf.tanh_z_one[:, :, :, 0].unbind(0), buf.sig_o.unbind(0),
+    )  # fmt: skip
+    cn_prev, m_prev, y_prev = cn[0], m[0], y[0]
+    for t, step in enumerate(per_step):
+        raw_t, i, f, z, o, cn_new, c_new, n_new, m_new, y_new = step[:10]
+        bars, i_bar, f_bar, i_bar_col, f_bar_col, tanh_z_one, tanh_z, sig_o = step[10:]
+        raw_t.baddbmm_(y_prev, R_fused)
+        torch.add(F.logsigmoid(f), m_prev, out=f_bar)  # logfm = log fbar before the stabilizer
+        torch.maximum(i, f_bar, out=m_new)
         if t == 0 and check_first:
             m_new.copy_(torch.where(first, i, m_new))
-            log_f_plus_m.masked_fill_(first, float("-inf"))
-        i_bar = torch.sub(i, m_new).exp_()
-        f_bar = log_f_plus_m.sub_(m_new).exp_()
-        c_new = torch.mul(f_bar, c_all[t], out=c_all[t + 1]).addcmul_(i_bar, torch.tanh(z))
-        n_new = torch.addcmul(i_bar, f_bar, n_all[t], out=n_all[t + 1])
-        torch.sigmoid(o, out=y_all[t + 1]).mul_(c_new).div_(n_new)
+            f_bar.masked_fill_(first, float("-inf"))
+        torch.sub(i, m_new, out=i_bar)
+        f_bar.sub_(m_new)
+        bars.exp_()
+        torch.tanh(z, out=tanh_z)
+        torch.mul(f_bar_col, cn_prev, out=cn_new).addcmul_(i_bar_col, tanh_z_one)
+        torch.mul(torch.sigmoid(o, out=sig_o), c_new, out=y_new).div_(n_new)
+        cn_prev, m_prev, y_prev = cn_new, m_new, y_new
 
 
-def _backward_loop(raw, R_fused, c_all, n_all, m_all, y_all, grad_y, grad_c, grad_n, grad_m):
-    """Backward through time. grad_y: (T, H, B, d) (the final-state y gradient already added to step T-1);
-    grad_c/n/m: (H, B, d) gradients of the final state. Returns g_raw (T, H, B, 4, d) and the initial-state
-    gradients (g_c0, g_n0, g_m0, g_y0), each (H, B, d)."""
-    T, H, B, _, d = raw.shape
-    i, f, z, o = raw.unbind(3)
-    m, m_prev = m_all[1:], m_all[:-1]
-    c, c_prev = c_all[1:], c_all[:-1]
-    n, n_prev = n_all[1:], n_all[:-1]
+def _backward_coefficients(raw, cn, m, bars, tanh_z_one, sig_o):
+    """Per-step local derivatives, for all steps at once (T, H, B, ...).
 
-    # everything that depends only on saved values, for all steps at once
-    log_f_plus_m = F.logsigmoid(f) + m_prev
-    i_bar = torch.exp(i - m)
-    f_exponent = log_f_plus_m - m
-    f_exponent[0].masked_fill_(n_prev[0] == 0, float("-inf"))
-    f_bar = torch.exp(f_exponent)
-    picked_i = (i == m).to(raw.dtype)  # m = i (first step, or i >= logfm)
-    picked_f = 1 - picked_i
-    tanh_z = torch.tanh(z)
-    sig_o = torch.sigmoid(o)
-    sig_neg_f = torch.sigmoid(-f)
-    o_over_n = sig_o / n
-    c_over_n = c / n
-    k_o = c_over_n * sig_o * (1 - sig_o)  # dy/do
-    k_z = i_bar * (1 - tanh_z * tanh_z)  # dc/dz
-    tz_ib = tanh_z * i_bar  # dc/d(i via ibar) up to ibar's own derivative
-    cp_fb = c_prev * f_bar
-    np_fb = n_prev * f_bar
+    With g = dL/d(c_t, n_t) (total) and g_m = dL/dm_t from later uses of m_t:
+        dL/do      = g_y * dy_do
+        dL/dz      = g_c * dc_dz
+        (dL/di, dL/dlogfm) = sum_{c,n} g * k_signed + g_m * picked
+    where, with (A, B) = d(c, n)/d(ibar) * ibar and (C, D) = d(c, n)/d(fbar) * fbar and s = [m_t == i]:
+        k = (A, B) - s * ((A, B) + (C, D)),  k_signed = (k, -k)
+    (the stabilizer enters through ibar = exp(i - m), fbar = exp(logfm - m): dL/dm_t = g_m - via_i - via_f,
+    routed to i when s else to logfm).
+    """
+    i, f = raw[:, :, :, 0], raw[:, :, :, 1]
+    c, n = cn[1:, :, :, 0], cn[1:, :, :, 1]
+    i_bar, f_bar = bars[:, :, :, 0], bars[:, :, :, 1]
+    tanh_z = tanh_z_one[:, :, :, 0]
+    picked_i = (i == m[1:]).to(raw.dtype)  # m = i (first step, or i >= logfm)
+    c_over_n, o_over_n = c / n, sig_o / n
+    dy_dcn = torch.stack([o_over_n, -o_over_n * c_over_n], dim=3)
+    dy_do = c_over_n * sig_o * (1 - sig_o)
+    dc_dz = i_bar * (1 - tanh_z * tanh_z)
+    via_i = bars[:, :, :, 0:1] * tanh_z_one  # (A, B)
+    via_f = bars[:, :, :, 1:2] * cn[:-1]  # (C, D)
+    k = via_i - picked_i.unsqueeze(3) * (via_i + via_f)
+    k_signed = torch.stack([k, -k], dim=3)  # (T, H, B, 2 [i, logfm], 2 [c, n], d)
+    picked = torch.stack([picked_i, 1 - picked_i], dim=3)
+    scale = torch.stack([torch.ones_like(f), torch.sigmoid(-f)], dim=3)  # dlogfm/df = sigmoid(-f)
+    return dy_dcn, dy_do, dc_dz, k_signed, picked, scale, f_bar.unsqueeze(3)
 
+
+def _backward_loop(saved, R_fused, grad_y, grad_cn, grad_m):
+    """Backward through time. grad_y: (T, H, B, d), the final-state y gradient already added to step T-1;
+    grad_cn (H, B, 2, d), grad_m (H, B, d): gradients of the final state. Returns g_raw (T, H, B, 4, d) and the
+    initial-state gradients g_cn0 (H, B, 2, d), g_m0 (H, B, d), g_y0 (H, B, d)."""
+    raw, cn, m, _, bars, tanh_z_one, sig_o = saved
+    T, H, B, G, d = raw.shape
+    kw = dict(dtype=raw.dtype, device=raw.device)
+    dy_dcn, dy_do, dc_dz, k_signed, picked, scale, f_bar_col = _backward_coefficients(
+        raw, cn, m, bars, tanh_z_one, sig_o
+    )
     g_raw = torch.empty_like(raw)
+    g_raw_flat = g_raw.view(T, H, B, G * d)
     R_fused_t = R_fused.transpose(1, 2)
-    g_c, g_n, g_m = (g.clone(memory_format=torch.contiguous_format) for g in (grad_c, grad_n, grad_m))
-    g_y = torch.empty(H, B, d, dtype=raw.dtype, device=raw.device)
+    g_cn = grad_cn.clone(memory_format=torch.contiguous_format)  # running dL/d(c, n)
+    g_c, g_cn_row = g_cn[:, :, 0], g_cn.unsqueeze(2)
+    g_y = torch.empty(H, B, d, **kw)
+    g_y_col = g_y.unsqueeze(2)
+    products = torch.empty(H, B, 2, 2, d, **kw)
+    products_c, products_n = products[:, :, :, 0], products[:, :, :, 1]
+    g_i_logfm = torch.empty(2, H, B, 2, d, **kw)  # double buffer: step t's dL/dlogfm is dL/dm_{t-1} at step t-1
+    g_m_col = grad_m.unsqueeze(2)
     for t in range(T - 1, -1, -1):
         if t == T - 1:
             g_y.copy_(grad_y[t])
         else:
-            torch.baddbmm(grad_y[t], g_raw[t + 1].view(H, B, 4 * d), R_fused_t, out=g_y)
-        g_i, g_f, g_z, g_o = g_raw[t].unbind(2)
-        g_a = g_y * o_over_n[t]
-        g_c.add_(g_a)  # total dL/dc_t
-        g_n.addcmul_(g_a, c_over_n[t], value=-1)  # total dL/dn_t
-        torch.mul(g_y, k_o[t], out=g_o)
-        torch.mul(g_c, k_z[t], out=g_z)
-        g_via_i = torch.mul(g_c, tz_ib[t]).add_(g_n * i_bar[t])  # dL/d(ibar) * ibar
-        g_via_f = torch.mul(g_c, cp_fb[t]).add_(g_n * np_fb[t])  # dL/d(fbar) * fbar
-        g_c.mul_(f_bar[t])
-        g_n.mul_(f_bar[t])
-        g_m.sub_(g_via_i).sub_(g_via_f)  # total dL/dm_t
-        torch.addcmul(g_via_i, g_m, picked_i[t], out=g_i)
-        g_m.mul_(picked_f[t]).add_(g_via_f)  # dL/d(logfm) = dL/dm_{t-1}
-        torch.mul(g_m, sig_neg_f[t], out=g_f)
-    g_y0 = torch.bmm(g_raw[0].view(H, B, 4 * d), R_fused_t)
-    return g_raw, (g_c, g_n, g_m, g_y0)
+            torch.baddbmm(grad_y[t], g_raw_flat[t + 1], R_fused_t, out=g_y)
+        g_cn.addcmul_(g_y_col, dy_dcn[t])  # total dL/d(c_t, n_t)
+        torch.mul(g_y, dy_do[t], out=g_raw[t, :, :, 3])
+        torch.mul(g_c, dc_dz[t], out=g_raw[t, :, :, 2])
+        g_il = g_i_logfm[t % 2]
+        torch.mul(g_cn_row, k_signed[t], out=products)
+        torch.add(products_c, products_n, out=g_il).addcmul_(g_m_col, picked[t])  # (dL/di, dL/dlogfm)
+        torch.mul(g_il, scale[t], out=g_raw[t, :, :, 0:2])
+        g_cn.mul_(f_bar_col[t])  # dL/d(c, n)_{t-1}
+        g_m_col = g_il[:, :, 1:2]  # dL/dm_{t-1} = dL/dlogfm
+    g_y0 = torch.bmm(g_raw_flat[0], R_fused_t)
+    return g_raw, (g_cn, g_m_col.squeeze(2), g_y0)
 
 
 class _SLSTMFunction(torch.autograd.Function):
@@ -118,31 +165,25 @@ class _SLSTMFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_gates, recurrent_weight, c0, n0, m0, y0):
-        B, T, G, H, d = x_gates.shape
-        kw = dict(dtype=x_gates.dtype, device=x_gates.device)
-        raw = torch.empty(T, H, B, G, d, **kw)
-        raw.copy_(x_gates.permute(1, 3, 0, 2, 4))
-        c_all, n_all, m_all, y_all = (torch.empty(T + 1, H, B, d, **kw) for _ in range(4))
-        for buffer, initial in zip((c_all, n_all, m_all, y_all), (c0, n0, m0, y0)):
-            buffer[0].copy_(_to_head_major(initial))
+        T = x_gates.shape[1]
+        buf = _Buffers(x_gates, (c0, n0, m0, y0))
         R_fused = _fuse_weight(recurrent_weight)
-        _forward_loop(raw, R_fused, c_all, n_all, m_all, y_all)
-        ctx.save_for_backward(raw, R_fused, c_all, n_all, m_all, y_all)
-        y = y_all[1:].permute(2, 0, 1, 3).contiguous()
-        final = [_to_head_major(buffer[T]).contiguous() for buffer in (c_all, n_all, m_all, y_all)]
-        return (y, *final)
+        _forward_loop(buf, R_fused)
+        ctx.save_for_backward(R_fused, *buf.tensors())
+        y = buf.y[1:].permute(2, 0, 1, 3).contiguous()
+        final = [buf.cn[T, :, :, 0], buf.cn[T, :, :, 1], buf.m[T], buf.y[T]]
+        return (y, *(_to_head_major(s).contiguous() for s in final))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_c, grad_n, grad_m, grad_y_last):
-        raw, R_fused, c_all, n_all, m_all, y_all = ctx.saved_tensors
+        R_fused, *saved = ctx.saved_tensors
+        raw, y_all = saved[0], saved[3]
         T, H, B, G, d = raw.shape
         grad_y = grad_y.permute(1, 2, 0, 3).clone(memory_format=torch.contiguous_format)  # (T, H, B, d), owned
         grad_y[T - 1].add_(_to_head_major(grad_y_last))
-        g_raw, initial_grads = _backward_loop(
-            raw, R_fused, c_all, n_all, m_all, y_all,
-            grad_y, *(_to_head_major(g) for g in (grad_c, grad_n, grad_m)),
-        )  # fmt: skip
+        grad_cn = torch.stack([_to_head_major(grad_c), _to_head_major(grad_n)], dim=2)
+        g_raw, (g_cn, g_m, g_y0) = _backward_loop(saved, R_fused, grad_y, grad_cn, _to_head_major(grad_m))
         g_x = g_r = None
         if ctx.needs_input_grad[0]:
             g_x = g_raw.permute(2, 0, 3, 1, 4)  # (B, T, 4, H, d)
@@ -150,7 +191,7 @@ class _SLSTMFunction(torch.autograd.Function):
             y_prev = y_all[:T].permute(1, 3, 0, 2).reshape(H, d, T * B)
             g_fused = torch.bmm(y_prev, g_raw.transpose(0, 1).reshape(H, T * B, G * d))  # (H, d, 4d)
             g_r = g_fused.view(H, d, G, d).permute(2, 0, 1, 3)
-        g_states = [_to_head_major(g) for g in initial_grads]
+        g_states = [_to_head_major(g) for g in (g_cn[:, :, 0], g_cn[:, :, 1], g_m, g_y0)]
         return (g_x, g_r, *g_states)
 
 
