@@ -8,6 +8,7 @@ that starts from their state (no padding).
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -62,16 +63,14 @@ def _equal_chunks(q, k, v, i, f, state: MLSTMState, L: int, eps: float) -> tuple
     Cn_local = k_weighted.transpose(-1, -2) @ v1  # (B, H, NC, Dk, Dv + 1)
 
     C0, n0, m0 = state
-    Cn_before, m_before, (Cn, m) = _inter_chunk(g, a_max, Cn_local, torch.cat([C0, n0[..., None]], dim=-1), m0)
+    Cn_before, m_before, Cn, m = _InterChunk.apply(g, a_max, Cn_local, torch.cat([C0, n0[..., None]], dim=-1), m0)
 
     # Intra-chunk (parallel): query j sees the state before its chunk and inputs s <= j of its chunk.
-    log_decay = (b[..., :, None] - b[..., None, :]) + i[..., None, :]  # (B, H, NC, L, L)
-    log_decay = log_decay.masked_fill(_upper_triangle(L, q.device), float("-inf"))
     log_state_weight = b + m_before[..., None]  # (B, H, NC, L)
-    # max_s<=j (b_j - b_s + i_s) as b_j + cummax(i - b): O(L) instead of a (L, L) max. The stabilizer only has to
+    # max_{s<=j} (b_j - b_s + i_s) as b_j + cummax(i - b): O(L) instead of a (L, L) max. The stabilizer only has to
     # bound the exponents; its rounding cancels in h (only the eps term sees it).
     m_query = torch.maximum(log_state_weight, b + torch.cummax(i - b, dim=-1).values)
-    scores = (q @ k.transpose(-1, -2)) * torch.exp(log_decay - m_query[..., None])
+    scores = _CausalDecayedScores.apply(q @ k.transpose(-1, -2), b, i, m_query)
     q_weighted = q * torch.exp(log_state_weight - m_query)[..., None]
     numerator, denominator = (scores @ v1 + q_weighted @ Cn_before).split([Dv, 1], dim=-1)
     h = numerator * normalizer(denominator.squeeze(-1), m_query, eps).reciprocal()[..., None]
@@ -79,22 +78,101 @@ def _equal_chunks(q, k, v, i, f, state: MLSTMState, L: int, eps: float) -> tuple
     return h.reshape(B, H, T, Dv), (C, n.squeeze(-1), m)
 
 
-def _inter_chunk(g, a_max, Cn_local, Cn, m):
-    """States before each chunk, sequentially. g, a_max: (B, H, NC); Cn_local: (B, H, NC, Dk, Dv + 1); Cn, m: the
-    initial state. Returns Cn_before (B, H, NC, Dk, Dv + 1), m_before (B, H, NC) and the final (Cn, m).
+class _CausalDecayedScores(torch.autograd.Function):
+    """scores[j, s] = S[j, s] * exp(b_j - b_s + i_s - m_j) for s <= j, else 0.
 
-    `unbind` rather than indexing: the backward of an index is a zero tensor of the full size per chunk.
+    S: (..., L, L) raw scores q.k; b, i, m: (..., L). A hand-written backward keeps the (L, L) work to two
+    elementwise products and two reductions (autograd would save and revisit five (L, L) temporaries).
+    Log weights are clamped to [log(tiny), 20] before exp: entries below the dtype's smallest normal number
+    (which the references also lose to underflow) take exp's fast path, and entries above the diagonal, masked to
+    0 after exp, cannot overflow.
     """
-    Cn_before, m_before = [], []
-    for g_c, a_max_c, Cn_local_c in zip(g.unbind(-1), a_max.unbind(-1), Cn_local.unbind(2)):
-        Cn_before.append(Cn)
-        m_before.append(m)
-        m_new = torch.maximum(g_c + m, a_max_c)
-        decay = torch.exp(g_c + m - m_new)[..., None, None]
-        scale = torch.exp(a_max_c - m_new)[..., None, None]
-        Cn = decay * Cn + scale * Cn_local_c
-        m = m_new
-    return torch.stack(Cn_before, dim=2), torch.stack(m_before, dim=2), (Cn, m)
+
+    @staticmethod
+    def forward(ctx, S, b, i, m):
+        L = S.shape[-1]
+        decay = b[..., :, None] - b[..., None, :]
+        decay += i[..., None, :]
+        decay -= m[..., :, None]
+        decay.clamp_(min=math.log(torch.finfo(decay.dtype).tiny) + 1.0, max=20.0).exp_()
+        decay.masked_fill_(_upper_triangle(L, S.device), 0.0)
+        scores = S * decay
+        ctx.save_for_backward(decay, scores)
+        return scores
+
+    @staticmethod
+    def backward(ctx, grad_scores):
+        decay, scores = ctx.saved_tensors
+        grad_S = grad_scores * decay
+        grad_log = grad_scores * scores  # d/d(log weight[j, s]); zero above the diagonal
+        rows = grad_log.sum(-1)  # sum over s: through b_j and m_j
+        cols = grad_log.sum(-2)  # sum over j: through -b_s and i_s
+        return grad_S, rows - cols, cols, -rows
+
+
+class _InterChunk(torch.autograd.Function):
+    """The sequential recurrence over chunk states, with a hand-written backward (reverse loop).
+
+    Inputs: g, a_max (B, H, NC) the chunks' total log-forget and the max of their inputs' log weights;
+    Cn_local (B, H, NC, Dk, W) each chunk's own stabilized contribution; Cn0 (B, H, Dk, W), m0 (B, H) the initial
+    state. Per chunk c:
+
+        m_c = max(g_c + m_{c-1}, a_max_c);  Cn_c = exp(g_c + m_{c-1} - m_c) Cn_{c-1} + exp(a_max_c - m_c) Cn_local_c
+
+    Returns the states before each chunk, Cn_before (B, H, NC, Dk, W) and m_before (B, H, NC), and the final state
+    (Cn, m). Autograd through a Python loop costs ~25 small autograd nodes per chunk; this costs ~3 in-place ops.
+    """
+
+    @staticmethod
+    def forward(ctx, g, a_max, Cn_local, Cn0, m0):
+        B, H, NC = g.shape
+        m_all = g.new_empty(B, H, NC + 1)  # m_all[:, :, c] is the stabilizer before chunk c
+        m_all[..., 0] = m0
+        for c in range(NC):
+            torch.maximum(g[..., c] + m_all[..., c], a_max[..., c], out=m_all[..., c + 1])
+        m_before, m_after = m_all[..., :-1], m_all[..., 1:]
+        carried = g + m_before  # log weight of the previous state, before re-stabilizing
+        decay = torch.exp(carried - m_after)
+        scale = torch.exp(a_max - m_after)
+        # 1 where the previous state set the max, 0 where the chunk did, 1/2 on ties (as torch.maximum's gradient)
+        from_previous = (carried > a_max).to(g.dtype) + 0.5 * (carried == a_max).to(g.dtype)
+
+        states = Cn_local.new_empty(B, H, NC + 1, *Cn0.shape[-2:])  # states[:, :, c] is the state before chunk c
+        states[:, :, 0] = Cn0
+        for c in range(NC):
+            torch.mul(states[:, :, c], decay[..., c, None, None], out=states[:, :, c + 1])
+            states[:, :, c + 1].addcmul_(Cn_local[:, :, c], scale[..., c, None, None])
+        Cn_before = states[:, :, :-1]
+        ctx.save_for_backward(Cn_before, Cn_local, decay, scale, from_previous)
+        return Cn_before, m_before.clone(), states[:, :, -1].clone(), m_all[..., -1].clone()
+
+    @staticmethod
+    def backward(ctx, grad_Cn_before, grad_m_before, grad_Cn, grad_m):
+        Cn_before, Cn_local, decay, scale, from_previous = ctx.saved_tensors
+        B, H, NC = decay.shape
+        # Gradient w.r.t. the state after each chunk, in reverse: after c-1 = decay_c * after c + (its use as
+        # "before c" in the intra-chunk part).
+        grad_after = torch.empty_like(Cn_before)
+        grad_after[:, :, -1] = grad_Cn
+        for c in range(NC - 1, 0, -1):
+            torch.mul(grad_after[:, :, c], decay[..., c, None, None], out=grad_after[:, :, c - 1])
+            grad_after[:, :, c - 1] += grad_Cn_before[:, :, c]
+        grad_Cn0 = grad_after[:, :, 0] * decay[..., 0, None, None] + grad_Cn_before[:, :, 0]
+        grad_Cn_local = grad_after * scale[..., None, None]
+
+        # Through the scalar weights: d/d(log decay_c) and d/d(log scale_c).
+        grad_log_decay = (grad_after * Cn_before).sum((-1, -2)) * decay
+        grad_log_scale = (grad_after * Cn_local).sum((-1, -2)) * scale
+        # m_c enters log decay_c and log scale_c with -1, chunk c+1 via carried_{c+1}, and m_before[c+1].
+        grad_g = torch.empty_like(decay)
+        grad_a_max = torch.empty_like(decay)
+        grad_m_after = grad_m
+        for c in range(NC - 1, -1, -1):
+            total = grad_m_after - grad_log_decay[..., c] - grad_log_scale[..., c]
+            grad_g[..., c] = grad_log_decay[..., c] + from_previous[..., c] * total
+            grad_a_max[..., c] = grad_log_scale[..., c] + (1 - from_previous[..., c]) * total
+            grad_m_after = grad_g[..., c] + grad_m_before[..., c]  # carried_c = g_c + m_{c-1}
+        return grad_g, grad_a_max, grad_Cn_local, grad_Cn0, grad_m_after
 
 
 @functools.lru_cache(maxsize=64)
