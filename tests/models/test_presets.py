@@ -1,0 +1,121 @@
+"""Every named preset at a tiny size: it builds, prefill + single-token steps == one forward (float64), recurrent-only
+presets hold a state whose size does not depend on the context, hybrids hold a KV cache only in their attention blocks,
+and the YAML run configs for the presets parse and build."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from revival import LanguageModel, preset_config
+from revival.models import state_bytes
+
+VOCAB = 37
+# preset -> depth at the tiny size (deep enough that each kind of block in the preset's pattern appears)
+PRESETS = {
+    "xlstm[1:0]": 2, "xlstm[7:1]": 3, "xlstm-large": 2, "llama": 2, "mingru": 2, "minlstm": 2, "mamba2": 2,
+    "gated-deltanet": 2, "hybrid": 4, "jamba": 5,
+}
+RECURRENT_ONLY = ["xlstm[1:0]", "xlstm[7:1]", "xlstm-large", "mingru", "minlstm", "mamba2", "gated-deltanet"]
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def tiny_model(name: str, dtype: torch.dtype, d_model: int = 16, seed: int = 0) -> LanguageModel:
+    config = preset_config(name, vocab_size=VOCAB, d_model=d_model, num_heads=2, num_blocks=PRESETS[name],
+                           chunk_size=8, layer_options={"M": {"d_state": 8}} if "M" in _pattern(name) else {})
+    torch.manual_seed(seed)
+    model = LanguageModel(config).to(dtype)
+    # Perturb every parameter (gate biases, norms, zero-initialised weights) so no path hides behind an init.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model.eval()
+
+
+def _pattern(name: str) -> str:
+    return preset_config(name, num_blocks=PRESETS[name]).pattern
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_sibling_preset_patterns():
+    assert preset_config("mingru", num_blocks=3).pattern == "ggg"
+    assert preset_config("minlstm", num_blocks=3).pattern == "lll"
+    assert preset_config("mamba2", num_blocks=3).pattern == "MMM"
+    assert preset_config("gated-deltanet", num_blocks=3).pattern == "ddd"
+    assert preset_config("hybrid").pattern == "ddda" * 2
+    assert preset_config("hybrid", num_blocks=6).pattern == "dddadd"
+    assert preset_config("jamba").pattern == "MMMMaMMM"
+    jamba = preset_config("jamba", num_blocks=32).pattern
+    assert jamba.count("a") == 4 and [i for i, c in enumerate(jamba) if c == "a"] == [4, 12, 20, 28]
+
+
+def test_sibling_layer_options_follow_the_model_and_yield_to_the_caller():
+    mamba = preset_config("mamba2", d_model=96, num_heads=3, chunk_size=16)
+    assert mamba.layer_options["M"] == {"d_state": 128, "head_dim": 64, "chunk_size": 16, "bias": False}
+    assert LanguageModel(mamba).blocks[0].mixer.num_heads == 3
+    mine = preset_config("mamba2", d_model=96, num_heads=3, layer_options={"M": {"d_state": 16, "expand": 1}})
+    assert mine.layer_options["M"]["d_state"] == 16 and mine.layer_options["M"]["head_dim"] == 32
+    delta = preset_config("hybrid", d_model=64, num_heads=4)
+    assert delta.layer_options == {"d": {"num_heads": 4, "chunk_size": 64, "bias": False}}
+    assert LanguageModel(delta.replace(vocab_size=11)).blocks[0].mixer.num_heads == 4
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_prefill_then_single_token_steps_match_full_forward(name):
+    model = tiny_model(name, torch.float64)
+    assert set(model.config.pattern) == set(_pattern(name))
+    gen = torch.Generator().manual_seed(sum(map(ord, name)))
+    total = 19
+    prefill = int(torch.randint(1, total - 2, (1,), generator=gen))
+    ids = torch.randint(0, VOCAB, (2, total), generator=gen)
+    with torch.no_grad():
+        full, _ = model(ids)
+        assert torch.isfinite(full).all()
+        logits, state = model(ids[:, :prefill])
+        pieces = [logits]
+        for t in range(prefill, total):
+            logits, state = model(ids[:, t:t + 1], state)
+            pieces.append(logits)
+    assert rel_err(torch.cat(pieces, 1), full) < 1e-12, (name, prefill)
+
+
+@pytest.mark.parametrize("name", RECURRENT_ONLY)
+def test_recurrent_presets_hold_a_constant_state(name):
+    model = tiny_model(name, torch.float32, d_model=8)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        _, short = model(torch.randint(0, VOCAB, (1, 16), generator=gen))
+        _, long = model(torch.randint(0, VOCAB, (1, 2048), generator=gen))
+    assert state_bytes(short) == state_bytes(long) > 0
+
+
+@pytest.mark.parametrize("name", ["llama", "hybrid", "jamba"])
+def test_presets_with_attention_grow_a_kv_cache_in_attention_blocks_only(name):
+    model = tiny_model(name, torch.float32)
+    with torch.no_grad():
+        _, short = model(torch.randint(0, VOCAB, (1, 16)))
+        _, long = model(torch.randint(0, VOCAB, (1, 32)))
+    for letter, a, b in zip(model.config.pattern, short, long):
+        growth = state_bytes(b) - state_bytes(a)
+        assert growth == (2 * 16 * 16 * 4 if letter == "a" else 0), letter  # k and v: 16 tokens x d_model x fp32
+
+
+def test_unknown_preset_lists_the_siblings():
+    with pytest.raises(ValueError, match="gated-deltanet.*hybrid.*jamba"):
+        preset_config("mamba3")
+
+
+@pytest.mark.parametrize("name", ["mingru", "minlstm", "mamba2", "gated-deltanet", "hybrid", "jamba"])
+def test_tiny_run_config_builds_the_preset(name):
+    raw = yaml.safe_load((CONFIGS / f"{name}-tiny.yaml").read_text())
+    options = dict(raw["model"])
+    assert options.pop("preset") == name
+    with torch.device("meta"):
+        model = LanguageModel(preset_config(name, vocab_size=256, **options))
+    assert 0.5e6 < model.num_parameters() < 5e6
