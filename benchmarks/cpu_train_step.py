@@ -1,0 +1,148 @@
+"""One CPU training step (forward + backward + AdamW): official xlstm 2.0.6 `xLSTMLMModel` vs revival's equivalent.
+
+Model: xLSTM[3:1] with the sLSTM at block 1, embedding 256, 4 blocks, 4 heads, conv kernel 4, qkv block size 4,
+vocab 256, context 256, sLSTM `backend: vanilla`; batch 8 x 256. Both models are built in this one process, with the
+same torch and thread count, and timed alternately. The official package is a benchmark-only install:
+
+    python3 -m venv .cache/xlstm-venv && .cache/xlstm-venv/bin/pip install torch==2.13.0 xlstm==2.0.6 \
+        mlstm_kernels==2.0.6 dacite omegaconf einops && .cache/xlstm-venv/bin/pip install --no-deps -e .
+    .cache/xlstm-venv/bin/python benchmarks/cpu_train_step.py
+
+Without xlstm installed the script times revival alone and records the official model as "not installed".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import revival
+from revival.models import LanguageModel, preset_config
+
+BATCH, CONTEXT, VOCAB, D_MODEL, BLOCKS, HEADS = 8, 256, 256, 256, 4, 4
+
+
+def official_model():
+    from xlstm import (
+        FeedForwardConfig,
+        mLSTMBlockConfig,
+        mLSTMLayerConfig,
+        sLSTMBlockConfig,
+        sLSTMLayerConfig,
+        xLSTMLMModel,
+        xLSTMLMModelConfig,
+    )
+
+    config = xLSTMLMModelConfig(
+        mlstm_block=mLSTMBlockConfig(
+            mlstm=mLSTMLayerConfig(conv1d_kernel_size=4, qkv_proj_blocksize=4, num_heads=HEADS)),
+        slstm_block=sLSTMBlockConfig(
+            slstm=sLSTMLayerConfig(backend="vanilla", num_heads=HEADS, conv1d_kernel_size=4,
+                                   bias_init="powerlaw_blockdependent"),
+            feedforward=FeedForwardConfig(proj_factor=1.3, act_fn="gelu")),
+        context_length=CONTEXT, num_blocks=BLOCKS, embedding_dim=D_MODEL, slstm_at=[1], vocab_size=VOCAB)
+    model = xLSTMLMModel(config)
+    model.reset_parameters()
+    return model, lambda ids: model(ids)
+
+
+def revival_model():
+    config = preset_config("xlstm[3:1]", d_model=D_MODEL, num_blocks=BLOCKS, num_heads=HEADS, vocab_size=VOCAB,
+                           slstm_at=[1])
+    model = LanguageModel(config)
+    return model, lambda ids: model(ids)[0]
+
+
+def time_steps(model, forward, steps: int, warmup: int) -> list[float]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    times = []
+    for index in range(warmup + steps):
+        ids = torch.randint(0, VOCAB, (BATCH, CONTEXT + 1), generator=generator)
+        start = time.perf_counter()
+        logits = forward(ids[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if index >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/cpu_train_step.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    candidates = {"revival": revival_model}
+    try:
+        import xlstm
+
+        candidates["official"] = official_model
+        official_version = getattr(xlstm, "__version__", None) or _dist_version("xlstm")
+    except ImportError as error:
+        official_version = f"not installed ({error})"
+
+    results = {}
+    models = {name: build() for name, build in candidates.items()}
+    for name, (model, _) in models.items():
+        results[name] = {"parameters": sum(p.numel() for p in model.parameters())}
+    # alternate the two models so background load affects both alike
+    for _ in range(2):
+        for name, (model, forward) in models.items():
+            times = time_steps(model, forward, args.steps // 2, args.warmup)
+            results[name].setdefault("step_s", []).extend(times)
+    for record in results.values():
+        record["median_ms"] = 1000 * statistics.median(record["step_s"])
+        record["step_ms"] = [round(1000 * t, 2) for t in record.pop("step_s")]
+    summary = {
+        "benchmark": "cpu_train_step", "batch": BATCH, "context": CONTEXT, "pattern": "xLSTM[3:1], sLSTM at block 1",
+        "device": {"cpu": _cpu_name(), "threads": torch.get_num_threads(), "load_average": os.getloadavg()},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "revival": revival.__version__,
+                     "xlstm": official_version},
+        "results": results,
+    }
+    if "official" in results:
+        summary["speedup"] = results["official"]["median_ms"] / results["revival"]["median_ms"]
+        summary["parameter_ratio"] = results["revival"]["parameters"] / results["official"]["parameters"]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    for name, record in results.items():
+        print(f"{name:9s} params {record['parameters']:,}  median step {record['median_ms']:.1f} ms")
+    if "speedup" in summary:
+        print(f"speed-up {summary['speedup']:.2f}x  parameter ratio {summary['parameter_ratio']:.4f}")
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or sys.platform
+
+
+if __name__ == "__main__":
+    main()
