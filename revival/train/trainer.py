@@ -73,15 +73,22 @@ def peak_memory_mb(device: torch.device) -> float:
 
 @torch.no_grad()
 def evaluate(model: LanguageModel, documents: list[bytes], tokenizer, context_length: int, device: torch.device,
-             max_tokens: int = 65536, autocast=contextlib.nullcontext) -> EvalResult:
+             max_tokens: int = 65536, autocast=contextlib.nullcontext, show_progress: bool = False) -> EvalResult:
     """Loss, perplexity and bits per byte on whole documents, each read in segments of `context_length` with the
-    state carried from segment to segment (so every token is predicted from its whole document prefix)."""
+    state carried from segment to segment (so every token is predicted from its whole document prefix).
+
+    Documents are read in order until `max_tokens` targets are reached (the last document is read whole)."""
     was_training = model.training
     model.eval()
     total_nll, total_tokens, used = 0.0, 0, []
-    for document, tokens in zip(documents, iter_document_tokens(documents, tokenizer)):
+    progress = tqdm(total=len(documents), desc="evaluating", unit="doc", disable=not show_progress, leave=False)
+    for document in documents:  # one at a time: iter_document_tokens skips empty documents
         if total_tokens >= max_tokens:
             break
+        progress.update(1)
+        tokens = next(iter_document_tokens([document], tokenizer), None)
+        if tokens is None:
+            continue
         tokens = tokens.to(device)
         state = None
         for start in range(0, tokens.numel() - 1, context_length):
@@ -91,6 +98,7 @@ def evaluate(model: LanguageModel, documents: list[bytes], tokenizer, context_le
             total_nll += F.cross_entropy(logits[0].float(), segment[1:], reduction="sum").item()
         total_tokens += tokens.numel() - 1
         used.append(document)
+    progress.close()
     if was_training:
         model.train()
     if total_tokens == 0:
