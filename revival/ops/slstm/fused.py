@@ -102,21 +102,29 @@ def _backward_coefficients(raw, cn, m, bars, tanh_z_one, sig_o):
     (the stabilizer enters through ibar = exp(i - m), fbar = exp(logfm - m): dL/dm_t = g_m - via_i - via_f,
     routed to i when s else to logfm).
     """
+    T, H, B, _, d = raw.shape
     i, f = raw[:, :, :, 0], raw[:, :, :, 1]
     c, n = cn[1:, :, :, 0], cn[1:, :, :, 1]
     i_bar, f_bar = bars[:, :, :, 0], bars[:, :, :, 1]
     tanh_z = tanh_z_one[:, :, :, 0]
-    picked_i = (i == m[1:]).to(raw.dtype)  # m = i (first step, or i >= logfm)
-    c_over_n, o_over_n = c / n, sig_o / n
-    dy_dcn = torch.stack([o_over_n, -o_over_n * c_over_n], dim=3)
-    dy_do = c_over_n * sig_o * (1 - sig_o)
-    dc_dz = i_bar * (1 - tanh_z * tanh_z)
+    new = dict(dtype=raw.dtype, device=raw.device)
+    picked = torch.empty(T, H, B, 2, d, **new)
+    picked_i = torch.eq(i, m[1:], out=picked[:, :, :, 0])  # m = i (first step, or i >= logfm)
+    torch.sub(1, picked_i, out=picked[:, :, :, 1])
+    c_over_n = c / n
+    dy_dcn = torch.empty(T, H, B, 2, d, **new)
+    o_over_n = torch.div(sig_o, n, out=dy_dcn[:, :, :, 0])
+    torch.mul(o_over_n, c_over_n, out=dy_dcn[:, :, :, 1]).neg_()
+    dy_do = c_over_n.mul_(sig_o).mul_(1 - sig_o)
+    dc_dz = torch.mul(tanh_z, tanh_z).neg_().add_(1).mul_(i_bar)
     via_i = bars[:, :, :, 0:1] * tanh_z_one  # (A, B)
     via_f = bars[:, :, :, 1:2] * cn[:-1]  # (C, D)
-    k = via_i - picked_i.unsqueeze(3) * (via_i + via_f)
-    k_signed = torch.stack([k, -k], dim=3)  # (T, H, B, 2 [i, logfm], 2 [c, n], d)
-    picked = torch.stack([picked_i, 1 - picked_i], dim=3)
-    scale = torch.stack([torch.ones_like(f), torch.sigmoid(-f)], dim=3)  # dlogfm/df = sigmoid(-f)
+    k_signed = torch.empty(T, H, B, 2, 2, d, **new)  # (T, H, B, 2 [i, logfm], 2 [c, n], d)
+    k = torch.add(via_i, via_f, out=k_signed[:, :, :, 0]).mul_(picked_i.unsqueeze(3)).neg_().add_(via_i)
+    torch.neg(k, out=k_signed[:, :, :, 1])
+    scale = torch.empty(T, H, B, 2, d, **new)  # (1, dlogfm/df = sigmoid(-f))
+    scale[:, :, :, 0] = 1
+    torch.neg(f, out=scale[:, :, :, 1]).sigmoid_()
     return dy_dcn, dy_do, dc_dz, k_signed, picked, scale, f_bar.unsqueeze(3)
 
 
@@ -205,12 +213,12 @@ def slstm_fused_autograd(x_gates: torch.Tensor, recurrent_weight: torch.Tensor, 
     """The same head-major batched step, written out of place and differentiated by autograd."""
     B, T, G, H, d = x_gates.shape
     R_fused = _fuse_weight(recurrent_weight)
-    x = x_gates.permute(1, 3, 0, 2, 4)  # (T, H, B, 4, d)
+    x_steps = x_gates.permute(1, 3, 0, 2, 4).reshape(T, H, B, G * d).unbind(0)  # unbind: a cheap backward
     c, n, m, y = (_to_head_major(s) for s in state)
     first = n == 0
     outputs = []
-    for t in range(T):
-        raw = torch.baddbmm(x[t].reshape(H, B, G * d), y, R_fused).view(H, B, G, d)
+    for t, x_t in enumerate(x_steps):
+        raw = torch.baddbmm(x_t, y, R_fused).view(H, B, G, d)
         i, f, z, o = raw.unbind(2)
         log_f_plus_m = F.logsigmoid(f) + m
         if t == 0:

@@ -47,7 +47,7 @@ def slstm_reference(
 ) -> tuple[torch.Tensor, SLSTMState]:
     """Loop `slstm_step_reference` over time. x_gates: (B, T, 4, H, d). Returns y (B, T, H, d) and the final state."""
     outputs = []
-    for t in range(x_gates.shape[1]):
-        y, state = slstm_step_reference(x_gates[:, t], recurrent_weight, state)
+    for x_t in x_gates.unbind(dim=1):
+        y, state = slstm_step_reference(x_t, recurrent_weight, state)
         outputs.append(y)
     return torch.stack(outputs, dim=1), state
