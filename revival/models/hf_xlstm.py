@@ -18,8 +18,8 @@ except that weight_mode "fused" stacks rows: `mlstm_layer.qkv_opreact` = [q; k; 
 
 Loading builds the model on the `meta` device (no memory), checks every tensor name and shape against the files'
 headers, allocates the parameters once (`to_empty`) and copies each tensor in from a freshly opened
-`safetensors.safe_open` memory map, closed after each tensor so mapped pages never pile up: peak memory is the
-parameters plus about two copies of the largest tensor.
+`safetensors.safe_open` memory map in pieces of at most 64 MB, the map closed after each piece so mapped pages never
+pile up: peak memory is the parameters plus about two pieces (see benchmarks/load_memory.py).
 """
 
 from __future__ import annotations
@@ -328,13 +328,26 @@ def load_hf_weights(model: LanguageModel, directory: str | Path, weight_mode: st
     params = dict(model.named_parameters())
     with torch.no_grad():
         for hf_name, parts in plan.items():
-            with safe_open(str(files[hf_name]), framework="pt", device="cpu") as f:  # closed (unmapped) per tensor
-                if len(parts) == 1:
-                    params[parts[0][0]].copy_(f.get_tensor(hf_name))
-                    continue
-                sl = f.get_slice(hf_name)
-                for name, start, stop in parts:
-                    params[name].copy_(sl[start:stop])
+            for name, start, stop in parts:
+                _copy_rows(files[hf_name], hf_name, start, stop, params[name])
+
+
+READ_CHUNK_BYTES = 64 * 2**20
+
+
+def _copy_rows(path: Path, hf_name: str, start: int, stop: int, target: torch.Tensor) -> None:
+    """target <- rows [start, stop) of tensor `hf_name`, read in pieces of <= READ_CHUNK_BYTES from a memory map
+    that is opened for each piece and closed right after (so its pages leave this process's resident memory)."""
+    if target.ndim == 0:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            target.copy_(f.get_tensor(hf_name))
+        return
+    row_bytes = max(1, target[:1].numel() * 8)  # 8: the widest stored dtype (float64)
+    step = max(1, READ_CHUNK_BYTES // row_bytes)
+    for row in range(start, stop, step):
+        end = min(row + step, stop)
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            target[row - start:end - start].copy_(f.get_slice(hf_name)[row:end])
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
