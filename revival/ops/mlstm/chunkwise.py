@@ -49,7 +49,7 @@ def _equal_chunks(q, k, v, i, f, state: MLSTMState, L: int, eps: float) -> tuple
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
     NC = T // L
-    q = q.reshape(B, H, NC, L, Dk) * Dk**-0.5
+    q = q.reshape(B, H, NC, L, Dk)  # the scale Dk**-0.5 on q is applied through the weights below
     k = k.reshape(B, H, NC, L, Dk)
     v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1).reshape(B, H, NC, L, Dv + 1)
     i = i.reshape(B, H, NC, L)
@@ -70,9 +70,11 @@ def _equal_chunks(q, k, v, i, f, state: MLSTMState, L: int, eps: float) -> tuple
     # max_{s<=j} (b_j - b_s + i_s) as b_j + cummax(i - b): O(L) instead of a (L, L) max. The stabilizer only has to
     # bound the exponents; its rounding cancels in h (only the eps term sees it).
     m_query = torch.maximum(log_state_weight, b + torch.cummax(i - b, dim=-1).values)
-    scores = _CausalDecayedScores.apply(q @ k.transpose(-1, -2), b, i, m_query)
-    q_weighted = q * torch.exp(log_state_weight - m_query)[..., None]
-    numerator, denominator = (scores @ v1 + q_weighted @ Cn_before).split([Dv, 1], dim=-1)
+    m_scaled = m_query + 0.5 * math.log(Dk)  # exp(x - m_scaled) = Dk**-0.5 * exp(x - m_query)
+    scores = _CausalDecayedScores.apply(q @ k.transpose(-1, -2), b, i, m_scaled)  # (B, H, NC, L, L)
+    q_weighted = q * torch.exp(log_state_weight - m_scaled)[..., None]
+    out = torch.baddbmm((q_weighted @ Cn_before).flatten(0, 2), scores.flatten(0, 2), v1.flatten(0, 2))
+    numerator, denominator = out.view(B, H, NC, L, Dv + 1).split([Dv, 1], dim=-1)
     h = numerator * normalizer(denominator.squeeze(-1), m_query, eps).reciprocal()[..., None]
     C, n = Cn.split([Dv, 1], dim=-1)
     return h.reshape(B, H, T, Dv), (C, n.squeeze(-1), m)
@@ -137,14 +139,15 @@ class _InterChunk(torch.autograd.Function):
         # 1 where the previous state set the max, 0 where the chunk did, 1/2 on ties (as torch.maximum's gradient)
         from_previous = (carried > a_max).to(g.dtype) + 0.5 * (carried == a_max).to(g.dtype)
 
-        states = Cn_local.new_empty(B, H, NC + 1, *Cn0.shape[-2:])  # states[:, :, c] is the state before chunk c
-        states[:, :, 0] = Cn0
+        Cn_before = torch.empty_like(Cn_local)  # Cn_before[:, :, c] is the state before chunk c
+        Cn_final = torch.empty_like(Cn0)
+        Cn_before[:, :, 0] = Cn0
         for c in range(NC):
-            torch.mul(states[:, :, c], decay[..., c, None, None], out=states[:, :, c + 1])
-            states[:, :, c + 1].addcmul_(Cn_local[:, :, c], scale[..., c, None, None])
-        Cn_before = states[:, :, :-1]
+            after = Cn_before[:, :, c + 1] if c + 1 < NC else Cn_final
+            torch.mul(Cn_before[:, :, c], decay[..., c, None, None], out=after)
+            after.addcmul_(Cn_local[:, :, c], scale[..., c, None, None])
         ctx.save_for_backward(Cn_before, Cn_local, decay, scale, from_previous)
-        return Cn_before, m_before.clone(), states[:, :, -1].clone(), m_all[..., -1].clone()
+        return Cn_before, m_before.clone(), Cn_final, m_all[..., -1].clone()
 
     @staticmethod
     def backward(ctx, grad_Cn_before, grad_m_before, grad_Cn, grad_m):
@@ -161,8 +164,8 @@ class _InterChunk(torch.autograd.Function):
         grad_Cn_local = grad_after * scale[..., None, None]
 
         # Through the scalar weights: d/d(log decay_c) and d/d(log scale_c).
-        grad_log_decay = (grad_after * Cn_before).sum((-1, -2)) * decay
-        grad_log_scale = (grad_after * Cn_local).sum((-1, -2)) * scale
+        grad_log_decay = torch.einsum("bhcij,bhcij->bhc", grad_after, Cn_before) * decay
+        grad_log_scale = torch.einsum("bhcij,bhcij->bhc", grad_after, Cn_local) * scale
         # m_c enters log decay_c and log scale_c with -1, chunk c+1 via carried_{c+1}, and m_before[c+1].
         grad_g = torch.empty_like(decay)
         grad_a_max = torch.empty_like(decay)
