@@ -75,7 +75,20 @@ class RunConfig:
         config.validate()
         return config
 
+    def model_config(self, vocab_size: int | None = None):
+        """The `ModelConfig` of the `model` section (`vocab_size` fills in when the section does not set it)."""
+        from ..models import preset_config
+
+        options = {k: v for k, v in self.model.items() if k != "preset"}
+        if vocab_size is not None:
+            options.setdefault("vocab_size", vocab_size)
+        try:
+            return preset_config(self.model["preset"], **options)
+        except ValueError as error:
+            raise ValueError(f"model: {error}") from None
+
     def validate(self) -> None:
+        self.model_config()  # rejects unknown presets, unknown keys and bad values now, not after loading the data
         d, t = self.data, self.train
         if d.tokenizer not in ("byte", "bpe"):
             raise ValueError(f"data.tokenizer: expected one of ['byte', 'bpe'], got {d.tokenizer!r}")
@@ -129,7 +142,7 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """'train.lr=3e-4' -> (['train', 'lr'], 0.0003); values are parsed as YAML scalars."""
+    """'train.steps=100' -> (['train', 'steps'], 100): a YAML scalar; the field's type is applied later."""
     if "=" not in text:
         raise ValueError(f"override: expected SECTION.KEY=VALUE (e.g. train.steps=100), got {text!r}")
     key, value = text.split("=", 1)

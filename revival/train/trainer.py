@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..data import load_corpus
 from ..data.packing import PackedDataset, iter_document_tokens
 from ..data.tokenizers import count_utf8_bytes, load_tokenizer, make_tokenizer
-from ..models import LanguageModel, preset_config
+from ..models import LanguageModel
 from . import checkpoint as ckpt
 from .config import RunConfig
 from .logging import MetricsLogger, plot_loss_curves
@@ -126,9 +126,11 @@ class Trainer:
             self.tokenizer = load_tokenizer(resume_from)
         else:
             self.tokenizer = make_tokenizer(run.data.tokenizer, self.corpus.train, vocab_size=run.data.bpe_vocab_size)
-        model_options = {k: v for k, v in run.model.items() if k != "preset"}
-        model_options.setdefault("vocab_size", self.tokenizer.vocab_size)
-        self.model_config = preset_config(run.model["preset"], **model_options)
+        self.model_config = run.model_config(vocab_size=self.tokenizer.vocab_size)
+        if self.model_config.vocab_size < self.tokenizer.vocab_size:
+            raise ValueError(f"model.vocab_size: {self.model_config.vocab_size} is smaller than the tokenizer's "
+                             f"vocabulary ({self.tokenizer.vocab_size}); remove it or make it >= "
+                             f"{self.tokenizer.vocab_size}")
         self.model = LanguageModel(self.model_config).to(self.device)
         self.dataset = PackedDataset.from_documents(self.corpus.train, self.tokenizer, run.data.context_length,
                                                     seed=self.cfg.seed, show_progress=self.cfg.progress)
