@@ -125,5 +125,10 @@ def mlstm_step(
     B, H, Dk = q.shape
     dtype = _compute_dtype(q)
     state = _prepare_state(state, B, H, Dk, v.shape[-1], q, dtype)
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, i, f, *state))
+    if q.device.type == "cuda" and not needs_grad and _triton_available():  # the step kernel is forward-only
+        from .triton import mlstm_step_triton
+
+        return mlstm_step_triton(q, k, v, i, f, state, eps=eps)
     h, state = mlstm_step_reference(*(x.to(dtype) for x in (q, k, v, i, f)), state, eps)
     return h.to(q.dtype), state
