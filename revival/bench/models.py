@@ -1,0 +1,244 @@
+"""The models a benchmark runs: sizes per preset, the FLOP model, and one `Runner` interface over revival's
+`LanguageModel` and the Hugging Face anchors (`transformers` `xLSTMForCausalLM` / `LlamaForCausalLM`, random weights,
+built from configs at the same sizes; nothing is downloaded).
+
+Sizes (`bench_config(preset, size)`):
+    tiny   CPU tests: d_model 128, vocab 256, the preset's smallest depth that holds each of its block kinds.
+    125m   GPU runs: d_model 768, vocab 50304, tied embeddings (as GPT-2 small), the depth whose parameter count,
+           counted on the real classes (meta device), is closest to 125M. Heads per preset in `HEADS_125M`.
+
+FLOP model (training, per token; MFU = flops_per_token * tokens/s / peak):
+    6 * N  +  6 * n_attention_blocks * d_model * T
+N counts every parameter that takes part in a matrix product (all of them, less an untied input embedding table:
+a lookup, no FLOPs). The second term is causal softmax attention: QK^T and AV, 2 * 2 * d_model * T / 2 multiply-adds
+per token forward (causal halves it), times 3 for forward + backward. The quadratic-in-chunk work inside the chunkwise
+mLSTM / SSD / delta-rule kernels is not counted, so MFU slightly under-states the recurrent models' arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..models import LanguageModel, ModelConfig, preset_config
+
+SIZES = ("tiny", "125m")
+ANCHORS = {"hf-xlstm": "xlstm-large", "hf-llama": "llama"}  # anchor -> the preset whose size it copies
+TARGET_125M = 125_000_000
+HEADS_125M = {"xlstm-large": 4, "xlstm": 4, "llama": 12, "mingru": 4, "minlstm": 4, "mamba2": 24,
+              "gated-deltanet": 6, "hybrid": 6, "jamba": 12}
+TINY_DEPTH = {"hybrid": 4, "jamba": 5}
+# dense bf16 tensor-core peaks (FLOP/s) by device-name fragment; MFU is None on other devices
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+
+
+def _family(preset: str) -> str:
+    return "xlstm" if preset.startswith("xlstm[") else preset
+
+
+def bench_config(preset: str, size: str) -> ModelConfig:
+    """The `ModelConfig` a benchmark uses for `preset` at `size` ("tiny" or "125m")."""
+    if size not in SIZES:
+        raise ValueError(f"size: expected one of {list(SIZES)}, got {size!r}")
+    if preset in ANCHORS:
+        preset = ANCHORS[preset]
+    family = _family(preset)
+    if size == "tiny":
+        depth = TINY_DEPTH.get(family, 3 if family == "xlstm" else 2)
+        options: dict[str, Any] = dict(vocab_size=256, d_model=128, num_heads=2, num_blocks=depth, chunk_size=16)
+        if "M" in preset_config(preset, num_blocks=depth).pattern:
+            options["layer_options"] = {"M": {"d_state": 16}}
+        return preset_config(preset, **options)
+    base = dict(vocab_size=50304, d_model=768, num_heads=HEADS_125M.get(family, 4), tie_embeddings=True)
+    best: tuple[float, ModelConfig] | None = None
+    for depth in range(1, 64):
+        config = preset_config(preset, num_blocks=depth, **base)
+        error = abs(count_parameters(config) - TARGET_125M)
+        if best is None or error < best[0]:
+            best = (error, config)
+        elif count_parameters(config) > TARGET_125M:
+            break
+    return best[1]
+
+
+_COUNTS: dict[str, int] = {}
+
+
+def count_parameters(config: ModelConfig) -> int:
+    """Parameters of `LanguageModel(config)`, counted on the meta device (nothing allocated); cached."""
+    key = repr(config.to_dict())
+    if key not in _COUNTS:
+        with torch.device("meta"):
+            _COUNTS[key] = LanguageModel(config).num_parameters()
+    return _COUNTS[key]
+
+
+def training_flops_per_token(config: ModelConfig, context: int) -> float:
+    """6 N + 6 * n_attention_blocks * d_model * T (see the module doc)."""
+    matmul_params = count_parameters(config)
+    if not config.tie_embeddings:
+        matmul_params -= config.vocab_size * config.d_model
+    return 6.0 * matmul_params + 6.0 * config.pattern.count("a") * config.d_model * context
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of a known CUDA device, else None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+# ---------------------------------------------------------------------------------------------------- runners
+@dataclass
+class Runner:
+    """One model behind the three calls a study makes. ids are (B, T) long on the model's device."""
+
+    name: str
+    kind: str  # "revival" | "transformers"
+    model: torch.nn.Module
+    config: ModelConfig  # the revival config (for anchors: the one they copy)
+
+    def loss(self, ids: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy over ids (training)."""
+        logits = self.logits(ids[:, :-1])
+        return F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """-> (logits of the last position (B, V), state after ids)."""
+        raise NotImplementedError
+
+    def step(self, ids: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        """ids (B, 1) -> (logits (B, V), state)."""
+        raise NotImplementedError
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+
+
+class RevivalRunner(Runner):
+    def logits(self, ids):
+        return self.model(ids)[0]
+
+    def prefill(self, ids):
+        return forward_last(self.model, ids)
+
+    def step(self, ids, state):
+        logits, state = self.model(ids, state)
+        return logits[:, -1], state
+
+
+def forward_last(model: LanguageModel, ids: torch.Tensor, state=None) -> tuple[torch.Tensor, list]:
+    """`model(ids, state)` but the LM head only at the last position: -> (logits (B, V), state).
+
+    A prefill needs one row of logits; the full (B, T, V) tensor would dominate time and memory at long contexts.
+    """
+    state = [None] * len(model.blocks) if state is None else state
+    x = model.embedding(ids)
+    new_state = []
+    for block, block_state in zip(model.blocks, state):
+        x, block_state = block(x, block_state)
+        new_state.append(block_state)
+    logits = model.lm_head(model.out_norm(x[:, -1]))
+    cap = model.config.logit_soft_cap
+    if cap is not None:
+        logits = cap * torch.tanh(logits / cap)
+    return logits, new_state
+
+
+class HFXLSTMRunner(Runner):
+    def logits(self, ids):
+        return self.model(ids, use_cache=False).logits
+
+    def prefill(self, ids):
+        out = self.model.backbone(ids, use_cache=True)
+        return self.model.lm_head(out.last_hidden_state[:, -1]), out.cache_params
+
+    def step(self, ids, state):
+        out = self.model(ids, cache_params=state, use_cache=True)
+        return out.logits[:, -1], out.cache_params
+
+
+class HFLlamaRunner(Runner):
+    def logits(self, ids):
+        return self.model(ids, use_cache=False).logits
+
+    def prefill(self, ids):
+        out = self.model(ids, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1], out.past_key_values
+
+    def step(self, ids, state):
+        out = self.model(ids, past_key_values=state, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1], out.past_key_values
+
+
+def transformers_version() -> str | None:
+    try:
+        import transformers
+    except ImportError:
+        return None
+    return transformers.__version__
+
+
+def build_runner(name: str, size: str, device: torch.device, dtype: torch.dtype, train: bool = False) -> Runner:
+    """A `Runner` for a preset name or an anchor ("hf-xlstm", "hf-llama"), weights random, on `device` in `dtype`."""
+    config = bench_config(name, size)
+    torch.manual_seed(0)
+    if name not in ANCHORS:
+        with torch.device(device):
+            model = LanguageModel(config)
+        return RevivalRunner(name, "revival", model.to(dtype).train(train), config)
+    if transformers_version() is None:
+        raise ValueError(f"presets: anchor {name!r} needs the `transformers` package, which is not installed")
+    if name == "hf-xlstm":
+        from transformers import xLSTMConfig, xLSTMForCausalLM
+
+        from ..models.hf_xlstm import hf_config_from_revival
+
+        hf = hf_config_from_revival(config)
+        hf.pop("architectures", None)
+        hf.update(mode="train" if train else "inference")
+        hf_config = xLSTMConfig(**hf)
+        model_class, runner_class = xLSTMForCausalLM, HFXLSTMRunner
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from ..layers.ffn import ffn_hidden_dim
+
+        hf_config = LlamaConfig(
+            vocab_size=config.vocab_size, hidden_size=config.d_model, num_hidden_layers=config.num_blocks,
+            intermediate_size=ffn_hidden_dim(config.d_model, config.ffn_proj_factor,
+                                             config.ffn_round_up_to_multiple_of),
+            num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads or config.num_heads,
+            rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, tie_word_embeddings=config.tie_embeddings,
+            max_position_embeddings=1 << 20, attention_bias=config.use_bias)
+        hf_config._attn_implementation = "sdpa"
+        model_class, runner_class = LlamaForCausalLM, HFLlamaRunner
+    with torch.device(device):
+        model = model_class(hf_config)
+    return runner_class(name, "transformers", model.to(dtype).train(train), config)
+
+
+def model_record(runner: Runner) -> dict[str, Any]:
+    """What the JSON says about a model."""
+    config = runner.config
+    return {"kind": runner.kind, "pattern": config.pattern, "parameters": runner.num_parameters(),
+            "d_model": config.d_model, "num_blocks": config.num_blocks, "attention_blocks": config.pattern.count("a"),
+            "model_config": config.to_dict(), "hf_class": type(runner.model).__name__ if runner.kind != "revival"
+            else None}
+
+
+def tokens_batch(vocab_size: int, batch: int, length: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, length), generator=generator).to(device)
+
+
+def fmt_rate(x: float) -> str:
+    return "nan" if x is None or math.isnan(x) else f"{x:,.0f}"
