@@ -109,8 +109,12 @@ def run_study(name: str, presets: list[str], contexts: list[int], device: str | 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result["plot"] = f"bench_{name}.png"
-    plot_study(result, out_dir / result["plot"])
-    write_json(result, out_dir / f"bench_{name}.json")
+    write_json(result, out_dir / f"bench_{name}.json")  # the figures first: a plot failure loses nothing
+    try:
+        plot_study(result, out_dir / result["plot"])
+    except Exception as error:  # noqa: BLE001 - e.g. matplotlib missing on a GPU box; the JSON says so
+        result["plot"], result["plot_error"] = None, f"{type(error).__name__}: {error}"
+        write_json(result, out_dir / f"bench_{name}.json")
     return result
 
 
