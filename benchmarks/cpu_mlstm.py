@@ -41,6 +41,10 @@ CONVENTIONS = (
 )
 
 
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -87,14 +91,14 @@ def official_fn(kernel, chunk_size: int):
     return run
 
 
-def forward_backward(fn, inputs, grad_h) -> tuple[float, torch.Tensor, list[torch.Tensor]]:
+def forward_backward(fn, inputs, grad_h, clock=time.perf_counter) -> tuple[float, torch.Tensor, list[torch.Tensor]]:
     """One timed forward + backward; returns (seconds, h, input gradients)."""
     for x in inputs:
         x.grad = None
-    start = time.perf_counter()
+    start = clock()
     h = fn(*inputs)
     h.backward(grad_h)
-    seconds = time.perf_counter() - start
+    seconds = clock() - start
     return seconds, h.detach(), [x.grad for x in inputs]
 
 
@@ -124,56 +128,80 @@ def agreement(fns: dict, T: int, B: int, H: int, D: int) -> dict:
     return result
 
 
+# Two clocks. "wall": wall-clock time with --threads torch threads (the issue's measure). "cpu_1thread": CPU time
+# of the calling thread with one torch thread, which other processes on a shared machine barely disturb (a
+# descheduled thread accrues none); with several threads, wall-clock time suffers badly from oversubscription.
+MODES = {"wall": time.perf_counter, "cpu_1thread": time.thread_time}
+
+
+def measure(fns: dict, inputs: dict, clock, repeats: int, warmup: int) -> dict:
+    """{T: {name: [ms, ...]}}: each repeat times every (length, kernel) once, alternating the kernel order."""
+    timings = {T: {name: [] for name in fns} for T in inputs}
+    for T in inputs:
+        for _ in range(warmup):
+            for fn in fns.values():
+                forward_backward(fn, *inputs[T])
+    for repeat in range(repeats):
+        for T in inputs:
+            order = list(fns.items()) if repeat % 2 == 0 else list(fns.items())[::-1]
+            for name, fn in order:
+                timings[T][name].append(forward_backward(fn, *inputs[T], clock=clock)[0] * 1e3)
+    return timings
+
+
+def summarize(timings: dict, mode: str) -> dict:
+    """Medians, minima, speedups (official / revival) per length and the long/short scaling per kernel."""
+    results = {}
+    for T, per_kernel in timings.items():
+        medians = {name: statistics.median(ms) for name, ms in per_kernel.items()}
+        entry = {f"{name}_ms_median": round(ms, 3) for name, ms in medians.items()}
+        entry.update({f"{name}_ms_min": round(min(ms), 3) for name, ms in per_kernel.items()})
+        if "official" in medians:
+            entry["speedup_official_over_revival"] = round(medians["official"] / medians["revival"], 3)
+        entry["timings_ms"] = {name: [round(x, 3) for x in ms] for name, ms in per_kernel.items()}
+        results[str(T)] = entry
+        line = "  ".join(f"{name} {ms:8.2f} ms" for name, ms in medians.items())
+        speedup = f"speedup {entry['speedup_official_over_revival']:.2f}x" if "official" in medians else ""
+        print(f"[{mode}] T={T:5d}  median {line}  {speedup}")
+    lengths = sorted(timings)
+    if len(lengths) >= 2:
+        short, long = lengths[0], lengths[-1]
+        results["scaling"] = {
+            f"{name}_T{long}_over_T{short}": round(
+                results[str(long)][f"{name}_ms_median"] / results[str(short)][f"{name}_ms_median"], 3
+            )
+            for name in timings[short]
+        }
+        print(f"[{mode}] scaling:", results["scaling"])
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for the wall-clock mode")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--chunk-size", type=int, default=64, help="revival's chunk size")
     parser.add_argument("--official-chunk-size", type=int, default=64)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu_mlstm.json")
     args = parser.parse_args()
 
-    torch.set_num_threads(args.threads)
     B, H, D = 1, 4, 64
     kernel, official_version = load_official()
     fns = {"revival": revival_fn(args.chunk_size)}
     if kernel is not None:
         fns["official"] = official_fn(kernel, args.official_chunk_size)
     load_before = os.getloadavg()
-
     inputs = {T: make_inputs(T, B, H, D, seed=0) for T in args.lengths}
-    timings = {T: {name: [] for name in fns} for T in args.lengths}
-    for T in args.lengths:
-        for _ in range(args.warmup):
-            for fn in fns.values():
-                forward_backward(fn, *inputs[T])
-    for repeat in range(args.repeats):
-        for T in args.lengths:
-            order = list(fns.items()) if repeat % 2 == 0 else list(fns.items())[::-1]
-            for name, fn in order:
-                timings[T][name].append(forward_backward(fn, *inputs[T])[0] * 1e3)
-
     results = {}
-    for T in args.lengths:
-        medians = {name: statistics.median(ms) for name, ms in timings[T].items()}
-        entry = {f"{name}_ms_median": round(ms, 3) for name, ms in medians.items()}
-        if "official" in medians:
-            entry["speedup_official_over_revival"] = round(medians["official"] / medians["revival"], 3)
-        entry["timings_ms"] = {name: [round(x, 3) for x in ms] for name, ms in timings[T].items()}
-        results[str(T)] = entry
-        line = "  ".join(f"{name} {ms:8.2f} ms" for name, ms in medians.items())
-        speedup = f"speedup {entry['speedup_official_over_revival']:.2f}x" if kernel else ""
-        print(f"T={T:5d}  {line}  {speedup}")
-
-    scaling = {}
-    if len(args.lengths) >= 2:
-        short, long = min(args.lengths), max(args.lengths)
-        for name in fns:
-            ratio = results[str(long)][f"{name}_ms_median"] / results[str(short)][f"{name}_ms_median"]
-            scaling[f"{name}_T{long}_over_T{short}"] = round(ratio, 3)
-        print("scaling:", scaling)
+    for mode in args.modes:
+        torch.set_num_threads(args.threads if mode == "wall" else 1)
+        results[mode] = {"torch_threads": torch.get_num_threads(), "load_average_before": _load()}
+        results[mode].update(summarize(measure(fns, inputs, MODES[mode], args.repeats, args.warmup), mode))
+        results[mode]["load_average_after"] = _load()
+    torch.set_num_threads(args.threads)
 
     report = {
         "benchmark": "mLSTM chunkwise forward+backward, float32, CPU",
@@ -182,9 +210,9 @@ def main() -> None:
         "device": {
             "cpu": cpu_model(),
             "logical_cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads_wall_mode": args.threads,
             "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+            "load_average_after": _load(),
         },
         "versions": {
             "python": platform.python_version(),
@@ -192,10 +220,11 @@ def main() -> None:
             "mlstm_kernels": official_version,
         },
         "method": f"median of {args.repeats} repeats after {args.warmup} warm-up runs; each repeat times every "
-        "(length, kernel) once, alternating the kernel order; time = forward + backward(grad_h) of h",
+        "(length, kernel) once, alternating the kernel order; time = forward + backward(grad_h) of h. Modes: "
+        "'wall' = wall-clock with the given torch threads; 'cpu_1thread' = CPU time of the calling thread with 1 "
+        "torch thread (robust to other processes on a shared machine).",
         "conventions": CONVENTIONS,
         "results": results,
-        "scaling": scaling,
         "agreement_T1024_rel_err_vs_float64": agreement(fns, 1024, B, H, D),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
