@@ -147,6 +147,19 @@ def test_extreme_preactivations_finite(impl, dtype):
             assert rel_err(a, b) < 1e-9
 
 
+@pytest.mark.parametrize("impl", ["fused", "fused-autograd"])
+def test_ties_between_input_and_forget_match_reference(impl):
+    # zero inputs and a saturated forget gate: logsigmoid(f) == 0 and m_{t-1} == i == 0, so i == logfm exactly
+    B, T, H, d = 2, 4, 1, 3
+    x = torch.zeros(B, T, 4, H, d, dtype=F64)
+    x[:, :, 1] = 800.0
+    R = torch.zeros(4, H, d, d, dtype=F64)
+    outs, grads = outputs_and_grads(impl, x, R, None)
+    ref_outs, ref_grads = outputs_and_grads("reference", x, R, None)
+    for a, b in zip(outs + grads, ref_outs + ref_grads):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-15)
+
+
 def test_bfloat16_input_accepted():
     x, R, _ = make_inputs(2, 5, 2, 4, seed=7, dtype=torch.float32, state=None)
     y32, state32 = slstm(x, R)

@@ -5,11 +5,11 @@ The recurrence cannot be scanned, so each step is made cheap instead. Everything
 
     raw[t] (H, B, 4d) += y[t-1] (H, B, d) @ R_fused (H, d, 4d),   R_fused[h][:, g*d:(g+1)*d] = R[g, h]
 
-The forward writes pre-activations, c, n, m and y of every step into preallocated buffers (in place). The backward
-(`_SLSTMFunction.backward`) is a backward-through-time loop: every quantity that depends only on saved values
-(activations, ibar, fbar, ...) is computed for all steps at once before the loop, so a step is one `baddbmm`
-(`g_raw[t+1] @ R_fused^T` feeding `g_y[t]`) plus a handful of elementwise ops. The weight gradient is one `bmm`
-over all steps after the loop. Same math as `reference.py` (first-step rule, ties pick `i`).
+The forward writes pre-activations, c, n, m, y, (ibar, fbar), tanh z and sigmoid o of every step into
+preallocated buffers (in place, 13 ops a step). The backward (`_SLSTMFunction.backward`) is a backward-through-time
+loop: every local derivative depends only on saved values, so all of them are computed for all steps at once before
+the loop, and a step is one `baddbmm` (`g_raw[t+1] @ R_fused^T` feeding `g_y[t]`) plus 8 elementwise ops. The weight
+gradient is one `bmm` over all steps after the loop. Same math as `reference.py` (first-step rule, ties pick `i`).
 
 `slstm_fused_autograd` is the same forward without in-place buffers, differentiated by autograd; kept for the
 benchmark comparison (`benchmarks/cpu_slstm.py`) and tested like the rest.
