@@ -18,7 +18,7 @@ except that weight_mode "fused" stacks rows: `mlstm_layer.qkv_opreact` = [q; k; 
 
 Loading builds the model on the `meta` device (no memory), checks every tensor name and shape against the files'
 headers, allocates the parameters once (`to_empty`) and copies each tensor in from a freshly opened
-`safetensors.safe_open` memory map in pieces of at most 64 MB, the map closed after each piece so mapped pages never
+`safetensors.safe_open` memory map in pieces of at most 32 MB, the map closed after each piece so mapped pages never
 pile up: peak memory is the parameters plus about two pieces (see benchmarks/load_memory.py).
 """
 
@@ -332,7 +332,7 @@ def load_hf_weights(model: LanguageModel, directory: str | Path, weight_mode: st
                 _copy_rows(files[hf_name], hf_name, start, stop, params[name])
 
 
-READ_CHUNK_BYTES = 64 * 2**20
+READ_CHUNK_BYTES = 32 * 2**20
 
 
 def _copy_rows(path: Path, hf_name: str, start: int, stop: int, target: torch.Tensor) -> None:
