@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .reference import MLSTMState, normalizer
 
@@ -103,6 +104,7 @@ class _CausalDecayedScores(torch.autograd.Function):
         return scores
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_scores):
         decay, scores = ctx.saved_tensors
         grad_S = grad_scores * decay
@@ -150,6 +152,7 @@ class _InterChunk(torch.autograd.Function):
         return Cn_before, m_before.clone(), Cn_final, m_all[..., -1].clone()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_Cn_before, grad_m_before, grad_Cn, grad_m):
         Cn_before, Cn_local, decay, scale, from_previous = ctx.saved_tensors
         B, H, NC = decay.shape
