@@ -9,8 +9,9 @@ The mixer only: no residual around it, no outer norm, no MLP (the model's block 
 forward(x: (B, T, d_model), state=None) -> (y: (B, T, d_model), state) with
 state = (conv_state: (B, max(conv_kernel - 1, 0), d_model), h: (B, d_inner)), h in float32 (float64 for float64
 weights); its size does not depend on T. A single-token call with a state takes a direct step.
-scan_impl="auto" (default) runs the fused Triton kernel on CUDA (in-projection + gates + scan in one kernel,
-`revival.ops.scan.triton_scan.projected_scan_triton`) and the log-space scan elsewhere.
+scan_impl="auto" (default) runs the Triton kernels on CUDA and the log-space scan elsewhere: in-projection + gates +
+scan in one kernel (`triton_scan.projected_scan_triton`) where that is faster (TF32 or half precision, see
+`triton_scan.FUSE_PROJECTION`), else the in-projection by cuBLAS and the gates + scan in one kernel.
 """
 
 from __future__ import annotations
@@ -82,8 +83,11 @@ class MinRNNBase(nn.Module):
             u, conv_state = x, x.new_zeros(x.shape[0], 0, self.d_model)
         stepping = x.shape[1] == 1 and h0 is not None
         if not stepping and resolve_impl(self.scan_impl, u) == "triton" and u.dtype == self.in_proj.weight.dtype:
-            h, h_last = self._fused_scan(u, h0)
-            return (h if self.out_proj is None else self.out_proj(h)), (conv_state, h_last)
+            from ..ops.scan.triton_scan import fuse_projection
+
+            if fuse_projection(u.dtype):
+                h, h_last = self._fused_scan(u, h0)
+                return (h if self.out_proj is None else self.out_proj(h)), (conv_state, h_last)
         branches = self.in_proj(u).chunk(self.num_branches, dim=-1)
         if stepping:
             h_last = self._step(*(b[:, 0].to(h0.dtype) for b in branches), h0)

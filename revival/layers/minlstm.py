@@ -9,7 +9,7 @@
 The mixer only (no residual, outer norm or MLP). forward(x: (B, T, d_model), state=None) -> (y, state) with
 state = (conv_state: (B, max(conv_kernel - 1, 0), d_model), h: (B, d_inner)), h in float32 (float64 for float64
 weights); constant in T. A single-token call with a state takes a direct step. Constructor as `MinGRU` (scan_impl
-"auto" runs the fused Triton in-projection + scan kernel on CUDA).
+"auto" runs the Triton kernels on CUDA, as there).
 """
 
 from __future__ import annotations

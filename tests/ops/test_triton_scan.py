@@ -100,10 +100,13 @@ def test_saturated_gates_and_strided_bfloat16_inputs():
     assert rel_err(h, h_ref) < 1e-2 and rel_err(last, last_ref) < 1e-5
 
 
-@pytest.mark.parametrize("layer_cls", [MinGRU, MinLSTM])
-def test_layer_fused_projection_matches_float64_reference(layer_cls):
-    """The layer's fused path (projection inside the kernel, bias, conv, out-projection, h0) in float32 against the
-    same layer in float64 with the reference loop; gradients of every parameter, of x and of the state."""
+@pytest.mark.parametrize(("layer_cls", "fused"), [(MinGRU, True), (MinLSTM, True), (MinLSTM, False)])
+def test_layer_triton_paths_match_float64_reference(layer_cls, fused, monkeypatch):
+    """The layer's Triton paths (fused: projection inside the kernel; else cuBLAS + the scan kernel), with bias,
+    conv, out-projection and h0, in float32 against the same layer in float64 with the reference loop; gradients of
+    every parameter, of x and of the state."""
+    for key in ts.FUSE_PROJECTION:
+        monkeypatch.setitem(ts.FUSE_PROJECTION, key, fused)
     torch.manual_seed(0)
     ref = layer_cls(12, expansion=1.5, conv_kernel=3, bias=True, scan_impl="reference").double()
     with torch.no_grad():

@@ -50,6 +50,16 @@ PROJ_BLOCKS = {  # fused in-projection + scan, by tl.dot precision
 }
 
 
+# Whether the layers fuse the in-projection into the scan kernel, by dtype / tl.dot precision (float32 inputs:
+# "tf32" when torch allows TF32 matmuls, else "ieee"); otherwise they run cuBLAS, then the scan kernel.
+FUSE_PROJECTION = {"tf32": True, "ieee": False, "half": True}
+
+
+def fuse_projection(dtype: torch.dtype) -> bool:
+    """Whether the fused projection + scan kernel is the faster path for inputs of `dtype` (see FUSE_PROJECTION)."""
+    return FUSE_PROJECTION["half" if dtype in (torch.float16, torch.bfloat16) else _matmul_precision()]
+
+
 def available() -> bool:
     return _HAVE_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
@@ -111,11 +121,16 @@ if _HAVE_TRITON:
         carry = tl.zeros([BD], dtype=tl.float32)
         if HAS_H0:
             carry = tl.load(h0_ptr + batch * D + cols, mask=cmask, other=0.0).to(tl.float32)
+        x_base = batch * sx_b + cols[None, :]
+        # software pipelining by hand: the loads of tile k+1 are issued before tile k is scanned
+        n1, n2, n3 = _load_inputs(x1_ptr, x2_ptr, x3_ptr, x_base + rows[:, None] * sx_t,
+                                  (rows < T)[:, None] & cmask[None, :], MODE)
         for t0 in range(0, T, BT):
+            x1, x2, x3 = n1, n2, n3
             t = t0 + rows
             mask = (t < T)[:, None] & cmask[None, :]
-            x1, x2, x3 = _load_inputs(x1_ptr, x2_ptr, x3_ptr, batch * sx_b + t[:, None] * sx_t + cols[None, :],
-                                      mask, MODE)
+            n1, n2, n3 = _load_inputs(x1_ptr, x2_ptr, x3_ptr, x_base + (t + BT)[:, None] * sx_t,
+                                      (t + BT < T)[:, None] & cmask[None, :], MODE)
             a, b = _coefficients(x1, x2, x3, MODE)
             h, carry = _scan_tile(a, b, mask, carry, rows, BT)
             tl.store(h_ptr + batch * sh_b + t[:, None] * sh_t + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
@@ -164,6 +179,19 @@ if _HAVE_TRITON:
         tl.store(h_last_ptr + batch * D + cols, carry, mask=cmask)
 
     @triton.jit
+    def _bwd_tile_loads(x1_ptr, x2_ptr, x3_ptr, h_ptr, dh_ptr, x_base, h_base, t, T, sx_t, sh_t, cmask,
+                        MODE: tl.constexpr):
+        """The tiles the backward needs at times t (BT,): inputs at t + 1, dh_t, h_{t-1}, inputs at t (float32)."""
+        mask = (t >= 0)[:, None] & cmask[None, :]
+        y1, y2, y3 = _load_inputs(x1_ptr, x2_ptr, x3_ptr, x_base + (t + 1)[:, None] * sx_t,
+                                  (t + 1 < T)[:, None] & mask, MODE)
+        dh = tl.load(dh_ptr + h_base + t[:, None] * sh_t, mask=mask, other=0.0).to(tl.float32)
+        h_prev = tl.load(h_ptr + h_base + (t - 1)[:, None] * sh_t, mask=(t >= 1)[:, None] & mask,
+                         other=0.0).to(tl.float32)
+        x1, x2, x3 = _load_inputs(x1_ptr, x2_ptr, x3_ptr, x_base + t[:, None] * sx_t, mask, MODE)
+        return y1, y2, y3, dh, h_prev, x1, x2, x3
+
+    @triton.jit
     def _scan_bwd_kernel(x1_ptr, x2_ptr, x3_ptr, h0_ptr, h_ptr, dh_ptr, dh_last_ptr, d1_ptr, d2_ptr, d3_ptr,
                          dh0_ptr, T, D, sx_b, sx_t, sh_b, sh_t, sd_b, sd_t, MODE: tl.constexpr,
                          HAS_H0: tl.constexpr, HAS_DH_LAST: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
@@ -177,20 +205,20 @@ if _HAVE_TRITON:
         if HAS_H0:
             h0 = tl.load(h0_ptr + batch * D + cols, mask=cmask, other=0.0).to(tl.float32)
         x_base = batch * sx_b + cols[None, :]
+        h_base = batch * sh_b + cols[None, :]
+        n1, n2, n3, n4, n5, n6, n7, n8 = _bwd_tile_loads(x1_ptr, x2_ptr, x3_ptr, h_ptr, dh_ptr, x_base, h_base,
+                                                         T - 1 - rows, T, sx_t, sh_t, cmask, MODE)
         for tile in range(0, tl.cdiv(T, BT)):
             t = T - 1 - tile * BT - rows  # descending time: the scan runs backwards
+            y1, y2, y3, dh, h_prev, x1, x2, x3 = n1, n2, n3, n4, n5, n6, n7, n8
+            n1, n2, n3, n4, n5, n6, n7, n8 = _bwd_tile_loads(x1_ptr, x2_ptr, x3_ptr, h_ptr, dh_ptr, x_base, h_base,
+                                                             t - BT, T, sx_t, sh_t, cmask, MODE)  # next tile (left)
             mask = (t >= 0)[:, None] & cmask[None, :]
             next_mask = (t + 1 < T)[:, None] & mask
-            y1, y2, y3 = _load_inputs(x1_ptr, x2_ptr, x3_ptr, x_base + (t + 1)[:, None] * sx_t, next_mask, MODE)
             a_next, _ = _coefficients(y1, y2, y3, MODE)
             a_next = tl.where(next_mask, a_next, 1.0)
-            dh = tl.load(dh_ptr + batch * sh_b + t[:, None] * sh_t + cols[None, :], mask=mask, other=0.0)
-            g, carry = _scan_tile(a_next, dh.to(tl.float32), mask, carry, rows, BT)
-            prev_mask = (t >= 1)[:, None] & mask
-            h_prev = tl.load(h_ptr + batch * sh_b + (t - 1)[:, None] * sh_t + cols[None, :], mask=prev_mask,
-                             other=0.0).to(tl.float32)
+            g, carry = _scan_tile(a_next, dh, mask, carry, rows, BT)
             h_prev = tl.where((t == 0)[:, None], h0[None, :], h_prev)
-            x1, x2, x3 = _load_inputs(x1_ptr, x2_ptr, x3_ptr, x_base + t[:, None] * sx_t, mask, MODE)
             if MODE == 0:
                 d1, d2, d3 = g * h_prev, g, g
             elif MODE == 1:
