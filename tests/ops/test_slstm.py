@@ -171,6 +171,18 @@ def test_bfloat16_input_accepted():
     assert y_step.dtype == torch.bfloat16 and step_state[0].dtype == torch.float32
 
 
+def test_autocast_does_not_lower_the_recurrence():
+    x, R, s = make_inputs(2, 6, 2, 4, seed=11, dtype=torch.float32, state="random")
+    y_plain, _ = slstm(x, R, s)
+    for impl in ("fused", "reference"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, state = slstm(x, R, s, impl=impl)
+            y_step, _ = slstm_step(x[:, 0], R, s)
+        assert y.dtype == torch.float32 and all(t.dtype == torch.float32 for t in state)
+        assert rel_err(y, y_plain) < 1e-6, impl
+        assert rel_err(y_step, y_plain[:, 0]) < 1e-6
+
+
 def test_float32_close_to_float64_and_state_dtypes():
     x, R, s = make_inputs(2, 16, 2, 8, seed=8, state="random")
     y64, st64 = slstm(x, R, s)

@@ -4,7 +4,8 @@
     recurrent_weight: (4, H, d, d)     block-diagonal: raw[:, g, h, :] += y_prev[:, h, :] @ recurrent_weight[g, h]
     state:            (c, n, m, y)     each (B, H, d); None means zeros (the first step then sets m = i, per unit)
 
-Outputs follow x_gates' dtype; states are float32 (float64 for float64 inputs).
+Outputs follow x_gates' dtype; states are float32 (float64 for float64 inputs). The recurrence itself runs in float32
+(float64) with autocast disabled.
 """
 
 from __future__ import annotations
@@ -65,10 +66,11 @@ def slstm(
     dtype = _compute_dtype(x_gates)
     state = _prepare_state(state, B, H, d, x_gates, dtype)
     args = (x_gates.to(dtype), recurrent_weight.to(dtype), state)
-    if impl == "reference":
-        y, state = slstm_reference(*args)
-    else:
-        y, state = slstm_fused(*args)
+    with torch.autocast(x_gates.device.type, enabled=False):  # the recurrence runs in float32 (or float64)
+        if impl == "reference":
+            y, state = slstm_reference(*args)
+        else:
+            y, state = slstm_fused(*args)
     return y.to(x_gates.dtype), state
 
 
@@ -85,7 +87,8 @@ def slstm_step(
     _validate_weight(recurrent_weight, H, d)
     dtype = _compute_dtype(x_gates_t)
     state = _prepare_state(state, B, H, d, x_gates_t, dtype)
-    y, state = slstm_step_reference(x_gates_t.to(dtype), recurrent_weight.to(dtype), state)
+    with torch.autocast(x_gates_t.device.type, enabled=False):
+        y, state = slstm_step_reference(x_gates_t.to(dtype), recurrent_weight.to(dtype), state)
     return y.to(x_gates_t.dtype), state
 
 
