@@ -184,6 +184,9 @@ def hf_config_from_revival(config: ModelConfig, weight_mode: str = "single", dty
         raise ValueError(f"pattern: HF xLSTM needs only 'x' blocks, got {config.pattern!r}")
     if config.final_norm != "rms":
         raise ValueError(f"final_norm: HF xLSTM uses an RMSNorm, got {config.final_norm!r}")
+    if config.logit_soft_cap is None:
+        raise ValueError("logit_soft_cap: None (no cap) cannot be written: transformers' xLSTMConfig requires a float "
+                         "output_logit_soft_cap")
     x_options = dict(config.layer_options.get("x", {}))
     eps = x_options.pop("eps", 1e-6)
     if x_options:

@@ -141,7 +141,8 @@ def test_revival_to_transformers_round_trip(tmp_path, weight_mode, tie):
 
 
 def test_save_pretrained_format_hf_overwrites_atomically(tmp_path):
-    model = LanguageModel(ModelConfig(vocab_size=VOCAB, d_model=64, pattern="x", num_heads=2, qk_dim_factor=1.0))
+    model = LanguageModel(ModelConfig(vocab_size=VOCAB, d_model=64, pattern="x", num_heads=2, qk_dim_factor=1.0,
+                                      logit_soft_cap=30.0))
     target = tmp_path / "ckpt"
     save_hf_xlstm(model, target, max_shard_bytes=20_000)  # sharded first ...
     assert (target / "model.safetensors.index.json").is_file() and len(list(target.glob("model-*"))) > 1
@@ -229,6 +230,18 @@ def test_config_mapping_defaults_and_non_computational_keys():
         hf_config_from_revival(config.replace(layer_options={"x": {"impl": "recurrent"}}))
     with pytest.raises(ValueError, match="qk_dim_factor"):
         hf_config_from_revival(config.replace(d_model=96, num_heads=2, pattern="x"))
+    with pytest.raises(ValueError, match="logit_soft_cap"):
+        hf_config_from_revival(config.replace(logit_soft_cap=None))
+    assert revival_config_from_hf({"output_logit_soft_cap": None})[0].logit_soft_cap is None  # read: no cap
+
+
+def test_names_and_shapes_are_checked_before_parameters_are_allocated(hf_dirs, tmp_path):
+    directory = _copy_with(hf_dirs["d64-single"][1], tmp_path / "bad",
+                           lambda t: t.pop("backbone.blocks.0.ffn.proj_down.weight"))
+    with mock.patch.object(LanguageModel, "to_empty", side_effect=AssertionError("allocated")) as to_empty:
+        with pytest.raises(ValueError, match="proj_down"):
+            revival.from_pretrained(directory)
+    assert not to_empty.called
 
 
 def test_ffn_width_follows_transformers_rounding_both_ways():
@@ -238,7 +251,7 @@ def test_ffn_width_follows_transformers_rounding_both_ways():
     # 768 * 2.667 = 2048.256: transformers builds 2048, a plain round-up 2112
     config, _ = revival_config_from_hf({"hidden_size": 768, "num_hidden_layers": 1, "num_heads": 4})
     assert ffn_hidden_dim(768, config.ffn_proj_factor, config.ffn_round_up_to_multiple_of) == 2048
-    ours = ModelConfig(d_model=768, pattern="x", num_heads=4, ffn_proj_factor=2.667)  # revival builds 2112
+    ours = ModelConfig(d_model=768, pattern="x", num_heads=4, ffn_proj_factor=2.667, logit_soft_cap=30.0)  # 2112
     written = hf_config_from_revival(ours)
     assert _hf_round_up(768 * written["ffn_proj_factor"], written["ffn_round_up_to_multiple_of"]) == 2112
     assert hf_config_from_revival(ours.replace(d_model=4096))["ffn_proj_factor"] == 2.667  # agree: kept as is
