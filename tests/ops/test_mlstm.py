@@ -305,6 +305,15 @@ def test_float32_states_for_float32_inputs_and_step():
     assert h1.dtype == torch.bfloat16 and all(x.dtype == torch.float32 for x in state1)
 
 
+@pytest.mark.parametrize("impl", ["recurrent", "parallel", "chunkwise"])
+def test_returned_state_has_contract_shapes_and_is_contiguous(impl):
+    inputs, _ = make_inputs(2, 3, 21, 4, 6, seed=2, dtype=torch.float32, with_state=False)
+    h, (C, n, m) = mlstm(*inputs, impl=impl, chunk_size=8)
+    assert h.shape == (2, 3, 21, 6) and h.is_contiguous()
+    assert (C.shape, n.shape, m.shape) == ((2, 3, 4, 6), (2, 3, 4), (2, 3))
+    assert C.is_contiguous() and n.is_contiguous() and m.is_contiguous()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # validation
 

@@ -78,7 +78,7 @@ def _equal_chunks(q, k, v, i, f, state: MLSTMState, L: int, eps: float) -> tuple
     numerator, denominator = out.view(B, H, NC, L, Dv + 1).split([Dv, 1], dim=-1)
     h = numerator * normalizer(denominator.squeeze(-1), m_query, eps).reciprocal()[..., None]
     C, n = Cn.split([Dv, 1], dim=-1)
-    return h.reshape(B, H, T, Dv), (C, n.squeeze(-1), m)
+    return h.reshape(B, H, T, Dv), (C.contiguous(), n.squeeze(-1).contiguous(), m)
 
 
 class _CausalDecayedScores(torch.autograd.Function):

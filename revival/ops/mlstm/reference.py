@@ -80,7 +80,7 @@ def mlstm_parallel(q, k, v, i, f, state: MLSTMState, eps: float = 1e-6) -> tuple
     h = numerator / denominator[..., None]
 
     # final state: the same sums at t = T - 1, kept separately per key/value
-    m_last = m[..., -1]
+    m_last = m[..., -1].contiguous()
     input_weight = torch.exp(log_weights[..., -1, :] - m_last[..., None])  # (B, H, T)
     last_state_weight = state_weight[..., -1]
     C = last_state_weight[..., None, None] * C0 + (k * input_weight[..., None]).transpose(-1, -2) @ v
