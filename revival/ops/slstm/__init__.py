@@ -16,7 +16,7 @@ from .._checks import check_floating, check_shape
 from .fused import slstm_fused, slstm_fused_autograd
 from .reference import SLSTMState, slstm_reference, slstm_step_reference
 
-__all__ = ["slstm", "slstm_step", "SLSTMState", "IMPLS"]
+__all__ = ["slstm", "slstm_step", "SLSTMState", "IMPLS", "slstm_fused_autograd"]  # the last for benchmarks/tests
 
 IMPLS = ("auto", "reference", "fused")
 _STATE_NAMES = ("c", "n", "m", "y")
@@ -91,6 +91,3 @@ def slstm_step(
         y, state = slstm_step_reference(x_gates_t.to(dtype), recurrent_weight.to(dtype), state)
     return y.to(x_gates_t.dtype), state
 
-
-# kept importable for benchmarks and tests
-__all__ += ["slstm_fused_autograd"]
