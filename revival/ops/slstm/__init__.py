@@ -90,4 +90,3 @@ def slstm_step(
     with torch.autocast(x_gates_t.device.type, enabled=False):
         y, state = slstm_step_reference(x_gates_t.to(dtype), recurrent_weight.to(dtype), state)
     return y.to(x_gates_t.dtype), state
-
