@@ -133,7 +133,7 @@ def revival_config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
                 ("norm_reduction_force_float32", False, "revival's norms always reduce in float32"),
                 ("gate_soft_cap", None, "revival always soft-caps the gates")]
     for key, bad, why in rejected:
-        if key in hf and hf[key] == bad and (bad is not None or hf[key] is None):
+        if key in hf and hf[key] is bad:
             raise ValueError(f"config.json: {key}={hf[key]!r} is not supported: {why}")
     if get["inference_state_dtype"] != "float32":
         raise ValueError(f"config.json: inference_state_dtype={get['inference_state_dtype']!r} is not supported; "
