@@ -71,11 +71,47 @@ def peak_memory_mb(device: torch.device) -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
+ATTENTION_LETTERS = frozenset("a")  # pattern letters whose state is a KV cache
+
+
+def uses_attention(model: LanguageModel) -> bool:
+    return any(letter in ATTENTION_LETTERS for letter in model.config.pattern)
+
+
+def _document_nll(model: LanguageModel, tokens: torch.Tensor, context_length: int, autocast) -> float:
+    """Summed next-token NLL of tokens[1:] given tokens[:-1] (tokens: (T,) on the model's device).
+
+    Recurrent models: segments of `context_length` with the state carried, so every token sees its whole prefix.
+    Models with attention: sliding windows of `context_length` tokens with stride `context_length // 2`, each read
+    from a fresh state, so no query attends further back than the context it was trained on (a KV cache carried over
+    a whole document would put keys at distances never seen in training).
+    """
+    total, n = 0.0, tokens.numel()
+    if not uses_attention(model):
+        state = None
+        for start in range(0, n - 1, context_length):
+            segment = tokens[start : start + context_length + 1]
+            with autocast():
+                logits, state = model(segment[None, :-1], state)
+            total += F.cross_entropy(logits[0].float(), segment[1:], reduction="sum").item()
+        return total
+    stride = max(1, context_length // 2)
+    for start in range(0, n - 1, stride):
+        end = min(start + stride, n - 1)  # predict tokens[start + 1 : end + 1]
+        begin = max(0, end - context_length)
+        with autocast():
+            logits, _ = model(tokens[None, begin:end])
+        scored = end - start
+        total += F.cross_entropy(logits[0, -scored:].float(), tokens[start + 1 : end + 1], reduction="sum").item()
+    return total
+
+
 @torch.no_grad()
 def evaluate(model: LanguageModel, documents: list[bytes], tokenizer, context_length: int, device: torch.device,
              max_tokens: int = 65536, autocast=contextlib.nullcontext, show_progress: bool = False) -> EvalResult:
-    """Loss, perplexity and bits per byte on whole documents, each read in segments of `context_length` with the
-    state carried from segment to segment (so every token is predicted from its whole document prefix).
+    """Loss, perplexity and bits per byte on whole documents: every token of a document is predicted from its
+    prefix, the whole prefix for recurrent models (state carried across `context_length` segments), the last
+    `context_length // 2` to `context_length - 1` tokens for models with attention (see `_document_nll`).
 
     Documents are read in order until `max_tokens` targets are reached (the last document is read whole)."""
     was_training = model.training
@@ -89,13 +125,7 @@ def evaluate(model: LanguageModel, documents: list[bytes], tokenizer, context_le
         tokens = next(iter_document_tokens([document], tokenizer), None)
         if tokens is None:
             continue
-        tokens = tokens.to(device)
-        state = None
-        for start in range(0, tokens.numel() - 1, context_length):
-            segment = tokens[start : start + context_length + 1]
-            with autocast():
-                logits, state = model(segment[None, :-1], state)
-            total_nll += F.cross_entropy(logits[0].float(), segment[1:], reduction="sum").item()
+        total_nll += _document_nll(model, tokens.to(device), context_length, autocast)
         total_tokens += tokens.numel() - 1
         used.append(document)
     progress.close()

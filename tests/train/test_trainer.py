@@ -128,3 +128,21 @@ def test_metrics_csv_and_loss_plot_are_written(tmp_path, tiny_corpus):
                              ), corpus=tiny_corpus).train()
     both = plot_loss_curves({"a": summary["metrics_csv"], "b": other["metrics_csv"]}, tmp_path / "both.png")
     assert both.read_bytes()[:4] == b"\x89PNG" and not list(tmp_path.glob("*.tmp.png"))
+
+
+def test_attention_models_are_evaluated_in_sliding_windows_of_the_training_context():
+    torch.manual_seed(0)
+    model = LanguageModel(preset_config("llama", vocab_size=257, d_model=32, num_blocks=2, num_heads=2)).eval()
+    tokenizer, context = ByteTokenizer(), 8
+    document = b"for i in range(10):\n    print(i * i)\n"
+    result = evaluate(model, [document], tokenizer, context_length=context, device=torch.device("cpu"))
+    tokens = torch.tensor([tokenizer.eos_id, *tokenizer.encode(document)])
+    stride, total = context // 2, 0.0
+    with torch.no_grad():
+        for target in range(1, tokens.numel()):  # each target's window, from the stride rule, one at a time
+            end = min(((target - 1) // stride + 1) * stride, tokens.numel() - 1)
+            begin = max(0, end - context)
+            assert end - begin <= context and (begin == 0 or target - begin > stride)  # <= L keys, > L/2 seen
+            logits, _ = model(tokens[None, begin:end])
+            total += -torch.log_softmax(logits[0, target - 1 - begin], -1)[tokens[target]].item()
+    assert result.loss == pytest.approx(total / (tokens.numel() - 1), rel=1e-5)
