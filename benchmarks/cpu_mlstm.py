@@ -211,6 +211,7 @@ def main() -> None:
             "cpu": cpu_model(),
             "logical_cpus": os.cpu_count(),
             "torch_threads_wall_mode": args.threads,
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": _load(),
         },
