@@ -128,23 +128,38 @@ def agreement(fns: dict, T: int, B: int, H: int, D: int) -> dict:
     return result
 
 
-# Two clocks. "wall": wall-clock time with --threads torch threads (the issue's measure). "cpu_1thread": CPU time
-# of the calling thread with one torch thread, which other processes on a shared machine barely disturb (a
-# descheduled thread accrues none); with several threads, wall-clock time suffers badly from oversubscription.
-MODES = {"wall": time.perf_counter, "cpu_1thread": time.thread_time}
+# Modes: (clock, threads, order). "wall": wall-clock time with --threads torch threads (the issue's measure).
+# "cpu_1thread": CPU time of the calling thread with one torch thread, which other processes on a shared machine
+# barely disturb (a descheduled thread accrues none; with several threads, wall-clock time suffers badly from
+# oversubscription). Order "interleaved": each repeat times every (length, kernel) once, alternating the kernel
+# order (fair under drifting load; each run starts with caches full of the other kernel's data). Order "blocked":
+# all repeats of one (length, kernel) in a row (the steady state of a loop calling one kernel).
+MODES = {
+    "wall": (time.perf_counter, "threads", "interleaved"),
+    "wall_blocked": (time.perf_counter, "threads", "blocked"),
+    "cpu_1thread": (time.thread_time, 1, "interleaved"),
+}
 
 
-def measure(fns: dict, inputs: dict, clock, repeats: int, warmup: int) -> dict:
-    """{T: {name: [ms, ...]}}: each repeat times every (length, kernel) once, alternating the kernel order."""
+def measure(fns: dict, inputs: dict, clock, repeats: int, warmup: int, order: str) -> dict:
+    """{T: {name: [ms, ...]}} of forward + backward, in the given order ("interleaved" or "blocked")."""
     timings = {T: {name: [] for name in fns} for T in inputs}
+    if order == "blocked":
+        for T in inputs:
+            for name, fn in fns.items():
+                for repeat in range(warmup + repeats):
+                    seconds = forward_backward(fn, *inputs[T], clock=clock)[0]
+                    if repeat >= warmup:
+                        timings[T][name].append(seconds * 1e3)
+        return timings
     for T in inputs:
         for _ in range(warmup):
             for fn in fns.values():
                 forward_backward(fn, *inputs[T])
     for repeat in range(repeats):
         for T in inputs:
-            order = list(fns.items()) if repeat % 2 == 0 else list(fns.items())[::-1]
-            for name, fn in order:
+            kernels = list(fns.items()) if repeat % 2 == 0 else list(fns.items())[::-1]
+            for name, fn in kernels:
                 timings[T][name].append(forward_backward(fn, *inputs[T], clock=clock)[0] * 1e3)
     return timings
 
@@ -197,9 +212,10 @@ def main() -> None:
     inputs = {T: make_inputs(T, B, H, D, seed=0) for T in args.lengths}
     results = {}
     for mode in args.modes:
-        torch.set_num_threads(args.threads if mode == "wall" else 1)
-        results[mode] = {"torch_threads": torch.get_num_threads(), "load_average_before": _load()}
-        results[mode].update(summarize(measure(fns, inputs, MODES[mode], args.repeats, args.warmup), mode))
+        clock, threads, order = MODES[mode]
+        torch.set_num_threads(args.threads if threads == "threads" else threads)
+        results[mode] = {"torch_threads": torch.get_num_threads(), "order": order, "load_average_before": _load()}
+        results[mode].update(summarize(measure(fns, inputs, clock, args.repeats, args.warmup, order), mode))
         results[mode]["load_average_after"] = _load()
     torch.set_num_threads(args.threads)
 
@@ -220,10 +236,11 @@ def main() -> None:
             "torch": torch.__version__,
             "mlstm_kernels": official_version,
         },
-        "method": f"median of {args.repeats} repeats after {args.warmup} warm-up runs; each repeat times every "
-        "(length, kernel) once, alternating the kernel order; time = forward + backward(grad_h) of h. Modes: "
-        "'wall' = wall-clock with the given torch threads; 'cpu_1thread' = CPU time of the calling thread with 1 "
-        "torch thread (robust to other processes on a shared machine).",
+        "method": f"median of {args.repeats} repeats after {args.warmup} warm-up runs of forward + "
+        "backward(grad_h) of h. Modes: 'wall' = wall-clock, the given torch threads, interleaved (each repeat times "
+        "every (length, kernel) once, alternating the kernel order); 'wall_blocked' = the same, all repeats of one "
+        "(length, kernel) in a row; 'cpu_1thread' = CPU time of the calling thread with 1 torch thread, interleaved "
+        "(robust to other processes on a shared machine).",
         "conventions": CONVENTIONS,
         "results": results,
         "agreement_T1024_rel_err_vs_float64": agreement(fns, 1024, B, H, D),
