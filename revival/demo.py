@@ -40,8 +40,8 @@ DEMO_MODELS: dict[str, dict[str, Any]] = {
 CONTEXT_LENGTH = 256
 BATCH_SIZE = 8
 LEARNING_RATE = 3e-3
-EVAL_DOC_MAX_BYTES = 8192  # validation documents up to this size, in corpus order ...
-EVAL_MAX_TOKENS = 12000  # ... until this many tokens
+EVAL_DOC_MAX_BYTES = 16384  # validation documents up to this size, in corpus order ...
+EVAL_MAX_TOKENS = 16000  # ... until this many tokens (the last document is read whole)
 GENERATE_TOKENS = 200
 MATCH_TOLERANCE = 0.05
 
@@ -195,7 +195,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(models: list[str] | None = None, minutes: float = 2.5, tokens: int | None = None,
+def run_demo(models: list[str] | None = None, minutes: float = 3.0, tokens: int | None = None,
              out_dir: str | os.PathLike = "runs/demo", prompt: str = "def ", seed: int = 0, threads: int | None = None,
              progress: bool = True, corpus=None, print_fn=print) -> list[dict[str, Any]]:
     """Run the demo (module docstring); returns one result dict per model. `corpus` defaults to the stdlib corpus."""

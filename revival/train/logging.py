@@ -8,7 +8,11 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    """Appends rows of metrics to `<out_dir>/metrics.csv` and mirrors them to TensorBoard."""
+    """Appends rows of metrics to `<out_dir>/metrics.csv` and mirrors them to TensorBoard.
+
+    CSV columns: step, split (train | val), metric, value. Train rows: loss (mean over the steps since the previous
+    row), lr, tokens (seen so far), tokens_per_s, peak_mem_mb, skipped_steps; val rows: loss, perplexity, bpb, tokens
+    (evaluated)."""
 
     def __init__(self, out_dir: str | Path, tensorboard: bool = True):
         self.out_dir = Path(out_dir)
@@ -70,9 +74,11 @@ def plot_loss_curves(runs: dict[str, str | Path], path: str | Path, x: str = "to
             if not points:
                 continue
             steps = [s for s, _ in points]
-            if x == "tokens":
+            if x == "tokens":  # tokens seen grow by the same amount every step: scale steps without a train row
                 tokens = dict(series.get(("train", "tokens"), []))
-                xs = [tokens.get(s, float("nan")) for s in steps]
+                last = max(tokens, default=None)
+                per_step = tokens[last] / last if last else float("nan")
+                xs = [tokens.get(s, s * per_step) for s in steps]
             else:
                 xs = steps
             ax.plot(xs, [v for _, v in points], style, color=color, label=f"{label} {split}",

@@ -261,6 +261,7 @@ class Trainer:
         """Train to `train.steps`; returns a summary (losses, throughput, memory, paths)."""
         logger = MetricsLogger(self.out_dir, tensorboard=self.cfg.tensorboard)
         losses: list[float] = []
+        interval: list[float] = []  # finite losses since the last log row (the row logs their mean)
         train_time, timed_tokens = 0.0, 0
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"train {self.run.model['preset']}",
                    disable=not self.cfg.progress, unit="step", dynamic_ncols=True)
@@ -275,13 +276,17 @@ class Trainer:
                 timed_tokens += self.tokens_seen - tokens_before
                 self.step += 1
                 losses.append(loss)
+                if math.isfinite(loss):
+                    interval.append(loss)
                 bar.update(1)
                 if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
                     self.train_tokens_per_s = timed_tokens / max(train_time, 1e-9)
-                    logger.log(self.step, "train", loss=loss, lr=self.scheduler.get_last_lr()[0],
+                    mean_loss = sum(interval) / len(interval) if interval else float("nan")
+                    interval.clear()
+                    logger.log(self.step, "train", loss=mean_loss, lr=self.scheduler.get_last_lr()[0],
                                tokens=self.tokens_seen, tokens_per_s=self.train_tokens_per_s,
                                peak_mem_mb=peak_memory_mb(self.device), skipped_steps=self.skipped_steps)
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self.train_tokens_per_s:,.0f}")
+                    bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{self.train_tokens_per_s:,.0f}")
                 if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
                     self.last_eval = self.evaluate()
                     logger.log(self.step, "val", **self.last_eval.as_dict())

@@ -75,6 +75,7 @@ def _captured_gradients(trainer) -> list[torch.Tensor]:
     return grads
 
 
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 def test_gradient_accumulation_matches_a_larger_batch(tmp_path, tiny_corpus):
     big = Trainer(tiny_run(tmp_path / "big", batch_size=8, grad_accum=1, grad_clip=1e9), corpus=tiny_corpus)
     small = Trainer(tiny_run(tmp_path / "small", batch_size=4, grad_accum=2, grad_clip=1e9), corpus=tiny_corpus)
