@@ -22,6 +22,7 @@ import triton.language as tl
 
 from .forward import (
     CONFIG_OVERRIDE,
+    _cast,
     _chunk_gates,
     _dot,
     _halvings,
@@ -29,7 +30,7 @@ from .forward import (
     _mm,
     _pow2,
     _precision,
-    _split_on,
+    _split_mask,
     _upcast,
     launch_with_fallback,
 )
@@ -42,7 +43,7 @@ def _dstates_kernel(
     dcs_ptr, dns_ptr, dc0_ptr, dn0_ptr,
     T, NC, DK, DV, scale,
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr, SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr, SPLITS: tl.constexpr,
 ):
     pid_kv = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -61,7 +62,7 @@ def _dstates_kernel(
     for cc in range(0, NC):
         c = NC - 1 - cc
         chunk_state = (row * NC + c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
-        tl.store(dcs_ptr + chunk_state, dC.to(dcs_ptr.dtype.element_ty), mask=mask_kv)
+        tl.store(dcs_ptr + chunk_state, _cast(dC, dcs_ptr.dtype.element_ty, UPCAST), mask=mask_kv)
         if iv == 0:
             tl.store(dns_ptr + (row * NC + c) * DK + offs_k, dn, mask=mask_k)
         t0 = c * L
@@ -78,7 +79,7 @@ def _dstates_kernel(
         qw = q.to(tl.float32) * w[:, None]
         dnum = dh.to(tl.float32) * rz[:, None]
         decay = tl.exp(g + m_prev - m_next)
-        dC = decay * dC + _mm(tl.trans(qw), dnum, True, True, MIX, PRECISION, UPCAST, SPLIT)
+        dC = decay * dC + _mm(tl.trans(qw), dnum, True, True, MIX, PRECISION, UPCAST, SPLITS & 8)
         dn = decay * dn + tl.sum(qw * dden[:, None], 0)
     tl.store(dc0_ptr + state_off, dC, mask=mask_kv)
     if iv == 0:
@@ -89,10 +90,10 @@ def _dstates_kernel(
 def _grads_kernel(
     q_ptr, k_ptr, v_ptr, i_ptr, f_ptr, dh_ptr, rz_ptr, dden_ptr, mq_ptr,
     cs_ptr, ns_ptr, ms_ptr, dcs_ptr, dns_ptr,
-    dq_ptr, dk_ptr, dv_ptr, qdq_ptr, kdk_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dlogf_ptr, kdk_ptr,
     T, NC, DK, DV, scale,
     L: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr, SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr, SPLITS: tl.constexpr,
 ):
     c = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -120,8 +121,8 @@ def _grads_kernel(
     m_prev = tl.load(ms_ptr + row * (NC + 1) + c)
     m_next = tl.load(ms_ptr + row * (NC + 1) + c + 1)
     chunk_state = (row * NC + c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
-    C = tl.load(cs_ptr + chunk_state, mask=mask_kv, other=0.0)
-    dC = tl.load(dcs_ptr + chunk_state, mask=mask_kv, other=0.0)
+    C = tl.load(cs_ptr + chunk_state, mask=mask_kv, other=0.0).to(tl.float32)
+    dC = tl.load(dcs_ptr + chunk_state, mask=mask_kv, other=0.0).to(tl.float32)
     n = tl.load(ns_ptr + (row * NC + c) * DK + offs_k, mask=mask_k, other=0.0)
     dn = tl.load(dns_ptr + (row * NC + c) * DK + offs_k, mask=mask_k, other=0.0)
     dn = tl.where(iv == 0, dn, 0.0)
@@ -130,28 +131,47 @@ def _grads_kernel(
     decay = tl.where(causal, tl.exp(b[:, None] - b[None, :] + ig[None, :] - m_query[:, None]), 0.0)
     scores = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale * decay  # P (L x L)
     dnum = dh.to(tl.float32) * rz[:, None]
-    dscores = (_mm(dnum, tl.trans(v), True, False, MIX, PRECISION, UPCAST, SPLIT) + dden[:, None]) * decay  # dP * D
+    dp = _mm(dnum, tl.trans(v), True, False, MIX, PRECISION, UPCAST, SPLITS & 16) + dden[:, None]  # dL/dP
+    dscores = dp * decay
     w_query = tl.where(valid, tl.exp(b + m_prev - m_query), 0.0)  # weight of the entering state for each query
     w_key = tl.where(valid, tl.exp(g - b + ig - m_next), 0.0)  # weight of each key in the state at the chunk end
 
-    dq = _mm(dscores, k, True, False, MIX, PRECISION, UPCAST, SPLIT)
-    dq_state = _mm(dnum, tl.trans(C), True, True, MIX, PRECISION, UPCAST, SPLIT) + dden[:, None] * n[None, :]
-    dq += w_query[:, None] * dq_state
-    dq = dq * scale
-    dk = _mm(tl.trans(dscores), q, True, False, MIX, PRECISION, UPCAST, SPLIT) * scale
-    dk += w_key[:, None] * (_mm(v, tl.trans(dC), False, True, MIX, PRECISION, UPCAST, SPLIT) + dn[None, :])
-    dv = _mm(tl.trans(scores), dnum, True, True, MIX, PRECISION, UPCAST, SPLIT)
-    dv += w_key[:, None] * _mm(k, dC, False, True, MIX, PRECISION, UPCAST, SPLIT)
-    tl.store(dv_ptr + rows[:, None] * DV + offs_v[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask_lv)
+    dq = _mm(dscores, k, True, False, MIX, PRECISION, UPCAST, SPLITS & 32) * scale
+    dq_state = _mm(dnum, tl.trans(C), True, True, MIX, PRECISION, UPCAST, SPLITS & 64) + dden[:, None] * n[None, :]
+    dq_state = (scale * w_query)[:, None] * dq_state
+    dk = _mm(tl.trans(dscores), q, True, False, MIX, PRECISION, UPCAST, SPLITS & 128) * scale
+    dk_state = _mm(v, tl.trans(dC), False, True, MIX, PRECISION, UPCAST, SPLITS & 256) + dn[None, :]
+    dk_state = w_key[:, None] * dk_state
+    dv = _mm(tl.trans(scores), dnum, True, True, MIX, PRECISION, UPCAST, SPLITS & 512)
+    dv += w_key[:, None] * _mm(k, dC, False, True, MIX, PRECISION, UPCAST, SPLITS & 1024)
+
+    # d(cumulative log-forget before t) = sum over (query >= t, key < t) pairs of dL/dlog(weight): no cancellation
+    # (a reverse cumsum of q.dq - k.dk over T cancels, and amplifies rounding ~sqrt(T)). Pairs inside the chunk:
+    pair = dp * scores
+    left = tl.cumsum(pair, 1) - pair  # sum over keys s < t of row t'
+    upper = offs_l[:, None] >= offs_l[None, :]  # rows t' >= t (column t)
+    crossing = tl.sum(tl.where(upper, left, 0.0), 0)
+    q_state = tl.sum(q.to(tl.float32) * dq_state, 1)  # queries >= t in the chunk, keys before the chunk
+    crossing += tl.sum(q_state, 0) - tl.cumsum(q_state, 0) + q_state
+    k_state = tl.sum(k.to(tl.float32) * dk_state, 1)  # keys < t in the chunk, queries after the chunk
+    crossing += tl.cumsum(k_state, 0) - k_state
+    carried = tl.sum(tl.sum(C * dC, 1), 0) + tl.sum(n * dn, 0)  # queries after, keys before the chunk
+    crossing += tl.exp(g + m_prev - m_next) * carried
+    dq += dq_state
+    dk += dk_state
+    tl.store(dv_ptr + rows[:, None] * DV + offs_v[None, :], _cast(dv, dv_ptr.dtype.element_ty, UPCAST), mask=mask_lv)
     if NV == 1:
-        tl.store(dq_ptr + rows[:, None] * DK + offs_k[None, :], dq.to(dq_ptr.dtype.element_ty), mask=mask_lk)
-        tl.store(dk_ptr + rows[:, None] * DK + offs_k[None, :], dk.to(dk_ptr.dtype.element_ty), mask=mask_lk)
-        tl.store(qdq_ptr + rows, tl.sum(q.to(tl.float32) * dq, 1), mask=valid)
+        dq_off = rows[:, None] * DK + offs_k[None, :]
+        tl.store(dq_ptr + dq_off, _cast(dq, dq_ptr.dtype.element_ty, UPCAST), mask=mask_lk)
+        dk_off = rows[:, None] * DK + offs_k[None, :]
+        tl.store(dk_ptr + dk_off, _cast(dk, dk_ptr.dtype.element_ty, UPCAST), mask=mask_lk)
         tl.store(kdk_ptr + rows, tl.sum(k.to(tl.float32) * dk, 1), mask=valid)
+        tl.store(dlogf_ptr + rows, crossing, mask=valid)
     else:  # float32 partial sums over the Dv-tiles, reduced afterwards
         part = (iv * tl.num_programs(1) * T + rows)[:, None] * DK + offs_k[None, :]
         tl.store(dq_ptr + part, dq, mask=mask_lk)
         tl.store(dk_ptr + part, dk, mask=mask_lk)
+        tl.store(dlogf_ptr + iv * tl.num_programs(1) * T + rows, crossing, mask=valid)
 
 
 def backward_config(Dk: int, Dv: int) -> dict:
@@ -173,7 +193,7 @@ def mlstm_backward(q, k, v, i, f, h, dh, dC_last, dn_last, dm_last, state0, fina
     cfg = backward_config(Dk, Dv)
     dev = q.device
     scale = Dk**-0.5
-    prec, upcast, mix, split = _precision(q.dtype), _upcast(q.dtype), _mix(q.dtype), _split_on(q.dtype)
+    prec, upcast, mix, splits = _precision(q.dtype), _upcast(q.dtype), _mix(q.dtype), _split_mask(q.dtype)
     dh = dh.contiguous()
 
     # per-token normalizer gradients (BH, T)
@@ -187,8 +207,8 @@ def mlstm_backward(q, k, v, i, f, h, dh, dC_last, dn_last, dm_last, state0, fina
     dns = torch.empty_like(ns)
     dC0 = torch.empty(BH, Dk, Dv, device=dev, dtype=torch.float32)
     dn0 = torch.empty(BH, Dk, device=dev, dtype=torch.float32)
-    flags = dict(PRECISION=prec, UPCAST=upcast, MIX=mix, SPLIT=split)
-    shape_class = (Dk, Dv, L, q.dtype, split)
+    flags = dict(PRECISION=prec, UPCAST=upcast, MIX=mix, SPLITS=splits)
+    shape_class = (Dk, Dv, L, q.dtype, splits)
 
     def dstates(BV):
         NK, NV = triton.cdiv(Dk, cfg["BK"]), triton.cdiv(Dv, BV)
@@ -200,7 +220,6 @@ def mlstm_backward(q, k, v, i, f, h, dh, dC_last, dn_last, dm_last, state0, fina
     launch_with_fallback(("dstates", *shape_class), _halvings(cfg["BV"]), dstates)
 
     dv = torch.empty_like(v)
-    qdq = torch.empty(BH, T, device=dev, dtype=torch.float32)
     kdk = torch.empty(BH, T, device=dev, dtype=torch.float32)
     grads = {}
 
@@ -211,34 +230,34 @@ def mlstm_backward(q, k, v, i, f, h, dh, dC_last, dn_last, dm_last, state0, fina
         else:
             dq = torch.empty(NVG, BH, T, Dk, device=dev, dtype=torch.float32)
             dk = torch.empty(NVG, BH, T, Dk, device=dev, dtype=torch.float32)
+        dlogf = torch.empty(NVG, BH, T, device=dev, dtype=torch.float32)
         _grads_kernel[(NC, BH, NVG)](
-            q, k, v, i, f, dh, rz, dden, m_query, cs, ns, ms, dcs, dns, dq, dk, dv, qdq, kdk, T, NC, Dk, Dv, scale,
+            q, k, v, i, f, dh, rz, dden, m_query, cs, ns, ms, dcs, dns, dq, dk, dv, dlogf, kdk, T, NC, Dk, Dv, scale,
             L=L, BKF=_pow2(Dk), BV=BV, NV=NVG, num_warps=cfg["WARPS_GRAD"], **flags,
         )
-        grads.update(dq=dq, dk=dk, NVG=NVG)
+        grads.update(dq=dq, dk=dk, dlogf=dlogf, NVG=NVG)
 
     launch_with_fallback(("grads", *shape_class), _halvings(cfg["BV_GRAD"]), grad_kernel)
-    dq, dk, NVG = grads["dq"], grads["dk"], grads["NVG"]
+    dq, dk, dlog_f, NVG = grads["dq"], grads["dk"], grads["dlogf"].sum(0), grads["NVG"]
     if NVG > 1:
         dq, dk = dq.sum(0), dk.sum(0)
-        qdq = (q.float() * dq).sum(-1)
         kdk = (k.float() * dk).sum(-1)
         dq, dk = dq.to(q.dtype), dk.to(k.dtype)
 
-    # gate gradients, with the final stabilizer's gradient routed through its max
-    dF = qdq - kdk
+    # gate gradients: dlog_f (from the kernel) covers every pair of (query or final state, key or initial state)
+    # crossing t; add the final stabilizer's gradient (m_T = F_T + max(m0, max_s (i_s - F_s))), routed through its max
     di = kdk.clone()
     final_dot = (C_T * dC_last).sum((-2, -1)) + (n_T * dn_last).sum(-1)
     dm_total = dm_last - final_dot
-    dF[:, -1] += final_dot + dm_total
+    dlog_f = dlog_f + dm_total[:, None]
     log_f_cumsum = torch.cumsum(F.logsigmoid(f.float()), dim=-1)
     source = i.float() - log_f_cumsum  # m_T - F_T = max(m0, max_s (i_s - F_s))
     best, where = source.max(dim=-1)
     from_state = m0 >= best
     route = torch.where(from_state, torch.zeros_like(dm_total), dm_total)
     di.scatter_add_(1, where[:, None], route[:, None])
-    dF.scatter_add_(1, where[:, None], -route[:, None])
-    dlog_f = torch.flip(torch.cumsum(torch.flip(dF, [-1]), -1), [-1])
+    before = torch.arange(T, device=dev)[None, :] <= where[:, None]
+    dlog_f = dlog_f - route[:, None] * before
     df = dlog_f * torch.sigmoid(-f.float())
     dm0 = (C0 * dC0).sum((-2, -1)) + (n0 * dn0).sum(-1) + torch.where(from_state, dm_total, torch.zeros_like(dm_total))
     return dq, dk, dv, di.to(i.dtype), df.to(f.dtype), dC0, dn0, dm0

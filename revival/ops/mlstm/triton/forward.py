@@ -35,25 +35,39 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _split(x, LOW: tl.constexpr):
-    hi = x.to(LOW)
-    return hi, (x - hi.to(tl.float32)).to(LOW)
+def _cast(x, DT: tl.constexpr, UPCAST: tl.constexpr):
+    """x.to(DT). Under the interpreter (UPCAST) a plain float32 -> bfloat16 cast truncates, which biases every rounding
+    the same way; the GPU rounds to nearest even, so the interpreter is asked to do the same."""
+    y = x.to(DT)
+    if UPCAST:
+        if x.dtype == tl.float32 and DT == tl.bfloat16:  # round to nearest even by hand: bf16 = float32's high half
+            bits = x.to(tl.uint32, bitcast=True)
+            bits += 0x7FFF + ((bits >> 16) & 1)
+            y = (bits >> 16).to(tl.uint16).to(DT, bitcast=True)
+    return y
+
+
+@triton.jit
+def _split(x, LOW: tl.constexpr, UPCAST: tl.constexpr):
+    hi = _cast(x, LOW, UPCAST)
+    return hi, _cast(x - hi.to(tl.float32), LOW, UPCAST)
 
 
 @triton.jit
 def _mm(a, b, SA: tl.constexpr, SB: tl.constexpr, LOW: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, SPLIT: tl.constexpr):
-    """a @ b where a (SA) and/or b (SB) are computed float32 tiles and the others inputs in LOW. With SPLIT each
-    computed operand is x_hi + x_lo in LOW (about 16 bits of mantissa from 16-bit matrix units); else x.to(LOW)."""
+    """a @ b where a (SA) and/or b (SB) are computed float32 tiles and the others inputs in LOW. With SPLIT (nonzero:
+    callers pass their bit of the SPLITS mask) each computed operand is x_hi + x_lo in LOW (about 16 bits of mantissa
+    from 16-bit matrix units); else x.to(LOW)."""
     if SPLIT:
         if SA:
-            a_hi, a_lo = _split(a, LOW)
+            a_hi, a_lo = _split(a, LOW, UPCAST)
         else:
-            a_hi = a.to(LOW)
+            a_hi = _cast(a, LOW, UPCAST)
         if SB:
-            b_hi, b_lo = _split(b, LOW)
+            b_hi, b_lo = _split(b, LOW, UPCAST)
         else:
-            b_hi = b.to(LOW)
+            b_hi = _cast(b, LOW, UPCAST)
         acc = _dot(a_hi, b_hi, PRECISION, UPCAST)
         if SA:
             acc += _dot(a_lo, b_hi, PRECISION, UPCAST)
@@ -61,7 +75,7 @@ def _mm(a, b, SA: tl.constexpr, SB: tl.constexpr, LOW: tl.constexpr, PRECISION: 
             acc += _dot(a_hi, b_lo, PRECISION, UPCAST)
         return acc
     else:
-        return _dot(a.to(LOW), b.to(LOW), PRECISION, UPCAST)
+        return _dot(_cast(a, LOW, UPCAST), _cast(b, LOW, UPCAST), PRECISION, UPCAST)
 
 
 @triton.jit
@@ -86,7 +100,7 @@ def _states_kernel(
     c_out_ptr, n_out_ptr,
     T, NC, DK, DV,
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr, SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr, SPLITS: tl.constexpr,
 ):
     pid_kv = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -105,7 +119,7 @@ def _states_kernel(
     m = tl.load(m0_ptr + row)
     for c in range(0, NC):
         chunk_state = (row * NC + c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
-        tl.store(cs_ptr + chunk_state, C.to(cs_ptr.dtype.element_ty), mask=mask_kv)
+        tl.store(cs_ptr + chunk_state, _cast(C, cs_ptr.dtype.element_ty, UPCAST), mask=mask_kv)
         if iv == 0:
             tl.store(ns_ptr + (row * NC + c) * DK + offs_k, n, mask=mask_k)
             if ik == 0:
@@ -120,7 +134,7 @@ def _states_kernel(
         k = tl.load(k_ptr + rows[:, None] * DK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
         v = tl.load(v_ptr + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
         kw = k.to(tl.float32) * w[:, None]
-        C = decay * C + _mm(tl.trans(kw), v, True, False, MIX, PRECISION, UPCAST, SPLIT)
+        C = decay * C + _mm(tl.trans(kw), v, True, False, MIX, PRECISION, UPCAST, SPLITS & 1)
         n = decay * n + tl.sum(kw, 0)
         m = m_new
     tl.store(c_out_ptr + state_off, C, mask=mask_kv)
@@ -137,7 +151,7 @@ def _output_kernel(
     h_ptr, mq_ptr, den_ptr,
     T, NC, DK, DV, scale, eps,
     L: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr, SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr, SPLITS: tl.constexpr,
 ):
     c = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -166,12 +180,12 @@ def _output_kernel(
     decay = tl.exp(log_d - m_query[:, None])
     scores = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale * decay
     q_state = q.to(tl.float32) * (scale * tl.exp(log_state - m_query))[:, None]
-    num = _mm(scores, v, True, False, MIX, PRECISION, UPCAST, SPLIT)
-    num += _mm(q_state, C, True, True, MIX, PRECISION, UPCAST, SPLIT)
+    num = _mm(scores, v, True, False, MIX, PRECISION, UPCAST, SPLITS & 2)
+    num += _mm(q_state, C, True, True, MIX, PRECISION, UPCAST, SPLITS & 4)
     den = tl.sum(scores, 1) + tl.sum(q_state * n[None, :], 1)
     z = tl.maximum(tl.abs(den), tl.exp(-m_query)) + eps
     h = num / z[:, None]
-    tl.store(h_ptr + rows[:, None] * DV + offs_v[None, :], h.to(h_ptr.dtype.element_ty),
+    tl.store(h_ptr + rows[:, None] * DV + offs_v[None, :], _cast(h, h_ptr.dtype.element_ty, UPCAST),
              mask=valid[:, None] & mask_v[None, :])
     if iv == 0:
         tl.store(mq_ptr + rows, m_query, mask=valid)
@@ -200,19 +214,27 @@ def _upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# Matrix products whose operands are computed (decay-weighted scores, scaled gradients, states) split those operands
-# into hi + lo 16-bit parts (two or three products instead of one): plain bfloat16 operands there double the error of
-# h and of the gradients (measured), while the kernels are bound by memory traffic, not by the matrix units.
-# False: computed operands rounded to the input dtype, states stored in it.
-PRECISE_INTERMEDIATES = True
+# Matrix products whose operands are computed (decay-weighted scores, scaled gradients, states) can split those
+# operands into hi + lo 16-bit parts (two or three products instead of one). One bit per product:
+#   forward  1: state update k^T v   2: scores @ v   4: q @ C (entering state)
+#   backward 8: dstate update q^T dnum   16: dnum @ v^T   32: dscores @ k   64: dnum @ C^T   128: dscores^T @ q
+#            256: v @ dC^T   512: scores^T @ dnum   1024: k @ dC
+# PRESETS name (split mask, float32 chunk states); PRECISION_MODE picks one for 16-bit inputs (float32 inputs never
+# split: their products run in float32).
+PRESETS = {"precise": (2047, True), "fast": (0, False), "fast32": (0, True)}
+PRECISION_MODE = "precise"
+
+
+def _split_mask(dtype: torch.dtype) -> int:
+    return 0 if dtype == torch.float32 else PRESETS[PRECISION_MODE][0]
+
+
+def _state_fp32(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 or PRESETS[PRECISION_MODE][1]
 
 
 def _mix(dtype: torch.dtype):
     return getattr(tl, str(dtype).split(".")[-1])
-
-
-def _split_on(dtype: torch.dtype) -> bool:
-    return PRECISE_INTERMEDIATES and dtype != torch.float32
 
 
 _CHOSEN: dict = {}
@@ -258,16 +280,16 @@ def mlstm_forward(q, k, v, i, f, C0, n0, m0, chunk_size: int, eps: float, keep_s
     L = cfg["L"]
     NC = triton.cdiv(T, L)
     dev = q.device
-    # chunk states in float32: bfloat16 states triple the error of the forget-gate gradient (measured)
-    state_dtype = torch.float32 if PRECISE_INTERMEDIATES else q.dtype
+    state_dtype = torch.float32 if _state_fp32(q.dtype) else q.dtype
     cs = torch.empty(BH, NC, Dk, Dv, device=dev, dtype=state_dtype)
     ns = torch.empty(BH, NC, Dk, device=dev, dtype=torch.float32)
     ms = torch.empty(BH, NC + 1, device=dev, dtype=torch.float32)
     C_out = torch.empty(BH, Dk, Dv, device=dev, dtype=torch.float32)
     n_out = torch.empty(BH, Dk, device=dev, dtype=torch.float32)
     prec = _precision(q.dtype)
-    flags = dict(PRECISION=prec, UPCAST=_upcast(q.dtype), MIX=_mix(q.dtype), SPLIT=_split_on(q.dtype))
-    shape_class = (Dk, Dv, L, q.dtype, PRECISE_INTERMEDIATES)
+    splits = _split_mask(q.dtype)
+    flags = dict(PRECISION=prec, UPCAST=_upcast(q.dtype), MIX=_mix(q.dtype), SPLITS=splits)
+    shape_class = (Dk, Dv, L, q.dtype, splits, state_dtype)
 
     def states(BV):
         NK, NV = triton.cdiv(Dk, cfg["BK"]), triton.cdiv(Dv, BV)
