@@ -61,7 +61,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
     bench.add_argument("--out", default="benchmarks/results", help="output folder (default: benchmarks/results)")
     bench.add_argument("--no-anchors", action="store_true", help="skip the transformers anchors")
-    bench.add_argument("--no-cuda-graphs", action="store_true", help="decode steps without CUDA graphs")
+    bench.add_argument("--cuda-graphs", action="store_true",
+                       help="decode: replay the step of recurrent-only models as a CUDA graph (experimental)")
     bench.add_argument("--max-seconds", type=float, default=None,
                        help="time budget: points not started by then are recorded as skipped")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -76,7 +77,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     contexts = args.contexts or [parse_context(c) for c in DEFAULT_CONTEXTS[args.study].split(",")]
     result = run_study(args.study, presets=presets, contexts=contexts, device=args.device, dtype=args.dtype,
                        out_dir=args.out, size=args.size, batch_sizes=args.batch_sizes, anchors=not args.no_anchors,
-                       cuda_graphs=not args.no_cuda_graphs, max_seconds=args.max_seconds,
+                       cuda_graphs=args.cuda_graphs, max_seconds=args.max_seconds,
                        progress=not args.no_progress)
     print(format_table(result))
     print(f"wrote {args.out}/bench_{args.study}.json and {args.out}/{result['plot']}")

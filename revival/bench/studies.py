@@ -6,12 +6,14 @@
     prefill  batch 1, no grad, weights in `dtype`: one forward over `context` tokens up to the last position's logits;
              time-to-first-token = that time, tokens/s = context / TTFT, peak memory.
     decode   prefill `context` tokens, then `decode_tokens` single-token steps; tokens/s = batch * steps / time;
-             peak allocated memory during the steps (weights + state + step buffers), the state's bytes. On CUDA the
-             step of a recurrent-only revival model is captured once as a CUDA graph (state copied in place inside
-             the graph); attention's KV cache grows each step, so attention models (and the anchors) run eagerly.
+             peak allocated memory during the steps (weights + state + step buffers), the state's bytes. With
+             cuda_graphs=True (opt-in, experimental) the step of a recurrent-only revival model on CUDA is captured
+             once as a CUDA graph (state copied in place inside the graph); attention's KV cache grows each step, so
+             attention models (and the anchors) always run eagerly.
 
 Every point is timed after warm-up runs (CUDA synchronized), as the median of `repeats`. An out-of-memory point is
-recorded with status "oom" and the study goes on; any other failure is recorded with status "error".
+recorded with status "oom" and the study goes on; any other failure is recorded with status "error". A CUDA error
+that poisons the context (illegal memory access) marks every later point "skipped"; the JSON is still written.
 """
 
 from __future__ import annotations
@@ -39,13 +41,15 @@ DEFAULTS = {  # size -> study settings
 
 def run_study(name: str, presets: list[str], contexts: list[int], device: str | torch.device = "auto",
               dtype: str | torch.dtype = "auto", out_dir: str | Path = "benchmarks/results", *, size: str = "tiny",
-              batch_sizes: list[int] | None = None, anchors: bool = True, cuda_graphs: bool = True,
+              batch_sizes: list[int] | None = None, anchors: bool = True, cuda_graphs: bool = False,
               max_seconds: float | None = None, progress: bool = True, **settings: Any) -> dict[str, Any]:
     """Run study `name` over presets x contexts (x batch sizes); write JSON + PNG to `out_dir`; return the JSON dict.
 
     presets: revival preset names (e.g. "xlstm-large", "xlstm[7:1]") and/or anchors "hf-xlstm", "hf-llama".
     anchors: also add "hf-xlstm" / "hf-llama" when "xlstm-large" / "llama" are in presets and transformers is
     installed. batch_sizes: decode only (default [1]); train picks batch = max(1, tokens_per_step // context).
+    cuda_graphs: capture the decode step of recurrent-only revival models as a CUDA graph (opt-in: the first H100
+    run that had it on died with an illegal memory access in the decode study, cause not yet isolated).
     max_seconds: points not started within this budget are recorded with status "skipped".
     settings: tokens_per_step, warmup, repeats, decode_tokens (defaults per size in DEFAULTS).
     """
@@ -82,11 +86,14 @@ def run_study(name: str, presets: list[str], contexts: list[int], device: str | 
     start = time.perf_counter()
     bar = tqdm(plan, desc=f"bench {name}", disable=not progress, unit="point")
     runner = None
+    context_lost = None  # a CUDA error that poisons the context: every later point is skipped
     for model_name, context, batch in bar:
         bar.set_postfix_str(f"{model_name} T={context} B={batch}")
         point: dict[str, Any] = {"model": model_name, "context": context, "batch": batch, "status": "ok", "error": None}
-        if max_seconds is not None and time.perf_counter() - start > max_seconds:
-            point.update(status="skipped", error=f"time budget of {max_seconds:.0f} s spent")
+        if context_lost or (max_seconds is not None and time.perf_counter() - start > max_seconds):
+            reason = f"CUDA context lost earlier: {context_lost}" if context_lost else \
+                f"time budget of {max_seconds:.0f} s spent"
+            point.update(status="skipped", error=reason)
             result["points"].append(point)
             continue
         try:
@@ -101,10 +108,19 @@ def run_study(name: str, presets: list[str], contexts: list[int], device: str | 
             point.update(status="oom", error=str(error).splitlines()[0][:300])
         except Exception as error:  # noqa: BLE001 - recorded per point; the study goes on
             point.update(status="error", error=f"{type(error).__name__}: {str(error)[:300]}")
-        finally:
+        try:
             _free(device)
+        except Exception as error:  # noqa: BLE001 - e.g. an illegal memory access reported late
+            context_lost = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            point["error"] = (point["error"] or "") + f" [then: {context_lost}]"
+            point["status"] = "error"
+        if point["error"] and "CUDA error" in point["error"]:
+            context_lost = context_lost or point["error"][:200]
         result["points"].append(point)
-    _release(runner)
+    try:
+        _release(runner)
+    except Exception:  # noqa: BLE001 - a lost CUDA context; the figures are still written below
+        pass
     result["wall_seconds"] = time.perf_counter() - start
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
