@@ -56,6 +56,13 @@ class HeadwiseLinear(nn.Module):
         y = (self.weight @ x.unflatten(-2, (self.num_blocks, self.block_size))).flatten(-3, -2)
         return y if self.bias is None else y + self.bias[:, None]
 
+    def compose_after(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A linear map `weight` (G, dim) applied to this one's output, as one map of the input:
+        weight @ (W x + b) = (weight @ W) x + weight @ b. Returns ((G, dim), (G,) or None)."""
+        blocks = weight.unflatten(-1, (self.num_blocks, self.block_size))  # (G, num_blocks, bs)
+        composed = torch.einsum("gbo,boi->gbi", blocks, self.weight.to(weight.dtype)).flatten(-2)
+        return composed, None if self.bias is None else weight @ self.bias.to(weight.dtype)
+
 
 class MLSTMLayer(nn.Module):
     """mLSTM mixer of the paper's pre-up-projection block (no residual, no outer pre-norm).
@@ -131,16 +138,24 @@ class MLSTMLayer(nn.Module):
         conv_out, conv_state = self.conv(x_m, conv_state)
         conv_act = F.silu(conv_out)
         # q, k, v and the gates in the feature-major layout (B, inner, T) the conv already computes in
-        conv_fm, x_m_fm = conv_act.transpose(1, 2), x_m.transpose(1, 2)
+        conv_fm = conv_act.transpose(1, 2).contiguous()  # free when the conv ran in (B, inner, T)
+        x_m_fm = x_m.transpose(1, 2).contiguous()  # read twice: by v_proj and by the gates
         q, k, v = (self.q_proj.forward_feature_major(conv_fm), self.k_proj.forward_feature_major(conv_fm),
                    self.v_proj.forward_feature_major(x_m_fm))
 
         gate_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=x.device.type, enabled=False):  # gate pre-activations stay in float32
-            qkv = torch.cat([q, k, v], dim=1).to(gate_dtype)  # (B, 3 inner, T)
-            gate_weight = torch.cat([self.igate.weight, self.fgate.weight]).to(gate_dtype)  # both gates at once
+            # [igate; fgate] @ cat(q, k, v) without building cat(q, k, v): the gate weights composed with the headwise
+            # maps read conv_act and x_m directly ((2H, inner) weights; no (B, 3 inner, T) tensor or its gradient)
+            gate_weight = torch.cat([self.igate.weight, self.fgate.weight]).to(gate_dtype)  # (2H, 3 inner)
             gate_bias = torch.cat([self.igate.bias, self.fgate.bias]).to(gate_dtype)
-            gates = torch.baddbmm(gate_bias[:, None], gate_weight.expand(B, -1, -1), qkv)  # (B, 2H, T)
+            w_q, w_k, w_v = gate_weight.split(self.inner_dim, dim=1)
+            (from_q, bias_q), (from_k, bias_k), (from_v, bias_v) = (
+                proj.compose_after(w) for proj, w in ((self.q_proj, w_q), (self.k_proj, w_k), (self.v_proj, w_v)))
+            if bias_q is not None:
+                gate_bias = gate_bias + bias_q + bias_k + bias_v
+            gates = torch.baddbmm(gate_bias[:, None], (from_q + from_k).expand(B, -1, -1), conv_fm.to(gate_dtype))
+            gates = torch.baddbmm(gates, from_v.expand(B, -1, -1), x_m_fm.to(gate_dtype))  # (B, 2H, T)
             i, f = gates.split(self.num_heads, dim=1)  # (B, H, T) each
 
         def heads(t: torch.Tensor) -> torch.Tensor:  # (B, inner, T) -> (B, H, T, hd)
