@@ -40,8 +40,9 @@ DEMO_MODELS: dict[str, dict[str, Any]] = {
 CONTEXT_LENGTH = 256
 BATCH_SIZE = 8
 LEARNING_RATE = 3e-3
-EVAL_DOC_MAX_BYTES = 16384  # validation documents up to this size, in corpus order ...
-EVAL_MAX_TOKENS = 16000  # ... until this many tokens (the last document is read whole)
+EVAL_DOC_MAX_BYTES = 16384  # the first 16 KB of each validation document, in corpus order ...
+EVAL_MAX_TOKENS = 16000  # ... until this many tokens (the last one read to its end)
+EVALS = 4  # validation points per run
 GENERATE_TOKENS = 200
 MATCH_TOLERANCE = 0.05
 
@@ -211,7 +212,7 @@ def run_demo(models: list[str] | None = None, minutes: float = 3.0, tokens: int 
     if corpus is None:
         print_fn("loading the embedded corpus (Python standard library sources) ...")
         corpus = load_corpus("stdlib", show_progress=progress)
-    validation = [d for d in corpus.validation if len(d) <= EVAL_DOC_MAX_BYTES] or corpus.validation[:1]
+    validation = [document[:EVAL_DOC_MAX_BYTES] for document in corpus.validation]
     corpus = dataclasses.replace(corpus, validation=validation)
     sequence_tokens = BATCH_SIZE * CONTEXT_LENGTH
     if tokens is None:
@@ -221,9 +222,10 @@ def run_demo(models: list[str] | None = None, minutes: float = 3.0, tokens: int 
         budget_note = f"sized to fit {minutes:g} training minutes on this machine"
     else:
         budget_note = "fixed with --tokens"
-    steps = max(10, math.ceil(tokens / sequence_tokens))
+    steps = max(EVALS, math.ceil(tokens / sequence_tokens / EVALS) * EVALS)  # evaluations land on the last step
     print_fn(f"corpus {corpus.name} ({corpus.content_hash[:12]}): {corpus.num_bytes('train'):,} train bytes; "
-             f"validation: {len(validation)} documents <= {EVAL_DOC_MAX_BYTES} bytes")
+             f"validation: the first {EVAL_DOC_MAX_BYTES // 1024} KB of each document, up to {EVAL_MAX_TOKENS:,} "
+             "tokens")
     print_fn(f"token budget per model: {steps} steps x {BATCH_SIZE} x {CONTEXT_LENGTH} = {steps * sequence_tokens:,} "
              f"tokens ({budget_note})")
 
@@ -235,7 +237,7 @@ def run_demo(models: list[str] | None = None, minutes: float = 3.0, tokens: int 
             model=dict(options),
             data=DataConfig(corpus="stdlib", tokenizer="byte", context_length=CONTEXT_LENGTH),
             train=TrainConfig(steps=steps, batch_size=BATCH_SIZE, lr=LEARNING_RATE, warmup_steps=max(1, steps // 10),
-                              weight_decay=0.1, eval_every=max(1, steps // 4), eval_docs=len(validation),
+                              weight_decay=0.1, eval_every=steps // EVALS, eval_docs=len(validation),
                               eval_max_tokens=EVAL_MAX_TOKENS, checkpoint_every=steps, keep_checkpoints=1,
                               log_every=max(1, steps // 50), seed=seed, device="cpu", out_dir=str(run_dir),
                               tensorboard=False, progress=progress))
@@ -272,9 +274,8 @@ def run_demo(models: list[str] | None = None, minutes: float = 3.0, tokens: int 
     for result in results:
         print_fn(f"\n--- sample from {result['label']} ({format_count(result['parameters'])} parameters, "
                  f"prompt {prompt!r}, temperature 0.8) ---\n{result['sample']}")
-    print_fn(f"\nvalidation: {results[0]['val_tokens']:,} tokens of whole documents; recurrent models carry their "
-             f"state through each document, attention models read it in sliding {CONTEXT_LENGTH}-token windows (their "
-             "training context)")
+    print_fn(f"\nvalidation: {results[0]['val_tokens']:,} tokens; recurrent models carry their state through each "
+             f"document, attention models read it in sliding {CONTEXT_LENGTH}-token windows (their training context)")
     print_fn(f"outputs: {out_dir}/ (loss plot {plot}, table.txt, results.json, one run folder per model)")
     print_fn(f"try: revival generate {out_dir / results[0]['label']} --prompt 'def ' --stream")
     print_fn(f"demo wall time: {time.perf_counter() - wall_start:.0f} s")

@@ -45,11 +45,11 @@ def test_tiny_demo_end_to_end(tmp_path, tiny_corpus, monkeypatch):
     monkeypatch.setattr(demo, "BATCH_SIZE", 4)
     monkeypatch.setattr(demo, "GENERATE_TOKENS", 12)
     printed = []
-    results = demo.run_demo(["xlstm", "llama"], tokens=10 * 4 * 16, out_dir=tmp_path, progress=False,
+    results = demo.run_demo(["xlstm", "llama"], tokens=8 * 4 * 16, out_dir=tmp_path, progress=False,
                             corpus=tiny_corpus, print_fn=lambda *args: printed.append(" ".join(map(str, args))))
     xlstm, llama = results
     assert abs(llama["parameters"] - xlstm["parameters"]) <= 0.05 * xlstm["parameters"]
-    assert xlstm["train_tokens"] == llama["train_tokens"] == 10 * 4 * 16
+    assert xlstm["train_tokens"] == llama["train_tokens"] == 8 * 4 * 16
     for result in results:
         assert result["val_perplexity"] == pytest.approx(torch.tensor(result["val_loss"]).exp().item(), rel=1e-5)
         assert result["sample"].startswith("def ") and result["generate_tokens_per_s"] > 0
