@@ -98,10 +98,17 @@ class SLSTMLayer(nn.Module):
         else:
             conv_out, conv_state = self.conv(x, conv_state)
             conv_act = F.silu(conv_out)
-        gates = torch.stack([self.igate(conv_act), self.fgate(conv_act), self.zgate(x), self.ogate(x)], dim=2)
-        gates = gates.view(B, T, 4, self.num_heads, self.head_dim)
+        # The four headwise gate maps as two batched matmuls in the feature-major layout (B, H, d, T): per head, the
+        # stacked (2d, d) weights of i and f multiply conv_act's (d, T) slab, those of z and o multiply x's.
+        H, d = self.num_heads, self.head_dim
+        conv_fm = conv_act.transpose(1, 2).contiguous().view(B, H, d, T)  # free when the conv ran in (B, D, T)
+        x_fm = x.transpose(1, 2).contiguous().view(B, H, d, T)
+        weight_if = torch.stack([self.igate.weight, self.fgate.weight], dim=1).view(H, 2 * d, d)
+        weight_zo = torch.stack([self.zgate.weight, self.ogate.weight], dim=1).view(H, 2 * d, d)
+        gates = torch.cat([weight_if @ conv_fm, weight_zo @ x_fm], dim=2).view(B, H, 4, d, T)
         if self.gate_bias is not None:
-            gates = gates + self.gate_bias
+            gates = gates + self.gate_bias.transpose(0, 1)[..., None]  # (H, 4, d, 1)
+        gates = gates.permute(0, 4, 2, 1, 3)  # (B, T, 4, H, d), a view
         if T == 1:
             y, cell_state = slstm_step(gates[:, 0], self.recurrent_weight, cell_state)
             y = y[:, None]
