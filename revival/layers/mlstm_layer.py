@@ -158,8 +158,8 @@ class MLSTMLayer(nn.Module):
             gates = torch.baddbmm(gates, from_v.expand(B, -1, -1), x_m_fm.to(gate_dtype))  # (B, 2H, T)
             i, f = gates.split(self.num_heads, dim=1)  # (B, H, T) each
 
-        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, inner, T) -> (B, H, T, hd)
-            return t.view(B, self.num_heads, self.head_dim, T).transpose(2, 3)
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, inner, T) -> (B, H, T, hd), contiguous: the op's matmuls
+            return t.view(B, self.num_heads, self.head_dim, T).transpose(2, 3).contiguous()  # run faster on it
 
         if T == 1:
             h, cell_state = mlstm_step(*(heads(t)[:, :, 0] for t in (q, k, v)), i[..., 0], f[..., 0], cell_state)
