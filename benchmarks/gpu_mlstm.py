@@ -24,6 +24,13 @@ SHAPES = [  # heads, Dk, Dv, T
     (16, 128, 128, 2048), (16, 128, 128, 8192), (16, 128, 128, 32768), (8, 256, 512, 8192),
 ]
 STEP_SHAPE = (16, 8, 256, 512)  # B, H, Dk, Dv
+DEFAULT_MODE = "fast"  # the precision mode (revival.ops.mlstm.triton.forward.PRESETS) used for the step and default
+CHECKS = [  # H, Dk, Dv, T, B, dtype, chunk, precision mode
+    (4, 128, 128, 2085, 2, torch.bfloat16, 64, "fast"), (4, 128, 128, 2085, 2, torch.bfloat16, 64, "precise"),
+    (4, 128, 128, 2085, 2, torch.float32, 64, "fast"), (4, 128, 128, 2085, 2, torch.bfloat16, 128, "fast"),
+    (2, 256, 512, 1029, 1, torch.bfloat16, 64, "fast"), (2, 256, 512, 1029, 1, torch.bfloat16, 64, "precise"),
+    (2, 64, 256, 777, 2, torch.float16, 64, "fast"),
+]
 
 
 def make_inputs(H, Dk, Dv, T, dtype=torch.bfloat16, B=None, seed=0):
@@ -214,7 +221,10 @@ def ceilings():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--variants", default="L64,L128,L64fast", help="revival configs: L<chunk>[fast]")
+    ap.add_argument("--variants", default="L64:fast,L64:precise,L128:fast",
+                    help="revival configs: L<chunk>:<precision mode>[:CONFIG_KEY=value...]")
+    ap.add_argument("--anchors-from", default="", help="reuse the anchors' timings of an earlier gpu_mlstm.json")
+    ap.add_argument("--skip-sdpa", action="store_true")
     ap.add_argument("--anchors", default="limit_chunk,xl_chunk,fla_simple_gla")
     ap.add_argument("--skip-check", action="store_true")
     args = ap.parse_args()
@@ -236,12 +246,9 @@ def main():
 
     if not args.skip_check:
         checks = {}
-        for (H, Dk, Dv, T, B, dtype, chunk) in [(4, 128, 128, 2085, 2, torch.bfloat16, 64),
-                                                (4, 128, 128, 2085, 2, torch.float32, 64),
-                                                (4, 128, 128, 2085, 2, torch.bfloat16, 128),
-                                                (2, 256, 512, 1029, 1, torch.bfloat16, 64),
-                                                (2, 64, 256, 777, 2, torch.float16, 64)]:
-            key = f"H{H} Dk{Dk} Dv{Dv} T{T} B{B} {str(dtype)[6:]} L{chunk}"
+        for (H, Dk, Dv, T, B, dtype, chunk, mode) in CHECKS:
+            key = f"H{H} Dk{Dk} Dv{Dv} T{T} B{B} {str(dtype)[6:]} L{chunk} {mode}"
+            fw.PRECISION_MODE = mode
             try:
                 checks[key] = check(H, Dk, Dv, T, B, dtype, chunk, seed=int.from_bytes(os.urandom(2), "little"))
             except Exception:  # noqa: BLE001
@@ -250,21 +257,33 @@ def main():
         result["checks"] = checks
 
     timings = {}
+    default_mode = fw.PRECISION_MODE = DEFAULT_MODE
     for variant in args.variants.split(","):
-        chunk = int(variant[1:].replace("fast", "").split("w")[0])
-        fw.PRECISE_INTERMEDIATES = "fast" not in variant
+        # L<chunk>:<mode>[:KEY=VALUE...] (config overrides, e.g. WARPS_GRAD=4); a variant may name its shapes with
+        # :T=<T> (only the (16,128,128) shape of that T)
+        chunk, mode, *extra = variant.split(":")
+        overrides = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in extra}
+        only_T = overrides.pop("T", None)
+        fw.PRECISION_MODE = mode
+        fw.CONFIG_OVERRIDE.clear()
+        fw.CONFIG_OVERRIDE.update(overrides)
+        fw._CHOSEN.clear()
         res = {}
         for (H, Dk, Dv, T) in SHAPES:
+            if only_T is not None and (T != only_T or Dk != 128):
+                continue
             key = f"{H},{Dk},{Dv},{T}"
             try:
-                fwd, fb, xs = revival_fns(H, Dk, Dv, T, chunk)
+                fwd, fb, xs = revival_fns(H, Dk, Dv, T, int(chunk[1:]))
                 res[key] = {"fwd_ms": bench(fwd), "fwdbwd_ms": bench(fb, xs)}
             except Exception as e:  # noqa: BLE001
                 res[key] = "error: " + type(e).__name__ + ": " + str(e)[:300]
             print("revival", variant, key, res[key], flush=True)
             torch.cuda.empty_cache()
         timings["revival_" + variant] = res
-    fw.PRECISE_INTERMEDIATES = True
+    fw.PRECISION_MODE = default_mode
+    fw.CONFIG_OVERRIDE.clear()
+    fw._CHOSEN.clear()
 
     B, H, Dk, Dv = STEP_SHAPE
     g = lambda *s: torch.randn(*s, device="cuda")  # noqa: E731
@@ -275,11 +294,21 @@ def main():
                       "roofline_ms": 2 * B * H * Dk * Dv * 4 / (result["ceilings"]["copy_TBps"] * 1e9)}
     print("step", result["step"], flush=True)
 
-    timings["sdpa_flash"] = sdpa_times()
-    print("sdpa", timings["sdpa_flash"], flush=True)
+    if not args.skip_sdpa:
+        timings["sdpa_flash"] = sdpa_times()
+        print("sdpa", timings["sdpa_flash"], flush=True)
     for name in [a for a in args.anchors.split(",") if a]:
         timings[name] = run_anchor(name, timeout=150)
         print("anchor", name, timings[name], flush=True)
+    if args.anchors_from:  # anchors measured in an earlier run on the same kind of machine
+        with open(args.anchors_from) as fh:
+            old = json.load(fh)
+        for name, res in old["timings"].items():
+            if not name.startswith("revival") and name not in timings:
+                timings[name] = res
+        result["anchors_from"] = {"file": args.anchors_from, "device": old["device"], "torch": old["torch"],
+                                  "triton": old["triton"], "mlstm_kernels": old.get("mlstm_kernels"),
+                                  "fla": old.get("fla"), "step": old.get("step")}
     result["timings"] = timings
     with open(os.path.join(args.out, "gpu_mlstm.json"), "w") as fh:
         json.dump(result, fh, indent=1, default=str)

@@ -68,6 +68,18 @@ def test_forward_backward_match_float64_reference(B, H, T, Dk, Dv, chunk, dtype,
     assert max(errors.values()) < tol, errors
 
 
+@pytest.mark.parametrize("mode", ["fast", "precise"])
+def test_bfloat16_precision_modes(mode, monkeypatch):
+    from revival.ops.mlstm.triton import forward
+
+    monkeypatch.setattr(forward, "PRECISION_MODE", mode)
+    inputs, weights = _inputs(1, 2, 45, 32, 64, torch.bfloat16, seed=11)
+    ref = _run([x.double() for x in inputs], weights, "recurrent", 16, "cpu")
+    got = _run(inputs, weights, "triton", 16, DEVICE)
+    errors = {name: _rel(g, r) for name, g, r in zip(NAMES, got, ref)}
+    assert max(errors.values()) < 1e-2, errors
+
+
 def test_state_carry_equals_one_pass():
     inputs, _ = _inputs(1, 1, 40, 16, 16, torch.float32, seed=1)
     x = [t.to(DEVICE) for t in inputs]

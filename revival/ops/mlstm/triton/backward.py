@@ -76,11 +76,11 @@ def _dstates_kernel(
         w = tl.where(valid, scale * tl.exp(b + m_prev - m_query), 0.0)
         q = tl.load(q_ptr + rows[:, None] * DK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
         dh = tl.load(dh_ptr + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
-        qw = q.to(tl.float32) * w[:, None]
-        dnum = dh.to(tl.float32) * rz[:, None]
         decay = tl.exp(g + m_prev - m_next)
-        dC = decay * dC + _mm(tl.trans(qw), dnum, True, True, MIX, PRECISION, UPCAST, SPLITS & 8)
-        dn = decay * dn + tl.sum(qw * dden[:, None], 0)
+        # (w q)^T (rz dh) = q^T ((w rz) dh): the row weights ride on one operand, q enters unrounded
+        dC = decay * dC + _mm(tl.trans(q), dh.to(tl.float32) * (w * rz)[:, None], False, True, MIX, PRECISION,
+                              UPCAST, SPLITS & 8)
+        dn = decay * dn + tl.sum(q.to(tl.float32) * (w * dden)[:, None], 0)
     tl.store(dc0_ptr + state_off, dC, mask=mask_kv)
     if iv == 0:
         tl.store(dn0_ptr + row * DK + offs_k, dn, mask=mask_k)
@@ -92,92 +92,107 @@ def _grads_kernel(
     cs_ptr, ns_ptr, ms_ptr, dcs_ptr, dns_ptr,
     dq_ptr, dk_ptr, dv_ptr, dlogf_ptr, kdk_ptr,
     T, NC, DK, DV, scale,
-    L: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+    L: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr, NVI: tl.constexpr, NV: tl.constexpr,
+    PART: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr, SPLITS: tl.constexpr,
 ):
+    """One (chunk, batch*head, span of NVI Dv-tiles of width BV); PART 0: dq and the query side of the gate sums,
+    PART 1: dk, dv and the key side (two launches: one kernel doing both holds too much in registers). With NV > 1
+    spans, dq, dk and the gate sums are float32 partial sums over the spans (reduced afterwards)."""
     c = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     iv = tl.program_id(2)
     t0 = c * L
     offs_l = tl.arange(0, L)
     offs_k = tl.arange(0, BKF)
-    offs_v = iv * BV + tl.arange(0, BV)
     mask_k = offs_k < DK
-    mask_v = offs_v < DV
-    mask_kv = mask_k[:, None] & mask_v[None, :]
 
     b, g, ig, valid = _chunk_gates(i_ptr, f_ptr, row, t0, T, L)
     rows = row * T + t0 + offs_l
     mask_lk = valid[:, None] & mask_k[None, :]
-    mask_lv = valid[:, None] & mask_v[None, :]
     q = tl.load(q_ptr + rows[:, None] * DK + offs_k[None, :], mask=mask_lk, other=0.0)
     k = tl.load(k_ptr + rows[:, None] * DK + offs_k[None, :], mask=mask_lk, other=0.0)
-    v = tl.load(v_ptr + rows[:, None] * DV + offs_v[None, :], mask=mask_lv, other=0.0)
-    dh = tl.load(dh_ptr + rows[:, None] * DV + offs_v[None, :], mask=mask_lv, other=0.0)
     m_query = tl.load(mq_ptr + rows, mask=valid, other=0.0)
     rz = tl.load(rz_ptr + rows, mask=valid, other=0.0)
     dden = tl.load(dden_ptr + rows, mask=valid, other=0.0)
-    dden = tl.where(iv == 0, dden, 0.0)  # the denominator's gradient counts once, not per Dv-tile
+    dden = tl.where(iv == 0, dden, 0.0)  # the denominator's gradient counts once, not per Dv-span
     m_prev = tl.load(ms_ptr + row * (NC + 1) + c)
     m_next = tl.load(ms_ptr + row * (NC + 1) + c + 1)
-    chunk_state = (row * NC + c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
-    C = tl.load(cs_ptr + chunk_state, mask=mask_kv, other=0.0).to(tl.float32)
-    dC = tl.load(dcs_ptr + chunk_state, mask=mask_kv, other=0.0).to(tl.float32)
-    n = tl.load(ns_ptr + (row * NC + c) * DK + offs_k, mask=mask_k, other=0.0)
-    dn = tl.load(dns_ptr + (row * NC + c) * DK + offs_k, mask=mask_k, other=0.0)
-    dn = tl.where(iv == 0, dn, 0.0)
-
     causal = (offs_l[:, None] >= offs_l[None, :]) & valid[:, None]
-    decay = tl.where(causal, tl.exp(b[:, None] - b[None, :] + ig[None, :] - m_query[:, None]), 0.0)
-    scores = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale * decay  # P (L x L)
-    dnum = dh.to(tl.float32) * rz[:, None]
-    dp = _mm(dnum, tl.trans(v), True, False, MIX, PRECISION, UPCAST, SPLITS & 16) + dden[:, None]  # dL/dP
-    dscores = dp * decay
     w_query = tl.where(valid, tl.exp(b + m_prev - m_query), 0.0)  # weight of the entering state for each query
     w_key = tl.where(valid, tl.exp(g - b + ig - m_next), 0.0)  # weight of each key in the state at the chunk end
+    if PART == 1:
+        decay = tl.where(causal, tl.exp(b[:, None] - b[None, :] + ig[None, :] - m_query[:, None]), 0.0)
+        scores_rz = _dot(q, tl.trans(k), PRECISION, UPCAST) * (scale * decay * rz[:, None])  # (rz P)^T dh = P^T dnum
 
-    dq = _mm(dscores, k, True, False, MIX, PRECISION, UPCAST, SPLITS & 32) * scale
-    dq_state = _mm(dnum, tl.trans(C), True, True, MIX, PRECISION, UPCAST, SPLITS & 64) + dden[:, None] * n[None, :]
-    dq_state = (scale * w_query)[:, None] * dq_state
-    dk = _mm(tl.trans(dscores), q, True, False, MIX, PRECISION, UPCAST, SPLITS & 128) * scale
-    dk_state = _mm(v, tl.trans(dC), False, True, MIX, PRECISION, UPCAST, SPLITS & 256) + dn[None, :]
-    dk_state = w_key[:, None] * dk_state
-    dv = _mm(tl.trans(scores), dnum, True, True, MIX, PRECISION, UPCAST, SPLITS & 512)
-    dv += w_key[:, None] * _mm(k, dC, False, True, MIX, PRECISION, UPCAST, SPLITS & 1024)
+    # sums over Dv, tile by tile: dh v^T; PART 0: dh C^T and <C, dC>; PART 1: v dC^T, and dv of each tile
+    dh_v = tl.zeros((L, L), dtype=tl.float32)
+    acc = tl.zeros((L, BKF), dtype=tl.float32)
+    carried = 0.0
+    for j in range(0, NVI):
+        offs_v = (iv * NVI + j) * BV + tl.arange(0, BV)
+        mask_v = offs_v < DV
+        mask_lv = valid[:, None] & mask_v[None, :]
+        mask_kv = mask_k[:, None] & mask_v[None, :]
+        v = tl.load(v_ptr + rows[:, None] * DV + offs_v[None, :], mask=mask_lv, other=0.0)
+        dh = tl.load(dh_ptr + rows[:, None] * DV + offs_v[None, :], mask=mask_lv, other=0.0)
+        chunk_state = (row * NC + c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
+        dC = tl.load(dcs_ptr + chunk_state, mask=mask_kv, other=0.0)
+        dh_v += _dot(dh, tl.trans(v), PRECISION, UPCAST)
+        if PART == 0:
+            C = tl.load(cs_ptr + chunk_state, mask=mask_kv, other=0.0)
+            acc += _mm(dh, tl.trans(C), False, True, MIX, PRECISION, UPCAST, SPLITS & 64)
+            carried += tl.sum(tl.sum(C.to(tl.float32) * dC.to(tl.float32), 1), 0)
+        else:
+            acc += _mm(v, tl.trans(dC), False, True, MIX, PRECISION, UPCAST, SPLITS & 256)
+            dv = _mm(tl.trans(scores_rz), dh, True, False, MIX, PRECISION, UPCAST, SPLITS & 512)
+            dv += w_key[:, None] * _mm(k, dC, False, True, MIX, PRECISION, UPCAST, SPLITS & 1024)
+            tl.store(dv_ptr + rows[:, None] * DV + offs_v[None, :], _cast(dv, dv_ptr.dtype.element_ty, UPCAST),
+                     mask=mask_lv)
 
+    decay = tl.where(causal, tl.exp(b[:, None] - b[None, :] + ig[None, :] - m_query[:, None]), 0.0)
+    dscores = (dh_v * rz[:, None] + dden[:, None]) * decay  # dL/dP * D
     # d(cumulative log-forget before t) = sum over (query >= t, key < t) pairs of dL/dlog(weight): no cancellation
-    # (a reverse cumsum of q.dq - k.dk over T cancels, and amplifies rounding ~sqrt(T)). Pairs inside the chunk:
-    pair = dp * scores
-    left = tl.cumsum(pair, 1) - pair  # sum over keys s < t of row t'
-    upper = offs_l[:, None] >= offs_l[None, :]  # rows t' >= t (column t)
-    crossing = tl.sum(tl.where(upper, left, 0.0), 0)
-    q_state = tl.sum(q.to(tl.float32) * dq_state, 1)  # queries >= t in the chunk, keys before the chunk
-    crossing += tl.sum(q_state, 0) - tl.cumsum(q_state, 0) + q_state
-    k_state = tl.sum(k.to(tl.float32) * dk_state, 1)  # keys < t in the chunk, queries after the chunk
-    crossing += tl.cumsum(k_state, 0) - k_state
-    carried = tl.sum(tl.sum(C * dC, 1), 0) + tl.sum(n * dn, 0)  # queries after, keys before the chunk
-    crossing += tl.exp(g + m_prev - m_next) * carried
-    dq += dq_state
-    dk += dk_state
-    tl.store(dv_ptr + rows[:, None] * DV + offs_v[None, :], _cast(dv, dv_ptr.dtype.element_ty, UPCAST), mask=mask_lv)
-    if NV == 1:
-        dq_off = rows[:, None] * DK + offs_k[None, :]
-        tl.store(dq_ptr + dq_off, _cast(dq, dq_ptr.dtype.element_ty, UPCAST), mask=mask_lk)
-        dk_off = rows[:, None] * DK + offs_k[None, :]
-        tl.store(dk_ptr + dk_off, _cast(dk, dk_ptr.dtype.element_ty, UPCAST), mask=mask_lk)
-        tl.store(kdk_ptr + rows, tl.sum(k.to(tl.float32) * dk, 1), mask=valid)
-        tl.store(dlogf_ptr + rows, crossing, mask=valid)
-    else:  # float32 partial sums over the Dv-tiles, reduced afterwards
-        part = (iv * tl.num_programs(1) * T + rows)[:, None] * DK + offs_k[None, :]
-        tl.store(dq_ptr + part, dq, mask=mask_lk)
-        tl.store(dk_ptr + part, dk, mask=mask_lk)
-        tl.store(dlogf_ptr + iv * tl.num_programs(1) * T + rows, crossing, mask=valid)
+    # (a reverse cumsum of q.dq - k.dk over T cancels, and amplifies rounding ~sqrt(T)).
+    dq_off = rows[:, None] * DK + offs_k[None, :]
+    part = (iv * tl.num_programs(1) * T + rows)[:, None] * DK + offs_k[None, :]
+    if PART == 0:
+        n = tl.load(ns_ptr + (row * NC + c) * DK + offs_k, mask=mask_k, other=0.0)
+        dn = tl.load(dns_ptr + (row * NC + c) * DK + offs_k, mask=mask_k, other=0.0)
+        dn = tl.where(iv == 0, dn, 0.0)
+        dq_state = (scale * w_query * rz)[:, None] * acc + (scale * w_query * dden)[:, None] * n[None, :]
+        pair = dscores * _dot(q, tl.trans(k), PRECISION, UPCAST) * scale  # dL/dlog D for pairs in the chunk
+        left = tl.cumsum(pair, 1) - pair  # sum over keys s < t of row t'
+        upper = offs_l[:, None] >= offs_l[None, :]  # rows t' >= t (column t)
+        crossing = tl.sum(tl.where(upper, left, 0.0), 0)
+        q_state = tl.sum(q.to(tl.float32) * dq_state, 1)  # queries >= t in the chunk, keys before the chunk
+        crossing += tl.sum(q_state, 0) - tl.cumsum(q_state, 0) + q_state
+        carried += tl.sum(n * dn, 0)
+        crossing += tl.exp(g + m_prev - m_next) * carried  # queries after, keys before the chunk
+        dq = _mm(dscores, k, True, False, MIX, PRECISION, UPCAST, SPLITS & 32) * scale + dq_state
+        if NV == 1:
+            tl.store(dq_ptr + dq_off, _cast(dq, dq_ptr.dtype.element_ty, UPCAST), mask=mask_lk)
+        else:
+            tl.store(dq_ptr + part, dq, mask=mask_lk)
+    else:
+        dn = tl.load(dns_ptr + (row * NC + c) * DK + offs_k, mask=mask_k, other=0.0)
+        dn = tl.where(iv == 0, dn, 0.0)
+        dk_state = w_key[:, None] * (acc + dn[None, :])
+        k_state = tl.sum(k.to(tl.float32) * dk_state, 1)  # keys < t in the chunk, queries after the chunk
+        crossing = tl.cumsum(k_state, 0) - k_state
+        dk = _mm(tl.trans(dscores), q, True, False, MIX, PRECISION, UPCAST, SPLITS & 128) * scale + dk_state
+        if NV == 1:
+            tl.store(dk_ptr + dq_off, _cast(dk, dk_ptr.dtype.element_ty, UPCAST), mask=mask_lk)
+            tl.store(kdk_ptr + rows, tl.sum(k.to(tl.float32) * dk, 1), mask=valid)
+        else:
+            tl.store(dk_ptr + part, dk, mask=mask_lk)
+    tl.store(dlogf_ptr + ((PART * NV + iv) * tl.num_programs(1)) * T + rows, crossing, mask=valid)
 
 
 def backward_config(Dk: int, Dv: int) -> dict:
     """Fixed block sizes per shape class: state tiles BK x BV and the Dv-tile of the gradient kernel."""
-    cfg = dict(BK=min(_pow2(Dk), 64), BV=min(_pow2(Dv), 64), BV_GRAD=min(_pow2(Dv), 128 if Dk <= 128 else 64),
-               WARPS_DSTATES=4, WARPS_GRAD=8)
+    cfg = dict(BK=min(_pow2(Dk), 64), BV=min(_pow2(Dv), 64), BV_GRAD=min(_pow2(Dv), 64),
+               SPAN_GRAD=min(_pow2(Dv), 128), WARPS_DSTATES=8, WARPS_GRAD=8)
     return {**cfg, **CONFIG_OVERRIDE}
 
 
@@ -224,17 +239,19 @@ def mlstm_backward(q, k, v, i, f, h, dh, dC_last, dn_last, dm_last, state0, fina
     grads = {}
 
     def grad_kernel(BV):
-        NVG = triton.cdiv(Dv, BV)
+        NVI = max(1, min(Dv, cfg["SPAN_GRAD"]) // BV)
+        NVG = triton.cdiv(Dv, NVI * BV)
         if NVG == 1:
             dq, dk = torch.empty_like(q), torch.empty_like(k)
         else:
             dq = torch.empty(NVG, BH, T, Dk, device=dev, dtype=torch.float32)
             dk = torch.empty(NVG, BH, T, Dk, device=dev, dtype=torch.float32)
-        dlogf = torch.empty(NVG, BH, T, device=dev, dtype=torch.float32)
-        _grads_kernel[(NC, BH, NVG)](
-            q, k, v, i, f, dh, rz, dden, m_query, cs, ns, ms, dcs, dns, dq, dk, dv, dlogf, kdk, T, NC, Dk, Dv, scale,
-            L=L, BKF=_pow2(Dk), BV=BV, NV=NVG, num_warps=cfg["WARPS_GRAD"], **flags,
-        )
+        dlogf = torch.empty(2 * NVG, BH, T, device=dev, dtype=torch.float32)
+        for part in (0, 1):
+            _grads_kernel[(NC, BH, NVG)](
+                q, k, v, i, f, dh, rz, dden, m_query, cs, ns, ms, dcs, dns, dq, dk, dv, dlogf, kdk, T, NC, Dk, Dv,
+                scale, L=L, BKF=_pow2(Dk), BV=BV, NVI=NVI, NV=NVG, PART=part, num_warps=cfg["WARPS_GRAD"], **flags,
+            )
         grads.update(dq=dq, dk=dk, dlogf=dlogf, NVG=NVG)
 
     launch_with_fallback(("grads", *shape_class), _halvings(cfg["BV_GRAD"]), grad_kernel)

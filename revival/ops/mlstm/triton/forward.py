@@ -150,26 +150,22 @@ def _output_kernel(
     cs_ptr, ns_ptr, ms_ptr,
     h_ptr, mq_ptr, den_ptr,
     T, NC, DK, DV, scale, eps,
-    L: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
+    L: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr, NVI: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr, SPLITS: tl.constexpr,
 ):
+    """One (chunk, batch*head, span of NVI Dv-tiles of width BV): scores once, then the Dv-tiles in a loop."""
     c = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     iv = tl.program_id(2)
     t0 = c * L
     offs_l = tl.arange(0, L)
     offs_k = tl.arange(0, BKF)
-    offs_v = iv * BV + tl.arange(0, BV)
     mask_k = offs_k < DK
-    mask_v = offs_v < DV
 
     b, g, ig, valid = _chunk_gates(i_ptr, f_ptr, row, t0, T, L)
     rows = row * T + t0 + offs_l
     q = tl.load(q_ptr + rows[:, None] * DK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
     k = tl.load(k_ptr + rows[:, None] * DK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
-    v = tl.load(v_ptr + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
-    chunk_state = (row * NC + c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
-    C = tl.load(cs_ptr + chunk_state, mask=mask_k[:, None] & mask_v[None, :], other=0.0)
     n = tl.load(ns_ptr + (row * NC + c) * DK + offs_k, mask=mask_k, other=0.0)
     m_prev = tl.load(ms_ptr + row * (NC + 1) + c)
 
@@ -179,14 +175,22 @@ def _output_kernel(
     m_query = tl.maximum(log_state, tl.max(log_d, 1))
     decay = tl.exp(log_d - m_query[:, None])
     scores = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale * decay
-    q_state = q.to(tl.float32) * (scale * tl.exp(log_state - m_query))[:, None]
-    num = _mm(scores, v, True, False, MIX, PRECISION, UPCAST, SPLITS & 2)
-    num += _mm(q_state, C, True, True, MIX, PRECISION, UPCAST, SPLITS & 4)
-    den = tl.sum(scores, 1) + tl.sum(q_state * n[None, :], 1)
+    # the entering state's weight scales rows: (w q) @ C = w * (q @ C), so q enters the product unrounded
+    w_state = scale * tl.exp(log_state - m_query)
+    den = tl.sum(scores, 1) + w_state * tl.sum(q.to(tl.float32) * n[None, :], 1)
     z = tl.maximum(tl.abs(den), tl.exp(-m_query)) + eps
-    h = num / z[:, None]
-    tl.store(h_ptr + rows[:, None] * DV + offs_v[None, :], _cast(h, h_ptr.dtype.element_ty, UPCAST),
-             mask=valid[:, None] & mask_v[None, :])
+    out_scale = 1.0 / z
+    for j in range(0, NVI):
+        offs_v = (iv * NVI + j) * BV + tl.arange(0, BV)
+        mask_v = offs_v < DV
+        v = tl.load(v_ptr + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
+        chunk_state = (row * NC + c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
+        C = tl.load(cs_ptr + chunk_state, mask=mask_k[:, None] & mask_v[None, :], other=0.0)
+        num = _mm(scores, v, True, False, MIX, PRECISION, UPCAST, SPLITS & 2)
+        num += w_state[:, None] * _mm(q, C, False, True, MIX, PRECISION, UPCAST, SPLITS & 4)
+        h = num * out_scale[:, None]
+        tl.store(h_ptr + rows[:, None] * DV + offs_v[None, :], _cast(h, h_ptr.dtype.element_ty, UPCAST),
+                 mask=valid[:, None] & mask_v[None, :])
     if iv == 0:
         tl.store(mq_ptr + rows, m_query, mask=valid)
         tl.store(den_ptr + rows, den, mask=valid)
@@ -200,9 +204,9 @@ def forward_config(Dk: int, Dv: int, chunk_size: int) -> dict:
     """Fixed block sizes per shape class (no autotuning): L, state tiles BK x BV, output Dv-tile."""
     BK = min(_pow2(Dk), 64)
     BV = min(_pow2(Dv), 64)
-    BV_OUT = min(_pow2(Dv), 128 if Dk <= 128 else 64)
-    warps_out = 8 if BV_OUT * _pow2(Dk) > 8192 else 4
-    cfg = dict(L=chunk_size, BK=BK, BV=BV, BV_OUT=BV_OUT, WARPS_STATES=4, WARPS_OUT=warps_out)
+    BV_OUT = min(_pow2(Dv), 64)
+    span_out = min(_pow2(Dv), 128)  # Dv columns per program (tiles of BV_OUT in a loop)
+    cfg = dict(L=chunk_size, BK=BK, BV=BV, BV_OUT=BV_OUT, SPAN_OUT=span_out, WARPS_STATES=8, WARPS_OUT=8)
     return {**cfg, **CONFIG_OVERRIDE}
 
 
@@ -304,9 +308,10 @@ def mlstm_forward(q, k, v, i, f, C0, n0, m0, chunk_size: int, eps: float, keep_s
     den = torch.empty(BH, T, device=dev, dtype=torch.float32)
 
     def output(BV):
-        _output_kernel[(NC, BH, triton.cdiv(Dv, BV))](
+        NVI = max(1, min(Dv, cfg["SPAN_OUT"]) // BV)
+        _output_kernel[(NC, BH, triton.cdiv(Dv, NVI * BV))](
             q, k, v, i, f, cs, ns, ms, h, m_query, den, T, NC, Dk, Dv, Dk**-0.5, eps,
-            L=L, BKF=_pow2(Dk), BV=BV, num_warps=cfg["WARPS_OUT"], **flags,
+            L=L, BKF=_pow2(Dk), BV=BV, NVI=NVI, num_warps=cfg["WARPS_OUT"], **flags,
         )
 
     launch_with_fallback(("output", *shape_class), _halvings(cfg["BV_OUT"]), output)
