@@ -116,14 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train an xLSTM and a Llama-style Transformer with the same parameter count (within 5%) on the "
         "embedded Python-stdlib corpus (byte tokenizer) for the same token budget, then print a side-by-side table "
         "(parameters, train tokens/s, validation loss / perplexity / bits per byte, generation tokens/s, state or KV "
-        "cache bytes), write a loss-curve PNG and print a sample from each. About 3.5 minutes on 2 CPU cores.")
+        "cache bytes), write a loss-curve PNG and print a sample from each. About 3-3.5 minutes on 2 CPU cores.")
     demo.add_argument("--models", default="xlstm,llama",
                       help="comma-separated; 'xlstm' and 'llama' are the demo sizes, any preset name (e.g. "
                       "'xlstm[7:1]', 'xlstm-large') is sized to the first model's parameter count "
                       "(default: xlstm,llama)")
-    demo.add_argument("--minutes", type=_positive_float, default=3.0,
+    demo.add_argument("--minutes", type=_positive_float, default=2.5,
                       help="training time budget for all models together; the shared token budget is set from a "
-                      "short timing of each model (default: 3)")
+                      "short timing of each model (default: 2.5)")
     demo.add_argument("--tokens", type=_positive_int, default=None,
                       help="fixed training token budget per model (overrides --minutes; reproducible across machines)")
     demo.add_argument("--out-dir", default="runs/demo", help="default: runs/demo")
