@@ -10,6 +10,10 @@ Data flow for x: (B, T, D), inner = round_up(proj_factor * D, 64), H heads of he
     y          = proj_down((group_norm(h) + learnable_skip * conv_act) * SiLU(z))
 
 The skip adds the conv output after its SiLU (what the paper's reference layer does; MATH.md says "conv_out").
+
+CPU speed (benchmarks/NOTES.md, "CPU train step"): q, k, v and the gates are computed on (B, inner, T) data, the layout
+the depthwise conv works in, where a block-diagonal map is a batch of (bs, bs) @ (bs, T) products; the gates use
+[igate; fgate] composed with the headwise maps, so cat(q, k, v) is never built.
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ class HeadwiseLinear(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., dim) -> (..., dim), through the feature-major form (the result is a transposed view)."""
+        if x.ndim == 1:
+            return self.forward(x[None])[0]
         return self.forward_feature_major(x.transpose(-1, -2)).transpose(-1, -2)
 
     def forward_feature_major(self, x: torch.Tensor) -> torch.Tensor:
