@@ -1,0 +1,34 @@
+"""Every YAML config in configs/ loads, builds its model config, and states its true parameter count."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from revival.demo import count_parameters
+from revival.train.config import load_run_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+STATED = re.compile(r"^# parameters: ([\d,]+)", re.MULTILINE)
+
+
+def test_there_are_cpu_and_gpu_configs_for_the_presets():
+    names = {path.stem for path in CONFIGS}
+    assert {"xlstm-tiny", "llama-tiny", "xlstm-large-tiny", "xlstm-125m", "llama-125m", "xlstm-large-125m"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[path.stem for path in CONFIGS])
+def test_config_loads_and_builds_its_model(path):
+    run = load_run_config(path)
+    vocab_size = 257 if run.data.tokenizer == "byte" else run.data.bpe_vocab_size
+    config = run.model_config(vocab_size=vocab_size)
+    assert config.vocab_size == vocab_size
+    stated = STATED.search(path.read_text())
+    if stated:  # the comment must tell the truth (counted on the meta device: nothing allocated)
+        options = {k: v for k, v in run.model.items() if k != "preset"}
+        assert count_parameters(run.model["preset"], vocab_size=vocab_size, **options) == int(
+            stated.group(1).replace(",", ""))
+    if path.stem.endswith("125m"):
+        assert stated and 110e6 <= int(stated.group(1).replace(",", "")) <= 140e6
