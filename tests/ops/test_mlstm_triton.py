@@ -80,6 +80,22 @@ def test_bfloat16_precision_modes(mode, monkeypatch):
     assert max(errors.values()) < 1e-2, errors
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3]])
+def test_fused_gradient_kernel(case, monkeypatch):
+    """The one-launch gradient kernel (GRAD_FUSED, Dv-tile 128 as in v1) against the float64 reference."""
+    from revival.ops.mlstm.triton import forward
+
+    monkeypatch.setitem(forward.CONFIG_OVERRIDE, "GRAD_FUSED", 1)
+    monkeypatch.setitem(forward.CONFIG_OVERRIDE, "BV_GRAD", 128)
+    monkeypatch.setattr(forward, "_CHOSEN", {})
+    B, H, T, Dk, Dv, chunk, dtype, tol = case
+    inputs, weights = _inputs(B, H, T, Dk, Dv, dtype, seed=T + Dk + Dv)
+    ref = _run([x.double() for x in inputs], weights, "recurrent", chunk, "cpu")
+    got = _run(inputs, weights, "triton", chunk, DEVICE)
+    errors = {name: _rel(g, r) for name, g, r in zip(NAMES, got, ref)}
+    assert max(errors.values()) < tol, errors
+
+
 def test_state_carry_equals_one_pass():
     inputs, _ = _inputs(1, 1, 40, 16, 16, torch.float32, seed=1)
     x = [t.to(DEVICE) for t in inputs]

@@ -97,7 +97,7 @@ def _grads_kernel(
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr, SPLITS: tl.constexpr,
 ):
     """One (chunk, batch*head, span of NVI Dv-tiles of width BV); PART 0: dq and the query side of the gate sums,
-    PART 1: dk, dv and the key side (two launches: one kernel doing both holds too much in registers). With NV > 1
+    PART 1: dk, dv and the key side (two launches hold fewer tiles live), PART 2: both in one launch. With NV > 1
     spans, dq, dk and the gate sums are float32 partial sums over the spans (reduced afterwards)."""
     c = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -121,13 +121,14 @@ def _grads_kernel(
     causal = (offs_l[:, None] >= offs_l[None, :]) & valid[:, None]
     w_query = tl.where(valid, tl.exp(b + m_prev - m_query), 0.0)  # weight of the entering state for each query
     w_key = tl.where(valid, tl.exp(g - b + ig - m_next), 0.0)  # weight of each key in the state at the chunk end
-    if PART == 1:
+    if PART != 0:
         decay = tl.where(causal, tl.exp(b[:, None] - b[None, :] + ig[None, :] - m_query[:, None]), 0.0)
         scores_rz = _dot(q, tl.trans(k), PRECISION, UPCAST) * (scale * decay * rz[:, None])  # (rz P)^T dh = P^T dnum
 
-    # sums over Dv, tile by tile: dh v^T; PART 0: dh C^T and <C, dC>; PART 1: v dC^T, and dv of each tile
+    # sums over Dv, tile by tile: dh v^T; query side: dh C^T and <C, dC>; key side: v dC^T, and dv of each tile
     dh_v = tl.zeros((L, L), dtype=tl.float32)
-    acc = tl.zeros((L, BKF), dtype=tl.float32)
+    dh_c = tl.zeros((L, BKF), dtype=tl.float32)
+    v_dc = tl.zeros((L, BKF), dtype=tl.float32)
     carried = 0.0
     for j in range(0, NVI):
         offs_v = (iv * NVI + j) * BV + tl.arange(0, BV)
@@ -139,12 +140,12 @@ def _grads_kernel(
         chunk_state = (row * NC + c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
         dC = tl.load(dcs_ptr + chunk_state, mask=mask_kv, other=0.0)
         dh_v += _dot(dh, tl.trans(v), PRECISION, UPCAST)
-        if PART == 0:
+        if PART != 1:
             C = tl.load(cs_ptr + chunk_state, mask=mask_kv, other=0.0)
-            acc += _mm(dh, tl.trans(C), False, True, MIX, PRECISION, UPCAST, SPLITS & 64)
+            dh_c += _mm(dh, tl.trans(C), False, True, MIX, PRECISION, UPCAST, SPLITS & 64)
             carried += tl.sum(tl.sum(C.to(tl.float32) * dC.to(tl.float32), 1), 0)
-        else:
-            acc += _mm(v, tl.trans(dC), False, True, MIX, PRECISION, UPCAST, SPLITS & 256)
+        if PART != 0:
+            v_dc += _mm(v, tl.trans(dC), False, True, MIX, PRECISION, UPCAST, SPLITS & 256)
             dv = _mm(tl.trans(scores_rz), dh, True, False, MIX, PRECISION, UPCAST, SPLITS & 512)
             dv += w_key[:, None] * _mm(k, dC, False, True, MIX, PRECISION, UPCAST, SPLITS & 1024)
             tl.store(dv_ptr + rows[:, None] * DV + offs_v[None, :], _cast(dv, dv_ptr.dtype.element_ty, UPCAST),
@@ -156,15 +157,16 @@ def _grads_kernel(
     # (a reverse cumsum of q.dq - k.dk over T cancels, and amplifies rounding ~sqrt(T)).
     dq_off = rows[:, None] * DK + offs_k[None, :]
     part = (iv * tl.num_programs(1) * T + rows)[:, None] * DK + offs_k[None, :]
-    if PART == 0:
+    dn = tl.load(dns_ptr + (row * NC + c) * DK + offs_k, mask=mask_k, other=0.0)
+    dn = tl.where(iv == 0, dn, 0.0)
+    crossing = tl.zeros((L,), dtype=tl.float32)
+    if PART != 1:
         n = tl.load(ns_ptr + (row * NC + c) * DK + offs_k, mask=mask_k, other=0.0)
-        dn = tl.load(dns_ptr + (row * NC + c) * DK + offs_k, mask=mask_k, other=0.0)
-        dn = tl.where(iv == 0, dn, 0.0)
-        dq_state = (scale * w_query * rz)[:, None] * acc + (scale * w_query * dden)[:, None] * n[None, :]
+        dq_state = (scale * w_query * rz)[:, None] * dh_c + (scale * w_query * dden)[:, None] * n[None, :]
         pair = dscores * _dot(q, tl.trans(k), PRECISION, UPCAST) * scale  # dL/dlog D for pairs in the chunk
         left = tl.cumsum(pair, 1) - pair  # sum over keys s < t of row t'
         upper = offs_l[:, None] >= offs_l[None, :]  # rows t' >= t (column t)
-        crossing = tl.sum(tl.where(upper, left, 0.0), 0)
+        crossing += tl.sum(tl.where(upper, left, 0.0), 0)
         q_state = tl.sum(q.to(tl.float32) * dq_state, 1)  # queries >= t in the chunk, keys before the chunk
         crossing += tl.sum(q_state, 0) - tl.cumsum(q_state, 0) + q_state
         carried += tl.sum(n * dn, 0)
@@ -174,19 +176,17 @@ def _grads_kernel(
             tl.store(dq_ptr + dq_off, _cast(dq, dq_ptr.dtype.element_ty, UPCAST), mask=mask_lk)
         else:
             tl.store(dq_ptr + part, dq, mask=mask_lk)
-    else:
-        dn = tl.load(dns_ptr + (row * NC + c) * DK + offs_k, mask=mask_k, other=0.0)
-        dn = tl.where(iv == 0, dn, 0.0)
-        dk_state = w_key[:, None] * (acc + dn[None, :])
+    if PART != 0:
+        dk_state = w_key[:, None] * (v_dc + dn[None, :])
         k_state = tl.sum(k.to(tl.float32) * dk_state, 1)  # keys < t in the chunk, queries after the chunk
-        crossing = tl.cumsum(k_state, 0) - k_state
+        crossing += tl.cumsum(k_state, 0) - k_state
         dk = _mm(tl.trans(dscores), q, True, False, MIX, PRECISION, UPCAST, SPLITS & 128) * scale + dk_state
         if NV == 1:
             tl.store(dk_ptr + dq_off, _cast(dk, dk_ptr.dtype.element_ty, UPCAST), mask=mask_lk)
             tl.store(kdk_ptr + rows, tl.sum(k.to(tl.float32) * dk, 1), mask=valid)
         else:
             tl.store(dk_ptr + part, dk, mask=mask_lk)
-    tl.store(dlogf_ptr + ((PART * NV + iv) * tl.num_programs(1)) * T + rows, crossing, mask=valid)
+    tl.store(dlogf_ptr + (((PART % 2) * NV + iv) * tl.num_programs(1)) * T + rows, crossing, mask=valid)
 
 
 def backward_config(Dk: int, Dv: int) -> dict:
@@ -194,7 +194,7 @@ def backward_config(Dk: int, Dv: int) -> dict:
     # BV_GRAD: the configuration measured for both precision modes (benchmarks/NOTES.md); "fast" at Dk = 128 measured
     # 7.95 ms fwd+bwd with 64 against 8.41 ms with 32 (CONFIG_OVERRIDE)
     cfg = dict(BK=min(_pow2(Dk), 64), BV=min(_pow2(Dv), 64), BV_GRAD=min(_pow2(Dv), 32),
-               SPAN_GRAD=min(_pow2(Dv), 128), WARPS_DSTATES=8, WARPS_GRAD=8)
+               SPAN_GRAD=min(_pow2(Dv), 128), WARPS_DSTATES=8, WARPS_GRAD=8, GRAD_FUSED=0)
     return {**cfg, **CONFIG_OVERRIDE}
 
 
@@ -248,8 +248,9 @@ def mlstm_backward(q, k, v, i, f, h, dh, dC_last, dn_last, dm_last, state0, fina
         else:
             dq = torch.empty(NVG, BH, T, Dk, device=dev, dtype=torch.float32)
             dk = torch.empty(NVG, BH, T, Dk, device=dev, dtype=torch.float32)
-        dlogf = torch.empty(2 * NVG, BH, T, device=dev, dtype=torch.float32)
-        for part in (0, 1):
+        parts = (2,) if cfg["GRAD_FUSED"] else (0, 1)
+        dlogf = torch.empty(len(parts) * NVG, BH, T, device=dev, dtype=torch.float32)
+        for part in parts:
             _grads_kernel[(NC, BH, NVG)](
                 q, k, v, i, f, dh, rz, dden, m_query, cs, ns, ms, dcs, dns, dq, dk, dv, dlogf, kdk, T, NC, Dk, Dv,
                 scale, L=L, BKF=_pow2(Dk), BV=BV, NVI=NVI, NV=NVG, PART=part, num_warps=cfg["WARPS_GRAD"], **flags,
