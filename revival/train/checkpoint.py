@@ -50,9 +50,13 @@ def save_checkpoint(out_dir: str | Path, step: int, model, tokenizer, run_config
         tokenizer.save(tmp)
         (tmp / "run.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
         torch.save(trainer_state, tmp / "trainer_state.pt")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final.exists():  # the same step saved again: move the old one aside first, remove it once replaced
+            old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=root))
+            os.replace(final, old / name)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -115,3 +115,14 @@ def test_resume_rejects_a_changed_corpus(tmp_path, tiny_corpus):
     other = make_corpus("tiny", tiny_documents(13), validation_fraction=0.2, test_fraction=0.1)
     with pytest.raises(ValueError, match="corpus changed"):
         Trainer(tiny_run(tmp_path, steps=4), resume=True, corpus=other)
+
+
+def test_saving_the_same_step_again_replaces_it_cleanly(tmp_path, tiny_corpus):
+    trainer = Trainer(tiny_run(tmp_path, steps=2, checkpoint_every=2), corpus=tiny_corpus)
+    trainer.train()
+    with torch.no_grad():
+        trainer.model.embedding.weight.add_(1.0)
+    path = trainer.save_checkpoint()
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000002"]
+    assert torch.equal(from_pretrained(path).embedding.weight, trainer.model.embedding.weight)
