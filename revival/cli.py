@@ -1,9 +1,10 @@
-"""The `revival` command: train, eval, generate, demo.
+"""The `revival` command: train, eval, generate, demo, bench.
 
     revival train --config configs/xlstm-tiny.yaml [section.key=value ...] [--resume]
     revival eval RUN_OR_MODEL_DIR [--split validation|test] [--corpus NAME_OR_PATH]
     revival generate RUN_OR_MODEL_DIR --prompt "def " [--max-new-tokens N] [--temperature T] [--stream]
     revival demo [--models xlstm,llama] [--minutes M]
+    revival bench train|prefill|decode [--presets ...] [--contexts 2k,8k] [--size tiny|125m] [--out DIR]
 
 Bad arguments or configs print one line `revival <command>: error: ...` and exit with status 2 (no traceback).
 """
@@ -15,6 +16,8 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from .bench.cli import add_bench_parser, run_bench_command
 
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 1
@@ -131,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="default: 0")
     demo.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_bench_parser(commands)
     return parser
 
 
@@ -244,7 +248,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo,
+            "bench": run_bench_command}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

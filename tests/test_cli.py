@@ -75,12 +75,13 @@ def test_train_resume_eval_generate(workdir, trained):
 
 
 @pytest.mark.parametrize("command, expected", [
-    ([], ["train", "eval", "generate", "demo"]),
+    ([], ["train", "eval", "generate", "demo", "bench"]),
     (["train"], ["--config", "--resume", "SECTION.KEY=VALUE"]),
     (["eval"], ["CHECKPOINT", "--split", "--corpus"]),
     (["generate"], ["--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--repetition-penalty",
                     "--seed", "--stream"]),
     (["demo"], ["--models", "--minutes"]),
+    (["bench"], ["train,prefill,decode", "--presets", "--contexts", "--size", "--out"]),
 ])
 def test_help(tmp_path, capsys, command, expected):
     if len(command) == 0 or command == ["train"]:  # through the real command
