@@ -255,3 +255,38 @@ def test_ffn_width_follows_transformers_rounding_both_ways():
     written = hf_config_from_revival(ours)
     assert _hf_round_up(768 * written["ffn_proj_factor"], written["ffn_round_up_to_multiple_of"]) == 2112
     assert hf_config_from_revival(ours.replace(d_model=4096))["ffn_proj_factor"] == 2.667  # agree: kept as is
+
+
+def test_revival_generate_command_on_a_hugging_face_directory(tmp_path):
+    """A Hub-style directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json) works with
+    `revival generate`: greedy text equals transformers' greedy generation decoded with the same tokenizer."""
+    import subprocess
+    import sys
+
+    from revival.data.tokenizers import train_bpe
+
+    text = "def add(a, b):\n    return a + b\n\nclass Point:\n    x = 0\n    y = 0\n" * 20
+    tokenizer = train_bpe([text], vocab_size=300, min_frequency=1)
+    config = transformers.xLSTMConfig(hidden_size=64, num_heads=2, num_hidden_layers=2, qk_dim_factor=1.0,
+                                      vocab_size=tokenizer.vocab_size, chunk_size=16, eos_token_id=tokenizer.eos_id)
+    with mock.patch.object(xLSTMPreTrainedModel, "_init_weights", lambda self, module: None):
+        model = transformers.xLSTMForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen) if "norm" in name
+                    else torch.randn(p.shape, generator=gen) / max(p.shape[-1], 1) ** 0.5)
+    model.save_pretrained(tmp_path)
+    tokenizer.tokenizer.save(str(tmp_path / "tokenizer.json"))  # a bare Hub tokenizer.json, no revival metadata
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+
+    prompt = "def add"
+    prompt_ids = torch.tensor([tokenizer.encode(prompt)])
+    with torch.no_grad():
+        expected = model.generate(prompt_ids, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                  pad_token_id=tokenizer.eos_id)[0, prompt_ids.shape[1]:].tolist()
+    result = subprocess.run(
+        [sys.executable, "-m", "revival.cli", "generate", str(tmp_path), "--prompt", prompt, "--max-new-tokens", "8",
+         "--temperature", "0", "--no-stop", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip("\n") == prompt + tokenizer.decode(expected)
