@@ -181,6 +181,23 @@ def test_gradients_match_recurrent_float64(T, Dk, Dv, seed):
             assert_close(g, g_ref, what=f"{impl}/{L} d{name}")
 
 
+def test_chunkwise_segments_of_long_sequences_float64():
+    """Long sequences run as several segments (SEGMENT_CHUNKS chunks each) plus a rest and a tail: outputs, final state
+    and gradients still equal the recurrent reference."""
+    T = 2 * 16 * 8 + 40 + 5  # chunk 8: two full segments of 128, a 40-token rest, a 5-token tail
+    inputs, state = make_inputs(1, 2, T, 3, 4, seed=7)
+    gen = torch.Generator().manual_seed(8)
+    weights = [torch.randn(*s, generator=gen, dtype=F64) for s in [(1, 2, T, 4), (1, 2, 3, 4), (1, 2, 3), (1, 2)]]
+    h, final = mlstm(*inputs, state, impl="chunkwise", chunk_size=8)
+    h_ref, final_ref = mlstm(*inputs, state, impl="recurrent")
+    assert_close(h, h_ref, what="h")
+    for name, x, x_ref in zip(("C", "n", "m"), final, final_ref):
+        assert_close(x, x_ref, what=name)
+    ref = grads_of("recurrent", 64, inputs, state, weights)
+    for name, g, g_ref in zip(GRAD_NAMES, grads_of("chunkwise", 8, inputs, state, weights), ref):
+        assert_close(g, g_ref, what=f"d{name}")
+
+
 @pytest.mark.parametrize("impl, chunk_size", [("parallel", 64), ("chunkwise", 8), ("recurrent", 64)])
 @pytest.mark.parametrize("T", [3, 9])
 def test_gradcheck_tiny(impl, chunk_size, T):

@@ -1,8 +1,8 @@
 """mLSTM chunkwise form: parallel inside chunks of `chunk_size`, sequential over chunk states (MATH.md).
 
 Linear in T: O(T L (Dk + Dv) + T Dk Dv) per head. This is the pure-PyTorch CPU fast path. A sequence whose length
-is not a multiple of the chunk size is handled exactly: the full chunks first, then the tail as one shorter chunk
-that starts from their state (no padding).
+is not a multiple of the chunk size is handled exactly: the full chunks first (in segments of `SEGMENT_CHUNKS`
+chunks), then the tail as one shorter chunk that starts from their state (no padding).
 """
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .reference import MLSTMState, normalizer
+
+# Long sequences run as segments of at most this many chunks, the state carried from one to the next (exact): the
+# working set stays cache-sized, so the cost per token does not grow with T.
+SEGMENT_CHUNKS = 16
 
 
 def mlstm_chunkwise(
@@ -29,8 +33,9 @@ def mlstm_chunkwise(
 ) -> tuple[torch.Tensor, MLSTMState]:
     """q, k: (B, H, T, Dk); v: (B, H, T, Dv); i, f: (B, H, T); state (C, n, m). Returns h (B, H, T, Dv), state."""
     T = q.shape[2]
+    segment = SEGMENT_CHUNKS * chunk_size
     full = T // chunk_size * chunk_size
-    lengths = [n for n in (full, T - full) if n > 0]  # the tail, if any, is one shorter chunk
+    lengths = [segment] * (full // segment) + [n for n in (full % segment, T - full) if n > 0]  # tail: one short chunk
     outputs = []
     # `split` rather than slicing: one backward cat instead of a full-size zero tensor per piece
     for pieces in zip(*(x.split(lengths, dim=2) for x in (q, k, v, i, f))):
