@@ -18,8 +18,30 @@ from .reference import SLSTMState, slstm_reference, slstm_step_reference
 
 __all__ = ["slstm", "slstm_step", "SLSTMState", "IMPLS", "slstm_fused_autograd"]  # the last for benchmarks/tests
 
-IMPLS = ("auto", "reference", "fused")
+IMPLS = ("auto", "reference", "fused", "triton")
 _STATE_NAMES = ("c", "n", "m", "y")
+
+
+def _triton_available() -> bool:
+    try:
+        from .triton import available
+    except ImportError:
+        return False
+    return available()
+
+
+def _resolve_impl(impl: str, x_gates: torch.Tensor) -> str:
+    """"auto": "triton" on CUDA when Triton is importable (float64 stays on "fused"), else "fused"."""
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        on_gpu = x_gates.device.type == "cuda" and x_gates.dtype != torch.float64
+        return "triton" if on_gpu and _triton_available() else "fused"
+    if impl == "triton" and not _triton_available():
+        raise ValueError(f"impl: 'triton' is not available here (device {x_gates.device.type}); use 'auto' or 'fused'")
+    if impl == "triton" and x_gates.dtype == torch.float64:
+        raise ValueError("x_gates: impl='triton' supports float32/bfloat16/float16, got torch.float64")
+    return impl
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -53,18 +75,22 @@ def slstm(
 
     x_gates: (B, T, 4, H, d) gate input contributions (i, f, z, o); recurrent_weight: (4, H, d, d);
     state: (c, n, m, y) each (B, H, d), or None for zeros. Returns y (B, T, H, d) in x_gates' dtype and the final
-    state. `impl`: "auto" (the fused path), "reference" (plain loop, autograd) or "fused" (batched step with a
-    hand-written backward).
+    state. `impl`: "auto" ("triton" on CUDA when Triton is installed, else "fused"), "reference" (plain loop,
+    autograd), "fused" (batched step with a hand-written backward) or "triton" (GPU kernels, `triton.py`).
     """
     check_floating("x_gates", x_gates)
     if x_gates.ndim != 5 or x_gates.shape[2] != 4 or x_gates.shape[1] == 0:
         raise ValueError(f"x_gates: expected shape (B, T >= 1, 4, H, d), got {tuple(x_gates.shape)}")
-    if impl not in IMPLS:
-        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    impl = _resolve_impl(impl, x_gates)
     B, _, _, H, d = x_gates.shape
     _validate_weight(recurrent_weight, H, d)
     dtype = _compute_dtype(x_gates)
     state = _prepare_state(state, B, H, d, x_gates, dtype)
+    if impl == "triton":  # reads x_gates in its own dtype; states and gate math in float32
+        from .triton import slstm_triton
+
+        with torch.autocast(x_gates.device.type, enabled=False):
+            return slstm_triton(x_gates, recurrent_weight, state)
     args = (x_gates.to(dtype), recurrent_weight.to(dtype), state)
     with torch.autocast(x_gates.device.type, enabled=False):  # the recurrence runs in float32 (or float64)
         if impl == "reference":

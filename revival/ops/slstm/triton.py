@@ -1,0 +1,294 @@
+"""Triton sLSTM (GPU): one program per (batch block, head) walks time; forward and backward kernels.
+
+Layout (contiguous): x_gates (B, T, 4, H, d), gate order (i, f, z, o); recurrent_weight R (4, H, d, d), applied as
+`raw[:, g, h] = x[:, g, h] + y_prev[:, h] @ R[g, h]`. Math as `reference.py` (MATH.md "sLSTM"), including the
+per-unit first-step rule (m = i and fbar = 0 where n_{t-1} == 0, checked at every step).
+
+Design:
+- grid (ceil(B / BLOCK_B), H); BLOCK_B >= 16 (tl.dot needs block dims >= 16; padded rows are masked), the head dim
+  is padded to D = next power of two >= 16 (padded units are masked and kept at exactly 0).
+- The recurrent weights of the head are loaded once before the time loop when they fit in registers
+  (`resident`: D <= 64, 4 x 64 x 64 values), else re-read every step (d = 128: 4 x 128 x 128, 128 KB in bf16 /
+  256 KB in fp32, too big for one SM's registers; the re-read hits L1/L2, not HBM).
+- Precision: float32 inputs use exact float32 products (`input_precision="ieee"`, no TF32); bfloat16 inputs use
+  bfloat16 products of y_{t-1} and R with float32 accumulation (R rounded to bfloat16 once). States, gate math and
+  everything saved for the backward are float32.
+- Forward saves the pre-activations (B, T, 4, H, d) and the states c, n, m (B, T+1, 3, H, d) and y (B, T+1, H, d)
+  in float32 (index 0 = initial state). Backward is a reverse-time kernel carrying dL/d(c, n, m) and
+  `sum_g g_raw[t+1, g] @ R[g]^T`; it writes dL/draw (B, T, 4, H, d). The weight gradient is then one einsum over
+  all (b, t) (a cuBLAS GEMM with K = B*T, faster than per-program register accumulation at small B).
+- Under TRITON_INTERPRET=1 (CPU tests) the products are float32 (the interpreter mis-multiplies bfloat16 matrices).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    _HAVE_TRITON = True
+except ImportError:  # pragma: no cover - depends on the environment
+    _HAVE_TRITON = False
+
+__all__ = ["available", "slstm_triton"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available() -> bool:
+    """Triton importable, and a CUDA device or TRITON_INTERPRET=1 (CPU tests)."""
+    if not _HAVE_TRITON:
+        return False
+    return torch.cuda.is_available() or _INTERPRET
+
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _weight_tile(r_ptr, g, h, H, d, D: tl.constexpr, TRANSPOSE: tl.constexpr):
+        """R[g, h] as a (D, D) tile (zero padded); transposed if TRANSPOSE."""
+        rows = tl.arange(0, D)[:, None]
+        cols = tl.arange(0, D)[None, :]
+        mask = (rows < d) & (cols < d)
+        base = r_ptr + (g * H + h) * d * d
+        if TRANSPOSE:
+            return tl.load(base + cols * d + rows, mask=mask, other=0.0)
+        return tl.load(base + rows * d + cols, mask=mask, other=0.0)
+
+    @triton.jit
+    def _matmul(a, w, DOT_BF16: tl.constexpr):
+        """a (BLOCK_B, D) float32 @ w (D, D) -> float32."""
+        if DOT_BF16:
+            return tl.dot(a.to(tl.bfloat16), w.to(tl.bfloat16))
+        return tl.dot(a, w.to(tl.float32), input_precision="ieee")
+
+    @triton.jit
+    def _log_sigmoid(x):
+        return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+    @triton.jit
+    def _tanh(x):
+        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+    @triton.jit
+    def _slstm_forward_kernel(
+        x_ptr, r_ptr, raw_ptr, cnm_ptr, y_ptr, B, T, H, d,
+        D: tl.constexpr, BLOCK_B: tl.constexpr, RESIDENT: tl.constexpr, DOT_BF16: tl.constexpr,
+    ):  # fmt: skip
+        """x (B, T, 4, H, d) any float; raw (B, T, 4, H, d) f32 out; cnm (B, T+1, 3, H, d) f32 and y (B, T+1, H, d)
+        f32 with index 0 holding the initial state, indices 1..T written here."""
+        pid_b = tl.program_id(0)
+        h = tl.program_id(1)
+        rows = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)[:, None]
+        units = tl.arange(0, D)[None, :]
+        mask = (rows < B) & (units < d)
+        Hd = H * d
+        x_row = x_ptr + rows * (T * 4 * Hd) + h * d + units
+        raw_row = raw_ptr + rows * (T * 4 * Hd) + h * d + units
+        cnm_row = cnm_ptr + rows * ((T + 1) * 3 * Hd) + h * d + units
+        y_row = y_ptr + rows * ((T + 1) * Hd) + h * d + units
+        c = tl.load(cnm_row, mask=mask, other=0.0)
+        n = tl.load(cnm_row + Hd, mask=mask, other=0.0)
+        m = tl.load(cnm_row + 2 * Hd, mask=mask, other=0.0)
+        y = tl.load(y_row, mask=mask, other=0.0)
+        if RESIDENT:
+            w_i = _weight_tile(r_ptr, 0, h, H, d, D, False)
+            w_f = _weight_tile(r_ptr, 1, h, H, d, D, False)
+            w_z = _weight_tile(r_ptr, 2, h, H, d, D, False)
+            w_o = _weight_tile(r_ptr, 3, h, H, d, D, False)
+        for t in range(0, T):
+            if not RESIDENT:
+                w_i = _weight_tile(r_ptr, 0, h, H, d, D, False)
+                w_f = _weight_tile(r_ptr, 1, h, H, d, D, False)
+                w_z = _weight_tile(r_ptr, 2, h, H, d, D, False)
+                w_o = _weight_tile(r_ptr, 3, h, H, d, D, False)
+            x_t = x_row + t * (4 * Hd)
+            i = tl.load(x_t, mask=mask, other=0.0).to(tl.float32) + _matmul(y, w_i, DOT_BF16)
+            f = tl.load(x_t + Hd, mask=mask, other=0.0).to(tl.float32) + _matmul(y, w_f, DOT_BF16)
+            z = tl.load(x_t + 2 * Hd, mask=mask, other=0.0).to(tl.float32) + _matmul(y, w_z, DOT_BF16)
+            o = tl.load(x_t + 3 * Hd, mask=mask, other=0.0).to(tl.float32) + _matmul(y, w_o, DOT_BF16)
+            raw_t = raw_row + t * (4 * Hd)
+            tl.store(raw_t, i, mask=mask)
+            tl.store(raw_t + Hd, f, mask=mask)
+            tl.store(raw_t + 2 * Hd, z, mask=mask)
+            tl.store(raw_t + 3 * Hd, o, mask=mask)
+            log_fm = m + _log_sigmoid(f)
+            first = n == 0.0
+            m = tl.where(first | (i >= log_fm), i, log_fm)
+            i_bar = tl.exp(i - m)
+            f_bar = tl.where(first, 0.0, tl.exp(log_fm - m))
+            c = f_bar * c + i_bar * _tanh(z)
+            n = f_bar * n + i_bar
+            y = tl.where(mask, tl.sigmoid(o) * c / n, 0.0)
+            cnm_t = cnm_row + (t + 1) * (3 * Hd)
+            tl.store(cnm_t, c, mask=mask)
+            tl.store(cnm_t + Hd, n, mask=mask)
+            tl.store(cnm_t + 2 * Hd, m, mask=mask)
+            tl.store(y_row + (t + 1) * Hd, y, mask=mask)
+
+    @triton.jit
+    def _slstm_backward_kernel(
+        r_ptr, raw_ptr, cnm_ptr, gy_ptr, gfinal_ptr, graw_ptr, ginit_ptr, B, T, H, d,
+        D: tl.constexpr, BLOCK_B: tl.constexpr, RESIDENT: tl.constexpr, DOT_BF16: tl.constexpr,
+    ):  # fmt: skip
+        """raw (B, T, 4, H, d), cnm (B, T+1, 3, H, d) from the forward; gy (B, T, H, d) dL/dy_t (final-y gradient
+        included); gfinal (3, B, H, d) dL/d(c_T, n_T, m_T). Writes graw (B, T, 4, H, d) and ginit (4, B, H, d):
+        dL/d(c_0, n_0, m_0, y_0). All float32."""
+        pid_b = tl.program_id(0)
+        h = tl.program_id(1)
+        rows = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)[:, None]
+        units = tl.arange(0, D)[None, :]
+        mask = (rows < B) & (units < d)
+        Hd = H * d
+        BHd = B * Hd
+        raw_row = raw_ptr + rows * (T * 4 * Hd) + h * d + units
+        graw_row = graw_ptr + rows * (T * 4 * Hd) + h * d + units
+        cnm_row = cnm_ptr + rows * ((T + 1) * 3 * Hd) + h * d + units
+        gy_row = gy_ptr + rows * (T * Hd) + h * d + units
+        state_at = rows * Hd + h * d + units
+        g_c = tl.load(gfinal_ptr + state_at, mask=mask, other=0.0)
+        g_n = tl.load(gfinal_ptr + BHd + state_at, mask=mask, other=0.0)
+        g_m = tl.load(gfinal_ptr + 2 * BHd + state_at, mask=mask, other=0.0)
+        g_y_rec = tl.zeros((BLOCK_B, D), dtype=tl.float32)  # sum_g dL/draw_{t+1, g} @ R[g]^T
+        if RESIDENT:
+            wt_i = _weight_tile(r_ptr, 0, h, H, d, D, True)
+            wt_f = _weight_tile(r_ptr, 1, h, H, d, D, True)
+            wt_z = _weight_tile(r_ptr, 2, h, H, d, D, True)
+            wt_o = _weight_tile(r_ptr, 3, h, H, d, D, True)
+        for k in range(0, T):
+            t = T - 1 - k
+            if not RESIDENT:
+                wt_i = _weight_tile(r_ptr, 0, h, H, d, D, True)
+                wt_f = _weight_tile(r_ptr, 1, h, H, d, D, True)
+                wt_z = _weight_tile(r_ptr, 2, h, H, d, D, True)
+                wt_o = _weight_tile(r_ptr, 3, h, H, d, D, True)
+            raw_t = raw_row + t * (4 * Hd)
+            i = tl.load(raw_t, mask=mask, other=0.0)
+            f = tl.load(raw_t + Hd, mask=mask, other=0.0)
+            z = tl.load(raw_t + 2 * Hd, mask=mask, other=0.0)
+            o = tl.load(raw_t + 3 * Hd, mask=mask, other=0.0)
+            cnm_prev = cnm_row + t * (3 * Hd)
+            c_prev = tl.load(cnm_prev, mask=mask, other=0.0)
+            n_prev = tl.load(cnm_prev + Hd, mask=mask, other=1.0)
+            m_prev = tl.load(cnm_prev + 2 * Hd, mask=mask, other=0.0)
+            c = tl.load(cnm_prev + 3 * Hd, mask=mask, other=0.0)
+            n = tl.load(cnm_prev + 4 * Hd, mask=mask, other=1.0)
+            m = tl.load(cnm_prev + 5 * Hd, mask=mask, other=0.0)
+            log_fm = m_prev + _log_sigmoid(f)
+            first = n_prev == 0.0
+            picked_i = first | (i >= log_fm)
+            i_bar = tl.exp(i - m)
+            f_bar = tl.where(first, 0.0, tl.exp(log_fm - m))
+            tanh_z = _tanh(z)
+            sig_o = tl.sigmoid(o)
+            g_y = tl.load(gy_row + t * Hd, mask=mask, other=0.0) + g_y_rec
+            g_c += g_y * sig_o / n
+            g_n -= g_y * sig_o * c / (n * n)
+            g_o = g_y * (c / n) * sig_o * (1.0 - sig_o)
+            g_z = g_c * i_bar * (1.0 - tanh_z * tanh_z)
+            via_i = (g_c * tanh_z + g_n) * i_bar
+            via_f = (g_c * c_prev + g_n * n_prev) * f_bar
+            via_m = g_m - via_i - via_f  # dL/dm_t through every use, routed to i or log_fm
+            g_i = tl.where(mask, via_i + tl.where(picked_i, via_m, 0.0), 0.0)
+            g_log_fm = tl.where(mask, via_f + tl.where(picked_i, 0.0, via_m), 0.0)
+            g_f = g_log_fm * tl.sigmoid(-f)
+            g_z = tl.where(mask, g_z, 0.0)
+            g_o = tl.where(mask, g_o, 0.0)
+            graw_t = graw_row + t * (4 * Hd)
+            tl.store(graw_t, g_i, mask=mask)
+            tl.store(graw_t + Hd, g_f, mask=mask)
+            tl.store(graw_t + 2 * Hd, g_z, mask=mask)
+            tl.store(graw_t + 3 * Hd, g_o, mask=mask)
+            g_m = g_log_fm
+            g_c = tl.where(mask, g_c * f_bar, 0.0)
+            g_n = tl.where(mask, g_n * f_bar, 0.0)
+            g_y_rec = (
+                _matmul(g_i, wt_i, DOT_BF16) + _matmul(g_f, wt_f, DOT_BF16)
+                + _matmul(g_z, wt_z, DOT_BF16) + _matmul(g_o, wt_o, DOT_BF16)
+            )  # fmt: skip
+        tl.store(ginit_ptr + state_at, g_c, mask=mask)
+        tl.store(ginit_ptr + BHd + state_at, g_n, mask=mask)
+        tl.store(ginit_ptr + 2 * BHd + state_at, g_m, mask=mask)
+        tl.store(ginit_ptr + 3 * BHd + state_at, g_y_rec, mask=mask)
+
+
+def _launch_config(B: int, d: int, resident: bool | None):
+    D = max(16, triton.next_power_of_2(d))
+    BLOCK_B = 16  # tl.dot's minimum; more rows per program would leave SMs idle at small B
+    if resident is None:
+        resident = D <= 64
+    num_warps = 8 if D >= 64 else 4
+    return D, BLOCK_B, (triton.cdiv(B, BLOCK_B),), resident, num_warps
+
+
+class _SLSTMTriton(torch.autograd.Function):
+    """x_gates (B, T, 4, H, d) float32/bfloat16/float16; recurrent_weight (4, H, d, d); c0, n0, m0, y0 (B, H, d)
+    float32. Returns y (B, T, H, d) in x_gates' dtype and the final c, n, m, y (float32)."""
+
+    @staticmethod
+    def forward(ctx, x_gates, recurrent_weight, c0, n0, m0, y0, resident):
+        B, T, G, H, d = x_gates.shape
+        dot_bf16 = x_gates.dtype == torch.bfloat16 and not _INTERPRET
+        r_dot = recurrent_weight.detach().to(torch.bfloat16 if dot_bf16 else torch.float32).contiguous()
+        x = x_gates.contiguous()
+        f32 = dict(dtype=torch.float32, device=x.device)
+        raw = torch.empty(B, T, G, H, d, **f32)
+        cnm = torch.empty(B, T + 1, 3, H, d, **f32)
+        y_all = torch.empty(B, T + 1, H, d, **f32)
+        for index, value in enumerate((c0, n0, m0)):
+            cnm[:, 0, index] = value
+        y_all[:, 0] = y0
+        D, BLOCK_B, (blocks,), resident, num_warps = _launch_config(B, d, resident)
+        _slstm_forward_kernel[(blocks, H)](
+            x, r_dot, raw, cnm, y_all, B, T, H, d,
+            D=D, BLOCK_B=BLOCK_B, RESIDENT=resident, DOT_BF16=dot_bf16, num_warps=num_warps,
+        )  # fmt: skip
+        ctx.save_for_backward(r_dot, raw, cnm, y_all)
+        ctx.config = (resident, dot_bf16, x_gates.dtype, recurrent_weight.dtype)
+        final = (cnm[:, T, 0], cnm[:, T, 1], cnm[:, T, 2], y_all[:, T])
+        return (y_all[:, 1:].to(x_gates.dtype), *(s.contiguous() for s in final))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, grad_c, grad_n, grad_m, grad_y_last):
+        r_dot, raw, cnm, y_all = ctx.saved_tensors
+        resident, dot_bf16, x_dtype, r_dtype = ctx.config
+        B, T, G, H, d = raw.shape
+        f32 = dict(dtype=torch.float32, device=raw.device)
+        gy = torch.zeros(B, T, H, d, **f32) if grad_y is None else grad_y.to(torch.float32).contiguous().clone()
+        if grad_y_last is not None:
+            gy[:, T - 1] += grad_y_last
+        gfinal = torch.zeros(3, B, H, d, **f32)
+        for index, grad in enumerate((grad_c, grad_n, grad_m)):
+            if grad is not None:
+                gfinal[index] = grad
+        graw = torch.empty(B, T, G, H, d, **f32)
+        ginit = torch.empty(4, B, H, d, **f32)
+        D, BLOCK_B, (blocks,), _, num_warps = _launch_config(B, d, resident)
+        _slstm_backward_kernel[(blocks, H)](
+            r_dot, raw, cnm, gy, gfinal, graw, ginit, B, T, H, d,
+            D=D, BLOCK_B=BLOCK_B, RESIDENT=resident, DOT_BF16=dot_bf16, num_warps=num_warps,
+        )  # fmt: skip
+        g_x = graw.to(x_dtype) if ctx.needs_input_grad[0] else None
+        g_r = None
+        if ctx.needs_input_grad[1]:  # dR[g, h] = sum_{b, t} y_{t-1}[b, h]^T graw[b, t, g, h]
+            g_r = torch.einsum("bthd,btghe->ghde", y_all[:, :T], graw).to(r_dtype)
+        return (g_x, g_r, ginit[0], ginit[1], ginit[2], ginit[3], None)
+
+
+def slstm_triton(x_gates: torch.Tensor, recurrent_weight: torch.Tensor, state, *, resident: bool | None = None):
+    """sLSTM over a sequence with the Triton kernels. x_gates (B, T, 4, H, d) float32/bfloat16/float16;
+    recurrent_weight (4, H, d, d); state (c, n, m, y) each (B, H, d) (converted to float32). Returns y (B, T, H, d)
+    in x_gates' dtype and the final state (float32). `resident` forces keeping R on-chip across steps (default:
+    when the padded head dim is <= 64); results do not depend on it."""
+    if not _HAVE_TRITON:
+        raise RuntimeError("impl='triton' needs the `triton` package (pip install 'revival[gpu]')")
+    if x_gates.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"x_gates: impl='triton' supports float32/bfloat16/float16, got {x_gates.dtype}")
+    c0, n0, m0, y0 = (s.to(torch.float32).contiguous() for s in state)
+    y, c, n, m, y_last = _SLSTMTriton.apply(x_gates, recurrent_weight, c0, n0, m0, y0, resident)
+    return y, (c, n, m, y_last)
