@@ -120,7 +120,7 @@ def test_low_precision_inputs(dtype):
 
 def test_dispatch_and_validation():
     x, R, _, _ = make_inputs(1, 2, 1, 16, seed=0)
-    expected_auto = "triton" if ON_GPU else "fused"
+    expected_auto = "fused"  # opt-in Triton until the kernels are verified on a GPU
     from revival.ops.slstm import _resolve_impl
 
     assert _resolve_impl("auto", x.float().to(DEVICE)) == expected_auto
