@@ -64,9 +64,8 @@ class MultiHeadNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        if self.kind == "layer":
-            x32 = x32 - x32.mean(-1, keepdim=True)
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        normalize = F.layer_norm if self.kind == "layer" else F.rms_norm
+        y = normalize(x32, (self.head_dim,), eps=self.eps)
         y = y.flatten(-2) * self.weight.to(y.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
