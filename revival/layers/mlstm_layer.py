@@ -136,6 +136,18 @@ class MLSTMLayer(nn.Module):
             raise ValueError(f"state: expected (conv_state, (C, n, m)) or None, got {type(state).__name__}")
         return state
 
+    def _gates_from_inputs(self, gate_weight, gate_bias, conv_fm, x_m_fm, B: int, dtype: torch.dtype):
+        """[igate; fgate] @ cat(q, k, v) without building cat(q, k, v): the gate weights composed with the headwise
+        maps read conv_act and x_m directly ((2H, inner) weights; no (B, 3 inner, T) tensor or its gradient).
+        Returns (B, 2H, T)."""
+        w_q, w_k, w_v = gate_weight.split(self.inner_dim, dim=1)
+        (from_q, bias_q), (from_k, bias_k), (from_v, bias_v) = (
+            proj.compose_after(w) for proj, w in ((self.q_proj, w_q), (self.k_proj, w_k), (self.v_proj, w_v)))
+        if bias_q is not None:
+            gate_bias = gate_bias + bias_q + bias_k + bias_v
+        gates = torch.baddbmm(gate_bias[:, None], (from_q + from_k).expand(B, -1, -1), conv_fm.to(dtype))
+        return torch.baddbmm(gates, from_v.expand(B, -1, -1), x_m_fm.to(dtype))
+
     def forward(self, x: torch.Tensor, state=None):
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected shape (B, T, {self.d_model}), got {tuple(x.shape)}")
@@ -144,26 +156,23 @@ class MLSTMLayer(nn.Module):
         x_m, z = self.proj_up(x).split(self.inner_dim, dim=-1)
         conv_out, conv_state = self.conv(x_m, conv_state)
         conv_act = F.silu(conv_out)
-        # q, k, v and the gates in the feature-major layout (B, inner, T) the conv already computes in
-        conv_fm = conv_act.transpose(1, 2).contiguous()  # free when the conv ran in (B, inner, T)
+        # q, k, v and the gates in the feature-major layout (B, inner, T), where the headwise maps are fastest
+        conv_fm = conv_act.transpose(1, 2).contiguous()
         x_m_fm = x_m.transpose(1, 2).contiguous()  # read twice: by v_proj and by the gates
         q, k, v = (self.q_proj.forward_feature_major(conv_fm), self.k_proj.forward_feature_major(conv_fm),
                    self.v_proj.forward_feature_major(x_m_fm))
 
         gate_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=x.device.type, enabled=False):  # gate pre-activations stay in float32
-            # [igate; fgate] @ cat(q, k, v) without building cat(q, k, v): the gate weights composed with the headwise
-            # maps read conv_act and x_m directly ((2H, inner) weights; no (B, 3 inner, T) tensor or its gradient)
             gate_weight = torch.cat([self.igate.weight, self.fgate.weight]).to(gate_dtype)  # (2H, 3 inner)
             gate_bias = torch.cat([self.igate.bias, self.fgate.bias]).to(gate_dtype)
-            w_q, w_k, w_v = gate_weight.split(self.inner_dim, dim=1)
-            (from_q, bias_q), (from_k, bias_k), (from_v, bias_v) = (
-                proj.compose_after(w) for proj, w in ((self.q_proj, w_q), (self.k_proj, w_k), (self.v_proj, w_v)))
-            if bias_q is not None:
-                gate_bias = gate_bias + bias_q + bias_k + bias_v
-            gates = torch.baddbmm(gate_bias[:, None], (from_q + from_k).expand(B, -1, -1), conv_fm.to(gate_dtype))
-            gates = torch.baddbmm(gates, from_v.expand(B, -1, -1), x_m_fm.to(gate_dtype))  # (B, 2H, T)
+            if T == 1:  # one token (decoding): the plain map of cat(q, k, v) is the cheapest
+                qkv = torch.cat([q, k, v], dim=1)[..., 0].to(gate_dtype)  # (B, 3 inner)
+                gates = F.linear(qkv, gate_weight, gate_bias)[..., None]  # (B, 2H, 1)
+            else:
+                gates = self._gates_from_inputs(gate_weight, gate_bias, conv_fm, x_m_fm, B, gate_dtype)
             i, f = gates.split(self.num_heads, dim=1)  # (B, H, T) each
+
 
         def heads(t: torch.Tensor) -> torch.Tensor:  # (B, inner, T) -> (B, H, T, hd), contiguous: the op's matmuls
             return t.view(B, self.num_heads, self.head_dim, T).transpose(2, 3).contiguous()  # run faster on it
