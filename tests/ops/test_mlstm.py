@@ -436,3 +436,15 @@ def test_step_validation(name, bad_shape):
     args[name] = torch.zeros(bad_shape)
     with pytest.raises(ValueError, match=rf"^{name}\b.*expected.*got"):
         mlstm_step(**args)
+
+
+def test_auto_choice_by_device_and_dtype(monkeypatch):
+    """"auto" takes the Triton kernels on CUDA when they are available, except for float64 (not a kernel dtype)."""
+    mlstm_module = importlib.import_module("revival.ops.mlstm")
+    monkeypatch.setattr(mlstm_module, "_triton_available", lambda: True)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert mlstm_module._resolve_impl("auto", cuda, torch.bfloat16) == "triton"
+    assert mlstm_module._resolve_impl("auto", cuda, torch.float64) == "chunkwise"
+    assert mlstm_module._resolve_impl("auto", cpu, torch.float32) == "chunkwise"
+    monkeypatch.setattr(mlstm_module, "_triton_available", lambda: False)
+    assert mlstm_module._resolve_impl("auto", cuda, torch.float32) == "chunkwise"

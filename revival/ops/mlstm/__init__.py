@@ -54,11 +54,13 @@ def _check_chunk_size(chunk_size) -> None:
         raise ValueError(f"chunk_size: expected a power of two >= 8 (an int), got {chunk_size!r}")
 
 
-def _resolve_impl(impl: str, device: torch.device) -> str:
+def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
+    """"auto": the Triton kernels on CUDA (float64 stays on "chunkwise", which the kernels do not take)."""
     if not isinstance(impl, str) or impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "chunkwise"
+        on_gpu = device.type == "cuda" and dtype != torch.float64
+        return "triton" if on_gpu and _triton_available() else "chunkwise"
     if impl == "triton" and not _triton_available():
         raise ValueError(f"impl: 'triton' is not available here (device {device.type}); use 'auto' or 'chunkwise'")
     return impl
@@ -92,7 +94,7 @@ def mlstm(
     """
     _validate(q, k, v, i, f, time_axis=True)
     _check_chunk_size(chunk_size)
-    impl = _resolve_impl(impl, q.device)
+    impl = _resolve_impl(impl, q.device, q.dtype)
     B, H, _, Dk = q.shape
     dtype = _compute_dtype(q)
     state = _prepare_state(state, B, H, Dk, v.shape[-1], q, dtype)
