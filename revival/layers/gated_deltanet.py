@@ -21,7 +21,7 @@ from torch import nn
 from ..ops.scan import gated_delta_rule
 from .conv import CausalConv1d
 from .ffn import small_init_, wang_init_
-from .mamba2 import init_dt_bias_, unpack_state
+from .mamba2 import init_decay_, unpack_state
 from .norms import MultiHeadNorm
 
 __all__ = ["GatedDeltaNet"]
@@ -70,9 +70,7 @@ class GatedDeltaNet(nn.Module):
                 nn.init.zeros_(linear.bias)
         self.conv.reset_parameters()
         self.norm.reset_parameters()
-        init_dt_bias_(self.dt_bias, self.dt_min, self.dt_max, self.dt_init_floor)
-        with torch.no_grad():
-            self.A_log.copy_(torch.log(torch.empty_like(self.A_log).uniform_(*self.A_init_range)))
+        init_decay_(self.dt_bias, self.A_log, self.dt_min, self.dt_max, self.dt_init_floor, self.A_init_range)
 
     def forward(
         self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None

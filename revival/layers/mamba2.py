@@ -25,15 +25,18 @@ from .conv import CausalConv1d
 from .ffn import small_init_, wang_init_
 from .norms import MultiHeadNorm
 
-__all__ = ["Mamba2", "init_dt_bias_", "unpack_state"]
+__all__ = ["Mamba2", "init_decay_", "unpack_state"]
 
 
-def init_dt_bias_(dt_bias: torch.Tensor, dt_min: float, dt_max: float, dt_init_floor: float) -> None:
-    """dt_bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max] (floored), as in Mamba."""
+def init_decay_(dt_bias: torch.Tensor, A_log: torch.Tensor, dt_min: float, dt_max: float, dt_init_floor: float,
+                A_init_range: tuple[float, float]) -> None:
+    """Mamba's decay init: dt_bias = softplus^-1(dt) with dt log-uniform in [dt_min, dt_max] (floored), and
+    A_log = log(A) with A uniform in A_init_range."""
     with torch.no_grad():
         dt = torch.exp(torch.rand_like(dt_bias) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         dt = dt.clamp_min(dt_init_floor)
         dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        A_log.copy_(torch.log(torch.empty_like(A_log).uniform_(*A_init_range)))
 
 
 def unpack_state(state, names: tuple[str, str]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -83,9 +86,8 @@ class Mamba2(nn.Module):
                 nn.init.zeros_(linear.bias)
         self.conv.reset_parameters()
         self.norm.reset_parameters()
-        init_dt_bias_(self.dt_bias, self.dt_min, self.dt_max, self.dt_init_floor)
+        init_decay_(self.dt_bias, self.A_log, self.dt_min, self.dt_max, self.dt_init_floor, self.A_init_range)
         with torch.no_grad():
-            self.A_log.copy_(torch.log(torch.empty_like(self.A_log).uniform_(*self.A_init_range)))
             self.D.fill_(1.0)
 
     def forward(
