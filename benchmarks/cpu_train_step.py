@@ -19,12 +19,12 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from cpu_mlstm import cpu_model  # benchmarks/ is on the path when this script runs
 
 import revival
 from revival.models import LanguageModel, preset_config
@@ -119,7 +119,7 @@ def main() -> None:
         record["step_ms"] = [round(1000 * t, 2) for t in times]
     summary = {
         "benchmark": "cpu_train_step", "batch": BATCH, "context": CONTEXT, "pattern": "xLSTM[3:1], sLSTM at block 1",
-        "device": {"cpu": _cpu_name(), "threads": torch.get_num_threads(), "load_average_before": load_before,
+        "device": {"cpu": cpu_model(), "threads": torch.get_num_threads(), "load_average_before": load_before,
                    "load_average_after": load_after},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "revival": revival.__version__,
                      "xlstm": official_version},
@@ -144,16 +144,6 @@ def _dist_version(name: str) -> str:
     from importlib.metadata import version
 
     return version(name)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or sys.platform
 
 
 if __name__ == "__main__":
