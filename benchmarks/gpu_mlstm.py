@@ -30,6 +30,7 @@ CHECKS = [  # H, Dk, Dv, T, B, dtype, chunk, precision mode
     (4, 128, 128, 2085, 2, torch.float32, 64, "fast"), (4, 128, 128, 2085, 2, torch.bfloat16, 128, "fast"),
     (2, 256, 512, 1029, 1, torch.bfloat16, 64, "fast"), (2, 256, 512, 1029, 1, torch.bfloat16, 64, "precise"),
     (2, 64, 256, 777, 2, torch.float16, 64, "fast"),
+    (4, 128, 128, 2085, 2, torch.bfloat16, 64, "fast32"), (2, 256, 512, 1029, 1, torch.bfloat16, 64, "fast32"),
 ]
 
 

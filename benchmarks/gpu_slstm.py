@@ -4,8 +4,9 @@ Run on a CUDA machine:  python benchmarks/gpu_slstm.py --out benchmarks/results
 It (1) checks `impl="triton"` (float32 and bfloat16 inputs) against the float64 step loop at the benchmark shapes:
 outputs, final states and the gradients of x_gates, recurrent_weight and the initial state, (2) times forward and
 forward+backward (CUDA events, medians) of the Triton kernel and of the PyTorch step loop, and writes gpu_slstm.json
-and gpu_slstm.png. The official `xlstm` CUDA sLSTM needs a per-configuration compile step (and its wheels need the
-network), so it is recorded as "not run".
+and gpu_slstm.png, (3) sweeps the kernel's launch settings (weights resident or re-read, warps), and (4) times the
+official `xlstm` 2.0.6 CUDA sLSTM (`sLSTMCell`, backend "cuda", bf16; compiled by its own per-configuration JIT step)
+in a subprocess per shape, so that a failed compile or a crash is recorded as such.
 `--smoke` runs tiny shapes on any device (CPU: under TRITON_INTERPRET=1) to check the script itself.
 """
 
@@ -60,7 +61,11 @@ def check(shape, device):
     for dtype in (torch.float32, torch.bfloat16):
         xr = x.to(dtype).double()  # the reference sees the same rounded inputs
         ref_d = ref if dtype == torch.float32 else outputs_and_grads("fused", xr, R, state, weights, torch.float64)
-        got = outputs_and_grads("triton", xr, R, state, weights, dtype)
+        try:
+            got = outputs_and_grads("triton", xr, R, state, weights, dtype)
+        except Exception as error:  # recorded, so that the other shapes and the timings still run
+            result[str(dtype).replace("torch.", "")] = f"failed: {type(error).__name__}: {str(error)[:300]}"
+            continue
         errs = {n: ((a - b).norm() / b.norm().clamp_min(1e-300)).item() for n, a, b in zip(NAMES, got, ref_d)}
         errs["finite"] = all(bool(torch.isfinite(a).all()) for a in got)
         result[str(dtype).replace("torch.", "")] = errs
@@ -109,12 +114,104 @@ def timings(shape, device, reps):
 
         n = reps if impl == "triton" else max(2, reps // 5)
         key = f"{impl}_{str(dtype).replace('torch.', '')}"
-        out[key] = {"fwd_ms": time_ms(fwd, device, n), "fwd_bwd_ms": time_ms(fwd_bwd, device, n)}
+        try:
+            out[key] = {"fwd_ms": time_ms(fwd, device, n), "fwd_bwd_ms": time_ms(fwd_bwd, device, n)}
+        except Exception as error:
+            out[key] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+            continue
         out[key]["fwd_bwd_tokens_per_s"] = B * T / out[key]["fwd_bwd_ms"] * 1e3
     loop = out["fused_float32"]["fwd_bwd_ms"]
     for key in ("triton_bfloat16", "triton_float32"):
-        out[key]["speedup_vs_loop_fwd_bwd"] = loop / out[key]["fwd_bwd_ms"]
+        if "fwd_bwd_ms" in out[key]:
+            out[key]["speedup_vs_loop_fwd_bwd"] = loop / out[key]["fwd_bwd_ms"]
     return out
+
+
+def sweep(shape, device, reps):
+    """Forward+backward ms (bf16) of the Triton kernel for each launch setting: weights resident or re-read, warps."""
+    from revival.ops.slstm import triton as slstm_triton_module
+
+    B, T, H, d = shape
+    g = torch.Generator(device="cpu").manual_seed(2)
+    x = (torch.randn(B, T, 4, H, d, generator=g) + torch.tensor([0.0, 3.0, 0.0, 0.0])[:, None, None]).to(device)
+    x = x.to(torch.bfloat16).requires_grad_()
+    R = (torch.randn(4, H, d, d, generator=g) * 0.5 * d**-0.5).to(device).requires_grad_()
+    dy = torch.randn(B, T, H, d, generator=g).to(device, torch.bfloat16)
+    state = tuple(torch.zeros(B, H, d, device=device) for _ in range(4))
+    out = {}
+    settings = [(True, w, 32) for w in (4, 8)] + [(False, w, k) for w in (4, 8) for k in (16, 32, 64)]
+    for resident, num_warps, block_k in settings:
+        if block_k > d:
+            continue
+        slstm_triton_module.LAUNCH_OVERRIDE.clear()
+        slstm_triton_module.LAUNCH_OVERRIDE.update(num_warps=num_warps, block_k=block_k)
+
+        def fwd_bwd(resident=resident):
+            x.grad = R.grad = None
+            y, _ = slstm_triton_module.slstm_triton(x, R, state, resident=resident)
+            y.backward(dy)
+
+        key = f"resident={resident},warps={num_warps}" + ("" if resident else f",block_k={block_k}")
+        try:
+            out[key] = time_ms(fwd_bwd, device, reps)
+        except Exception as error:  # a setting that does not compile (registers, shared memory) is recorded
+            out[key] = f"failed: {type(error).__name__}: {str(error)[:200]}"
+    slstm_triton_module.LAUNCH_OVERRIDE.clear()
+    return out
+
+
+OFFICIAL_SCRIPT = r"""
+import json, statistics, sys, time, torch
+from xlstm.blocks.slstm.cell import sLSTMCell, sLSTMCellConfig
+B, T, H, d, reps = map(int, sys.argv[1:6])
+t0 = time.perf_counter()
+config = sLSTMCellConfig(hidden_size=H * d, num_heads=H, batch_size=B, backend="cuda", dtype="bfloat16",
+                         recurrent_weight_init="standard")
+cell = sLSTMCell(config).cuda().train()
+compile_s = time.perf_counter() - t0
+x = torch.randn(B, T, 4 * H * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+dy = None
+def fwd():
+    with torch.no_grad():
+        return cell(x)[0]
+def fwd_bwd():
+    global dy
+    x.grad = None
+    cell.zero_grad(set_to_none=True)
+    y = cell(x)[0]
+    if dy is None:
+        dy = torch.randn_like(y)
+    y.backward(dy)
+def time_ms(fn):
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(); fn(); end.record(); torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+print("RESULT" + json.dumps({"fwd_ms": time_ms(fwd), "fwd_bwd_ms": time_ms(fwd_bwd), "compile_s": compile_s}))
+"""
+
+
+def official(shape, reps, timeout_s):
+    """The official xlstm CUDA sLSTM in a subprocess: timings, or why it did not run."""
+    import subprocess
+
+    try:
+        import xlstm  # noqa: F401
+    except ImportError as error:
+        return {"status": f"not installed: {error}"}
+    try:
+        proc = subprocess.run([sys.executable, "-c", OFFICIAL_SCRIPT, *map(str, shape), str(reps)],
+                              capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"status": f"did not finish within {timeout_s} s (compile + timing)"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT"):
+            return {"status": "ran", **json.loads(line[len("RESULT"):])}
+    tail = (proc.stdout + proc.stderr)[-1500:]
+    return {"status": f"failed (exit code {proc.returncode})", "output_tail": tail}
 
 
 def plot(result, path):
@@ -143,6 +240,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--official-timeout", type=int, default=240, help="seconds for the official kernel's compile+run")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on any device (checks the script)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -155,12 +253,20 @@ def main():
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (TRITON_INTERPRET=1)",
         "versions": {"torch": torch.__version__, "triton": triton.__version__},
-        "official_xlstm_cuda": "not run (needs a per-configuration compile step and network for its wheels)",
         "shapes": {},
     }
     for shape in SMOKE_SHAPES if args.smoke else SHAPES:
         label = "B{}xT{}x{}hx{}d".format(*shape)
         entry = {"check_rel_err": check(shape, device), "timings": timings(shape, device, args.reps)}
+        if not args.smoke:
+            entry["launch_sweep_bf16_fwd_bwd_ms"] = sweep(shape, device, args.reps)
+            entry["official_xlstm_cuda_bf16"] = official(shape, args.reps, args.official_timeout)
+            if entry["official_xlstm_cuda_bf16"].get("status") == "ran":
+                official_ms = entry["official_xlstm_cuda_bf16"]["fwd_bwd_ms"]
+                for key in ("triton_bfloat16", "triton_float32"):
+                    if "fwd_bwd_ms" in entry["timings"][key]:
+                        entry["timings"][key]["speedup_vs_official_fwd_bwd"] = official_ms / entry["timings"][key][
+                        "fwd_bwd_ms"]
         result["shapes"][label] = entry
         print(label, json.dumps(entry, indent=1), flush=True)
     os.makedirs(args.out, exist_ok=True)

@@ -136,30 +136,45 @@ def run_study(name: str, presets: list[str], contexts: list[int], device: str | 
 
 # ------------------------------------------------------------------------------------------------ one point each
 def _train_point(runner, context, batch, device, dtype, settings, cuda_graphs) -> dict[str, Any]:
+    """One optimizer step on tokens_per_step tokens. If the whole batch does not fit, the step is taken as gradient
+    accumulation over 2, 4, ... micro-batches (same tokens per step; `micro_batches` records how many)."""
     batch = max(1, settings["tokens_per_step"] // context)
     ids = tokens_batch(runner.config.vocab_size, batch, context + 1, device)
     model = runner.model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    micro_batches = 1
     try:
-        return _train_measure(runner, model, optimizer, ids, batch, context, device, dtype, settings)
+        while True:
+            try:
+                return _train_measure(runner, model, optimizer, ids, micro_batches, context, device, dtype, settings)
+            except torch.OutOfMemoryError:
+                if micro_batches * 2 > batch:
+                    raise
+                micro_batches *= 2
+                model.zero_grad(set_to_none=True)
+                _free(device)
     finally:
         model.zero_grad(set_to_none=True)  # no gradients or optimizer moments carried into the next point
         del optimizer
 
 
-def _train_measure(runner, model, optimizer, ids, batch, context, device, dtype, settings) -> dict[str, Any]:
+def _train_measure(runner, model, optimizer, ids, micro_batches, context, device, dtype, settings) -> dict[str, Any]:
     def autocast():
         return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
     losses = []
+    batch = ids.shape[0]
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            loss = runner.loss(ids)
-        loss.backward()
+        total = 0.0
+        for micro_ids in ids.chunk(micro_batches):
+            with autocast():
+                loss = runner.loss(micro_ids) * (micro_ids.shape[0] / batch)
+            loss.backward()
+            total = total + loss.detach()
         optimizer.step()
-        losses.append(loss.detach())
+        losses.append(total)
 
     seconds, peak = _timed(step, device, settings["warmup"], settings["repeats"])
     tokens = batch * context
@@ -168,9 +183,10 @@ def _train_measure(runner, model, optimizer, ids, batch, context, device, dtype,
     final_loss = float(losses[-1])
     if not math.isfinite(final_loss):
         raise FloatingPointError(f"loss is {final_loss} at T={context}")
-    return {"batch": batch, "tokens": tokens, "step_seconds": seconds, "tokens_per_s": tokens / seconds,
-            "flops_per_token": flops, "mfu": flops * tokens / seconds / peak_device if peak_device else None,
-            "peak_memory_bytes": peak, "loss": final_loss}
+    return {"batch": batch, "micro_batches": micro_batches, "tokens": tokens, "step_seconds": seconds,
+            "tokens_per_s": tokens / seconds, "flops_per_token": flops,
+            "mfu": flops * tokens / seconds / peak_device if peak_device else None, "peak_memory_bytes": peak,
+            "loss": final_loss}
 
 
 def _prefill_point(runner, context, batch, device, dtype, settings, cuda_graphs) -> dict[str, Any]:

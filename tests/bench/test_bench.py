@@ -17,7 +17,7 @@ from revival.bench.models import build_runner, count_parameters, forward_last, t
 TOP_KEYS = {"study", "schema_version", "created", "device", "versions", "config", "models", "points", "wall_seconds",
             "plot"}
 FIGURES = {
-    "train": {"tokens", "step_seconds", "tokens_per_s", "flops_per_token", "mfu", "peak_memory_bytes", "loss"},
+    "train": {"tokens", "micro_batches", "step_seconds", "tokens_per_s", "flops_per_token", "mfu", "peak_memory_bytes", "loss"},
     "prefill": {"ttft_seconds", "tokens_per_s", "peak_memory_bytes"},
     "decode": {"tokens_per_s", "step_seconds", "decode_tokens", "prefill_seconds", "peak_memory_bytes",
                "state_bytes_after_prefill", "cuda_graph", "cuda_graph_error"},
@@ -51,6 +51,32 @@ def test_train_study(tmp_path):
     assert first["batch"] == 4 and first["tokens"] == 64 and first["mfu"] is None  # no known peak on CPU
     assert first["flops_per_token"] == training_flops_per_token(bench_config("mingru", "tiny"), 16)
     assert result["models"]["mingru"]["pattern"] == "gg" and 0 < first["loss"] < 10
+
+
+def test_train_study_falls_back_to_micro_batches(tmp_path, monkeypatch):
+    """A step that does not fit is taken as gradient accumulation: same tokens, same loss, micro_batches recorded."""
+    from revival.bench import models as bench_models
+
+    original = bench_models.Runner.loss
+    seen = []
+
+    def loss_with_memory_limit(self, ids):
+        seen.append(ids.shape[0])
+        if ids.shape[0] > 1:
+            raise torch.OutOfMemoryError("pretend: CUDA out of memory")
+        return original(self, ids)
+
+    monkeypatch.setattr(bench_models.Runner, "loss", loss_with_memory_limit)
+    result = run_study("train", presets=["mingru"], contexts=[16], device="cpu", out_dir=tmp_path, anchors=False,
+                       progress=False, tokens_per_step=64, **{k: FAST[k] for k in ("warmup", "repeats")})
+    point = result["points"][0]
+    assert point["status"] == "ok" and point["batch"] == 4 and point["micro_batches"] == 4 and point["tokens"] == 64
+    assert seen[:2] == [4, 2] and set(seen[2:]) == {1}
+    monkeypatch.undo()
+    whole = run_study("train", presets=["mingru"], contexts=[16], device="cpu", out_dir=tmp_path, anchors=False,
+                      progress=False, tokens_per_step=64, **{k: FAST[k] for k in ("warmup", "repeats")})
+    assert whole["points"][0]["micro_batches"] == 1
+    assert whole["points"][0]["loss"] == pytest.approx(point["loss"], rel=1e-5)  # same weights (seeded), same tokens
 
 
 def test_prefill_study_with_anchor(tmp_path):

@@ -31,12 +31,12 @@ def _triton_available() -> bool:
 
 
 def _resolve_impl(impl: str, x_gates: torch.Tensor) -> str:
-    """"auto" is "fused" for now: the Triton kernels pass their tests under Triton's CPU interpreter but have not yet
-    been compiled and checked on a GPU, so they are opt-in (`impl="triton"`) until that run is done."""
+    """"auto": the Triton kernels on CUDA (float64 stays on "fused", which the kernels do not take), else "fused"."""
     if not isinstance(impl, str) or impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "fused"
+        on_gpu = x_gates.device.type == "cuda" and x_gates.dtype != torch.float64 and _triton_available()
+        return "triton" if on_gpu else "fused"
     if impl == "triton" and not _triton_available():
         raise ValueError(f"impl: 'triton' is not available here (device {x_gates.device.type}); use 'auto' or 'fused'")
     if impl == "triton" and x_gates.dtype == torch.float64:
@@ -75,7 +75,7 @@ def slstm(
 
     x_gates: (B, T, 4, H, d) gate input contributions (i, f, z, o); recurrent_weight: (4, H, d, d);
     state: (c, n, m, y) each (B, H, d), or None for zeros. Returns y (B, T, H, d) in x_gates' dtype and the final
-    state. `impl`: "auto" (= "fused" until the Triton kernels are checked on a GPU), "reference" (plain loop,
+    state. `impl`: "auto" ("triton" on CUDA for non-float64 inputs, else "fused"), "reference" (plain loop,
     autograd), "fused" (batched step with a hand-written backward) or "triton" (GPU kernels, `triton.py`).
     """
     check_floating("x_gates", x_gates)

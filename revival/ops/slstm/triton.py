@@ -7,9 +7,12 @@ per-unit first-step rule (m = i and fbar = 0 where n_{t-1} == 0, checked at ever
 Design:
 - grid (ceil(B / BLOCK_B), H); BLOCK_B >= 16 (tl.dot needs block dims >= 16; padded rows are masked), the head dim
   is padded to D = next power of two >= 16 (padded units are masked and kept at exactly 0).
-- The recurrent weights of the head are loaded once before the time loop when they fit in registers
-  (`resident`: D <= 64, 4 x 64 x 64 values), else re-read every step (d = 128: 4 x 128 x 128, 128 KB in bf16 /
-  256 KB in fp32, too big for one SM's registers; the re-read hits L1/L2, not HBM).
+- Two ways to form `y_{t-1} @ R[g]` (and `graw_t @ R[g]^T` in the backward), chosen by `resident`:
+  resident: the head's four (D, D) weight tiles are loaded once before the time loop and stay on chip (registers /
+  shared memory; fits for small D); streamed: every step re-reads R in (BLOCK_K, D) slices (L1/L2 hits, not HBM)
+  and reads the previous step's y (gate gradients) back from the buffer this kernel just wrote, in BLOCK_K-column
+  slices, so on-chip memory stays O(BLOCK_K x D) for any head dim. One step's store and the next step's loads of
+  that buffer are ordered by a CTA barrier.
 - Precision: float32 inputs use exact float32 products (`input_precision="ieee"`, no TF32); bfloat16 inputs use
   bfloat16 products of y_{t-1} and R with float32 accumulation (R rounded to bfloat16 once). States, gate math and
   everything saved for the backward are float32.
@@ -37,6 +40,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 __all__ = ["available", "slstm_triton"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+LAUNCH_OVERRIDE: dict = {}  # e.g. {"num_warps": 16}: for launch sweeps (benchmarks/gpu_slstm.py); results do not change
 
 
 def available() -> bool:
@@ -75,9 +79,29 @@ if _HAVE_TRITON:
         return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
     @triton.jit
+    def _streamed_matmul(a_ptr, a_stride, r_ptr, g, h, H, d, rows, B,
+                         D: tl.constexpr, BLOCK_K: tl.constexpr, TRANSPOSE: tl.constexpr, DOT_BF16: tl.constexpr):
+        """sum_k a[:, k] R[g, h][k, :] (TRANSPOSE: R[g, h][:, k]) with a (BLOCK_B, d) float32 read from global memory
+        at a_ptr (rows of stride a_stride, d contiguous columns) and R read in (BLOCK_K, D) slices."""
+        acc = tl.zeros((rows.shape[0], D), dtype=tl.float32)
+        cols = tl.arange(0, D)[None, :]
+        base = r_ptr + (g * H + h) * d * d
+        for k0 in tl.static_range(0, D, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a_ptr + rows * a_stride + ks[None, :], mask=(rows < B) & (ks[None, :] < d), other=0.0)
+            w_mask = (ks[:, None] < d) & (cols < d)
+            if TRANSPOSE:
+                w = tl.load(base + cols * d + ks[:, None], mask=w_mask, other=0.0)
+            else:
+                w = tl.load(base + ks[:, None] * d + cols, mask=w_mask, other=0.0)
+            acc += _matmul(a, w, DOT_BF16)
+        return acc
+
+    @triton.jit
     def _slstm_forward_kernel(
         x_ptr, r_ptr, raw_ptr, cnm_ptr, y_ptr, B, T, H, d,
-        D: tl.constexpr, BLOCK_B: tl.constexpr, RESIDENT: tl.constexpr, DOT_BF16: tl.constexpr,
+        D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr,
+        DOT_BF16: tl.constexpr,
     ):  # fmt: skip
         """x (B, T, 4, H, d) any float; raw (B, T, 4, H, d) f32 out; cnm (B, T+1, 3, H, d) f32 and y (B, T+1, H, d)
         f32 with index 0 holding the initial state, indices 1..T written here."""
@@ -100,17 +124,25 @@ if _HAVE_TRITON:
             w_f = _weight_tile(r_ptr, 1, h, H, d, D, False)
             w_z = _weight_tile(r_ptr, 2, h, H, d, D, False)
             w_o = _weight_tile(r_ptr, 3, h, H, d, D, False)
+        y_stride = (T + 1) * Hd
         for t in range(0, T):
-            if not RESIDENT:
-                w_i = _weight_tile(r_ptr, 0, h, H, d, D, False)
-                w_f = _weight_tile(r_ptr, 1, h, H, d, D, False)
-                w_z = _weight_tile(r_ptr, 2, h, H, d, D, False)
-                w_o = _weight_tile(r_ptr, 3, h, H, d, D, False)
             x_t = x_row + t * (4 * Hd)
-            i = tl.load(x_t, mask=mask, other=0.0).to(tl.float32) + _matmul(y, w_i, DOT_BF16)
-            f = tl.load(x_t + Hd, mask=mask, other=0.0).to(tl.float32) + _matmul(y, w_f, DOT_BF16)
-            z = tl.load(x_t + 2 * Hd, mask=mask, other=0.0).to(tl.float32) + _matmul(y, w_z, DOT_BF16)
-            o = tl.load(x_t + 3 * Hd, mask=mask, other=0.0).to(tl.float32) + _matmul(y, w_o, DOT_BF16)
+            i = tl.load(x_t, mask=mask, other=0.0).to(tl.float32)
+            f = tl.load(x_t + Hd, mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(x_t + 2 * Hd, mask=mask, other=0.0).to(tl.float32)
+            o = tl.load(x_t + 3 * Hd, mask=mask, other=0.0).to(tl.float32)
+            if RESIDENT:
+                i += _matmul(y, w_i, DOT_BF16)
+                f += _matmul(y, w_f, DOT_BF16)
+                z += _matmul(y, w_z, DOT_BF16)
+                o += _matmul(y, w_o, DOT_BF16)
+            else:  # y_{t-1} from the buffer (written by the previous step, or the initial state)
+                tl.debug_barrier()
+                y_prev = y_ptr + t * Hd + h * d
+                i += _streamed_matmul(y_prev, y_stride, r_ptr, 0, h, H, d, rows, B, D, BLOCK_K, False, DOT_BF16)
+                f += _streamed_matmul(y_prev, y_stride, r_ptr, 1, h, H, d, rows, B, D, BLOCK_K, False, DOT_BF16)
+                z += _streamed_matmul(y_prev, y_stride, r_ptr, 2, h, H, d, rows, B, D, BLOCK_K, False, DOT_BF16)
+                o += _streamed_matmul(y_prev, y_stride, r_ptr, 3, h, H, d, rows, B, D, BLOCK_K, False, DOT_BF16)
             raw_t = raw_row + t * (4 * Hd)
             tl.store(raw_t, i, mask=mask)
             tl.store(raw_t + Hd, f, mask=mask)
@@ -133,7 +165,8 @@ if _HAVE_TRITON:
     @triton.jit
     def _slstm_backward_kernel(
         r_ptr, raw_ptr, cnm_ptr, gy_ptr, gfinal_ptr, graw_ptr, ginit_ptr, B, T, H, d,
-        D: tl.constexpr, BLOCK_B: tl.constexpr, RESIDENT: tl.constexpr, DOT_BF16: tl.constexpr,
+        D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr,
+        DOT_BF16: tl.constexpr,
     ):  # fmt: skip
         """raw (B, T, 4, H, d), cnm (B, T+1, 3, H, d) from the forward; gy (B, T, H, d) dL/dy_t (final-y gradient
         included); gfinal (3, B, H, d) dL/d(c_T, n_T, m_T). Writes graw (B, T, 4, H, d) and ginit (4, B, H, d):
@@ -159,13 +192,9 @@ if _HAVE_TRITON:
             wt_f = _weight_tile(r_ptr, 1, h, H, d, D, True)
             wt_z = _weight_tile(r_ptr, 2, h, H, d, D, True)
             wt_o = _weight_tile(r_ptr, 3, h, H, d, D, True)
+        graw_stride = T * 4 * Hd
         for k in range(0, T):
             t = T - 1 - k
-            if not RESIDENT:
-                wt_i = _weight_tile(r_ptr, 0, h, H, d, D, True)
-                wt_f = _weight_tile(r_ptr, 1, h, H, d, D, True)
-                wt_z = _weight_tile(r_ptr, 2, h, H, d, D, True)
-                wt_o = _weight_tile(r_ptr, 3, h, H, d, D, True)
             raw_t = raw_row + t * (4 * Hd)
             i = tl.load(raw_t, mask=mask, other=0.0)
             f = tl.load(raw_t + Hd, mask=mask, other=0.0)
@@ -206,23 +235,38 @@ if _HAVE_TRITON:
             g_m = g_log_fm
             g_c = tl.where(mask, g_c * f_bar, 0.0)
             g_n = tl.where(mask, g_n * f_bar, 0.0)
-            g_y_rec = (
-                _matmul(g_i, wt_i, DOT_BF16) + _matmul(g_f, wt_f, DOT_BF16)
-                + _matmul(g_z, wt_z, DOT_BF16) + _matmul(g_o, wt_o, DOT_BF16)
-            )  # fmt: skip
+            if RESIDENT:
+                g_y_rec = (
+                    _matmul(g_i, wt_i, DOT_BF16) + _matmul(g_f, wt_f, DOT_BF16)
+                    + _matmul(g_z, wt_z, DOT_BF16) + _matmul(g_o, wt_o, DOT_BF16)
+                )  # fmt: skip
+            else:  # the gate gradients just stored, read back in column slices
+                tl.debug_barrier()
+                g_t = graw_ptr + t * (4 * Hd) + h * d
+                g_y_rec = (
+                    _streamed_matmul(g_t, graw_stride, r_ptr, 0, h, H, d, rows, B, D, BLOCK_K, True, DOT_BF16)
+                    + _streamed_matmul(g_t + Hd, graw_stride, r_ptr, 1, h, H, d, rows, B, D, BLOCK_K, True, DOT_BF16)
+                    + _streamed_matmul(g_t + 2 * Hd, graw_stride, r_ptr, 2, h, H, d, rows, B, D, BLOCK_K, True,
+                                       DOT_BF16)
+                    + _streamed_matmul(g_t + 3 * Hd, graw_stride, r_ptr, 3, h, H, d, rows, B, D, BLOCK_K, True,
+                                       DOT_BF16)
+                )  # fmt: skip
         tl.store(ginit_ptr + state_at, g_c, mask=mask)
         tl.store(ginit_ptr + BHd + state_at, g_n, mask=mask)
         tl.store(ginit_ptr + 2 * BHd + state_at, g_m, mask=mask)
         tl.store(ginit_ptr + 3 * BHd + state_at, g_y_rec, mask=mask)
 
 
-def _launch_config(B: int, d: int, resident: bool | None):
+def _launch_config(d: int, resident: bool | None, dot_bf16: bool):
+    """(D, BLOCK_B, BLOCK_K, resident, num_warps). Resident by default while the four (D, D) weight tiles take at
+    most 32 KB (bf16 D <= 64, fp32 D <= 32); `LAUNCH_OVERRIDE` may set num_warps / block_k for sweeps."""
     D = max(16, triton.next_power_of_2(d))
     BLOCK_B = 16  # tl.dot's minimum; more rows per program would leave SMs idle at small B
     if resident is None:
-        resident = D <= 64
-    num_warps = 8 if D >= 64 else 4
-    return D, BLOCK_B, (triton.cdiv(B, BLOCK_B),), resident, num_warps
+        resident = 4 * D * D * (2 if dot_bf16 else 4) <= 32 * 1024
+    block_k = LAUNCH_OVERRIDE.get("block_k", min(D, 32))
+    num_warps = LAUNCH_OVERRIDE.get("num_warps", 8 if D >= 64 else 4)
+    return D, BLOCK_B, block_k, resident, num_warps
 
 
 class _SLSTMTriton(torch.autograd.Function):
@@ -242,10 +286,10 @@ class _SLSTMTriton(torch.autograd.Function):
         for index, value in enumerate((c0, n0, m0)):
             cnm[:, 0, index] = value
         y_all[:, 0] = y0
-        D, BLOCK_B, (blocks,), resident, num_warps = _launch_config(B, d, resident)
-        _slstm_forward_kernel[(blocks, H)](
-            x, r_dot, raw, cnm, y_all, B, T, H, d,
-            D=D, BLOCK_B=BLOCK_B, RESIDENT=resident, DOT_BF16=dot_bf16, num_warps=num_warps,
+        D, BLOCK_B, BLOCK_K, resident, num_warps = _launch_config(d, resident, dot_bf16)
+        _slstm_forward_kernel[(triton.cdiv(B, BLOCK_B), H)](
+            x, r_dot, raw, cnm, y_all, B, T, H, d, D=D, BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, RESIDENT=resident,
+            DOT_BF16=dot_bf16, num_warps=num_warps, num_stages=1,
         )  # fmt: skip
         ctx.save_for_backward(r_dot, raw, cnm, y_all)
         ctx.config = (resident, dot_bf16, x_gates.dtype, recurrent_weight.dtype)
@@ -268,10 +312,10 @@ class _SLSTMTriton(torch.autograd.Function):
                 gfinal[index] = grad
         graw = torch.empty(B, T, G, H, d, **f32)
         ginit = torch.empty(4, B, H, d, **f32)
-        D, BLOCK_B, (blocks,), _, num_warps = _launch_config(B, d, resident)
-        _slstm_backward_kernel[(blocks, H)](
-            r_dot, raw, cnm, gy, gfinal, graw, ginit, B, T, H, d,
-            D=D, BLOCK_B=BLOCK_B, RESIDENT=resident, DOT_BF16=dot_bf16, num_warps=num_warps,
+        D, BLOCK_B, BLOCK_K, _, num_warps = _launch_config(d, resident, dot_bf16)
+        _slstm_backward_kernel[(triton.cdiv(B, BLOCK_B), H)](
+            r_dot, raw, cnm, gy, gfinal, graw, ginit, B, T, H, d, D=D, BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K,
+            RESIDENT=resident, DOT_BF16=dot_bf16, num_warps=num_warps, num_stages=1,
         )  # fmt: skip
         g_x = graw.to(x_dtype) if ctx.needs_input_grad[0] else None
         g_r = None
@@ -283,8 +327,8 @@ class _SLSTMTriton(torch.autograd.Function):
 def slstm_triton(x_gates: torch.Tensor, recurrent_weight: torch.Tensor, state, *, resident: bool | None = None):
     """sLSTM over a sequence with the Triton kernels. x_gates (B, T, 4, H, d) float32/bfloat16/float16;
     recurrent_weight (4, H, d, d); state (c, n, m, y) each (B, H, d) (converted to float32). Returns y (B, T, H, d)
-    in x_gates' dtype and the final state (float32). `resident` forces keeping R on-chip across steps (default:
-    when the padded head dim is <= 64); results do not depend on it."""
+    in x_gates' dtype and the final state (float32). `resident` forces keeping R on-chip across steps (True) or
+    streaming it every step (False); the default decides by size (`_launch_config`). Results do not depend on it."""
     if not _HAVE_TRITON:
         raise RuntimeError("impl='triton' needs the `triton` package (pip install 'revival[gpu]')")
     if x_gates.dtype not in (torch.float32, torch.bfloat16, torch.float16):
