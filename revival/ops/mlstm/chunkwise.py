@@ -47,15 +47,16 @@ def mlstm_chunkwise(
 def _equal_chunks(q, k, v, i, f, state: MLSTMState, L: int, eps: float) -> tuple[torch.Tensor, MLSTMState]:
     """The chunkwise form for T a multiple of L.
 
-    The normalizer n rides along as an extra column of the state, `Cn = (C | n)`: (B, H, Dk, Dv + 1), with a column
-    of ones appended to v. The same matmuls then produce numerator and denominator together.
+    The normalizer n is carried beside C (not as an extra column of C): the big matmuls keep power-of-two widths
+    (Dk, Dv), which MKL runs markedly faster than Dv + 1, and h needs no strided slice. n's own terms are a weighted
+    sum over keys and one matrix-vector product per chunk.
     """
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
     NC = T // L
     q = q.reshape(B, H, NC, L, Dk)  # the scale Dk**-0.5 on q is applied through the weights below
     k = k.reshape(B, H, NC, L, Dk)
-    v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1).reshape(B, H, NC, L, Dv + 1)
+    v = v.reshape(B, H, NC, L, Dv)
     i = i.reshape(B, H, NC, L)
     b = torch.cumsum(F.logsigmoid(f).reshape(B, H, NC, L), dim=-1)  # local cumulative log-forget
     g = b[..., -1]  # total log-forget of each chunk, (B, H, NC)
@@ -64,10 +65,11 @@ def _equal_chunks(q, k, v, i, f, state: MLSTMState, L: int, eps: float) -> tuple
     # Each chunk's own contribution to the state, stabilized by its own max.
     a_max = a.amax(dim=-1)  # (B, H, NC)
     k_weighted = k * torch.exp(a - a_max[..., None])[..., None]
-    Cn_local = k_weighted.transpose(-1, -2) @ v1  # (B, H, NC, Dk, Dv + 1)
+    C_local = k_weighted.transpose(-1, -2) @ v  # (B, H, NC, Dk, Dv)
+    n_local = k_weighted.sum(dim=-2)  # (B, H, NC, Dk)
 
     C0, n0, m0 = state
-    Cn_before, m_before, Cn, m = _InterChunk.apply(g, a_max, Cn_local, torch.cat([C0, n0[..., None]], dim=-1), m0)
+    C_before, n_before, m_before, C, n, m = _InterChunk.apply(g, a_max, C_local, n_local, C0, n0, m0)
 
     # Intra-chunk (parallel): query j sees the state before its chunk and inputs s <= j of its chunk.
     log_state_weight = b + m_before[..., None]  # (B, H, NC, L)
@@ -77,11 +79,10 @@ def _equal_chunks(q, k, v, i, f, state: MLSTMState, L: int, eps: float) -> tuple
     m_scaled = m_query + 0.5 * math.log(Dk)  # exp(x - m_scaled) = Dk**-0.5 * exp(x - m_query)
     scores = _CausalDecayedScores.apply(q @ k.transpose(-1, -2), b, i, m_scaled)  # (B, H, NC, L, L)
     q_weighted = q * torch.exp(log_state_weight - m_scaled)[..., None]
-    out = torch.baddbmm((q_weighted @ Cn_before).flatten(0, 2), scores.flatten(0, 2), v1.flatten(0, 2))
-    numerator, denominator = out.view(B, H, NC, L, Dv + 1).split([Dv, 1], dim=-1)
-    h = numerator * normalizer(denominator.squeeze(-1), m_query, eps).reciprocal()[..., None]
-    C, n = Cn.split([Dv, 1], dim=-1)
-    return h.reshape(B, H, T, Dv), (C.contiguous(), n.squeeze(-1).contiguous(), m)
+    numerator = torch.baddbmm((q_weighted @ C_before).flatten(0, 2), scores.flatten(0, 2), v.flatten(0, 2))
+    denominator = (q_weighted @ n_before[..., None]).squeeze(-1) + scores.sum(dim=-1)  # (B, H, NC, L)
+    h = numerator.view(B, H, NC, L, Dv) * normalizer(denominator, m_query, eps).reciprocal()[..., None]
+    return h.view(B, H, T, Dv), (C, n, m)
 
 
 class _CausalDecayedScores(torch.autograd.Function):
@@ -121,17 +122,18 @@ class _InterChunk(torch.autograd.Function):
     """The sequential recurrence over chunk states, with a hand-written backward (reverse loop).
 
     Inputs: g, a_max (B, H, NC) the chunks' total log-forget and the max of their inputs' log weights;
-    Cn_local (B, H, NC, Dk, W) each chunk's own stabilized contribution; Cn0 (B, H, Dk, W), m0 (B, H) the initial
-    state. Per chunk c:
+    C_local (B, H, NC, Dk, Dv), n_local (B, H, NC, Dk) each chunk's own stabilized contribution; C0 (B, H, Dk, Dv),
+    n0 (B, H, Dk), m0 (B, H) the initial state. Per chunk c, for S in (C, n):
 
-        m_c = max(g_c + m_{c-1}, a_max_c);  Cn_c = exp(g_c + m_{c-1} - m_c) Cn_{c-1} + exp(a_max_c - m_c) Cn_local_c
+        m_c = max(g_c + m_{c-1}, a_max_c);  S_c = exp(g_c + m_{c-1} - m_c) S_{c-1} + exp(a_max_c - m_c) S_local_c
 
-    Returns the states before each chunk, Cn_before (B, H, NC, Dk, W) and m_before (B, H, NC), and the final state
-    (Cn, m). Autograd through a Python loop costs ~25 small autograd nodes per chunk; this costs ~3 in-place ops.
+    Returns the states before each chunk, C_before (B, H, NC, Dk, Dv), n_before (B, H, NC, Dk), m_before
+    (B, H, NC), and the final state (C, n, m). Autograd through a Python loop costs ~25 small autograd nodes per
+    chunk; this costs ~3 in-place ops per state part.
     """
 
     @staticmethod
-    def forward(ctx, g, a_max, Cn_local, Cn0, m0):
+    def forward(ctx, g, a_max, C_local, n_local, C0, n0, m0):
         B, H, NC = g.shape
         m_all = g.new_empty(B, H, NC + 1)  # m_all[:, :, c] is the stabilizer before chunk c
         m_all[..., 0] = m0
@@ -144,34 +146,49 @@ class _InterChunk(torch.autograd.Function):
         # 1 where the previous state set the max, 0 where the chunk did, 1/2 on ties (as torch.maximum's gradient)
         from_previous = (carried > a_max).to(g.dtype) + 0.5 * (carried == a_max).to(g.dtype)
 
-        Cn_before = torch.empty_like(Cn_local)  # Cn_before[:, :, c] is the state before chunk c
-        Cn_final = torch.empty_like(Cn0)
-        Cn_before[:, :, 0] = Cn0
-        for c in range(NC):
-            after = Cn_before[:, :, c + 1] if c + 1 < NC else Cn_final
-            torch.mul(Cn_before[:, :, c], decay[..., c, None, None], out=after)
-            after.addcmul_(Cn_local[:, :, c], scale[..., c, None, None])
-        ctx.save_for_backward(Cn_before, Cn_local, decay, scale, from_previous)
-        return Cn_before, m_before.clone(), Cn_final, m_all[..., -1].clone()
+        outputs = []
+        for local, initial in ((C_local, C0), (n_local, n0)):
+            # one scalar per (b, h, c): view the state part as (B, H, NC, X)
+            local_flat = local.flatten(3)
+            before = torch.empty_like(local_flat)  # before[:, :, c] is the state before chunk c
+            final = torch.empty_like(initial.flatten(2))
+            before[:, :, 0] = initial.flatten(2)
+            for c in range(NC):
+                after = before[:, :, c + 1] if c + 1 < NC else final
+                torch.mul(before[:, :, c], decay[..., c, None], out=after)
+                after.addcmul_(local_flat[:, :, c], scale[..., c, None])
+            outputs.append((before.view_as(local), final.view_as(initial)))
+        (C_before, C_final), (n_before, n_final) = outputs
+        ctx.save_for_backward(C_before, n_before, C_local, n_local, decay, scale, from_previous)
+        return C_before, n_before, m_before.clone(), C_final, n_final, m_all[..., -1].clone()
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_Cn_before, grad_m_before, grad_Cn, grad_m):
-        Cn_before, Cn_local, decay, scale, from_previous = ctx.saved_tensors
+    def backward(ctx, grad_C_before, grad_n_before, grad_m_before, grad_C, grad_n, grad_m):
+        C_before, n_before, C_local, n_local, decay, scale, from_previous = ctx.saved_tensors
         B, H, NC = decay.shape
-        # Gradient w.r.t. the state after each chunk, in reverse: after c-1 = decay_c * after c + (its use as
-        # "before c" in the intra-chunk part).
-        grad_after = torch.empty_like(Cn_before)
-        grad_after[:, :, -1] = grad_Cn
-        for c in range(NC - 1, 0, -1):
-            torch.mul(grad_after[:, :, c], decay[..., c, None, None], out=grad_after[:, :, c - 1])
-            grad_after[:, :, c - 1] += grad_Cn_before[:, :, c]
-        grad_Cn0 = grad_after[:, :, 0] * decay[..., 0, None, None] + grad_Cn_before[:, :, 0]
-        grad_Cn_local = grad_after * scale[..., None, None]
-
-        # Through the scalar weights: d/d(log decay_c) and d/d(log scale_c).
-        grad_log_decay = torch.einsum("bhcij,bhcij->bhc", grad_after, Cn_before) * decay
-        grad_log_scale = torch.einsum("bhcij,bhcij->bhc", grad_after, Cn_local) * scale
+        grad_log_decay = torch.zeros_like(decay)  # d/d(log decay_c) and d/d(log scale_c), summed over C and n
+        grad_log_scale = torch.zeros_like(decay)
+        grads = []
+        for before, local, grad_before, grad_final in (
+            (C_before, C_local, grad_C_before, grad_C), (n_before, n_local, grad_n_before, grad_n)
+        ):
+            before, local, grad_before = before.flatten(3), local.flatten(3), grad_before.flatten(3)
+            # Gradient w.r.t. the state after each chunk, in reverse: after c-1 = decay_c * after c + (its use as
+            # "before c" in the intra-chunk part).
+            grad_after = torch.empty_like(before)
+            grad_after[:, :, -1] = grad_final.flatten(2)
+            for c in range(NC - 1, 0, -1):
+                after_c, decay_c = grad_after[:, :, c], decay[..., c, None]
+                torch.addcmul(grad_before[:, :, c], after_c, decay_c, out=grad_after[:, :, c - 1])
+            grad_initial = torch.addcmul(grad_before[:, :, 0], grad_after[:, :, 0], decay[..., 0, None])
+            # vecdot, not einsum: einsum lowers these dot products to a bmm with M = N = 1, ~4x slower
+            grad_log_decay += torch.linalg.vecdot(grad_after, before)
+            grad_log_scale += torch.linalg.vecdot(grad_after, local)
+            grad_local = grad_after.mul_(scale[..., None])  # grad_after is not needed any more
+            grads.append((grad_local, grad_initial))
+        grad_log_decay *= decay
+        grad_log_scale *= scale
         # m_c enters log decay_c and log scale_c with -1, chunk c+1 via carried_{c+1}, and m_before[c+1].
         grad_g = torch.empty_like(decay)
         grad_a_max = torch.empty_like(decay)
@@ -181,7 +198,9 @@ class _InterChunk(torch.autograd.Function):
             grad_g[..., c] = grad_log_decay[..., c] + from_previous[..., c] * total
             grad_a_max[..., c] = grad_log_scale[..., c] + (1 - from_previous[..., c]) * total
             grad_m_after = grad_g[..., c] + grad_m_before[..., c]  # carried_c = g_c + m_{c-1}
-        return grad_g, grad_a_max, grad_Cn_local, grad_Cn0, grad_m_after
+        (grad_C_local, grad_C0), (grad_n_local, grad_n0) = grads
+        return (grad_g, grad_a_max, grad_C_local.view_as(C_local), grad_n_local.view_as(n_local),
+                grad_C0.view_as(grad_C), grad_n0.view_as(grad_n), grad_m_after)
 
 
 @functools.lru_cache(maxsize=64)
