@@ -17,7 +17,8 @@ from revival.bench.models import build_runner, count_parameters, forward_last, t
 TOP_KEYS = {"study", "schema_version", "created", "device", "versions", "config", "models", "points", "wall_seconds",
             "plot"}
 FIGURES = {
-    "train": {"tokens", "micro_batches", "step_seconds", "tokens_per_s", "flops_per_token", "mfu", "peak_memory_bytes", "loss"},
+    "train": {"tokens", "micro_batches", "step_seconds", "tokens_per_s", "flops_per_token", "mfu", "peak_memory_bytes",
+              "loss"},
     "prefill": {"ttft_seconds", "tokens_per_s", "peak_memory_bytes"},
     "decode": {"tokens_per_s", "step_seconds", "decode_tokens", "prefill_seconds", "peak_memory_bytes",
                "state_bytes_after_prefill", "cuda_graph", "cuda_graph_error"},

@@ -68,6 +68,13 @@ def test_forward_backward_match_float64_reference(B, H, T, Dk, Dv, chunk, dtype,
     assert max(errors.values()) < tol, errors
 
 
+def test_kernel_chunk_size_fits_large_head_dims():
+    from revival.ops.mlstm.triton import kernel_chunk_size
+
+    assert [kernel_chunk_size(64, dk) for dk in (64, 128, 256, 384, 512, 1024)] == [64, 64, 64, 32, 32, 16]
+    assert [kernel_chunk_size(c, 128) for c in (8, 16, 128, 256)] == [16, 16, 128, 128]
+
+
 @pytest.mark.parametrize("mode", ["fast", "precise"])
 def test_bfloat16_precision_modes(mode, monkeypatch):
     from revival.ops.mlstm.triton import forward

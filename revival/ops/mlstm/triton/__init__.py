@@ -21,6 +21,15 @@ except ImportError:  # pragma: no cover - depends on the environment
 __all__ = ["available", "mlstm_triton", "mlstm_step_triton"]
 
 _MAX_CHUNK = 128
+# chunk_size x (Dk rounded up to a power of two) bounds the intra-chunk (L, Dk) tiles the kernels hold; above this
+# they exceed an H100's 227 KB of shared memory (measured: Dk = 384 failed at L = 64 and 128, ran at L = 32)
+_MAX_CHUNK_TIMES_DK = 16384
+
+
+def kernel_chunk_size(chunk_size: int, Dk: int) -> int:
+    """The chunk the kernels use for a requested `chunk_size` and head dim Dk (results agree to rounding)."""
+    dk_padded = 1 << max(Dk - 1, 1).bit_length()
+    return max(16, min(chunk_size, _MAX_CHUNK, _MAX_CHUNK_TIMES_DK // dk_padded))
 
 
 def available() -> bool:
@@ -70,7 +79,8 @@ def mlstm_triton(q, k, v, i, f, state, *, chunk_size: int = 64, eps: float = 1e-
     """Chunkwise mLSTM. q, k: (B, H, T, Dk); v: (B, H, T, Dv); i, f: (B, H, T); state (C, n, m) float32.
 
     Returns h (B, H, T, Dv) in q's dtype and the final state (float32). Differentiable in all inputs and the initial
-    state. `chunk_size` above 128 is capped at 128 (the intra-chunk tile); results do not depend on it beyond rounding.
+    state. `chunk_size` is capped at 128 and at 16384 / Dk (rounded up to a power of two), so the intra-chunk tiles fit
+    on chip (`kernel_chunk_size`); results do not depend on it beyond rounding.
     """
     if not _HAVE_TRITON:
         raise RuntimeError("impl='triton' needs the `triton` package (pip install 'revival[gpu]')")
@@ -80,7 +90,7 @@ def mlstm_triton(q, k, v, i, f, state, *, chunk_size: int = 64, eps: float = 1e-
     k, v = k.to(dtype), v.to(dtype)
     i, f = i.float(), f.float()  # gates stay float32 (their cumulative sums need it)
     C0, n0, m0 = (s.float() for s in state)
-    L = max(16, min(chunk_size, _MAX_CHUNK))
+    L = kernel_chunk_size(chunk_size, q.shape[-1])
     h, C, n, m = _MLSTMChunkwise.apply(q, k, v, i, f, C0, n0, m0, L, eps)
     return h, (C, n, m)
 
