@@ -68,6 +68,20 @@ def test_forward_backward_match_float64_reference(B, H, T, Dk, Dv, chunk, dtype,
     assert max(errors.values()) < tol, errors
 
 
+def test_recomputed_chunk_states_give_the_same_gradients(monkeypatch):
+    """When the forward does not keep the chunk states (large heads), the backward recomputes them: same results."""
+    from revival.ops.mlstm import triton as mlstm_triton_module
+
+    assert mlstm_triton_module.keep_chunk_states(128, 128, 64, 4, 2)  # the common case keeps them
+    assert not mlstm_triton_module.keep_chunk_states(384, 384, 32, 4, 2)
+    inputs, weights = _inputs(1, 2, 37, 16, 32, torch.float32, seed=3)
+    kept = _run(inputs, weights, "triton", 16, DEVICE)
+    monkeypatch.setattr(mlstm_triton_module, "KEEP_STATES_MAX_RATIO", 0.0)
+    recomputed = _run(inputs, weights, "triton", 16, DEVICE)
+    for name, a, b in zip(NAMES, recomputed, kept):
+        assert torch.equal(a, b), name
+
+
 def test_kernel_chunk_size_fits_large_head_dims():
     from revival.ops.mlstm.triton import kernel_chunk_size
 

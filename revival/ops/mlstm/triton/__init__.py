@@ -24,6 +24,15 @@ _MAX_CHUNK = 128
 # chunk_size x (Dk rounded up to a power of two) bounds the intra-chunk (L, Dk) tiles the kernels hold; above this
 # they exceed an H100's 227 KB of shared memory (measured: Dk = 384 failed at L = 64 and 128, ran at L = 32)
 _MAX_CHUNK_TIMES_DK = 16384
+# The forward keeps the chunk states for the backward while they take at most this many times the bytes of the
+# token inputs (q, k, v); beyond, the backward recomputes them (one more run of the states kernel) so that deep
+# stacks with large heads fit: at Dk = Dv = 384, chunk 32, they would take 18 KB per token-head, 8x q, k and v.
+KEEP_STATES_MAX_RATIO = 4.0
+
+
+def keep_chunk_states(Dk: int, Dv: int, chunk_size: int, state_bytes: int, input_bytes: int) -> bool:
+    """Whether the forward keeps the per-chunk states (else the backward recomputes them)."""
+    return Dk * Dv * state_bytes / chunk_size <= KEEP_STATES_MAX_RATIO * (2 * Dk + Dv) * input_bytes
 
 
 def kernel_chunk_size(chunk_size: int, Dk: int) -> int:
@@ -49,9 +58,13 @@ class _MLSTMChunkwise(torch.autograd.Function):
         gates = [x.reshape(B * H, T).contiguous() for x in (i, f)]
         state0 = (C0.reshape(B * H, Dk, Dv).contiguous(), n0.reshape(B * H, Dk).contiguous(),
                   m0.reshape(B * H).contiguous())
-        keep = any(ctx.needs_input_grad[:8])
+        grad = any(ctx.needs_input_grad[:8])
+        from .forward import PRESETS, PRECISION_MODE
+
+        state_bytes = 4 if q.dtype == torch.float32 or PRESETS[PRECISION_MODE][1] else q.element_size()
+        keep = grad and keep_chunk_states(Dk, Dv, chunk_size, state_bytes, q.element_size())
         h, final, saved = mlstm_forward(*flat, *gates, *state0, chunk_size, eps, keep)
-        if keep:
+        if grad:
             ctx.save_for_backward(*flat, *gates, h, *state0, *final, *saved)
             ctx.chunk_size, ctx.eps, ctx.shape = chunk_size, eps, (B, H, T, Dk, Dv)
         C_T, n_T, m_T = final
@@ -63,6 +76,10 @@ class _MLSTMChunkwise(torch.autograd.Function):
 
         B, H, T, Dk, Dv = ctx.shape
         q, k, v, i, f, h, C0, n0, m0, C_T, n_T, m_T, *saved = ctx.saved_tensors
+        if saved[0] is None:  # the forward did not keep the chunk states: recompute them (same kernel, same values)
+            from .forward import chunk_states
+
+            saved[:3] = chunk_states(k, v, i, f, C0, n0, m0, ctx.chunk_size)[:3]
         BH = B * H
         dh = torch.zeros_like(h) if dh is None else dh.reshape(BH, T, Dv).to(h.dtype)
         dC_T = torch.zeros_like(C_T) if dC_T is None else dC_T.reshape(BH, Dk, Dv).float().contiguous()

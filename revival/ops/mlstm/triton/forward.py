@@ -272,28 +272,25 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def mlstm_forward(q, k, v, i, f, C0, n0, m0, chunk_size: int, eps: float, keep_states: bool):
-    """q, k: (BH, T, Dk); v: (BH, T, Dv); i, f: (BH, T); C0 (BH, Dk, Dv), n0 (BH, Dk), m0 (BH) float32.
-
-    Returns h (BH, T, Dv), the final state (C, n, m) and, for the backward, the chunk states (Cs (BH, NC, Dk, Dv) in
-    the input dtype, ns (BH, NC, Dk), ms (BH, NC + 1)) and per-token m and denominator (BH, T).
-    """
-    BH, T, Dk = q.shape
+def chunk_states(k, v, i, f, C0, n0, m0, chunk_size: int):
+    """The state entering every chunk: Cs (BH, NC, Dk, Dv) (float32, or k's dtype in the "fast" mode), ns (BH, NC, Dk),
+    ms (BH, NC + 1) (ms[:, NC] is the final m), and the final C (BH, Dk, Dv), n (BH, Dk) in float32. The backward
+    calls it again when the forward did not keep the chunk states (deterministic: the same values)."""
+    BH, T, Dk = k.shape
     Dv = v.shape[-1]
     cfg = forward_config(Dk, Dv, chunk_size)
     L = cfg["L"]
     NC = triton.cdiv(T, L)
-    dev = q.device
-    state_dtype = torch.float32 if _state_fp32(q.dtype) else q.dtype
+    dev = k.device
+    state_dtype = torch.float32 if _state_fp32(k.dtype) else k.dtype
     cs = torch.empty(BH, NC, Dk, Dv, device=dev, dtype=state_dtype)
     ns = torch.empty(BH, NC, Dk, device=dev, dtype=torch.float32)
     ms = torch.empty(BH, NC + 1, device=dev, dtype=torch.float32)
     C_out = torch.empty(BH, Dk, Dv, device=dev, dtype=torch.float32)
     n_out = torch.empty(BH, Dk, device=dev, dtype=torch.float32)
-    prec = _precision(q.dtype)
-    splits = _split_mask(q.dtype)
-    flags = dict(PRECISION=prec, UPCAST=_upcast(q.dtype), MIX=_mix(q.dtype), SPLITS=splits)
-    shape_class = (Dk, Dv, L, q.dtype, splits, state_dtype)
+    splits = _split_mask(k.dtype)
+    flags = dict(PRECISION=_precision(k.dtype), UPCAST=_upcast(k.dtype), MIX=_mix(k.dtype), SPLITS=splits)
+    shape_class = (Dk, Dv, L, k.dtype, splits, state_dtype)
 
     def states(BV):
         NK, NV = triton.cdiv(Dk, cfg["BK"]), triton.cdiv(Dv, BV)
@@ -303,6 +300,25 @@ def mlstm_forward(q, k, v, i, f, C0, n0, m0, chunk_size: int, eps: float, keep_s
         )
 
     launch_with_fallback(("states", *shape_class), _halvings(cfg["BV"]), states)
+    return cs, ns, ms, C_out, n_out
+
+
+def mlstm_forward(q, k, v, i, f, C0, n0, m0, chunk_size: int, eps: float, keep_states: bool):
+    """q, k: (BH, T, Dk); v: (BH, T, Dv); i, f: (BH, T); C0 (BH, Dk, Dv), n0 (BH, Dk), m0 (BH) float32.
+
+    Returns h (BH, T, Dv), the final state (C, n, m) and, for the backward, the chunk states (`chunk_states`; None
+    each unless keep_states) and per-token m and denominator (BH, T).
+    """
+    BH, T, Dk = q.shape
+    Dv = v.shape[-1]
+    cfg = forward_config(Dk, Dv, chunk_size)
+    L = cfg["L"]
+    NC = triton.cdiv(T, L)
+    dev = q.device
+    cs, ns, ms, C_out, n_out = chunk_states(k, v, i, f, C0, n0, m0, chunk_size)
+    splits = _split_mask(q.dtype)
+    flags = dict(PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), MIX=_mix(q.dtype), SPLITS=splits)
+    shape_class = (Dk, Dv, L, q.dtype, splits, cs.dtype)
     h = torch.empty(BH, T, Dv, device=dev, dtype=q.dtype)
     m_query = torch.empty(BH, T, device=dev, dtype=torch.float32)
     den = torch.empty(BH, T, device=dev, dtype=torch.float32)
@@ -316,5 +332,5 @@ def mlstm_forward(q, k, v, i, f, C0, n0, m0, chunk_size: int, eps: float, keep_s
 
     launch_with_fallback(("output", *shape_class), _halvings(cfg["BV_OUT"]), output)
     m_final = ms[:, NC].clone()
-    saved = (cs, ns, ms, m_query, den) if keep_states else None
-    return h, (C_out, n_out, m_final), saved
+    saved = (cs, ns, ms) if keep_states else (None, None, None)
+    return h, (C_out, n_out, m_final), (*saved, m_query, den)
