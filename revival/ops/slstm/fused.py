@@ -1,15 +1,21 @@
 """Fast CPU sLSTM: one batched matmul per step for all gates and heads, preallocated buffers, a hand-written backward.
 
-The recurrence cannot be scanned, so each step is made cheap instead. Everything is laid out head-major,
-`(H, B, ., d)`, so that the recurrent term of all four gates of all heads is one `baddbmm`:
+The recurrence cannot be scanned, so each step is made cheap instead. The recurrent term of all four gates of all
+heads is one `bmm`, head-major:
 
-    raw[t] (H, B, 4d) += y[t-1] (H, B, d) @ R_fused (H, d, 4d),   R_fused[h][:, g*d:(g+1)*d] = R[g, h]
+    rec[t] (H, B, 4d) = y[t-1] (H, B, d) @ R_fused (H, d, 4d),   R_fused[h][:, g*d:(g+1)*d] = R[g, h]
 
-The forward writes pre-activations, c, n, m, y, (ibar, fbar), tanh z and sigmoid o of every step into
-preallocated buffers (in place, 13 ops a step). The backward (`_SLSTMFunction.backward`) is a backward-through-time
-loop: every local derivative depends only on saved values, so all of them are computed for all steps at once before
-the loop, and a step is one `baddbmm` (`g_raw[t+1] @ R_fused^T` feeding `g_y[t]`) plus 8 elementwise ops. The weight
-gradient is one `bmm` over all steps after the loop. Same math as `reference.py` (first-step rule, ties pick `i`).
+Everything else is stored gate-major, `(T, 4, H, B, d)` and `(T, H, B, d)`, so that every per-step elementwise op
+reads and writes whole contiguous (H, B, d) blocks: on CPU a small op on a strided slice with 64-element rows costs
+3-5x the same op on a contiguous block. The matmul result is added into the gate-major pre-activations in one
+permuted add per step.
+
+Forward step (14 ops): pre-activations, `ls = logsigmoid(f)` (saved: the backward's sigmoid(-f) is `-expm1(ls)`),
+`logfm = ls + m_{t-1}` (written over f), m, (ibar, fbar) in one subtract and one exp, tanh z, c, n, sigmoid o, y.
+Backward (`_backward_loop`): every local derivative depends only on saved values, so all are computed for all steps at
+once before the loop; a step is one `bmm` over the 4H (gate, head) blocks and a sum over gates (the recurrent
+gradient) and 11 elementwise ops on contiguous blocks. The weight gradient is four `bmm`s over all steps after the
+loop. Same math as `reference.py` (first-step rule, ties pick `i`).
 
 `slstm_fused_autograd` is the same forward without in-place buffers, differentiated by autograd; kept for the
 benchmark comparison (`benchmarks/cpu_slstm.py`) and tested like the rest.
@@ -34,137 +40,138 @@ def _to_head_major(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(0, 1)
 
 
-class _Buffers:
-    """Everything one forward writes, head-major. Index 0 of cn/m/y holds the initial state, index t+1 step t.
+def _log_sigmoid_into(x: torch.Tensor, out: torch.Tensor) -> None:
+    """out = logsigmoid(x) without a temporary (the out= form of the op, where this torch exposes it)."""
+    try:
+        torch._C._nn.log_sigmoid(x, out=out)
+    except (AttributeError, TypeError, RuntimeError):
+        out.copy_(F.logsigmoid(x))
 
-    raw (T, H, B, 4, d): x, then the pre-activations; cn (T+1, H, B, 2, d): (c, n); m, y (T+1, H, B, d);
-    bars (T, H, B, 2, d): (ibar, fbar); tanh_z_one (T, H, B, 2, d): (tanh z, 1); sig_o (T, H, B, d).
+
+class _Buffers:
+    """Everything one forward writes. Index 0 of c/n/m/y holds the initial state, index t+1 step t; (H, B, d) blocks.
+
+    raw (T, 4, H, B, d): x, then the pre-activations (i, logfm, z, o) (f is overwritten by logfm = ls + m_{t-1});
+    ls (T, H, B, d): logsigmoid(f); c, n, m, y (T+1, H, B, d); bars (T, 2, H, B, d): (ibar, fbar);
+    tanh_z, sig_o (T, H, B, d).
     """
 
     def __init__(self, x_gates: torch.Tensor, initial: SLSTMState):
         B, T, G, H, d = x_gates.shape
         kw = dict(dtype=x_gates.dtype, device=x_gates.device)
-        self.raw = torch.empty(T, H, B, G, d, **kw)
-        self.raw.copy_(x_gates.permute(1, 3, 0, 2, 4))
-        self.cn = torch.empty(T + 1, H, B, 2, d, **kw)
-        self.m, self.y = torch.empty(T + 1, H, B, d, **kw), torch.empty(T + 1, H, B, d, **kw)
-        for buffer, value in zip((self.cn[0, :, :, 0], self.cn[0, :, :, 1], self.m[0], self.y[0]), initial):
-            buffer.copy_(_to_head_major(value))
-        self.bars = torch.empty(T, H, B, 2, d, **kw)
-        self.tanh_z_one = torch.ones(T, H, B, 2, d, **kw)
+        self.raw = torch.empty(T, G, H, B, d, **kw)
+        self.raw.copy_(x_gates.permute(1, 2, 3, 0, 4))
+        self.ls = torch.empty(T, H, B, d, **kw)
+        self.c, self.n, self.m, self.y = (torch.empty(T + 1, H, B, d, **kw) for _ in range(4))
+        for buffer, value in zip((self.c, self.n, self.m, self.y), initial):
+            buffer[0].copy_(_to_head_major(value))
+        self.bars = torch.empty(T, 2, H, B, d, **kw)
+        self.tanh_z = torch.empty(T, H, B, d, **kw)
         self.sig_o = torch.empty(T, H, B, d, **kw)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.raw, self.cn, self.m, self.y, self.bars, self.tanh_z_one, self.sig_o
+        return self.raw, self.ls, self.c, self.n, self.m, self.y, self.bars, self.tanh_z, self.sig_o
 
 
 def _forward_loop(buf: _Buffers, R_fused: torch.Tensor) -> None:
     """Run the recurrence in place over `buf` (see `_Buffers`). R_fused: (H, d, 4d)."""
-    raw, cn, m, y = buf.raw, buf.cn, buf.m, buf.y
-    T, H, B, G, d = raw.shape
-    first = cn[0, :, :, 1] == 0
+    raw, c, n, m, y = buf.raw, buf.c, buf.n, buf.m, buf.y
+    T, G, H, B, d = raw.shape
+    recurrent = raw.new_empty(H, B, G * d)
+    recurrent_gate_major = recurrent.view(H, B, G, d).permute(2, 0, 1, 3)  # (4, H, B, d) view
+    first = n[0] == 0
     check_first = bool(first.any())
     per_step = zip(
-        raw.view(T, H, B, G * d).unbind(0), *(g.unbind(0) for g in raw.unbind(3)),
-        cn[1:].unbind(0), cn[1:, :, :, 0].unbind(0), cn[1:, :, :, 1].unbind(0), m[1:].unbind(0), y[1:].unbind(0),
-        buf.bars.unbind(0), buf.bars[:, :, :, 0].unbind(0), buf.bars[:, :, :, 1].unbind(0),
-        buf.bars[:, :, :, 0:1].unbind(0), buf.bars[:, :, :, 1:2].unbind(0),
-        buf.tanh_z_one.unbind(0), buf.tanh_z_one[:, :, :, 0].unbind(0), buf.sig_o.unbind(0),
+        raw.unbind(0), raw[:, 0:2].unbind(0), *(g.unbind(0) for g in raw.unbind(1)), buf.ls.unbind(0),
+        c[1:].unbind(0), n[1:].unbind(0), m[1:].unbind(0), y[1:].unbind(0),
+        buf.bars.unbind(0), buf.bars[:, 0].unbind(0), buf.bars[:, 1].unbind(0), buf.tanh_z.unbind(0),
+        buf.sig_o.unbind(0),
     )  # fmt: skip
-    cn_prev, m_prev, y_prev = cn[0], m[0], y[0]
+    c_prev, n_prev, m_prev, y_prev = c[0], n[0], m[0], y[0]
     for t, step in enumerate(per_step):
-        raw_t, i, f, z, o, cn_new, c_new, n_new, m_new, y_new = step[:10]
-        bars, i_bar, f_bar, i_bar_col, f_bar_col, tanh_z_one, tanh_z, sig_o = step[10:]
-        raw_t.baddbmm_(y_prev, R_fused)
-        torch.add(F.logsigmoid(f), m_prev, out=f_bar)  # logfm = log fbar before the stabilizer
-        torch.maximum(i, f_bar, out=m_new)
+        raw_t, i_logfm, i, f, z, o, ls, c_new, n_new, m_new, y_new = step[:11]
+        bars, i_bar, f_bar, tanh_z, sig_o = step[11:]
+        torch.bmm(y_prev, R_fused, out=recurrent)
+        raw_t.add_(recurrent_gate_major)
+        _log_sigmoid_into(f, ls)
+        torch.add(ls, m_prev, out=f)  # f's slot now holds logfm
+        torch.maximum(i, f, out=m_new)
         if t == 0 and check_first:
             m_new.copy_(torch.where(first, i, m_new))
-            f_bar.masked_fill_(first, float("-inf"))
-        torch.sub(i, m_new, out=i_bar)
-        f_bar.sub_(m_new)
+        torch.sub(i_logfm, m_new, out=bars)  # (i - m, logfm - m)
         bars.exp_()
+        if t == 0 and check_first:
+            f_bar.masked_fill_(first, 0.0)  # the memory is empty: fbar = 0 (exp may have overflowed there)
         torch.tanh(z, out=tanh_z)
-        torch.mul(f_bar_col, cn_prev, out=cn_new).addcmul_(i_bar_col, tanh_z_one)
+        torch.mul(f_bar, c_prev, out=c_new).addcmul_(i_bar, tanh_z)
+        torch.addcmul(i_bar, f_bar, n_prev, out=n_new)
         torch.mul(torch.sigmoid(o, out=sig_o), c_new, out=y_new).div_(n_new)
-        cn_prev, m_prev, y_prev = cn_new, m_new, y_new
+        c_prev, n_prev, m_prev, y_prev = c_new, n_new, m_new, y_new
 
 
-def _backward_coefficients(raw, cn, m, bars, tanh_z_one, sig_o):
-    """Per-step local derivatives, for all steps at once (T, H, B, ...).
+def _backward_coefficients(raw, ls, c, n, m, y, bars, tanh_z, sig_o):
+    """Per-step local derivatives, for all steps at once, each (T, H, B, d).
 
-    With g = dL/d(c_t, n_t) (total) and g_m = dL/dm_t from later uses of m_t:
-        dL/do      = g_y * dy_do
-        dL/dz      = g_c * dc_dz
-        (dL/di, dL/dlogfm) = sum_{c,n} g * k_signed + g_m * picked
-    where, with (A, B) = d(c, n)/d(ibar) * ibar and (C, D) = d(c, n)/d(fbar) * fbar and s = [m_t == i]:
-        k = (A, B) - s * ((A, B) + (C, D)),  k_signed = (k, -k)
-    (the stabilizer enters through ibar = exp(i - m), fbar = exp(logfm - m): dL/dm_t = g_m - via_i - via_f,
-    routed to i when s else to logfm).
+    With g_c, g_n = dL/dc_t, dL/dn_t (total) and g_m = dL/dm_t from later uses of m_t:
+        dL/do = g_y * dy_do,  dL/dz = g_c * dc_dz,
+        dL/di = g_c * k_c + g_n * k_n + g_m * s,  dL/dlogfm = g_m - dL/di,  dL/df = dL/dlogfm * sigmoid(-f)
+    where s = [m_t == i] (the stabilizer took i) and (k_c, k_n) = (-fbar c_{t-1}, -fbar n_{t-1}) if s else
+    (ibar tanh z, ibar): the stabilizer enters through ibar = exp(i - m), fbar = exp(logfm - m), and dL/dm_t is
+    routed to i when s, else to logfm. The selections are exact blends a * s + b * (1 - s) with s in {0, 1} (all
+    terms are finite), several times faster on CPU than `torch.where`.
     """
-    T, H, B, _, d = raw.shape
-    i, f = raw[:, :, :, 0], raw[:, :, :, 1]
-    c, n = cn[1:, :, :, 0], cn[1:, :, :, 1]
-    i_bar, f_bar = bars[:, :, :, 0], bars[:, :, :, 1]
-    tanh_z = tanh_z_one[:, :, :, 0]
-    new = dict(dtype=raw.dtype, device=raw.device)
-    picked = torch.empty(T, H, B, 2, d, **new)
-    picked_i = torch.eq(i, m[1:], out=picked[:, :, :, 0])  # m = i (first step, or i >= logfm)
-    torch.sub(1, picked_i, out=picked[:, :, :, 1])
-    c_over_n = c / n
-    dy_dcn = torch.empty(T, H, B, 2, d, **new)
-    o_over_n = torch.div(sig_o, n, out=dy_dcn[:, :, :, 0])
-    torch.mul(o_over_n, c_over_n, out=dy_dcn[:, :, :, 1]).neg_()
-    dy_do = c_over_n.mul_(sig_o).mul_(1 - sig_o)
+    i = raw[:, 0]
+    i_bar, f_bar = bars[:, 0], bars[:, 1]
+    n_new, y_new = n[1:], y[1:]
+    s = torch.eq(i, m[1:], out=torch.empty_like(i))  # 1.0 where m = i (first step, or i >= logfm)
+    not_s = torch.sub(1, s)
+    dy_dc = sig_o / n_new
+    dy_dn = torch.div(y_new, n_new).neg_()
+    dy_do = torch.sub(1, sig_o).mul_(y_new)
     dc_dz = torch.mul(tanh_z, tanh_z).neg_().add_(1).mul_(i_bar)
-    via_i = bars[:, :, :, 0:1] * tanh_z_one  # (A, B)
-    via_f = bars[:, :, :, 1:2] * cn[:-1]  # (C, D)
-    k_signed = torch.empty(T, H, B, 2, 2, d, **new)  # (T, H, B, 2 [i, logfm], 2 [c, n], d)
-    k = torch.add(via_i, via_f, out=k_signed[:, :, :, 0]).mul_(picked_i.unsqueeze(3)).neg_().add_(via_i)
-    torch.neg(k, out=k_signed[:, :, :, 1])
-    scale = torch.empty(T, H, B, 2, d, **new)  # (1, dlogfm/df = sigmoid(-f))
-    scale[:, :, :, 0] = 1
-    torch.neg(f, out=scale[:, :, :, 1]).sigmoid_()
-    return dy_dcn, dy_do, dc_dz, k_signed, picked, scale, f_bar.unsqueeze(3)
+    k_c = torch.mul(i_bar, tanh_z).mul_(not_s).addcmul_(torch.mul(f_bar, c[:-1]), s, value=-1)
+    k_n = torch.mul(i_bar, not_s).addcmul_(torch.mul(f_bar, n[:-1]), s, value=-1)
+    sig_neg_f = torch.expm1(ls).neg_()  # sigmoid(-f) = 1 - exp(logsigmoid(f)), exact where it is tiny
+    return dy_dc, dy_dn, dy_do, dc_dz, k_c, k_n, s, sig_neg_f, f_bar
 
 
-def _backward_loop(saved, R_fused, grad_y, grad_cn, grad_m):
-    """Backward through time. grad_y: (T, H, B, d), the final-state y gradient already added to step T-1;
-    grad_cn (H, B, 2, d), grad_m (H, B, d): gradients of the final state. Returns g_raw (T, H, B, 4, d) and the
-    initial-state gradients g_cn0 (H, B, 2, d), g_m0 (H, B, d), g_y0 (H, B, d)."""
-    raw, cn, m, _, bars, tanh_z_one, sig_o = saved
-    T, H, B, G, d = raw.shape
+def _backward_loop(saved, R_gates_t, grad_y, grad_c, grad_n, grad_m):
+    """Backward through time. R_gates_t: (4H, d, d), R[g, h]^T. grad_y: (T, H, B, d), the final-state y gradient
+    already added to step T-1; grad_c, grad_n, grad_m (H, B, d): gradients of the final state. Returns the gate
+    gradients (T, 4, H, B, d) and the initial-state gradients (g_c0, g_n0, g_m0, g_y0).
+
+    The recurrent gradient dL/dy_{t-1} = grad_y[t-1] + sum_g g_raw[t, g] @ R[g]^T is one bmm over the 4H (gate, head)
+    blocks of the gate-major gradients plus a sum over gates, so no per-step layout change is needed.
+    """
+    raw = saved[0]
+    T, G, H, B, d = raw.shape
     kw = dict(dtype=raw.dtype, device=raw.device)
-    dy_dcn, dy_do, dc_dz, k_signed, picked, scale, f_bar_col = _backward_coefficients(
-        raw, cn, m, bars, tanh_z_one, sig_o
-    )
-    g_raw = torch.empty_like(raw)
-    g_raw_flat = g_raw.view(T, H, B, G * d)
-    R_fused_t = R_fused.transpose(1, 2)
-    g_cn = grad_cn.clone(memory_format=torch.contiguous_format)  # running dL/d(c, n)
-    g_c, g_cn_row = g_cn[:, :, 0], g_cn.unsqueeze(2)
+    dy_dc, dy_dn, dy_do, dc_dz, k_c, k_n, s, sig_neg_f, f_bar = _backward_coefficients(*saved)
+    g_raw = torch.empty(T, G, H, B, d, **kw)
+    per_gate = torch.empty(G, H, B, d, **kw)  # g_raw[t + 1, g] @ R[g]^T
+    g_c = grad_c.clone(memory_format=torch.contiguous_format)  # running dL/dc, dL/dn
+    g_n = grad_n.clone(memory_format=torch.contiguous_format)
     g_y = torch.empty(H, B, d, **kw)
-    g_y_col = g_y.unsqueeze(2)
-    products = torch.empty(H, B, 2, 2, d, **kw)
-    products_c, products_n = products[:, :, :, 0], products[:, :, :, 1]
-    g_i_logfm = torch.empty(2, H, B, 2, d, **kw)  # double buffer: step t's dL/dlogfm is dL/dm_{t-1} at step t-1
-    g_m_col = grad_m.unsqueeze(2)
+    g_m, g_logfm = grad_m.clone(memory_format=torch.contiguous_format), torch.empty(H, B, d, **kw)
     for t in range(T - 1, -1, -1):
+        g_i, g_f, g_z, g_o = g_raw[t].unbind(0)
         if t == T - 1:
             g_y.copy_(grad_y[t])
         else:
-            torch.baddbmm(grad_y[t], g_raw_flat[t + 1], R_fused_t, out=g_y)
-        g_cn.addcmul_(g_y_col, dy_dcn[t])  # total dL/d(c_t, n_t)
-        torch.mul(g_y, dy_do[t], out=g_raw[t, :, :, 3])
-        torch.mul(g_c, dc_dz[t], out=g_raw[t, :, :, 2])
-        g_il = g_i_logfm[t % 2]
-        torch.mul(g_cn_row, k_signed[t], out=products)
-        torch.add(products_c, products_n, out=g_il).addcmul_(g_m_col, picked[t])  # (dL/di, dL/dlogfm)
-        torch.mul(g_il, scale[t], out=g_raw[t, :, :, 0:2])
-        g_cn.mul_(f_bar_col[t])  # dL/d(c, n)_{t-1}
-        g_m_col = g_il[:, :, 1:2]  # dL/dm_{t-1} = dL/dlogfm
-    g_y0 = torch.bmm(g_raw_flat[0], R_fused_t)
-    return g_raw, (g_cn, g_m_col.squeeze(2), g_y0)
+            torch.bmm(g_raw[t + 1].view(G * H, B, d), R_gates_t, out=per_gate.view(G * H, B, d))
+            torch.sum(per_gate, dim=0, out=g_y).add_(grad_y[t])
+        g_c.addcmul_(g_y, dy_dc[t])  # total dL/dc_t, dL/dn_t
+        g_n.addcmul_(g_y, dy_dn[t])
+        torch.mul(g_y, dy_do[t], out=g_o)
+        torch.mul(g_c, dc_dz[t], out=g_z)
+        torch.mul(g_c, k_c[t], out=g_i).addcmul_(g_n, k_n[t]).addcmul_(g_m, s[t])
+        torch.sub(g_m, g_i, out=g_logfm)
+        torch.mul(g_logfm, sig_neg_f[t], out=g_f)
+        g_c.mul_(f_bar[t])  # dL/dc_{t-1}, dL/dn_{t-1}
+        g_n.mul_(f_bar[t])
+        g_m, g_logfm = g_logfm, g_m  # dL/dm_{t-1} = dL/dlogfm_t
+    torch.bmm(g_raw[0].view(G * H, B, d), R_gates_t, out=per_gate.view(G * H, B, d))
+    return g_raw, (g_c, g_n, g_m, per_gate.sum(dim=0))
 
 
 class _SLSTMFunction(torch.autograd.Function):
@@ -175,32 +182,33 @@ class _SLSTMFunction(torch.autograd.Function):
     def forward(ctx, x_gates, recurrent_weight, c0, n0, m0, y0):
         T = x_gates.shape[1]
         buf = _Buffers(x_gates, (c0, n0, m0, y0))
-        R_fused = _fuse_weight(recurrent_weight)
-        _forward_loop(buf, R_fused)
-        ctx.save_for_backward(R_fused, *buf.tensors())
+        _forward_loop(buf, _fuse_weight(recurrent_weight))
+        ctx.save_for_backward(recurrent_weight, *buf.tensors())
         y = buf.y[1:].permute(2, 0, 1, 3).contiguous()
-        final = [buf.cn[T, :, :, 0], buf.cn[T, :, :, 1], buf.m[T], buf.y[T]]
+        final = [buf.c[T], buf.n[T], buf.m[T], buf.y[T]]
         return (y, *(_to_head_major(s).contiguous() for s in final))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_c, grad_n, grad_m, grad_y_last):
-        R_fused, *saved = ctx.saved_tensors
-        raw, y_all = saved[0], saved[3]
-        T, H, B, G, d = raw.shape
+        recurrent_weight, *saved = ctx.saved_tensors
+        raw, y_all = saved[0], saved[5]
+        T, G, H, B, d = raw.shape
         grad_y = grad_y.permute(1, 2, 0, 3).clone(memory_format=torch.contiguous_format)  # (T, H, B, d), owned
         grad_y[T - 1].add_(_to_head_major(grad_y_last))
-        grad_cn = torch.stack([_to_head_major(grad_c), _to_head_major(grad_n)], dim=2)
-        g_raw, (g_cn, g_m, g_y0) = _backward_loop(saved, R_fused, grad_y, grad_cn, _to_head_major(grad_m))
+        finals = (_to_head_major(g) for g in (grad_c, grad_n, grad_m))
+        R_gates_t = recurrent_weight.reshape(G * H, d, d).transpose(1, 2)
+        g_raw, g_states = _backward_loop(saved, R_gates_t, grad_y, *finals)
         g_x = g_r = None
         if ctx.needs_input_grad[0]:
-            g_x = g_raw.permute(2, 0, 3, 1, 4)  # (B, T, 4, H, d)
-        if ctx.needs_input_grad[1]:
+            g_x = g_raw.permute(3, 0, 1, 2, 4)  # (B, T, 4, H, d)
+        if ctx.needs_input_grad[1]:  # dL/dR[g, h] = sum over steps and batch of y_{t-1}[h]^T g_raw[t, g, h]
             y_prev = y_all[:T].permute(1, 3, 0, 2).reshape(H, d, T * B)
-            g_fused = torch.bmm(y_prev, g_raw.transpose(0, 1).reshape(H, T * B, G * d))  # (H, d, 4d)
-            g_r = g_fused.view(H, d, G, d).permute(2, 0, 1, 3)
-        g_states = [_to_head_major(g) for g in (g_cn[:, :, 0], g_cn[:, :, 1], g_m, g_y0)]
-        return (g_x, g_r, *g_states)
+            g_gates = g_raw.permute(1, 2, 0, 3, 4).reshape(G, H, T * B, d)
+            g_r = torch.empty_like(recurrent_weight)
+            for g in range(G):
+                torch.bmm(y_prev, g_gates[g], out=g_r[g])
+        return (g_x, g_r, *(_to_head_major(g) for g in g_states))
 
 
 def slstm_fused(x_gates: torch.Tensor, recurrent_weight: torch.Tensor, state: SLSTMState):
