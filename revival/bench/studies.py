@@ -104,17 +104,18 @@ def run_study(name: str, presets: list[str], contexts: list[int], device: str | 
                 result["models"][model_name] = model_record(runner)
             measure = {"train": _train_point, "prefill": _prefill_point, "decode": _decode_point}[name]
             point.update(measure(runner, context, batch, device, dtype, settings, cuda_graphs))
-        except torch.OutOfMemoryError as error:
-            point.update(status="oom", error=str(error).splitlines()[0][:300])
         except Exception as error:  # noqa: BLE001 - recorded per point; the study goes on
-            point.update(status="error", error=f"{type(error).__name__}: {str(error)[:300]}")
+            if is_out_of_memory(error):
+                point.update(status="oom", error=str(error).splitlines()[0][:300])
+            else:
+                point.update(status="error", error=f"{type(error).__name__}: {str(error)[:300]}")
         try:
             _free(device)
         except Exception as error:  # noqa: BLE001 - e.g. an illegal memory access reported late
             context_lost = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
             point["error"] = (point["error"] or "") + f" [then: {context_lost}]"
             point["status"] = "error"
-        if point["error"] and "CUDA error" in point["error"]:
+        if point["status"] == "error" and "CUDA error" in point["error"]:
             context_lost = context_lost or point["error"][:200]
         result["points"].append(point)
     try:
@@ -135,6 +136,11 @@ def run_study(name: str, presets: list[str], contexts: list[int], device: str | 
 
 
 # ------------------------------------------------------------------------------------------------ one point each
+def is_out_of_memory(error: BaseException) -> bool:
+    """Out of device memory, also where cuBLAS reports it (a handle or workspace it could not allocate)."""
+    return isinstance(error, torch.OutOfMemoryError) or "CUBLAS_STATUS_ALLOC_FAILED" in str(error)
+
+
 def _train_point(runner, context, batch, device, dtype, settings, cuda_graphs) -> dict[str, Any]:
     """One optimizer step on tokens_per_step tokens. If the whole batch does not fit, the step is taken as gradient
     accumulation over 2, 4, ... micro-batches (same tokens per step; `micro_batches` records how many)."""
@@ -147,8 +153,8 @@ def _train_point(runner, context, batch, device, dtype, settings, cuda_graphs) -
         while True:
             try:
                 return _train_measure(runner, model, optimizer, ids, micro_batches, context, device, dtype, settings)
-            except torch.OutOfMemoryError:
-                if micro_batches * 2 > batch:
+            except (torch.OutOfMemoryError, RuntimeError) as error:
+                if not is_out_of_memory(error) or micro_batches * 2 > batch:
                     raise
                 micro_batches *= 2
                 model.zero_grad(set_to_none=True)

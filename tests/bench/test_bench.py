@@ -63,8 +63,10 @@ def test_train_study_falls_back_to_micro_batches(tmp_path, monkeypatch):
 
     def loss_with_memory_limit(self, ids):
         seen.append(ids.shape[0])
-        if ids.shape[0] > 1:
+        if ids.shape[0] > 2:
             raise torch.OutOfMemoryError("pretend: CUDA out of memory")
+        if ids.shape[0] > 1:  # cuBLAS reports running out of memory as a RuntimeError
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
         return original(self, ids)
 
     monkeypatch.setattr(bench_models.Runner, "loss", loss_with_memory_limit)

@@ -14,8 +14,7 @@ Design:
   slices, so on-chip memory stays O(BLOCK_K x D) for any head dim. One step's store and the next step's loads of
   that buffer are ordered by a CTA barrier.
 - Precision: float32 inputs use float32-accurate products ("tf32x3": three TF32 products of split operands, exact
-  "ieee" under the interpreter); in the backward, bfloat16 runs multiply the gate gradients as hi + lo bfloat16
-  parts (measured: dL/dx error 1.06e-2 -> see NOTES.md at 8 heads x 64, T = 2048); bfloat16 inputs use
+  "ieee" under the interpreter); bfloat16 inputs use
   bfloat16 products of y_{t-1} and R with float32 accumulation (R rounded to bfloat16 once). States, gate math and
   everything saved for the backward are float32.
 - Forward saves the pre-activations (B, T, 4, H, d) and the states c, n, m (B, T+1, 3, H, d) and y (B, T+1, H, d)
@@ -67,16 +66,12 @@ if _HAVE_TRITON:
         return tl.load(base + rows * d + cols, mask=mask, other=0.0)
 
     @triton.jit
-    def _matmul(a, w, DOT_BF16: tl.constexpr, SPLIT: tl.constexpr = False):
+    def _matmul(a, w, DOT_BF16: tl.constexpr):
         """a (BLOCK_B, D) float32 @ w (D, D) -> float32. Float32 products: three TF32 tensor-core products with
         split operands on the GPU ("tf32x3", float32-level accuracy, ~10x faster than CUDA-core "ieee" products
         here); exact float32 under the interpreter, which has no tf32x3."""
-        if DOT_BF16:  # SPLIT: a as hi + lo bfloat16 parts (two products), ~16 bits of a instead of 8
-            a_hi = a.to(tl.bfloat16)
-            out = tl.dot(a_hi, w.to(tl.bfloat16))
-            if SPLIT:
-                out += tl.dot((a - a_hi.to(tl.float32)).to(tl.bfloat16), w.to(tl.bfloat16))
-            return out
+        if DOT_BF16:
+            return tl.dot(a.to(tl.bfloat16), w.to(tl.bfloat16))
         return tl.dot(a, w.to(tl.float32), input_precision=_FP32_PRODUCTS)
 
     @triton.jit
@@ -89,8 +84,7 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _streamed_matmul(a_ptr, a_stride, r_ptr, g, h, H, d, rows, B,
-                         D: tl.constexpr, BLOCK_K: tl.constexpr, TRANSPOSE: tl.constexpr, DOT_BF16: tl.constexpr,
-                         SPLIT: tl.constexpr = False):
+                         D: tl.constexpr, BLOCK_K: tl.constexpr, TRANSPOSE: tl.constexpr, DOT_BF16: tl.constexpr):
         """sum_k a[:, k] R[g, h][k, :] (TRANSPOSE: R[g, h][:, k]) with a (BLOCK_B, d) float32 read from global memory
         at a_ptr (rows of stride a_stride, d contiguous columns) and R read in (BLOCK_K, D) slices."""
         acc = tl.zeros((rows.shape[0], D), dtype=tl.float32)
@@ -104,7 +98,7 @@ if _HAVE_TRITON:
                 w = tl.load(base + cols * d + ks[:, None], mask=w_mask, other=0.0)
             else:
                 w = tl.load(base + ks[:, None] * d + cols, mask=w_mask, other=0.0)
-            acc += _matmul(a, w, DOT_BF16, SPLIT)
+            acc += _matmul(a, w, DOT_BF16)
         return acc
 
     @triton.jit
@@ -273,20 +267,19 @@ if _HAVE_TRITON:
             g_n = tl.where(mask, g_n * f_bar, 0.0)
             if RESIDENT:
                 g_y_rec = (
-                    _matmul(g_i, wt_i, DOT_BF16, True) + _matmul(g_f, wt_f, DOT_BF16, True)
-                    + _matmul(g_z, wt_z, DOT_BF16, True) + _matmul(g_o, wt_o, DOT_BF16, True)
+                    _matmul(g_i, wt_i, DOT_BF16) + _matmul(g_f, wt_f, DOT_BF16)
+                    + _matmul(g_z, wt_z, DOT_BF16) + _matmul(g_o, wt_o, DOT_BF16)
                 )  # fmt: skip
             else:  # the gate gradients just stored, read back in column slices
                 tl.debug_barrier()
                 g_t = graw_ptr + t * (4 * Hd) + h * d
                 g_y_rec = (
-                    _streamed_matmul(g_t, graw_stride, r_ptr, 0, h, H, d, rows, B, D, BLOCK_K, True, DOT_BF16, True)
-                    + _streamed_matmul(g_t + Hd, graw_stride, r_ptr, 1, h, H, d, rows, B, D, BLOCK_K, True, DOT_BF16,
-                                       True)
+                    _streamed_matmul(g_t, graw_stride, r_ptr, 0, h, H, d, rows, B, D, BLOCK_K, True, DOT_BF16)
+                    + _streamed_matmul(g_t + Hd, graw_stride, r_ptr, 1, h, H, d, rows, B, D, BLOCK_K, True, DOT_BF16)
                     + _streamed_matmul(g_t + 2 * Hd, graw_stride, r_ptr, 2, h, H, d, rows, B, D, BLOCK_K, True,
-                                       DOT_BF16, True)
+                                       DOT_BF16)
                     + _streamed_matmul(g_t + 3 * Hd, graw_stride, r_ptr, 3, h, H, d, rows, B, D, BLOCK_K, True,
-                                       DOT_BF16, True)
+                                       DOT_BF16)
                 )  # fmt: skip
         tl.store(ginit_ptr + state_at, g_c, mask=mask)
         tl.store(ginit_ptr + BHd + state_at, g_n, mask=mask)

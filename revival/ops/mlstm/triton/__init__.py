@@ -59,9 +59,9 @@ class _MLSTMChunkwise(torch.autograd.Function):
         state0 = (C0.reshape(B * H, Dk, Dv).contiguous(), n0.reshape(B * H, Dk).contiguous(),
                   m0.reshape(B * H).contiguous())
         grad = any(ctx.needs_input_grad[:8])
-        from .forward import PRESETS, PRECISION_MODE
+        from . import forward as forward_module
 
-        state_bytes = 4 if q.dtype == torch.float32 or PRESETS[PRECISION_MODE][1] else q.element_size()
+        state_bytes = 4 if forward_module._state_fp32(q.dtype) else q.element_size()
         keep = grad and keep_chunk_states(Dk, Dv, chunk_size, state_bytes, q.element_size())
         h, final, saved = mlstm_forward(*flat, *gates, *state0, chunk_size, eps, keep)
         if grad:
