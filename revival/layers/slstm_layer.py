@@ -34,6 +34,57 @@ def powerlaw_forget_bias(head_dim: int, block_index: int = 0, num_blocks: int = 
     return -(-5.0 + 12.0 * units ** (0.3 + 1.3 * ratio))
 
 
+class _HeadwiseGates(torch.autograd.Function):
+    """The four headwise gate maps: gates[g, h] = src_g[..., h, :] @ weight[g, h]^T + bias[g, h], with src = conv_act
+    for i, f and x for z, o.
+
+    conv_act, x: (B, T, D) with D = H d; weight (4, H, d, d) (out = W @ in per head); bias (4, H, d) or None.
+    Returns (B, T, 4, H, d) as a view of a (4, H, T, B, d) tensor: every (gate, head) block is then one contiguous
+    (T B, d) matrix, so the maps are plain bmm's over the H heads (reading the sources through a cheap (T, B, D) copy)
+    and the sLSTM op copies them into its (T, 4, H, B, d) buffer in 512-float runs. Hand-written backward: two bmm's
+    per gate (input and weight gradients), no layout changes beyond the same cheap copies.
+    """
+
+    @staticmethod
+    def forward(ctx, conv_act, x, weight, bias):
+        B, T, D = x.shape
+        G, H, d, _ = weight.shape
+        sources = [s.transpose(0, 1).contiguous() for s in (conv_act, x)]  # (T, B, D): copies in D-float runs
+        heads = [s.view(T * B, H, d).transpose(0, 1) for s in sources]  # (H, T B, d) views
+        out = x.new_empty(G, H, T * B, d)
+        for g in range(G):
+            weight_t = weight[g].transpose(1, 2)
+            if bias is None:
+                torch.bmm(heads[g // 2], weight_t, out=out[g])
+            else:
+                torch.baddbmm(bias[g][:, None], heads[g // 2], weight_t, out=out[g])
+        ctx.save_for_backward(*sources, weight)
+        ctx.has_bias = bias is not None
+        return out.view(G, H, T, B, d).permute(3, 2, 0, 1, 4)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_gates):
+        conv_t, x_t, weight = ctx.saved_tensors
+        T, B, D = x_t.shape
+        G, H, d, _ = weight.shape
+        grad = grad_gates.permute(2, 3, 1, 0, 4).reshape(G, H, T * B, d)  # the sLSTM op hands back this layout
+        heads = [s.view(T * B, H, d).transpose(0, 1) for s in (conv_t, x_t)]
+        grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[2] else None
+        grad_sources = [None, None]
+        for source in range(2):
+            if not ctx.needs_input_grad[source]:
+                continue
+            first, second = 2 * source, 2 * source + 1  # (i, f) read conv_act, (z, o) read x
+            per_head = torch.bmm(grad[first], weight[first]).baddbmm_(grad[second], weight[second])  # (H, T B, d)
+            grad_sources[source] = per_head.transpose(0, 1).reshape(T, B, D).transpose(0, 1)
+        if grad_weight is not None:
+            for g in range(G):
+                torch.bmm(grad[g].transpose(1, 2), heads[g // 2], out=grad_weight[g])
+        grad_bias = grad.sum(dim=2) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return grad_sources[0], grad_sources[1], grad_weight, grad_bias
+
+
 class SLSTMLayer(nn.Module):
     """sLSTM mixer of the paper's post-up-projection block (no residual, no outer pre-norm, no MLP).
 
@@ -98,17 +149,11 @@ class SLSTMLayer(nn.Module):
         else:
             conv_out, conv_state = self.conv(x, conv_state)
             conv_act = F.silu(conv_out)
-        # The four headwise gate maps as two batched matmuls in the feature-major layout (B, H, d, T): per head, the
-        # stacked (2d, d) weights of i and f multiply conv_act's (d, T) slab, those of z and o multiply x's.
-        H, d = self.num_heads, self.head_dim
-        conv_fm = conv_act.transpose(1, 2).contiguous().view(B, H, d, T)  # free when the conv ran in (B, D, T)
-        x_fm = x.transpose(1, 2).contiguous().view(B, H, d, T)
-        weight_if = torch.stack([self.igate.weight, self.fgate.weight], dim=1).view(H, 2 * d, d)
-        weight_zo = torch.stack([self.zgate.weight, self.ogate.weight], dim=1).view(H, 2 * d, d)
-        gates = torch.cat([weight_if @ conv_fm, weight_zo @ x_fm], dim=2).view(B, H, 4, d, T)
-        if self.gate_bias is not None:
-            gates = gates + self.gate_bias.transpose(0, 1)[..., None]  # (H, 4, d, 1)
-        gates = gates.permute(0, 4, 2, 1, 3)  # (B, T, 4, H, d), a view
+        # The four headwise gate maps in one Function laid out for the op (see `_HeadwiseGates`); weights and bias
+        # in the activations' dtype.
+        weight = torch.stack([gate.weight for gate in (self.igate, self.fgate, self.zgate, self.ogate)])
+        bias = None if self.gate_bias is None else self.gate_bias.to(x.dtype)
+        gates = _HeadwiseGates.apply(conv_act.to(x.dtype), x, weight.to(x.dtype), bias)  # (B, T, 4, H, d)
         if T == 1:
             y, cell_state = slstm_step(gates[:, 0], self.recurrent_weight, cell_state)
             y = y[:, None]
