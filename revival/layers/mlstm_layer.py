@@ -153,12 +153,18 @@ class MLSTMLayer(nn.Module):
             raise ValueError(f"x: expected shape (B, T, {self.d_model}), got {tuple(x.shape)}")
         B, T, _ = x.shape
         conv_state, cell_state = self._split_state(state)
-        x_m, z = self.proj_up(x).split(self.inner_dim, dim=-1)
-        conv_out, conv_state = self.conv(x_m, conv_state)
-        conv_act = F.silu(conv_out)
-        # q, k, v and the gates in the feature-major layout (B, inner, T), where the headwise maps are fastest
-        conv_fm = conv_act.transpose(1, 2).contiguous()
-        x_m_fm = x_m.transpose(1, 2).contiguous()  # read twice: by v_proj and by the gates
+        # x_m is produced feature-major, (B, inner, T), by its own matmul: the conv, q/k/v and the gates all read it
+        # in that layout, so neither x_m nor the conv output needs a transposing copy (the conv runs on the
+        # (B, T, inner) view; its elementwise ops follow the memory layout). z stays (B, T, inner) for the output.
+        w_m, w_z = self.proj_up.weight.split(self.inner_dim, dim=0)
+        x_m_fm = torch.matmul(w_m, x.transpose(1, 2))  # (B, inner, T), contiguous
+        z = F.linear(x, w_z)
+        if self.proj_up.bias is not None:
+            b_m, b_z = self.proj_up.bias.split(self.inner_dim)
+            x_m_fm, z = x_m_fm + b_m[:, None], z + b_z
+        conv_out, conv_state = self.conv(x_m_fm.transpose(1, 2), conv_state)
+        conv_act = F.silu(conv_out)  # (B, T, inner) view of (B, inner, T) memory
+        conv_fm = conv_act.transpose(1, 2).contiguous()  # no copy: already in this layout
         q, k, v = (self.q_proj.forward_feature_major(conv_fm), self.k_proj.forward_feature_major(conv_fm),
                    self.v_proj.forward_feature_major(x_m_fm))
 
@@ -184,6 +190,6 @@ class MLSTMLayer(nn.Module):
             h, cell_state = mlstm(heads(q), heads(k), heads(v), i, f, cell_state, impl=self.impl,
                                   chunk_size=self.chunk_size)
             h = h.transpose(1, 2)  # (B, T, H, hd)
-        h = self.outnorm(h) + self.learnable_skip * conv_act
+        h = torch.addcmul(self.outnorm(h), conv_act, self.learnable_skip)  # conv_act read through its transpose
         y = self.proj_down(h * F.silu(z))
         return y, (conv_state, cell_state)
