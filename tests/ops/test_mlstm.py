@@ -445,6 +445,8 @@ def test_auto_choice_by_device_and_dtype(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert mlstm_module._resolve_impl("auto", cuda, torch.bfloat16) == "triton"
     assert mlstm_module._resolve_impl("auto", cuda, torch.float64) == "chunkwise"
+    assert mlstm_module._resolve_impl("auto", cuda, torch.bfloat16, 256, 512) == "triton"
+    assert mlstm_module._resolve_impl("auto", cuda, torch.bfloat16, 384, 384) == "chunkwise"  # beyond the tuned range
     assert mlstm_module._resolve_impl("auto", cpu, torch.float32) == "chunkwise"
     monkeypatch.setattr(mlstm_module, "_triton_available", lambda: False)
     assert mlstm_module._resolve_impl("auto", cuda, torch.float32) == "chunkwise"
