@@ -180,8 +180,8 @@ class MLSTMLayer(nn.Module):
             i, f = gates.split(self.num_heads, dim=1)  # (B, H, T) each
 
 
-        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, inner, T) -> (B, H, T, hd), contiguous: the op's matmuls
-            return t.view(B, self.num_heads, self.head_dim, T).transpose(2, 3).contiguous()  # run faster on it
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, inner, T) -> (B, H, T, hd) as a view: the op copies it
+            return t.view(B, self.num_heads, self.head_dim, T).transpose(2, 3)  # chunk-major in contiguous runs
 
         if T == 1:
             h, cell_state = mlstm_step(*(heads(t)[:, :, 0] for t in (q, k, v)), i[..., 0], f[..., 0], cell_state)

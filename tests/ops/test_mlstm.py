@@ -450,3 +450,24 @@ def test_auto_choice_by_device_and_dtype(monkeypatch):
     assert mlstm_module._resolve_impl("auto", cpu, torch.float32) == "chunkwise"
     monkeypatch.setattr(mlstm_module, "_triton_available", lambda: False)
     assert mlstm_module._resolve_impl("auto", cuda, torch.float32) == "chunkwise"
+
+
+@pytest.mark.parametrize("T", [16, 21])
+def test_chunkwise_feature_major_views_match_contiguous_float64(T):
+    """q, k, v handed over as transposed views of (B, H, D, T) data (the mLSTM layer's layout; the CPU path copies them
+    chunk-major) give the same outputs, final state and gradients as contiguous inputs, with a tail chunk too."""
+    inputs, state = make_inputs(2, 2, T, 8, 6, seed=41)
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    feature_major = [x.detach().transpose(-1, -2).contiguous().requires_grad_() for x in inputs[:3]]
+    views = [x.transpose(-1, -2) for x in feature_major]
+    assert all(v.stride(-2) == 1 for v in views)
+    h_ref, final_ref = mlstm(*leaves, state, impl="chunkwise", chunk_size=8)
+    h, final = mlstm(*views, *leaves[3:], state, impl="chunkwise", chunk_size=8)
+    assert_close(h, h_ref, what="h")
+    for a, b in zip(final, final_ref):
+        assert_close(a, b, what="state")
+    grad = torch.randn(h.shape, dtype=F64, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(h, feature_major, grad)
+    want = torch.autograd.grad(h_ref, leaves[:3], grad)
+    for name, a, b in zip("qkv", got, want):
+        assert_close(a.transpose(-1, -2), b, what=f"grad {name}")

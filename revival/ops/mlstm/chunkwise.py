@@ -54,9 +54,9 @@ def _equal_chunks(q, k, v, i, f, state: MLSTMState, L: int, eps: float) -> tuple
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
     NC = T // L
-    q = q.reshape(B, H, NC, L, Dk)  # the scale Dk**-0.5 on q is applied through the weights below
-    k = k.reshape(B, H, NC, L, Dk)
-    v = v.reshape(B, H, NC, L, Dv)
+    q = _chunked(q, NC, L)  # the scale Dk**-0.5 on q is applied through the weights below
+    k = _chunked(k, NC, L)
+    v = _chunked(v, NC, L)
     i = i.reshape(B, H, NC, L)
     b = torch.cumsum(F.logsigmoid(f).reshape(B, H, NC, L), dim=-1)  # local cumulative log-forget
     g = b[..., -1]  # total log-forget of each chunk, (B, H, NC)
@@ -83,6 +83,16 @@ def _equal_chunks(q, k, v, i, f, state: MLSTMState, L: int, eps: float) -> tuple
     denominator = (q_weighted @ n_before[..., None]).squeeze(-1) + scores.sum(dim=-1)  # (B, H, NC, L)
     h = numerator.view(B, H, NC, L, Dv) * normalizer(denominator, m_query, eps).reciprocal()[..., None]
     return h.view(B, H, T, Dv), (C, n, m)
+
+
+def _chunked(x: torch.Tensor, NC: int, L: int) -> torch.Tensor:
+    """(B, H, NC L, D) -> (B, H, NC, L, D). A transposed view of feature-major (B, H, D, T) data (what the mLSTM layer
+    hands over) is copied chunk-major, (B, H, NC, D, L) in L-float runs, and returned as its transposed view: the
+    matmuls below take either orientation, and no element-wise transpose is needed."""
+    B, H, _, D = x.shape
+    if x.stride(-2) == 1 and x.stride(-1) != 1:
+        return x.transpose(-1, -2).reshape(B, H, D, NC, L).transpose(2, 3).contiguous().transpose(-1, -2)
+    return x.reshape(B, H, NC, L, D)
 
 
 class _CausalDecayedScores(torch.autograd.Function):
