@@ -4,9 +4,9 @@ Run on a CUDA machine:  python benchmarks/gpu_slstm.py --out benchmarks/results
 It (1) checks `impl="triton"` (float32 and bfloat16 inputs) against the float64 step loop at the benchmark shapes:
 outputs, final states and the gradients of x_gates, recurrent_weight and the initial state, (2) times forward and
 forward+backward (CUDA events, medians) of the Triton kernel and of the PyTorch step loop, and writes gpu_slstm.json
-and gpu_slstm.png, (3) sweeps the kernel's launch settings (weights resident or re-read, warps), and (4) times the
-official `xlstm` 2.0.6 CUDA sLSTM (`sLSTMCell`, backend "cuda", bf16; compiled by its own per-configuration JIT step)
-in a subprocess per shape, so that a failed compile or a crash is recorded as such.
+and gpu_slstm.png, (3) sweeps the kernel's launch settings (weights resident, streamed or split over programs;
+warps), and (4) times the official `xlstm` 2.0.6 CUDA sLSTM (`sLSTMCell`, backend "cuda", bf16; compiled by its
+own per-configuration JIT step) in a subprocess per shape, so that a failed compile or a crash is recorded as such.
 `--smoke` runs tiny shapes on any device (CPU: under TRITON_INTERPRET=1) to check the script itself.
 """
 
@@ -21,7 +21,7 @@ import time
 
 import torch
 
-SHAPES = [(16, 2048, 4, 128), (16, 2048, 8, 64)]  # B, T, H, d
+SHAPES = [(16, 2048, 4, 128), (16, 2048, 8, 64), (16, 2048, 4, 192)]  # B, T, H, d (the last: xLSTM 125M's sLSTM)
 SMOKE_SHAPES = [(2, 8, 2, 16)]
 NAMES = ("y", "c", "n", "m", "y_last", "dx", "dR", "dc0", "dn0", "dm0", "dy0")
 
@@ -128,7 +128,7 @@ def timings(shape, device, reps):
 
 
 def sweep(shape, device, reps):
-    """Forward+backward ms (bf16) of the Triton kernel for each launch setting: weights resident or re-read, warps."""
+    """Forward+backward ms (bf16) of the Triton kernel for each launch setting (weight mode, warps, tiles)."""
     from revival.ops.slstm import triton as slstm_triton_module
 
     B, T, H, d = shape
@@ -139,19 +139,19 @@ def sweep(shape, device, reps):
     dy = torch.randn(B, T, H, d, generator=g).to(device, torch.bfloat16)
     state = tuple(torch.zeros(B, H, d, device=device) for _ in range(4))
     out = {}
-    settings = [(True, w, 32) for w in (4, 8)] + [(False, w, k) for w in (4, 8) for k in (16, 32, 64)]
-    for resident, num_warps, block_k in settings:
-        if block_k > d:
-            continue
+    settings = [("resident", {"num_warps": w}) for w in (4, 8)]
+    settings += [("streamed", {"num_warps": 8, "block_k": k}) for k in (32, 64)]
+    settings += [("split", {"num_warps": w, "split_units": u}) for w in (4, 8) for u in (32, 64) if u < d]
+    for mode, launch in settings:
         slstm_triton_module.LAUNCH_OVERRIDE.clear()
-        slstm_triton_module.LAUNCH_OVERRIDE.update(num_warps=num_warps, block_k=block_k)
+        slstm_triton_module.LAUNCH_OVERRIDE.update(launch)
 
-        def fwd_bwd(resident=resident):
+        def fwd_bwd(mode=mode):
             x.grad = R.grad = None
-            y, _ = slstm_triton_module.slstm_triton(x, R, state, resident=resident)
+            y, _ = slstm_triton_module.slstm_triton(x, R, state, weights=mode)
             y.backward(dy)
 
-        key = f"resident={resident},warps={num_warps}" + ("" if resident else f",block_k={block_k}")
+        key = mode + "," + ",".join(f"{k}={v}" for k, v in launch.items())
         try:
             out[key] = time_ms(fwd_bwd, device, reps)
         except Exception as error:  # a setting that does not compile (registers, shared memory) is recorded

@@ -60,9 +60,9 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def check_against_reference(x, R, state, weights, *, dtype=torch.float32, tol=1e-5, resident=None):
+def check_against_reference(x, R, state, weights, *, dtype=torch.float32, tol=1e-5, mode=None):
     ref = outputs_and_grads(slstm_reference, x, R, state, weights, F64)
-    got = outputs_and_grads(lambda *a: slstm_triton(*a, resident=resident), x, R, state, weights, dtype)
+    got = outputs_and_grads(lambda *a: slstm_triton(*a, weights=mode), x, R, state, weights, dtype)
     for name, a, b in zip(NAMES, got, ref):
         assert torch.isfinite(a).all(), name
         assert rel_err(a, b) < tol, (name, rel_err(a, b))
@@ -72,12 +72,12 @@ def test_available_here():
     assert available()
 
 
-@pytest.mark.parametrize("resident", [True, False])
+@pytest.mark.parametrize("mode", ["resident", "streamed", "split"])
 @pytest.mark.parametrize("B,T,H,d", [(3, 9, 2, 20), (17, 4, 1, 16), (2, 5, 1, 40)])  # padded; two batch blocks;
 # streamed weights in two column slices (d = 40 -> D = 64, BLOCK_K = 32, the second slice half masked)
-def test_matches_float64_reference(B, T, H, d, resident):
+def test_matches_float64_reference(B, T, H, d, mode):
     x, R, state, weights = make_inputs(B, T, H, d, seed=B * 100 + d)
-    check_against_reference(x, R, state, weights, resident=resident)
+    check_against_reference(x, R, state, weights, mode=mode)
 
 
 @pytest.mark.parametrize("kind", ["mixed", "zeros"])
@@ -125,7 +125,25 @@ def test_streamed_slices_of_any_width(monkeypatch):
 
     monkeypatch.setitem(slstm_triton_module.LAUNCH_OVERRIDE, "block_k", 16)
     x, R, state, weights = make_inputs(2, 4, 2, 56, seed=5)
-    check_against_reference(x, R, state, weights, resident=False)
+    check_against_reference(x, R, state, weights, mode="streamed")
+
+
+@pytest.mark.parametrize("B,d", [(3, 40), (17, 56)])
+def test_split_heads_over_unit_groups(B, d, monkeypatch):
+    """Each head's units over 4 programs (U = 16 of D = 64) that exchange y / gate gradients every step; under the
+    interpreter one launch per step stands in for the barrier. Mixed first-step state, two batch blocks."""
+    from revival.ops.slstm import triton as slstm_triton_module
+
+    monkeypatch.setitem(slstm_triton_module.LAUNCH_OVERRIDE, "split_units", 16)
+    x, R, state, weights = make_inputs(B, 5, 2, d, seed=d, state="mixed")
+    check_against_reference(x, R, state, weights, mode="split")
+
+
+def test_weight_mode_validation():
+    x, R, state, _ = make_inputs(1, 2, 1, 16, seed=0)
+    with pytest.raises(ValueError, match="weights"):
+        slstm_triton(x.float().to(DEVICE), R.float().to(DEVICE), tuple(s.float().to(DEVICE) for s in state),
+                     weights="shared")
 
 
 def test_dispatch_and_validation():

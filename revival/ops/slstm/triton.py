@@ -7,7 +7,8 @@ per-unit first-step rule (m = i and fbar = 0 where n_{t-1} == 0, checked at ever
 Design:
 - grid (ceil(B / BLOCK_B), H); BLOCK_B >= 16 (tl.dot needs block dims >= 16; padded rows are masked), the head dim
   is padded to D = next power of two >= 16 (padded units are masked and kept at exactly 0).
-- Two ways to form `y_{t-1} @ R[g]` (and `graw_t @ R[g]^T` in the backward), chosen by `resident`:
+- Three ways to form `y_{t-1} @ R[g]` (and `graw_t @ R[g]^T` in the backward), chosen by `weights`:
+  "split" (large heads: the head's units spread over several programs, `triton_split.py`), and here
   resident: the head's four (D, D) weight tiles are loaded once before the time loop and stay on chip (registers /
   shared memory; fits for small D); streamed: every step re-reads R in (BLOCK_K, D) slices (L1/L2 hits, not HBM)
   and reads the previous step's y (gate gradients) back from the buffer this kernel just wrote, in BLOCK_K-column
@@ -81,6 +82,44 @@ if _HAVE_TRITON:
     @triton.jit
     def _tanh(x):
         return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+    @triton.jit
+    def _cell_step(i, f, z, o, c, n, m, mask):
+        """One step from the pre-activations (float32): the new (c, n, m, y); y is 0 outside `mask`. Per unit, the
+        first step (n == 0) sets m = i and ignores the forget gate (MATH.md "sLSTM")."""
+        log_fm = m + _log_sigmoid(f)
+        first = n == 0.0
+        m_new = tl.where(first | (i >= log_fm), i, log_fm)
+        i_bar = tl.exp(i - m_new)
+        f_bar = tl.where(first, 0.0, tl.exp(log_fm - m_new))
+        c_new = f_bar * c + i_bar * _tanh(z)
+        n_new = f_bar * n + i_bar
+        y = tl.where(mask, tl.sigmoid(o) * c_new / n_new, 0.0)
+        return c_new, n_new, m_new, y
+
+    @triton.jit
+    def _cell_grads(i, f, z, o, c_prev, n_prev, m_prev, c, n, m, g_y, g_c, g_n, g_m, mask):
+        """One step backward. Inputs: the step's pre-activations, the state before and after it, dL/dy_t and the
+        carried dL/d(c_t, n_t, m_t). Returns dL/d(i, f, z, o) of the step (0 outside `mask`) and dL/d(c, n, m) of
+        the state before it."""
+        log_fm = m_prev + _log_sigmoid(f)
+        first = n_prev == 0.0
+        picked_i = first | (i >= log_fm)
+        i_bar = tl.exp(i - m)
+        f_bar = tl.where(first, 0.0, tl.exp(log_fm - m))
+        tanh_z = _tanh(z)
+        sig_o = tl.sigmoid(o)
+        g_c += g_y * sig_o / n
+        g_n -= g_y * sig_o * c / (n * n)
+        g_o = tl.where(mask, g_y * (c / n) * sig_o * (1.0 - sig_o), 0.0)
+        g_z = tl.where(mask, g_c * i_bar * (1.0 - tanh_z * tanh_z), 0.0)
+        via_i = (g_c * tanh_z + g_n) * i_bar
+        via_f = (g_c * c_prev + g_n * n_prev) * f_bar
+        via_m = g_m - via_i - via_f  # dL/dm_t through every use, routed to i or log_fm
+        g_i = tl.where(mask, via_i + tl.where(picked_i, via_m, 0.0), 0.0)
+        g_log_fm = tl.where(mask, via_f + tl.where(picked_i, 0.0, via_m), 0.0)
+        g_f = g_log_fm * tl.sigmoid(-f)
+        return g_i, g_f, g_z, g_o, tl.where(mask, g_c * f_bar, 0.0), tl.where(mask, g_n * f_bar, 0.0), g_log_fm
 
     @triton.jit
     def _streamed_matmul(a_ptr, a_stride, r_ptr, g, h, H, d, rows, B,
@@ -161,14 +200,7 @@ if _HAVE_TRITON:
             tl.store(raw_t + Hd, f, mask=mask)
             tl.store(raw_t + 2 * Hd, z, mask=mask)
             tl.store(raw_t + 3 * Hd, o, mask=mask)
-            log_fm = m + _log_sigmoid(f)
-            first = n == 0.0
-            m = tl.where(first | (i >= log_fm), i, log_fm)
-            i_bar = tl.exp(i - m)
-            f_bar = tl.where(first, 0.0, tl.exp(log_fm - m))
-            c = f_bar * c + i_bar * _tanh(z)
-            n = f_bar * n + i_bar
-            y = tl.where(mask, tl.sigmoid(o) * c / n, 0.0)
+            c, n, m, y = _cell_step(i, f, z, o, c, n, m, mask)
             cnm_t = cnm_row + (t + 1) * (3 * Hd)
             tl.store(cnm_t, c, mask=mask)
             tl.store(cnm_t + Hd, n, mask=mask)
@@ -236,35 +268,16 @@ if _HAVE_TRITON:
             nx_c = tl.load(cnm_prev, mask=mask, other=0.0)
             nx_n = tl.load(cnm_prev + Hd, mask=mask, other=1.0)
             nx_m = tl.load(cnm_prev + 2 * Hd, mask=mask, other=0.0)
-            log_fm = m_prev + _log_sigmoid(f)
-            first = n_prev == 0.0
-            picked_i = first | (i >= log_fm)
-            i_bar = tl.exp(i - m)
-            f_bar = tl.where(first, 0.0, tl.exp(log_fm - m))
-            tanh_z = _tanh(z)
-            sig_o = tl.sigmoid(o)
             g_y = gy_t + g_y_rec
-            g_c += g_y * sig_o / n
-            g_n -= g_y * sig_o * c / (n * n)
-            g_o = g_y * (c / n) * sig_o * (1.0 - sig_o)
-            g_z = g_c * i_bar * (1.0 - tanh_z * tanh_z)
-            via_i = (g_c * tanh_z + g_n) * i_bar
-            via_f = (g_c * c_prev + g_n * n_prev) * f_bar
-            via_m = g_m - via_i - via_f  # dL/dm_t through every use, routed to i or log_fm
-            g_i = tl.where(mask, via_i + tl.where(picked_i, via_m, 0.0), 0.0)
-            g_log_fm = tl.where(mask, via_f + tl.where(picked_i, 0.0, via_m), 0.0)
-            g_f = g_log_fm * tl.sigmoid(-f)
-            g_z = tl.where(mask, g_z, 0.0)
-            g_o = tl.where(mask, g_o, 0.0)
+            g_i, g_f, g_z, g_o, g_c, g_n, g_m = _cell_grads(
+                i, f, z, o, c_prev, n_prev, m_prev, c, n, m, g_y, g_c, g_n, g_m, mask
+            )  # fmt: skip
             graw_t = graw_row + t * (4 * Hd)
             tl.store(graw_t, g_i, mask=mask)
             tl.store(graw_t + Hd, g_f, mask=mask)
             tl.store(graw_t + 2 * Hd, g_z, mask=mask)
             tl.store(graw_t + 3 * Hd, g_o, mask=mask)
             c, n, m = c_prev, n_prev, m_prev  # the state after step t - 1
-            g_m = g_log_fm
-            g_c = tl.where(mask, g_c * f_bar, 0.0)
-            g_n = tl.where(mask, g_n * f_bar, 0.0)
             if RESIDENT:
                 g_y_rec = (
                     _matmul(g_i, wt_i, DOT_BF16) + _matmul(g_f, wt_f, DOT_BF16)
@@ -287,17 +300,23 @@ if _HAVE_TRITON:
         tl.store(ginit_ptr + 3 * BHd + state_at, g_y_rec, mask=mask)
 
 
-def _launch_config(d: int, resident: bool | None, dot_bf16: bool):
-    """(D, BLOCK_B, BLOCK_K, resident, num_warps). Resident by default while the four (D, D) weight tiles take at
-    most 128 KB (bf16 D <= 128, fp32 D <= 64; measured on an H100: bf16 d=128 resident 30 ms vs streamed 47 ms
-    forward+backward, benchmarks/NOTES.md); `LAUNCH_OVERRIDE` may set num_warps / block_k for sweeps."""
+WEIGHT_MODES = ("resident", "streamed", "split")
+
+
+def _launch_config(d: int, weights: str | None, dot_bf16: bool):
+    """(D, BLOCK_B, BLOCK_K, weights, num_warps). Default `weights`: "resident" while the head's four (D, D) weight
+    tiles take at most 128 KB (bf16 D <= 128, fp32 D <= 64; on an H100 bf16 d=128 resident measured 30 ms vs 47 ms
+    streamed, benchmarks/NOTES.md), else "split" (the head's units spread over programs, `triton_split.py`).
+    `LAUNCH_OVERRIDE` may set num_warps / block_k / split_units for sweeps."""
     D = max(16, triton.next_power_of_2(d))
     BLOCK_B = 16  # tl.dot's minimum; more rows per program would leave SMs idle at small B
-    if resident is None:
-        resident = 4 * D * D * (2 if dot_bf16 else 4) <= 128 * 1024
+    if weights is None:
+        weights = "resident" if 4 * D * D * (2 if dot_bf16 else 4) <= 128 * 1024 else "split"
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"weights: expected one of {WEIGHT_MODES} or None, got {weights!r}")
     block_k = LAUNCH_OVERRIDE.get("block_k", min(D, 32))
     num_warps = LAUNCH_OVERRIDE.get("num_warps", 8 if D >= 64 else 4)
-    return D, BLOCK_B, block_k, resident, num_warps
+    return D, BLOCK_B, block_k, weights, num_warps
 
 
 class _SLSTMTriton(torch.autograd.Function):
@@ -305,7 +324,7 @@ class _SLSTMTriton(torch.autograd.Function):
     float32. Returns y (B, T, H, d) in x_gates' dtype and the final c, n, m, y (float32)."""
 
     @staticmethod
-    def forward(ctx, x_gates, recurrent_weight, c0, n0, m0, y0, resident):
+    def forward(ctx, x_gates, recurrent_weight, c0, n0, m0, y0, weights):
         B, T, G, H, d = x_gates.shape
         dot_bf16 = x_gates.dtype == torch.bfloat16 and not _INTERPRET
         r_dot = recurrent_weight.detach().to(torch.bfloat16 if dot_bf16 else torch.float32).contiguous()
@@ -317,13 +336,19 @@ class _SLSTMTriton(torch.autograd.Function):
         for index, value in enumerate((c0, n0, m0)):
             cnm[:, 0, index] = value
         y_all[:, 0] = y0
-        D, BLOCK_B, BLOCK_K, resident, num_warps = _launch_config(d, resident, dot_bf16)
-        _slstm_forward_kernel[(triton.cdiv(B, BLOCK_B), H)](
-            x, r_dot, raw, cnm, y_all, B, T, H, d, D=D, BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, RESIDENT=resident,
-            DOT_BF16=dot_bf16, num_warps=num_warps, num_stages=1,
-        )  # fmt: skip
+        D, BLOCK_B, BLOCK_K, weights, num_warps = _launch_config(d, weights, dot_bf16)
+        if weights == "split":
+            from .triton_split import split_config, split_forward
+
+            U, P = split_config(D, dot_bf16, LAUNCH_OVERRIDE.get("split_units"))
+            split_forward(x, r_dot, raw, cnm, y_all, D, BLOCK_B, U, P, dot_bf16, num_warps)
+        else:
+            _slstm_forward_kernel[(triton.cdiv(B, BLOCK_B), H)](
+                x, r_dot, raw, cnm, y_all, B, T, H, d, D=D, BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K,
+                RESIDENT=weights == "resident", DOT_BF16=dot_bf16, num_warps=num_warps, num_stages=1,
+            )  # fmt: skip
         ctx.save_for_backward(r_dot, raw, cnm, y_all)
-        ctx.config = (resident, dot_bf16, x_gates.dtype, recurrent_weight.dtype)
+        ctx.config = (weights, dot_bf16, x_gates.dtype, recurrent_weight.dtype)
         final = (cnm[:, T, 0], cnm[:, T, 1], cnm[:, T, 2], y_all[:, T])
         return (y_all[:, 1:].to(x_gates.dtype), *(s.contiguous() for s in final))
 
@@ -331,7 +356,7 @@ class _SLSTMTriton(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_c, grad_n, grad_m, grad_y_last):
         r_dot, raw, cnm, y_all = ctx.saved_tensors
-        resident, dot_bf16, x_dtype, r_dtype = ctx.config
+        weights, dot_bf16, x_dtype, r_dtype = ctx.config
         B, T, G, H, d = raw.shape
         f32 = dict(dtype=torch.float32, device=raw.device)
         gy = torch.zeros(B, T, H, d, **f32) if grad_y is None else grad_y.to(torch.float32).contiguous().clone()
@@ -343,11 +368,19 @@ class _SLSTMTriton(torch.autograd.Function):
                 gfinal[index] = grad
         graw = torch.empty(B, T, G, H, d, **f32)
         ginit = torch.empty(4, B, H, d, **f32)
-        D, BLOCK_B, BLOCK_K, _, num_warps = _launch_config(d, resident, dot_bf16)
-        _slstm_backward_kernel[(triton.cdiv(B, BLOCK_B), H)](
-            r_dot, raw, cnm, gy, gfinal, graw, ginit, B, T, H, d, D=D, BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K,
-            RESIDENT=resident, DOT_BF16=dot_bf16, num_warps=num_warps, num_stages=1,
-        )  # fmt: skip
+        D, BLOCK_B, BLOCK_K, _, num_warps = _launch_config(d, weights, dot_bf16)
+        if weights == "split":
+            from .triton_split import split_backward, split_config
+
+            U, P = split_config(D, dot_bf16, LAUNCH_OVERRIDE.get("split_units"))
+            split_backward(r_dot, raw, cnm, gy, graw, gfinal, D, BLOCK_B, U, P, dot_bf16, num_warps)
+            ginit[:3] = gfinal  # now dL/d(c_0, n_0, m_0)
+            ginit[3] = torch.einsum("bghk,ghjk->bhj", graw[:, 0], r_dot.float())  # dL/dy_0 through step 0's gates
+        else:
+            _slstm_backward_kernel[(triton.cdiv(B, BLOCK_B), H)](
+                r_dot, raw, cnm, gy, gfinal, graw, ginit, B, T, H, d, D=D, BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K,
+                RESIDENT=weights == "resident", DOT_BF16=dot_bf16, num_warps=num_warps, num_stages=1,
+            )  # fmt: skip
         g_x = graw.to(x_dtype) if ctx.needs_input_grad[0] else None
         g_r = None
         if ctx.needs_input_grad[1]:  # dR[g, h] = sum_{b, t} y_{t-1}[b, h]^T graw[b, t, g, h]
@@ -355,15 +388,16 @@ class _SLSTMTriton(torch.autograd.Function):
         return (g_x, g_r, ginit[0], ginit[1], ginit[2], ginit[3], None)
 
 
-def slstm_triton(x_gates: torch.Tensor, recurrent_weight: torch.Tensor, state, *, resident: bool | None = None):
+def slstm_triton(x_gates: torch.Tensor, recurrent_weight: torch.Tensor, state, *, weights: str | None = None):
     """sLSTM over a sequence with the Triton kernels. x_gates (B, T, 4, H, d) float32/bfloat16/float16;
     recurrent_weight (4, H, d, d); state (c, n, m, y) each (B, H, d) (converted to float32). Returns y (B, T, H, d)
-    in x_gates' dtype and the final state (float32). `resident` forces keeping R on-chip across steps (True) or
-    streaming it every step (False); the default decides by size (`_launch_config`). Results do not depend on it."""
+    in x_gates' dtype and the final state (float32). `weights` picks how R is held across steps: "resident" (on
+    chip, one program per head), "streamed" (re-read in slices every step) or "split" (the head's units spread over
+    programs that exchange y every step); None decides by size (`_launch_config`). Results agree to rounding."""
     if not _HAVE_TRITON:
         raise RuntimeError("impl='triton' needs the `triton` package (pip install 'revival[gpu]')")
     if x_gates.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"x_gates: impl='triton' supports float32/bfloat16/float16, got {x_gates.dtype}")
     c0, n0, m0, y0 = (s.to(torch.float32).contiguous() for s in state)
-    y, c, n, m, y_last = _SLSTMTriton.apply(x_gates, recurrent_weight, c0, n0, m0, y0, resident)
+    y, c, n, m, y_last = _SLSTMTriton.apply(x_gates, recurrent_weight, c0, n0, m0, y0, weights)
     return y, (c, n, m, y_last)

@@ -1,0 +1,216 @@
+"""Triton sLSTM with each head split over P programs ("unit groups"), for head dims whose recurrent weights do not fit
+one multiprocessor (bf16 d > 128, fp32 d > 64).
+
+Program (batch block, head, p) owns the head's units [p U, (p + 1) U) for all four gates: it keeps the weight columns
+R[g, h][:, its units] (four (D, U) tiles) on chip and computes the gate math, state and output of its units. Each step
+needs the whole y_{t-1} of the head (forward) or the gate gradients of step t + 1 of every unit (backward), which the
+P programs exchange through the buffers they write anyway (y, dL/draw), ordered by a barrier between the P programs
+of a (batch block, head): a CTA barrier, an atomic counter increment with release semantics, a spin on the counter
+with acquire semantics, a CTA barrier. All P programs must therefore run at the same time: `launch_groups` limits
+each launch to as many programs as the GPU has multiprocessors.
+
+Under TRITON_INTERPRET=1 programs run one after another, so a spinning barrier would never return: there the kernels
+run one time step per launch (`SYNC=False`), the launch boundary taking the barrier's place. Everything else (the
+split, the exchange, the carried state) is the same code the GPU runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton import _INTERPRET, _cell_grads, _cell_step, _matmul
+
+
+@triton.jit
+def _group_barrier(counter_ptr, target):
+    """Wait until the counter reaches `target` after adding this program's 1 (all P programs of the group)."""
+    tl.debug_barrier()
+    count = tl.atomic_add(counter_ptr, 1, sem="release") + 1
+    while count < target:
+        count = tl.atomic_add(counter_ptr, 0, sem="acquire")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _weight_columns(r_ptr, g, h, H, d, units, D: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """(D, U) tile: R[g, h][:, units] (TRANSPOSE: R[g, h][units, :]^T), zero padded."""
+    k = tl.arange(0, D)[:, None]
+    mask = (k < d) & (units < d)
+    base = r_ptr + (g * H + h) * d * d
+    if TRANSPOSE:
+        return tl.load(base + units * d + k, mask=mask, other=0.0)
+    return tl.load(base + k * d + units, mask=mask, other=0.0)
+
+
+@triton.jit
+def _split_forward_kernel(
+    x_ptr, r_ptr, raw_ptr, cnm_ptr, y_ptr, counter_ptr, B, T, H, d, block_offset, t_start, t_stop,
+    D: tl.constexpr, BLOCK_B: tl.constexpr, U: tl.constexpr, P: tl.constexpr, DOT_BF16: tl.constexpr,
+    SYNC: tl.constexpr,
+):  # fmt: skip
+    """Steps t_start .. t_stop - 1. Layouts as `triton._slstm_forward_kernel`; the state entering t_start is read
+    from cnm[:, t_start] and y[:, t_start]."""
+    pid_b = tl.program_id(0)
+    h = tl.program_id(1)
+    p = tl.program_id(2)
+    rows = ((block_offset + pid_b) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)[:, None]
+    units = p * U + tl.arange(0, U)[None, :]
+    mask = (rows < B) & (units < d)
+    all_units = tl.arange(0, D)[None, :]
+    all_mask = (rows < B) & (all_units < d)
+    Hd = H * d
+    x_row = x_ptr + rows * (T * 4 * Hd) + h * d + units
+    raw_row = raw_ptr + rows * (T * 4 * Hd) + h * d + units
+    cnm_row = cnm_ptr + rows * ((T + 1) * 3 * Hd) + h * d + units
+    y_head = y_ptr + rows * ((T + 1) * Hd) + h * d
+    w_i = _weight_columns(r_ptr, 0, h, H, d, units, D, False)
+    w_f = _weight_columns(r_ptr, 1, h, H, d, units, D, False)
+    w_z = _weight_columns(r_ptr, 2, h, H, d, units, D, False)
+    w_o = _weight_columns(r_ptr, 3, h, H, d, units, D, False)
+    c = tl.load(cnm_row + t_start * (3 * Hd), mask=mask, other=0.0)
+    n = tl.load(cnm_row + t_start * (3 * Hd) + Hd, mask=mask, other=0.0)
+    m = tl.load(cnm_row + t_start * (3 * Hd) + 2 * Hd, mask=mask, other=0.0)
+    counter = counter_ptr + pid_b * tl.num_programs(1) + h
+    for t in range(t_start, t_stop):
+        x_t = x_row + t * (4 * Hd)
+        x_i = tl.load(x_t, mask=mask, other=0.0)
+        x_f = tl.load(x_t + Hd, mask=mask, other=0.0)
+        x_z = tl.load(x_t + 2 * Hd, mask=mask, other=0.0)
+        x_o = tl.load(x_t + 3 * Hd, mask=mask, other=0.0)
+        y_prev = tl.load(y_head + t * Hd + all_units, mask=all_mask, other=0.0, cache_modifier=".cg")
+        i = x_i.to(tl.float32) + _matmul(y_prev, w_i, DOT_BF16)
+        f = x_f.to(tl.float32) + _matmul(y_prev, w_f, DOT_BF16)
+        z = x_z.to(tl.float32) + _matmul(y_prev, w_z, DOT_BF16)
+        o = x_o.to(tl.float32) + _matmul(y_prev, w_o, DOT_BF16)
+        raw_t = raw_row + t * (4 * Hd)
+        tl.store(raw_t, i, mask=mask)
+        tl.store(raw_t + Hd, f, mask=mask)
+        tl.store(raw_t + 2 * Hd, z, mask=mask)
+        tl.store(raw_t + 3 * Hd, o, mask=mask)
+        c, n, m, y = _cell_step(i, f, z, o, c, n, m, mask)
+        cnm_t = cnm_row + (t + 1) * (3 * Hd)
+        tl.store(cnm_t, c, mask=mask)
+        tl.store(cnm_t + Hd, n, mask=mask)
+        tl.store(cnm_t + 2 * Hd, m, mask=mask)
+        tl.store(y_head + (t + 1) * Hd + units, y, mask=mask)
+        if SYNC:
+            _group_barrier(counter, P * (t - t_start + 1))
+
+
+@triton.jit
+def _split_backward_kernel(
+    r_ptr, raw_ptr, cnm_ptr, gy_ptr, graw_ptr, gstate_ptr, counter_ptr, B, T, H, d, block_offset, t_low, t_high,
+    D: tl.constexpr, BLOCK_B: tl.constexpr, U: tl.constexpr, P: tl.constexpr, DOT_BF16: tl.constexpr,
+    SYNC: tl.constexpr,
+):  # fmt: skip
+    """Steps t_high - 1 down to t_low. gstate (3, B, H, d) holds dL/d(c, n, m) of the state after step t_high - 1
+    on entry and of the state before step t_low on exit; graw (B, T, 4, H, d) must hold the gate gradients of step
+    t_high (if t_high < T)."""
+    pid_b = tl.program_id(0)
+    h = tl.program_id(1)
+    p = tl.program_id(2)
+    rows = ((block_offset + pid_b) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)[:, None]
+    units = p * U + tl.arange(0, U)[None, :]
+    mask = (rows < B) & (units < d)
+    all_units = tl.arange(0, D)[None, :]
+    all_mask = (rows < B) & (all_units < d)
+    Hd = H * d
+    raw_row = raw_ptr + rows * (T * 4 * Hd) + h * d + units
+    graw_row = graw_ptr + rows * (T * 4 * Hd) + h * d + units
+    graw_head = graw_ptr + rows * (T * 4 * Hd) + h * d + all_units
+    cnm_row = cnm_ptr + rows * ((T + 1) * 3 * Hd) + h * d + units
+    gy_row = gy_ptr + rows * (T * Hd) + h * d + units
+    state_at = rows * Hd + h * d + units
+    BHd = B * Hd
+    g_c = tl.load(gstate_ptr + state_at, mask=mask, other=0.0)
+    g_n = tl.load(gstate_ptr + BHd + state_at, mask=mask, other=0.0)
+    g_m = tl.load(gstate_ptr + 2 * BHd + state_at, mask=mask, other=0.0)
+    wt_i = _weight_columns(r_ptr, 0, h, H, d, units, D, True)
+    wt_f = _weight_columns(r_ptr, 1, h, H, d, units, D, True)
+    wt_z = _weight_columns(r_ptr, 2, h, H, d, units, D, True)
+    wt_o = _weight_columns(r_ptr, 3, h, H, d, units, D, True)
+    counter = counter_ptr + pid_b * tl.num_programs(1) + h
+    for k in range(0, t_high - t_low):
+        t = t_high - 1 - k
+        # dL/dy_t through step t + 1's gates (every unit's gradients, written by all P programs)
+        g_y = tl.load(gy_row + t * Hd, mask=mask, other=0.0)
+        if t + 1 < T:
+            g_next = graw_head + (t + 1) * (4 * Hd)
+            g_y += _matmul(tl.load(g_next, mask=all_mask, other=0.0, cache_modifier=".cg"), wt_i, DOT_BF16)
+            g_y += _matmul(tl.load(g_next + Hd, mask=all_mask, other=0.0, cache_modifier=".cg"), wt_f, DOT_BF16)
+            g_y += _matmul(tl.load(g_next + 2 * Hd, mask=all_mask, other=0.0, cache_modifier=".cg"), wt_z, DOT_BF16)
+            g_y += _matmul(tl.load(g_next + 3 * Hd, mask=all_mask, other=0.0, cache_modifier=".cg"), wt_o, DOT_BF16)
+        raw_t = raw_row + t * (4 * Hd)
+        i = tl.load(raw_t, mask=mask, other=0.0)
+        f = tl.load(raw_t + Hd, mask=mask, other=0.0)
+        z = tl.load(raw_t + 2 * Hd, mask=mask, other=0.0)
+        o = tl.load(raw_t + 3 * Hd, mask=mask, other=0.0)
+        cnm_prev = cnm_row + t * (3 * Hd)
+        c_prev = tl.load(cnm_prev, mask=mask, other=0.0)
+        n_prev = tl.load(cnm_prev + Hd, mask=mask, other=1.0)
+        m_prev = tl.load(cnm_prev + 2 * Hd, mask=mask, other=0.0)
+        c = tl.load(cnm_prev + 3 * Hd, mask=mask, other=0.0)
+        n = tl.load(cnm_prev + 4 * Hd, mask=mask, other=1.0)
+        m = tl.load(cnm_prev + 5 * Hd, mask=mask, other=0.0)
+        g_i, g_f, g_z, g_o, g_c, g_n, g_m = _cell_grads(
+            i, f, z, o, c_prev, n_prev, m_prev, c, n, m, g_y, g_c, g_n, g_m, mask
+        )  # fmt: skip
+        graw_t = graw_row + t * (4 * Hd)
+        tl.store(graw_t, g_i, mask=mask)
+        tl.store(graw_t + Hd, g_f, mask=mask)
+        tl.store(graw_t + 2 * Hd, g_z, mask=mask)
+        tl.store(graw_t + 3 * Hd, g_o, mask=mask)
+        if SYNC:
+            _group_barrier(counter, P * (k + 1))
+    tl.store(gstate_ptr + state_at, g_c, mask=mask)
+    tl.store(gstate_ptr + BHd + state_at, g_n, mask=mask)
+    tl.store(gstate_ptr + 2 * BHd + state_at, g_m, mask=mask)
+
+
+def split_config(D: int, dot_bf16: bool, units: int | None = None) -> tuple[int, int]:
+    """(U, P): the largest unit group whose four (D, U) weight tiles take at most 128 KB, and the groups per head."""
+    if units is None:
+        units = D
+        while units > 16 and 4 * D * units * (2 if dot_bf16 else 4) > 128 * 1024:
+            units //= 2
+    return units, D // units
+
+
+def launch_groups(blocks: int, H: int, P: int, device: torch.device) -> list[tuple[int, int]]:
+    """(first batch block, number of blocks) per launch, so that every launch's programs run at once (one per
+    multiprocessor at most: each holds up to 128 KB of weights)."""
+    if _INTERPRET or device.type != "cuda":
+        return [(0, blocks)]
+    per_launch = max(1, torch.cuda.get_device_properties(device).multi_processor_count // (H * P))
+    return [(start, min(per_launch, blocks - start)) for start in range(0, blocks, per_launch)]
+
+
+def split_forward(x, r_dot, raw, cnm, y_all, D, BLOCK_B, U, P, dot_bf16, num_warps):
+    B, T, _, H, d = x.shape
+    blocks = triton.cdiv(B, BLOCK_B)
+    for first, count in launch_groups(blocks, H, P, x.device):
+        steps = [(t, t + 1) for t in range(T)] if _INTERPRET else [(0, T)]
+        for t_start, t_stop in steps:
+            counters = torch.zeros(count, H, dtype=torch.int32, device=x.device)
+            _split_forward_kernel[(count, H, P)](
+                x, r_dot, raw, cnm, y_all, counters, B, T, H, d, first, t_start, t_stop,
+                D=D, BLOCK_B=BLOCK_B, U=U, P=P, DOT_BF16=dot_bf16, SYNC=not _INTERPRET, num_warps=num_warps,
+                num_stages=1,
+            )  # fmt: skip
+
+
+def split_backward(r_dot, raw, cnm, gy, graw, gstate, D, BLOCK_B, U, P, dot_bf16, num_warps):
+    """gstate (3, B, H, d): dL/d(c_T, n_T, m_T) in, dL/d(c_0, n_0, m_0) out. Fills graw."""
+    B, T, _, H, d = raw.shape
+    blocks = triton.cdiv(B, BLOCK_B)
+    for first, count in launch_groups(blocks, H, P, raw.device):
+        steps = [(t, t + 1) for t in reversed(range(T))] if _INTERPRET else [(0, T)]
+        for t_low, t_high in steps:
+            counters = torch.zeros(count, H, dtype=torch.int32, device=raw.device)
+            _split_backward_kernel[(count, H, P)](
+                r_dot, raw, cnm, gy, graw, gstate, counters, B, T, H, d, first, t_low, t_high,
+                D=D, BLOCK_B=BLOCK_B, U=U, P=P, DOT_BF16=dot_bf16, SYNC=not _INTERPRET, num_warps=num_warps,
+                num_stages=1,
+            )  # fmt: skip
