@@ -139,6 +139,18 @@ def test_split_heads_over_unit_groups(B, d, monkeypatch):
     check_against_reference(x, R, state, weights, mode="split")
 
 
+def test_autocast_runs_the_products_in_the_autocast_dtype():
+    """float32 gate inputs under autocast: the kernel reads them in the autocast dtype (as a matmul would); the
+    result equals an explicit bfloat16 call; the states stay float32."""
+    x, R, state, _ = make_inputs(2, 4, 1, 16, seed=4)
+    x32, R32 = x.float().to(DEVICE), R.float().to(DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y, final = slstm(x32, R32, None, impl="triton")
+    y_bf16, final_bf16 = slstm(x32.bfloat16(), R32, None, impl="triton")
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_bf16)
+    assert all(s.dtype == torch.float32 and torch.equal(s, t) for s, t in zip(final, final_bf16))
+
+
 def test_weight_mode_validation():
     x, R, state, _ = make_inputs(1, 2, 1, 16, seed=0)
     with pytest.raises(ValueError, match="weights"):

@@ -89,7 +89,11 @@ def slstm(
     if impl == "triton":  # reads x_gates in its own dtype; states and gate math in float32
         from .triton import slstm_triton
 
-        with torch.autocast(x_gates.device.type, enabled=False):
+        device_type = x_gates.device.type
+        if x_gates.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+            # as any matmul under autocast: the products y_{t-1} R in the autocast dtype (bf16/fp16)
+            x_gates = x_gates.to(torch.get_autocast_dtype(device_type))
+        with torch.autocast(device_type, enabled=False):
             return slstm_triton(x_gates, recurrent_weight, state)
     args = (x_gates.to(dtype), recurrent_weight.to(dtype), state)
     with torch.autocast(x_gates.device.type, enabled=False):  # the recurrence runs in float32 (or float64)

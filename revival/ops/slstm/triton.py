@@ -303,15 +303,22 @@ if _HAVE_TRITON:
 WEIGHT_MODES = ("resident", "streamed", "split")
 
 
+def weight_budget(dot_bf16: bool) -> int:
+    """Bytes of recurrent weights one program keeps on chip: 128 KB in bf16; 64 KB in fp32, whose tf32x3 products
+    stage split copies of the operands (measured on an H100: 128 KB of fp32 weights asked for 270 KB of shared
+    memory, over the 227 KB limit)."""
+    return (128 if dot_bf16 else 64) * 1024
+
+
 def _launch_config(d: int, weights: str | None, dot_bf16: bool):
     """(D, BLOCK_B, BLOCK_K, weights, num_warps). Default `weights`: "resident" while the head's four (D, D) weight
-    tiles take at most 128 KB (bf16 D <= 128, fp32 D <= 64; on an H100 bf16 d=128 resident measured 30 ms vs 47 ms
+    tiles fit `weight_budget` (bf16 D <= 128, fp32 D <= 64; on an H100 bf16 d=128 resident measured 30 ms vs 47 ms
     streamed, benchmarks/NOTES.md), else "split" (the head's units spread over programs, `triton_split.py`).
     `LAUNCH_OVERRIDE` may set num_warps / block_k / split_units for sweeps."""
     D = max(16, triton.next_power_of_2(d))
     BLOCK_B = 16  # tl.dot's minimum; more rows per program would leave SMs idle at small B
     if weights is None:
-        weights = "resident" if 4 * D * D * (2 if dot_bf16 else 4) <= 128 * 1024 else "split"
+        weights = "resident" if 4 * D * D * (2 if dot_bf16 else 4) <= weight_budget(dot_bf16) else "split"
     if weights not in WEIGHT_MODES:
         raise ValueError(f"weights: expected one of {WEIGHT_MODES} or None, got {weights!r}")
     block_k = LAUNCH_OVERRIDE.get("block_k", min(D, 32))

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton import _INTERPRET, _cell_grads, _cell_step, _matmul
+from .triton import _INTERPRET, _cell_grads, _cell_step, _matmul, weight_budget
 
 
 @triton.jit
@@ -170,10 +170,10 @@ def _split_backward_kernel(
 
 
 def split_config(D: int, dot_bf16: bool, units: int | None = None) -> tuple[int, int]:
-    """(U, P): the largest unit group whose four (D, U) weight tiles take at most 128 KB, and the groups per head."""
+    """(U, P): the largest unit group whose four (D, U) weight tiles fit `weight_budget`, and the groups per head."""
     if units is None:
         units = D
-        while units > 16 and 4 * D * units * (2 if dot_bf16 else 4) > 128 * 1024:
+        while units > 16 and 4 * D * units * (2 if dot_bf16 else 4) > weight_budget(dot_bf16):
             units //= 2
     return units, D // units
 
