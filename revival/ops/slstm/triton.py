@@ -322,7 +322,7 @@ def _launch_config(d: int, weights: str | None, dot_bf16: bool):
     if weights not in WEIGHT_MODES:
         raise ValueError(f"weights: expected one of {WEIGHT_MODES} or None, got {weights!r}")
     block_k = LAUNCH_OVERRIDE.get("block_k", min(D, 32))
-    num_warps = LAUNCH_OVERRIDE.get("num_warps", 8 if D >= 64 else 4)
+    num_warps = LAUNCH_OVERRIDE.get("num_warps", 8 if D >= 64 and weights != "split" else 4)
     return D, BLOCK_B, block_k, weights, num_warps
 
 

@@ -170,9 +170,10 @@ def _split_backward_kernel(
 
 
 def split_config(D: int, dot_bf16: bool, units: int | None = None) -> tuple[int, int]:
-    """(U, P): the largest unit group whose four (D, U) weight tiles fit `weight_budget`, and the groups per head."""
+    """(U, P): unit groups of 32 (measured best on an H100 at d = 128 and 192, bf16: 19.9 / 24.3 ms vs 24.7 / 29.3 ms
+    with 64), halved while the four (D, U) weight tiles exceed `weight_budget`; P groups per head."""
     if units is None:
-        units = D
+        units = min(D, 32)
         while units > 16 and 4 * D * units * (2 if dot_bf16 else 4) > weight_budget(dot_bf16):
             units //= 2
     return units, D // units
