@@ -14,6 +14,21 @@ import torch
 from torch import nn
 
 
+def _conv_forward(x, state, weight, bias):
+    """y (B, T, D) from x (B, T, D), state (B, K-1, D) or None (zeros), weight (D, K), bias (D,) or None."""
+    T, K = x.shape[1], weight.shape[1]
+    last = weight[:, K - 1]
+    y = torch.mul(x, last) if bias is None else torch.addcmul(bias, x, last)
+    for j in range(K - 1):
+        shift = K - 1 - j  # tap j reads x[t - shift], or state[t + j] for t < shift
+        if shift < T:
+            y[:, shift:].addcmul_(x[:, : T - shift], weight[:, j])
+        if state is not None:
+            n = min(shift, T)
+            y[:, :n].addcmul_(state[:, j : j + n], weight[:, j])
+    return y
+
+
 class _CausalConv(torch.autograd.Function):
     """y (B, T, D) from x (B, T, D), state (B, K-1, D) or None (zeros), weight (D, K), bias (D,) or None.
 
@@ -22,19 +37,9 @@ class _CausalConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, state, weight, bias):
-        T, K = x.shape[1], weight.shape[1]
-        last = weight[:, K - 1]
-        y = torch.mul(x, last) if bias is None else torch.addcmul(bias, x, last)
-        for j in range(K - 1):
-            shift = K - 1 - j  # tap j reads x[t - shift], or state[t + j] for t < shift
-            if shift < T:
-                y[:, shift:].addcmul_(x[:, : T - shift], weight[:, j])
-            if state is not None:
-                n = min(shift, T)
-                y[:, :n].addcmul_(state[:, j : j + n], weight[:, j])
         ctx.has_bias, ctx.has_state = bias is not None, state is not None
         ctx.save_for_backward(x, state, weight)
-        return y
+        return _conv_forward(x, state, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -92,7 +97,10 @@ class CausalConv1d(nn.Module):
         weight = self.weight[:, 0, :].to(x.dtype)  # (D, K)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         state_in = None if state is None else state.to(x.dtype)
-        y = _CausalConv.apply(x, state_in, weight, bias)
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, state_in, weight, bias))
+        # without autograd (decoding) the same ops run directly: the Function's bookkeeping is most of a step's cost
+        y = _CausalConv.apply(x, state_in, weight, bias) if needs_grad else _conv_forward(x, state_in, weight, bias)
         # the new state: the last K - 1 steps of cat(state, x)
         if T >= K - 1:
             new_state = x[:, T - (K - 1):].contiguous()  # a copy: a view would keep all of x alive

@@ -156,12 +156,16 @@ class MLSTMLayer(nn.Module):
         # x_m is produced feature-major, (B, inner, T), by its own matmul: the conv, q/k/v and the gates all read it
         # in that layout, so neither x_m nor the conv output needs a transposing copy (the conv runs on the
         # (B, T, inner) view; its elementwise ops follow the memory layout). z stays (B, T, inner) for the output.
-        w_m, w_z = self.proj_up.weight.split(self.inner_dim, dim=0)
-        x_m_fm = torch.matmul(w_m, x.transpose(1, 2))  # (B, inner, T), contiguous
-        z = F.linear(x, w_z)
-        if self.proj_up.bias is not None:
-            b_m, b_z = self.proj_up.bias.split(self.inner_dim)
-            x_m_fm, z = x_m_fm + b_m[:, None], z + b_z
+        if T == 1:  # one token (decoding): one matmul, the transposes are free
+            x_m, z = self.proj_up(x).split(self.inner_dim, dim=-1)
+            x_m_fm = x_m.transpose(1, 2)
+        else:
+            w_m, w_z = self.proj_up.weight.split(self.inner_dim, dim=0)
+            x_m_fm = torch.matmul(w_m, x.transpose(1, 2))  # (B, inner, T), contiguous
+            z = F.linear(x, w_z)
+            if self.proj_up.bias is not None:
+                b_m, b_z = self.proj_up.bias.split(self.inner_dim)
+                x_m_fm, z = x_m_fm + b_m[:, None], z + b_z
         conv_out, conv_state = self.conv(x_m_fm.transpose(1, 2), conv_state)
         conv_act = F.silu(conv_out)  # (B, T, inner) view of (B, inner, T) memory
         conv_fm = conv_act.transpose(1, 2).contiguous()  # no copy: already in this layout

@@ -149,14 +149,19 @@ class SLSTMLayer(nn.Module):
         else:
             conv_out, conv_state = self.conv(x, conv_state)
             conv_act = F.silu(conv_out)
-        # The four headwise gate maps in one Function laid out for the op (see `_HeadwiseGates`); weights and bias
-        # in the activations' dtype.
-        weight = torch.stack([gate.weight for gate in (self.igate, self.fgate, self.zgate, self.ogate)])
-        bias = None if self.gate_bias is None else self.gate_bias.to(x.dtype)
-        gates = _HeadwiseGates.apply(conv_act.to(x.dtype), x, weight.to(x.dtype), bias)  # (B, T, 4, H, d)
-        if T == 1:
-            y, cell_state = slstm_step(gates[:, 0], self.recurrent_weight, cell_state)
+        H, d = self.num_heads, self.head_dim
+        if T == 1:  # one token (decoding): per head, the stacked (2d, d) maps of (i, f) and of (z, o) as two matmuls
+            weight_if = torch.stack([self.igate.weight, self.fgate.weight], dim=1).view(H, 2 * d, d)
+            weight_zo = torch.stack([self.zgate.weight, self.ogate.weight], dim=1).view(H, 2 * d, d)
+            sources = (conv_act.view(B, H, d, 1), x.view(B, H, d, 1))
+            gates = torch.cat([weight_if @ sources[0], weight_zo @ sources[1]], dim=2).view(B, H, 4, d)
+            if self.gate_bias is not None:
+                gates = gates + self.gate_bias.transpose(0, 1)
+            y, cell_state = slstm_step(gates.transpose(1, 2), self.recurrent_weight, cell_state)
             y = y[:, None]
-        else:
+        else:  # the four headwise gate maps in one Function laid out for the op (see `_HeadwiseGates`)
+            weight = torch.stack([gate.weight for gate in (self.igate, self.fgate, self.zgate, self.ogate)])
+            bias = None if self.gate_bias is None else self.gate_bias.to(x.dtype)
+            gates = _HeadwiseGates.apply(conv_act.to(x.dtype), x, weight.to(x.dtype), bias)  # (B, T, 4, H, d)
             y, cell_state = slstm(gates, self.recurrent_weight, cell_state, impl=self.impl)
         return self.group_norm(y), (conv_state, cell_state)

@@ -82,3 +82,16 @@ def test_state_shape_checked():
     conv = CausalConv1d(4, 4)
     with pytest.raises(ValueError, match="state"):
         conv(torch.randn(1, 3, 4), torch.zeros(1, 2, 4))
+
+
+@pytest.mark.parametrize("T", [1, 6])
+def test_no_grad_path_matches_reference(T):
+    """Without autograd (decoding) the conv runs the same ops outside the Function."""
+    conv = make(5, 4, True)
+    x = torch.randn(2, T, 5, dtype=torch.float64)
+    state = torch.randn(2, 3, 5, dtype=torch.float64)
+    with torch.no_grad():
+        y, new_state = conv(x, state)
+        y_ref, state_ref = reference(x, state, conv.weight[:, 0], conv.bias)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(new_state, state_ref, rtol=0, atol=0)
