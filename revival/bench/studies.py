@@ -224,6 +224,7 @@ def _decode_point(runner, context, batch, device, dtype, settings, cuda_graphs) 
         prefill_seconds = time.perf_counter() - begin
         bytes_held = state_bytes(state) if runner.kind == "revival" else None
         del ids
+        _free(device)  # before any graph capture: emptying the cache after it broke replays (illegal address)
         use_graph = (cuda_graphs and device.type == "cuda" and runner.kind == "revival"
                      and "a" not in runner.config.pattern)
         step, graph_error = _graphed_step(runner, state, batch, device) if use_graph else (None, None)
@@ -237,7 +238,8 @@ def _decode_point(runner, context, batch, device, dtype, settings, cuda_graphs) 
         token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         for _ in range(settings["warmup"]):  # warm-up steps (attention caches grow by these tokens too)
             token = step(token).argmax(-1, keepdim=True)
-        _free(device)
+        if step.__name__ != "graphed":
+            _free(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         _sync(device)
