@@ -179,3 +179,39 @@ def test_cli_rejects_bad_arguments(capsys):
         run_study("train", presets=["llama"], contexts=[8], batch_sizes=[2], device="cpu")
     with pytest.raises(ValueError, match="settings: unknown"):
         run_study("train", presets=["llama"], contexts=[8], device="cpu", steps=3)
+
+
+def test_graph_check_rejects_a_replay_that_drifts():
+    """The decode study times a CUDA graph only if its replays match eager steps (checked here with stand-ins)."""
+    from revival.bench.studies import _graph_mismatch, _tree_copy_, _tree_map
+
+    runner = build_runner("mingru", "tiny", torch.device("cpu"), torch.float32)
+    runner.model.eval()
+    with torch.no_grad():
+        _, state = runner.prefill(torch.randint(0, runner.config.vocab_size, (1, 8)))
+        static_state = _tree_map(lambda t: t.clone(), state)
+        static_ids = torch.zeros(1, 1, dtype=torch.long)
+        calls = []
+
+        def faithful(token):  # what a correct graph does: one step on the static state, written back
+            logits, new_state = runner.step(token, static_state)
+            _tree_copy_(static_state, new_state)
+            calls.append(1)
+            return logits
+
+        def drifting(token):  # a step that forgets to advance its state after the first call
+            logits, new_state = runner.step(token, static_state)
+            if not calls:
+                _tree_copy_(static_state, new_state)
+            calls.append(1)
+            return logits
+
+        assert _graph_mismatch(runner, faithful, state, static_state, static_ids) is None
+        flat = []
+        _tree_map(lambda t: flat.append(t), static_state)
+        original = []
+        _tree_map(lambda t: original.append(t), state)
+        assert all(torch.equal(a, b) for a, b in zip(flat, original)) and flat  # restored
+        calls.clear()
+        message = _graph_mismatch(runner, drifting, state, static_state, static_ids)
+        assert message is not None and "step 2" in message, message  # the first stale state is read at step 2
