@@ -84,6 +84,25 @@ if _HAVE_TRITON:
         return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
     @triton.jit
+    def _load4(ptr, stride, mask):
+        """The four gate slices at ptr, ptr + stride, ... (zero outside mask)."""
+        return (tl.load(ptr, mask=mask, other=0.0), tl.load(ptr + stride, mask=mask, other=0.0),
+                tl.load(ptr + 2 * stride, mask=mask, other=0.0), tl.load(ptr + 3 * stride, mask=mask, other=0.0))
+
+    @triton.jit
+    def _store4(ptr, stride, a, b, c, d, mask):
+        tl.store(ptr, a, mask=mask)
+        tl.store(ptr + stride, b, mask=mask)
+        tl.store(ptr + 2 * stride, c, mask=mask)
+        tl.store(ptr + 3 * stride, d, mask=mask)
+
+    @triton.jit
+    def _store_state(ptr, stride, c, n, m, mask):
+        tl.store(ptr, c, mask=mask)
+        tl.store(ptr + stride, n, mask=mask)
+        tl.store(ptr + 2 * stride, m, mask=mask)
+
+    @triton.jit
     def _cell_step(i, f, z, o, c, n, m, mask):
         """One step from the pre-activations (float32): the new (c, n, m, y); y is 0 outside `mask`. Per unit, the
         first step (n == 0) sets m = i and ignores the forget gate (MATH.md "sLSTM")."""
@@ -168,21 +187,14 @@ if _HAVE_TRITON:
             w_z = _weight_tile(r_ptr, 2, h, H, d, D, False)
             w_o = _weight_tile(r_ptr, 3, h, H, d, D, False)
         y_stride = (T + 1) * Hd
-        x_i = tl.load(x_row, mask=mask, other=0.0)
-        x_f = tl.load(x_row + Hd, mask=mask, other=0.0)
-        x_z = tl.load(x_row + 2 * Hd, mask=mask, other=0.0)
-        x_o = tl.load(x_row + 3 * Hd, mask=mask, other=0.0)
+        x_i, x_f, x_z, x_o = _load4(x_row, Hd, mask)
         for t in range(0, T):
             i = x_i.to(tl.float32)
             f = x_f.to(tl.float32)
             z = x_z.to(tl.float32)
             o = x_o.to(tl.float32)
             # prefetch: the next step's inputs do not depend on this step, so their loads overlap its math
-            x_next = x_row + tl.minimum(t + 1, T - 1) * (4 * Hd)
-            x_i = tl.load(x_next, mask=mask, other=0.0)
-            x_f = tl.load(x_next + Hd, mask=mask, other=0.0)
-            x_z = tl.load(x_next + 2 * Hd, mask=mask, other=0.0)
-            x_o = tl.load(x_next + 3 * Hd, mask=mask, other=0.0)
+            x_i, x_f, x_z, x_o = _load4(x_row + tl.minimum(t + 1, T - 1) * (4 * Hd), Hd, mask)
             if RESIDENT:
                 i += _matmul(y, w_i, DOT_BF16)
                 f += _matmul(y, w_f, DOT_BF16)
@@ -195,16 +207,9 @@ if _HAVE_TRITON:
                 f += _streamed_matmul(y_prev, y_stride, r_ptr, 1, h, H, d, rows, B, D, BLOCK_K, False, DOT_BF16)
                 z += _streamed_matmul(y_prev, y_stride, r_ptr, 2, h, H, d, rows, B, D, BLOCK_K, False, DOT_BF16)
                 o += _streamed_matmul(y_prev, y_stride, r_ptr, 3, h, H, d, rows, B, D, BLOCK_K, False, DOT_BF16)
-            raw_t = raw_row + t * (4 * Hd)
-            tl.store(raw_t, i, mask=mask)
-            tl.store(raw_t + Hd, f, mask=mask)
-            tl.store(raw_t + 2 * Hd, z, mask=mask)
-            tl.store(raw_t + 3 * Hd, o, mask=mask)
+            _store4(raw_row + t * (4 * Hd), Hd, i, f, z, o, mask)
             c, n, m, y = _cell_step(i, f, z, o, c, n, m, mask)
-            cnm_t = cnm_row + (t + 1) * (3 * Hd)
-            tl.store(cnm_t, c, mask=mask)
-            tl.store(cnm_t + Hd, n, mask=mask)
-            tl.store(cnm_t + 2 * Hd, m, mask=mask)
+            _store_state(cnm_row + (t + 1) * (3 * Hd), Hd, c, n, m, mask)
             tl.store(y_row + (t + 1) * Hd, y, mask=mask)
 
     @triton.jit
@@ -243,11 +248,7 @@ if _HAVE_TRITON:
         c = tl.load(cnm_row + T * (3 * Hd), mask=mask, other=0.0)
         n = tl.load(cnm_row + T * (3 * Hd) + Hd, mask=mask, other=1.0)
         m = tl.load(cnm_row + T * (3 * Hd) + 2 * Hd, mask=mask, other=0.0)
-        raw_t = raw_row + (T - 1) * (4 * Hd)
-        nx_i = tl.load(raw_t, mask=mask, other=0.0)
-        nx_f = tl.load(raw_t + Hd, mask=mask, other=0.0)
-        nx_z = tl.load(raw_t + 2 * Hd, mask=mask, other=0.0)
-        nx_o = tl.load(raw_t + 3 * Hd, mask=mask, other=0.0)
+        nx_i, nx_f, nx_z, nx_o = _load4(raw_row + (T - 1) * (4 * Hd), Hd, mask)
         nx_gy = tl.load(gy_row + (T - 1) * Hd, mask=mask, other=0.0)
         cnm_prev = cnm_row + (T - 1) * (3 * Hd)
         nx_c = tl.load(cnm_prev, mask=mask, other=0.0)
@@ -258,11 +259,7 @@ if _HAVE_TRITON:
             i, f, z, o, gy_t = nx_i, nx_f, nx_z, nx_o, nx_gy
             c_prev, n_prev, m_prev = nx_c, nx_n, nx_m
             t_next = tl.maximum(t - 1, 0)
-            raw_t = raw_row + t_next * (4 * Hd)
-            nx_i = tl.load(raw_t, mask=mask, other=0.0)
-            nx_f = tl.load(raw_t + Hd, mask=mask, other=0.0)
-            nx_z = tl.load(raw_t + 2 * Hd, mask=mask, other=0.0)
-            nx_o = tl.load(raw_t + 3 * Hd, mask=mask, other=0.0)
+            nx_i, nx_f, nx_z, nx_o = _load4(raw_row + t_next * (4 * Hd), Hd, mask)
             nx_gy = tl.load(gy_row + t_next * Hd, mask=mask, other=0.0)
             cnm_prev = cnm_row + t_next * (3 * Hd)
             nx_c = tl.load(cnm_prev, mask=mask, other=0.0)
@@ -272,11 +269,7 @@ if _HAVE_TRITON:
             g_i, g_f, g_z, g_o, g_c, g_n, g_m = _cell_grads(
                 i, f, z, o, c_prev, n_prev, m_prev, c, n, m, g_y, g_c, g_n, g_m, mask
             )  # fmt: skip
-            graw_t = graw_row + t * (4 * Hd)
-            tl.store(graw_t, g_i, mask=mask)
-            tl.store(graw_t + Hd, g_f, mask=mask)
-            tl.store(graw_t + 2 * Hd, g_z, mask=mask)
-            tl.store(graw_t + 3 * Hd, g_o, mask=mask)
+            _store4(graw_row + t * (4 * Hd), Hd, g_i, g_f, g_z, g_o, mask)
             c, n, m = c_prev, n_prev, m_prev  # the state after step t - 1
             if RESIDENT:
                 g_y_rec = (

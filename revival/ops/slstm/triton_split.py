@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton import _INTERPRET, _cell_grads, _cell_step, _matmul, weight_budget
+from .triton import _INTERPRET, _cell_grads, _cell_step, _load4, _matmul, _store4, _store_state, weight_budget
 
 
 @triton.jit
@@ -31,6 +31,15 @@ def _group_barrier(counter_ptr, target):
     while count < target:
         count = tl.atomic_add(counter_ptr, 0, sem="acquire")
     tl.debug_barrier()
+
+
+@triton.jit
+def _program_lanes(B, d, block_offset, D: tl.constexpr, BLOCK_B: tl.constexpr, U: tl.constexpr):
+    """This program's batch rows (BLOCK_B, 1), its units (1, U) and all units of the head (1, D), with masks."""
+    rows = ((block_offset + tl.program_id(0)) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)[:, None]
+    units = tl.program_id(2) * U + tl.arange(0, U)[None, :]
+    all_units = tl.arange(0, D)[None, :]
+    return rows, units, (rows < B) & (units < d), all_units, (rows < B) & (all_units < d)
 
 
 @triton.jit
@@ -52,14 +61,8 @@ def _split_forward_kernel(
 ):  # fmt: skip
     """Steps t_start .. t_stop - 1. Layouts as `triton._slstm_forward_kernel`; the state entering t_start is read
     from cnm[:, t_start] and y[:, t_start]."""
-    pid_b = tl.program_id(0)
+    rows, units, mask, all_units, all_mask = _program_lanes(B, d, block_offset, D, BLOCK_B, U)
     h = tl.program_id(1)
-    p = tl.program_id(2)
-    rows = ((block_offset + pid_b) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)[:, None]
-    units = p * U + tl.arange(0, U)[None, :]
-    mask = (rows < B) & (units < d)
-    all_units = tl.arange(0, D)[None, :]
-    all_mask = (rows < B) & (all_units < d)
     Hd = H * d
     x_row = x_ptr + rows * (T * 4 * Hd) + h * d + units
     raw_row = raw_ptr + rows * (T * 4 * Hd) + h * d + units
@@ -72,28 +75,17 @@ def _split_forward_kernel(
     c = tl.load(cnm_row + t_start * (3 * Hd), mask=mask, other=0.0)
     n = tl.load(cnm_row + t_start * (3 * Hd) + Hd, mask=mask, other=0.0)
     m = tl.load(cnm_row + t_start * (3 * Hd) + 2 * Hd, mask=mask, other=0.0)
-    counter = counter_ptr + pid_b * tl.num_programs(1) + h
+    counter = counter_ptr + tl.program_id(0) * tl.num_programs(1) + h
     for t in range(t_start, t_stop):
-        x_t = x_row + t * (4 * Hd)
-        x_i = tl.load(x_t, mask=mask, other=0.0)
-        x_f = tl.load(x_t + Hd, mask=mask, other=0.0)
-        x_z = tl.load(x_t + 2 * Hd, mask=mask, other=0.0)
-        x_o = tl.load(x_t + 3 * Hd, mask=mask, other=0.0)
+        x_i, x_f, x_z, x_o = _load4(x_row + t * (4 * Hd), Hd, mask)
         y_prev = tl.load(y_head + t * Hd + all_units, mask=all_mask, other=0.0, cache_modifier=".cg")
         i = x_i.to(tl.float32) + _matmul(y_prev, w_i, DOT_BF16)
         f = x_f.to(tl.float32) + _matmul(y_prev, w_f, DOT_BF16)
         z = x_z.to(tl.float32) + _matmul(y_prev, w_z, DOT_BF16)
         o = x_o.to(tl.float32) + _matmul(y_prev, w_o, DOT_BF16)
-        raw_t = raw_row + t * (4 * Hd)
-        tl.store(raw_t, i, mask=mask)
-        tl.store(raw_t + Hd, f, mask=mask)
-        tl.store(raw_t + 2 * Hd, z, mask=mask)
-        tl.store(raw_t + 3 * Hd, o, mask=mask)
+        _store4(raw_row + t * (4 * Hd), Hd, i, f, z, o, mask)
         c, n, m, y = _cell_step(i, f, z, o, c, n, m, mask)
-        cnm_t = cnm_row + (t + 1) * (3 * Hd)
-        tl.store(cnm_t, c, mask=mask)
-        tl.store(cnm_t + Hd, n, mask=mask)
-        tl.store(cnm_t + 2 * Hd, m, mask=mask)
+        _store_state(cnm_row + (t + 1) * (3 * Hd), Hd, c, n, m, mask)
         tl.store(y_head + (t + 1) * Hd + units, y, mask=mask)
         if SYNC:
             _group_barrier(counter, P * (t - t_start + 1))
@@ -108,14 +100,8 @@ def _split_backward_kernel(
     """Steps t_high - 1 down to t_low. gstate (3, B, H, d) holds dL/d(c, n, m) of the state after step t_high - 1
     on entry and of the state before step t_low on exit; graw (B, T, 4, H, d) must hold the gate gradients of step
     t_high (if t_high < T)."""
-    pid_b = tl.program_id(0)
+    rows, units, mask, all_units, all_mask = _program_lanes(B, d, block_offset, D, BLOCK_B, U)
     h = tl.program_id(1)
-    p = tl.program_id(2)
-    rows = ((block_offset + pid_b) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)[:, None]
-    units = p * U + tl.arange(0, U)[None, :]
-    mask = (rows < B) & (units < d)
-    all_units = tl.arange(0, D)[None, :]
-    all_mask = (rows < B) & (all_units < d)
     Hd = H * d
     raw_row = raw_ptr + rows * (T * 4 * Hd) + h * d + units
     graw_row = graw_ptr + rows * (T * 4 * Hd) + h * d + units
@@ -131,7 +117,7 @@ def _split_backward_kernel(
     wt_f = _weight_columns(r_ptr, 1, h, H, d, units, D, True)
     wt_z = _weight_columns(r_ptr, 2, h, H, d, units, D, True)
     wt_o = _weight_columns(r_ptr, 3, h, H, d, units, D, True)
-    counter = counter_ptr + pid_b * tl.num_programs(1) + h
+    counter = counter_ptr + tl.program_id(0) * tl.num_programs(1) + h
     for k in range(0, t_high - t_low):
         t = t_high - 1 - k
         # dL/dy_t through step t + 1's gates (every unit's gradients, written by all P programs)
@@ -142,11 +128,7 @@ def _split_backward_kernel(
             g_y += _matmul(tl.load(g_next + Hd, mask=all_mask, other=0.0, cache_modifier=".cg"), wt_f, DOT_BF16)
             g_y += _matmul(tl.load(g_next + 2 * Hd, mask=all_mask, other=0.0, cache_modifier=".cg"), wt_z, DOT_BF16)
             g_y += _matmul(tl.load(g_next + 3 * Hd, mask=all_mask, other=0.0, cache_modifier=".cg"), wt_o, DOT_BF16)
-        raw_t = raw_row + t * (4 * Hd)
-        i = tl.load(raw_t, mask=mask, other=0.0)
-        f = tl.load(raw_t + Hd, mask=mask, other=0.0)
-        z = tl.load(raw_t + 2 * Hd, mask=mask, other=0.0)
-        o = tl.load(raw_t + 3 * Hd, mask=mask, other=0.0)
+        i, f, z, o = _load4(raw_row + t * (4 * Hd), Hd, mask)
         cnm_prev = cnm_row + t * (3 * Hd)
         c_prev = tl.load(cnm_prev, mask=mask, other=0.0)
         n_prev = tl.load(cnm_prev + Hd, mask=mask, other=1.0)
@@ -157,16 +139,10 @@ def _split_backward_kernel(
         g_i, g_f, g_z, g_o, g_c, g_n, g_m = _cell_grads(
             i, f, z, o, c_prev, n_prev, m_prev, c, n, m, g_y, g_c, g_n, g_m, mask
         )  # fmt: skip
-        graw_t = graw_row + t * (4 * Hd)
-        tl.store(graw_t, g_i, mask=mask)
-        tl.store(graw_t + Hd, g_f, mask=mask)
-        tl.store(graw_t + 2 * Hd, g_z, mask=mask)
-        tl.store(graw_t + 3 * Hd, g_o, mask=mask)
+        _store4(graw_row + t * (4 * Hd), Hd, g_i, g_f, g_z, g_o, mask)
         if SYNC:
             _group_barrier(counter, P * (k + 1))
-    tl.store(gstate_ptr + state_at, g_c, mask=mask)
-    tl.store(gstate_ptr + BHd + state_at, g_n, mask=mask)
-    tl.store(gstate_ptr + 2 * BHd + state_at, g_m, mask=mask)
+    _store_state(gstate_ptr + state_at, BHd, g_c, g_n, g_m, mask)
 
 
 def split_config(D: int, dot_bf16: bool, units: int | None = None) -> tuple[int, int]:
