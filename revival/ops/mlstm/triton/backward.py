@@ -31,6 +31,7 @@ from .forward import (
     _pow2,
     _precision,
     _split_mask,
+    _state_tile,
     _upcast,
     launch_with_fallback,
 )
@@ -45,18 +46,9 @@ def _dstates_kernel(
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr, SPLITS: tl.constexpr,
 ):
-    pid_kv = tl.program_id(0)
-    row = tl.program_id(1).to(tl.int64)
-    ik = pid_kv // NV
-    iv = pid_kv % NV
-    offs_k = ik * BK + tl.arange(0, BK)
-    offs_v = iv * BV + tl.arange(0, BV)
-    mask_k = offs_k < DK
-    mask_v = offs_v < DV
-    mask_kv = mask_k[:, None] & mask_v[None, :]
+    row, ik, iv, offs_k, offs_v, mask_k, mask_v, mask_kv, state_off = _state_tile(DK, DV, BK, BV, NV)
     offs_l = tl.arange(0, L)
 
-    state_off = row * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
     dC = tl.load(dc_last_ptr + state_off, mask=mask_kv, other=0.0)
     dn = tl.load(dn_last_ptr + row * DK + offs_k, mask=mask_k, other=0.0)
     for cc in range(0, NC):

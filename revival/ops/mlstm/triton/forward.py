@@ -93,15 +93,9 @@ def _chunk_gates(i_ptr, f_ptr, row, t0, T, L: tl.constexpr):
 
 
 @triton.jit
-def _states_kernel(
-    k_ptr, v_ptr, i_ptr, f_ptr,
-    c0_ptr, n0_ptr, m0_ptr,
-    cs_ptr, ns_ptr, ms_ptr,
-    c_out_ptr, n_out_ptr,
-    T, NC, DK, DV,
-    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr, SPLITS: tl.constexpr,
-):
+def _state_tile(DK, DV, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr):
+    """The (BK, BV) state tile of a sequential kernel's program: grid (Dk-tiles x Dv-tiles, BH). Returns the row
+    (batch-head), the tile indices, the offsets and masks, and the tile's offsets in a (BH, DK, DV) state."""
     pid_kv = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     ik = pid_kv // NV
@@ -111,9 +105,23 @@ def _states_kernel(
     mask_k = offs_k < DK
     mask_v = offs_v < DV
     mask_kv = mask_k[:, None] & mask_v[None, :]
+    state_off = row * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
+    return row, ik, iv, offs_k, offs_v, mask_k, mask_v, mask_kv, state_off
+
+
+@triton.jit
+def _states_kernel(
+    k_ptr, v_ptr, i_ptr, f_ptr,
+    c0_ptr, n0_ptr, m0_ptr,
+    cs_ptr, ns_ptr, ms_ptr,
+    c_out_ptr, n_out_ptr,
+    T, NC, DK, DV,
+    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr, SPLITS: tl.constexpr,
+):
+    row, ik, iv, offs_k, offs_v, mask_k, mask_v, mask_kv, state_off = _state_tile(DK, DV, BK, BV, NV)
     offs_l = tl.arange(0, L)
 
-    state_off = row * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
     C = tl.load(c0_ptr + state_off, mask=mask_kv, other=0.0)
     n = tl.load(n0_ptr + row * DK + offs_k, mask=mask_k, other=0.0)
     m = tl.load(m0_ptr + row)
