@@ -230,6 +230,8 @@ def main():
     ap.add_argument("--skip-sdpa", action="store_true")
     ap.add_argument("--anchors", default="limit_chunk,xl_chunk,fla_simple_gla")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--check-config", default="", help="config overrides for the checks, KEY=value[:KEY=value...]")
+    ap.add_argument("--skip-step", action="store_true")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     import triton
@@ -249,6 +251,9 @@ def main():
 
     if not args.skip_check:
         checks = {}
+        check_config = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in args.check_config.split(":") if kv}
+        fw.CONFIG_OVERRIDE.update(check_config)
+        result["check_config"] = check_config
         for (H, Dk, Dv, T, B, dtype, chunk, mode) in CHECKS:
             key = f"H{H} Dk{Dk} Dv{Dv} T{T} B{B} {str(dtype)[6:]} L{chunk} {mode}"
             fw.PRECISION_MODE = mode
@@ -258,6 +263,8 @@ def main():
                 checks[key] = "error: " + traceback.format_exc()[-800:]
             print("check", key, checks[key], flush=True)
         result["checks"] = checks
+        fw.CONFIG_OVERRIDE.clear()
+        fw._CHOSEN.clear()
 
     timings = {}
     default_mode = fw.PRECISION_MODE = DEFAULT_MODE
@@ -288,15 +295,9 @@ def main():
     fw.CONFIG_OVERRIDE.clear()
     fw._CHOSEN.clear()
 
-    B, H, Dk, Dv = STEP_SHAPE
-    g = lambda *s: torch.randn(*s, device="cuda")  # noqa: E731
-    a = [g(B, H, Dk).bfloat16(), g(B, H, Dk).bfloat16(), g(B, H, Dv).bfloat16(), g(B, H), g(B, H) + 3]
-    st = (g(B, H, Dk, Dv), g(B, H, Dk), g(B, H))
-    step_ms = bench(lambda: mlstm_step_triton(*a, st))
-    result["step"] = {"shape_B_H_Dk_Dv": STEP_SHAPE, "revival_ms": step_ms,
-                      "roofline_ms": 2 * B * H * Dk * Dv * 4 / (result["ceilings"]["copy_TBps"] * 1e9)}
-    print("step", result["step"], flush=True)
-
+    if not args.skip_step:
+        result["step"] = step_time(mlstm_step_triton, result["ceilings"]["copy_TBps"])
+        print("step", result["step"], flush=True)
     if not args.skip_sdpa:
         timings["sdpa_flash"] = sdpa_times()
         print("sdpa", timings["sdpa_flash"], flush=True)
@@ -317,6 +318,15 @@ def main():
         json.dump(result, fh, indent=1, default=str)
     plot(result, os.path.join(args.out, "gpu_mlstm.png"))
     table(result)
+
+
+def step_time(step_fn, copy_tbps):
+    B, H, Dk, Dv = STEP_SHAPE
+    g = lambda *s: torch.randn(*s, device="cuda")  # noqa: E731
+    a = [g(B, H, Dk).bfloat16(), g(B, H, Dk).bfloat16(), g(B, H, Dv).bfloat16(), g(B, H), g(B, H) + 3]
+    st = (g(B, H, Dk, Dv), g(B, H, Dk), g(B, H))
+    return {"shape_B_H_Dk_Dv": STEP_SHAPE, "revival_ms": bench(lambda: step_fn(*a, st)),
+            "roofline_ms": 2 * B * H * Dk * Dv * 4 / (copy_tbps * 1e9)}
 
 
 def table(result):

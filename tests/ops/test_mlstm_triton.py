@@ -153,3 +153,19 @@ def test_available_and_float64_rejected():
     inputs, _ = _inputs(1, 1, 4, 16, 16, torch.float64, seed=0)
     with pytest.raises(ValueError, match="float64"):
         mlstm(*inputs[:5], impl="triton")
+
+
+@pytest.mark.parametrize("case", CASES + [(1, 1, 33, 16, 160, 16, torch.bfloat16, 1e-2)])
+def test_state_on_chip_kernels(case, monkeypatch):
+    """The kernels that carry the state across chunks on chip (`fused.py`) against the float64 reference; Dv 160 runs
+    over two Dv-tiles (float32 partial sums)."""
+    from revival.ops.mlstm.triton import forward
+
+    monkeypatch.setitem(forward.CONFIG_OVERRIDE, "FUSED", 1)
+    B, H, T, Dk, Dv, chunk, dtype, tol = case
+    inputs, weights = _inputs(B, H, T, Dk, Dv, dtype, seed=T + Dk + Dv)
+    ref = _run([x.double() for x in inputs], weights, "recurrent", chunk, "cpu")
+    got = _run(inputs, weights, "triton", chunk, DEVICE)
+    errors = {name: _rel(g, r) for name, g, r in zip(NAMES, got, ref)}
+    assert all(torch.isfinite(g).all() for g in got)
+    assert max(errors.values()) < tol, errors

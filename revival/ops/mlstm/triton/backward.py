@@ -33,6 +33,7 @@ from .forward import (
     _split_mask,
     _state_tile,
     _upcast,
+    fused_config,
     launch_with_fallback,
 )
 
@@ -186,7 +187,7 @@ def backward_config(Dk: int, Dv: int) -> dict:
     # BV_GRAD: the configuration measured for both precision modes (benchmarks/NOTES.md); "fast" at Dk = 128 measured
     # 7.95 ms fwd+bwd with 64 against 8.41 ms with 32 (CONFIG_OVERRIDE)
     cfg = dict(BK=min(_pow2(Dk), 64), BV=min(_pow2(Dv), 64), BV_GRAD=min(_pow2(Dv), 32),
-               SPAN_GRAD=min(_pow2(Dv), 128), WARPS_DSTATES=8, WARPS_GRAD=8, GRAD_FUSED=0)
+               SPAN_GRAD=min(_pow2(Dv), 128), WARPS_DSTATES=8, WARPS_GRAD=8, GRAD_FUSED=0, **fused_config(Dk, Dv))
     return {**cfg, **CONFIG_OVERRIDE}
 
 
@@ -198,11 +199,10 @@ def mlstm_backward(q, k, v, i, f, h, dh, dC_last, dn_last, dm_last, state0, fina
     BH, T, Dk = q.shape
     Dv = v.shape[-1]
     L = chunk_size
-    NC = triton.cdiv(T, L)
     cfg = backward_config(Dk, Dv)
     dev = q.device
-    scale = Dk**-0.5
-    prec, upcast, mix, splits = _precision(q.dtype), _upcast(q.dtype), _mix(q.dtype), _split_mask(q.dtype)
+    flags = dict(PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), MIX=_mix(q.dtype),
+                 SPLITS=_split_mask(q.dtype))
     dh = dh.contiguous()
 
     # per-token normalizer gradients (BH, T)
@@ -212,12 +212,53 @@ def mlstm_backward(q, k, v, i, f, h, dh, dC_last, dn_last, dm_last, state0, fina
     active = (den.abs() > torch.exp(-m_query)).float()
     dden = -delta * rz * torch.sign(den) * active
 
+    if cfg["FUSED"]:
+        from .fused import fused_backward
+
+        dq, dk, dv, dlogf, kdk, dC0, dn0 = fused_backward(
+            q, k, v, i, f, dh, rz, dden, m_query, cs, ns, ms, dC_last, dn_last, {**cfg, "L": L}, flags)
+        NVG = dlogf.shape[0]
+    else:
+        dq, dk, dv, dlogf, kdk, dC0, dn0, NVG = _two_phase_grads(
+            q, k, v, i, f, dh, rz, dden, m_query, cs, ns, ms, dC_last, dn_last, L, cfg, flags)
+    dlog_f = dlogf.sum(0)
+    if NVG > 1:
+        dq, dk = dq.sum(0), dk.sum(0)
+        kdk = (k.float() * dk).sum(-1)
+        dq, dk = dq.to(q.dtype), dk.to(k.dtype)
+
+    # gate gradients: dlog_f (from the kernel) covers every pair of (query or final state, key or initial state)
+    # crossing t; add the final stabilizer's gradient (m_T = F_T + max(m0, max_s (i_s - F_s))), routed through its max
+    di = kdk.clone()
+    final_dot = (C_T * dC_last).sum((-2, -1)) + (n_T * dn_last).sum(-1)
+    dm_total = dm_last - final_dot
+    dlog_f = dlog_f + dm_total[:, None]
+    log_f_cumsum = torch.cumsum(F.logsigmoid(f.float()), dim=-1)
+    source = i.float() - log_f_cumsum  # m_T - F_T = max(m0, max_s (i_s - F_s))
+    best, where = source.max(dim=-1)
+    from_state = m0 >= best
+    route = torch.where(from_state, torch.zeros_like(dm_total), dm_total)
+    di.scatter_add_(1, where[:, None], route[:, None])
+    before = torch.arange(T, device=dev)[None, :] <= where[:, None]
+    dlog_f = dlog_f - route[:, None] * before
+    df = dlog_f * torch.sigmoid(-f.float())
+    dm0 = (C0 * dC0).sum((-2, -1)) + (n0 * dn0).sum(-1) + torch.where(from_state, dm_total, torch.zeros_like(dm_total))
+    return dq, dk, dv, di.to(i.dtype), df.to(f.dtype), dC0, dn0, dm0
+
+
+def _two_phase_grads(q, k, v, i, f, dh, rz, dden, m_query, cs, ns, ms, dC_last, dn_last, L, cfg, flags):
+    """`_dstates_kernel` then `_grads_kernel`: dq, dk, dv (or float32 partial sums over Dv-spans), crossing sums,
+    k.dk, dC0, dn0 and the number of Dv-spans."""
+    BH, T, Dk = q.shape
+    Dv = v.shape[-1]
+    NC = triton.cdiv(T, L)
+    dev = q.device
+    scale = Dk**-0.5
+    shape_class = (Dk, Dv, L, q.dtype, flags["SPLITS"])
     dcs = torch.empty_like(cs)
     dns = torch.empty_like(ns)
     dC0 = torch.empty(BH, Dk, Dv, device=dev, dtype=torch.float32)
     dn0 = torch.empty(BH, Dk, device=dev, dtype=torch.float32)
-    flags = dict(PRECISION=prec, UPCAST=upcast, MIX=mix, SPLITS=splits)
-    shape_class = (Dk, Dv, L, q.dtype, splits)
 
     def dstates(BV):
         NK, NV = triton.cdiv(Dk, cfg["BK"]), triton.cdiv(Dv, BV)
@@ -250,26 +291,5 @@ def mlstm_backward(q, k, v, i, f, h, dh, dC_last, dn_last, dm_last, state0, fina
         grads.update(dq=dq, dk=dk, dlogf=dlogf, NVG=NVG)
 
     launch_with_fallback(("grads", *shape_class), _halvings(cfg["BV_GRAD"]), grad_kernel)
-    dq, dk, dlog_f, NVG = grads["dq"], grads["dk"], grads["dlogf"].sum(0), grads["NVG"]
-    if NVG > 1:
-        dq, dk = dq.sum(0), dk.sum(0)
-        kdk = (k.float() * dk).sum(-1)
-        dq, dk = dq.to(q.dtype), dk.to(k.dtype)
+    return grads["dq"], grads["dk"], dv, grads["dlogf"], kdk, dC0, dn0, grads["NVG"]
 
-    # gate gradients: dlog_f (from the kernel) covers every pair of (query or final state, key or initial state)
-    # crossing t; add the final stabilizer's gradient (m_T = F_T + max(m0, max_s (i_s - F_s))), routed through its max
-    di = kdk.clone()
-    final_dot = (C_T * dC_last).sum((-2, -1)) + (n_T * dn_last).sum(-1)
-    dm_total = dm_last - final_dot
-    dlog_f = dlog_f + dm_total[:, None]
-    log_f_cumsum = torch.cumsum(F.logsigmoid(f.float()), dim=-1)
-    source = i.float() - log_f_cumsum  # m_T - F_T = max(m0, max_s (i_s - F_s))
-    best, where = source.max(dim=-1)
-    from_state = m0 >= best
-    route = torch.where(from_state, torch.zeros_like(dm_total), dm_total)
-    di.scatter_add_(1, where[:, None], route[:, None])
-    before = torch.arange(T, device=dev)[None, :] <= where[:, None]
-    dlog_f = dlog_f - route[:, None] * before
-    df = dlog_f * torch.sigmoid(-f.float())
-    dm0 = (C0 * dC0).sum((-2, -1)) + (n0 * dn0).sum(-1) + torch.where(from_state, dm_total, torch.zeros_like(dm_total))
-    return dq, dk, dv, di.to(i.dtype), df.to(f.dtype), dC0, dn0, dm0
