@@ -33,7 +33,6 @@ from .forward import (
     _split_mask,
     _state_tile,
     _upcast,
-    fused_config,
     launch_with_fallback,
 )
 
@@ -182,12 +181,35 @@ def _grads_kernel(
     tl.store(dlogf_ptr + (((PART % 2) * NV + iv) * tl.num_programs(1)) * T + rows, crossing, mask=valid)
 
 
+@triton.jit
+def _row_dot_kernel(a_ptr, b_ptr, out_ptr, R, D, BR: tl.constexpr, BD: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    acc = tl.zeros((BR,), dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        cols = d0 + tl.arange(0, BD)
+        mask = (rows < R)[:, None] & (cols < D)[None, :]
+        a = tl.load(a_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(a * b, 1)
+    tl.store(out_ptr + rows, acc, mask=rows < R)
+
+
+def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b, -1) in float32 for contiguous (..., D) tensors, in one pass (no float32 copies of a and b)."""
+    D = a.shape[-1]
+    out = torch.empty(a.shape[:-1], device=a.device, dtype=torch.float32)
+    R = out.numel()
+    BD = min(_pow2(D), 128)
+    _row_dot_kernel[(triton.cdiv(R, 64),)](a, b, out, R, D, BR=64, BD=BD, num_warps=4)
+    return out
+
+
 def backward_config(Dk: int, Dv: int) -> dict:
     """Fixed block sizes per shape class: state tiles BK x BV and the Dv-tile of the gradient kernel."""
     # BV_GRAD: the configuration measured for both precision modes (benchmarks/NOTES.md); "fast" at Dk = 128 measured
     # 7.95 ms fwd+bwd with 64 against 8.41 ms with 32 (CONFIG_OVERRIDE)
     cfg = dict(BK=min(_pow2(Dk), 64), BV=min(_pow2(Dv), 64), BV_GRAD=min(_pow2(Dv), 32),
-               SPAN_GRAD=min(_pow2(Dv), 128), WARPS_DSTATES=8, WARPS_GRAD=8, GRAD_FUSED=0, **fused_config(Dk, Dv))
+               SPAN_GRAD=min(_pow2(Dv), 128), WARPS_DSTATES=8, WARPS_GRAD=8, GRAD_FUSED=0)
     return {**cfg, **CONFIG_OVERRIDE}
 
 
@@ -208,19 +230,12 @@ def mlstm_backward(q, k, v, i, f, h, dh, dC_last, dn_last, dm_last, state0, fina
     # per-token normalizer gradients (BH, T)
     z = torch.maximum(den.abs(), torch.exp(-m_query)) + eps
     rz = 1.0 / z
-    delta = (dh.float() * h.float()).sum(-1)
+    delta = row_dot(dh, h)
     active = (den.abs() > torch.exp(-m_query)).float()
     dden = -delta * rz * torch.sign(den) * active
 
-    if cfg["FUSED"]:
-        from .fused import fused_backward
-
-        dq, dk, dv, dlogf, kdk, dC0, dn0 = fused_backward(
-            q, k, v, i, f, dh, rz, dden, m_query, cs, ns, ms, dC_last, dn_last, {**cfg, "L": L}, flags)
-        NVG = dlogf.shape[0]
-    else:
-        dq, dk, dv, dlogf, kdk, dC0, dn0, NVG = _two_phase_grads(
-            q, k, v, i, f, dh, rz, dden, m_query, cs, ns, ms, dC_last, dn_last, L, cfg, flags)
+    dq, dk, dv, dlogf, kdk, dC0, dn0, NVG = _grads(
+        q, k, v, i, f, dh, rz, dden, m_query, cs, ns, ms, dC_last, dn_last, L, cfg, flags)
     dlog_f = dlogf.sum(0)
     if NVG > 1:
         dq, dk = dq.sum(0), dk.sum(0)
@@ -246,7 +261,7 @@ def mlstm_backward(q, k, v, i, f, h, dh, dC_last, dn_last, dm_last, state0, fina
     return dq, dk, dv, di.to(i.dtype), df.to(f.dtype), dC0, dn0, dm0
 
 
-def _two_phase_grads(q, k, v, i, f, dh, rz, dden, m_query, cs, ns, ms, dC_last, dn_last, L, cfg, flags):
+def _grads(q, k, v, i, f, dh, rz, dden, m_query, cs, ns, ms, dC_last, dn_last, L, cfg, flags):
     """`_dstates_kernel` then `_grads_kernel`: dq, dk, dv (or float32 partial sums over Dv-spans), crossing sums,
     k.dk, dC0, dn0 and the number of Dv-spans."""
     BH, T, Dk = q.shape

@@ -214,15 +214,8 @@ def forward_config(Dk: int, Dv: int, chunk_size: int) -> dict:
     BV = min(_pow2(Dv), 64)
     BV_OUT = min(_pow2(Dv), 64)
     span_out = min(_pow2(Dv), 128)  # Dv columns per program (tiles of BV_OUT in a loop)
-    cfg = dict(L=chunk_size, BK=BK, BV=BV, BV_OUT=BV_OUT, SPAN_OUT=span_out, WARPS_STATES=8, WARPS_OUT=8,
-               **fused_config(Dk, Dv))
+    cfg = dict(L=chunk_size, BK=BK, BV=BV, BV_OUT=BV_OUT, SPAN_OUT=span_out, WARPS_STATES=8, WARPS_OUT=8)
     return {**cfg, **CONFIG_OVERRIDE}
-
-
-def fused_config(Dk: int, Dv: int) -> dict:
-    """FUSED: whether the state-on-chip kernels (`fused.py`) run instead of the two-phase ones; their Dv-tile and
-    warps."""
-    return dict(FUSED=0, BV_FUSED=min(_pow2(Dv), 128), WARPS_FUSED_FWD=8, WARPS_FUSED_BWD=8)
 
 
 # Benchmarks may try other fixed configs (keys of forward_config/backward_config); empty in normal use.
@@ -327,13 +320,6 @@ def mlstm_forward(q, k, v, i, f, C0, n0, m0, chunk_size: int, eps: float, keep_s
     BH, T, Dk = q.shape
     Dv = v.shape[-1]
     cfg = forward_config(Dk, Dv, chunk_size)
-    if cfg["FUSED"]:
-        from .fused import fused_forward
-
-        flags = dict(PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), MIX=_mix(q.dtype),
-                     SPLITS=_split_mask(q.dtype))
-        state_dtype = torch.float32 if _state_fp32(q.dtype) else q.dtype
-        return fused_forward(q, k, v, i, f, C0, n0, m0, cfg, flags, state_dtype, keep_states, eps)
     L = cfg["L"]
     NC = triton.cdiv(T, L)
     dev = q.device
