@@ -19,9 +19,9 @@ Each study writes `<out_dir>/bench_<study>.json` and `bench_<study>.png` and ret
     plot            file name of the PNG beside the JSON
 
 Figures per point: train: tokens, step_seconds, tokens_per_s, flops_per_token, mfu, peak_memory_bytes, loss;
-prefill: ttft_seconds, tokens_per_s, peak_memory_bytes; decode: tokens_per_s, step_seconds, decode_tokens,
-prefill_seconds, peak_memory_bytes, state_bytes_after_prefill, cuda_graph, cuda_graph_error. Memory figures are
-None off CUDA. Studies, sizes and the FLOP model: see `studies.py` and `models.py`.
+prefill: ttft_seconds, tokens_per_s, peak_memory_bytes, cuda_graph, cuda_graph_error; decode: tokens_per_s,
+step_seconds, decode_tokens, prefill_seconds, peak_memory_bytes, state_bytes_after_prefill, cuda_graph,
+cuda_graph_error. Memory figures are None off CUDA. Studies, sizes and the FLOP model: see `studies.py` and `models.py`.
 """
 
 from .models import ANCHORS, SIZES, bench_config, training_flops_per_token

@@ -62,7 +62,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     bench.add_argument("--out", default="benchmarks/results", help="output folder (default: benchmarks/results)")
     bench.add_argument("--no-anchors", action="store_true", help="skip the transformers anchors")
     bench.add_argument("--cuda-graphs", action="store_true",
-                       help="decode: replay the step of recurrent-only models as a CUDA graph (experimental)")
+                       help="replay the decode step of recurrent-only revival models and the prefill of every "
+                       "revival model as CUDA graphs (checked against eager calls first)")
     bench.add_argument("--max-seconds", type=float, default=None,
                        help="time budget: points not started by then are recorded as skipped")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -93,7 +94,7 @@ def format_table(result: dict) -> str:
         if p.get("mfu") is not None:
             extra = f"MFU {p['mfu']:.1%}"
         elif p.get("ttft_seconds") is not None:
-            extra = f"TTFT {p['ttft_seconds'] * 1e3:.1f} ms"
+            extra = f"TTFT {p['ttft_seconds'] * 1e3:.1f} ms{' graph' if p.get('cuda_graph') else ''}"
         elif p.get("step_seconds") is not None:
             extra = f"{p['step_seconds'] * 1e3:.2f} ms/step{' graph' if p.get('cuda_graph') else ''}"
         peak = f"{p['peak_memory_bytes'] / 2**30:.2f}" if p.get("peak_memory_bytes") else "-"

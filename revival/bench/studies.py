@@ -10,6 +10,8 @@
              cuda_graphs=True (opt-in, experimental) the step of a recurrent-only revival model on CUDA is captured
              once as a CUDA graph (state copied in place inside the graph); attention's KV cache grows each step, so
              attention models (and the anchors) always run eagerly.
+    With cuda_graphs=True the prefill of every revival model on CUDA (recurrent or attention: the shapes are fixed
+    per point) is also captured once per point and replayed; the anchors always run eagerly.
 
 Every point is timed after warm-up runs (CUDA synchronized), as the median of `repeats`. An out-of-memory point is
 recorded with status "oom" and the study goes on; any other failure is recorded with status "error". A CUDA error
@@ -48,8 +50,9 @@ def run_study(name: str, presets: list[str], contexts: list[int], device: str | 
     presets: revival preset names (e.g. "xlstm-large", "xlstm[7:1]") and/or anchors "hf-xlstm", "hf-llama".
     anchors: also add "hf-xlstm" / "hf-llama" when "xlstm-large" / "llama" are in presets and transformers is
     installed. batch_sizes: decode only (default [1]); train picks batch = max(1, tokens_per_step // context).
-    cuda_graphs: capture the decode step of recurrent-only revival models as a CUDA graph (opt-in: the first H100
-    run that had it on died with an illegal memory access in the decode study, cause not yet isolated).
+    cuda_graphs: capture the decode step of recurrent-only revival models, and the prefill of every revival model,
+    as CUDA graphs; each graph is checked against eager calls before it is timed, else the point runs eagerly and
+    says why (`cuda_graph_error`).
     max_seconds: points not started within this budget are recorded with status "skipped".
     settings: tokens_per_step, warmup, repeats, decode_tokens (defaults per size in DEFAULTS).
     """
@@ -204,9 +207,44 @@ def _prefill_point(runner, context, batch, device, dtype, settings, cuda_graphs)
             logits, _ = runner.prefill(ids)
         return logits
 
+    graph_error = None
+    if cuda_graphs and device.type == "cuda" and runner.kind == "revival":
+        _free(device)
+        graphed, graph_error = _graphed_prefill(runner, ids, device)
+        prefill = graphed or prefill
     seconds, peak = _timed(prefill, device, settings["warmup"], settings["repeats"])
     del model
-    return {"ttft_seconds": seconds, "tokens_per_s": batch * context / seconds, "peak_memory_bytes": peak}
+    return {"ttft_seconds": seconds, "tokens_per_s": batch * context / seconds, "peak_memory_bytes": peak,
+            "cuda_graph": prefill.__name__ == "graphed", "cuda_graph_error": graph_error}
+
+
+def _graphed_prefill(runner, ids, device):
+    """(function replaying a CUDA graph of the prefill of `ids`, None) or (None, why not). A replay runs the same
+    kernels as the eager call without the per-kernel launch work on the CPU, which dominates short prompts; the
+    replayed logits are checked against an eager call before the graph is timed."""
+    with torch.no_grad():
+        try:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    runner.prefill(ids)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_logits, _ = runner.prefill(ids)
+        except Exception as error:  # noqa: BLE001 - fall back to eager and say why
+            return None, f"{type(error).__name__}: {str(error)[:200]}"
+
+        def graphed():
+            graph.replay()
+            return static_logits
+
+        expected = runner.prefill(ids)[0].float()
+        difference = (graphed().float() - expected).abs().max().item()
+    if not difference <= 1e-3 * max(1.0, expected.abs().max().item()):
+        return None, f"graph replay differs from the eager prefill (max |difference| {difference:.3g})"
+    return graphed, None
 
 
 def _decode_point(runner, context, batch, device, dtype, settings, cuda_graphs) -> dict[str, Any]:

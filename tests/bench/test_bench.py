@@ -19,7 +19,7 @@ TOP_KEYS = {"study", "schema_version", "created", "device", "versions", "config"
 FIGURES = {
     "train": {"tokens", "micro_batches", "step_seconds", "tokens_per_s", "flops_per_token", "mfu", "peak_memory_bytes",
               "loss"},
-    "prefill": {"ttft_seconds", "tokens_per_s", "peak_memory_bytes"},
+    "prefill": {"ttft_seconds", "tokens_per_s", "peak_memory_bytes", "cuda_graph", "cuda_graph_error"},
     "decode": {"tokens_per_s", "step_seconds", "decode_tokens", "prefill_seconds", "peak_memory_bytes",
                "state_bytes_after_prefill", "cuda_graph", "cuda_graph_error"},
 }
