@@ -24,13 +24,15 @@ SHAPES = [  # heads, Dk, Dv, T
     (16, 128, 128, 2048), (16, 128, 128, 8192), (16, 128, 128, 32768), (8, 256, 512, 8192),
 ]
 STEP_SHAPE = (16, 8, 256, 512)  # B, H, Dk, Dv
-DEFAULT_MODE = "fast"  # the precision mode (revival.ops.mlstm.triton.forward.PRESETS) used for the step and default
+DEFAULT_MODE = "balanced"  # the precision mode (revival.ops.mlstm.triton.forward.PRESETS) used for the step and default
 CHECKS = [  # H, Dk, Dv, T, B, dtype, chunk, precision mode
     (4, 128, 128, 2085, 2, torch.bfloat16, 64, "fast"), (4, 128, 128, 2085, 2, torch.bfloat16, 64, "precise"),
     (4, 128, 128, 2085, 2, torch.float32, 64, "fast"), (4, 128, 128, 2085, 2, torch.bfloat16, 128, "fast"),
     (2, 256, 512, 1029, 1, torch.bfloat16, 64, "fast"), (2, 256, 512, 1029, 1, torch.bfloat16, 64, "precise"),
     (2, 64, 256, 777, 2, torch.float16, 64, "fast"),
     (4, 128, 128, 2085, 2, torch.bfloat16, 64, "fast32"), (2, 256, 512, 1029, 1, torch.bfloat16, 64, "fast32"),
+    (4, 128, 128, 2085, 2, torch.bfloat16, 64, "balanced"), (2, 256, 512, 1029, 1, torch.bfloat16, 64, "balanced"),
+    (8, 128, 128, 4097, 1, torch.bfloat16, 64, "balanced"), (3, 96, 192, 2049, 2, torch.bfloat16, 64, "balanced"),
 ]
 
 

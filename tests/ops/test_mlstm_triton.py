@@ -89,7 +89,7 @@ def test_kernel_chunk_size_fits_large_head_dims():
     assert [kernel_chunk_size(c, 128) for c in (8, 16, 128, 256)] == [16, 16, 128, 128]
 
 
-@pytest.mark.parametrize("mode", ["fast", "precise"])
+@pytest.mark.parametrize("mode", ["fast", "fast32", "balanced", "precise"])
 def test_bfloat16_precision_modes(mode, monkeypatch):
     from revival.ops.mlstm.triton import forward
 
@@ -102,12 +102,13 @@ def test_bfloat16_precision_modes(mode, monkeypatch):
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3]])
-def test_fused_gradient_kernel(case, monkeypatch):
-    """The one-launch gradient kernel (GRAD_FUSED, Dv-tile 128 as in v1) against the float64 reference."""
+def test_two_launch_gradient_kernel(case, monkeypatch):
+    """The gradient kernel in two launches (GRAD_FUSED=0: dq side, then dk/dv side; 32-wide Dv-tiles) against the
+    float64 reference (the default is one launch)."""
     from revival.ops.mlstm.triton import forward
 
-    monkeypatch.setitem(forward.CONFIG_OVERRIDE, "GRAD_FUSED", 1)
-    monkeypatch.setitem(forward.CONFIG_OVERRIDE, "BV_GRAD", 128)
+    monkeypatch.setitem(forward.CONFIG_OVERRIDE, "GRAD_FUSED", 0)
+    monkeypatch.setitem(forward.CONFIG_OVERRIDE, "BV_GRAD", 32)
     monkeypatch.setattr(forward, "_CHOSEN", {})
     B, H, T, Dk, Dv, chunk, dtype, tol = case
     inputs, weights = _inputs(B, H, T, Dk, Dv, dtype, seed=T + Dk + Dv)
