@@ -9,7 +9,8 @@
              peak allocated memory during the steps (weights + state + step buffers), the state's bytes. With
              cuda_graphs=True (opt-in, experimental) the step of a recurrent-only revival model on CUDA is captured
              once as a CUDA graph (state copied in place inside the graph); attention's KV cache grows each step, so
-             attention models (and the anchors) always run eagerly.
+             attention models (and the anchors) always run eagerly. A replayed step allocates nothing: its few
+             temporary buffers sit in the graph's pool and are not in that point's peak memory.
     With cuda_graphs=True the prefill of every revival model on CUDA (recurrent or attention: the shapes are fixed
     per point) is also captured once per point and replayed; the anchors always run eagerly.
 
