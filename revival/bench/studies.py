@@ -211,10 +211,7 @@ def _prefill_point(runner, context, batch, device, dtype, settings, cuda_graphs)
     graph_error, capture_peak = None, 0
     if cuda_graphs and device.type == "cuda" and runner.kind == "revival":
         _free(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        graphed, graph_error = _graphed_prefill(runner, ids, device)
-        # a replay allocates nothing: the activations live in the graph's pool, allocated during the capture
-        capture_peak = torch.cuda.max_memory_allocated(device)
+        graphed, graph_error, capture_peak = _graphed_prefill(runner, ids, device)
         prefill = graphed or prefill
     seconds, peak = _timed(prefill, device, settings["warmup"], settings["repeats"])
     if peak is not None:
@@ -225,9 +222,11 @@ def _prefill_point(runner, context, batch, device, dtype, settings, cuda_graphs)
 
 
 def _graphed_prefill(runner, ids, device):
-    """(function replaying a CUDA graph of the prefill of `ids`, None) or (None, why not). A replay runs the same
-    kernels as the eager call without the per-kernel launch work on the CPU, which dominates short prompts; the
-    replayed logits are checked against an eager call before the graph is timed."""
+    """(function replaying a CUDA graph of the prefill of `ids`, None, peak bytes allocated during the capture) or
+    (None, why not, 0). A replay runs the same kernels as the eager call without the per-kernel launch work on the CPU,
+    which dominates short prompts; the replayed logits are checked against an eager call before the graph is timed.
+    A replay allocates nothing (its activations live in the graph's pool, allocated during the capture), so the
+    capture's peak is the prefill's footprint."""
     with torch.no_grad():
         try:
             side = _side_stream(device)
@@ -237,10 +236,12 @@ def _graphed_prefill(runner, ids, device):
                     runner.prefill(ids)
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
+            torch.cuda.reset_peak_memory_stats(device)
             with torch.cuda.graph(graph):
                 static_logits, _ = runner.prefill(ids)
+            capture_peak = torch.cuda.max_memory_allocated(device)
         except Exception as error:  # noqa: BLE001 - fall back to eager and say why
-            return None, f"{type(error).__name__}: {str(error)[:200]}"
+            return None, f"{type(error).__name__}: {str(error)[:200]}", 0
 
         def graphed():
             graph.replay()
@@ -249,8 +250,8 @@ def _graphed_prefill(runner, ids, device):
         expected = runner.prefill(ids)[0].float()
         difference = (graphed().float() - expected).abs().max().item()
     if not difference <= 1e-3 * max(1.0, expected.abs().max().item()):
-        return None, f"graph replay differs from the eager prefill (max |difference| {difference:.3g})"
-    return graphed, None
+        return None, f"graph replay differs from the eager prefill (max |difference| {difference:.3g})", 0
+    return graphed, None, capture_peak
 
 
 def _decode_point(runner, context, batch, device, dtype, settings, cuda_graphs) -> dict[str, Any]:
