@@ -54,6 +54,7 @@ CASES = [
     (1, 1, 20, 16, 160, 16, torch.float32, 1e-5),  # Dv split over tiles (partial dq/dk sums)
     (2, 1, 64, 32, 32, 32, torch.bfloat16, 1e-2),
     (1, 1, 50, 16, 16, 16, torch.float16, 2e-3),
+    (1, 1, 19, 16, 288, 16, torch.float32, 1e-5),  # Dv > 256: the wide-head launch shapes
 ]
 
 

@@ -206,11 +206,13 @@ def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def backward_config(Dk: int, Dv: int) -> dict:
     """Fixed block sizes per shape class: state tiles BK x BV and the Dv-tile of the gradient kernel."""
-    # One launch of the gradient kernel with a 128-wide Dv-tile and dstates at 4 warps (v1's shapes): measured on an
-    # H100 at (16, 128, 128) 5.1 ms fwd+bwd ("fast") against 6.9 ms with two launches of 32-wide tiles at 8 warps
-    # (benchmarks/NOTES.md); the kernel halves the tile when it does not fit (launch_with_fallback)
-    cfg = dict(BK=min(_pow2(Dk), 64), BV=min(_pow2(Dv), 64), BV_GRAD=min(_pow2(Dv), 128),
-               SPAN_GRAD=min(_pow2(Dv), 128), WARPS_DSTATES=4, WARPS_GRAD=8, GRAD_FUSED=1)
+    # Up to Dv 256: one launch of the gradient kernel with a 128-wide Dv-tile and dstates at 4 warps (v1's shapes),
+    # measured on an H100 at (16, 128, 128) 5.1 ms fwd+bwd ("fast") against 6.9 ms with two launches of 32-wide
+    # tiles at 8 warps. Wider (Dv 512): the two launches, 32.7 against 35.2 ms ("balanced", (8, 256, 512));
+    # benchmarks/NOTES.md. The kernel halves the tile when it does not fit (launch_with_fallback).
+    wide = Dv > 256
+    cfg = dict(BK=min(_pow2(Dk), 64), BV=min(_pow2(Dv), 64), BV_GRAD=min(_pow2(Dv), 32 if wide else 128),
+               SPAN_GRAD=min(_pow2(Dv), 128), WARPS_DSTATES=8 if wide else 4, WARPS_GRAD=8, GRAD_FUSED=0 if wide else 1)
     return {**cfg, **CONFIG_OVERRIDE}
 
 

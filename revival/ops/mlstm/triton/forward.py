@@ -212,11 +212,13 @@ def forward_config(Dk: int, Dv: int, chunk_size: int) -> dict:
     """Fixed block sizes per shape class (no autotuning): L, state tiles BK x BV, output Dv-tile."""
     BK = min(_pow2(Dk), 64)
     BV = min(_pow2(Dv), 64)
-    BV_OUT = min(_pow2(Dv), 128)
     span_out = min(_pow2(Dv), 128)  # Dv columns per program (tiles of BV_OUT in a loop)
-    # measured on an H100 (benchmarks/NOTES.md, session 4): states at 4 warps and one 128-wide output tile beat 8
-    # warps and 64-wide tiles by 0.3-0.5 ms at (16, 128, 128)
-    cfg = dict(L=chunk_size, BK=BK, BV=BV, BV_OUT=BV_OUT, SPAN_OUT=span_out, WARPS_STATES=4, WARPS_OUT=8)
+    # measured on an H100 (benchmarks/NOTES.md, session 4): up to Dv 256, states at 4 warps and one 128-wide output
+    # tile beat 8 warps and 64-wide tiles by 0.3-0.5 ms at (16, 128, 128); at Dv 512 (with backward_config's
+    # matching choice) the narrower shapes measured 32.7 against 35.2 ms at (8, 256, 512)
+    wide = Dv > 256
+    cfg = dict(L=chunk_size, BK=BK, BV=BV, BV_OUT=min(_pow2(Dv), 64 if wide else 128), SPAN_OUT=span_out,
+               WARPS_STATES=8 if wide else 4, WARPS_OUT=8)
     return {**cfg, **CONFIG_OVERRIDE}
 
 
