@@ -9,8 +9,10 @@ and (num, den) is a gated linear attention with values [v, 1] and state [C, n].
    (dC: Dk x Dv, dn: Dk); what is left after the first chunk is the gradient of the initial state.
 2. `_grads_kernel` runs every (chunk, batch*head, Dv-tile) in parallel: dq, dk, dv from the intra-chunk part, the
    state entering the chunk (for dq) and the state gradient at its end (for dk, dv), and per token q.dq and k.dk.
-Gate gradients: di_t = k_t . dk_t; dF_t = q_t . dq_t - k_t . dk_t (F the cumulative log-forget), plus the final
-state's stabilizer routed through its max; df = reverse-cumsum(dF) * sigmoid(-f).
+Gate gradients: di_t = k_t . dk_t; the gradient of the cumulative log-forget before t is the sum of dL/dlog(weight)
+over every (query >= t, key < t) pair, which the gradient kernel accumulates per token without cancellation (see
+`_grads_kernel`); plus the final state's stabilizer routed through its max; df = that * sigmoid(-f). dh . h for the
+normalizer is one Triton pass (`row_dot`).
 """
 
 from __future__ import annotations
@@ -242,7 +244,7 @@ def mlstm_backward(q, k, v, i, f, h, dh, dC_last, dn_last, dm_last, state0, fina
     dlog_f = dlogf.sum(0)
     if NVG > 1:
         dq, dk = dq.sum(0), dk.sum(0)
-        kdk = (k.float() * dk).sum(-1)
+        kdk = row_dot(k, dk)
         dq, dk = dq.to(q.dtype), dk.to(k.dtype)
 
     # gate gradients: dlog_f (from the kernel) covers every pair of (query or final state, key or initial state)
