@@ -224,9 +224,8 @@ def ceilings():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
-    # the last one: v1's launch shapes with v2's arithmetic (not yet measured; NOTES.md "Next steps")
-    ap.add_argument("--variants", default="L64:precise,L64:fast,L64:fast:BV_GRAD=64,"
-                    "L64:fast:GRAD_FUSED=1:BV_GRAD=128:BV_OUT=128:WARPS_STATES=4:WARPS_DSTATES=4",
+    # the default precision mode first, then the other presets (forward.PRESETS)
+    ap.add_argument("--variants", default="L64:balanced,L64:fast,L64:fast32,L64:precise",
                     help="revival configs: L<chunk>:<precision mode>[:CONFIG_KEY=value...]")
     ap.add_argument("--anchors-from", default="", help="reuse the anchors' timings of an earlier gpu_mlstm.json")
     ap.add_argument("--skip-sdpa", action="store_true")
