@@ -24,6 +24,7 @@ import triton.language as tl
 
 from .forward import (
     CONFIG_OVERRIDE,
+    WIDE_DV,
     _cast,
     _chunk_gates,
     _dot,
@@ -212,7 +213,7 @@ def backward_config(Dk: int, Dv: int) -> dict:
     # measured on an H100 at (16, 128, 128) 5.1 ms fwd+bwd ("fast") against 6.9 ms with two launches of 32-wide
     # tiles at 8 warps. Wider (Dv 512): the two launches, 32.7 against 35.2 ms ("balanced", (8, 256, 512));
     # benchmarks/NOTES.md. The kernel halves the tile when it does not fit (launch_with_fallback).
-    wide = Dv > 256
+    wide = Dv > WIDE_DV
     cfg = dict(BK=min(_pow2(Dk), 64), BV=min(_pow2(Dv), 64), BV_GRAD=min(_pow2(Dv), 32 if wide else 128),
                SPAN_GRAD=min(_pow2(Dv), 128), WARPS_DSTATES=8 if wide else 4, WARPS_GRAD=8, GRAD_FUSED=0 if wide else 1)
     return {**cfg, **CONFIG_OVERRIDE}

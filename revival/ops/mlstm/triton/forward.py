@@ -208,6 +208,10 @@ def _pow2(x: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(x))
 
 
+# Above this value head dim the kernels use narrower tiles and two gradient launches (forward_config, backward_config)
+WIDE_DV = 256
+
+
 def forward_config(Dk: int, Dv: int, chunk_size: int) -> dict:
     """Fixed block sizes per shape class (no autotuning): L, state tiles BK x BV, output Dv-tile."""
     BK = min(_pow2(Dk), 64)
@@ -216,7 +220,7 @@ def forward_config(Dk: int, Dv: int, chunk_size: int) -> dict:
     # measured on an H100 (benchmarks/NOTES.md, session 4): up to Dv 256, states at 4 warps and one 128-wide output
     # tile beat 8 warps and 64-wide tiles by 0.3-0.5 ms at (16, 128, 128); at Dv 512 (with backward_config's
     # matching choice) the narrower shapes measured 32.7 against 35.2 ms at (8, 256, 512)
-    wide = Dv > 256
+    wide = Dv > WIDE_DV
     cfg = dict(L=chunk_size, BK=BK, BV=BV, BV_OUT=min(_pow2(Dv), 64 if wide else 128), SPAN_OUT=span_out,
                WARPS_STATES=8 if wide else 4, WARPS_OUT=8)
     return {**cfg, **CONFIG_OVERRIDE}
