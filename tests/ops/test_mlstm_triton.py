@@ -119,6 +119,38 @@ def test_two_launch_gradient_kernel(case, monkeypatch):
     assert max(errors.values()) < tol, errors
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3], CASES[5]])
+def test_sequential_and_chunk_parallel_state_recurrences(case, monkeypatch):
+    """The state recurrences run sequentially over chunks (many batch*head rows) or chunk-parallel (few rows: the
+    stabilizer scan, every chunk's own term at once, then an elementwise scan over chunks). Both against float64,
+    the chunk-parallel one with small scan steps so that the steps' carries are exercised (3 and 2 chunks/step)."""
+    from revival.ops.mlstm.triton import forward
+
+    B, H, T, Dk, Dv, chunk, dtype, tol = case
+    inputs, weights = _inputs(B, H, T, Dk, Dv, dtype, seed=T + Dk + Dv + 1)
+    ref = _run([x.double() for x in inputs], weights, "recurrent", chunk, "cpu")
+    calls = []
+    original = forward.chunk_scan
+    monkeypatch.setattr(forward, "_CHOSEN", {})
+    monkeypatch.setattr(forward, "_STABILIZER_CHUNKS", 2)
+    monkeypatch.setattr(forward, "_SCAN_G", 2)
+    monkeypatch.setattr(forward, "chunk_scan", lambda *a, **k: calls.append(k["reverse"]) or original(*a, **k))
+    from revival.ops.mlstm.triton import backward
+
+    monkeypatch.setattr(backward, "chunk_scan", forward.chunk_scan)
+    results = {}
+    for name, min_programs in (("sequential", 0), ("chunk-parallel", 1 << 30)):
+        monkeypatch.setitem(forward.CONFIG_OVERRIDE, "SEQ_MIN_PROGRAMS", min_programs)
+        calls.clear()
+        results[name] = _run(inputs, weights, "triton", chunk, DEVICE)
+        assert calls == ([] if min_programs == 0 else [False, False, True, True]), name
+        errors = {n: _rel(g, r) for n, g, r in zip(NAMES, results[name], ref)}
+        assert max(errors.values()) < tol, (name, errors)
+    tol_between = 1e-5 if dtype == torch.float32 else 2e-2
+    for n, a, b in zip(NAMES, results["sequential"], results["chunk-parallel"]):
+        assert _rel(a, b.double()) < tol_between, n
+
+
 def test_state_carry_equals_one_pass():
     inputs, _ = _inputs(1, 1, 40, 16, 16, torch.float32, seed=1)
     x = [t.to(DEVICE) for t in inputs]

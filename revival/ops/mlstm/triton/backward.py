@@ -24,6 +24,7 @@ import triton.language as tl
 
 from .forward import (
     CONFIG_OVERRIDE,
+    SEQ_MIN_PROGRAMS,
     WIDE_DV,
     _cast,
     _chunk_gates,
@@ -36,7 +37,10 @@ from .forward import (
     _split_mask,
     _state_tile,
     _upcast,
+    _use_chunk_scan,
+    chunk_scan,
     launch_with_fallback,
+    odd_span,
 )
 
 
@@ -49,7 +53,8 @@ def _dstates_kernel(
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr, SPLITS: tl.constexpr,
 ):
-    row, ik, iv, offs_k, offs_v, mask_k, mask_v, mask_kv, state_off = _state_tile(DK, DV, BK, BV, NV)
+    row, ik, iv, offs_k, offs_v, mask_k, mask_v, mask_kv, state_off = _state_tile(
+        DK, DV, BK, BV, NV, tl.program_id(0), tl.program_id(1))
     offs_l = tl.arange(0, L)
 
     dC = tl.load(dc_last_ptr + state_off, mask=mask_kv, other=0.0)
@@ -79,6 +84,46 @@ def _dstates_kernel(
     tl.store(dc0_ptr + state_off, dC, mask=mask_kv)
     if iv == 0:
         tl.store(dn0_ptr + row * DK + offs_k, dn, mask=mask_k)
+
+
+@triton.jit
+def _chunk_dupdate_kernel(
+    q_ptr, dh_ptr, rz_ptr, dden_ptr, mq_ptr, i_ptr, f_ptr, ms_ptr,
+    dcs_ptr, dns_ptr, dc0_ptr, dn0_ptr, decay_ptr,
+    T, NC, DK, DV, scale,
+    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr, SPLITS: tl.constexpr,
+):
+    """The chunk-parallel form of `_dstates_kernel` (forward.py explains it), one (chunk, state tile, batch*head):
+    chunk c's own term of the state-gradient recurrence, q^T ((w rz) dh) and sum(q w dden), stored where the gradient
+    at the start of the chunk goes (slot c - 1, or the initial state's gradient for the first chunk), and its decay."""
+    c = tl.program_id(0)
+    row, ik, iv, offs_k, offs_v, mask_k, mask_v, mask_kv, state_off = _state_tile(
+        DK, DV, BK, BV, NV, tl.program_id(1), tl.program_id(2))
+    t0 = c * L
+    b, g, ig, valid = _chunk_gates(i_ptr, f_ptr, row, t0, T, L)
+    m_prev = tl.load(ms_ptr + row * (NC + 1) + c)
+    m_next = tl.load(ms_ptr + row * (NC + 1) + c + 1)
+    rows = row * T + t0 + tl.arange(0, L)
+    m_query = tl.load(mq_ptr + rows, mask=valid, other=0.0)
+    rz = tl.load(rz_ptr + rows, mask=valid, other=0.0)
+    dden = tl.load(dden_ptr + rows, mask=valid, other=0.0)
+    w = tl.where(valid, scale * tl.exp(b + m_prev - m_query), 0.0)
+    q = tl.load(q_ptr + rows[:, None] * DK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
+    dh = tl.load(dh_ptr + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
+    update = _mm(tl.trans(q), dh.to(tl.float32) * (w * rz)[:, None], False, True, MIX, PRECISION, UPCAST, SPLITS & 8)
+    n_update = tl.sum(q.to(tl.float32) * (w * dden)[:, None], 0)
+    if c == 0:
+        tl.store(dc0_ptr + state_off, update, mask=mask_kv)
+        if iv == 0:
+            tl.store(dn0_ptr + row * DK + offs_k, n_update, mask=mask_k)
+    else:
+        slot = (row * NC + c - 1) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
+        tl.store(dcs_ptr + slot, _cast(update, dcs_ptr.dtype.element_ty, UPCAST), mask=mask_kv)
+        if iv == 0:
+            tl.store(dns_ptr + (row * NC + c - 1) * DK + offs_k, n_update, mask=mask_k)
+    if (ik == 0) & (iv == 0):
+        tl.store(decay_ptr + row * NC + c, tl.exp(g + m_prev - m_next))
 
 
 @triton.jit
@@ -215,7 +260,10 @@ def backward_config(Dk: int, Dv: int) -> dict:
     # benchmarks/NOTES.md. The kernel halves the tile when it does not fit (launch_with_fallback).
     wide = Dv > WIDE_DV
     cfg = dict(BK=min(_pow2(Dk), 64), BV=min(_pow2(Dv), 64), BV_GRAD=min(_pow2(Dv), 32 if wide else 128),
-               SPAN_GRAD=min(_pow2(Dv), 128), WARPS_DSTATES=8 if wide else 4, WARPS_GRAD=8, GRAD_FUSED=0 if wide else 1)
+               SPAN_GRAD=min(_pow2(Dv), 128), WARPS_DSTATES=8 if wide else 4, WARPS_GRAD=8, GRAD_FUSED=0 if wide else 1,
+               SEQ_MIN_PROGRAMS=SEQ_MIN_PROGRAMS)
+    if odd_span(Dv):
+        cfg.update(BV_GRAD=64, SPAN_GRAD=odd_span(Dv))
     return {**cfg, **CONFIG_OVERRIDE}
 
 
@@ -288,7 +336,21 @@ def _grads(q, k, v, i, f, dh, rz, dden, m_query, cs, ns, ms, dC_last, dn_last, L
             L=L, BK=cfg["BK"], BV=BV, NV=NV, num_warps=cfg["WARPS_DSTATES"], **flags,
         )
 
-    launch_with_fallback(("dstates", *shape_class), _halvings(cfg["BV"]), dstates)
+    if _use_chunk_scan(BH, Dk, Dv, NC, cfg):
+        decay = torch.empty(BH, NC, device=dev, dtype=torch.float32)
+
+        def dupdates(BV):
+            NK, NV = triton.cdiv(Dk, cfg["BK"]), triton.cdiv(Dv, BV)
+            _chunk_dupdate_kernel[(NC, NK * NV, BH)](
+                q, dh, rz, dden, m_query, i, f, ms, dcs, dns, dC0, dn0, decay, T, NC, Dk, Dv, scale,
+                L=L, BK=cfg["BK"], BV=BV, NV=NV, num_warps=4, **flags,
+            )
+
+        launch_with_fallback(("dupdates", *shape_class), _halvings(cfg["BV"]), dupdates)
+        chunk_scan(dcs, dC_last, dC0, decay, reverse=True)
+        chunk_scan(dns, dn_last, dn0, decay, reverse=True)
+    else:
+        launch_with_fallback(("dstates", *shape_class), _halvings(cfg["BV"]), dstates)
 
     dv = torch.empty_like(v)
     kdk = torch.empty(BH, T, device=dev, dtype=torch.float32)

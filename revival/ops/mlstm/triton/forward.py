@@ -93,11 +93,10 @@ def _chunk_gates(i_ptr, f_ptr, row, t0, T, L: tl.constexpr):
 
 
 @triton.jit
-def _state_tile(DK, DV, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr):
-    """The (BK, BV) state tile of a sequential kernel's program: grid (Dk-tiles x Dv-tiles, BH). Returns the row
-    (batch-head), the tile indices, the offsets and masks, and the tile's offsets in a (BH, DK, DV) state."""
-    pid_kv = tl.program_id(0)
-    row = tl.program_id(1).to(tl.int64)
+def _state_tile(DK, DV, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, pid_kv, row):
+    """The (BK, BV) state tile `pid_kv` (of Dk-tiles x Dv-tiles) of batch-head `row`. Returns the row, the tile
+    indices, the offsets and masks, and the tile's offsets in a (BH, DK, DV) state."""
+    row = row.to(tl.int64)
     ik = pid_kv // NV
     iv = pid_kv % NV
     offs_k = ik * BK + tl.arange(0, BK)
@@ -119,7 +118,8 @@ def _states_kernel(
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr, SPLITS: tl.constexpr,
 ):
-    row, ik, iv, offs_k, offs_v, mask_k, mask_v, mask_kv, state_off = _state_tile(DK, DV, BK, BV, NV)
+    row, ik, iv, offs_k, offs_v, mask_k, mask_v, mask_kv, state_off = _state_tile(
+        DK, DV, BK, BV, NV, tl.program_id(0), tl.program_id(1))
     offs_l = tl.arange(0, L)
 
     C = tl.load(c0_ptr + state_off, mask=mask_kv, other=0.0)
@@ -150,6 +150,123 @@ def _states_kernel(
         tl.store(n_out_ptr + row * DK + offs_k, n, mask=mask_k)
         if ik == 0:
             tl.store(ms_ptr + row * (NC + 1) + NC, m)
+
+
+# ---- the chunk-parallel form of the state recurrence (for few batch*head rows; see `chunk_states`) ----------------
+# C after chunk c = decay_c * C after chunk c-1 + U_c, where U_c = (w k)^T v is chunk c's own term. With few rows the
+# sequential kernel above has too few programs to fill the GPU and each waits on one small matrix product per chunk.
+# Here the stabilizer comes first (one scalar scan per row), then every U_c in parallel, then an elementwise scan over
+# the chunks, many programs per row, G chunks per step: the same sums in another order.
+
+
+@triton.jit
+def _max_plus(g1, a1, g2, a2):
+    """Compose m -> max(m + g1, a1) with m -> max(m + g2, a2) (the stabilizer's update over two chunks)."""
+    return g1 + g2, tl.maximum(a1 + g2, a2)
+
+
+@triton.jit
+def _stabilizer_kernel(i_ptr, f_ptr, m0_ptr, ms_ptr, T, NC, L: tl.constexpr, BC: tl.constexpr):
+    """One batch*head row: ms[c + 1] = max(ms[c] + g_c, max_t(g_c - b_t + i_t)) for every chunk c, ms[0] = m0
+    (the sequential kernel's stabilizer), BC chunks per step by an associative scan."""
+    row = tl.program_id(0).to(tl.int64)
+    m = tl.load(m0_ptr + row)
+    tl.store(ms_ptr + row * (NC + 1), m)
+    offs_c = tl.arange(0, BC)
+    offs_l = tl.arange(0, L)
+    for c0 in range(0, NC, BC):
+        chunks = c0 + offs_c
+        t = chunks[:, None] * L + offs_l[None, :]
+        valid = t < T
+        f = tl.load(f_ptr + row * T + t, mask=valid, other=0.0).to(tl.float32)
+        ig = tl.load(i_ptr + row * T + t, mask=valid, other=0.0).to(tl.float32)
+        log_f = tl.where(valid, _log_sigmoid(f), 0.0)
+        b = tl.cumsum(log_f, 1)
+        g = tl.sum(log_f, 1)
+        a = tl.where(valid, g[:, None] - b + ig, float("-inf"))
+        g_run, a_run = tl.associative_scan((g, tl.max(a, 1)), 0, _max_plus)
+        m_after = tl.maximum(m + g_run, a_run)  # chunks past NC (g = 0, a = -inf) carry m unchanged
+        tl.store(ms_ptr + row * (NC + 1) + 1 + chunks, m_after, mask=chunks < NC)
+        m = tl.max(tl.where(offs_c == BC - 1, m_after, float("-inf")), 0)
+
+
+@triton.jit
+def _chunk_update_kernel(
+    k_ptr, v_ptr, i_ptr, f_ptr, ms_ptr,
+    cs_ptr, ns_ptr, c_out_ptr, n_out_ptr, decay_ptr,
+    T, NC, DK, DV,
+    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr, SPLITS: tl.constexpr,
+):
+    """One (chunk, state tile, batch*head): chunk c's own term U_c = (w k)^T v, sum(w k), with the key weights w at
+    the stabilizer after the chunk, stored where the state after the chunk goes (slot c + 1, or the final state for
+    the last chunk), and the chunk's decay exp(g + m_before - m_after)."""
+    c = tl.program_id(0)
+    row, ik, iv, offs_k, offs_v, mask_k, mask_v, mask_kv, state_off = _state_tile(
+        DK, DV, BK, BV, NV, tl.program_id(1), tl.program_id(2))
+    t0 = c * L
+    b, g, ig, valid = _chunk_gates(i_ptr, f_ptr, row, t0, T, L)
+    m_before = tl.load(ms_ptr + row * (NC + 1) + c)
+    m_after = tl.load(ms_ptr + row * (NC + 1) + c + 1)
+    w = tl.exp(g - b + ig - m_after)
+    rows = row * T + t0 + tl.arange(0, L)
+    k = tl.load(k_ptr + rows[:, None] * DK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
+    v = tl.load(v_ptr + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
+    kw = k.to(tl.float32) * w[:, None]
+    update = _mm(tl.trans(kw), v, True, False, MIX, PRECISION, UPCAST, SPLITS & 1)
+    n_update = tl.sum(kw, 0)
+    if c == NC - 1:
+        tl.store(c_out_ptr + state_off, update, mask=mask_kv)
+        if iv == 0:
+            tl.store(n_out_ptr + row * DK + offs_k, n_update, mask=mask_k)
+    else:
+        slot = (row * NC + c + 1) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
+        tl.store(cs_ptr + slot, _cast(update, cs_ptr.dtype.element_ty, UPCAST), mask=mask_kv)
+        if iv == 0:
+            tl.store(ns_ptr + (row * NC + c + 1) * DK + offs_k, n_update, mask=mask_k)
+    if (ik == 0) & (iv == 0):
+        tl.store(decay_ptr + row * NC + c, tl.exp(g + m_before - m_after))
+
+
+@triton.jit
+def _linear_combine(a1, x1, a2, x2):
+    """Compose S -> a1 S + x1 with S -> a2 S + x2."""
+    return a1 * a2, a2 * x1 + x2
+
+
+@triton.jit
+def _chunk_scan_kernel(buf_ptr, init_ptr, edge_ptr, decay_ptr, NC, E,
+                       REVERSE: tl.constexpr, G: tl.constexpr, BE: tl.constexpr, UPCAST: tl.constexpr):
+    """In place, for BE of the E elements of one batch*head row: S = init; over the chunks c in order (REVERSE: from
+    the last), S = decay_c * S + U_c, where U_c sits in the slot that S then takes, which is c + 1 (REVERSE: c - 1)
+    of buf (BH, NC, E), or edge (BH, E) past the ends; the first slot (0, REVERSE: NC - 1) takes init.
+    G chunks per step: their U are loaded at once and combined by an associative scan."""
+    pid = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    offs = pid * BE + tl.arange(0, BE)
+    mask = offs < E
+    S = tl.load(init_ptr + row * E + offs, mask=mask, other=0.0).to(tl.float32)
+    first = NC - 1 if REVERSE else 0
+    tl.store(buf_ptr + (row * NC + first) * E + offs, _cast(S, buf_ptr.dtype.element_ty, UPCAST), mask=mask)
+    offs_g = tl.arange(0, G)
+    for step0 in range(0, NC, G):
+        step = step0 + offs_g
+        inside = step < NC
+        chunk = NC - 1 - step if REVERSE else step
+        slot = chunk - 1 if REVERSE else chunk + 1
+        decay = tl.load(decay_ptr + row * NC + chunk, mask=inside, other=1.0)
+        in_buf = (inside & (slot >= 0) & (slot < NC))[:, None] & mask[None, :]
+        at_edge = (inside & ((slot < 0) | (slot >= NC)))[:, None] & mask[None, :]
+        buf_off = (row * NC + slot)[:, None] * E + offs[None, :]
+        edge_off = row * E + offs[None, :] + 0 * slot[:, None]
+        update = tl.load(buf_ptr + buf_off, mask=in_buf, other=0.0).to(tl.float32)
+        update += tl.load(edge_ptr + edge_off, mask=at_edge, other=0.0)
+        decays = tl.broadcast_to(decay[:, None], (G, BE))
+        scale, offset = tl.associative_scan((decays, update), 0, _linear_combine)
+        S_all = scale * S[None, :] + offset
+        tl.store(buf_ptr + buf_off, _cast(S_all, buf_ptr.dtype.element_ty, UPCAST), mask=in_buf)
+        tl.store(edge_ptr + edge_off, S_all, mask=at_edge)
+        S = tl.sum(tl.where((offs_g == G - 1)[:, None], S_all, 0.0), 0)
 
 
 @triton.jit
@@ -208,6 +325,10 @@ def _pow2(x: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(x))
 
 
+# Below this many programs (batch*head rows x state tiles) the sequential state kernels leave the GPU mostly idle and
+# the chunk-parallel form is used instead (`_use_chunk_scan`; forward and backward alike)
+SEQ_MIN_PROGRAMS = 256
+
 # Above this value head dim the kernels use narrower tiles and two gradient launches (forward_config, backward_config)
 WIDE_DV = 256
 
@@ -222,8 +343,21 @@ def forward_config(Dk: int, Dv: int, chunk_size: int) -> dict:
     # matching choice) the narrower shapes measured 32.7 against 35.2 ms at (8, 256, 512)
     wide = Dv > WIDE_DV
     cfg = dict(L=chunk_size, BK=BK, BV=BV, BV_OUT=min(_pow2(Dv), 64 if wide else 128), SPAN_OUT=span_out,
-               WARPS_STATES=8 if wide else 4, WARPS_OUT=8)
+               WARPS_STATES=8 if wide else 4, WARPS_OUT=8, SEQ_MIN_PROGRAMS=SEQ_MIN_PROGRAMS)
+    if odd_span(Dv):
+        cfg.update(BV_OUT=64, SPAN_OUT=odd_span(Dv))
     return {**cfg, **CONFIG_OVERRIDE}
+
+
+def odd_span(Dv: int) -> int | None:
+    """For 128 < Dv < 256 not a power of two (xlstm-large at d_model 768: Dv = 192), the Dv columns one program of
+    the output and gradient kernels covers, in 64-wide tiles: all of them (Dv rounded up to 64). The power-of-two
+    shapes would take two 128-wide programs, the second part-empty, recomputing the chunk's scores (output) or
+    splitting dq, dk into float32 partial sums (gradients). Measured on an H100 at (16, 4, T=2048, 96, 192):
+    fwd+bwd 2.46 -> 2.24 ms; (1, 4, T=65536) forward 1.55 -> 1.37 ms (benchmarks/NOTES.md, session 5)."""
+    if 128 < Dv < 256 and Dv & (Dv - 1):
+        return -(-Dv // 64) * 64
+    return None
 
 
 # Benchmarks may try other fixed configs (keys of forward_config/backward_config); empty in normal use.
@@ -318,8 +452,45 @@ def chunk_states(k, v, i, f, C0, n0, m0, chunk_size: int):
             L=L, BK=cfg["BK"], BV=BV, NV=NV, num_warps=cfg["WARPS_STATES"], **flags,
         )
 
-    launch_with_fallback(("states", *shape_class), _halvings(cfg["BV"]), states)
+    if _use_chunk_scan(BH, Dk, Dv, NC, cfg):
+        decay = torch.empty(BH, NC, device=dev, dtype=torch.float32)
+        _stabilizer_kernel[(BH,)](i, f, m0, ms, T, NC, L=L, BC=_STABILIZER_CHUNKS, num_warps=4)
+
+        def updates(BV):
+            NK, NV = triton.cdiv(Dk, cfg["BK"]), triton.cdiv(Dv, BV)
+            _chunk_update_kernel[(NC, NK * NV, BH)](
+                k, v, i, f, ms, cs, ns, C_out, n_out, decay, T, NC, Dk, Dv,
+                L=L, BK=cfg["BK"], BV=BV, NV=NV, num_warps=4, **flags,
+            )
+
+        launch_with_fallback(("updates", *shape_class), _halvings(cfg["BV"]), updates)
+        chunk_scan(cs, C0, C_out, decay, reverse=False)
+        chunk_scan(ns, n0, n_out, decay, reverse=False)
+    else:
+        launch_with_fallback(("states", *shape_class), _halvings(cfg["BV"]), states)
     return cs, ns, ms, C_out, n_out
+
+
+# Chunks per step of the stabilizer scan, and of the elementwise chunk scan (G) with its elements per program (BE)
+_STABILIZER_CHUNKS = 64
+_SCAN_G, _SCAN_BE = 8, 256
+
+
+def _use_chunk_scan(BH: int, Dk: int, Dv: int, NC: int, cfg: dict) -> bool:
+    """The chunk-parallel state recurrence when the sequential kernel would have fewer than `cfg["SEQ_MIN_PROGRAMS"]`
+    programs (a config key: 0 never uses it, a huge value always does) and there are at least two chunks."""
+    programs = BH * triton.cdiv(Dk, cfg["BK"]) * triton.cdiv(Dv, cfg["BV"])
+    return NC > 1 and programs < cfg["SEQ_MIN_PROGRAMS"]
+
+
+def chunk_scan(buf: torch.Tensor, init: torch.Tensor, edge: torch.Tensor, decay: torch.Tensor, reverse: bool) -> None:
+    """`_chunk_scan_kernel` over buf (BH, NC, ...) with init and edge (BH, ...) float32 and decay (BH, NC)."""
+    BH, NC = buf.shape[:2]
+    E = buf[0, 0].numel()
+    _chunk_scan_kernel[(triton.cdiv(E, _SCAN_BE), BH)](
+        buf, init, edge, decay, NC, E, REVERSE=reverse, G=_SCAN_G, BE=_SCAN_BE, UPCAST=_upcast(buf.dtype),
+        num_warps=4,
+    )
 
 
 def mlstm_forward(q, k, v, i, f, C0, n0, m0, chunk_size: int, eps: float, keep_states: bool):
