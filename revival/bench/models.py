@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import LanguageModel, ModelConfig, preset_config
+from ..ops.soft_cap import soft_cap
 
 SIZES = ("tiny", "125m")
 ANCHORS = {"hf-xlstm": "xlstm-large", "hf-llama": "llama"}  # anchor -> the preset whose size it copies
@@ -146,11 +147,7 @@ def forward_last(model: LanguageModel, ids: torch.Tensor, state=None) -> tuple[t
     for block, block_state in zip(model.blocks, state):
         x, block_state = block(x, block_state)
         new_state.append(block_state)
-    logits = model.lm_head(model.out_norm(x[:, -1]))
-    cap = model.config.logit_soft_cap
-    if cap is not None:
-        logits = cap * torch.tanh(logits / cap)
-    return logits, new_state
+    return soft_cap(model.lm_head(model.out_norm(x[:, -1])), model.config.logit_soft_cap), new_state
 
 
 class HFXLSTMRunner(Runner):

@@ -7,6 +7,7 @@ from torch import nn
 
 from ..ops.attention import append_kv, apply_rope, causal_attention, rope_cos_sin
 from .ffn import small_init_, wang_init_
+from .linear import linear_many
 
 __all__ = ["Attention"]
 
@@ -54,9 +55,10 @@ class Attention(nn.Module):
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected shape (B, T, {self.d_model}), got {tuple(x.shape)}")
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = linear_many(x, [self.q_proj, self.k_proj, self.v_proj])
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         start = 0 if state is None else state[0].shape[2]
         positions = torch.arange(start, start + T, device=x.device)
         rope_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import linear_many
+
 __all__ = ["GatedMLP", "SwiGLU", "ffn_hidden_dim", "small_init_", "wang_init_"]
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu, "relu": F.relu}
@@ -103,4 +105,5 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected last dim {self.d_model}, got shape {tuple(x.shape)}")
-        return self.proj_down(F.silu(self.proj_up_gate(x)) * self.proj_up(x))
+        gate, up = linear_many(x, [self.proj_up_gate, self.proj_up])
+        return self.proj_down(F.silu(gate) * up)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..layers.norms import LayerNorm, RMSNorm
+from ..ops.soft_cap import soft_cap
 from .blocks import build_block
 from .config import ModelConfig
 
@@ -100,10 +101,7 @@ class LanguageModel(nn.Module):
         for block, block_state in zip(self.blocks, state):
             x, block_state = block(x, block_state)
             new_state.append(block_state)
-        logits = self.lm_head(self.out_norm(x))
-        cap = self.config.logit_soft_cap
-        if cap is not None:
-            logits = cap * torch.tanh(logits / cap)
+        logits = soft_cap(self.lm_head(self.out_norm(x)), self.config.logit_soft_cap)
         return logits, new_state
 
     # ------------------------------------------------------------------ generation (revival.generate)
