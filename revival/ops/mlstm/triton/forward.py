@@ -326,8 +326,11 @@ def _pow2(x: int, floor: int = 16) -> int:
 
 
 # Below this many programs (batch*head rows x state tiles) the sequential state kernels leave the GPU mostly idle and
-# the chunk-parallel form is used instead (`_use_chunk_scan`; forward and backward alike)
-SEQ_MIN_PROGRAMS = 256
+# the chunk-parallel form, which moves every chunk's state two more times, is used instead (`_use_chunk_scan`;
+# forward and backward alike). Measured on an H100 (132 SMs), forward ms sequential -> chunk-parallel: 24 programs
+# (4 rows, Dk 96, Dv 192, T 32768) 1.49 -> 0.79; 64 (16 rows, 128 x 128, T 65536) 3.67 -> 3.28; 128 (32 rows,
+# 128 x 128, T 32768) 2.50 -> 3.05 (benchmarks/NOTES.md, session 5).
+SEQ_MIN_PROGRAMS = 100
 
 # Above this value head dim the kernels use narrower tiles and two gradient launches (forward_config, backward_config)
 WIDE_DV = 256
