@@ -194,9 +194,36 @@ def test_row_dot_matches_float64():
     from revival.ops.mlstm.triton.backward import row_dot
 
     g = torch.Generator().manual_seed(0)
-    for shape in [(3, 70, 200), (2, 5, 16)]:
-        a, b = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
-        got = row_dot(a.bfloat16().to(DEVICE), b.bfloat16().to(DEVICE))
-        ref = (a.bfloat16().double() * b.bfloat16().double()).sum(-1)
-        assert got.dtype == torch.float32 and got.shape == shape[:-1]
+    for B, H, T, D in [(1, 3, 70, 200), (2, 2, 5, 16)]:
+        a, b = torch.randn(B, H, T, D, generator=g), torch.randn(B, T, H, D, generator=g).transpose(1, 2)
+        got = row_dot(a.bfloat16().to(DEVICE), b.bfloat16().to(DEVICE))  # a head-major, b token-major
+        ref = (a.bfloat16().double() * b.bfloat16().double()).sum(-1).reshape(B * H, T)
+        assert got.dtype == torch.float32 and got.shape == (B * H, T)
         assert _rel(got, ref) < 1e-6
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3], (2, 3, 40, 16, 32, 16, torch.float32, 1e-5)])
+def test_token_major_views_as_inputs(case, sequential, monkeypatch):
+    """q, k, v as per-head views of one projection output (B, T, 2 H Dk + H Dv), as the xLSTM-7B layer passes them:
+    the kernels read them in place; h and the gradients come back stored token-major (B, T, H, D)."""
+    from revival.ops.mlstm.triton import forward
+
+    monkeypatch.setitem(forward.CONFIG_OVERRIDE, "SEQ_MIN_PROGRAMS", 0 if sequential else 1 << 30)
+    B, H, T, Dk, Dv, chunk, dtype, tol = case
+    inputs, weights = _inputs(B, H, T, Dk, Dv, dtype, seed=T + Dk + Dv + 2)
+    ref = _run([x.double() for x in inputs], weights, "recurrent", chunk, "cpu")
+    q, k, v = inputs[:3]
+    packed = torch.cat([x.transpose(1, 2).reshape(B, T, -1) for x in (q, k, v)], dim=-1).to(DEVICE)
+    packed.requires_grad_(True)
+    views = packed.split([H * Dk, H * Dk, H * Dv], dim=-1)
+    q, k, v = (x.view(B, T, H, -1).transpose(1, 2) for x in views)
+    rest = [x.detach().to(DEVICE).clone().requires_grad_(True) for x in inputs[3:]]
+    h, (C, n, m) = mlstm(q, k, v, *rest[:2], tuple(rest[2:]), impl="triton", chunk_size=chunk)
+    assert h.transpose(1, 2).is_contiguous()  # stored (B, T, H, Dv), like v
+    loss = sum((o.double() * w.to(DEVICE)).sum() for o, w in zip((h, C, n, m), weights))
+    loss.backward()
+    dq, dk, dv = (x.view(B, T, H, -1).transpose(1, 2) for x in packed.grad.split([H * Dk, H * Dk, H * Dv], -1))
+    got = [h.detach(), C.detach(), n.detach(), m.detach(), dq, dk, dv] + [x.grad for x in rest]
+    errors = {name: _rel(g, r) for name, g, r in zip(NAMES, got, ref)}
+    assert max(errors.values()) < tol, errors

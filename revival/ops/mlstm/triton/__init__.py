@@ -54,7 +54,9 @@ class _MLSTMChunkwise(torch.autograd.Function):
 
         B, H, T, Dk = q.shape
         Dv = v.shape[-1]
-        flat = [x.reshape(B * H, T, -1).contiguous() for x in (q, k, v)]
+        # q, k, v go to the kernels as they are laid out (e.g. token-major views of a projection's output), only
+        # their last dim must be contiguous
+        flat = [x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v)]
         gates = [x.reshape(B * H, T).contiguous() for x in (i, f)]
         state0 = (C0.reshape(B * H, Dk, Dv).contiguous(), n0.reshape(B * H, Dk).contiguous(),
                   m0.reshape(B * H).contiguous())
@@ -68,7 +70,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
             ctx.save_for_backward(*flat, *gates, h, *state0, *final, *saved)
             ctx.chunk_size, ctx.eps, ctx.shape = chunk_size, eps, (B, H, T, Dk, Dv)
         C_T, n_T, m_T = final
-        return h.reshape(B, H, T, Dv), C_T.reshape(B, H, Dk, Dv), n_T.reshape(B, H, Dk), m_T.reshape(B, H)
+        return h, C_T.reshape(B, H, Dk, Dv), n_T.reshape(B, H, Dk), m_T.reshape(B, H)
 
     @staticmethod
     def backward(ctx, dh, dC_T, dn_T, dm_T):
@@ -81,23 +83,25 @@ class _MLSTMChunkwise(torch.autograd.Function):
 
             saved[:3] = chunk_states(k, v, i, f, C0, n0, m0, ctx.chunk_size)[:3]
         BH = B * H
-        dh = torch.zeros_like(h) if dh is None else dh.reshape(BH, T, Dv).to(h.dtype)
+        dh = torch.zeros_like(h) if dh is None else dh.to(h.dtype)
         dC_T = torch.zeros_like(C_T) if dC_T is None else dC_T.reshape(BH, Dk, Dv).float().contiguous()
         dn_T = torch.zeros_like(n_T) if dn_T is None else dn_T.reshape(BH, Dk).float().contiguous()
         dm_T = torch.zeros_like(m_T) if dm_T is None else dm_T.reshape(BH).float()
         dq, dk, dv, di, df, dC0, dn0, dm0 = mlstm_backward(
             q, k, v, i, f, h, dh, dC_T, dn_T, dm_T, (C0, n0, m0), (C_T, n_T, m_T), saved, ctx.chunk_size, ctx.eps,
         )
-        return (dq.reshape(B, H, T, Dk), dk.reshape(B, H, T, Dk), dv.reshape(B, H, T, Dv), di.reshape(B, H, T),
+        return (dq, dk, dv, di.reshape(B, H, T),
                 df.reshape(B, H, T), dC0.reshape(B, H, Dk, Dv), dn0.reshape(B, H, Dk), dm0.reshape(B, H), None, None)
 
 
 def mlstm_triton(q, k, v, i, f, state, *, chunk_size: int = 64, eps: float = 1e-6):
     """Chunkwise mLSTM. q, k: (B, H, T, Dk); v: (B, H, T, Dv); i, f: (B, H, T); state (C, n, m) float32.
 
-    Returns h (B, H, T, Dv) in q's dtype and the final state (float32). Differentiable in all inputs and the initial
-    state. `chunk_size` is capped at 128 and at 16384 / Dk (rounded up to a power of two), so the intra-chunk tiles fit
-    on chip (`kernel_chunk_size`); results do not depend on it beyond rounding.
+    q, k, v may be strided views (only their last dim must be contiguous), e.g. per-head views of one projection's
+    (B, T, H * D) output: the kernels read them in place. Returns h (B, H, T, Dv) in q's dtype, stored like v (for a
+    token-major v, h.transpose(1, 2) is contiguous), and the final state (float32). Differentiable in all inputs and
+    the initial state. `chunk_size` is capped at 128 and at 16384 / Dk (rounded up to a power of two), so the
+    intra-chunk tiles fit on chip (`kernel_chunk_size`); results do not depend on it beyond rounding.
     """
     if not _HAVE_TRITON:
         raise RuntimeError("impl='triton' needs the `triton` package (pip install 'revival[gpu]')")

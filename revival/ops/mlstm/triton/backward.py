@@ -36,11 +36,14 @@ from .forward import (
     _precision,
     _split_mask,
     _state_tile,
+    _token_offsets,
     _upcast,
     _use_chunk_scan,
     chunk_scan,
+    empty_like_layout,
     launch_with_fallback,
     odd_span,
+    token_strides,
 )
 
 
@@ -49,7 +52,7 @@ def _dstates_kernel(
     q_ptr, dh_ptr, rz_ptr, dden_ptr, mq_ptr, i_ptr, f_ptr, ms_ptr,
     dc_last_ptr, dn_last_ptr,
     dcs_ptr, dns_ptr, dc0_ptr, dn0_ptr,
-    T, NC, DK, DV, scale,
+    T, NC, DK, DV, scale, H, q_sb, q_sh, q_st, dh_sb, dh_sh, dh_st,
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr, SPLITS: tl.constexpr,
 ):
@@ -74,8 +77,10 @@ def _dstates_kernel(
         rz = tl.load(rz_ptr + rows, mask=valid, other=0.0)
         dden = tl.load(dden_ptr + rows, mask=valid, other=0.0)
         w = tl.where(valid, scale * tl.exp(b + m_prev - m_query), 0.0)
-        q = tl.load(q_ptr + rows[:, None] * DK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
-        dh = tl.load(dh_ptr + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
+        q_rows = _token_offsets(row, t0 + offs_l, H, q_sb, q_sh, q_st)
+        dh_rows = _token_offsets(row, t0 + offs_l, H, dh_sb, dh_sh, dh_st)
+        q = tl.load(q_ptr + q_rows[:, None] + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
+        dh = tl.load(dh_ptr + dh_rows[:, None] + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
         decay = tl.exp(g + m_prev - m_next)
         # (w q)^T (rz dh) = q^T ((w rz) dh): the row weights ride on one operand, q enters unrounded
         dC = decay * dC + _mm(tl.trans(q), dh.to(tl.float32) * (w * rz)[:, None], False, True, MIX, PRECISION,
@@ -90,7 +95,7 @@ def _dstates_kernel(
 def _chunk_dupdate_kernel(
     q_ptr, dh_ptr, rz_ptr, dden_ptr, mq_ptr, i_ptr, f_ptr, ms_ptr,
     dcs_ptr, dns_ptr, dc0_ptr, dn0_ptr, decay_ptr,
-    T, NC, DK, DV, scale,
+    T, NC, DK, DV, scale, H, q_sb, q_sh, q_st, dh_sb, dh_sh, dh_st,
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr, SPLITS: tl.constexpr,
 ):
@@ -109,8 +114,10 @@ def _chunk_dupdate_kernel(
     rz = tl.load(rz_ptr + rows, mask=valid, other=0.0)
     dden = tl.load(dden_ptr + rows, mask=valid, other=0.0)
     w = tl.where(valid, scale * tl.exp(b + m_prev - m_query), 0.0)
-    q = tl.load(q_ptr + rows[:, None] * DK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
-    dh = tl.load(dh_ptr + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
+    q_rows = _token_offsets(row, t0 + tl.arange(0, L), H, q_sb, q_sh, q_st)
+    dh_rows = _token_offsets(row, t0 + tl.arange(0, L), H, dh_sb, dh_sh, dh_st)
+    q = tl.load(q_ptr + q_rows[:, None] + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
+    dh = tl.load(dh_ptr + dh_rows[:, None] + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
     update = _mm(tl.trans(q), dh.to(tl.float32) * (w * rz)[:, None], False, True, MIX, PRECISION, UPCAST, SPLITS & 8)
     n_update = tl.sum(q.to(tl.float32) * (w * dden)[:, None], 0)
     if c == 0:
@@ -132,6 +139,8 @@ def _grads_kernel(
     cs_ptr, ns_ptr, ms_ptr, dcs_ptr, dns_ptr,
     dq_ptr, dk_ptr, dv_ptr, dlogf_ptr, kdk_ptr,
     T, NC, DK, DV, scale,
+    H, q_sb, q_sh, q_st, k_sb, k_sh, k_st, v_sb, v_sh, v_st, dh_sb, dh_sh, dh_st,
+    dq_sb, dq_sh, dq_st, dk_sb, dk_sh, dk_st, dv_sb, dv_sh, dv_st,
     L: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr, NVI: tl.constexpr, NV: tl.constexpr,
     PART: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr, SPLITS: tl.constexpr,
@@ -149,9 +158,15 @@ def _grads_kernel(
 
     b, g, ig, valid = _chunk_gates(i_ptr, f_ptr, row, t0, T, L)
     rows = row * T + t0 + offs_l
+    t = t0 + offs_l
+    v_rows = _token_offsets(row, t, H, v_sb, v_sh, v_st)
+    dh_rows = _token_offsets(row, t, H, dh_sb, dh_sh, dh_st)
+    dv_rows = _token_offsets(row, t, H, dv_sb, dv_sh, dv_st)
     mask_lk = valid[:, None] & mask_k[None, :]
-    q = tl.load(q_ptr + rows[:, None] * DK + offs_k[None, :], mask=mask_lk, other=0.0)
-    k = tl.load(k_ptr + rows[:, None] * DK + offs_k[None, :], mask=mask_lk, other=0.0)
+    q_rows = _token_offsets(row, t, H, q_sb, q_sh, q_st)
+    k_rows = _token_offsets(row, t, H, k_sb, k_sh, k_st)
+    q = tl.load(q_ptr + q_rows[:, None] + offs_k[None, :], mask=mask_lk, other=0.0)
+    k = tl.load(k_ptr + k_rows[:, None] + offs_k[None, :], mask=mask_lk, other=0.0)
     m_query = tl.load(mq_ptr + rows, mask=valid, other=0.0)
     rz = tl.load(rz_ptr + rows, mask=valid, other=0.0)
     dden = tl.load(dden_ptr + rows, mask=valid, other=0.0)
@@ -175,8 +190,8 @@ def _grads_kernel(
         mask_v = offs_v < DV
         mask_lv = valid[:, None] & mask_v[None, :]
         mask_kv = mask_k[:, None] & mask_v[None, :]
-        v = tl.load(v_ptr + rows[:, None] * DV + offs_v[None, :], mask=mask_lv, other=0.0)
-        dh = tl.load(dh_ptr + rows[:, None] * DV + offs_v[None, :], mask=mask_lv, other=0.0)
+        v = tl.load(v_ptr + v_rows[:, None] + offs_v[None, :], mask=mask_lv, other=0.0)
+        dh = tl.load(dh_ptr + dh_rows[:, None] + offs_v[None, :], mask=mask_lv, other=0.0)
         chunk_state = (row * NC + c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
         dC = tl.load(dcs_ptr + chunk_state, mask=mask_kv, other=0.0)
         dh_v += _dot(dh, tl.trans(v), PRECISION, UPCAST)
@@ -188,14 +203,15 @@ def _grads_kernel(
             v_dc += _mm(v, tl.trans(dC), False, True, MIX, PRECISION, UPCAST, SPLITS & 256)
             dv = _mm(tl.trans(scores_rz), dh, True, False, MIX, PRECISION, UPCAST, SPLITS & 512)
             dv += w_key[:, None] * _mm(k, dC, False, True, MIX, PRECISION, UPCAST, SPLITS & 1024)
-            tl.store(dv_ptr + rows[:, None] * DV + offs_v[None, :], _cast(dv, dv_ptr.dtype.element_ty, UPCAST),
+            tl.store(dv_ptr + dv_rows[:, None] + offs_v[None, :], _cast(dv, dv_ptr.dtype.element_ty, UPCAST),
                      mask=mask_lv)
 
     decay = tl.where(causal, tl.exp(b[:, None] - b[None, :] + ig[None, :] - m_query[:, None]), 0.0)
     dscores = (dh_v * rz[:, None] + dden[:, None]) * decay  # dL/dP * D
     # d(cumulative log-forget before t) = sum over (query >= t, key < t) pairs of dL/dlog(weight): no cancellation
     # (a reverse cumsum of q.dq - k.dk over T cancels, and amplifies rounding ~sqrt(T)).
-    dq_off = rows[:, None] * DK + offs_k[None, :]
+    dq_off = _token_offsets(row, t, H, dq_sb, dq_sh, dq_st)[:, None] + offs_k[None, :]
+    dk_off = _token_offsets(row, t, H, dk_sb, dk_sh, dk_st)[:, None] + offs_k[None, :]
     part = (iv * tl.num_programs(1) * T + rows)[:, None] * DK + offs_k[None, :]
     dn = tl.load(dns_ptr + (row * NC + c) * DK + offs_k, mask=mask_k, other=0.0)
     dn = tl.where(iv == 0, dn, 0.0)
@@ -222,7 +238,7 @@ def _grads_kernel(
         crossing += tl.cumsum(k_state, 0) - k_state
         dk = _mm(tl.trans(dscores), q, True, False, MIX, PRECISION, UPCAST, SPLITS & 128) * scale + dk_state
         if NV == 1:
-            tl.store(dk_ptr + dq_off, _cast(dk, dk_ptr.dtype.element_ty, UPCAST), mask=mask_lk)
+            tl.store(dk_ptr + dk_off, _cast(dk, dk_ptr.dtype.element_ty, UPCAST), mask=mask_lk)
             tl.store(kdk_ptr + rows, tl.sum(k.to(tl.float32) * dk, 1), mask=valid)
         else:
             tl.store(dk_ptr + part, dk, mask=mask_lk)
@@ -230,25 +246,32 @@ def _grads_kernel(
 
 
 @triton.jit
-def _row_dot_kernel(a_ptr, b_ptr, out_ptr, R, D, BR: tl.constexpr, BD: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-    acc = tl.zeros((BR,), dtype=tl.float32)
+def _row_dot_kernel(a_ptr, b_ptr, out_ptr, T, D, H, a_sb, a_sh, a_st, b_sb, b_sh, b_st,
+                    BT: tl.constexpr, BD: tl.constexpr):
+    """out[row, t] = sum_d a[row, t, d] * b[row, t, d] in float32, BT tokens of one batch*head row per program."""
+    row = tl.program_id(1).to(tl.int64)
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    valid = t < T
+    a_rows = _token_offsets(row, t, H, a_sb, a_sh, a_st)
+    b_rows = _token_offsets(row, t, H, b_sb, b_sh, b_st)
+    acc = tl.zeros((BT,), dtype=tl.float32)
     for d0 in range(0, D, BD):
         cols = d0 + tl.arange(0, BD)
-        mask = (rows < R)[:, None] & (cols < D)[None, :]
-        a = tl.load(a_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mask = valid[:, None] & (cols < D)[None, :]
+        a = tl.load(a_ptr + a_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + b_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         acc += tl.sum(a * b, 1)
-    tl.store(out_ptr + rows, acc, mask=rows < R)
+    tl.store(out_ptr + row * T + t, acc, mask=valid)
 
 
 def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum(a * b, -1) in float32 for contiguous (..., D) tensors, in one pass (no float32 copies of a and b)."""
-    D = a.shape[-1]
-    out = torch.empty(a.shape[:-1], device=a.device, dtype=torch.float32)
-    R = out.numel()
+    """sum(a * b, -1) in float32 for (B, H, T, D) tensors with contiguous last dims (any layout otherwise), in one
+    pass (no float32 copies of a and b): -> (B * H, T)."""
+    B, H, T, D = a.shape
+    out = torch.empty(B * H, T, device=a.device, dtype=torch.float32)
     BD = min(_pow2(D), 128)
-    _row_dot_kernel[(triton.cdiv(R, 64),)](a, b, out, R, D, BR=64, BD=BD, num_warps=4)
+    _row_dot_kernel[(triton.cdiv(T, 64), B * H)](a, b, out, T, D, H, *token_strides(a), *token_strides(b),
+                                                 BT=64, BD=BD, num_warps=4)
     return out
 
 
@@ -268,18 +291,20 @@ def backward_config(Dk: int, Dv: int) -> dict:
 
 
 def mlstm_backward(q, k, v, i, f, h, dh, dC_last, dn_last, dm_last, state0, final_state, saved, chunk_size, eps):
-    """Gradients of q, k, v, i, f (shapes as the inputs, (BH, ...)) and of the initial state (C0, n0, m0)."""
+    """Gradients of q, k, v (B, H, T, D), each stored like its input (`empty_like_layout`), of i, f (BH, T) and of the
+    initial state (C0, n0, m0). q, k, v, h, dh: (B, H, T, D) with contiguous last dims, any layout otherwise."""
     cs, ns, ms, m_query, den = saved
     C0, n0, m0 = state0
     C_T, n_T, _ = final_state
-    BH, T, Dk = q.shape
+    B, H, T, Dk = q.shape
     Dv = v.shape[-1]
     L = chunk_size
     cfg = backward_config(Dk, Dv)
     dev = q.device
     flags = dict(PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), MIX=_mix(q.dtype),
                  SPLITS=_split_mask(q.dtype))
-    dh = dh.contiguous()
+    if dh.stride(-1) != 1:
+        dh = dh.contiguous()
 
     # per-token normalizer gradients (BH, T)
     z = torch.maximum(den.abs(), torch.exp(-m_query)) + eps
@@ -292,7 +317,7 @@ def mlstm_backward(q, k, v, i, f, h, dh, dC_last, dn_last, dm_last, state0, fina
         q, k, v, i, f, dh, rz, dden, m_query, cs, ns, ms, dC_last, dn_last, L, cfg, flags)
     dlog_f = dlogf.sum(0)
     if NVG > 1:
-        dq, dk = dq.sum(0), dk.sum(0)
+        dq, dk = dq.sum(0).view(q.shape), dk.sum(0).view(k.shape)
         kdk = row_dot(k, dk)
         dq, dk = dq.to(q.dtype), dk.to(k.dtype)
 
@@ -318,9 +343,11 @@ def mlstm_backward(q, k, v, i, f, h, dh, dC_last, dn_last, dm_last, state0, fina
 def _grads(q, k, v, i, f, dh, rz, dden, m_query, cs, ns, ms, dC_last, dn_last, L, cfg, flags):
     """`_dstates_kernel` then `_grads_kernel`: dq, dk, dv (or float32 partial sums over Dv-spans), crossing sums,
     k.dk, dC0, dn0 and the number of Dv-spans."""
-    BH, T, Dk = q.shape
+    B, H, T, Dk = q.shape
+    BH = B * H
     Dv = v.shape[-1]
     NC = triton.cdiv(T, L)
+    strides_q_dh = (H, *token_strides(q), *token_strides(dh))
     dev = q.device
     scale = Dk**-0.5
     shape_class = (Dk, Dv, L, q.dtype, flags["SPLITS"])
@@ -333,7 +360,7 @@ def _grads(q, k, v, i, f, dh, rz, dden, m_query, cs, ns, ms, dC_last, dn_last, L
         NK, NV = triton.cdiv(Dk, cfg["BK"]), triton.cdiv(Dv, BV)
         _dstates_kernel[(NK * NV, BH)](
             q, dh, rz, dden, m_query, i, f, ms, dC_last, dn_last, dcs, dns, dC0, dn0, T, NC, Dk, Dv, scale,
-            L=L, BK=cfg["BK"], BV=BV, NV=NV, num_warps=cfg["WARPS_DSTATES"], **flags,
+            *strides_q_dh, L=L, BK=cfg["BK"], BV=BV, NV=NV, num_warps=cfg["WARPS_DSTATES"], **flags,
         )
 
     if _use_chunk_scan(BH, Dk, Dv, NC, cfg):
@@ -343,7 +370,7 @@ def _grads(q, k, v, i, f, dh, rz, dden, m_query, cs, ns, ms, dC_last, dn_last, L
             NK, NV = triton.cdiv(Dk, cfg["BK"]), triton.cdiv(Dv, BV)
             _chunk_dupdate_kernel[(NC, NK * NV, BH)](
                 q, dh, rz, dden, m_query, i, f, ms, dcs, dns, dC0, dn0, decay, T, NC, Dk, Dv, scale,
-                L=L, BK=cfg["BK"], BV=BV, NV=NV, num_warps=4, **flags,
+                *strides_q_dh, L=L, BK=cfg["BK"], BV=BV, NV=NV, num_warps=4, **flags,
             )
 
         launch_with_fallback(("dupdates", *shape_class), _halvings(cfg["BV"]), dupdates)
@@ -352,7 +379,7 @@ def _grads(q, k, v, i, f, dh, rz, dden, m_query, cs, ns, ms, dC_last, dn_last, L
     else:
         launch_with_fallback(("dstates", *shape_class), _halvings(cfg["BV"]), dstates)
 
-    dv = torch.empty_like(v)
+    dv = empty_like_layout(v, Dv, v.dtype)
     kdk = torch.empty(BH, T, device=dev, dtype=torch.float32)
     grads = {}
 
@@ -360,16 +387,20 @@ def _grads(q, k, v, i, f, dh, rz, dden, m_query, cs, ns, ms, dC_last, dn_last, L
         NVI = max(1, min(Dv, cfg["SPAN_GRAD"]) // BV)
         NVG = triton.cdiv(Dv, NVI * BV)
         if NVG == 1:
-            dq, dk = torch.empty_like(q), torch.empty_like(k)
-        else:
+            dq, dk = empty_like_layout(q, Dk, q.dtype), empty_like_layout(k, Dk, k.dtype)
+            out_strides = (*token_strides(dq), *token_strides(dk))
+        else:  # float32 partial sums (NVG, BH, T, Dk), addressed by row and t in the kernel
             dq = torch.empty(NVG, BH, T, Dk, device=dev, dtype=torch.float32)
             dk = torch.empty(NVG, BH, T, Dk, device=dev, dtype=torch.float32)
+            out_strides = (*token_strides(dq[0].view(B, H, T, Dk)),) * 2
         parts = (2,) if cfg["GRAD_FUSED"] else (0, 1)
         dlogf = torch.empty(len(parts) * NVG, BH, T, device=dev, dtype=torch.float32)
         for part in parts:
             _grads_kernel[(NC, BH, NVG)](
                 q, k, v, i, f, dh, rz, dden, m_query, cs, ns, ms, dcs, dns, dq, dk, dv, dlogf, kdk, T, NC, Dk, Dv,
-                scale, L=L, BKF=_pow2(Dk), BV=BV, NVI=NVI, NV=NVG, PART=part, num_warps=cfg["WARPS_GRAD"], **flags,
+                scale, H, *token_strides(q), *token_strides(k), *token_strides(v), *token_strides(dh), *out_strides,
+                *token_strides(dv), L=L, BKF=_pow2(Dk), BV=BV, NVI=NVI, NV=NVG, PART=part,
+                num_warps=cfg["WARPS_GRAD"], **flags,
             )
         grads.update(dq=dq, dk=dk, dlogf=dlogf, NVG=NVG)
 

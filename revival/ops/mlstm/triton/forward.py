@@ -93,6 +93,13 @@ def _chunk_gates(i_ptr, f_ptr, row, t0, T, L: tl.constexpr):
 
 
 @triton.jit
+def _token_offsets(row, t, H, s_b, s_h, s_t):
+    """Element offsets of the tokens t of batch*head `row` (= b * H + h) in a (B, H, T, D) tensor with strides
+    (s_b, s_h, s_t, 1): head-major (B, H, T, D) storage or token-major (B, T, H, D), e.g. a projection's output."""
+    return (row // H) * s_b + (row % H) * s_h + t.to(tl.int64) * s_t
+
+
+@triton.jit
 def _state_tile(DK, DV, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, pid_kv, row):
     """The (BK, BV) state tile `pid_kv` (of Dk-tiles x Dv-tiles) of batch-head `row`. Returns the row, the tile
     indices, the offsets and masks, and the tile's offsets in a (BH, DK, DV) state."""
@@ -114,7 +121,7 @@ def _states_kernel(
     c0_ptr, n0_ptr, m0_ptr,
     cs_ptr, ns_ptr, ms_ptr,
     c_out_ptr, n_out_ptr,
-    T, NC, DK, DV,
+    T, NC, DK, DV, H, k_sb, k_sh, k_st, v_sb, v_sh, v_st,
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr, SPLITS: tl.constexpr,
 ):
@@ -138,9 +145,10 @@ def _states_kernel(
         m_new = tl.maximum(g + m, tl.max(a, 0))
         w = tl.exp(a - m_new)
         decay = tl.exp(g + m - m_new)
-        rows = row * T + t0 + offs_l
-        k = tl.load(k_ptr + rows[:, None] * DK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
-        v = tl.load(v_ptr + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
+        k_rows = _token_offsets(row, t0 + offs_l, H, k_sb, k_sh, k_st)
+        v_rows = _token_offsets(row, t0 + offs_l, H, v_sb, v_sh, v_st)
+        k = tl.load(k_ptr + k_rows[:, None] + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
+        v = tl.load(v_ptr + v_rows[:, None] + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
         kw = k.to(tl.float32) * w[:, None]
         C = decay * C + _mm(tl.trans(kw), v, True, False, MIX, PRECISION, UPCAST, SPLITS & 1)
         n = decay * n + tl.sum(kw, 0)
@@ -194,7 +202,7 @@ def _stabilizer_kernel(i_ptr, f_ptr, m0_ptr, ms_ptr, T, NC, L: tl.constexpr, BC:
 def _chunk_update_kernel(
     k_ptr, v_ptr, i_ptr, f_ptr, ms_ptr,
     cs_ptr, ns_ptr, c_out_ptr, n_out_ptr, decay_ptr,
-    T, NC, DK, DV,
+    T, NC, DK, DV, H, k_sb, k_sh, k_st, v_sb, v_sh, v_st,
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr, SPLITS: tl.constexpr,
 ):
@@ -209,9 +217,10 @@ def _chunk_update_kernel(
     m_before = tl.load(ms_ptr + row * (NC + 1) + c)
     m_after = tl.load(ms_ptr + row * (NC + 1) + c + 1)
     w = tl.exp(g - b + ig - m_after)
-    rows = row * T + t0 + tl.arange(0, L)
-    k = tl.load(k_ptr + rows[:, None] * DK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
-    v = tl.load(v_ptr + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
+    k_rows = _token_offsets(row, t0 + tl.arange(0, L), H, k_sb, k_sh, k_st)
+    v_rows = _token_offsets(row, t0 + tl.arange(0, L), H, v_sb, v_sh, v_st)
+    k = tl.load(k_ptr + k_rows[:, None] + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
+    v = tl.load(v_ptr + v_rows[:, None] + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
     kw = k.to(tl.float32) * w[:, None]
     update = _mm(tl.trans(kw), v, True, False, MIX, PRECISION, UPCAST, SPLITS & 1)
     n_update = tl.sum(kw, 0)
@@ -275,6 +284,7 @@ def _output_kernel(
     cs_ptr, ns_ptr, ms_ptr,
     h_ptr, mq_ptr, den_ptr,
     T, NC, DK, DV, scale, eps,
+    H, q_sb, q_sh, q_st, k_sb, k_sh, k_st, v_sb, v_sh, v_st, h_sb, h_sh, h_st,
     L: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr, NVI: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, MIX: tl.constexpr, SPLITS: tl.constexpr,
 ):
@@ -289,8 +299,12 @@ def _output_kernel(
 
     b, g, ig, valid = _chunk_gates(i_ptr, f_ptr, row, t0, T, L)
     rows = row * T + t0 + offs_l
-    q = tl.load(q_ptr + rows[:, None] * DK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
-    k = tl.load(k_ptr + rows[:, None] * DK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
+    q_rows = _token_offsets(row, t0 + offs_l, H, q_sb, q_sh, q_st)
+    k_rows = _token_offsets(row, t0 + offs_l, H, k_sb, k_sh, k_st)
+    v_rows = _token_offsets(row, t0 + offs_l, H, v_sb, v_sh, v_st)
+    h_rows = _token_offsets(row, t0 + offs_l, H, h_sb, h_sh, h_st)
+    q = tl.load(q_ptr + q_rows[:, None] + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
+    k = tl.load(k_ptr + k_rows[:, None] + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
     n = tl.load(ns_ptr + (row * NC + c) * DK + offs_k, mask=mask_k, other=0.0)
     m_prev = tl.load(ms_ptr + row * (NC + 1) + c)
 
@@ -308,13 +322,13 @@ def _output_kernel(
     for j in range(0, NVI):
         offs_v = (iv * NVI + j) * BV + tl.arange(0, BV)
         mask_v = offs_v < DV
-        v = tl.load(v_ptr + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
+        v = tl.load(v_ptr + v_rows[:, None] + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
         chunk_state = (row * NC + c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
         C = tl.load(cs_ptr + chunk_state, mask=mask_k[:, None] & mask_v[None, :], other=0.0)
         num = _mm(scores, v, True, False, MIX, PRECISION, UPCAST, SPLITS & 2)
         num += w_state[:, None] * _mm(q, C, False, True, MIX, PRECISION, UPCAST, SPLITS & 4)
         h = num * out_scale[:, None]
-        tl.store(h_ptr + rows[:, None] * DV + offs_v[None, :], _cast(h, h_ptr.dtype.element_ty, UPCAST),
+        tl.store(h_ptr + h_rows[:, None] + offs_v[None, :], _cast(h, h_ptr.dtype.element_ty, UPCAST),
                  mask=valid[:, None] & mask_v[None, :])
     if iv == 0:
         tl.store(mq_ptr + rows, m_query, mask=valid)
@@ -428,12 +442,31 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def token_strides(x: torch.Tensor) -> tuple[int, int, int]:
+    """(s_b, s_h, s_t) of a (B, H, T, D) tensor whose last dim is contiguous (the kernels' `_token_offsets`)."""
+    if x.stride(-1) != 1:
+        raise ValueError(f"expected a contiguous last dim, got strides {x.stride()}")
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def empty_like_layout(x: torch.Tensor, D: int, dtype: torch.dtype) -> torch.Tensor:
+    """An empty (B, H, T, D) tensor stored like x: token-major (B, T, H, D) when x's heads are closer in memory than
+    its time steps (a projection's output viewed per head), else head-major."""
+    B, H, T, _ = x.shape
+    if H > 1 and T > 1 and x.stride(1) < x.stride(2):
+        return torch.empty(B, T, H, D, device=x.device, dtype=dtype).transpose(1, 2)
+    return torch.empty(B, H, T, D, device=x.device, dtype=dtype)
+
+
 def chunk_states(k, v, i, f, C0, n0, m0, chunk_size: int):
     """The state entering every chunk: Cs (BH, NC, Dk, Dv) (float32, or k's dtype in the "fast" mode), ns (BH, NC, Dk),
-    ms (BH, NC + 1) (ms[:, NC] is the final m), and the final C (BH, Dk, Dv), n (BH, Dk) in float32. The backward
-    calls it again when the forward did not keep the chunk states (deterministic: the same values)."""
-    BH, T, Dk = k.shape
+    ms (BH, NC + 1) (ms[:, NC] is the final m), and the final C (BH, Dk, Dv), n (BH, Dk) in float32. k, v are
+    (B, H, T, D) with contiguous last dims (any layout, `token_strides`). The backward calls it again when the forward
+    did not keep the chunk states (deterministic: the same values)."""
+    B, H, T, Dk = k.shape
+    BH = B * H
     Dv = v.shape[-1]
+    strides = (H, *token_strides(k), *token_strides(v))
     cfg = forward_config(Dk, Dv, chunk_size)
     L = cfg["L"]
     NC = triton.cdiv(T, L)
@@ -451,7 +484,7 @@ def chunk_states(k, v, i, f, C0, n0, m0, chunk_size: int):
     def states(BV):
         NK, NV = triton.cdiv(Dk, cfg["BK"]), triton.cdiv(Dv, BV)
         _states_kernel[(NK * NV, BH)](
-            k, v, i, f, C0, n0, m0, cs, ns, ms, C_out, n_out, T, NC, Dk, Dv,
+            k, v, i, f, C0, n0, m0, cs, ns, ms, C_out, n_out, T, NC, Dk, Dv, *strides,
             L=L, BK=cfg["BK"], BV=BV, NV=NV, num_warps=cfg["WARPS_STATES"], **flags,
         )
 
@@ -462,7 +495,7 @@ def chunk_states(k, v, i, f, C0, n0, m0, chunk_size: int):
         def updates(BV):
             NK, NV = triton.cdiv(Dk, cfg["BK"]), triton.cdiv(Dv, BV)
             _chunk_update_kernel[(NC, NK * NV, BH)](
-                k, v, i, f, ms, cs, ns, C_out, n_out, decay, T, NC, Dk, Dv,
+                k, v, i, f, ms, cs, ns, C_out, n_out, decay, T, NC, Dk, Dv, *strides,
                 L=L, BK=cfg["BK"], BV=BV, NV=NV, num_warps=4, **flags,
             )
 
@@ -497,12 +530,14 @@ def chunk_scan(buf: torch.Tensor, init: torch.Tensor, edge: torch.Tensor, decay:
 
 
 def mlstm_forward(q, k, v, i, f, C0, n0, m0, chunk_size: int, eps: float, keep_states: bool):
-    """q, k: (BH, T, Dk); v: (BH, T, Dv); i, f: (BH, T); C0 (BH, Dk, Dv), n0 (BH, Dk), m0 (BH) float32.
+    """q, k: (B, H, T, Dk); v: (B, H, T, Dv), last dims contiguous, any layout otherwise (`token_strides`);
+    i, f: (BH, T); C0 (BH, Dk, Dv), n0 (BH, Dk), m0 (BH) float32, BH = B * H.
 
-    Returns h (BH, T, Dv), the final state (C, n, m) and, for the backward, the chunk states (`chunk_states`; None
-    each unless keep_states) and per-token m and denominator (BH, T).
+    Returns h (B, H, T, Dv) stored like v (`empty_like_layout`), the final state (C, n, m) and, for the backward, the
+    chunk states (`chunk_states`; None each unless keep_states) and per-token m and denominator (BH, T).
     """
-    BH, T, Dk = q.shape
+    B, H, T, Dk = q.shape
+    BH = B * H
     Dv = v.shape[-1]
     cfg = forward_config(Dk, Dv, chunk_size)
     L = cfg["L"]
@@ -512,14 +547,15 @@ def mlstm_forward(q, k, v, i, f, C0, n0, m0, chunk_size: int, eps: float, keep_s
     splits = _split_mask(q.dtype)
     flags = dict(PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), MIX=_mix(q.dtype), SPLITS=splits)
     shape_class = (Dk, Dv, L, q.dtype, splits, cs.dtype)
-    h = torch.empty(BH, T, Dv, device=dev, dtype=q.dtype)
+    h = empty_like_layout(v, Dv, q.dtype)
+    strides = (H, *token_strides(q), *token_strides(k), *token_strides(v), *token_strides(h))
     m_query = torch.empty(BH, T, device=dev, dtype=torch.float32)
     den = torch.empty(BH, T, device=dev, dtype=torch.float32)
 
     def output(BV):
         NVI = max(1, min(Dv, cfg["SPAN_OUT"]) // BV)
         _output_kernel[(NC, BH, triton.cdiv(Dv, NVI * BV))](
-            q, k, v, i, f, cs, ns, ms, h, m_query, den, T, NC, Dk, Dv, Dk**-0.5, eps,
+            q, k, v, i, f, cs, ns, ms, h, m_query, den, T, NC, Dk, Dv, Dk**-0.5, eps, *strides,
             L=L, BKF=_pow2(Dk), BV=BV, NVI=NVI, num_warps=cfg["WARPS_OUT"], **flags,
         )
 
