@@ -1,0 +1,163 @@
+"""The xLSTM-7B layer's output stage: sigmoid(o) * (per-head LayerNorm(h) * weight + bias).
+
+`gated_head_norm(h, o, weight, bias, eps)` with h (..., H, D), o (..., H * D) -> (..., H * D) in h's dtype. Each head's
+D features are normalized (mean removed, eps inside the square root), then scaled by weight (H * D) and shifted by
+bias (or none), then gated by sigmoid(o). `gated_head_norm_reference` is that in float32 (float64 for float64 inputs)
+in PyTorch. On CUDA one Triton pass each way (`_GatedHeadNormFunction`) replaces the float32 copies and the ~8
+elementwise passes forward and ~12 backward that the PyTorch form takes, computing in float32 and rounding once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+
+    _HAVE_TRITON = True
+except ImportError:  # pragma: no cover - depends on the environment
+    _HAVE_TRITON = False
+
+__all__ = ["gated_head_norm", "gated_head_norm_reference"]
+
+
+def gated_head_norm_reference(h: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                              eps: float) -> torch.Tensor:
+    """sigmoid(o) * (LayerNorm over each head's D features of h, times weight, plus bias), in float32 (float64 for
+    float64 inputs), returned in h's dtype. h: (..., H, D); o: (..., H * D); weight, bias: (H * D,)."""
+    compute = torch.float64 if h.dtype == torch.float64 else torch.float32
+    y = F.layer_norm(h.to(compute), (h.shape[-1],), eps=eps).flatten(-2) * weight.to(compute)
+    if bias is not None:
+        y = y + bias.to(compute)
+    return (torch.sigmoid(o.to(compute)) * y).to(h.dtype)
+
+
+def gated_head_norm(h: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    eps: float) -> torch.Tensor:
+    """`gated_head_norm_reference`, by the Triton kernels on CUDA (float32/bfloat16/float16)."""
+    *lead, H, D = h.shape
+    if o.shape != (*lead, H * D):
+        raise ValueError(f"o: expected shape {(*lead, H * D)} for h of shape {tuple(h.shape)}, got {tuple(o.shape)}")
+    if weight.shape != (H * D,) or (bias is not None and bias.shape != (H * D,)):
+        raise ValueError(f"weight, bias: expected shape ({H * D},), got {tuple(weight.shape)} and "
+                         f"{None if bias is None else tuple(bias.shape)}")
+    if not _use_kernel(h):
+        return gated_head_norm_reference(h, o, weight, bias, eps)
+    out = _GatedHeadNormFunction.apply(h.reshape(-1, H * D), o.reshape(-1, H * D), weight, bias, H, eps)
+    return out.view(*lead, H * D)
+
+
+def _use_kernel(h: torch.Tensor) -> bool:
+    return _HAVE_TRITON and h.is_cuda and h.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _rows_per_program(D: int) -> int:
+    return max(1, 8192 // triton.next_power_of_2(D))
+
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _load_normalized(h_ptr, w_ptr, b_ptr, rows, feat, mask, cmask, h_stride, D, eps, HAS_BIAS: tl.constexpr):
+        """The normalized tile, its reciprocal standard deviations per row, and y = norm * w + b."""
+        x = tl.load(h_ptr + rows[:, None] * h_stride + feat[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, 1) / D
+        centered = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, 1) / D + eps)
+        norm = centered * rstd[:, None]
+        w = tl.load(w_ptr + feat, mask=cmask, other=0.0).to(tl.float32)
+        y = norm * w[None, :]
+        if HAS_BIAS:
+            y += tl.load(b_ptr + feat, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        return norm, rstd, w, y
+
+    @triton.jit
+    def _gated_head_norm_kernel(h_ptr, o_ptr, w_ptr, b_ptr, out_ptr, N, D, h_stride, o_stride, out_stride, eps,
+                                HAS_BIAS: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+        """One (block of BN rows, head): out = sigmoid(o) * (norm(h) * w + b) over the head's D features."""
+        rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+        cols = tl.arange(0, BD)
+        cmask = cols < D
+        mask = (rows < N)[:, None] & cmask[None, :]
+        feat = tl.program_id(1) * D + cols
+        norm, rstd, w, y = _load_normalized(h_ptr, w_ptr, b_ptr, rows, feat, mask, cmask, h_stride, D, eps, HAS_BIAS)
+        o = tl.load(o_ptr + rows[:, None] * o_stride + feat[None, :], mask=mask, other=0.0).to(tl.float32)
+        gate = 1.0 / (1.0 + tl.exp(-o))
+        tl.store(out_ptr + rows[:, None] * out_stride + feat[None, :], (gate * y).to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+    @triton.jit
+    def _gated_head_norm_backward_kernel(h_ptr, o_ptr, w_ptr, b_ptr, dout_ptr, dh_ptr, do_ptr, dw_ptr, db_ptr,
+                                         N, D, HD, h_stride, o_stride, dout_stride, eps,
+                                         HAS_BIAS: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+        """Gradients of h and o for a (block of rows, head), and this block's sums for weight and bias
+        (dw_ptr, db_ptr: (blocks, H * D) float32, reduced afterwards)."""
+        block = tl.program_id(0)
+        rows = block.to(tl.int64) * BN + tl.arange(0, BN)
+        cols = tl.arange(0, BD)
+        cmask = cols < D
+        mask = (rows < N)[:, None] & cmask[None, :]
+        feat = tl.program_id(1) * D + cols
+        norm, rstd, w, y = _load_normalized(h_ptr, w_ptr, b_ptr, rows, feat, mask, cmask, h_stride, D, eps, HAS_BIAS)
+        o = tl.load(o_ptr + rows[:, None] * o_stride + feat[None, :], mask=mask, other=0.0).to(tl.float32)
+        gate = 1.0 / (1.0 + tl.exp(-o))
+        dout = tl.load(dout_ptr + rows[:, None] * dout_stride + feat[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = dout * gate
+        d_o = dout * y * gate * (1.0 - gate)
+        dnorm = dy * w[None, :]
+        mean_dnorm = tl.sum(dnorm, 1) / D
+        mean_dnorm_norm = tl.sum(dnorm * norm, 1) / D
+        dx = (dnorm - mean_dnorm[:, None] - norm * mean_dnorm_norm[:, None]) * rstd[:, None]
+        offsets = rows[:, None] * HD + feat[None, :]
+        tl.store(dh_ptr + offsets, dx.to(dh_ptr.dtype.element_ty), mask=mask)
+        tl.store(do_ptr + offsets, d_o.to(do_ptr.dtype.element_ty), mask=mask)
+        tl.store(dw_ptr + block * HD + feat, tl.sum(dy * norm, 0), mask=cmask)
+        if HAS_BIAS:
+            tl.store(db_ptr + block * HD + feat, tl.sum(dy, 0), mask=cmask)
+
+
+class _GatedHeadNormFunction(torch.autograd.Function):
+    """h2, o2: (N, H * D) with contiguous rows (any row stride); out (N, H * D) contiguous in h's dtype."""
+
+    @staticmethod
+    def forward(ctx, h2, o2, weight, bias, H, eps):
+        if h2.stride(-1) != 1:
+            h2 = h2.contiguous()
+        if o2.stride(-1) != 1:
+            o2 = o2.contiguous()
+        N, HD = h2.shape
+        D = HD // H
+        BN = _rows_per_program(D)
+        out = torch.empty(N, HD, device=h2.device, dtype=h2.dtype)
+        _gated_head_norm_kernel[(triton.cdiv(N, BN), H)](
+            h2, o2, weight, bias if bias is not None else weight, out, N, D, h2.stride(0), o2.stride(0), out.stride(0),
+            eps, HAS_BIAS=bias is not None, BN=BN, BD=triton.next_power_of_2(D), num_warps=8,
+        )
+        ctx.save_for_backward(h2, o2, weight, bias)
+        ctx.H, ctx.eps = H, eps
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        h2, o2, weight, bias = ctx.saved_tensors
+        if dout.stride(-1) != 1:
+            dout = dout.contiguous()
+        N, HD = h2.shape
+        H = ctx.H
+        D = HD // H
+        BN = _rows_per_program(D)
+        blocks = triton.cdiv(N, BN)
+        dh = torch.empty(N, HD, device=h2.device, dtype=h2.dtype)
+        do = torch.empty(N, HD, device=h2.device, dtype=o2.dtype)
+        dw = torch.empty(blocks, HD, device=h2.device, dtype=torch.float32)
+        db = torch.empty(blocks, HD, device=h2.device, dtype=torch.float32) if bias is not None else dw
+        _gated_head_norm_backward_kernel[(blocks, H)](
+            h2, o2, weight, bias if bias is not None else weight, dout, dh, do, dw, db, N, D, HD,
+            h2.stride(0), o2.stride(0), dout.stride(0), ctx.eps,
+            HAS_BIAS=bias is not None, BN=BN, BD=triton.next_power_of_2(D), num_warps=8,
+        )
+        dweight = dw.sum(0).to(weight.dtype)
+        dbias = db.sum(0).to(bias.dtype) if bias is not None else None
+        return dh, do, dweight, dbias, None, None
