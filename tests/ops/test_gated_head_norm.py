@@ -23,7 +23,7 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-3)])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("B,T,H,D", [(2, 37, 3, 24), (1, 70, 2, 64)])
+@pytest.mark.parametrize("B,T,H,D", [(2, 37, 3, 24), (1, 70, 2, 64), (1, 5, 2, 300)])
 def test_kernel_matches_float64(B, T, H, D, bias, dtype, tol, monkeypatch):
     monkeypatch.setattr(module, "_use_kernel", lambda h: True)
     g = torch.Generator().manual_seed(B * T + D)
