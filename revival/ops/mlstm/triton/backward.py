@@ -6,7 +6,9 @@ h_t = num_t / z_t with z_t = max(|den_t|, exp(-m_t)) + eps, so
 and (num, den) is a gated linear attention with values [v, 1] and state [C, n].
 
 1. `_dstates_kernel` walks the chunks backwards and stores, for each chunk, the gradient of the state at its end
-   (dC: Dk x Dv, dn: Dk); what is left after the first chunk is the gradient of the initial state.
+   (dC: Dk x Dv, dn: Dk); what is left after the first chunk is the gradient of the initial state. With few
+   batch*head rows: the chunk-parallel form (`_chunk_dupdate_kernel`, then forward.py's `_chunk_scan_kernel` in
+   reverse).
 2. `_grads_kernel` runs every (chunk, batch*head, Dv-tile) in parallel: dq, dk, dv from the intra-chunk part, the
    state entering the chunk (for dq) and the state gradient at its end (for dk, dv), and per token q.dq and k.dk.
 Gate gradients: di_t = k_t . dk_t; the gradient of the cumulative log-forget before t is the sum of dL/dlog(weight)

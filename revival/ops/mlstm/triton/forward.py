@@ -1,7 +1,9 @@
 """Chunkwise mLSTM forward in Triton: two kernels (MATH.md, "Chunkwise form").
 
 1. `_states_kernel` walks the chunks of one (batch*head, Dk-tile, Dv-tile) in order and stores the state *entering*
-   each chunk (C: Dk x Dv, n: Dk, m: scalar), plus the final state. One small matrix product per chunk.
+   each chunk (C: Dk x Dv, n: Dk, m: scalar), plus the final state. One small matrix product per chunk. With few
+   batch*head rows the same states come from the chunk-parallel form instead (`_stabilizer_kernel`,
+   `_chunk_update_kernel`, `_chunk_scan_kernel`; `_use_chunk_scan` decides).
 2. `_output_kernel` runs every (chunk, batch*head, Dv-tile) in parallel: the intra-chunk quadratic part plus the
    contribution of the state entering the chunk, normalized.
 
@@ -9,7 +11,8 @@ Stabilizer: exactly the one of `reference.py` / `chunkwise.py` (m_t = max(F_t + 
 Triton kernels agree with the references to rounding. A sequence whose length is not a multiple of the chunk is
 handled exactly: positions past T get log-forget 0 and input gate -inf (they contribute nothing, no padding).
 
-Layout: q, k (BH, T, Dk), v (BH, T, Dv), i, f (BH, T), all contiguous; states float32.
+Layout: q, k (B, H, T, Dk), v (B, H, T, Dv) with contiguous last dims and any strides otherwise (`_token_offsets`:
+head-major, or token-major views of a projection's output); i, f (BH, T) contiguous; states float32 (BH, ...).
 """
 
 from __future__ import annotations
