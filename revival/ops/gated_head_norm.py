@@ -60,8 +60,15 @@ def _rows_per_program(D: int) -> int:
 if _HAVE_TRITON:
 
     @triton.jit
-    def _load_normalized(h_ptr, w_ptr, b_ptr, rows, feat, mask, cmask, h_stride, D, eps, HAS_BIAS: tl.constexpr):
-        """The normalized tile, its reciprocal standard deviations per row, and y = norm * w + b."""
+    def _tile(h_ptr, o_ptr, w_ptr, b_ptr, N, D, h_stride, o_stride, eps,
+              HAS_BIAS: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+        """This program's (block of BN rows, head) tile: rows, feature offsets, masks, the normalized h, its
+        reciprocal standard deviations per row, w, y = norm * w + b and the gate sigmoid(o), all float32."""
+        rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+        cols = tl.arange(0, BD)
+        cmask = cols < D
+        mask = (rows < N)[:, None] & cmask[None, :]
+        feat = tl.program_id(1) * D + cols
         x = tl.load(h_ptr + rows[:, None] * h_stride + feat[None, :], mask=mask, other=0.0).to(tl.float32)
         mean = tl.sum(x, 1) / D
         centered = tl.where(mask, x - mean[:, None], 0.0)
@@ -71,20 +78,16 @@ if _HAVE_TRITON:
         y = norm * w[None, :]
         if HAS_BIAS:
             y += tl.load(b_ptr + feat, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        return norm, rstd, w, y
+        o = tl.load(o_ptr + rows[:, None] * o_stride + feat[None, :], mask=mask, other=0.0).to(tl.float32)
+        gate = 1.0 / (1.0 + tl.exp(-o))
+        return rows, feat, mask, cmask, norm, rstd, w, y, gate
 
     @triton.jit
     def _gated_head_norm_kernel(h_ptr, o_ptr, w_ptr, b_ptr, out_ptr, N, D, h_stride, o_stride, out_stride, eps,
                                 HAS_BIAS: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
         """One (block of BN rows, head): out = sigmoid(o) * (norm(h) * w + b) over the head's D features."""
-        rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
-        cols = tl.arange(0, BD)
-        cmask = cols < D
-        mask = (rows < N)[:, None] & cmask[None, :]
-        feat = tl.program_id(1) * D + cols
-        norm, rstd, w, y = _load_normalized(h_ptr, w_ptr, b_ptr, rows, feat, mask, cmask, h_stride, D, eps, HAS_BIAS)
-        o = tl.load(o_ptr + rows[:, None] * o_stride + feat[None, :], mask=mask, other=0.0).to(tl.float32)
-        gate = 1.0 / (1.0 + tl.exp(-o))
+        rows, feat, mask, _, _, _, _, y, gate = _tile(h_ptr, o_ptr, w_ptr, b_ptr, N, D, h_stride, o_stride, eps,
+                                                      HAS_BIAS, BN, BD)
         tl.store(out_ptr + rows[:, None] * out_stride + feat[None, :], (gate * y).to(out_ptr.dtype.element_ty),
                  mask=mask)
 
@@ -95,14 +98,8 @@ if _HAVE_TRITON:
         """Gradients of h and o for a (block of rows, head), and this block's sums for weight and bias
         (dw_ptr, db_ptr: (blocks, H * D) float32, reduced afterwards)."""
         block = tl.program_id(0)
-        rows = block.to(tl.int64) * BN + tl.arange(0, BN)
-        cols = tl.arange(0, BD)
-        cmask = cols < D
-        mask = (rows < N)[:, None] & cmask[None, :]
-        feat = tl.program_id(1) * D + cols
-        norm, rstd, w, y = _load_normalized(h_ptr, w_ptr, b_ptr, rows, feat, mask, cmask, h_stride, D, eps, HAS_BIAS)
-        o = tl.load(o_ptr + rows[:, None] * o_stride + feat[None, :], mask=mask, other=0.0).to(tl.float32)
-        gate = 1.0 / (1.0 + tl.exp(-o))
+        rows, feat, mask, cmask, norm, rstd, w, y, gate = _tile(h_ptr, o_ptr, w_ptr, b_ptr, N, D, h_stride, o_stride,
+                                                                eps, HAS_BIAS, BN, BD)
         dout = tl.load(dout_ptr + rows[:, None] * dout_stride + feat[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = dout * gate
         d_o = dout * y * gate * (1.0 - gate)
