@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import linear_many
+from ..ops.swiglu import swiglu
+from .linear import linear_concat
 
 __all__ = ["GatedMLP", "SwiGLU", "ffn_hidden_dim", "small_init_", "wang_init_"]
 
@@ -105,5 +106,4 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected last dim {self.d_model}, got shape {tuple(x.shape)}")
-        gate, up = linear_many(x, [self.proj_up_gate, self.proj_up])
-        return self.proj_down(F.silu(gate) * up)
+        return self.proj_down(swiglu(linear_concat(x, [self.proj_up_gate, self.proj_up])))

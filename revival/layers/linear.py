@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["linear_many"]
+__all__ = ["linear_concat", "linear_many"]
 
 # Inputs with at least this many rows (all leading dims together) take the concatenated product
 FUSE_MIN_ROWS = 256
@@ -22,9 +22,21 @@ def linear_many(x: torch.Tensor, linears: list[nn.Linear]) -> list[torch.Tensor]
     views into one tensor). The layers must all have a bias or all have none."""
     if x.shape[:-1].numel() < FUSE_MIN_ROWS:
         return [linear(x) for linear in linears]
+    return list(_concatenated_product(x, linears).split([linear.out_features for linear in linears], dim=-1))
+
+
+def linear_concat(x: torch.Tensor, linears: list[nn.Linear]) -> torch.Tensor:
+    """torch.cat([linear(x) for linear in linears], dim=-1), as one product when x has >= FUSE_MIN_ROWS rows (for
+    fewer rows, the layers one by one and a copy of their small outputs)."""
+    if x.shape[:-1].numel() < FUSE_MIN_ROWS:
+        return torch.cat([linear(x) for linear in linears], dim=-1)
+    return _concatenated_product(x, linears)
+
+
+def _concatenated_product(x: torch.Tensor, linears: list[nn.Linear]) -> torch.Tensor:
     biases = [linear.bias for linear in linears]
     if any(b is None for b in biases) != all(b is None for b in biases):
         raise ValueError("linears: expected all layers with a bias or all without")
     weight = torch.cat([linear.weight for linear in linears])
     bias = None if biases[0] is None else torch.cat(biases)
-    return list(F.linear(x, weight, bias).split([linear.out_features for linear in linears], dim=-1))
+    return F.linear(x, weight, bias)

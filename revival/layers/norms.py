@@ -8,7 +8,8 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight, reduced in float32."""
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32 for 16-bit inputs (`F.rms_norm`: one fused kernel
+    each way on CUDA) and rounded once to x's dtype; the weight is applied in x's dtype."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -19,9 +20,7 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.to(y.dtype)).to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 class LayerNorm(nn.Module):
