@@ -80,10 +80,10 @@ def test_swiglu_layer_on_the_kernel_matches_separate_products(monkeypatch):
 
 
 def _graph_node_names(node) -> set[str]:
-    seen, stack = {}, [node]
+    seen, stack = {}, [node]  # id -> node: holding the Python wrappers keeps their ids from being reused
     while stack:
         node = stack.pop()
         if node is not None and id(node) not in seen:
-            seen[id(node)] = type(node).__name__
+            seen[id(node)] = node
             stack.extend(next_node for next_node, _ in node.next_functions)
-    return set(seen.values())
+    return {type(node).__name__ for node in seen.values()}
