@@ -4,7 +4,7 @@
     revival eval RUN_OR_MODEL_DIR [--split validation|test] [--corpus NAME_OR_PATH]
     revival generate RUN_OR_MODEL_DIR --prompt "def " [--max-new-tokens N] [--temperature T] [--stream]
     revival demo [--models xlstm,llama] [--minutes M]
-    revival bench train|prefill|decode [--presets ...] [--contexts 2k,8k] [--size tiny|125m] [--out DIR]
+    revival bench train|prefill|decode [--presets ...] [--contexts 2k,8k] [--size tiny|125m|1.3b] [--out DIR]
 
 Bad arguments or configs print one line `revival <command>: error: ...` and exit with status 2 (no traceback).
 """

@@ -5,7 +5,9 @@ built from configs at the same sizes; nothing is downloaded).
 Sizes (`bench_config(preset, size)`):
     tiny   CPU tests: d_model 128, vocab 256, the preset's smallest depth that holds each of its block kinds.
     125m   GPU runs: d_model 768, vocab 50304, tied embeddings (as GPT-2 small), the depth whose parameter count,
-           counted on the real classes (meta device), is closest to 125M. Heads per preset in `HEADS_125M`.
+           counted on the real classes (meta device), is closest to 125M. Heads per preset in `HEADS`.
+    1.3b   as 125m at d_model 2048, closest to 1.3B: a model that fills a GPU at batch 1 (xlstm-large then has the
+           xLSTM-7B's head dims, 256 / 512; llama heads of 128).
 
 FLOP model (training, per token; MFU = flops_per_token * tokens/s / peak):
     6 * N  +  6 * n_attention_blocks * d_model * T
@@ -27,11 +29,15 @@ import torch.nn.functional as F
 from ..models import LanguageModel, ModelConfig, preset_config
 from ..ops.soft_cap import soft_cap
 
-SIZES = ("tiny", "125m")
+SIZES = ("tiny", "125m", "1.3b")
 ANCHORS = {"hf-xlstm": "xlstm-large", "hf-llama": "llama"}  # anchor -> the preset whose size it copies
-TARGET_125M = 125_000_000
-HEADS_125M = {"xlstm-large": 4, "xlstm": 4, "llama": 12, "mingru": 4, "minlstm": 4, "mamba2": 24,
-              "gated-deltanet": 6, "hybrid": 6, "jamba": 12}
+# size -> (d_model, target parameter count, heads per preset family; 4 for families not listed)
+SCALED_SIZES = {
+    "125m": (768, 125_000_000, {"xlstm-large": 4, "xlstm": 4, "llama": 12, "mingru": 4, "minlstm": 4, "mamba2": 24,
+                                "gated-deltanet": 6, "hybrid": 6, "jamba": 12}),
+    "1.3b": (2048, 1_300_000_000, {"xlstm-large": 4, "xlstm": 4, "llama": 16, "mingru": 4, "minlstm": 4,
+                                   "mamba2": 32, "gated-deltanet": 16, "hybrid": 16, "jamba": 16}),
+}
 TINY_DEPTH = {"hybrid": 4, "jamba": 5}
 # dense bf16 tensor-core peaks (FLOP/s) by device-name fragment; MFU is None on other devices
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
@@ -42,7 +48,7 @@ def _family(preset: str) -> str:
 
 
 def bench_config(preset: str, size: str) -> ModelConfig:
-    """The `ModelConfig` a benchmark uses for `preset` at `size` ("tiny" or "125m")."""
+    """The `ModelConfig` a benchmark uses for `preset` at `size` (one of `SIZES`)."""
     if size not in SIZES:
         raise ValueError(f"size: expected one of {list(SIZES)}, got {size!r}")
     if preset in ANCHORS:
@@ -54,14 +60,15 @@ def bench_config(preset: str, size: str) -> ModelConfig:
         if "M" in preset_config(preset, num_blocks=depth).pattern:
             options["layer_options"] = {"M": {"d_state": 16}}
         return preset_config(preset, **options)
-    base = dict(vocab_size=50304, d_model=768, num_heads=HEADS_125M.get(family, 4), tie_embeddings=True)
+    d_model, target, heads = SCALED_SIZES[size]
+    base = dict(vocab_size=50304, d_model=d_model, num_heads=heads.get(family, 4), tie_embeddings=True)
     best: tuple[float, ModelConfig] | None = None
-    for depth in range(1, 64):
+    for depth in range(1, 129):
         config = preset_config(preset, num_blocks=depth, **base)
-        error = abs(count_parameters(config) - TARGET_125M)
+        error = abs(count_parameters(config) - target)
         if best is None or error < best[0]:
             best = (error, config)
-        elif count_parameters(config) > TARGET_125M:
+        elif count_parameters(config) > target:
             break
     return best[1]
 

@@ -39,6 +39,7 @@ STUDIES = ("train", "prefill", "decode")
 DEFAULTS = {  # size -> study settings
     "tiny": dict(tokens_per_step=256, warmup=1, repeats=2, decode_tokens=4),
     "125m": dict(tokens_per_step=32768, warmup=2, repeats=3, decode_tokens=32),
+    "1.3b": dict(tokens_per_step=32768, warmup=2, repeats=3, decode_tokens=32),
 }
 
 

@@ -124,10 +124,14 @@ def test_forward_last_matches_the_models_last_logits(name):
         [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(state)]
 
 
-def test_125m_sizes_and_flop_model():
-    for preset in ("xlstm-large", "llama", "mamba2", "hybrid"):
-        config = bench_config(preset, "125m")
-        assert abs(count_parameters(config) - 125e6) / 125e6 < 0.05, preset
+def test_125m_and_1_3b_sizes_and_flop_model():
+    for size, target in (("125m", 125e6), ("1.3b", 1.3e9)):
+        for preset in ("xlstm-large", "llama", "mamba2", "hybrid"):
+            config = bench_config(preset, size)
+            assert abs(count_parameters(config) - target) / target < 0.05, (size, preset)
+    large = bench_config("xlstm-large", "1.3b")  # the xLSTM-7B's head dims: 256 for q/k, 512 for v
+    assert large.d_model * large.qk_dim_factor / large.num_heads == 256
+    assert large.d_model * large.v_dim_factor / large.num_heads == 512
     llama = bench_config("llama", "125m")
     n = count_parameters(llama)  # tied embeddings: the table is the head's matrix, counted once
     attention = 6 * llama.num_blocks * llama.d_model * 4096
