@@ -55,8 +55,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                        help="comma-separated context lengths, '2k' = 2048 (default per study: train "
                        f"{DEFAULT_CONTEXTS['train']}; prefill/decode {DEFAULT_CONTEXTS['decode']})")
     bench.add_argument("--size", choices=SIZES, default="125m",
-                       help="tiny (CPU smoke test), 125m (~125M parameters per preset; default) or 1.3b (~1.3B, d_model "
-                       "2048)")
+                       help="tiny (CPU smoke test), 125m (~125M parameters per preset; default) or 1.3b "
+                       "(~1.3B, d_model 2048)")
     bench.add_argument("--batch-sizes", type=_list(int), default=None, help="decode only (default: 1)")
     bench.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     bench.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")

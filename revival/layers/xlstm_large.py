@@ -97,9 +97,16 @@ class XLSTMLargeLayer(nn.Module):
         """
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         with torch.autocast(x.device.type, enabled=False):  # autocast would run it in 16 bits
-            weight = torch.cat([self.igate_preact.weight, self.fgate_preact.weight]).to(dtype)
+            weight = torch.cat([self.igate_preact.weight, self.fgate_preact.weight])
             bias = torch.cat([self.igate_preact.bias, self.fgate_preact.bias]).to(dtype)
-            i, f = soft_cap(F.linear(x.to(dtype), weight, bias), self.gate_soft_cap).chunk(2, dim=-1)
+            if _float32_output_product_applies(x, weight):
+                # 16-bit x and weights: their products are exact in float32, so a 16-bit product with float32
+                # accumulation and output is the same float32 product, without copying x to float32
+                rows = torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32)
+                preact = (rows + bias).view(*x.shape[:-1], weight.shape[0])
+            else:
+                preact = F.linear(x.to(dtype), weight.to(dtype), bias)
+            i, f = soft_cap(preact, self.gate_soft_cap).chunk(2, dim=-1)
         return i, f
 
     def forward(self, x: torch.Tensor, state: MLSTMState | None = None) -> tuple[torch.Tensor, MLSTMState]:
@@ -122,3 +129,10 @@ class XLSTMLargeLayer(nn.Module):
         h = gated_head_norm(h.transpose(1, 2), o, norm.weight, norm.bias, norm.eps)  # (B, T, H * Dv)
         y = self.out_proj(h)
         return y, state
+
+
+def _float32_output_product_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """`torch.mm(..., out_dtype=torch.float32)` (CUDA only) for 16-bit x and weights, without autograd."""
+    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype):
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from revival.layers import linear as linear_module
-from revival.layers.linear import linear_many
+from revival.layers.linear import linear_concat, linear_many
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -37,3 +37,21 @@ def test_mixed_biases_rejected():
     x = torch.randn(300, 4)
     with pytest.raises(ValueError, match="all layers with a bias or all without"):
         linear_many(x, [nn.Linear(4, 2), nn.Linear(4, 2, bias=False)])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_inference_writes_each_product_into_one_output(bias):
+    """Without autograd, the layers' products go into column blocks of one output (no weight concatenated); the
+    values equal the layers run one by one, and the outputs are views of one tensor."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(16, n, bias=bias).double() for n in (8, 24)]
+    x = torch.randn(2, 150, 16, dtype=torch.float64)
+    with torch.no_grad():
+        packed = linear_concat(x, layers)
+        outs = linear_many(x, layers)
+        separate = [layer(x) for layer in layers]
+    assert packed.shape == (2, 150, 32) and packed.is_contiguous()
+    torch.testing.assert_close(packed, torch.cat(separate, dim=-1), rtol=1e-12, atol=1e-12)
+    for a, b in zip(outs, separate):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert outs[0]._base is not None and outs[0]._base is outs[1]._base

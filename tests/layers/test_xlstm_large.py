@@ -110,6 +110,22 @@ def test_bfloat16_close_to_float32():
     assert rel_err(y16, y32) < 2e-2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the float32-output product is a CUDA path")
+def test_bfloat16_gates_without_autograd_equal_the_float32_product():
+    """The gates of a bfloat16 layer without autograd come from a 16-bit product with float32 output; the same
+    numbers as the float32 product of the same (exactly converted) inputs."""
+    layer = XLSTMLargeLayer(256, 4).cuda().to(torch.bfloat16)
+    randomize_(layer, seed=3, std=0.2)
+    x = torch.randn(2, 300, 256, device="cuda").bfloat16()
+    with torch.no_grad():
+        i, f = layer._gates(x)
+    weight = torch.cat([layer.igate_preact.weight, layer.fgate_preact.weight]).double()
+    bias = torch.cat([layer.igate_preact.bias, layer.fgate_preact.bias]).double()
+    preact = layer.gate_soft_cap * torch.tanh(F.linear(x.double(), weight, bias) / layer.gate_soft_cap)
+    assert i.dtype == f.dtype == torch.float32
+    assert rel_err(torch.cat([i, f], dim=-1), preact) < 1e-6
+
+
 def test_parameter_names_shapes_and_init():
     layer = XLSTMLargeLayer(64, 4, qk_dim_factor=0.5, v_dim_factor=1.0)
     shapes = {name: tuple(p.shape) for name, p in layer.named_parameters()}
