@@ -35,16 +35,27 @@ def environment(device: torch.device) -> dict[str, Any]:
     return {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": info,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "cuda": torch.version.cuda, "triton": triton_version,
-                         "transformers": transformers_version(), "revival": __version__, "git_commit": _git_commit()}}
+                         "transformers": transformers_version(), "revival": __version__, "git_commit": _git_commit(),
+                         "git_dirty": _git_dirty()}}
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _git_commit() -> str | None:
+    return _git("rev-parse", "HEAD") or None
+
+
+def _git_dirty() -> bool | None:
+    """Whether tracked files differ from `git_commit` (then the code that ran is not exactly that commit)."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status)
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:
