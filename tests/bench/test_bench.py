@@ -31,7 +31,7 @@ def check_outputs(result: dict, out_dir, study: str, models: list[str], contexts
     assert saved == json.loads(json.dumps(result))
     assert set(saved) == TOP_KEYS and saved["study"] == study and saved["schema_version"] == 1
     assert saved["device"]["type"] == "cpu" and saved["versions"]["torch"] == torch.__version__
-    assert set(saved["versions"]) >= {"git_commit", "git_dirty"}  # the code that ran: a commit, and whether it was edited
+    assert set(saved["versions"]) >= {"git_commit", "git_dirty"}  # the code that ran: a commit, edited or not
     assert saved["config"]["size"] == "tiny" and saved["config"]["contexts"] == contexts
     assert list(saved["models"]) == models
     assert [(p["model"], p["context"]) for p in saved["points"]] == \
