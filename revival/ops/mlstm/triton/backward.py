@@ -281,12 +281,14 @@ def backward_config(Dk: int, Dv: int) -> dict:
     """Fixed block sizes per shape class: state tiles BK x BV and the Dv-tile of the gradient kernel."""
     # Up to Dv 256: one launch of the gradient kernel with a 128-wide Dv-tile and dstates at 4 warps (v1's shapes),
     # measured on an H100 at (16, 128, 128) 5.1 ms fwd+bwd ("fast") against 6.9 ms with two launches of 32-wide
-    # tiles at 8 warps. Wider (Dv 512): the two launches, 32.7 against 35.2 ms ("balanced", (8, 256, 512));
-    # benchmarks/NOTES.md. The kernel halves the tile when it does not fit (launch_with_fallback).
+    # tiles at 8 warps. Wider (Dv 512): the two launches, each program over all of Dv in 32-wide tiles (no float32
+    # partial sums of dq, dk over Dv-spans), dstates at 4 warps: 31.3 -> 24.7 and 31.3 -> 28.3 ms fwd+bwd
+    # ("balanced", (8, 256, 512)); benchmarks/NOTES.md. The kernel halves the tile when it does not fit
+    # (launch_with_fallback).
     wide = Dv > WIDE_DV
     cfg = dict(BK=min(_pow2(Dk), 64), BV=min(_pow2(Dv), 64), BV_GRAD=min(_pow2(Dv), 32 if wide else 128),
-               SPAN_GRAD=min(_pow2(Dv), 128), WARPS_DSTATES=8 if wide else 4, WARPS_GRAD=8, GRAD_FUSED=0 if wide else 1,
-               SEQ_MIN_PROGRAMS=SEQ_MIN_PROGRAMS)
+               SPAN_GRAD=_pow2(Dv) if wide else min(_pow2(Dv), 128), WARPS_DSTATES=4, WARPS_GRAD=8,
+               GRAD_FUSED=0 if wide else 1, SEQ_MIN_PROGRAMS=SEQ_MIN_PROGRAMS)
     if odd_span(Dv):
         cfg.update(BV_GRAD=64, SPAN_GRAD=odd_span(Dv))
     return {**cfg, **CONFIG_OVERRIDE}
