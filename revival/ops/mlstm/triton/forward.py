@@ -360,14 +360,15 @@ def forward_config(Dk: int, Dv: int, chunk_size: int) -> dict:
     span_out = min(_pow2(Dv), 128)  # Dv columns per program (tiles of BV_OUT in a loop)
     # measured on an H100 (benchmarks/NOTES.md, sessions 4 and 6): up to Dv 256, states at 4 warps and one 128-wide
     # output tile beat 8 warps and 64-wide tiles by 0.3-0.5 ms at (16, 128, 128); at Dv 512, one program over all of
-    # Dv in 32-wide tiles (the scores computed once, not four times), states at 4 warps, the output kernel at 4 warps:
-    # forward 10.4 -> 8.6, 10.4 -> 7.9 and 6.2 -> 5.5 ms at (8, 256, 512)
+    # Dv in 32-wide tiles (the scores computed once, not four times), states at 4 warps: forward 10.4 -> 8.6 and
+    # 10.4 -> 7.9 ms at (8, 256, 512). The output kernel at 4 warps: forward 2.20 -> 1.81 ms at (16, 128, 128) and
+    # 6.2 -> 5.5 at (8, 256, 512); no gain for the odd spans (Dv 192), which keep 8
     wide = Dv > WIDE_DV
     cfg = dict(L=chunk_size, BK=BK, BV=BV, BV_OUT=min(_pow2(Dv), 32 if wide else 128),
-               SPAN_OUT=_pow2(Dv) if wide else span_out, WARPS_STATES=4, WARPS_OUT=4 if wide else 8,
+               SPAN_OUT=_pow2(Dv) if wide else span_out, WARPS_STATES=4, WARPS_OUT=4,
                SEQ_MIN_PROGRAMS=SEQ_MIN_PROGRAMS)
     if odd_span(Dv):
-        cfg.update(BV_OUT=64, SPAN_OUT=odd_span(Dv))
+        cfg.update(BV_OUT=64, SPAN_OUT=odd_span(Dv), WARPS_OUT=8)
     return {**cfg, **CONFIG_OVERRIDE}
 
 
