@@ -198,6 +198,38 @@ def test_chunkwise_segments_of_long_sequences_float64():
         assert_close(g, g_ref, what=f"d{name}")
 
 
+@pytest.mark.parametrize("T", [8, 20, 300])
+@pytest.mark.parametrize("use_final_state", [False, True])
+def test_chunkwise_gradients_without_initial_state_float64(T, use_final_state):
+    """state=None lets the chunkwise form skip the first chunk's products with the (zero) state, and a loss that does
+    not use the final state lets it skip the last chunk's state gradient: both skips are exact. T = 300 at chunk 8
+    runs two segments and a tail, so the skip applies to the first segment only."""
+    inputs, _ = make_inputs(2, 2, T, 5, 3, seed=T, with_state=False)
+    gen = torch.Generator().manual_seed(T + 1)
+    weights = [torch.randn(*s, generator=gen, dtype=F64) for s in [(2, 2, T, 3), (2, 2, 5, 3), (2, 2, 5), (2, 2)]]
+
+    def grads(impl):
+        leaves = [x.clone().requires_grad_(True) for x in inputs]
+        h, final = mlstm(*leaves, None, impl=impl, chunk_size=8)
+        outputs = (h, *final) if use_final_state else (h,)
+        loss = sum((w * x).sum() for w, x in zip(weights, outputs))
+        return torch.autograd.grad(loss, leaves)
+
+    for name, g, g_ref in zip(GRAD_NAMES, grads("chunkwise"), grads("recurrent")):
+        assert_close(g, g_ref, what=f"d{name}")
+
+
+def test_chunkwise_gradcheck_without_initial_state():
+    inputs, _ = make_inputs(1, 2, 19, 2, 3, seed=5, with_state=False)
+    leaves = [x.clone().requires_grad_(True) for x in inputs]
+
+    def fn(q, k, v, i, f):
+        h, (C, n, m) = mlstm(q, k, v, i, f, None, impl="chunkwise", chunk_size=8)
+        return h, C, n, m
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
 @pytest.mark.parametrize("impl, chunk_size", [("parallel", 64), ("chunkwise", 8), ("recurrent", 64)])
 @pytest.mark.parametrize("T", [3, 9])
 def test_gradcheck_tiny(impl, chunk_size, T):

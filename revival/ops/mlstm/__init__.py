@@ -105,6 +105,7 @@ def mlstm(
     impl = _resolve_impl(impl, q.device, q.dtype, q.shape[-1], v.shape[-1])
     B, H, _, Dk = q.shape
     dtype = _compute_dtype(q)
+    zero_state = state is None
     state = _prepare_state(state, B, H, Dk, v.shape[-1], q, dtype)
     if impl == "triton":
         from .triton import mlstm_triton
@@ -116,7 +117,7 @@ def mlstm(
     elif impl == "parallel":
         h, state = mlstm_parallel(*args, state, eps)
     else:
-        h, state = mlstm_chunkwise(*args, state, chunk_size, eps)
+        h, state = mlstm_chunkwise(*args, state, chunk_size, eps, zero_state=zero_state)
     return h.to(q.dtype), state
 
 

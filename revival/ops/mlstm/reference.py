@@ -16,6 +16,11 @@ import torch.nn.functional as F
 MLSTMState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+def max_exponent(dtype: torch.dtype) -> float:
+    """The cap on `-m` inside `normalizer`: exp of it is finite in `dtype`."""
+    return math.log(torch.finfo(dtype).max) - 1.0
+
+
 def normalizer(q_dot_n: torch.Tensor, m: torch.Tensor, eps: float) -> torch.Tensor:
     """The denominator `max(|q.n|, exp(-m)) + eps` (any shape; q_dot_n and m broadcast).
 
@@ -23,8 +28,7 @@ def normalizer(q_dot_n: torch.Tensor, m: torch.Tensor, eps: float) -> torch.Tens
     near -1e4), `exp(-m)` would be inf and its gradient inf * 0 = NaN; its exponent is capped there instead. The
     capped value is ~1e38 (float32) or ~1e308 (float64), so h = num / den is 0 to the dtype's precision either way.
     """
-    max_exponent = math.log(torch.finfo(m.dtype).max) - 1.0
-    return torch.maximum(q_dot_n.abs(), torch.exp(torch.clamp(-m, max=max_exponent))) + eps
+    return torch.maximum(q_dot_n.abs(), torch.exp(torch.clamp(-m, max=max_exponent(m.dtype)))) + eps
 
 
 def mlstm_step_reference(
