@@ -349,10 +349,11 @@ def _to_chunk_major(x: torch.Tensor, NC: int, L: int) -> torch.Tensor:
     L-float runs and returned as its transposed view: the products take either orientation, and no element-wise
     transpose is needed."""
     B, H, _, D = x.shape
+    chunks = x.unflatten(2, (NC, L))  # (B, H, NC, L, D), a view whatever the strides
     if _is_feature_major(x):
-        memory = x.transpose(-1, -2).reshape(B * H, D, NC, L).permute(2, 0, 1, 3).contiguous()
-        return memory.transpose(-1, -2)
-    return x.reshape(B * H, NC, L, D).transpose(0, 1).contiguous()
+        memory = chunks.permute(2, 0, 1, 4, 3).contiguous()  # (NC, B, H, D, L)
+        return memory.view(NC, B * H, D, L).transpose(-1, -2)
+    return chunks.permute(2, 0, 1, 3, 4).contiguous().view(NC, B * H, L, D)
 
 
 def _from_chunk_major(x: torch.Tensor, B: int, H: int, feature_major: bool) -> torch.Tensor:
@@ -371,7 +372,7 @@ def _from_chunk_major(x: torch.Tensor, B: int, H: int, feature_major: bool) -> t
 def _gates_to_chunk_major(x: torch.Tensor, NC: int, L: int) -> torch.Tensor:
     """(B, H, NC L) -> (NC, B H, L)."""
     B, H, _ = x.shape
-    return x.reshape(B * H, NC, L).transpose(0, 1).contiguous()
+    return x.unflatten(2, (NC, L)).permute(2, 0, 1, 3).contiguous().view(NC, B * H, L)
 
 
 def _gates_from_chunk_major(x: torch.Tensor, B: int, H: int) -> torch.Tensor:
