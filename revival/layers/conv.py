@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -30,22 +31,30 @@ def _conv_forward(x, state, weight, bias):
 
 
 class _CausalConv(torch.autograd.Function):
-    """y (B, T, D) from x (B, T, D), state (B, K-1, D) or None (zeros), weight (D, K), bias (D,) or None.
+    """y (B, T, D) from x (B, T, D), state (B, K-1, D) or None (zeros), weight (D, K), bias (D,) or None; with
+    `silu`, SiLU(y) (one node, and the activation's backward runs in x's layout, see below).
 
     All in x's dtype. The state's zeros are not read when state is None.
     """
 
     @staticmethod
-    def forward(ctx, x, state, weight, bias):
-        ctx.has_bias, ctx.has_state = bias is not None, state is not None
-        ctx.save_for_backward(x, state, weight)
-        return _conv_forward(x, state, weight, bias)
+    def forward(ctx, x, state, weight, bias, silu):
+        ctx.has_bias, ctx.has_state, ctx.silu = bias is not None, state is not None, silu
+        y = _conv_forward(x, state, weight, bias)
+        ctx.save_for_backward(x, state, weight, y if silu else None)
+        return F.silu(y) if silu else y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        x, state, weight = ctx.saved_tensors
+        x, state, weight, pre_activation = ctx.saved_tensors
         T, K = x.shape[1], weight.shape[1]
+        # The incoming gradient is often a sum of gradients from consumers in other layouts (a (B, T, D) product, a
+        # feature-major projection): one copy into x's layout, then the passes below all run in memory order.
+        if grad_y.stride() != x.stride():
+            grad_y = torch.empty_like(x).copy_(grad_y)
+        if ctx.silu:
+            grad_y = torch.ops.aten.silu_backward(grad_y, pre_activation)
         grad_x = torch.mul(grad_y, weight[:, K - 1]) if ctx.needs_input_grad[0] else None
         grad_state = torch.zeros_like(state) if ctx.has_state and ctx.needs_input_grad[1] else None
         need_weight = ctx.needs_input_grad[2]
@@ -68,17 +77,25 @@ class _CausalConv(torch.autograd.Function):
                 n = min(shift, T)
                 grad_state[:, j : j + n].addcmul_(grad_y[:, :n], tap)
         grad_bias = grad_y.sum(dim=(0, 1)) if ctx.has_bias and ctx.needs_input_grad[3] else None
-        return grad_x, grad_state, grad_weight, grad_bias
+        return grad_x, grad_state, grad_weight, grad_bias, None
+
+
+ACTIVATIONS = (None, "silu")
 
 
 class CausalConv1d(nn.Module):
-    """Depthwise causal conv over time. forward(x: (B, T, D), state: (B, K-1, D) | None) -> (y, state)."""
+    """Depthwise causal conv over time. forward(x: (B, T, D), state: (B, K-1, D) | None) -> (y, state).
 
-    def __init__(self, dim: int, kernel_size: int = 4, bias: bool = True):
+    `activation="silu"` returns SiLU of the conv's output (the layers' `silu(conv(x))` as one autograd node); the
+    returned state is always the raw inputs'."""
+
+    def __init__(self, dim: int, kernel_size: int = 4, bias: bool = True, activation: str | None = None):
         super().__init__()
         if kernel_size < 1:
             raise ValueError(f"kernel_size: expected >= 1, got {kernel_size}")
-        self.dim, self.kernel_size = dim, kernel_size
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+        self.dim, self.kernel_size, self.activation = dim, kernel_size, activation
         self.weight = nn.Parameter(torch.empty(dim, 1, kernel_size))
         self.bias = nn.Parameter(torch.empty(dim)) if bias else None
         self.reset_parameters()
@@ -100,7 +117,13 @@ class CausalConv1d(nn.Module):
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, state_in, weight, bias))
         # without autograd (decoding) the same ops run directly: the Function's bookkeeping is most of a step's cost
-        y = _CausalConv.apply(x, state_in, weight, bias) if needs_grad else _conv_forward(x, state_in, weight, bias)
+        silu = self.activation == "silu"
+        if needs_grad:
+            y = _CausalConv.apply(x, state_in, weight, bias, silu)
+        else:
+            y = _conv_forward(x, state_in, weight, bias)
+            if silu:
+                y = F.silu(y, inplace=True)
         # the new state: the last K - 1 steps of cat(state, x)
         if T >= K - 1:
             new_state = x[:, T - (K - 1):].contiguous()  # a copy: a view would keep all of x alive

@@ -52,7 +52,7 @@ class GatedDeltaNet(nn.Module):
         self.gate_proj = nn.Linear(d_model, self.value_dim, bias=bias)
         self.a_proj = nn.Linear(d_model, num_heads, bias=False)
         self.b_proj = nn.Linear(d_model, num_heads, bias=False)
-        self.conv = CausalConv1d(2 * self.key_dim + self.value_dim, conv_kernel, bias=conv_bias)
+        self.conv = CausalConv1d(2 * self.key_dim + self.value_dim, conv_kernel, bias=conv_bias, activation="silu")
         self.dt_bias = nn.Parameter(torch.empty(num_heads))
         self.A_log = nn.Parameter(torch.empty(num_heads))
         self.norm = MultiHeadNorm(num_heads, self.head_v_dim, eps=norm_eps, kind="rms")
@@ -81,8 +81,8 @@ class GatedDeltaNet(nn.Module):
         batch, T, _ = x.shape
         H, Dk, Dv = self.num_heads, self.head_k_dim, self.head_v_dim
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        qkv, conv_state = self.conv(qkv, conv_state)
-        q, k, v = F.silu(qkv).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        qkv, conv_state = self.conv(qkv, conv_state)  # SiLU(conv(.))
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = F.normalize(q.reshape(batch, T, H, Dk), dim=-1)
         k = F.normalize(k.reshape(batch, T, H, Dk), dim=-1)
         beta = torch.sigmoid(self.b_proj(x))

@@ -69,7 +69,7 @@ class Mamba2(nn.Module):
         self.dt_min, self.dt_max, self.dt_init_floor, self.A_init_range = dt_min, dt_max, dt_init_floor, A_init_range
         self.conv_dim = d_inner + 2 * n_groups * d_state
         self.in_proj = nn.Linear(d_model, d_inner + self.conv_dim + num_heads, bias=bias)  # [z, x, B, C, dt]
-        self.conv = CausalConv1d(self.conv_dim, conv_kernel, bias=conv_bias)
+        self.conv = CausalConv1d(self.conv_dim, conv_kernel, bias=conv_bias, activation="silu")
         self.dt_bias = nn.Parameter(torch.empty(num_heads))
         self.A_log = nn.Parameter(torch.empty(num_heads))
         self.D = nn.Parameter(torch.empty(num_heads))
@@ -99,8 +99,8 @@ class Mamba2(nn.Module):
         batch, T, _ = x.shape
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.d_state
         z, xBC, dt_raw = self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1)
-        xBC, conv_state = self.conv(xBC, conv_state)
-        xs, B, C = F.silu(xBC).split([self.d_inner, G * N, G * N], dim=-1)
+        xBC, conv_state = self.conv(xBC, conv_state)  # SiLU(conv(xBC))
+        xs, B, C = xBC.split([self.d_inner, G * N, G * N], dim=-1)
         dt = F.softplus(dt_raw + self.dt_bias)
         A = -torch.exp(self.A_log)
         y, ssm_state = ssd(xs.reshape(batch, T, H, P), dt, A, B.reshape(batch, T, G, N), C.reshape(batch, T, G, N),

@@ -98,7 +98,7 @@ class MLSTMLayer(nn.Module):
         self.head_dim = inner // num_heads
         self.chunk_size, self.impl = chunk_size, impl
         self.proj_up = nn.Linear(d_model, 2 * inner, bias=bias)
-        self.conv = CausalConv1d(inner, conv_kernel, bias=True)
+        self.conv = CausalConv1d(inner, conv_kernel, bias=True, activation="silu")
         self.q_proj = HeadwiseLinear(inner, qkv_block_size, bias=bias)
         self.k_proj = HeadwiseLinear(inner, qkv_block_size, bias=bias)
         self.v_proj = HeadwiseLinear(inner, qkv_block_size, bias=bias)
@@ -136,64 +136,71 @@ class MLSTMLayer(nn.Module):
             raise ValueError(f"state: expected (conv_state, (C, n, m)) or None, got {type(state).__name__}")
         return state
 
-    def _gates_from_inputs(self, gate_weight, gate_bias, conv_fm, x_m_fm, B: int, dtype: torch.dtype):
+    def _gates_from_inputs(self, gate_weight, gate_bias, conv_cm, x_m_cm, dtype: torch.dtype):
         """[igate; fgate] @ cat(q, k, v) without building cat(q, k, v): the gate weights composed with the headwise
-        maps read conv_act and x_m directly ((2H, inner) weights; no (B, 3 inner, T) tensor or its gradient).
-        Returns (B, 2H, T)."""
+        maps read conv_act and x_m directly ((2H, inner) weights; no (3 inner, B T) tensor or its gradient).
+        conv_cm, x_m_cm: (inner, B T). Returns (2H, B T)."""
         w_q, w_k, w_v = gate_weight.split(self.inner_dim, dim=1)
         (from_q, bias_q), (from_k, bias_k), (from_v, bias_v) = (
             proj.compose_after(w) for proj, w in ((self.q_proj, w_q), (self.k_proj, w_k), (self.v_proj, w_v)))
         if bias_q is not None:
             gate_bias = gate_bias + bias_q + bias_k + bias_v
-        gates = torch.baddbmm(gate_bias[:, None], (from_q + from_k).expand(B, -1, -1), conv_fm.to(dtype))
-        return torch.baddbmm(gates, from_v.expand(B, -1, -1), x_m_fm.to(dtype))
+        gates = torch.addmm(gate_bias[:, None], from_q + from_k, conv_cm.to(dtype))
+        return torch.addmm(gates, from_v, x_m_cm.to(dtype))
 
     def forward(self, x: torch.Tensor, state=None):
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected shape (B, T, {self.d_model}), got {tuple(x.shape)}")
         B, T, _ = x.shape
         conv_state, cell_state = self._split_state(state)
-        # x_m is produced feature-major, (B, inner, T), by its own matmul: the conv, q/k/v and the gates all read it
-        # in that layout, so neither x_m nor the conv output needs a transposing copy (the conv runs on the
-        # (B, T, inner) view; its elementwise ops follow the memory layout). z stays (B, T, inner) for the output.
-        if T == 1:  # one token (decoding): one matmul, the transposes are free
-            x_m, z = self.proj_up(x).split(self.inner_dim, dim=-1)
-            x_m_fm = x_m.transpose(1, 2)
-        else:
-            w_m, w_z = self.proj_up.weight.split(self.inner_dim, dim=0)
-            x_m_fm = torch.matmul(w_m, x.transpose(1, 2))  # (B, inner, T), contiguous
-            z = F.linear(x, w_z)
-            if self.proj_up.bias is not None:
-                b_m, b_z = self.proj_up.bias.split(self.inner_dim)
-                x_m_fm, z = x_m_fm + b_m[:, None], z + b_z
-        conv_out, conv_state = self.conv(x_m_fm.transpose(1, 2), conv_state)
-        conv_act = F.silu(conv_out)  # (B, T, inner) view of (B, inner, T) memory
-        conv_fm = conv_act.transpose(1, 2).contiguous()  # no copy: already in this layout
-        q, k, v = (self.q_proj.forward_feature_major(conv_fm), self.k_proj.forward_feature_major(conv_fm),
-                   self.v_proj.forward_feature_major(x_m_fm))
-
+        if T == 1:
+            return self._step(x, conv_state, cell_state)
+        H, inner, N = self.num_heads, self.inner_dim, B * T
+        # Channel-major layout: x_m comes out of its own matmul as (inner, B T). The conv runs on its (B, T, inner)
+        # view (its elementwise ops follow the memory layout), and q/k/v and the gates are each one product over all
+        # B T tokens: a block-diagonal map is one batch of (bs, bs) @ (bs, B T) products, and the weight gradients
+        # need no sum over a batch dimension. z stays (B, T, inner) for the output.
+        w_m, w_z = self.proj_up.weight.split(inner, dim=0)
+        x_m_cm = torch.mm(w_m, x.reshape(N, -1).t())  # (inner, B T), contiguous
+        z = F.linear(x, w_z)
+        if self.proj_up.bias is not None:
+            b_m, b_z = self.proj_up.bias.split(inner)
+            x_m_cm, z = x_m_cm + b_m[:, None], z + b_z
+        conv_act, conv_state = self.conv(x_m_cm.view(inner, B, T).permute(1, 2, 0), conv_state)  # SiLU(conv)
+        # conv_act: (B, T, inner) view of (inner, B, T) memory
+        conv_cm = conv_act.permute(2, 0, 1).reshape(inner, N)  # no copy: already in this layout
+        q, k, v = (self.q_proj.forward_feature_major(conv_cm), self.k_proj.forward_feature_major(conv_cm),
+                   self.v_proj.forward_feature_major(x_m_cm))  # (inner, B T) each
         gate_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=x.device.type, enabled=False):  # gate pre-activations stay in float32
             gate_weight = torch.cat([self.igate.weight, self.fgate.weight]).to(gate_dtype)  # (2H, 3 inner)
             gate_bias = torch.cat([self.igate.bias, self.fgate.bias]).to(gate_dtype)
-            if T == 1:  # one token (decoding): the plain map of cat(q, k, v) is the cheapest
-                qkv = torch.cat([q, k, v], dim=1)[..., 0].to(gate_dtype)  # (B, 3 inner)
-                gates = F.linear(qkv, gate_weight, gate_bias)[..., None]  # (B, 2H, 1)
-            else:
-                gates = self._gates_from_inputs(gate_weight, gate_bias, conv_fm, x_m_fm, B, gate_dtype)
-            i, f = gates.split(self.num_heads, dim=1)  # (B, H, T) each
+            gates = self._gates_from_inputs(gate_weight, gate_bias, conv_cm, x_m_cm, gate_dtype)
+        i, f = (g.view(H, B, T).transpose(0, 1) for g in gates.split(H))  # (B, H, T) views
 
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (inner, B T) -> (B, H, T, hd) as a view: the op copies it
+            return t.view(H, self.head_dim, B, T).permute(2, 0, 3, 1)  # chunk-major in contiguous runs
 
-        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, inner, T) -> (B, H, T, hd) as a view: the op copies it
-            return t.view(B, self.num_heads, self.head_dim, T).transpose(2, 3)  # chunk-major in contiguous runs
+        h, cell_state = mlstm(heads(q), heads(k), heads(v), i, f, cell_state, impl=self.impl,
+                              chunk_size=self.chunk_size)
+        return self._output(h.transpose(1, 2), conv_act, z), (conv_state, cell_state)
 
-        if T == 1:
-            h, cell_state = mlstm_step(*(heads(t)[:, :, 0] for t in (q, k, v)), i[..., 0], f[..., 0], cell_state)
-            h = h[:, None]  # (B, 1, H, hd)
-        else:
-            h, cell_state = mlstm(heads(q), heads(k), heads(v), i, f, cell_state, impl=self.impl,
-                                  chunk_size=self.chunk_size)
-            h = h.transpose(1, 2)  # (B, T, H, hd)
-        h = torch.addcmul(self.outnorm(h), conv_act, self.learnable_skip)  # conv_act read through its transpose
-        y = self.proj_down(h * F.silu(z))
-        return y, (conv_state, cell_state)
+    def _output(self, h: torch.Tensor, conv_act: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """proj_down((group_norm(h) + skip * conv_act) * SiLU(z)); h (B, T, H, hd), conv_act and z (B, T, inner)."""
+        h = torch.addcmul(self.outnorm(h), conv_act, self.learnable_skip)
+        return self.proj_down(h * F.silu(z))
+
+    def _step(self, x: torch.Tensor, conv_state, cell_state):
+        """One token (decoding): one matmul for x_m and z, the plain maps of cat(q, k, v); (B, 1, D) in and out."""
+        x_m, z = self.proj_up(x).split(self.inner_dim, dim=-1)
+        conv_act, conv_state = self.conv(x_m, conv_state)
+        q, k, v = self.q_proj(conv_act[:, 0]), self.k_proj(conv_act[:, 0]), self.v_proj(x_m[:, 0])  # (B, inner)
+        gate_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            gate_weight = torch.cat([self.igate.weight, self.fgate.weight]).to(gate_dtype)
+            gate_bias = torch.cat([self.igate.bias, self.fgate.bias]).to(gate_dtype)
+            gates = F.linear(torch.cat([q, k, v], dim=-1).to(gate_dtype), gate_weight, gate_bias)  # (B, 2H)
+        i, f = gates.split(self.num_heads, dim=-1)
+        heads = (t.view(-1, self.num_heads, self.head_dim) for t in (q, k, v))
+        h, cell_state = mlstm_step(*heads, i, f, cell_state)
+        return self._output(h[:, None], conv_act, z), (conv_state, cell_state)

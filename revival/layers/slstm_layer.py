@@ -105,7 +105,7 @@ class SLSTMLayer(nn.Module):
             raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
         self.d_model, self.num_heads, self.head_dim = d_model, num_heads, d_model // num_heads
         self.conv_kernel, self.impl = conv_kernel, impl
-        self.conv = CausalConv1d(d_model, conv_kernel, bias=True) if conv_kernel > 0 else None
+        self.conv = CausalConv1d(d_model, conv_kernel, bias=True, activation="silu") if conv_kernel > 0 else None
         self.igate = HeadwiseLinear(d_model, self.head_dim)
         self.fgate = HeadwiseLinear(d_model, self.head_dim)
         self.zgate = HeadwiseLinear(d_model, self.head_dim)
@@ -147,8 +147,7 @@ class SLSTMLayer(nn.Module):
             conv_act = F.silu(x)
             conv_state = x.new_zeros(B, 0, D)
         else:
-            conv_out, conv_state = self.conv(x, conv_state)
-            conv_act = F.silu(conv_out)
+            conv_act, conv_state = self.conv(x, conv_state)  # SiLU(conv(x))
         H, d = self.num_heads, self.head_dim
         if T == 1:  # one token (decoding): per head, the stacked (2d, d) maps of (i, f) and of (z, o) as two matmuls
             weight_if = torch.stack([self.igate.weight, self.fgate.weight], dim=1).view(H, 2 * d, d)

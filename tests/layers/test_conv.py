@@ -95,3 +95,48 @@ def test_no_grad_path_matches_reference(T):
         y_ref, state_ref = reference(x, state, conv.weight[:, 0], conv.bias)
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(new_state, state_ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_silu_activation_matches_reference_float64(with_state):
+    """activation="silu": SiLU of the conv in one node; forward, gradients and the no-grad path as the reference."""
+    conv = make(5, 4, True)
+    conv.activation = "silu"
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 7, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    state = torch.randn(2, 3, 5, dtype=torch.float64, generator=gen, requires_grad=True) if with_state else None
+    y, new_state = conv(x, state)
+    pre, state_ref = reference(x, state, conv.weight[:, 0], conv.bias)
+    y_ref = torch.nn.functional.silu(pre)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(new_state, state_ref, rtol=0, atol=0)
+    grad_y = torch.randn(2, 7, 5, dtype=torch.float64, generator=gen)
+    leaves = [x, conv.weight, conv.bias] + ([state] if with_state else [])
+    for g, g_ref in zip(torch.autograd.grad(y, leaves, grad_y), torch.autograd.grad(y_ref, leaves, grad_y)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x, state)[0], y_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_gradient_in_another_layout_float64():
+    """x stored feature-major (as the mLSTM layer hands it over) and the incoming gradient token-major: the backward
+    first copies the gradient into x's layout; the gradients are the same as with matching layouts."""
+    conv = make(6, 4, True)
+    conv.activation = "silu"
+    gen = torch.Generator().manual_seed(4)
+    memory = torch.randn(6, 2, 9, dtype=torch.float64, generator=gen, requires_grad=True)  # (D, B, T)
+    x = memory.permute(1, 2, 0)  # (B, T, D) view
+    grad_y = torch.randn(2, 9, 6, dtype=torch.float64, generator=gen)  # contiguous (B, T, D)
+    y, _ = conv(x)
+    got = torch.autograd.grad(y, [memory, conv.weight, conv.bias], grad_y)
+    x_plain = memory.detach().permute(1, 2, 0).contiguous().requires_grad_()
+    y_plain, _ = conv(x_plain)
+    want = torch.autograd.grad(y_plain, [x_plain, conv.weight, conv.bias], grad_y)
+    torch.testing.assert_close(got[0].permute(1, 2, 0), want[0], rtol=1e-12, atol=1e-12)
+    for g, g_ref in zip(got[1:], want[1:]):
+        torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_unknown_activation_raises():
+    with pytest.raises(ValueError, match="activation"):
+        CausalConv1d(4, 4, activation="gelu")

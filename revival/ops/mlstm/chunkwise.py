@@ -142,7 +142,7 @@ class _Chunkwise(torch.autograd.Function):
                               norm, m_query, h)
         ctx.shape = (B, H, NC, L, Dk, Dv)
         ctx.start = start
-        ctx.input_feature_major = [_is_feature_major(x) for x in (q, k, v)]
+        ctx.input_layouts = [(x.shape, x.stride()) for x in (q, k, v, i, f)]
         return h, C.view_as(C0), n.view_as(n0), m.view_as(m0)
 
     @staticmethod
@@ -229,12 +229,12 @@ class _Chunkwise(torch.autograd.Function):
         grad_log_f = grad_b.flip(-1).cumsum(-1).flip(-1)
         grad_f = grad_log_f.mul_(torch.sigmoid(-fc))
 
-        grads_qkv = [_from_chunk_major(x, B, H, feature_major)
-                     for x, feature_major in zip((grad_q, grad_k, grad_v), ctx.input_feature_major)]
-        grads_gates = [_gates_from_chunk_major(x, B, H) for x in (grad_i, grad_f)]
+        # each gradient in its input's memory layout: the views that made the inputs map them back without copies
+        grads_inputs = [_from_chunk_major(x, B, H, *layout)
+                        for x, layout in zip((grad_q, grad_k, grad_v, grad_i, grad_f), ctx.input_layouts)]
         grads_state = [None if x is None else x.view(shape)
                        for x, shape in zip((grad_C0, grad_n0, grad_m0), ((B, H, Dk, Dv), (B, H, Dk), (B, H)))]
-        return (*grads_qkv, *grads_gates, *grads_state, None, None, None)
+        return (*grads_inputs, *grads_state, None, None, None)
 
 
 def _inter_chunk_forward(g, a_max, C_local, n_local, C0, n0, m0):
@@ -356,16 +356,13 @@ def _to_chunk_major(x: torch.Tensor, NC: int, L: int) -> torch.Tensor:
     return chunks.permute(2, 0, 1, 3, 4).contiguous().view(NC, B * H, L, D)
 
 
-def _from_chunk_major(x: torch.Tensor, B: int, H: int, feature_major: bool) -> torch.Tensor:
-    """Inverse of `_to_chunk_major` (a copy): (NC, B H, L, D) -> (B, H, NC L, D), laid out as the input was."""
-    NC, _, L, D = x.shape
-    chunks = x.view(NC, B, H, L, D)
-    if feature_major:
-        out = x.new_empty(B, H, D, NC * L)
-        out.view(B, H, D, NC, L).permute(3, 0, 1, 4, 2).copy_(chunks)
-        return out.transpose(-1, -2)
-    out = x.new_empty(B, H, NC * L, D)
-    out.view(B, H, NC, L, D).permute(2, 0, 1, 3, 4).copy_(chunks)
+def _from_chunk_major(x: torch.Tensor, B: int, H: int, shape: torch.Size, stride: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of `_to_chunk_major` / `_gates_to_chunk_major` (one copy): (NC, B H, L, ...) -> (B, H, NC L, ...),
+    stored with the given strides when they describe a dense layout (else contiguous)."""
+    NC, _, L = x.shape[:3]
+    out = x.new_empty_strided(shape, stride) if _is_dense(shape, stride) else x.new_empty(shape)
+    dims = (2, 0, 1, 3, 4)[: out.ndim + 1]
+    out.unflatten(2, (NC, L)).permute(*dims).copy_(x.view(NC, B, H, *x.shape[2:]))
     return out
 
 
@@ -375,10 +372,14 @@ def _gates_to_chunk_major(x: torch.Tensor, NC: int, L: int) -> torch.Tensor:
     return x.unflatten(2, (NC, L)).permute(2, 0, 1, 3).contiguous().view(NC, B * H, L)
 
 
-def _gates_from_chunk_major(x: torch.Tensor, B: int, H: int) -> torch.Tensor:
-    """(NC, B H, L) -> (B, H, NC L)."""
-    NC, _, L = x.shape
-    return x.view(NC, B, H, L).permute(1, 2, 0, 3).reshape(B, H, NC * L)
+def _is_dense(shape, stride) -> bool:
+    """Whether the strides lay the shape out without gaps or overlaps (a permutation of a contiguous layout)."""
+    expected = 1
+    for size, step in sorted(zip(shape, stride), key=lambda pair: pair[1]):
+        if size != 1 and step != expected:
+            return False
+        expected *= size
+    return True
 
 
 @functools.lru_cache(maxsize=64)
