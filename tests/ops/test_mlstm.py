@@ -503,3 +503,22 @@ def test_chunkwise_feature_major_views_match_contiguous_float64(T):
     want = torch.autograd.grad(h_ref, leaves[:3], grad)
     for name, a, b in zip("qkv", got, want):
         assert_close(a.transpose(-1, -2), b, what=f"grad {name}")
+
+
+def test_chunkwise_under_cpu_autocast_computes_in_float32():
+    """Inside a bf16 autocast region the chunkwise form still runs in float32 (its products are not autocast), so
+    outputs and gradients equal those without autocast."""
+    inputs, _ = make_inputs(2, 2, 40, 8, 8, seed=6, dtype=torch.float32, with_state=False)
+
+    def outputs():
+        leaves = [x.clone().requires_grad_(True) for x in inputs]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h, _ = mlstm(*leaves, None, impl="chunkwise", chunk_size=16)
+        return (h, *torch.autograd.grad(h.sum(), leaves))
+
+    plain = [x.clone().requires_grad_(True) for x in inputs]
+    h_plain, _ = mlstm(*plain, None, impl="chunkwise", chunk_size=16)
+    want = (h_plain, *torch.autograd.grad(h_plain.sum(), plain))
+    for got, ref in zip(outputs(), want):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)

@@ -59,7 +59,7 @@ def mlstm_chunkwise(
 
 
 def _equal_chunks(q, k, v, i, f, state: MLSTMState, L: int, eps: float, zero_state: bool):
-    """The chunkwise form for T a multiple of L."""
+    """The chunkwise form for T a multiple of L, in the inputs' dtype (autocast, if on, is not applied inside)."""
     C0, n0, m0 = state
     h, C, n, m = _Chunkwise.apply(q, k, v, i, f, C0, n0, m0, L, eps, zero_state)
     return h, (C, n, m)
@@ -87,7 +87,19 @@ class _Chunkwise(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, i, f, C0, n0, m0, L, eps, zero_state):
+        with torch.autocast(q.device.type, enabled=False):
+            return _Chunkwise._forward(ctx, q, k, v, i, f, C0, n0, m0, L, eps, zero_state)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_h, grad_C, grad_n, grad_m):
+        with torch.autocast(ctx.device_type, enabled=False):
+            return _Chunkwise._backward(ctx, grad_h, grad_C, grad_n, grad_m)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, i, f, C0, n0, m0, L, eps, zero_state):
         B, H, T, Dk = q.shape
+        ctx.device_type = q.device.type
         Dv = v.shape[-1]
         NC, BH = T // L, B * H
         qc, kc, vc = (_to_chunk_major(x, NC, L) for x in (q, k, v))  # (NC, BH, L, D)
@@ -146,8 +158,7 @@ class _Chunkwise(torch.autograd.Function):
         return h, C.view_as(C0), n.view_as(n0), m.view_as(m0)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_h, grad_C, grad_n, grad_m):
+    def _backward(ctx, grad_h, grad_C, grad_n, grad_m):
         (qc, kc, vc, fc, a, a_max, w_k, kw, C_local, n_local, C_before, n_before, decay, scale, from_previous,
          running_argmax, from_state, w_q, qw, decay_matrix, scores, denominator, norm, m_query, h) = ctx.saved_tensors
         B, H, NC, L, Dk, Dv = ctx.shape
