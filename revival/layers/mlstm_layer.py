@@ -11,9 +11,10 @@ Data flow for x: (B, T, D), inner = round_up(proj_factor * D, 64), H heads of he
 
 The skip adds the conv output after its SiLU (what the paper's reference layer does; MATH.md says "conv_out").
 
-CPU speed (benchmarks/NOTES.md, "CPU train step"): q, k, v and the gates are computed on (B, inner, T) data, the layout
-the depthwise conv works in, where a block-diagonal map is a batch of (bs, bs) @ (bs, T) products; the gates use
-[igate; fgate] composed with the headwise maps, so cat(q, k, v) is never built.
+CPU speed (benchmarks/NOTES.md, "CPU train step"): x_m, conv_act, q, k, v and the gates live channel-major,
+(inner, B T): the depthwise conv runs on that memory through a (B, T, inner) view, a block-diagonal map is one batch
+of (bs, bs) @ (bs, B T) products, and the gates use [igate; fgate] composed with the headwise maps, so cat(q, k, v)
+is never built. One token (decoding) takes the plain per-token maps (`_step`).
 """
 
 from __future__ import annotations
