@@ -137,7 +137,13 @@ class MLSTMLayer(nn.Module):
             raise ValueError(f"state: expected (conv_state, (C, n, m)) or None, got {type(state).__name__}")
         return state
 
-    def _gates_from_inputs(self, gate_weight, gate_bias, conv_cm, x_m_cm, dtype: torch.dtype):
+    def _gate_parameters(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[igate; fgate] weight (2H, 3 inner) and bias (2H,) in the gates' dtype: float32 (float64 for float64)."""
+        gate_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        return (torch.cat([self.igate.weight, self.fgate.weight]).to(gate_dtype),
+                torch.cat([self.igate.bias, self.fgate.bias]).to(gate_dtype))
+
+    def _gates_from_inputs(self, gate_weight, gate_bias, conv_cm, x_m_cm):
         """[igate; fgate] @ cat(q, k, v) without building cat(q, k, v): the gate weights composed with the headwise
         maps read conv_act and x_m directly ((2H, inner) weights; no (3 inner, B T) tensor or its gradient).
         conv_cm, x_m_cm: (inner, B T). Returns (2H, B T)."""
@@ -146,8 +152,8 @@ class MLSTMLayer(nn.Module):
             proj.compose_after(w) for proj, w in ((self.q_proj, w_q), (self.k_proj, w_k), (self.v_proj, w_v)))
         if bias_q is not None:
             gate_bias = gate_bias + bias_q + bias_k + bias_v
-        gates = torch.addmm(gate_bias[:, None], from_q + from_k, conv_cm.to(dtype))
-        return torch.addmm(gates, from_v, x_m_cm.to(dtype))
+        gates = torch.addmm(gate_bias[:, None], from_q + from_k, conv_cm.to(gate_weight.dtype))
+        return torch.addmm(gates, from_v, x_m_cm.to(gate_weight.dtype))
 
     def forward(self, x: torch.Tensor, state=None):
         if x.ndim != 3 or x.shape[-1] != self.d_model:
@@ -172,11 +178,8 @@ class MLSTMLayer(nn.Module):
         conv_cm = conv_act.permute(2, 0, 1).reshape(inner, N)  # no copy: already in this layout
         q, k, v = (self.q_proj.forward_feature_major(conv_cm), self.k_proj.forward_feature_major(conv_cm),
                    self.v_proj.forward_feature_major(x_m_cm))  # (inner, B T) each
-        gate_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=x.device.type, enabled=False):  # gate pre-activations stay in float32
-            gate_weight = torch.cat([self.igate.weight, self.fgate.weight]).to(gate_dtype)  # (2H, 3 inner)
-            gate_bias = torch.cat([self.igate.bias, self.fgate.bias]).to(gate_dtype)
-            gates = self._gates_from_inputs(gate_weight, gate_bias, conv_cm, x_m_cm, gate_dtype)
+            gates = self._gates_from_inputs(*self._gate_parameters(x.dtype), conv_cm, x_m_cm)
         i, f = (g.view(H, B, T).transpose(0, 1) for g in gates.split(H))  # (B, H, T) views
 
         def heads(t: torch.Tensor) -> torch.Tensor:  # (inner, B T) -> (B, H, T, hd) as a view: the op copies it
@@ -196,11 +199,9 @@ class MLSTMLayer(nn.Module):
         x_m, z = self.proj_up(x).split(self.inner_dim, dim=-1)
         conv_act, conv_state = self.conv(x_m, conv_state)
         q, k, v = self.q_proj(conv_act[:, 0]), self.k_proj(conv_act[:, 0]), self.v_proj(x_m[:, 0])  # (B, inner)
-        gate_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=x.device.type, enabled=False):
-            gate_weight = torch.cat([self.igate.weight, self.fgate.weight]).to(gate_dtype)
-            gate_bias = torch.cat([self.igate.bias, self.fgate.bias]).to(gate_dtype)
-            gates = F.linear(torch.cat([q, k, v], dim=-1).to(gate_dtype), gate_weight, gate_bias)  # (B, 2H)
+            gate_weight, gate_bias = self._gate_parameters(x.dtype)
+            gates = F.linear(torch.cat([q, k, v], dim=-1).to(gate_weight.dtype), gate_weight, gate_bias)  # (B, 2H)
         i, f = gates.split(self.num_heads, dim=-1)
         heads = (t.view(-1, self.num_heads, self.head_dim) for t in (q, k, v))
         h, cell_state = mlstm_step(*heads, i, f, cell_state)
