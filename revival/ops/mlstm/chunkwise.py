@@ -165,11 +165,12 @@ class _Chunkwise(torch.autograd.Function):
         BH, start = B * H, ctx.start
 
         # h = num / norm
-        grad_numerator = qc.new_zeros(NC, BH, L, Dv)
-        grad_norm = qc.new_zeros(NC, BH, L)
-        if grad_h is not None:
+        if grad_h is None:
+            grad_numerator, grad_norm = qc.new_zeros(NC, BH, L, Dv), qc.new_zeros(NC, BH, L)
+        else:
             grad_h5, h5 = _chunk_view(grad_h, NC, L), _chunk_view(h, NC, L)
             reciprocal = norm.reciprocal()
+            grad_numerator = qc.new_empty(NC, BH, L, Dv)
             torch.mul(grad_h5, reciprocal.view(NC, B, H, L, 1), out=grad_numerator.view(NC, B, H, L, Dv))
             grad_norm = torch.linalg.vecdot(grad_h5, h5).view(NC, BH, L).mul_(reciprocal).neg_()
         # norm = max(|den|, exp(min(-m, cap))) + eps
@@ -182,9 +183,10 @@ class _Chunkwise(torch.autograd.Function):
         # num = P v + [q_w C_before], den = rowsum(P) + [q_w . n_before]
         grad_scores = _bmm(grad_numerator, vc.transpose(-1, -2)).add_(grad_denominator[..., None])
         grad_v = _bmm(scores.transpose(-1, -2), grad_numerator)
-        grad_qw = qc.new_zeros(NC, BH, L, Dk)
-        grad_C_before = torch.zeros_like(C_before)
-        grad_n_before = torch.zeros_like(n_before)
+        grad_qw = qc.new_empty(NC, BH, L, Dk)
+        grad_C_before, grad_n_before = torch.empty_like(C_before), torch.empty_like(n_before)
+        for x in (grad_qw, grad_C_before, grad_n_before):
+            x[:start].zero_()  # chunk 0 under a zero initial state: q_w reaches nothing through it
         if start < NC:
             s = slice(start, None)
             _bmm(grad_numerator[s], C_before[s].transpose(-1, -2), out=grad_qw[s])
