@@ -103,7 +103,7 @@ class _Chunkwise(torch.autograd.Function):
         Dv = v.shape[-1]
         NC, BH = T // L, B * H
         qc, kc, vc = (_to_chunk_major(x, NC, L) for x in (q, k, v))  # (NC, BH, L, D)
-        ic, fc = (_gates_to_chunk_major(x, NC, L) for x in (i, f))  # (NC, BH, L)
+        ic, fc = (_to_chunk_major(x, NC, L) for x in (i, f))  # (NC, BH, L)
 
         # each chunk's own contribution to the state, stabilized by its own max
         b = torch.cumsum(F.logsigmoid(fc), dim=-1)
@@ -358,31 +358,25 @@ def _is_feature_major(x: torch.Tensor) -> bool:
 
 
 def _to_chunk_major(x: torch.Tensor, NC: int, L: int) -> torch.Tensor:
-    """(B, H, NC L, D) -> (NC, B H, L, D), one copy. Feature-major input is copied into (NC, B H, D, L) memory in
-    L-float runs and returned as its transposed view: the products take either orientation, and no element-wise
-    transpose is needed."""
-    B, H, _, D = x.shape
-    chunks = x.unflatten(2, (NC, L))  # (B, H, NC, L, D), a view whatever the strides
-    if _is_feature_major(x):
+    """(B, H, NC L, ...) -> (NC, B H, L, ...), one copy: q, k, v (a feature dim) or the gates (none). Feature-major
+    input is copied into (NC, B H, D, L) memory in L-float runs and returned as its transposed view: the products
+    take either orientation, and no element-wise transpose is needed."""
+    B, H = x.shape[:2]
+    chunks = x.unflatten(2, (NC, L))  # (B, H, NC, L, ...), a view whatever the strides
+    if x.ndim == 4 and _is_feature_major(x):
         memory = chunks.permute(2, 0, 1, 4, 3).contiguous()  # (NC, B, H, D, L)
-        return memory.view(NC, B * H, D, L).transpose(-1, -2)
-    return chunks.permute(2, 0, 1, 3, 4).contiguous().view(NC, B * H, L, D)
+        return memory.view(NC, B * H, x.shape[-1], L).transpose(-1, -2)
+    return chunks.permute(2, 0, 1, *range(3, x.ndim + 1)).contiguous().flatten(1, 2)
 
 
 def _from_chunk_major(x: torch.Tensor, B: int, H: int, shape: torch.Size, stride: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of `_to_chunk_major` / `_gates_to_chunk_major` (one copy): (NC, B H, L, ...) -> (B, H, NC L, ...),
+    """Inverse of `_to_chunk_major` (one copy): (NC, B H, L, ...) -> (B, H, NC L, ...),
     stored with the given strides when they describe a dense layout (else contiguous)."""
     NC, _, L = x.shape[:3]
     out = x.new_empty_strided(shape, stride) if _is_dense(shape, stride) else x.new_empty(shape)
     dims = (2, 0, 1, 3, 4)[: out.ndim + 1]
     out.unflatten(2, (NC, L)).permute(*dims).copy_(x.view(NC, B, H, *x.shape[2:]))
     return out
-
-
-def _gates_to_chunk_major(x: torch.Tensor, NC: int, L: int) -> torch.Tensor:
-    """(B, H, NC L) -> (NC, B H, L)."""
-    B, H, _ = x.shape
-    return x.unflatten(2, (NC, L)).permute(2, 0, 1, 3).contiguous().view(NC, B * H, L)
 
 
 def _is_dense(shape, stride) -> bool:
