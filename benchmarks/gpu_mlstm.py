@@ -24,15 +24,27 @@ SHAPES = [  # heads, Dk, Dv, T
     (16, 128, 128, 2048), (16, 128, 128, 8192), (16, 128, 128, 32768), (8, 256, 512, 8192),
 ]
 STEP_SHAPE = (16, 8, 256, 512)  # B, H, Dk, Dv
-DEFAULT_MODE = "balanced"  # the precision mode (revival.ops.mlstm.triton.forward.PRESETS) used for the step and default
-CHECKS = [  # H, Dk, Dv, T, B, dtype, chunk, precision mode
-    (4, 128, 128, 2085, 2, torch.bfloat16, 64, "fast"), (4, 128, 128, 2085, 2, torch.bfloat16, 64, "precise"),
-    (4, 128, 128, 2085, 2, torch.float32, 64, "fast"), (4, 128, 128, 2085, 2, torch.bfloat16, 128, "fast"),
-    (2, 256, 512, 1029, 1, torch.bfloat16, 64, "fast"), (2, 256, 512, 1029, 1, torch.bfloat16, 64, "precise"),
-    (2, 64, 256, 777, 2, torch.float16, 64, "fast"),
-    (4, 128, 128, 2085, 2, torch.bfloat16, 64, "fast32"), (2, 256, 512, 1029, 1, torch.bfloat16, 64, "fast32"),
-    (4, 128, 128, 2085, 2, torch.bfloat16, 64, "balanced"), (2, 256, 512, 1029, 1, torch.bfloat16, 64, "balanced"),
-    (8, 128, 128, 4097, 1, torch.bfloat16, 64, "balanced"), (3, 96, 192, 2049, 2, torch.bfloat16, 64, "balanced"),
+DEFAULT_MODE = "auto"  # the precision mode (revival.ops.mlstm.triton.forward.PRESETS or "auto") of the default rows
+CHECKS = [  # H, Dk, Dv, T, B, dtype, chunk, precision mode, initial state (with its gradient) or none
+    (4, 128, 128, 2085, 2, torch.bfloat16, 64, "fast", True),
+    (4, 128, 128, 2085, 2, torch.bfloat16, 64, "precise", True),
+    (4, 128, 128, 2085, 2, torch.float32, 64, "fast", True),
+    (4, 128, 128, 2085, 2, torch.bfloat16, 128, "fast", True),
+    (2, 256, 512, 1029, 1, torch.bfloat16, 64, "fast", True),
+    (2, 256, 512, 1029, 1, torch.bfloat16, 64, "precise", True),
+    (2, 64, 256, 777, 2, torch.float16, 64, "fast", True), (4, 128, 128, 2085, 2, torch.bfloat16, 64, "fast32", True),
+    (2, 256, 512, 1029, 1, torch.bfloat16, 64, "fast32", True),
+    (4, 128, 128, 2085, 2, torch.bfloat16, 64, "balanced", True),
+    (2, 256, 512, 1029, 1, torch.bfloat16, 64, "balanced", True),
+    (8, 128, 128, 4097, 1, torch.bfloat16, 64, "balanced", True),
+    (3, 96, 192, 2049, 2, torch.bfloat16, 64, "balanced", True),
+    # "auto" without an initial state (training from the start of a sequence) takes "fast"; with one, "balanced"
+    (4, 128, 128, 2085, 2, torch.bfloat16, 64, "auto", False),
+    (2, 256, 512, 1029, 1, torch.bfloat16, 64, "auto", False),
+    (8, 128, 128, 4097, 1, torch.bfloat16, 64, "auto", False),
+    (3, 96, 192, 2049, 2, torch.bfloat16, 64, "auto", False),
+    (16, 128, 128, 2048, 4, torch.bfloat16, 64, "auto", False),
+    (2, 64, 256, 777, 2, torch.float16, 64, "auto", False), (4, 128, 128, 2085, 2, torch.bfloat16, 64, "auto", True),
 ]
 
 
@@ -77,14 +89,16 @@ def revival_fns(H, Dk, Dv, T, chunk, dtype=torch.bfloat16):
     return fwd, fwdbwd, xs
 
 
-def check(H, Dk, Dv, T, B, dtype, chunk, seed):
-    """Relative errors of h, final state and all gradients vs float64 (chunkwise form, which equals the recurrent)."""
+def check(H, Dk, Dv, T, B, dtype, chunk, seed, with_state=True):
+    """Relative errors of h, final state and all gradients vs float64 (chunkwise form, which equals the recurrent);
+    with_state=False: no initial state (zeros, no gradient), as in training from the start of a sequence."""
     from revival.ops.mlstm import mlstm
 
     q, k, v, i, f = make_inputs(H, Dk, Dv, T, dtype, B=B, seed=seed)
     g = torch.Generator(device="cuda").manual_seed(seed + 1)
     state = (torch.randn(B, H, Dk, Dv, device="cuda", generator=g), torch.randn(B, H, Dk, device="cuda", generator=g),
              torch.randn(B, H, device="cuda", generator=g))
+    state = state if with_state else ()
     weights = [torch.randn(B, H, T, Dv, device="cuda", generator=g, dtype=torch.float64),
                torch.randn(B, H, Dk, Dv, device="cuda", generator=g, dtype=torch.float64),
                torch.randn(B, H, Dk, device="cuda", generator=g, dtype=torch.float64)]
@@ -93,7 +107,7 @@ def check(H, Dk, Dv, T, B, dtype, chunk, seed):
         xs = [x.detach().clone().requires_grad_(True) for x in inputs]
         if poisoned:
             poison()
-        h, (C, n, _) = mlstm(*xs[:5], tuple(xs[5:]), impl=impl, chunk_size=chunk)
+        h, (C, n, _) = mlstm(*xs[:5], tuple(xs[5:]) or None, impl=impl, chunk_size=chunk)
         loss = sum((o.double() * w).sum() for o, w in zip((h, C, n), weights))
         if poisoned:
             poison()
@@ -225,7 +239,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     # the default precision mode first, then the other presets (forward.PRESETS)
-    ap.add_argument("--variants", default="L64:balanced,L64:fast,L64:fast32,L64:precise",
+    ap.add_argument("--variants", default="L64:auto,L64:balanced,L64:fast32,L64:precise",
                     help="revival configs: L<chunk>:<precision mode>[:CONFIG_KEY=value...]")
     ap.add_argument("--anchors-from", default="", help="reuse the anchors' timings of an earlier gpu_mlstm.json")
     ap.add_argument("--skip-sdpa", action="store_true")
@@ -255,11 +269,12 @@ def main():
         check_config = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in args.check_config.split(":") if kv}
         fw.CONFIG_OVERRIDE.update(check_config)
         result["check_config"] = check_config
-        for (H, Dk, Dv, T, B, dtype, chunk, mode) in CHECKS:
-            key = f"H{H} Dk{Dk} Dv{Dv} T{T} B{B} {str(dtype)[6:]} L{chunk} {mode}"
+        for (H, Dk, Dv, T, B, dtype, chunk, mode, with_state) in CHECKS:
+            key = f"H{H} Dk{Dk} Dv{Dv} T{T} B{B} {str(dtype)[6:]} L{chunk} {mode}" + ("" if with_state else " no-state")
             fw.PRECISION_MODE = mode
             try:
-                checks[key] = check(H, Dk, Dv, T, B, dtype, chunk, seed=int.from_bytes(os.urandom(2), "little"))
+                checks[key] = check(H, Dk, Dv, T, B, dtype, chunk, seed=int.from_bytes(os.urandom(2), "little"),
+                                    with_state=with_state)
             except Exception:  # noqa: BLE001
                 checks[key] = "error: " + traceback.format_exc()[-800:]
             print("check", key, checks[key], flush=True)

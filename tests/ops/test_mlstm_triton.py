@@ -102,6 +102,43 @@ def test_bfloat16_precision_modes(mode, monkeypatch):
     assert max(errors.values()) < 1e-2, errors
 
 
+def test_auto_precision_splits_only_for_an_initial_state_gradient(monkeypatch):
+    """PRECISION_MODE "auto" (the default): "balanced" when the initial state needs a gradient, else "fast" (16-bit
+    chunk states). Both within the bfloat16 bound of float64: without a state (zeros) and with a detached state."""
+    from revival.ops.mlstm.triton import forward
+
+    assert forward.PRECISION_MODE == "auto"
+    used = []
+    original = forward.chunk_states
+    monkeypatch.setattr(forward, "chunk_states", lambda *a: used.append((a[-1], original(*a)[0].dtype)) or original(*a))
+    inputs, weights = _inputs(1, 2, 45, 32, 64, torch.bfloat16, seed=12)
+    got = _run(inputs, weights, "triton", 16, DEVICE)  # the initial state requires grad
+    assert used == [("balanced", torch.float32)]
+    ref = _run([x.double() for x in inputs], weights, "recurrent", 16, "cpu")
+    assert max(_rel(g, r) for g, r in zip(got, ref)) < 1e-2
+
+    for state in (None, [x.detach() for x in inputs[5:]]):
+        used.clear()
+        outs = []
+        for impl, device, cast in (("triton", DEVICE, lambda x: x), ("recurrent", "cpu", torch.Tensor.double)):
+            xs = [cast(x).detach().to(device).clone().requires_grad_(True) for x in inputs[:5]]
+            st = None if state is None else tuple(cast(x).to(device) for x in state)
+            h, (C, n, m) = mlstm(*xs, st, impl=impl, chunk_size=16)
+            sum((o.double() * w.to(device)).sum() for o, w in zip((h, C, n, m), weights)).backward()
+            outs.append([o.detach() for o in (h, C, n, m)] + [x.grad for x in xs])
+        assert used == [("fast", torch.bfloat16)], state is None
+        errors = {name: _rel(g, r) for name, g, r in zip(NAMES, *outs)}
+        assert max(errors.values()) < 1e-2, errors
+
+
+def test_unknown_precision_mode_is_rejected(monkeypatch):
+    from revival.ops.mlstm.triton import forward
+
+    monkeypatch.setattr(forward, "PRECISION_MODE", "quick")
+    with pytest.raises(ValueError, match="PRECISION_MODE.*'quick'"):
+        forward.resolve_mode(False)
+
+
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3]])
 def test_two_launch_gradient_kernel(case, monkeypatch):
     """The gradient kernel in two launches (GRAD_FUSED=0: dq side, then dk/dv side; 32-wide Dv-tiles) against the

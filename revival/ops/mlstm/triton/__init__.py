@@ -63,12 +63,14 @@ class _MLSTMChunkwise(torch.autograd.Function):
         grad = any(ctx.needs_input_grad[:8])
         from . import forward as forward_module
 
-        state_bytes = 4 if forward_module._state_fp32(q.dtype) else q.element_size()
+        # the precision preset: with PRECISION_MODE "auto", split products only when the initial state needs a gradient
+        mode = forward_module.resolve_mode(any(ctx.needs_input_grad[5:8]))
+        state_bytes = 4 if forward_module._state_fp32(q.dtype, mode) else q.element_size()
         keep = grad and keep_chunk_states(Dk, Dv, chunk_size, state_bytes, q.element_size())
-        h, final, saved = mlstm_forward(*flat, *gates, *state0, chunk_size, eps, keep)
+        h, final, saved = mlstm_forward(*flat, *gates, *state0, chunk_size, eps, keep, mode)
         if grad:
             ctx.save_for_backward(*flat, *gates, h, *state0, *final, *saved)
-            ctx.chunk_size, ctx.eps, ctx.shape = chunk_size, eps, (B, H, T, Dk, Dv)
+            ctx.chunk_size, ctx.eps, ctx.shape, ctx.mode = chunk_size, eps, (B, H, T, Dk, Dv), mode
         C_T, n_T, m_T = final
         return h, C_T.reshape(B, H, Dk, Dv), n_T.reshape(B, H, Dk), m_T.reshape(B, H)
 
@@ -81,7 +83,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
         if saved[0] is None:  # the forward did not keep the chunk states: recompute them (same kernel, same values)
             from .forward import chunk_states
 
-            saved[:3] = chunk_states(k, v, i, f, C0, n0, m0, ctx.chunk_size)[:3]
+            saved[:3] = chunk_states(k, v, i, f, C0, n0, m0, ctx.chunk_size, ctx.mode)[:3]
         BH = B * H
         dh = torch.zeros_like(h) if dh is None else dh.to(h.dtype)
         dC_T = torch.zeros_like(C_T) if dC_T is None else dC_T.reshape(BH, Dk, Dv).float().contiguous()
@@ -89,6 +91,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
         dm_T = torch.zeros_like(m_T) if dm_T is None else dm_T.reshape(BH).float()
         dq, dk, dv, di, df, dC0, dn0, dm0 = mlstm_backward(
             q, k, v, i, f, h, dh, dC_T, dn_T, dm_T, (C0, n0, m0), (C_T, n_T, m_T), saved, ctx.chunk_size, ctx.eps,
+            ctx.mode,
         )
         return (dq, dk, dv, di.reshape(B, H, T),
                 df.reshape(B, H, T), dC0.reshape(B, H, Dk, Dv), dn0.reshape(B, H, Dk), dm0.reshape(B, H), None, None)

@@ -294,9 +294,11 @@ def backward_config(Dk: int, Dv: int) -> dict:
     return {**cfg, **CONFIG_OVERRIDE}
 
 
-def mlstm_backward(q, k, v, i, f, h, dh, dC_last, dn_last, dm_last, state0, final_state, saved, chunk_size, eps):
+def mlstm_backward(q, k, v, i, f, h, dh, dC_last, dn_last, dm_last, state0, final_state, saved, chunk_size, eps,
+                   mode):
     """Gradients of q, k, v (B, H, T, D), each stored like its input (`empty_like_layout`), of i, f (BH, T) and of the
-    initial state (C0, n0, m0). q, k, v, h, dh: (B, H, T, D) with contiguous last dims, any layout otherwise."""
+    initial state (C0, n0, m0). q, k, v, h, dh: (B, H, T, D) with contiguous last dims, any layout otherwise; mode: the
+    forward's PRESETS key."""
     cs, ns, ms, m_query, den = saved
     C0, n0, m0 = state0
     C_T, n_T, _ = final_state
@@ -306,7 +308,7 @@ def mlstm_backward(q, k, v, i, f, h, dh, dC_last, dn_last, dm_last, state0, fina
     cfg = backward_config(Dk, Dv)
     dev = q.device
     flags = dict(PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), MIX=_mix(q.dtype),
-                 SPLITS=_split_mask(q.dtype))
+                 SPLITS=_split_mask(q.dtype, mode))
     if dh.stride(-1) != 1:
         dh = dh.contiguous()
 

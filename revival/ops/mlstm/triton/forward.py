@@ -401,16 +401,29 @@ def _upcast(dtype: torch.dtype) -> bool:
 # "balanced" splits only the products that the initial state's gradient is sensitive to (the forward's outputs, through
 # dh.h in the normalizer's gradient, and the state-gradient update): dm0 as accurate as "precise" (interpreter, 16
 # seeds: 3.9e-3 vs 3.8e-3; "fast32" 9.4e-3, "fast" up to 1.6e-2 and 1.4e-2 on the GPU), at a fraction of its cost.
+# "auto" (the default) picks per call: "balanced" when the initial state (C0, n0, m0) needs a gradient, else "fast"
+# (16-bit chunk states, no splits). Only the initial state's gradient (dm0 above all: an inner product whose terms
+# cancel) needs the splits; every other output and gradient of "fast" stays within a few 1e-3 of float64 on the GPU,
+# and "fast" is ~20% faster (benchmarks/NOTES.md, session 8). Training from a zero or detached state takes "fast".
 PRESETS = {"precise": (2047, True), "balanced": (2 | 4 | 8, True), "fast": (0, False), "fast32": (0, True)}
-PRECISION_MODE = "balanced"
+PRECISION_MODE = "auto"
 
 
-def _split_mask(dtype: torch.dtype) -> int:
-    return 0 if dtype == torch.float32 else PRESETS[PRECISION_MODE][0]
+def resolve_mode(initial_state_grad: bool) -> str:
+    """The preset (a PRESETS key) one call uses under PRECISION_MODE."""
+    if PRECISION_MODE == "auto":
+        return "balanced" if initial_state_grad else "fast"
+    if PRECISION_MODE not in PRESETS:
+        raise ValueError(f"PRECISION_MODE: expected 'auto' or one of {sorted(PRESETS)}, got {PRECISION_MODE!r}")
+    return PRECISION_MODE
 
 
-def _state_fp32(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 or PRESETS[PRECISION_MODE][1]
+def _split_mask(dtype: torch.dtype, mode: str) -> int:
+    return 0 if dtype == torch.float32 else PRESETS[mode][0]
+
+
+def _state_fp32(dtype: torch.dtype, mode: str) -> bool:
+    return dtype == torch.float32 or PRESETS[mode][1]
 
 
 def _mix(dtype: torch.dtype):
@@ -464,11 +477,11 @@ def empty_like_layout(x: torch.Tensor, D: int, dtype: torch.dtype) -> torch.Tens
     return torch.empty(B, H, T, D, device=x.device, dtype=dtype)
 
 
-def chunk_states(k, v, i, f, C0, n0, m0, chunk_size: int):
-    """The state entering every chunk: Cs (BH, NC, Dk, Dv) (float32, or k's dtype in the "fast" mode), ns (BH, NC, Dk),
-    ms (BH, NC + 1) (ms[:, NC] is the final m), and the final C (BH, Dk, Dv), n (BH, Dk) in float32. k, v are
-    (B, H, T, D) with contiguous last dims (any layout, `token_strides`). The backward calls it again when the forward
-    did not keep the chunk states (deterministic: the same values)."""
+def chunk_states(k, v, i, f, C0, n0, m0, chunk_size: int, mode: str):
+    """The state entering every chunk: Cs (BH, NC, Dk, Dv) (float32, or k's dtype when the preset `mode` says so),
+    ns (BH, NC, Dk), ms (BH, NC + 1) (ms[:, NC] is the final m), and the final C (BH, Dk, Dv), n (BH, Dk) in float32.
+    k, v are (B, H, T, D) with contiguous last dims (any layout, `token_strides`). The backward calls it again when the
+    forward did not keep the chunk states (deterministic: the same values)."""
     B, H, T, Dk = k.shape
     BH = B * H
     Dv = v.shape[-1]
@@ -477,13 +490,13 @@ def chunk_states(k, v, i, f, C0, n0, m0, chunk_size: int):
     L = cfg["L"]
     NC = triton.cdiv(T, L)
     dev = k.device
-    state_dtype = torch.float32 if _state_fp32(k.dtype) else k.dtype
+    state_dtype = torch.float32 if _state_fp32(k.dtype, mode) else k.dtype
     cs = torch.empty(BH, NC, Dk, Dv, device=dev, dtype=state_dtype)
     ns = torch.empty(BH, NC, Dk, device=dev, dtype=torch.float32)
     ms = torch.empty(BH, NC + 1, device=dev, dtype=torch.float32)
     C_out = torch.empty(BH, Dk, Dv, device=dev, dtype=torch.float32)
     n_out = torch.empty(BH, Dk, device=dev, dtype=torch.float32)
-    splits = _split_mask(k.dtype)
+    splits = _split_mask(k.dtype, mode)
     flags = dict(PRECISION=_precision(k.dtype), UPCAST=_upcast(k.dtype), MIX=_mix(k.dtype), SPLITS=splits)
     shape_class = (Dk, Dv, L, k.dtype, splits, state_dtype)
 
@@ -535,9 +548,9 @@ def chunk_scan(buf: torch.Tensor, init: torch.Tensor, edge: torch.Tensor, decay:
     )
 
 
-def mlstm_forward(q, k, v, i, f, C0, n0, m0, chunk_size: int, eps: float, keep_states: bool):
+def mlstm_forward(q, k, v, i, f, C0, n0, m0, chunk_size: int, eps: float, keep_states: bool, mode: str):
     """q, k: (B, H, T, Dk); v: (B, H, T, Dv), last dims contiguous, any layout otherwise (`token_strides`);
-    i, f: (BH, T); C0 (BH, Dk, Dv), n0 (BH, Dk), m0 (BH) float32, BH = B * H.
+    i, f: (BH, T); C0 (BH, Dk, Dv), n0 (BH, Dk), m0 (BH) float32, BH = B * H; mode: a PRESETS key.
 
     Returns h (B, H, T, Dv) stored like v (`empty_like_layout`), the final state (C, n, m) and, for the backward, the
     chunk states (`chunk_states`; None each unless keep_states) and per-token m and denominator (BH, T).
@@ -549,8 +562,8 @@ def mlstm_forward(q, k, v, i, f, C0, n0, m0, chunk_size: int, eps: float, keep_s
     L = cfg["L"]
     NC = triton.cdiv(T, L)
     dev = q.device
-    cs, ns, ms, C_out, n_out = chunk_states(k, v, i, f, C0, n0, m0, chunk_size)
-    splits = _split_mask(q.dtype)
+    cs, ns, ms, C_out, n_out = chunk_states(k, v, i, f, C0, n0, m0, chunk_size, mode)
+    splits = _split_mask(q.dtype, mode)
     flags = dict(PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), MIX=_mix(q.dtype), SPLITS=splits)
     shape_class = (Dk, Dv, L, q.dtype, splits, cs.dtype)
     h = empty_like_layout(v, Dv, q.dtype)
