@@ -104,7 +104,9 @@ def mlstm_triton(q, k, v, i, f, state, *, chunk_size: int = 64, eps: float = 1e-
     (B, T, H * D) output: the kernels read them in place. Returns h (B, H, T, Dv) in q's dtype, stored like v (for a
     token-major v, h.transpose(1, 2) is contiguous), and the final state (float32). Differentiable in all inputs and
     the initial state. `chunk_size` is capped at 128 and at 16384 / Dk (rounded up to a power of two), so the
-    intra-chunk tiles fit on chip (`kernel_chunk_size`); results do not depend on it beyond rounding.
+    intra-chunk tiles fit on chip (`kernel_chunk_size`); results do not depend on it beyond rounding. With 16-bit
+    inputs the products' precision follows `forward.PRECISION_MODE` (default "auto": float32 chunk states and split
+    products when the initial state needs a gradient, else 16-bit chunk states).
     """
     if not _HAVE_TRITON:
         raise RuntimeError("impl='triton' needs the `triton` package (pip install 'revival[gpu]')")
