@@ -110,7 +110,13 @@ def test_auto_precision_splits_only_for_an_initial_state_gradient(monkeypatch):
     assert forward.PRECISION_MODE == "auto"
     used = []
     original = forward.chunk_states
-    monkeypatch.setattr(forward, "chunk_states", lambda *a: used.append((a[-1], original(*a)[0].dtype)) or original(*a))
+
+    def recording(*args):  # the preset each call asked for and the dtype of the chunk states it got
+        states = original(*args)
+        used.append((args[-1], states[0].dtype))
+        return states
+
+    monkeypatch.setattr(forward, "chunk_states", recording)
     inputs, weights = _inputs(1, 2, 45, 32, 64, torch.bfloat16, seed=12)
     got = _run(inputs, weights, "triton", 16, DEVICE)  # the initial state requires grad
     assert used == [("balanced", torch.float32)]
