@@ -59,6 +59,9 @@ class Attention(nn.Module):
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if hasattr(state, "attend"):  # a per-row-length cache written in place (revival/serve/slots.py SlotKVCache)
+            y = state.attend(q, k, v, self.rope_theta)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.d_model)), state
         start = 0 if state is None else state[0].shape[2]
         positions = torch.arange(start, start + T, device=x.device)
         rope_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
