@@ -86,8 +86,8 @@ def copy_bandwidth() -> float:
 # ----------------------------------------------------------------------------------------------- checks
 def check_scans(seed=0):
     """Triton scans (gate math fused) vs the float64 loops of log_scan, forward + gradients, full shape."""
-    from revival.ops.scan import mingru_scan, minlstm_scan
-    from revival.ops.scan import triton_scan as ts
+    from revival.ops.linear_scan import mingru_scan, minlstm_scan
+    from revival.ops.linear_scan import triton as ts
 
     out = {}
     g = torch.Generator(device=DEV).manual_seed(seed)
@@ -145,7 +145,7 @@ def check_layers(seed=1):
 # ----------------------------------------------------------------------------------------------- tile sweep
 def sweep():
     """Try tile shapes per kernel on minLSTM inputs (the heaviest), keep the fastest; returns all timings."""
-    from revival.ops.scan import triton_scan as ts
+    from revival.ops.linear_scan import triton as ts
 
     x = [torch.randn(B, T, D, device=DEV) for _ in range(3)]
     u, w = torch.randn(B, T, D, device=DEV), torch.randn(3 * D, D, device=DEV) / 16
@@ -205,8 +205,8 @@ def lstmcell_loop(cell, x):
 def time_all(mode: str, loop_reps: int):
     from revival.layers.mingru import MinGRU
     from revival.layers.minlstm import MinLSTM
-    from revival.ops.scan import mingru_scan, minlstm_scan
-    from revival.ops.scan import triton_scan as ts
+    from revival.ops.linear_scan import mingru_scan, minlstm_scan
+    from revival.ops.linear_scan import triton as ts
 
     set_precision(mode)
     torch.manual_seed(0)

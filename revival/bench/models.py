@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import LanguageModel, ModelConfig, preset_config
-from ..ops.soft_cap import soft_cap
+from ..ops.fused import soft_cap
 
 SIZES = ("tiny", "125m", "1.3b")
 ANCHORS = {"hf-xlstm": "xlstm-large", "hf-llama": "llama"}  # anchor -> the preset whose size it copies

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.swiglu import swiglu
+from ..ops.fused import swiglu
 from .linear import linear_concat
 
 __all__ = ["GatedMLP", "SwiGLU", "ffn_hidden_dim", "small_init_", "wang_init_"]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.scan import gated_delta_rule
+from ..ops.delta_rule import gated_delta_rule
 from .conv import CausalConv1d
 from .ffn import small_init_, wang_init_
 from .mamba2 import init_decay_, unpack_state

@@ -4,7 +4,7 @@
                                                   dt_raw: one per head (num_heads = d_inner / head_dim)
     xBC = silu(conv(xBC)); (x, B, C) = split(xBC)
     dt = softplus(dt_raw + dt_bias); A = -exp(A_log)
-    y = SSD(x, dt, A, B, C, D)                    (revival.ops.scan.ssd, chunkwise)
+    y = SSD(x, dt, A, B, C, D)                    (revival.ops.ssd, chunkwise)
     y = W_out RMSNorm_groupwise(y * silu(z))      gated norm, normalized per group of d_inner / n_groups channels
 
 The mixer only (no residual, outer norm or MLP). forward(x: (B, T, d_model), state=None) -> (y, state) with
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.scan import ssd
+from ..ops.ssd import ssd
 from .conv import CausalConv1d
 from .ffn import small_init_, wang_init_
 from .norms import MultiHeadNorm

@@ -19,9 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.scan import mingru_scan, mingru_step
-from ..ops.scan.log_scan import IMPLS as SCAN_IMPLS
-from ..ops.scan.log_scan import resolve_impl
+from ..ops.linear_scan import IMPLS as SCAN_IMPLS
+from ..ops.linear_scan import mingru_scan, mingru_step, resolve_impl
 from .conv import CausalConv1d
 from .ffn import small_init_, wang_init_
 
@@ -83,7 +82,7 @@ class MinRNNBase(nn.Module):
             u, conv_state = x, x.new_zeros(x.shape[0], 0, self.d_model)
         stepping = x.shape[1] == 1 and h0 is not None
         if not stepping and resolve_impl(self.scan_impl, u) == "triton" and u.dtype == self.in_proj.weight.dtype:
-            from ..ops.scan.triton_scan import fuse_projection
+            from ..ops.linear_scan.triton import fuse_projection
 
             if fuse_projection(u.dtype):
                 h, h_last = self._fused_scan(u, h0)
@@ -124,7 +123,7 @@ class MinGRU(MinRNNBase):
         return mingru_scan(gate, hidden, h0, impl=self.scan_impl, chunk_size=self.chunk_size)
 
     def _fused_scan(self, u, h0):
-        from ..ops.scan.triton_scan import MINGRU, projected_scan_triton
+        from ..ops.linear_scan.triton import MINGRU, projected_scan_triton
 
         return projected_scan_triton(u, self.in_proj.weight, self.in_proj.bias, h0, MINGRU, (1, 0))  # (hidden, gate)
 

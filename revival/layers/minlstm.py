@@ -14,7 +14,7 @@ weights); constant in T. A single-token call with a state takes a direct step. C
 
 from __future__ import annotations
 
-from ..ops.scan import minlstm_scan, minlstm_step
+from ..ops.linear_scan import minlstm_scan, minlstm_step
 from .mingru import MinRNNBase
 
 __all__ = ["MinLSTM"]
@@ -29,7 +29,7 @@ class MinLSTM(MinRNNBase):
         return minlstm_scan(forget, input, hidden, h0, impl=self.scan_impl, chunk_size=self.chunk_size)
 
     def _fused_scan(self, u, h0):
-        from ..ops.scan.triton_scan import MINLSTM, projected_scan_triton
+        from ..ops.linear_scan.triton import MINLSTM, projected_scan_triton
 
         # branches (hidden, forget, input) -> roles (forget, input, hidden)
         return projected_scan_triton(u, self.in_proj.weight, self.in_proj.bias, h0, MINLSTM, (1, 2, 0))

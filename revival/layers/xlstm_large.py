@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.gated_head_norm import gated_head_norm
+from ..ops.fused import gated_head_norm, soft_cap
 from ..ops.mlstm import IMPLS, MLSTMState, mlstm, mlstm_step
-from ..ops.soft_cap import soft_cap
 from .ffn import small_init_, wang_init_
 from .linear import linear_many
 from .norms import MultiHeadNorm

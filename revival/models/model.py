@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..layers.norms import LayerNorm, RMSNorm
-from ..ops.soft_cap import soft_cap
+from ..ops.fused import soft_cap
 from .blocks import build_block
 from .config import ModelConfig
 

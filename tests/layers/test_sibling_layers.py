@@ -12,7 +12,8 @@ from revival.layers.gated_deltanet import GatedDeltaNet
 from revival.layers.mamba2 import Mamba2
 from revival.layers.mingru import MinGRU
 from revival.layers.minlstm import MinLSTM
-from revival.ops.scan import gated_delta_rule_reference, ssd_reference
+from revival.ops.delta_rule import gated_delta_rule_reference
+from revival.ops.ssd import ssd_reference
 
 F64 = torch.float64
 D_MODEL = 16

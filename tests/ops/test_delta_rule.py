@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from revival.ops.scan import gated_delta_rule, gated_delta_rule_reference
+from revival.ops.delta_rule import gated_delta_rule, gated_delta_rule_reference
 
 F64 = torch.float64
 

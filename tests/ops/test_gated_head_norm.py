@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
@@ -11,8 +12,9 @@ if not torch.cuda.is_available():  # before triton is imported: it reads the var
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="the `triton` package is not installed (pip install 'revival[gpu]')")
 
-from revival.ops import gated_head_norm as module  # noqa: E402
-from revival.ops.gated_head_norm import gated_head_norm, gated_head_norm_reference  # noqa: E402
+from revival.ops.fused.gated_head_norm import gated_head_norm, gated_head_norm_reference  # noqa: E402
+
+module = importlib.import_module("revival.ops.fused.gated_head_norm")  # the module, not the function of that name
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

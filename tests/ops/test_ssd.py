@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from revival.ops.scan import ssd, ssd_reference
+from revival.ops.ssd import ssd, ssd_reference
 
 F64 = torch.float64
 

@@ -28,7 +28,23 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_shape
-from .linear_recurrence import compute_dtype, linear_recurrence_chunked, validate_recurrence
+from .chunkwise import compute_dtype, linear_recurrence_chunked, linear_recurrence_reference, validate_recurrence
+
+__all__ = [
+    "IMPLS",
+    "g",
+    "linear_recurrence_chunked",
+    "linear_recurrence_reference",
+    "log_g",
+    "log_space_scan",
+    "mingru_log_terms",
+    "mingru_scan",
+    "mingru_step",
+    "minlstm_log_terms",
+    "minlstm_scan",
+    "minlstm_step",
+    "resolve_impl",
+]
 
 IMPLS = ("log", "chunked", "reference", "triton", "auto")
 
@@ -39,7 +55,7 @@ def resolve_impl(impl: str, x: torch.Tensor) -> str:
     if impl != "auto":
         return impl
     if x.is_cuda and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        from .triton_scan import available
+        from .triton import available
 
         return "triton" if available() else "log"
     return "log"
@@ -108,7 +124,7 @@ def mingru_scan(
     validate_recurrence(gate, hidden, h0, names=("gate", "hidden"))
     impl = resolve_impl(impl, gate)
     if impl == "triton":
-        from .triton_scan import mingru_scan_triton
+        from .triton import mingru_scan_triton
 
         return mingru_scan_triton(gate, hidden, h0)
     if impl == "reference":
@@ -128,7 +144,7 @@ def minlstm_scan(
     check_shape("input", input, tuple(forget.shape))
     impl = resolve_impl(impl, forget)
     if impl == "triton":
-        from .triton_scan import minlstm_scan_triton
+        from .triton import minlstm_scan_triton
 
         return minlstm_scan_triton(forget, input, hidden, h0)
     if impl == "reference":

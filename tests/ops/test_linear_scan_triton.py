@@ -1,4 +1,4 @@
-"""The fused Triton scans (revival.ops.scan.triton_scan) against the float64 reference loops: forward, gradients
+"""The fused Triton scans (revival.ops.linear_scan.triton) against the float64 reference loops: forward, gradients
 (inputs, h0, weights) and the layers' fused path.
 
 Without CUDA the kernels run under TRITON_INTERPRET=1 (set before Triton is imported) at small shapes, with small
@@ -20,9 +20,13 @@ pytest.importorskip("triton", reason="the `triton` package is not installed")
 
 from revival.layers.mingru import MinGRU  # noqa: E402
 from revival.layers.minlstm import MinLSTM  # noqa: E402
-from revival.ops.scan import linear_recurrence_reference, mingru_scan, minlstm_scan  # noqa: E402
-from revival.ops.scan import triton_scan as ts  # noqa: E402
-from revival.ops.scan.log_scan import resolve_impl  # noqa: E402
+from revival.ops.linear_scan import (  # noqa: E402
+    linear_recurrence_reference,
+    mingru_scan,
+    minlstm_scan,
+    resolve_impl,  # noqa: E402
+)
+from revival.ops.linear_scan import triton as ts  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 # the interpreter evaluates sigmoid(x) = 1 / (1 + exp(-x)) in numpy: exp overflows to inf for saturated gates (-> 0)

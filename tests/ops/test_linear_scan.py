@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from revival.ops.scan import (
+from revival.ops.linear_scan import (
     g,
     linear_recurrence_chunked,
     linear_recurrence_reference,

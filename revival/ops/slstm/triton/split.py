@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton import _INTERPRET, _cell_grads, _cell_step, _load4, _matmul, _store4, _store_state, weight_budget
+from . import _INTERPRET, _cell_grads, _cell_step, _load4, _matmul, _store4, _store_state, weight_budget
 
 
 @triton.jit

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_floating, check_shape
+from .._checks import check_floating, check_shape
 
 __all__ = ["rope_cos_sin", "apply_rope", "append_kv", "causal_mask", "causal_attention"]
 

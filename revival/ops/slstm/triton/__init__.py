@@ -338,7 +338,7 @@ class _SLSTMTriton(torch.autograd.Function):
         y_all[:, 0] = y0
         D, BLOCK_B, BLOCK_K, weights, num_warps = _launch_config(d, weights, dot_bf16)
         if weights == "split":
-            from .triton_split import split_config, split_forward
+            from .split import split_config, split_forward
 
             U, P = split_config(D, dot_bf16, LAUNCH_OVERRIDE.get("split_units"))
             split_forward(x, r_dot, raw, cnm, y_all, D, BLOCK_B, U, P, dot_bf16, num_warps)
@@ -370,7 +370,7 @@ class _SLSTMTriton(torch.autograd.Function):
         ginit = torch.empty(4, B, H, d, **f32)
         D, BLOCK_B, BLOCK_K, _, num_warps = _launch_config(d, weights, dot_bf16)
         if weights == "split":
-            from .triton_split import split_backward, split_config
+            from .split import split_backward, split_config
 
             U, P = split_config(D, dot_bf16, LAUNCH_OVERRIDE.get("split_units"))
             split_backward(r_dot, raw, cnm, gy, graw, gfinal, D, BLOCK_B, U, P, dot_bf16, num_warps)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_floating, check_shape
-from .linear_recurrence import compute_dtype
+from ..linear_scan.chunkwise import compute_dtype
 
 
 def _validate(x, dt, A, B, C, D, state) -> tuple[int, int, int, int, int, int]:
