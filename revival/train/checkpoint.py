@@ -35,8 +35,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(out_dir: str | Path, step: int, model, tokenizer, run_config: dict[str, Any],
-                    trainer_state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically and point `latest` at it; keep the newest `keep` checkpoints."""
+                    trainer_state: dict[str, Any], keep: int = 2, extra: dict[str, Path] | None = None) -> Path:
+    """Write checkpoint `step` atomically and point `latest` at it; keep the newest `keep` checkpoints.
+
+    `extra` ({name: directory}) moves already written directories into the checkpoint before it is published."""
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
@@ -50,6 +52,8 @@ def save_checkpoint(out_dir: str | Path, step: int, model, tokenizer, run_config
         tokenizer.save(tmp)
         (tmp / "run.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
         torch.save(trainer_state, tmp / "trainer_state.pt")
+        for item_name, directory in (extra or {}).items():
+            os.replace(directory, tmp / item_name)
         if final.exists():  # the same step saved again: move the old one aside first, remove it once replaced
             old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=root))
             os.replace(final, old / name)
