@@ -1,0 +1,215 @@
+"""Newton's method over the whole sequence (DEER / quasi-DEER / ELK) and its adjoint backward (docs/math-newton.md).
+
+The T equations h_t = f(h_{t-1}, x_t) are one system in the trajectory h. Each iteration evaluates, at every t at
+once, the step value f_t = f(h_{t-1}, x_t) and its Jacobian J_t, then solves the linearised system
+
+    delta_t = J_t delta_{t-1} + (f_t - h_t),   delta_0 = 0        (one parallel scan, `scan.linear_scan`)
+
+and updates h += delta. "deer" uses the cell's Jacobian (diagonal or block), "quasi" its diagonal only, "elk" the
+diagonal with Levenberg-Marquardt damping (`elk.elk_step`), accepting a step only when the squared residual falls
+(then damping / 3, else damping * 2). After k deer / quasi iterations h_1..h_k are exact, so T iterations always
+reach the solution; in practice a few do. Convergence: max_t |h_t - f_t| / (1 + |h_t|) <= tol.
+
+Backward (implicit function theorem, no backprop through the iterations): with g_t = dL/dh_t, the adjoint
+lambda_t = g_t + J_{t+1}^T lambda_{t+1} is one reverse scan with the exact (full) Jacobians at the solution; then
+the gradients of x, the weights and h0 are one vector-Jacobian product of the step over all t with cotangent lambda.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .cells import Cell
+from .elk import elk_step
+from .reference import sequential_solve
+from .scan import linear_scan
+
+__all__ = ["METHODS", "ON_FAILURE", "NewtonConvergenceError", "NewtonResult", "newton_solve"]
+
+METHODS = ("deer", "quasi", "elk")
+ON_FAILURE = ("raise", "sequential", "return")
+SCAN_IMPLS = ("auto", "torch", "triton")
+
+
+@dataclass
+class NewtonResult:
+    """What the solve did. `residual` is max_t |h_t - f(h_{t-1}, x_t)| / (1 + |h_t|) of the returned trajectory."""
+
+    method: str
+    iterations: int  # Newton updates tried (ELK: accepted or rejected)
+    residual: float
+    converged: bool
+    fell_back: bool = False  # the trajectory came from the sequential loop
+    tol: float = 0.0
+
+
+class NewtonConvergenceError(RuntimeError):
+    def __init__(self, result: NewtonResult):
+        super().__init__(
+            f"newton_solve: method={result.method!r} did not converge: residual {result.residual:.3g} > tol "
+            f"{result.tol:.3g} after {result.iterations} iterations; raise max_iters, use method='elk', or pass "
+            f"on_failure='sequential' to fall back to the sequential loop")
+        self.result = result
+
+
+def _shift(h: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """h_{t-1} for t = 1..T: h0 then h_1..h_{T-1}."""
+    return torch.cat((h0[:, None], h[:, :-1]), dim=1)
+
+
+def _residual(value: torch.Tensor, h: torch.Tensor) -> float:
+    res = ((value - h).abs() / (1 + h.abs())).max()
+    return float(res)  # nan / inf when the iterate blew up
+
+
+def _scan(coeff, rhs, structure: str, scan_impl: str, reverse: bool = False) -> torch.Tensor:
+    if scan_impl != "torch" and rhs.is_cuda and rhs.dtype == torch.float32:
+        from .triton import available, block2_scan_triton, diagonal_scan_triton
+
+        small_block = structure == "block" and rhs.shape[-1] == 2
+        if available() and (structure == "diagonal" or small_block):
+            kernel = diagonal_scan_triton if structure == "diagonal" else block2_scan_triton
+            return kernel(coeff, rhs, reverse=reverse)
+    if scan_impl == "triton" and not rhs.is_cuda:
+        raise ValueError(f"scan_impl: 'triton' needs CUDA tensors, got device {rhs.device.type}")
+    return linear_scan(coeff, rhs, structure=structure, reverse=reverse)
+
+
+def _iterate(cell: Cell, x, h0, weights, guess, method, tol, max_iters, damping, scan_impl) -> tuple:
+    structure = cell.structure if method == "deer" else "diagonal"
+    diagonal = method != "deer"
+    h = guess
+    value, jac = cell.jacobian(_shift(h, h0), x, *weights, diagonal=diagonal)
+    residual, iterations = _residual(value, h), 0
+    merit = float(((value - h) ** 2).sum())
+    while not residual <= tol and math.isfinite(residual) and iterations < max_iters:
+        iterations += 1
+        if method == "elk":
+            trial = h + elk_step(jac, value - h, damping)
+            t_value, t_jac = cell.jacobian(_shift(trial, h0), x, *weights, diagonal=True)
+            t_merit = float(((t_value - trial) ** 2).sum())
+            if not t_merit < merit:  # rejected (or not finite): stay, damp more
+                damping *= 2.0
+                continue
+            damping /= 3.0
+            h, value, jac, merit = trial, t_value, t_jac, t_merit
+        else:
+            h = h + _scan(jac, value - h, structure, scan_impl)
+            value, jac = cell.jacobian(_shift(h, h0), x, *weights, diagonal=diagonal)
+        residual = _residual(value, h)
+    return h, NewtonResult(method, iterations, residual, residual <= tol, tol=tol)
+
+
+def _solve(cell, x, h0, weights, options) -> tuple[torch.Tensor, NewtonResult]:
+    guess = options["initial_guess"]
+    if guess is None:  # f(0, x_t) at every t (h0 at t = 1): the first state is then already exact
+        zeros = torch.zeros((x.shape[0], x.shape[1] - 1, *h0.shape[1:]), dtype=h0.dtype, device=h0.device)
+        guess = cell.step(torch.cat((h0[:, None], zeros), dim=1), x, *weights)
+    h, result = _iterate(cell, x, h0, weights, guess, options["method"], options["tol"], options["max_iters"],
+                         options["damping"], options["scan_impl"])
+    if result.converged or options["on_failure"] == "return":
+        return h, result
+    if options["on_failure"] == "raise":
+        raise NewtonConvergenceError(result)
+    h = sequential_solve(cell, x, h0, weights)
+    value = cell.step(_shift(h, h0), x, *weights)
+    result.residual, result.fell_back = _residual(value, h), True
+    return h, result
+
+
+class _NewtonFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cell, options, record, h0, x, *weights):
+        h, record["result"] = _solve(cell, x, h0, weights, options)
+        ctx.cell, ctx.scan_impl = cell, options["scan_impl"]
+        ctx.save_for_backward(h0, x, h, *weights)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        h0, x, h, *weights = ctx.saved_tensors
+        cell = ctx.cell
+        h_prev = _shift(h, h0)
+        _, jac = cell.jacobian(h_prev, x, *weights, diagonal=False)
+        later = torch.cat((jac[:, 1:], torch.zeros_like(jac[:, :1])), dim=1)  # J_{t+1}, and 0 after the end
+        coeff = later if cell.structure == "diagonal" else later.transpose(-1, -2)
+        adjoint = _scan(coeff, grad_h.contiguous(), cell.structure, ctx.scan_impl, reverse=True)
+        needs = ctx.needs_input_grad[3:]
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_(need) for t, need in zip((h_prev, x, *weights), needs)]
+            out = cell.step(*inputs)
+            wanted = [t for t in inputs if t.requires_grad]
+            grads = iter(torch.autograd.grad(out, wanted, adjoint, allow_unused=True))
+        grads = [next(grads) if t.requires_grad else None for t in inputs]
+        if grads[0] is not None:
+            grads[0] = grads[0][:, 0]  # dL/dh0 = J_1^T lambda_1
+        return (None, None, None, *grads)
+
+
+def newton_solve(
+    cell: Cell,
+    x: torch.Tensor,
+    h0: torch.Tensor,
+    weights: tuple[torch.Tensor, ...] = (),
+    *,
+    method: str = "deer",
+    tol: float | None = None,
+    max_iters: int | None = None,
+    initial_guess: torch.Tensor | None = None,
+    on_failure: str = "raise",
+    damping: float = 1.0,
+    scan_impl: str = "auto",
+) -> tuple[torch.Tensor, NewtonResult]:
+    """Solve h_t = cell.step(h_{t-1}, x_t, *weights) for t = 1..T in parallel; returns (h (B, T, *S), result).
+
+    x: (B, T, ...) per-step inputs (time on dim 1); h0: (B, *S) the state before t = 1; weights: tensors shared by
+    all steps. method: "deer" (the cell's Jacobian), "quasi" (its diagonal), "elk" (diagonal, damped; `damping`
+    is the initial Levenberg-Marquardt weight). tol: on max_t |h_t - f_t| / (1 + |h_t|); None: 1e-12 in float64,
+    1e-5 otherwise. max_iters: None means T (deer / quasi: always enough) or 2T + 32 (elk). initial_guess:
+    (B, T, *S), e.g. a previous solution; None: f(0, x_t). on_failure: "raise" (NewtonConvergenceError),
+    "sequential" (run the loop; result.fell_back) or "return" (keep the last iterate; result.converged False).
+    Computes in float64 for float64 x, else float32, autocast off; h is returned in that dtype. Gradients flow to
+    x, h0 and the weights through the adjoint scan at the returned trajectory.
+    """
+    if not isinstance(cell, Cell):
+        raise ValueError(f"cell: expected a revival.ops.newton.Cell, got {type(cell).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if on_failure not in ON_FAILURE:
+        raise ValueError(f"on_failure: expected one of {ON_FAILURE}, got {on_failure!r}")
+    if scan_impl not in SCAN_IMPLS:
+        raise ValueError(f"scan_impl: expected one of {SCAN_IMPLS}, got {scan_impl!r}")
+    if not isinstance(x, torch.Tensor) or x.ndim < 2 or x.shape[1] == 0:
+        raise ValueError(f"x: expected a tensor of shape (B, T >= 1, ...), got {getattr(x, 'shape', type(x))}")
+    if not isinstance(h0, torch.Tensor) or h0.shape[0] != x.shape[0]:
+        raise ValueError(f"h0: expected a tensor of shape (B={x.shape[0]}, ...), got {getattr(h0, 'shape', h0)}")
+    if damping < 0:
+        raise ValueError(f"damping: expected >= 0, got {damping}")
+    T = x.shape[1]
+    if max_iters is None:
+        max_iters = T if method != "elk" else 2 * T + 32
+    if max_iters < 0:
+        raise ValueError(f"max_iters: expected >= 0 or None, got {max_iters}")
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if tol is None:
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+    if initial_guess is not None:
+        want = (x.shape[0], T, *h0.shape[1:])
+        if tuple(initial_guess.shape) != want:
+            raise ValueError(f"initial_guess: expected shape {want}, got {tuple(initial_guess.shape)}")
+        initial_guess = initial_guess.detach().to(dtype)
+    options = {"method": method, "tol": float(tol), "max_iters": int(max_iters), "initial_guess": initial_guess,
+               "on_failure": on_failure, "damping": float(damping), "scan_impl": scan_impl}
+    with torch.autocast(x.device.type, enabled=False):
+        x, h0 = x.to(dtype), h0.to(dtype)
+        weights = tuple(w.to(dtype) for w in weights)
+        tensors = (h0, x, *weights)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            record: dict = {}
+            h = _NewtonFunction.apply(cell, options, record, *tensors)
+            return h, record["result"]
+        with torch.no_grad():
+            return _solve(cell, x, h0, weights, options)
