@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .._documents import chunk_masks
 from .reference import MLSTMState, max_exponent, normalizer
 
 # Long sequences run as segments of at most this many chunks, the state carried from one to the next (exact): the
@@ -38,30 +39,34 @@ def mlstm_chunkwise(
     chunk_size: int = 64,
     eps: float = 1e-6,
     zero_state: bool = False,
+    document_starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, MLSTMState]:
     """q, k: (B, H, T, Dk); v: (B, H, T, Dv); i, f: (B, H, T); state (C, n, m). Returns h (B, H, T, Dv), state.
 
     `zero_state=True` promises that `state` is all zeros and needs no gradient (what `mlstm(state=None)` passes): the
-    first chunk's products with it are skipped."""
+    first chunk's products with it are skipped. `document_starts` (B, T) bool: the state is zero before each start."""
     T = q.shape[2]
     segment = SEGMENT_CHUNKS * chunk_size
     full = T // chunk_size * chunk_size
     lengths = [segment] * (full // segment) + [n for n in (full % segment, T - full) if n > 0]  # tail: one short chunk
     if len(lengths) == 1:
-        return _equal_chunks(q, k, v, i, f, state, min(chunk_size, T), eps, zero_state)
+        return _equal_chunks(q, k, v, i, f, state, min(chunk_size, T), eps, zero_state, document_starts)
     outputs = []
+    starts = [None] * len(lengths) if document_starts is None else document_starts.split(lengths, dim=1)
     # `split` rather than slicing: one backward cat instead of a full-size zero tensor per piece
     for index, pieces in enumerate(zip(*(x.split(lengths, dim=2) for x in (q, k, v, i, f)))):
         length = pieces[0].shape[2]
-        h, state = _equal_chunks(*pieces, state, min(chunk_size, length), eps, zero_state and index == 0)
+        h, state = _equal_chunks(*pieces, state, min(chunk_size, length), eps, zero_state and index == 0,
+                                 starts[index])
         outputs.append(h)
     return torch.cat(outputs, dim=2), state
 
 
-def _equal_chunks(q, k, v, i, f, state: MLSTMState, L: int, eps: float, zero_state: bool):
+def _equal_chunks(q, k, v, i, f, state: MLSTMState, L: int, eps: float, zero_state: bool,
+                  document_starts: torch.Tensor | None = None):
     """The chunkwise form for T a multiple of L, in the inputs' dtype (autocast, if on, is not applied inside)."""
     C0, n0, m0 = state
-    h, C, n, m = _Chunkwise.apply(q, k, v, i, f, C0, n0, m0, L, eps, zero_state)
+    h, C, n, m = _Chunkwise.apply(q, k, v, i, f, C0, n0, m0, L, eps, zero_state, document_starts)
     return h, (C, n, m)
 
 
@@ -83,12 +88,17 @@ class _Chunkwise(torch.autograd.Function):
     The normalizer n is carried beside C (not as an extra column): the big products keep power-of-two widths, which
     MKL runs markedly faster. The backward is the chain rule of exactly these lines, including the stabilizers (as
     autograd would: `maximum` splits ties in half, `amax` shares among equal maxima, `cummax` routes to its index).
+
+    With document starts, a query j whose document started at r inside the chunk sees the zero state instead:
+    lsw_j = b_j - b_{r-1} (m = 0 there) and no q_j C_before term; P, the running max and a_s only span one document
+    (a_s = -inf outside the chunk's last document); a chunk with a start drops C_before from its end state, whose
+    stabilizer then carries g - b_{r-1} of its last start r instead of g + m_before.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, i, f, C0, n0, m0, L, eps, zero_state):
+    def forward(ctx, q, k, v, i, f, C0, n0, m0, L, eps, zero_state, document_starts):
         with torch.autocast(q.device.type, enabled=False):
-            return _Chunkwise._forward(ctx, q, k, v, i, f, C0, n0, m0, L, eps, zero_state)
+            return _Chunkwise._forward(ctx, q, k, v, i, f, C0, n0, m0, L, eps, zero_state, document_starts)
 
     @staticmethod
     @once_differentiable
@@ -97,7 +107,7 @@ class _Chunkwise(torch.autograd.Function):
             return _Chunkwise._backward(ctx, grad_h, grad_C, grad_n, grad_m)
 
     @staticmethod
-    def _forward(ctx, q, k, v, i, f, C0, n0, m0, L, eps, zero_state):
+    def _forward(ctx, q, k, v, i, f, C0, n0, m0, L, eps, zero_state, document_starts):
         B, H, T, Dk = q.shape
         ctx.device_type = q.device.type
         Dv = v.shape[-1]
@@ -109,19 +119,30 @@ class _Chunkwise(torch.autograd.Function):
         b = torch.cumsum(F.logsigmoid(fc), dim=-1)
         g = b[..., -1].contiguous()  # (NC, BH)
         a = g[..., None] - b + ic
+        documents = None
+        if document_starts is not None:
+            documents = _document_masks(document_starts, b, H, NC, L)
+            same, continues, to_end, keeps, last_start, before_start = documents
+            a.masked_fill_(~to_end, float("-inf"))
         a_max = a.amax(dim=-1)
         w_k = torch.exp(a - a_max[..., None])
         kw = kc * w_k[..., None]
         C_local = _bmm(kw.transpose(-1, -2), vc)  # (NC, BH, Dk, Dv)
         n_local = kw.sum(dim=-2)  # (NC, BH, Dk)
+        restart = None if documents is None else (keeps, g - before_start[..., -1])
         C_before, n_before, m_before, C, n, m, decay, scale, from_previous = _inter_chunk_forward(
-            g, a_max, C_local, n_local, C0.reshape(BH, Dk, Dv), n0.reshape(BH, Dk), m0.reshape(BH))
+            g, a_max, C_local, n_local, C0.reshape(BH, Dk, Dv), n0.reshape(BH, Dk), m0.reshape(BH), restart)
 
         # intra-chunk: query j sees the state before its chunk and inputs s <= j of its chunk
         lsw = b + m_before[..., None]
-        # max_{s<=j} (b_j - b_s + i_s) as b_j + cummax(i - b): O(L) instead of an (L, L) max. The stabilizer only has
-        # to bound the exponents; its rounding cancels in h (only the eps term sees it).
-        running_max, running_argmax = torch.cummax(ic - b, dim=-1)
+        if documents is None:
+            # max_{s<=j} (b_j - b_s + i_s) as b_j + cummax(i - b): O(L) instead of an (L, L) max. The stabilizer only
+            # has to bound the exponents; its rounding cancels in h (only the eps term sees it).
+            running_max, running_argmax = torch.cummax(ic - b, dim=-1)
+        else:
+            lsw = torch.where(continues, lsw, b - before_start)
+            allowed = same & _causal_mask(L, q.device, torch.bool)
+            running_max, running_argmax = (ic - b)[..., None, :].masked_fill(~allowed, float("-inf")).max(dim=-1)
         from_state = _half_on_ties(lsw, b + running_max)  # d m / d lsw: 1, 0, or 1/2 on ties (as torch.maximum)
         m_query = torch.maximum(lsw, b + running_max)
         m_scaled = m_query + 0.5 * math.log(Dk)  # exp(x - m_scaled) = Dk**-0.5 exp(x - m_query)
@@ -132,9 +153,12 @@ class _Chunkwise(torch.autograd.Function):
         # entries above the diagonal, masked to 0 after exp, cannot overflow
         tiny = math.log(torch.finfo(decay_matrix.dtype).tiny) + 1.0
         decay_matrix.clamp_(min=tiny, max=20.0).exp_()
-        decay_matrix.mul_(_causal_mask(L, q.device, q.dtype))  # exact: finite values; ~10x faster than masked_fill_
+        # exact: finite values; ~10x faster than masked_fill_
+        decay_matrix.mul_(_causal_mask(L, q.device, q.dtype) if documents is None else allowed)
         scores = _bmm(qc, kc.transpose(-1, -2)).mul_(decay_matrix)  # (NC, BH, L, L)
         w_q = torch.exp(lsw - m_scaled)
+        if documents is not None:
+            w_q.mul_(continues)  # a document that starts in the chunk reads no state
         qw = qc * w_q[..., None]
 
         start = 1 if zero_state else 0  # with a zero initial state, chunk 0 has nothing from the state
@@ -151,7 +175,7 @@ class _Chunkwise(torch.autograd.Function):
 
         ctx.save_for_backward(qc, kc, vc, fc, a, a_max, w_k, kw, C_local, n_local, C_before, n_before, decay, scale,
                               from_previous, running_argmax, from_state, w_q, qw, decay_matrix, scores, denominator,
-                              norm, m_query, h)
+                              norm, m_query, h, *(() if documents is None else (continues, last_start, keeps)))
         ctx.shape = (B, H, NC, L, Dk, Dv)
         ctx.start = start
         ctx.input_layouts = [(x.shape, x.stride()) for x in (q, k, v, i, f)]
@@ -160,7 +184,8 @@ class _Chunkwise(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_h, grad_C, grad_n, grad_m):
         (qc, kc, vc, fc, a, a_max, w_k, kw, C_local, n_local, C_before, n_before, decay, scale, from_previous,
-         running_argmax, from_state, w_q, qw, decay_matrix, scores, denominator, norm, m_query, h) = ctx.saved_tensors
+         running_argmax, from_state, w_q, qw, decay_matrix, scores, denominator, norm, m_query, h,
+         *documents) = ctx.saved_tensors
         B, H, NC, L, Dk, Dv = ctx.shape
         BH, start = B * H, ctx.start
 
@@ -215,11 +240,22 @@ class _Chunkwise(torch.autograd.Function):
         grad_b += grad_lsw
         grad_b -= grad_i_minus_b
         grad_i += grad_i_minus_b
-        grad_m_before = grad_lsw.sum(dim=-1)
+        if documents:
+            continues, last_start, keeps = documents
+            grad_m_before = (grad_lsw * continues).sum(dim=-1)
+        else:
+            grad_m_before = grad_lsw.sum(dim=-1)
 
         grad_g, grad_a_max, grad_C_local, grad_n_local, grad_C0, grad_n0, grad_m0 = _inter_chunk_backward(
             grad_C_before, grad_n_before, grad_m_before, grad_C, grad_n, grad_m, C_before, n_before, C_local,
-            n_local, decay, scale, from_previous, need_initial=start == 0)
+            n_local, decay, scale, from_previous, need_initial=start == 0, keeps=documents[2] if documents else None)
+        if documents:
+            # lsw_j = b_j - b_{r-1} for a document started at r in the chunk, the chunk's carried term g - b_{r-1}:
+            # their gradients reach b_{r-1} (b padded by b_{-1} = 0 at index 0)
+            grad_before_start = grad_b.new_zeros(NC, BH, L + 1)
+            grad_before_start.scatter_add_(-1, last_start, grad_lsw.masked_fill(continues, 0.0).neg_())
+            grad_before_start.scatter_add_(-1, last_start[..., -1:], grad_g.masked_fill(keeps, 0.0).neg_()[..., None])
+            grad_b += grad_before_start[..., 1:]
 
         # C_local = kw^T v, n_local = sum_s kw, kw = k exp(a - a_max). Without a gradient of the final state, the
         # last chunk's own contribution (which reaches nothing else) has none either.
@@ -247,28 +283,37 @@ class _Chunkwise(torch.autograd.Function):
                         for x, layout in zip((grad_q, grad_k, grad_v, grad_i, grad_f), ctx.input_layouts)]
         grads_state = [None if x is None else x.view(shape)
                        for x, shape in zip((grad_C0, grad_n0, grad_m0), ((B, H, Dk, Dv), (B, H, Dk), (B, H)))]
-        return (*grads_inputs, *grads_state, None, None, None)
+        return (*grads_inputs, *grads_state, None, None, None, None)
 
 
-def _inter_chunk_forward(g, a_max, C_local, n_local, C0, n0, m0):
+def _inter_chunk_forward(g, a_max, C_local, n_local, C0, n0, m0, restart=None):
     """The sequential recurrence over chunk states. g, a_max (NC, BH): the chunks' total log-forget and the max of
     their inputs' log weights; C_local (NC, BH, Dk, Dv), n_local (NC, BH, Dk) each chunk's own stabilized
     contribution; C0 (BH, Dk, Dv), n0 (BH, Dk), m0 (BH) the initial state. Per chunk c, for S in (C, n):
 
         m_c = max(g_c + m_{c-1}, a_max_c);  S_c = exp(g_c + m_{c-1} - m_c) S_{c-1} + exp(a_max_c - m_c) S_local_c
 
+    `restart` = (keeps, carried_zero) (NC, BH) for document starts: where a chunk does not keep the state before it,
+    its zero-state log weight carried_zero replaces g_c + m_{c-1} and S_{c-1} is dropped (decay 0).
     Returns the states before each chunk (C_before, n_before, m_before), the final state (C, n, m), and decay, scale
     and from_previous (NC, BH) for the backward."""
     NC = g.shape[0]
     m_all = g.new_empty(NC + 1, *g.shape[1:])  # m_all[c] is the stabilizer before chunk c
     m_all[0] = m0
     for c in range(NC):
-        torch.maximum(g[c] + m_all[c], a_max[c], out=m_all[c + 1])
+        carried_c = g[c] + m_all[c]
+        if restart is not None:
+            carried_c = torch.where(restart[0][c], carried_c, restart[1][c])
+        torch.maximum(carried_c, a_max[c], out=m_all[c + 1])
     m_before, m_after = m_all[:-1], m_all[1:]
     carried = g + m_before  # log weight of the previous state, before re-stabilizing
+    if restart is not None:
+        carried = torch.where(restart[0], carried, restart[1])
     decay = torch.exp(carried - m_after)
     scale = torch.exp(a_max - m_after)
     from_previous = _half_on_ties(carried, a_max)
+    if restart is not None:
+        decay = decay * restart[0]
     states = []
     for local, initial in ((C_local, C0), (n_local, n0)):
         before = torch.empty_like(local)  # before[c] is the state before chunk c
@@ -285,9 +330,10 @@ def _inter_chunk_forward(g, a_max, C_local, n_local, C0, n0, m0):
 
 
 def _inter_chunk_backward(grad_C_before, grad_n_before, grad_m_before, grad_C, grad_n, grad_m, C_before, n_before,
-                          C_local, n_local, decay, scale, from_previous, need_initial: bool):
+                          C_local, n_local, decay, scale, from_previous, need_initial: bool, keeps=None):
     """Reverse loop of `_inter_chunk_forward`. Gradients of the final state may be None (zero). Returns grad_g,
-    grad_a_max (NC, BH), grad_C_local, grad_n_local, and the initial state's gradients (None unless need_initial)."""
+    grad_a_max (NC, BH), grad_C_local, grad_n_local, and the initial state's gradients (None unless need_initial).
+    With `keeps` (document starts), grad_g of a chunk that drops the state before it is that of its carried_zero."""
     NC = decay.shape[0]
     grad_log_decay = torch.zeros_like(decay)  # d/d(log decay_c) and d/d(log scale_c), summed over C and n
     grad_log_scale = torch.zeros_like(decay)
@@ -321,10 +367,24 @@ def _inter_chunk_backward(grad_C_before, grad_n_before, grad_m_before, grad_C, g
         total = grad_m_after - grad_log_decay[c] - grad_log_scale[c]
         grad_g[c] = grad_log_decay[c] + from_previous[c] * total
         grad_a_max[c] = grad_log_scale[c] + (1 - from_previous[c]) * total
-        grad_m_after = grad_g[c] + grad_m_before[c]  # carried_c = g_c + m_{c-1}
+        # carried_c = g_c + m_{c-1} (where the chunk keeps the state before it)
+        grad_m_after = grad_m_before[c] + (grad_g[c] if keeps is None else grad_g[c] * keeps[c])
     (grad_C_local, grad_C0), (grad_n_local, grad_n0) = results
     return (grad_g, grad_a_max, grad_C_local.view_as(C_local), grad_n_local.view_as(n_local), grad_C0, grad_n0,
             grad_m_after if need_initial else None)
+
+
+def _document_masks(document_starts: torch.Tensor, b: torch.Tensor, H: int, NC: int, L: int):
+    """Chunk-major masks of document_starts (B, T) for b (NC, BH, L): same (NC, BH, L, L), continues, to_end
+    (NC, BH, L), keeps (NC, BH) as in `chunk_masks`; last_start (NC, BH, L) the index r of the latest start at or
+    before each position (0 where none) and before_start = b_{r-1} (0 for r = 0)."""
+    B, T = document_starts.shape
+    starts = _to_chunk_major(document_starts[:, None].expand(B, H, T), NC, L)  # (NC, BH, L)
+    same, continues, to_end, keeps = chunk_masks(starts)
+    steps = torch.arange(L, device=b.device)
+    last_start = torch.cummax(torch.where(starts, steps, 0), dim=-1).values
+    before_start = F.pad(b, (1, 0)).gather(-1, last_start)
+    return same, continues, to_end, keeps, last_start, before_start
 
 
 def _chunk_view(x: torch.Tensor, NC: int, L: int) -> torch.Tensor:

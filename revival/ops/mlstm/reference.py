@@ -54,28 +54,47 @@ def mlstm_step_reference(
     return numerator / denominator[..., None], (C, n, m_new)
 
 
-def mlstm_recurrent(q, k, v, i, f, state: MLSTMState, eps: float = 1e-6) -> tuple[torch.Tensor, MLSTMState]:
-    """Loop over time with `mlstm_step_reference`. q, k: (B, H, T, Dk); v: (B, H, T, Dv); i, f: (B, H, T)."""
+def mlstm_recurrent(q, k, v, i, f, state: MLSTMState, eps: float = 1e-6,
+                    document_starts: torch.Tensor | None = None) -> tuple[torch.Tensor, MLSTMState]:
+    """Loop over time with `mlstm_step_reference`. q, k: (B, H, T, Dk); v: (B, H, T, Dv); i, f: (B, H, T);
+    document_starts (B, T) bool or None: the state is zeroed (C, n and m) before each start."""
     outputs = []
     for t in range(q.shape[2]):
+        if document_starts is not None:
+            keep = ~document_starts[:, t, None]  # (B, 1), broadcast over heads
+            state = tuple(torch.where(keep[(...,) + (None,) * (s.ndim - 2)], s, 0.0) for s in state)
         h, state = mlstm_step_reference(q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t], f[:, :, t], state, eps)
         outputs.append(h)
     return torch.stack(outputs, dim=2), state
 
 
-def mlstm_parallel(q, k, v, i, f, state: MLSTMState, eps: float = 1e-6) -> tuple[torch.Tensor, MLSTMState]:
-    """The quadratic, attention-like form over the whole sequence (O(T^2) time and memory)."""
+def mlstm_parallel(q, k, v, i, f, state: MLSTMState, eps: float = 1e-6,
+                   document_starts: torch.Tensor | None = None) -> tuple[torch.Tensor, MLSTMState]:
+    """The quadratic, attention-like form over the whole sequence (O(T^2) time and memory). With document_starts
+    (B, T), input s reaches time t only inside one document, and a document that starts at r sees the zero state
+    (m = 0) with log weight F_t - F_{r-1}."""
     C0, n0, m0 = state
     T = q.shape[2]
     log_f_cumsum = torch.cumsum(F.logsigmoid(f), dim=-1)  # F_t, (B, H, T)
     # log weight of input s at time t: F_t - F_s + i_s (s <= t)
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     log_weights = log_f_cumsum[..., :, None] - log_f_cumsum[..., None, :] + i[..., None, :]
-    log_weights = torch.where(causal, log_weights, torch.full_like(log_weights, float("-inf")))
     log_weight_state = log_f_cumsum + m0[..., None]  # log weight of the initial state at time t
+    continues = None
+    if document_starts is not None:
+        ids = torch.cumsum(document_starts.long(), dim=-1)[:, None]  # (B, 1, T)
+        causal = causal & (ids[..., :, None] == ids[..., None, :])
+        continues = ids == 0  # still the document the initial state belongs to
+        steps = torch.arange(T, device=q.device)
+        last_start = torch.cummax(torch.where(document_starts, steps, 0), dim=-1).values[:, None]  # (B, 1, T)
+        before_start = F.pad(log_f_cumsum, (1, 0)).gather(-1, last_start.expand_as(log_f_cumsum))  # F_{r-1}
+        log_weight_state = torch.where(continues, log_weight_state, log_f_cumsum - before_start)
+    log_weights = torch.where(causal, log_weights, torch.full_like(log_weights, float("-inf")))
     m = torch.maximum(log_weight_state, log_weights.amax(dim=-1))  # (B, H, T)
     decay = torch.exp(log_weights - m[..., None])
     state_weight = torch.exp(log_weight_state - m)
+    if continues is not None:
+        state_weight = state_weight * continues  # later documents start from the zero state
     q_scaled = q * q.shape[-1] ** -0.5
     scores = (q_scaled @ k.transpose(-1, -2)) * decay
     numerator = scores @ v + state_weight[..., None] * (q_scaled @ C0)
