@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cells import Cell
+from .cells import PARAGRU, PARALSTM, Cell
 from .elk import elk_step
 from .reference import sequential_solve
 from .scan import linear_scan
@@ -78,7 +78,30 @@ def _scan(coeff, rhs, structure: str, scan_impl: str, reverse: bool = False) -> 
     return linear_scan(coeff, rhs, structure=structure, reverse=reverse)
 
 
+def _fused_step(cell: Cell, method: str, x: torch.Tensor, scan_impl: str):
+    """The one-kernel Newton step for this cell on this device, or None (then the PyTorch step + scan)."""
+    if scan_impl == "torch" or not x.is_cuda or x.dtype == torch.float64:
+        return None
+    from .triton import available, paragru_newton_step_triton, paralstm_newton_step_triton
+
+    exact = method == "deer" or (method == "quasi" and cell.structure == "diagonal")
+    kernels = {PARAGRU.name: paragru_newton_step_triton, PARALSTM.name: paralstm_newton_step_triton}
+    return kernels.get(cell.name) if exact and available() and cell in (PARAGRU, PARALSTM) else None
+
+
+def _iterate_fused(step, x, h0, weights, h, tol, max_iters, method) -> tuple:
+    iterations = 0
+    while True:
+        h_next, residual = step(x, h, h0, *weights)  # residual of h; h_next = h + its Newton update
+        if residual <= tol or not math.isfinite(residual) or iterations >= max_iters:
+            return h, NewtonResult(method, iterations, residual, residual <= tol, tol=tol)
+        h, iterations = h_next, iterations + 1
+
+
 def _iterate(cell: Cell, x, h0, weights, guess, method, tol, max_iters, damping, scan_impl) -> tuple:
+    fused = _fused_step(cell, method, x, scan_impl)
+    if fused is not None:
+        return _iterate_fused(fused, x, h0, weights, guess, tol, max_iters, method)
     structure = cell.structure if method == "deer" else "diagonal"
     diagonal = method != "deer"
     h = guess
@@ -171,8 +194,8 @@ def newton_solve(
     1e-5 otherwise. max_iters: None means T (deer / quasi: always enough) or 2T + 32 (elk). initial_guess:
     (B, T, *S), e.g. a previous solution; None: f(0, x_t). on_failure: "raise" (NewtonConvergenceError),
     "sequential" (run the loop; result.fell_back) or "return" (keep the last iterate; result.converged False).
-    Computes in float64 for float64 x, else float32, autocast off; h is returned in that dtype. Gradients flow to
-    x, h0 and the weights through the adjoint scan at the returned trajectory.
+    Computes in float64 for float64 x, else float32 (16-bit x is read as is), autocast off; h is in that dtype.
+    Gradients flow to x, h0 and the weights through the adjoint scan at the returned trajectory.
     """
     if not isinstance(cell, Cell):
         raise ValueError(f"cell: expected a revival.ops.newton.Cell, got {type(cell).__name__}")
@@ -204,7 +227,8 @@ def newton_solve(
     options = {"method": method, "tol": float(tol), "max_iters": int(max_iters), "initial_guess": initial_guess,
                "on_failure": on_failure, "damping": float(damping), "scan_impl": scan_impl}
     with torch.autocast(x.device.type, enabled=False):
-        x, h0 = x.to(dtype), h0.to(dtype)
+        x = x if x.dtype in (torch.float16, torch.bfloat16) else x.to(dtype)  # 16-bit x: read as is, math in fp32
+        h0 = h0.to(dtype)
         weights = tuple(w.to(dtype) for w in weights)
         tensors = (h0, x, *weights)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
