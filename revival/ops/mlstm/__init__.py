@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_floating, check_shape
+from .._documents import check_document_starts
 from .chunkwise import mlstm_chunkwise
 from .reference import MLSTMState, mlstm_parallel, mlstm_recurrent, mlstm_step_reference
 
@@ -93,17 +94,26 @@ def mlstm(
     impl: str = "auto",
     chunk_size: int = 64,
     eps: float = 1e-6,
+    document_starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, MLSTMState]:
     """mLSTM over a sequence.
 
     q, k: (B, H, T, Dk); v: (B, H, T, Dv); i, f: (B, H, T) gate pre-activations; state: (C (B, H, Dk, Dv),
     n (B, H, Dk), m (B, H)) or None for zeros. Returns h (B, H, T, Dv) in q's dtype and the final state (float32,
     or float64 for float64 inputs). `impl`: "auto" | "recurrent" | "parallel" | "chunkwise" | "triton".
+    document_starts: (B, T) bool or None; the state (C, n, m) is zero before each start, so a packed row equals
+    separate calls per document (revival/ops/_documents.py). "auto" runs such rows on "chunkwise" (the Triton
+    kernels take no document starts yet).
     """
     _validate(q, k, v, i, f, time_axis=True)
     _check_chunk_size(chunk_size)
+    B, H, T, Dk = q.shape
+    document_starts = check_document_starts(document_starts, B, T, q.device)
+    if document_starts is not None and impl == "auto":
+        impl = "chunkwise"
+    if document_starts is not None and impl == "triton":
+        raise ValueError("document_starts: impl='triton' takes no document starts yet; use 'auto' or 'chunkwise'")
     impl = _resolve_impl(impl, q.device, q.dtype, q.shape[-1], v.shape[-1])
-    B, H, _, Dk = q.shape
     dtype = _compute_dtype(q)
     zero_state = state is None
     state = _prepare_state(state, B, H, Dk, v.shape[-1], q, dtype)
@@ -113,11 +123,12 @@ def mlstm(
         return mlstm_triton(q, k, v, i, f, state, chunk_size=chunk_size, eps=eps)
     args = [x.to(dtype) for x in (q, k, v, i, f)]
     if impl == "recurrent":
-        h, state = mlstm_recurrent(*args, state, eps)
+        h, state = mlstm_recurrent(*args, state, eps, document_starts)
     elif impl == "parallel":
-        h, state = mlstm_parallel(*args, state, eps)
+        h, state = mlstm_parallel(*args, state, eps, document_starts)
     else:
-        h, state = mlstm_chunkwise(*args, state, chunk_size, eps, zero_state=zero_state)
+        h, state = mlstm_chunkwise(*args, state, chunk_size, eps, zero_state=zero_state,
+                                   document_starts=document_starts)
     return h.to(q.dtype), state
 
 
