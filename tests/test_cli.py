@@ -113,8 +113,11 @@ def test_bad_config_exits_2_with_one_clear_line(workdir):
     (["train", "--config", "missing.yaml"], "config: no such file"),
     (["train", "--config", "tiny.yaml", "train.steps"], "override: expected SECTION.KEY=VALUE"),
     (["train", "--config", "tiny.yaml", "data.tokenizer=words"], "data.tokenizer: expected one of ['byte', 'bpe']"),
-    (["eval", "nowhere"], "is neither a run directory"),
-    (["generate", "nowhere", "--prompt", "x"], "is neither a run directory"),
+    (["eval", "nowhere"], "checkpoint: 'nowhere' does not exist"),
+    (["generate", "nowhere", "--prompt", "x"], "checkpoint: 'nowhere' does not exist"),
+    (["eval", "corpus"], "is neither a run directory"),
+    (["train"], "--config: expected a run config FILE.yaml"),
+    (["train", "tiny.yaml"], "write `revival train --config tiny.yaml`"),
     (["generate", "run", "--prompt", "x", "--top-p", "1.5"], "top_p: expected None or a number in (0, 1]"),
     (["demo", "--models", "llama"], "the demo trains an xLSTM"),
 ])
@@ -130,7 +133,7 @@ def test_bad_arguments_exit_2(workdir, trained, capsys, argv, message):
 
 
 def test_argparse_errors_exit_2(capsys):
-    for argv in (["train"], ["generate", "run"], ["eval", "run", "--split", "train"], ["bench"]):
+    for argv in (["generate", "run"], ["eval", "run", "--split", "train"], ["bench"]):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2

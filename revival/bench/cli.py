@@ -1,4 +1,4 @@
-"""The `revival bench` subcommand: `add_bench_parser(subparsers)` registers it, `run_bench_command(args)` runs it.
+"""The `revival bench` subcommand: `add_arguments(subparsers)` registers it, `run_bench_command(args)` runs it.
 
     revival bench decode --presets xlstm-large,llama --contexts 1k,4k,16k,64k --size 125m --out benchmarks/results
 """
@@ -36,7 +36,7 @@ def _list(parse):
     return parse_list
 
 
-def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+def add_arguments(subparsers) -> argparse.ArgumentParser:
     """Add `bench` to an argparse subparsers object; returns the new parser."""
     bench = subparsers.add_parser(
         "bench", help="measure training / prefill / decode speed and memory of presets (JSON + PNG)",
@@ -68,6 +68,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     bench.add_argument("--max-seconds", type=float, default=None,
                        help="time budget: points not started by then are recorded as skipped")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.set_defaults(handler=run_bench_command)
     return bench
 
 

@@ -32,14 +32,15 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..errors import MissingPathError, UserError
 from .corpora import SPLITS, Corpus, corpus_from_splits, make_corpus
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 
 
-class CorpusBuildError(RuntimeError):
-    """A corpus could not be built (a tool, the network or a package is missing)."""
+class CorpusBuildError(UserError, RuntimeError):
+    """A corpus could not be built (a tool, the network or a package is missing): the command says so in one line."""
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -257,7 +258,7 @@ def read_corpus(folder: Path) -> Corpus:
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(
+        raise UserError(
             f"cached corpus {folder}: {MANIFEST_NAME} unreadable ({error}); rebuild it with force=True"
         ) from error
     splits = {}
@@ -267,10 +268,10 @@ def read_corpus(folder: Path) -> Corpus:
                 (name, (folder / "documents" / split / name).read_bytes()) for name in manifest["names"][split]
             ]
         except OSError as error:
-            raise ValueError(f"cached corpus {folder}: {error}; rebuild it with force=True") from error
+            raise UserError(f"cached corpus {folder}: {error}; rebuild it with force=True") from error
     corpus = corpus_from_splits(manifest["name"], splits, manifest.get("source", ""))
     if corpus.content_hash != manifest["content_hash"]:
-        raise ValueError(f"cached corpus {folder}: content hash differs from its manifest; rebuild it with force=True")
+        raise UserError(f"cached corpus {folder}: content hash differs from its manifest; rebuild it with force=True")
     return corpus
 
 
@@ -279,7 +280,7 @@ def build_corpus(
 ) -> Path:
     """Build the named corpus into the cache (no-op if present, unless ``force``); returns its folder."""
     if name not in BUILDERS:
-        raise ValueError(f"corpus name {name!r}: expected one of {sorted(BUILDERS)}")
+        raise UserError(f"corpus name {name!r}: expected one of {sorted(BUILDERS)}")
     root = cache_root(cache_dir)
     final = root / name
     if (final / MANIFEST_NAME).is_file() and not force:
@@ -315,11 +316,11 @@ def load_cached_corpus(
 ) -> Corpus:
     """The named cached corpus, built first if absent (``build=True``) else ``FileNotFoundError``."""
     if name not in BUILDERS:
-        raise ValueError(f"corpus name {name!r}: expected one of {sorted(BUILDERS)}")
+        raise UserError(f"corpus name {name!r}: expected one of {sorted(BUILDERS)}")
     folder = cache_root(cache_dir) / name
     if not (folder / MANIFEST_NAME).is_file():
         if not build:
-            raise FileNotFoundError(f"corpus {name!r} is not built in {folder}; build it with build_corpus({name!r})")
+            raise MissingPathError(f"corpus {name!r} is not built in {folder}; build it with build_corpus({name!r})")
         print(f"building corpus {name!r} into {folder} ({BUILDERS[name].description})", file=sys.stderr)
         build_corpus(name, cache_dir, show_progress=show_progress)
     return read_corpus(folder)

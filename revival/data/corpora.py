@@ -26,6 +26,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import MissingPathError, UserError
+
 SPLITS = ("train", "validation", "test")
 
 # stdlib walk: folders never entered and file-name prefixes never read (machine-specific build files).
@@ -86,9 +88,9 @@ def split_key(name: str) -> float:
 def _check_fractions(validation_fraction: float, test_fraction: float) -> None:
     for argument, value in (("validation_fraction", validation_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= value < 1.0:
-            raise ValueError(f"{argument}={value}: expected a fraction in [0, 1)")
+            raise UserError(f"{argument}={value}: expected a fraction in [0, 1)")
     if validation_fraction + test_fraction >= 1.0:
-        raise ValueError(
+        raise UserError(
             f"validation_fraction + test_fraction = {validation_fraction + test_fraction}: expected less than 1"
         )
 
@@ -103,7 +105,7 @@ def split_by_lines(
     """
     lines = data.splitlines(keepends=True)
     if len(lines) < 3:
-        raise ValueError(
+        raise UserError(
             f"corpus document {name!r} has {len(lines)} line(s): splitting a corpus of fewer than 3 documents by "
             "lines needs at least 3 lines; give more text or more files"
         )
@@ -157,7 +159,7 @@ def make_corpus(
     """Build a :class:`Corpus` from ``[(name, data)]``: drop empty documents, split, hash."""
     named_documents = [(doc_name, data) for doc_name, data in named_documents if data]
     if not named_documents:
-        raise ValueError(f"corpus {name!r} ({source or 'no source'}): no non-empty documents; expected some text")
+        raise UserError(f"corpus {name!r} ({source or 'no source'}): no non-empty documents; expected some text")
     return corpus_from_splits(name, split_documents(named_documents, validation_fraction, test_fraction), source)
 
 
@@ -190,7 +192,7 @@ def stdlib_corpus(include_tests: bool = True, root: str | os.PathLike | None = N
     """
     root = Path(root) if root is not None else stdlib_root()
     if not root.is_dir():
-        raise FileNotFoundError(f"standard library folder {root} not found: expected sysconfig's 'stdlib' path")
+        raise MissingPathError(f"standard library folder {root} not found: expected sysconfig's 'stdlib' path")
     skipped_dirs = STDLIB_SKIPPED_DIRS if include_tests else STDLIB_SKIPPED_DIRS | STDLIB_TEST_DIRS
     named_documents = []
     for folder, dirs, files in os.walk(root):
@@ -207,7 +209,7 @@ def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as error:
-        raise ValueError(f"corpus file {path} could not be read ({error}); expected a readable text file") from error
+        raise UserError(f"corpus file {path} could not be read ({error}); expected a readable text file") from error
 
 
 def _looks_binary(data: bytes) -> bool:
@@ -215,7 +217,12 @@ def _looks_binary(data: bytes) -> bool:
 
 
 def read_text_file(path: Path) -> list[tuple[str, bytes]]:
-    return [(path.name, _read_bytes(path))]
+    """The file as one document; a file with NUL bytes (a binary file) is refused."""
+    data = _read_bytes(path)
+    if _looks_binary(data):
+        raise UserError(f"corpus {path}: it has NUL bytes, so it is not a text file; expected a text file, a folder "
+                        "of text files or a .jsonl file")
+    return [(path.name, data)]
 
 
 def read_text_directory(path: Path) -> list[tuple[str, bytes]]:
@@ -244,11 +251,11 @@ def read_jsonl(path: Path, text_field: str = "text") -> list[tuple[str, bytes]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(
+            raise UserError(
                 f"{path} line {number}: not valid JSON ({error}); expected one JSON object a line"
             ) from None
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-            raise ValueError(f"{path} line {number}: expected a JSON object with a string field {text_field!r}")
+            raise UserError(f"{path} line {number}: expected a JSON object with a string field {text_field!r}")
         named_documents.append((f"line-{number:09d}", record[text_field].encode("utf-8")))
     return named_documents
 
@@ -265,7 +272,7 @@ def user_corpus(
     """
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"corpus path {path} does not exist: expected a text file, a folder or a .jsonl file")
+        raise MissingPathError(f"corpus path {path} does not exist: expected a text file, a folder or a .jsonl file")
     if path.is_dir():
         named_documents, kind = read_text_directory(path), "directory of text files"
     elif path.suffix.lower() == ".jsonl":
@@ -273,5 +280,5 @@ def user_corpus(
     else:
         named_documents, kind = read_text_file(path), "text file"
     if not any(data for _, data in named_documents):
-        raise ValueError(f"corpus {path} ({kind}) is empty: expected some text")
+        raise UserError(f"corpus {path} ({kind}) is empty: expected some text")
     return make_corpus(path.name, named_documents, validation_fraction, test_fraction, source=f"{kind} {path}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from ..errors import MissingPathError, UserError
 from .builders import BUILDERS, load_cached_corpus
 from .corpora import Corpus, stdlib_corpus, user_corpus
 
@@ -36,6 +37,12 @@ def load_corpus(
       path.
     """
     name = os.fspath(name_or_path)
+    if name in EMBEDDED_CORPORA or name in BUILDERS:
+        for argument, value, default in (("validation_fraction", validation_fraction, 0.01),
+                                         ("test_fraction", test_fraction, 0.01)):
+            if value != default:
+                raise UserError(f"{argument}: {value} applies to corpora read from a path; the named corpus "
+                                f"{name!r} has its own split")
     if name == "stdlib":
         return stdlib_corpus(include_tests=True)
     if name == "stdlib-notests":
@@ -43,7 +50,7 @@ def load_corpus(
     if name in BUILDERS:
         return load_cached_corpus(name, cache_dir, build=build, show_progress=show_progress)
     if not os.path.exists(os.path.expanduser(name)):
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"corpus {name!r} is neither a known corpus name ({', '.join(corpus_names())}) nor an existing path "
             "(a text file, a folder of text files or a .jsonl file with a 'text' field)"
         )

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from .tokenizers import ByteTokenizer, Tokenizer
 
 ENCODE_CHUNK = 64  # documents per encode_batch call (progress granularity)
@@ -101,7 +102,7 @@ class PackedDataset:
             )
         num_sequences = (stream.numel() - 1) // context_length
         if num_sequences < 1:
-            raise ValueError(
+            raise UserError(
                 f"{stream.numel()} tokens and context_length={context_length}: expected at least context_length + 1 "
                 "tokens (more data or a shorter context)"
             )

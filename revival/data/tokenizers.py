@@ -26,6 +26,8 @@ from typing import Protocol
 from tokenizers import Tokenizer as HFTokenizerObject
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from ..errors import MissingPathError, UserError
+
 EOS_TOKEN = "<|endoftext|>"
 META_FILE = "revival_tokenizer.json"
 HF_FILE = "tokenizer.json"
@@ -202,7 +204,7 @@ def train_bpe(
     ``max_bytes``: train on the first documents only, until this many bytes (deterministic; faster on big corpora).
     """
     if vocab_size < 257:
-        raise ValueError(f"vocab_size={vocab_size}: expected at least 257 (256 bytes + <|endoftext|>)")
+        raise UserError(f"vocab_size={vocab_size}: expected at least 257 (256 bytes + <|endoftext|>)")
     texts, total = [], 0
     for document in documents:
         if max_bytes is not None and total >= max_bytes:
@@ -210,7 +212,7 @@ def train_bpe(
         texts.append(as_text(document))
         total += len(document)
     if not any(texts):
-        raise ValueError("documents: expected at least one non-empty document to train the BPE on")
+        raise UserError("documents: expected at least one non-empty document to train the BPE on")
     tokenizer = HFTokenizerObject(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
@@ -237,18 +239,26 @@ def load_tokenizer(directory: str | os.PathLike) -> ByteTokenizer | HFTokenizer:
     """Load the tokenizer saved in ``directory`` (kind detected from the files; see the module docstring)."""
     directory = Path(directory)
     meta_path, hf_path = directory / META_FILE, directory / HF_FILE
-    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{meta_path}: not valid JSON ({error}); the file is corrupt") from None
     if meta.get("kind") == "byte":
         return ByteTokenizer()
     if not hf_path.is_file():
-        raise FileNotFoundError(f"no tokenizer in {directory}: expected {META_FILE} (byte-level) or {HF_FILE}")
-    tokenizer = HFTokenizerObject.from_file(str(hf_path))
+        raise MissingPathError(
+            f"no tokenizer in {directory}: expected {META_FILE} (byte-level) or {HF_FILE}; save one with "
+            "model.save_pretrained(directory, tokenizer=tokenizer) or tokenizer.save(directory)")
+    try:
+        tokenizer = HFTokenizerObject.from_file(str(hf_path))
+    except Exception as error:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a bad file
+        raise UserError(f"{hf_path}: unreadable ({error}); the file is corrupt") from None
     eos_token = meta.get("eos_token") or _eos_from_tokenizer_config(directory)
     if eos_token is None:
         vocab = tokenizer.get_vocab(with_added_tokens=True)
         eos_token = next((token for token in KNOWN_EOS_TOKENS if token in vocab), None)
     if eos_token is None:
-        raise ValueError(f"{hf_path}: no end-of-text token found; expected one of {KNOWN_EOS_TOKENS}")
+        raise UserError(f"{hf_path}: no end-of-text token found; expected one of {KNOWN_EOS_TOKENS}")
     return HFTokenizer(tokenizer, eos_token)
 
 
@@ -262,4 +272,4 @@ def make_tokenizer(
         if documents is None:
             raise ValueError("documents=None: a BPE tokenizer needs training documents (the train split)")
         return train_bpe(documents, vocab_size, **bpe_options)
-    raise ValueError(f"tokenizer kind={kind!r}: expected 'byte' or 'bpe'")
+    raise UserError(f"tokenizer kind={kind!r}: expected 'byte' or 'bpe'")

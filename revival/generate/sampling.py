@@ -20,6 +20,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from ..errors import UserError
+
 
 def apply_repetition_penalty(logits: torch.Tensor, previous_ids: torch.Tensor, penalty: float) -> torch.Tensor:
     """logits (B, V), previous_ids (B, L): penalize every token id present in the row's previous ids."""
@@ -77,17 +79,17 @@ def _as_batch(input_ids, vocab_size: int) -> tuple[torch.Tensor, bool]:
     """-> (ids (B, T) long, was_single_sequence)."""
     if isinstance(input_ids, (list, tuple)):
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in input_ids):
-            raise ValueError("input_ids: expected a list of ints, a 1-d tensor or a (B, T) tensor")
+            raise UserError("input_ids: expected a list of ints, a 1-d tensor or a (B, T) tensor")
         input_ids = torch.tensor(list(input_ids), dtype=torch.long)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dim() not in (1, 2):
         got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise ValueError(f"input_ids: expected a list of ints, a 1-d or a (B, T) integer tensor, got {got}")
+        raise UserError(f"input_ids: expected a list of ints, a 1-d or a (B, T) integer tensor, got {got}")
     single = input_ids.dim() == 1
     ids = input_ids.unsqueeze(0) if single else input_ids
     if ids.shape[1] == 0:
-        raise ValueError("input_ids: expected at least one prompt token, got an empty prompt")
+        raise UserError("input_ids: expected at least one prompt token, got an empty prompt")
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(f"input_ids: token ids must lie in [0, {vocab_size}), got min {int(ids.min())}, "
+        raise UserError(f"input_ids: token ids must lie in [0, {vocab_size}), got min {int(ids.min())}, "
                          f"max {int(ids.max())}")
     return ids.long(), single
 
@@ -95,25 +97,25 @@ def _as_batch(input_ids, vocab_size: int) -> tuple[torch.Tensor, bool]:
 def _check_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_tokens, seed,
                 vocab_size: int) -> list[int]:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens: expected an integer >= 0, got {max_new_tokens!r}")
+        raise UserError(f"max_new_tokens: expected an integer >= 0, got {max_new_tokens!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise ValueError(f"temperature: expected a number >= 0 (0 = greedy), got {temperature!r}")
+        raise UserError(f"temperature: expected a number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k: expected None or an integer >= 1, got {top_k!r}")
+        raise UserError(f"top_k: expected None or an integer >= 1, got {top_k!r}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise ValueError(f"top_p: expected None or a number in (0, 1], got {top_p!r}")
+        raise UserError(f"top_p: expected None or a number in (0, 1], got {top_p!r}")
     if (isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, (int, float))
             or not repetition_penalty > 0):
-        raise ValueError(f"repetition_penalty: expected a number > 0 (1.0 = none), got {repetition_penalty!r}")
+        raise UserError(f"repetition_penalty: expected a number > 0 (1.0 = none), got {repetition_penalty!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"seed: expected None or an int, got {seed!r}")
+        raise UserError(f"seed: expected None or an int, got {seed!r}")
     if stop_tokens is None:
         return []
     stops = [stop_tokens] if isinstance(stop_tokens, int) else list(stop_tokens) if isinstance(
         stop_tokens, Iterable) else None
     if stops is None or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size
                                 for t in stops):
-        raise ValueError(f"stop_tokens: expected None, an int or a list of ints in [0, {vocab_size}), "
+        raise UserError(f"stop_tokens: expected None, an int or a list of ints in [0, {vocab_size}), "
                          f"got {stop_tokens!r}")
     return stops
 

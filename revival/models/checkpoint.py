@@ -19,8 +19,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..errors import UserError
 from .config import ModelConfig
 from .model import LanguageModel
 
@@ -77,24 +79,32 @@ def _write_files(directory: Path, model: LanguageModel) -> None:
                 os.remove(tmp)
 
 
-def save_pretrained(model: LanguageModel, directory: str | Path, format: str = "revival") -> Path:
-    """Save `model` to `directory` (created if missing); returns the directory path."""
+def save_pretrained(model: LanguageModel, directory: str | Path, format: str = "revival", tokenizer=None) -> Path:
+    """Save `model` (and `tokenizer`, if given, so that `revival generate directory` works) to `directory` (created
+    if missing); returns the directory path."""
     if format not in FORMATS:
         raise ValueError(f"format: expected one of {list(FORMATS)}, got {format!r}")
     if not isinstance(model, LanguageModel):
         raise ValueError(f"model: expected a LanguageModel, got {type(model).__name__}")
     directory = Path(directory)
     if format == "hf":
-        return _hf_module().save_hf_xlstm(model, directory)
+        _hf_module().save_hf_xlstm(model, directory)
+        if tokenizer is not None:
+            tokenizer.save(directory)
+        return directory
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"directory: {str(directory)!r} exists and is not a directory")
     if directory.is_dir():
         _write_files(directory, model)
+        if tokenizer is not None:
+            tokenizer.save(directory)
         return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
     try:
         _write_files(staging, model)
+        if tokenizer is not None:
+            tokenizer.save(staging)
         os.rename(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -106,14 +116,14 @@ def read_config(directory: str | Path) -> dict:
     """The raw `config.json` of a checkpoint directory, with clear errors when it is missing or broken."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise ValueError(f"directory: {str(directory)!r} is not a directory")
+        raise UserError(f"directory: {str(directory)!r} is not a directory")
     path = directory / CONFIG_NAME
     if not path.is_file():
-        raise ValueError(f"directory: no {CONFIG_NAME} in {str(directory)!r}")
+        raise UserError(f"directory: no {CONFIG_NAME} in {str(directory)!r}")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
+        raise UserError(f"{path}: not valid JSON ({err})") from err
 
 
 def _resolve_dtype(dtype) -> torch.dtype | None:
@@ -160,8 +170,8 @@ def from_pretrained(directory: str | Path, device=None, dtype=None) -> LanguageM
     config = ModelConfig.from_dict({k: v for k, v in raw.items() if k not in _META_KEYS})
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
-        raise ValueError(f"directory: no {WEIGHTS_NAME} in {str(directory)!r}")
-    tensors = load_file(str(weights))
+        raise UserError(f"directory: no {WEIGHTS_NAME} in {str(directory)!r}")
+    tensors = _load_weights(weights)
     model = _empty_model(config, torch.device("cpu") if device is None else torch.device(device))
     check_state_dict(model, tensors, source=str(weights))
     target_dtype = dtype or stored_dtype
@@ -170,6 +180,20 @@ def from_pretrained(directory: str | Path, device=None, dtype=None) -> LanguageM
     model.load_state_dict(tensors, strict=not config.tie_embeddings)
     model.eval()
     return model
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; UserError naming the file when it is truncated, damaged or non-finite."""
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{path}: unreadable ({error}); the file is truncated or corrupt") from None
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise UserError(f"{path}: tensor {name!r} holds {bad} non-finite value(s) (NaN or inf); the file is "
+                            "corrupt or the run that wrote it diverged")
+    return tensors
 
 
 def _empty_model(config: ModelConfig, device: torch.device) -> LanguageModel:

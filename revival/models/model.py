@@ -10,6 +10,9 @@ Stable attribute names (the HF xLSTM import/export maps onto them):
 forward(input_ids: (B, T) long, state=None) -> (logits: (B, T, vocab_size), state), where state is a list with one
 entry per block (each the block mixer's state; None means zeros). Feeding the returned state back continues the
 sequence exactly: prefill + single-token steps == one forward over the whole sequence.
+forward(input_ids, labels=input_ids) -> (logits, state, loss): the mean next-token cross-entropy, Hugging Face style
+(labels are shifted inside; -100 is ignored).
+`model.set_activation_checkpointing(True)` recomputes each block's activations in backward instead of keeping them.
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from ..errors import UserError
 from ..layers.norms import LayerNorm, RMSNorm
 from ..ops.fused import soft_cap
 from .blocks import build_block
@@ -46,7 +52,13 @@ class LanguageModel(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
+        self.activation_checkpointing = False
         self.reset_parameters()
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations during backward instead of keeping them: activation memory of one block
+        instead of all, for one more forward pass per step. Training only; results are unchanged."""
+        self.activation_checkpointing = bool(enabled)
 
     # ------------------------------------------------------------------ parameters
     def _reset_own_parameters(self) -> None:
@@ -85,8 +97,12 @@ class LanguageModel(nn.Module):
         return self.embedding.weight.dtype
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input_ids: torch.Tensor, state: list | None = None) -> tuple[torch.Tensor, list]:
-        """input_ids (B, T) integer -> (logits (B, T, V) in the model dtype, new state: list, one entry per block)."""
+    def forward(self, input_ids: torch.Tensor, state: list | None = None,
+                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """input_ids (B, T) integer -> (logits (B, T, V) in the model dtype, new state: list, one entry per block).
+
+        With `labels` (B, T) (usually `input_ids` itself): (logits, state, loss), loss the mean float32 cross-entropy
+        of logits[:, :-1] against labels[:, 1:], positions labelled -100 left out."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
             got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids: expected an integer tensor of shape (B, T), got {got}")
@@ -96,13 +112,27 @@ class LanguageModel(nn.Module):
             state = [None] * len(self.blocks)
         elif len(state) != len(self.blocks):
             raise ValueError(f"state: expected a list of {len(self.blocks)} per-block states, got {len(state)}")
-        x = self.embedding_dropout(self.embedding(input_ids))
+        if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
+            got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"labels: expected a tensor shaped like input_ids {tuple(input_ids.shape)}, got {got}")
+        try:
+            x = self.embedding_dropout(self.embedding(input_ids))
+        except IndexError:  # nn.Embedding's own message names no sizes
+            raise UserError(f"input_ids: token ids must lie in [0, {self.config.vocab_size}), got min "
+                            f"{int(input_ids.min())}, max {int(input_ids.max())}") from None
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         new_state = []
         for block, block_state in zip(self.blocks, state):
-            x, block_state = block(x, block_state)
+            if recompute:
+                x, block_state = checkpoint(block, x, block_state, use_reentrant=False)
+            else:
+                x, block_state = block(x, block_state)
             new_state.append(block_state)
         logits = soft_cap(self.lm_head(self.out_norm(x)), self.config.logit_soft_cap)
-        return logits, new_state
+        if labels is None:
+            return logits, new_state
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return logits, new_state, loss
 
     # ------------------------------------------------------------------ generation (revival.generate)
     def generate(self, input_ids, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
@@ -118,11 +148,12 @@ class LanguageModel(nn.Module):
         return stream(self, input_ids, max_new_tokens, **kwargs)
 
     # ------------------------------------------------------------------ weights
-    def save_pretrained(self, directory: str | Path, format: str = "revival") -> Path:
-        """Write `config.json` + `model.safetensors` atomically (format "revival") or a HF xLSTM directory ("hf")."""
+    def save_pretrained(self, directory: str | Path, format: str = "revival", tokenizer=None) -> Path:
+        """Write `config.json` + `model.safetensors` atomically (format "revival") or a HF xLSTM directory ("hf"),
+        and the `tokenizer`'s files when given (then `revival generate directory` works)."""
         from .checkpoint import save_pretrained
 
-        return save_pretrained(self, directory, format=format)
+        return save_pretrained(self, directory, format=format, tokenizer=tokenizer)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device=None, dtype=None) -> LanguageModel:

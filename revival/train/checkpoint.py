@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import yaml
 
+from ..errors import MissingPathError, UserError
+
 
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
@@ -67,24 +69,64 @@ def save_checkpoint(out_dir: str | Path, step: int, model, tokenizer, run_config
     pointer_tmp = root / ".latest.tmp"
     pointer_tmp.write_text(name + "\n")
     os.replace(pointer_tmp, root / "latest")
-    existing = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
-    for old in existing[:-keep]:
+    existing = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p != final)
+    for old in existing[: max(0, len(existing) - (keep - 1))]:  # the newest `keep`, counting the one just written
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
+def resolve_checkpoint(path: str | Path, argument: str = "checkpoint") -> Path:
     """A run directory (its latest checkpoint), a checkpoints/ folder, or a model directory itself."""
     path = Path(path)
+    if not path.exists():
+        raise MissingPathError(f"{argument}: {str(path)!r} does not exist; expected a run directory or a model "
+                               "directory")
     for pointer in (path / "checkpoints" / "latest", path / "latest"):
         if pointer.is_file():
             return pointer.parent / pointer.read_text().strip()
     if (path / "config.json").is_file():
         return path
-    raise FileNotFoundError(
-        f"checkpoint: {str(path)!r} is neither a run directory (with checkpoints/latest) nor a model directory "
+    raise MissingPathError(
+        f"{argument}: {str(path)!r} is neither a run directory (with checkpoints/latest) nor a model directory "
         "(with config.json)")
 
 
 def load_trainer_state(checkpoint_dir: str | Path) -> dict[str, Any]:
-    return torch.load(Path(checkpoint_dir) / "trainer_state.pt", weights_only=False)
+    path = Path(checkpoint_dir) / "trainer_state.pt"
+    if not path.is_file():
+        raise UserError(f"resume: {checkpoint_dir} has no trainer_state.pt (a model directory, not a training "
+                        "checkpoint); fine-tune it with model.init_from instead")
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means the file is damaged
+        raise UserError(f"{path}: unreadable ({type(error).__name__}: {error}); the file is corrupt") from None
+
+
+def load_run_config_dict(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """The run config a checkpoint was trained with (`run.yaml`), or {} for a plain model directory."""
+    path = Path(checkpoint_dir) / "run.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
+
+
+def load_for_inference(checkpoint: str | Path, device: str = "auto"):
+    """(model on `device` in eval mode, tokenizer, checkpoint directory, run config dict or {}) for eval / generate."""
+    from ..data.tokenizers import load_tokenizer
+    from ..models import from_pretrained
+    from .trainer import resolve_device
+
+    directory = resolve_checkpoint(checkpoint)
+    device = resolve_device(device, argument="--device")
+    tokenizer = load_tokenizer(directory)
+    try:
+        model = from_pretrained(directory, device=device)
+    except UserError:
+        raise
+    except ValueError as error:  # a config.json or weights file that does not describe a loadable model
+        raise UserError(f"checkpoint {str(directory)!r}: {error}") from None
+    model.eval()
+    return model, tokenizer, directory, load_run_config_dict(directory)

@@ -120,6 +120,23 @@ def shutdown(world: World) -> None:
         dist.destroy_process_group()
 
 
+def silent(*args: Any, **kwargs: Any) -> None:
+    """The print function of the ranks other than 0."""
+
+
+class NullLogger:
+    """The metrics logger of the ranks other than 0 (rank 0 writes metrics.csv and TensorBoard)."""
+
+    def __init__(self, out_dir: str | Path):
+        self.csv_path = Path(out_dir) / "metrics.csv"
+
+    def log(self, step: int, split: str, **metrics: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

@@ -14,18 +14,33 @@ class MetricsLogger:
     row), lr, tokens (seen so far), tokens_per_s, peak_mem_mb, skipped_steps; val rows: loss, perplexity, bpb, tokens
     (evaluated)."""
 
-    def __init__(self, out_dir: str | Path, tensorboard: bool = True):
+    def __init__(self, out_dir: str | Path, tensorboard: bool = True, resume_step: int = 0, print_fn=print):
+        """resume_step > 0: a resumed run; rows logged after that step by the interrupted run are dropped first."""
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.csv_path = self.out_dir / "metrics.csv"
+        if resume_step > 0 and self.csv_path.is_file():
+            self._drop_rows_after(resume_step)
         self.writer = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard not installed: CSV only
+            except ImportError:
                 SummaryWriter = None
+                print_fn("warning: train.tensorboard is true but the tensorboard package is not installed (pip install "
+                         "tensorboard, or the `dev` extra); logging to metrics.csv only")
             if SummaryWriter is not None:
-                self.writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+                self.writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"),
+                                            purge_step=resume_step + 1 if resume_step > 0 else None)
+
+    def _drop_rows_after(self, step: int) -> None:
+        with open(self.csv_path, newline="") as handle:
+            rows = list(csv.reader(handle))
+        kept = [rows[0], *(row for row in rows[1:] if int(row[0]) <= step)] if rows else []
+        tmp = self.csv_path.with_name(self.csv_path.name + ".tmp")
+        with open(tmp, "w", newline="") as handle:
+            csv.writer(handle).writerows(kept)
+        os.replace(tmp, self.csv_path)
 
     def log(self, step: int, split: str, **metrics: float) -> None:
         row = {"step": step, "split": split, **metrics}

@@ -3,15 +3,21 @@
 `Trainer(run_config).train()` builds the corpus, tokenizer, model and optimizer from a `RunConfig`, trains, evaluates on
 whole validation documents with the state carried, logs metrics (CSV, TensorBoard) and writes a loss-curve PNG.
 `resume=True` restores the latest complete checkpoint (model, optimizer, scheduler, RNG states, data position, counters)
-and continues bit-identically on CPU.
+and continues bit-identically on CPU. An `out_dir` that holds an earlier run needs `resume=True` or `overwrite=True`.
+`model.init_from: DIR` starts from a saved model (its config, weights and tokenizer): fine-tuning.
+On CPU, a run whose estimated memory or time does not fit the machine stops before loading any data unless
+`force=True` (`estimate_cost`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import os
 import random
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -26,7 +32,9 @@ from tqdm.auto import tqdm
 from ..data import load_corpus
 from ..data.packing import PackedDataset, iter_document_tokens
 from ..data.tokenizers import count_utf8_bytes, load_tokenizer, make_tokenizer
-from ..models import LanguageModel
+from ..errors import UserError
+from ..models import LanguageModel, ModelConfig
+from ..models.checkpoint import check_state_dict
 from . import checkpoint as ckpt
 from .config import RunConfig
 from .logging import MetricsLogger, plot_loss_curves
@@ -43,18 +51,82 @@ class EvalResult:
     perplexity: float
     bits_per_byte: float
     tokens: int
+    documents: int = 0  # documents read
 
     def as_dict(self) -> dict[str, float]:
         return {"loss": self.loss, "perplexity": self.perplexity, "bpb": self.bits_per_byte, "tokens": self.tokens}
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, argument: str = "train.device") -> torch.device:
+    """"auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N"; `argument` names the option in errors."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"{argument}: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device: {name!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+        raise UserError(f"{argument}: {name!r} requested but CUDA is not available; use 'cpu' or 'auto'")
     return device
+
+
+# -- what a run costs on CPU -----------------------------------------------------------------------------------------
+CPU_FLOPS_PER_THREAD = 50e9  # optimistic fp32 training rate per CPU thread: the estimate errs towards "it fits"
+ACTIVATION_FLOATS = 24  # float32 values kept for backward per token, channel and block (measured: 10-20)
+MAX_CPU_HOURS = 24.0
+
+
+def machine_memory_bytes() -> int:
+    """Physical memory, or the cgroup limit where that is lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total
+
+
+def estimate_cost(config: ModelConfig, batch_size: int, context_length: int, steps: int,
+                  grad_accum: int = 1) -> dict[str, float]:
+    """Rough training cost on CPU: {"parameters", "memory_bytes", "seconds"}.
+
+    memory: weights + gradients + AdamW moments (16 bytes a parameter) + activations kept for backward
+    (`ACTIVATION_FLOATS` per token, channel and block) + logits and their gradient; time: 6 FLOPs per parameter and
+    token at `CPU_FLOPS_PER_THREAD` per torch thread. Both are estimates from parameters x tokens, meant to tell a
+    CPU-sized run from a GPU-sized one, not to predict either closely."""
+    with torch.device("meta"):
+        parameters = LanguageModel(config).num_parameters()
+    tokens = batch_size * context_length
+    activations = tokens * (config.d_model * config.num_blocks * ACTIVATION_FLOATS + 3 * config.vocab_size) * 4
+    seconds = 6 * parameters * tokens * grad_accum * steps / (CPU_FLOPS_PER_THREAD * torch.get_num_threads())
+    return {"parameters": parameters, "memory_bytes": 16 * parameters + activations, "seconds": seconds}
+
+
+def _format_duration(seconds: float) -> str:
+    for unit, scale in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= 2 * scale:
+            return f"{seconds / scale:,.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def check_fits_on_cpu(config: ModelConfig, run: RunConfig) -> None:
+    """Raise UserError when a CPU run would not fit in memory or would take more than `MAX_CPU_HOURS`."""
+    d, t = run.data, run.train
+    cost = estimate_cost(config, t.batch_size, d.context_length, t.steps, t.grad_accum)
+    memory = machine_memory_bytes()
+    too_big = cost["memory_bytes"] > 0.8 * memory
+    too_long = cost["seconds"] > MAX_CPU_HOURS * 3600
+    if not (too_big or too_long):
+        return
+    raise UserError(
+        f"train.device: {t.device!r} means the CPU here, and this run is GPU-sized: {cost['parameters'] / 1e6:.1f}M "
+        f"parameters x {t.batch_size} x {d.context_length} tokens a step need about "
+        f"{cost['memory_bytes'] / 2**30:.0f} GiB (this machine: {memory / 2**30:.0f} GiB) and about "
+        f"{_format_duration(cost['seconds'])} for {t.steps} steps at an optimistic "
+        f"{CPU_FLOPS_PER_THREAD * torch.get_num_threads() / 1e9:.0f} GFLOP/s; train on a GPU (train.device=cuda), "
+        "try a tiny config (configs/*-tiny.yaml), or pass --force (Python: force=True) to start anyway")
 
 
 def seed_everything(seed: int) -> None:
@@ -134,11 +206,31 @@ def evaluate(model: LanguageModel, documents: list[bytes], tokenizer, context_le
     if total_tokens == 0:
         raise ValueError("validation: no non-empty documents to evaluate")
     loss = total_nll / total_tokens
-    return EvalResult(loss, math.exp(min(loss, 50.0)), total_nll / math.log(2) / count_utf8_bytes(used), total_tokens)
+    return EvalResult(loss, math.exp(min(loss, 50.0)), total_nll / math.log(2) / count_utf8_bytes(used), total_tokens,
+                      len(used))
+
+
+RUN_OUTPUTS = ("metrics.csv", "loss.png", "tensorboard", "checkpoints")  # what a run writes into train.out_dir
+OPTIMIZER_KEYS = ("lr", "weight_decay", "beta1", "beta2")  # train keys a resumed run applies to the optimizer
 
 
 class Trainer:
-    def __init__(self, run: RunConfig, resume: bool = False, corpus=None, print_fn=print):
+    """Train a model described by a `RunConfig` (see the module docstring and docs/cli.md).
+
+        trainer = Trainer(load_run_config("configs/xlstm-tiny.yaml", ["train.steps=100"]))
+        summary = trainer.train()          # losses, throughput, validation, paths
+        trainer.model, trainer.tokenizer   # the trained model and its tokenizer
+        trainer.model.save_pretrained("my-model", tokenizer=trainer.tokenizer)
+
+    resume: continue the latest checkpoint in `train.out_dir`; overwrite: replace an earlier run's outputs there (one
+    of the two is needed when `train.out_dir` holds an earlier run); force: train on CPU even where `estimate_cost`
+    says it does not fit; corpus: a `Corpus` to use instead of loading `data.corpus`; print_fn: where messages go.
+    """
+
+    def __init__(self, run: RunConfig, resume: bool = False, corpus=None, print_fn=print, overwrite: bool = False,
+                 force: bool = False):
+        if resume and overwrite:
+            raise UserError("resume and overwrite: expected at most one of them")
         self.run = run
         self.cfg = run.train
         self.print = print_fn
@@ -150,18 +242,42 @@ class Trainer:
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
         seed_everything(self.cfg.seed)
 
-        self.corpus = corpus if corpus is not None else load_corpus(run.data.corpus, show_progress=self.cfg.progress)
-        resume_from = ckpt.resolve_checkpoint(self.out_dir) if resume else None
+        resume_from = self._resume_checkpoint() if resume else None
+        if resume_from is None:
+            self._prepare_out_dir(overwrite)
+        pretrained = None
+        self.tokenizer = None
         if resume_from is not None:
             self.tokenizer = load_tokenizer(resume_from)
+            pretrained = _load_model(resume_from, self.device)
+            self.model_config = pretrained.config
+        elif run.model.get("init_from") is not None:
+            pretrained, self.tokenizer = self._init_from(run.model["init_from"])
+            self.model_config = pretrained.config
         else:
+            vocab_size = run.data.bpe_vocab_size if run.data.tokenizer == "bpe" else 257  # checked once trained
+            self.model_config = run.model_config(vocab_size=vocab_size)
+        if self.device.type == "cpu" and not force:
+            check_fits_on_cpu(self.model_config, run)
+        if self.cfg.warmup_steps > self.cfg.steps:
+            self.print(f"warning: train.warmup_steps ({self.cfg.warmup_steps}) > train.steps ({self.cfg.steps}): the "
+                       "learning rate never reaches train.lr")
+
+        self.corpus = corpus if corpus is not None else load_corpus(
+            run.data.corpus, show_progress=self.cfg.progress, **run.data.corpus_options())
+        if self.tokenizer is None:
             self.tokenizer = make_tokenizer(run.data.tokenizer, self.corpus.train, vocab_size=run.data.bpe_vocab_size)
-        self.model_config = run.model_config(vocab_size=self.tokenizer.vocab_size)
+            self.model_config = run.model_config(vocab_size=self.tokenizer.vocab_size)
         if self.model_config.vocab_size < self.tokenizer.vocab_size:
-            raise ValueError(f"model.vocab_size: {self.model_config.vocab_size} is smaller than the tokenizer's "
-                             f"vocabulary ({self.tokenizer.vocab_size}); remove it or make it >= "
-                             f"{self.tokenizer.vocab_size}")
-        self.model = LanguageModel(self.model_config).to(self.device)
+            raise UserError(f"model.vocab_size: {self.model_config.vocab_size} is smaller than the tokenizer's "
+                            f"vocabulary ({self.tokenizer.vocab_size}); remove it or make it >= "
+                            f"{self.tokenizer.vocab_size}")
+        if pretrained is not None:
+            self.model = pretrained.to(device=self.device, dtype=torch.float32)
+        else:
+            self.model = LanguageModel(self.model_config).to(self.device)
+        if self.cfg.activation_checkpointing:
+            self.model.set_activation_checkpointing(True)
         self.dataset = PackedDataset.from_documents(self.corpus.train, self.tokenizer, run.data.context_length,
                                                     seed=self.cfg.seed, show_progress=self.cfg.progress)
         self.optimizer = self._make_optimizer()
@@ -173,6 +289,7 @@ class Trainer:
         self.tokens_seen = 0
         self.bad_steps_in_a_row = 0
         self.skipped_steps = 0
+        self.resumed_from: Path | None = None
         self.last_eval: EvalResult | None = None
         self.train_tokens_per_s = float("nan")
         if resume_from is not None:
@@ -192,6 +309,48 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
+    # -- the run folder, init_from -----------------------------------------------------------------------------------
+    def _prepare_out_dir(self, overwrite: bool) -> None:
+        """Refuse to mix a new run into an earlier one's outputs; with `overwrite`, remove those outputs first."""
+        earlier = [name for name in RUN_OUTPUTS if (self.out_dir / name).exists()]
+        if not earlier:
+            return
+        if not overwrite:
+            raise UserError(
+                f"train.out_dir: {str(self.out_dir)!r} holds an earlier run ({', '.join(earlier)}); pass --resume to "
+                "continue it, --overwrite to replace it (Python: resume=True / overwrite=True), or choose another "
+                "train.out_dir")
+        for name in earlier:
+            path = self.out_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        self.print(f"overwrite: removed the earlier run's {', '.join(earlier)} from {self.out_dir}")
+
+    def _resume_checkpoint(self) -> Path:
+        try:
+            return ckpt.resolve_checkpoint(self.out_dir)
+        except FileNotFoundError:
+            raise UserError(f"--resume: no checkpoint in train.out_dir {str(self.out_dir)!r} (expected "
+                            f"{self.out_dir / 'checkpoints' / 'latest'}); start without --resume") from None
+
+    def _init_from(self, source: str) -> tuple[LanguageModel, Any]:
+        """The model (config + weights) and tokenizer of `model.init_from`, with the section's other keys applied."""
+        directory = ckpt.resolve_checkpoint(source, argument="model.init_from")
+        tokenizer = load_tokenizer(directory)
+        pretrained = _load_model(directory, torch.device("cpu"))
+        overrides = {key: value for key, value in self.run.model.items() if key != "init_from"}
+        if overrides:
+            try:
+                config = pretrained.config.replace(**overrides)
+                model = LanguageModel(config)
+                check_state_dict(model, pretrained.state_dict(), source=f"model.init_from {source!r}")
+            except ValueError as error:
+                raise UserError(f"model: {error} (the other model keys must keep every weight's shape)") from None
+            model.load_state_dict(pretrained.state_dict())
+            pretrained = model
+        self.print(f"init_from: {directory} ({pretrained.num_parameters():,} parameters, its {tokenizer.kind} "
+                   f"tokenizer of {tokenizer.vocab_size} tokens; data.tokenizer is not used)")
+        return pretrained, tokenizer
+
     # -- checkpoints -------------------------------------------------------------------------------------------------
     def _trainer_state(self) -> dict[str, Any]:
         return {
@@ -206,20 +365,62 @@ class Trainer:
                                     self._trainer_state(), keep=self.cfg.keep_checkpoints)
 
     def _restore(self, checkpoint_dir: Path) -> None:
-        from ..models.checkpoint import from_pretrained
-
-        loaded = from_pretrained(checkpoint_dir, device=self.device)
-        self.model.load_state_dict(loaded.state_dict())
         state = ckpt.load_trainer_state(checkpoint_dir)
+        saved_run = ckpt.load_run_config_dict(checkpoint_dir)
+        changed_train = self._check_resumable(checkpoint_dir, saved_run, state["step"])
         if state["corpus"]["content_hash"] != self.corpus.content_hash:
-            raise ValueError(f"resume: the corpus changed since {checkpoint_dir} was written (content hash "
-                             f"{state['corpus']['content_hash'][:12]} vs {self.corpus.content_hash[:12]})")
+            raise UserError(f"resume: the corpus changed since {checkpoint_dir} was written (content hash "
+                            f"{state['corpus']['content_hash'][:12]} vs {self.corpus.content_hash[:12]})")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         for name in ("step", "position", "tokens_seen", "bad_steps_in_a_row", "skipped_steps"):
             setattr(self, name, state[name])
+        if changed_train:
+            self._apply_train_changes()
+        self.resumed_from = checkpoint_dir
         self.print(f"resumed from {checkpoint_dir} at step {self.step}")
+
+    def _check_resumable(self, checkpoint_dir: Path, saved_run: dict[str, Any], step: int) -> list[str]:
+        """Errors for changes a checkpoint cannot take (model, data, steps already done); notices for train changes.
+        Returns the changed train keys."""
+        current = self.run.to_dict()
+        for section in ("model", "data"):
+            saved = saved_run.get(section) or {}
+            if section == "data":
+                saved = {**dataclasses.asdict(type(self.run.data)()), **saved}
+            differences = _differences(saved, current[section])
+            if differences:
+                raise UserError(
+                    f"resume: the {section} section differs from the checkpoint's ({'; '.join(differences)}); "
+                    f"{checkpoint_dir} cannot continue with it: drop those overrides, or start a new run "
+                    "(--overwrite or another train.out_dir)")
+        if self.cfg.steps <= step:
+            raise UserError(f"train.steps: {self.cfg.steps}, but {checkpoint_dir} is at step {step} already; "
+                            f"resume with train.steps > {step} to train further")
+        saved_train = {**dataclasses.asdict(type(self.cfg)()), **(saved_run.get("train") or {})}
+        changed = []
+        for key, value in current["train"].items():
+            if key in ("progress", "out_dir") or saved_train.get(key) == value:
+                continue
+            changed.append(key)
+            effect = " (the RNG state is restored from the checkpoint)" if key == "seed" else ""
+            self.print(f"resume: train.{key} changed from {saved_train.get(key)!r} to {value!r}{effect}")
+        return changed
+
+    def _apply_train_changes(self) -> None:
+        """Put the current optimizer settings into the restored optimizer and recompute the learning rate."""
+        cfg = self.cfg
+        decay_group, no_decay_group = self.optimizer.param_groups
+        decay_group["weight_decay"] = cfg.weight_decay
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = cfg.lr
+            group["betas"] = (cfg.beta1, cfg.beta2)
+        self.scheduler.base_lrs = [cfg.lr for _ in self.optimizer.param_groups]
+        factor = warmup_cosine(self.scheduler.last_epoch, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * factor
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     # -- training ----------------------------------------------------------------------------------------------------
     def train_step(self) -> float:
@@ -257,14 +458,22 @@ class Trainer:
         return evaluate(self.model, documents, self.tokenizer, self.run.data.context_length, self.device,
                         self.cfg.eval_max_tokens, self._autocast)
 
+    def eval_scope(self, tokens: int) -> str:
+        """What the training-time validation reads (fewer documents than `revival eval`, which reads the split)."""
+        documents = min(self.cfg.eval_docs, len(self.corpus.validation))
+        return (f"{tokens:,} tokens of the first {documents} of {len(self.corpus.validation)} validation documents; "
+                "`revival eval` reads them all")
+
     def train(self) -> dict[str, Any]:
         """Train to `train.steps`; returns a summary (losses, throughput, memory, paths)."""
-        logger = MetricsLogger(self.out_dir, tensorboard=self.cfg.tensorboard)
+        logger = MetricsLogger(self.out_dir, tensorboard=self.cfg.tensorboard, resume_step=self.step,
+                               print_fn=self.print)
         losses: list[float] = []
         interval: list[float] = []  # finite losses since the last log row (the row logs their mean)
         train_time, timed_tokens = 0.0, 0
-        bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"train {self.run.model['preset']}",
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"train {self.run.model.get('preset', 'model')}",
                    disable=not self.cfg.progress, unit="step", dynamic_ncols=True)
+        evaluated = False
         try:
             while self.step < self.cfg.steps:
                 tokens_before, start = self.tokens_seen, time.perf_counter()
@@ -283,21 +492,28 @@ class Trainer:
                     self.train_tokens_per_s = timed_tokens / max(train_time, 1e-9)
                     mean_loss = sum(interval) / len(interval) if interval else float("nan")
                     interval.clear()
-                    logger.log(self.step, "train", loss=mean_loss, lr=self.scheduler.get_last_lr()[0],
-                               tokens=self.tokens_seen, tokens_per_s=self.train_tokens_per_s,
-                               peak_mem_mb=peak_memory_mb(self.device), skipped_steps=self.skipped_steps)
+                    lr = self.scheduler.get_last_lr()[0]
+                    logger.log(self.step, "train", loss=mean_loss, lr=lr, tokens=self.tokens_seen,
+                               tokens_per_s=self.train_tokens_per_s, peak_mem_mb=peak_memory_mb(self.device),
+                               skipped_steps=self.skipped_steps)
                     bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{self.train_tokens_per_s:,.0f}")
+                    if not self.cfg.progress:  # no bar: a log line instead
+                        self.print(f"step {self.step}/{self.cfg.steps}: loss {mean_loss:.4f}  lr {lr:.3g}  "
+                                   f"{self.train_tokens_per_s:,.0f} tokens/s")
                 if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
                     self.last_eval = self.evaluate()
                     logger.log(self.step, "val", **self.last_eval.as_dict())
+                    scope = "" if evaluated else f" ({self.eval_scope(self.last_eval.tokens)})"
+                    evaluated = True
                     bar.write(f"step {self.step}: val loss {self.last_eval.loss:.4f}  "
-                              f"ppl {self.last_eval.perplexity:.2f}  bpb {self.last_eval.bits_per_byte:.4f}")
+                              f"ppl {self.last_eval.perplexity:.2f}  bpb {self.last_eval.bits_per_byte:.4f}{scope}",
+                              file=sys.stdout)
                 if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
                     self.save_checkpoint()
         finally:
             bar.close()
             logger.close()
-        plot = plot_loss_curves({self.run.model["preset"]: logger.csv_path}, self.out_dir / "loss.png")
+        plot = plot_loss_curves({self.run.model.get("preset", "model"): logger.csv_path}, self.out_dir / "loss.png")
         return {
             "step": self.step, "losses": losses, "tokens_seen": self.tokens_seen,
             "train_tokens_per_s": self.train_tokens_per_s, "skipped_steps": self.skipped_steps,
@@ -305,3 +521,19 @@ class Trainer:
             "peak_mem_mb": peak_memory_mb(self.device), "parameters": self.model.num_parameters(),
             "corpus": self.corpus.describe(), "metrics_csv": str(logger.csv_path), "plot": str(plot),
         }
+
+
+def _load_model(directory: Path, device: torch.device) -> LanguageModel:
+    from ..models.checkpoint import from_pretrained
+
+    try:
+        return from_pretrained(directory, device=device)
+    except UserError:
+        raise
+    except ValueError as error:  # a config.json or weights file that does not describe a loadable model
+        raise UserError(f"checkpoint {str(directory)!r}: {error}") from None
+
+
+def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    return [f"{key}: {saved.get(key)!r} in the checkpoint, {current.get(key)!r} now"
+            for key in sorted(set(saved) | set(current), key=str) if saved.get(key) != current.get(key)]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from revival.bench import bench_config, run_study, training_flops_per_token
-from revival.bench.cli import add_bench_parser, parse_context, run_bench_command
+from revival.bench.cli import add_arguments, parse_context, run_bench_command
 from revival.bench.models import build_runner, count_parameters, forward_last, transformers_version
 
 TOP_KEYS = {"study", "schema_version", "created", "device", "versions", "config", "models", "points", "wall_seconds",
@@ -156,7 +156,7 @@ def test_hf_xlstm_anchor_matches_size_and_steps():
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="revival")
-    add_bench_parser(parser.add_subparsers(dest="command"))
+    add_arguments(parser.add_subparsers(dest="command"))
     return parser
 
 

@@ -48,8 +48,11 @@ def test_checkpoint_layout_latest_pointer_and_rotation(tmp_path, tiny_corpus):
     state = ckpt.load_trainer_state(latest)
     assert state["step"] == 6 and state["position"] == 6 * 4
     assert state["corpus"]["content_hash"] == tiny_corpus.content_hash
-    with pytest.raises(FileNotFoundError, match="neither a run directory"):
+    with pytest.raises(FileNotFoundError, match="'.*nothing' does not exist"):
         ckpt.resolve_checkpoint(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither a run directory"):
+        ckpt.resolve_checkpoint(tmp_path / "empty")
 
 
 def test_crash_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path, tiny_corpus, monkeypatch):
