@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_floating, check_shape
+from .._documents import check_document_starts
 from .fused import slstm_fused, slstm_fused_autograd
 from .reference import SLSTMState, slstm_reference, slstm_step_reference
 
@@ -70,6 +71,7 @@ def slstm(
     state: SLSTMState | None = None,
     *,
     impl: str = "auto",
+    document_starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, SLSTMState]:
     """sLSTM over a sequence.
 
@@ -77,12 +79,20 @@ def slstm(
     state: (c, n, m, y) each (B, H, d), or None for zeros. Returns y (B, T, H, d) in x_gates' dtype and the final
     state. `impl`: "auto" ("triton" on CUDA for non-float64 inputs, else "fused"), "reference" (plain loop,
     autograd), "fused" (batched step with a hand-written backward) or "triton" (GPU kernels, `triton.py`).
+    document_starts: (B, T) bool or None; the state (c, n, m, y) is zero before each start, so a packed row equals
+    separate calls per document (revival/ops/_documents.py). "auto" runs such rows on "fused" (the Triton kernels
+    take no document starts yet).
     """
     check_floating("x_gates", x_gates)
     if x_gates.ndim != 5 or x_gates.shape[2] != 4 or x_gates.shape[1] == 0:
         raise ValueError(f"x_gates: expected shape (B, T >= 1, 4, H, d), got {tuple(x_gates.shape)}")
+    B, T, _, H, d = x_gates.shape
+    document_starts = check_document_starts(document_starts, B, T, x_gates.device)
+    if document_starts is not None and impl == "auto":
+        impl = "fused"
+    if document_starts is not None and impl == "triton":
+        raise ValueError("document_starts: impl='triton' takes no document starts yet; use 'auto' or 'fused'")
     impl = _resolve_impl(impl, x_gates)
-    B, _, _, H, d = x_gates.shape
     _validate_weight(recurrent_weight, H, d)
     dtype = _compute_dtype(x_gates)
     state = _prepare_state(state, B, H, d, x_gates, dtype)
@@ -98,9 +108,9 @@ def slstm(
     args = (x_gates.to(dtype), recurrent_weight.to(dtype), state)
     with torch.autocast(x_gates.device.type, enabled=False):  # the recurrence runs in float32 (or float64)
         if impl == "reference":
-            y, state = slstm_reference(*args)
+            y, state = slstm_reference(*args, document_starts)
         else:
-            y, state = slstm_fused(*args)
+            y, state = slstm_fused(*args, document_starts)
     return y.to(x_gates.dtype), state
 
 

@@ -17,6 +17,9 @@ once before the loop; a step is one `bmm` over the 4H (gate, head) blocks and a 
 gradient) and 11 elementwise ops on contiguous blocks. The weight gradient is four `bmm`s over all steps after the
 loop. Same math as `reference.py` (first-step rule, ties pick `i`).
 
+Document starts: at a step that starts a document (per batch row), the previous state is multiplied by 0 before the
+step (so the first-step rule applies there), and in the backward nothing flows from that step into the previous one.
+
 `slstm_fused_autograd` is the same forward without in-place buffers, differentiated by autograd; kept for the
 benchmark comparison (`benchmarks/cpu_slstm.py`) and tested like the rest.
 """
@@ -56,9 +59,10 @@ class _Buffers:
     tanh_z, sig_o (T, H, B, d).
     """
 
-    def __init__(self, x_gates: torch.Tensor, initial: SLSTMState):
+    def __init__(self, x_gates: torch.Tensor, initial: SLSTMState, keep: torch.Tensor | None = None):
         B, T, G, H, d = x_gates.shape
         kw = dict(dtype=x_gates.dtype, device=x_gates.device)
+        self.keep = keep  # None, or (T, 1, B, 1): 0 where a document starts (the previous state is dropped)
         self.raw = torch.empty(T, G, H, B, d, **kw)
         self.raw.copy_(x_gates.permute(1, 2, 3, 0, 4))
         self.ls = torch.empty(T, H, B, d, **kw)
@@ -88,19 +92,25 @@ def _forward_loop(buf: _Buffers, R_fused: torch.Tensor) -> None:
         buf.sig_o.unbind(0),
     )  # fmt: skip
     c_prev, n_prev, m_prev, y_prev = c[0], n[0], m[0], y[0]
+    starts_at = set() if buf.keep is None else set(torch.nonzero(buf.keep.flatten(1).amin(dim=1) == 0)[:, 0].tolist())
     for t, step in enumerate(per_step):
         raw_t, i_logfm, i, f, z, o, ls, c_new, n_new, m_new, y_new = step[:11]
         bars, i_bar, f_bar, tanh_z, sig_o = step[11:]
+        restart = t in starts_at
+        if restart:  # some rows start a document here: their previous state is zero
+            c_prev, n_prev, m_prev, y_prev = (s * buf.keep[t] for s in (c_prev, n_prev, m_prev, y_prev))
+            first = n_prev == 0
         torch.bmm(y_prev, R_fused, out=recurrent)
         raw_t.add_(recurrent_gate_major)
         _log_sigmoid_into(f, ls)
         torch.add(ls, m_prev, out=f)  # f's slot now holds logfm
         torch.maximum(i, f, out=m_new)
-        if t == 0 and check_first:
+        check = (t == 0 and check_first) or restart
+        if check:
             m_new.copy_(torch.where(first, i, m_new))
         torch.sub(i_logfm, m_new, out=bars)  # (i - m, logfm - m)
         bars.exp_()
-        if t == 0 and check_first:
+        if check:
             f_bar.masked_fill_(first, 0.0)  # the memory is empty: fbar = 0 (exp may have overflowed there)
         torch.tanh(z, out=tanh_z)
         torch.mul(f_bar, c_prev, out=c_new).addcmul_(i_bar, tanh_z)
@@ -135,13 +145,14 @@ def _backward_coefficients(raw, ls, c, n, m, y, bars, tanh_z, sig_o):
     return dy_dc, dy_dn, dy_do, dc_dz, k_c, k_n, s, sig_neg_f, f_bar
 
 
-def _backward_loop(saved, R_gates_t, grad_y, grad_c, grad_n, grad_m):
+def _backward_loop(saved, R_gates_t, grad_y, grad_c, grad_n, grad_m, keep=None):
     """Backward through time. R_gates_t: (4H, d, d), R[g, h]^T. grad_y: (T, H, B, d), the final-state y gradient
     already added to step T-1; grad_c, grad_n, grad_m (H, B, d): gradients of the final state. Returns the gate
     gradients (T, 4, H, B, d) and the initial-state gradients (g_c0, g_n0, g_m0, g_y0).
 
     The recurrent gradient dL/dy_{t-1} = grad_y[t-1] + sum_g g_raw[t, g] @ R[g]^T is one bmm over the 4H (gate, head)
     blocks of the gate-major gradients plus a sum over gates, so no per-step layout change is needed.
+    keep (T, 1, B, 1) or None: 0 where a step starts a document, which passes no gradient to the state before it.
     """
     raw = saved[0]
     T, G, H, B, d = raw.shape
@@ -159,7 +170,10 @@ def _backward_loop(saved, R_gates_t, grad_y, grad_c, grad_n, grad_m):
             g_y.copy_(grad_y[t])
         else:
             torch.bmm(g_raw[t + 1].view(G * H, B, d), R_gates_t, out=per_gate.view(G * H, B, d))
-            torch.sum(per_gate, dim=0, out=g_y).add_(grad_y[t])
+            torch.sum(per_gate, dim=0, out=g_y)
+            if keep is not None:
+                g_y.mul_(keep[t + 1])
+            g_y.add_(grad_y[t])
         g_c.addcmul_(g_y, dy_dc[t])  # total dL/dc_t, dL/dn_t
         g_n.addcmul_(g_y, dy_dn[t])
         torch.mul(g_y, dy_do[t], out=g_o)
@@ -170,8 +184,11 @@ def _backward_loop(saved, R_gates_t, grad_y, grad_c, grad_n, grad_m):
         g_c.mul_(f_bar[t])  # dL/dc_{t-1}, dL/dn_{t-1}
         g_n.mul_(f_bar[t])
         g_m, g_logfm = g_logfm, g_m  # dL/dm_{t-1} = dL/dlogfm_t
+        if keep is not None:  # (dL/dc, dL/dn are already 0 there: fbar = 0 on a first step)
+            g_m.mul_(keep[t])
     torch.bmm(g_raw[0].view(G * H, B, d), R_gates_t, out=per_gate.view(G * H, B, d))
-    return g_raw, (g_c, g_n, g_m, per_gate.sum(dim=0))
+    g_y0 = per_gate.sum(dim=0) if keep is None else per_gate.sum(dim=0).mul_(keep[0])
+    return g_raw, (g_c, g_n, g_m, g_y0)
 
 
 class _SLSTMFunction(torch.autograd.Function):
@@ -179,10 +196,11 @@ class _SLSTMFunction(torch.autograd.Function):
     (B, H, d). Outputs: y (B, T, H, d) and the final c, n, m, y (B, H, d)."""
 
     @staticmethod
-    def forward(ctx, x_gates, recurrent_weight, c0, n0, m0, y0):
+    def forward(ctx, x_gates, recurrent_weight, c0, n0, m0, y0, keep):
         T = x_gates.shape[1]
-        buf = _Buffers(x_gates, (c0, n0, m0, y0))
+        buf = _Buffers(x_gates, (c0, n0, m0, y0), keep)
         _forward_loop(buf, _fuse_weight(recurrent_weight))
+        ctx.keep = keep
         ctx.save_for_backward(recurrent_weight, *buf.tensors())
         y = buf.y[1:].permute(2, 0, 1, 3).contiguous()
         final = [buf.c[T], buf.n[T], buf.m[T], buf.y[T]]
@@ -198,22 +216,27 @@ class _SLSTMFunction(torch.autograd.Function):
         grad_y[T - 1].add_(_to_head_major(grad_y_last))
         finals = (_to_head_major(g) for g in (grad_c, grad_n, grad_m))
         R_gates_t = recurrent_weight.reshape(G * H, d, d).transpose(1, 2)
-        g_raw, g_states = _backward_loop(saved, R_gates_t, grad_y, *finals)
+        g_raw, g_states = _backward_loop(saved, R_gates_t, grad_y, *finals, keep=ctx.keep)
         g_x = g_r = None
         if ctx.needs_input_grad[0]:
             g_x = g_raw.permute(3, 0, 1, 2, 4)  # (B, T, 4, H, d)
         if ctx.needs_input_grad[1]:  # dL/dR[g, h] = sum over steps and batch of y_{t-1}[h]^T g_raw[t, g, h]
-            y_prev = y_all[:T].permute(1, 3, 0, 2).reshape(H, d, T * B)
+            y_prev = y_all[:T] if ctx.keep is None else y_all[:T] * ctx.keep  # what each step read
+            y_prev = y_prev.permute(1, 3, 0, 2).reshape(H, d, T * B)
             g_gates = g_raw.permute(1, 2, 0, 3, 4).reshape(G, H, T * B, d)
             g_r = torch.empty_like(recurrent_weight)
             for g in range(G):
                 torch.bmm(y_prev, g_gates[g], out=g_r[g])
-        return (g_x, g_r, *(_to_head_major(g) for g in g_states))
+        return (g_x, g_r, *(_to_head_major(g) for g in g_states), None)
 
 
-def slstm_fused(x_gates: torch.Tensor, recurrent_weight: torch.Tensor, state: SLSTMState):
+def slstm_fused(x_gates: torch.Tensor, recurrent_weight: torch.Tensor, state: SLSTMState,
+                document_starts: torch.Tensor | None = None):
     """Fast path with the hand-written backward. Shapes as `slstm_reference`; inputs in the computation dtype."""
-    y, c, n, m, y_last = _SLSTMFunction.apply(x_gates, recurrent_weight, *state)
+    keep = None
+    if document_starts is not None and bool(document_starts.any()):
+        keep = (~document_starts).to(x_gates.dtype).t()[:, None, :, None]  # (T, 1, B, 1)
+    y, c, n, m, y_last = _SLSTMFunction.apply(x_gates, recurrent_weight, *state, keep)
     return y, (c, n, m, y_last)
 
 

@@ -43,11 +43,16 @@ def slstm_step_reference(
 
 
 def slstm_reference(
-    x_gates: torch.Tensor, recurrent_weight: torch.Tensor, state: SLSTMState
+    x_gates: torch.Tensor, recurrent_weight: torch.Tensor, state: SLSTMState,
+    document_starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, SLSTMState]:
-    """Loop `slstm_step_reference` over time. x_gates: (B, T, 4, H, d). Returns y (B, T, H, d) and the final state."""
+    """Loop `slstm_step_reference` over time. x_gates: (B, T, 4, H, d). Returns y (B, T, H, d) and the final state.
+    document_starts (B, T) bool or None: the state is zeroed before each start (a first step, as for state=None)."""
     outputs = []
-    for x_t in x_gates.unbind(dim=1):
+    for t, x_t in enumerate(x_gates.unbind(dim=1)):
+        if document_starts is not None:
+            keep = ~document_starts[:, t, None, None]  # (B, 1, 1)
+            state = tuple(torch.where(keep, s, 0.0) for s in state)
         y, state = slstm_step_reference(x_t, recurrent_weight, state)
         outputs.append(y)
     return torch.stack(outputs, dim=1), state
