@@ -1,6 +1,10 @@
 """The `revival bench` subcommand: `add_arguments(subparsers)` registers it, `run_bench_command(args)` runs it.
 
-    revival bench decode --presets xlstm-large,llama --contexts 1k,4k,16k,64k --size 125m --out benchmarks/results
+    revival bench decode --presets xlstm-large,llama --contexts 1k,4k,16k,64k --size 125m --out runs/bench
+
+Outputs go to --out (default runs/bench under the current folder); the repository's committed figures in
+benchmarks/results are only written when --out names that folder. `--size tiny` is a CPU smoke test: two presets, short
+contexts and no anchors unless asked for (seconds on 2 cores).
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ from .studies import STUDIES
 
 DEFAULT_PRESETS = "xlstm-large,xlstm[1:0],xlstm[7:1],llama,mamba2,gated-deltanet,mingru,hybrid"
 DEFAULT_CONTEXTS = {"train": "2k,8k,32k", "prefill": "1k,2k,4k,8k,16k,32k,64k", "decode": "1k,2k,4k,8k,16k,32k,64k"}
+TINY_PRESETS = "xlstm[7:1],llama"  # --size tiny: a smoke test of the harness, not a comparison
+TINY_CONTEXTS = {"train": "64,256", "prefill": "64,256", "decode": "64,256"}
+DEFAULT_OUT = "runs/bench"
 
 
 def parse_context(text: str) -> int:
@@ -50,18 +57,23 @@ def add_arguments(subparsers) -> argparse.ArgumentParser:
         f"anchors: {', '.join(ANCHORS)} (added automatically next to {', '.join(ANCHORS.values())})")
     bench.add_argument("study", choices=STUDIES, help="which study to run")
     bench.add_argument("--presets", type=_list(str), default=None,
-                       help=f"comma-separated preset names and/or anchors (default: {DEFAULT_PRESETS})")
+                       help=f"comma-separated preset names and/or anchors (default: {DEFAULT_PRESETS}; with --size "
+                       f"tiny: {TINY_PRESETS})")
     bench.add_argument("--contexts", type=_list(parse_context), default=None,
                        help="comma-separated context lengths, '2k' = 2048 (default per study: train "
-                       f"{DEFAULT_CONTEXTS['train']}; prefill/decode {DEFAULT_CONTEXTS['decode']})")
+                       f"{DEFAULT_CONTEXTS['train']}; prefill/decode {DEFAULT_CONTEXTS['decode']}; with --size tiny: "
+                       f"{TINY_CONTEXTS['train']})")
     bench.add_argument("--size", choices=SIZES, default="125m",
                        help="tiny (CPU smoke test), 125m (~125M parameters per preset; default) or 1.3b "
                        "(~1.3B, d_model 2048)")
     bench.add_argument("--batch-sizes", type=_list(int), default=None, help="decode only (default: 1)")
     bench.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     bench.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
-    bench.add_argument("--out", default="benchmarks/results", help="output folder (default: benchmarks/results)")
-    bench.add_argument("--no-anchors", action="store_true", help="skip the transformers anchors")
+    bench.add_argument("--out", default=DEFAULT_OUT,
+                       help=f"output folder (default: {DEFAULT_OUT}); the committed figures live in benchmarks/results")
+    anchors = bench.add_mutually_exclusive_group()
+    anchors.add_argument("--anchors", action="store_true", help="add the transformers anchors (default except tiny)")
+    anchors.add_argument("--no-anchors", action="store_true", help="skip the transformers anchors")
     bench.add_argument("--cuda-graphs", action="store_true",
                        help="replay the decode step of recurrent-only revival models and the prefill of every "
                        "revival model as CUDA graphs (checked against eager calls first)")
@@ -76,10 +88,13 @@ def run_bench_command(args: argparse.Namespace) -> int:
     """Run the study named by parsed `args`; print one line per point; return 0."""
     from .studies import run_study
 
-    presets = args.presets or DEFAULT_PRESETS.split(",")
-    contexts = args.contexts or [parse_context(c) for c in DEFAULT_CONTEXTS[args.study].split(",")]
+    tiny = args.size == "tiny"
+    presets = args.presets or (TINY_PRESETS if tiny else DEFAULT_PRESETS).split(",")
+    contexts = args.contexts or [parse_context(c) for c in (TINY_CONTEXTS if tiny else DEFAULT_CONTEXTS)[args.study]
+                                 .split(",")]
+    anchors = args.anchors or (not args.no_anchors and not tiny)
     result = run_study(args.study, presets=presets, contexts=contexts, device=args.device, dtype=args.dtype,
-                       out_dir=args.out, size=args.size, batch_sizes=args.batch_sizes, anchors=not args.no_anchors,
+                       out_dir=args.out, size=args.size, batch_sizes=args.batch_sizes, anchors=anchors,
                        cuda_graphs=args.cuda_graphs, max_seconds=args.max_seconds,
                        progress=not args.no_progress)
     print(format_table(result))

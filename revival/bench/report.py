@@ -84,8 +84,9 @@ PANELS = {  # study -> [(metric, y label, log y)]
 }
 
 
-def plot_study(result: dict[str, Any], path: Path) -> None:
-    """One panel per metric, context on a log2 x axis, one line per model (and batch size for decode)."""
+def plot_study(result: dict[str, Any], path: Path) -> list[str]:
+    """One panel per metric, context on a log2 x axis, one line per model (and batch size for decode); returns the
+    legend's labels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,8 +121,13 @@ def plot_study(result: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-    if axes[0][-1].get_legend_handles_labels()[0]:
-        axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    legend: dict[str, Any] = {}  # every line of every panel: a model missing from the last panel is still named
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    if legend:
+        axes[0][-1].legend(list(legend.values()), list(legend), fontsize=7, loc="center left",
+                           bbox_to_anchor=(1.02, 0.5))
     device = result["device"].get("name", result["device"]["type"])
     fig.suptitle(f"revival bench {study} · {result['config']['size']} · {result['config']['dtype']} · {device}",
                  fontsize=10)
@@ -136,6 +142,7 @@ def plot_study(result: dict[str, Any], path: Path) -> None:
     finally:
         plt.close(fig)
         Path(tmp).unlink(missing_ok=True)
+    return list(legend)
 
 
 def _value(point: dict[str, Any], metric: str) -> float | None:

@@ -26,12 +26,14 @@ import gc
 import math
 import statistics
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from .models import ANCHORS, build_runner, model_record, peak_flops, tokens_batch, training_flops_per_token
 from .report import environment, plot_study, write_json
 
@@ -44,7 +46,7 @@ DEFAULTS = {  # size -> study settings
 
 
 def run_study(name: str, presets: list[str], contexts: list[int], device: str | torch.device = "auto",
-              dtype: str | torch.dtype = "auto", out_dir: str | Path = "benchmarks/results", *, size: str = "tiny",
+              dtype: str | torch.dtype = "auto", out_dir: str | Path = "runs/bench", *, size: str = "tiny",
               batch_sizes: list[int] | None = None, anchors: bool = True, cuda_graphs: bool = False,
               max_seconds: float | None = None, progress: bool = True, **settings: Any) -> dict[str, Any]:
     """Run study `name` over presets x contexts (x batch sizes); write JSON + PNG to `out_dir`; return the JSON dict.
@@ -59,22 +61,22 @@ def run_study(name: str, presets: list[str], contexts: list[int], device: str | 
     settings: tokens_per_step, warmup, repeats, decode_tokens (defaults per size in DEFAULTS).
     """
     if name not in STUDIES:
-        raise ValueError(f"name: expected one of {list(STUDIES)}, got {name!r}")
+        raise UserError(f"name: expected one of {list(STUDIES)}, got {name!r}")
     if not presets or not all(isinstance(p, str) and p for p in presets):
-        raise ValueError(f"presets: expected a non-empty list of preset names, got {presets!r}")
+        raise UserError(f"presets: expected a non-empty list of preset names, got {presets!r}")
     if not contexts or not all(isinstance(c, int) and c >= 2 for c in contexts):
-        raise ValueError(f"contexts: expected a non-empty list of integers >= 2, got {contexts!r}")
+        raise UserError(f"contexts: expected a non-empty list of integers >= 2, got {contexts!r}")
     if size not in DEFAULTS:
-        raise ValueError(f"size: expected one of {list(DEFAULTS)}, got {size!r}")
+        raise UserError(f"size: expected one of {list(DEFAULTS)}, got {size!r}")
     unknown = sorted(set(settings) - set(DEFAULTS[size]))
     if unknown:
-        raise ValueError(f"settings: unknown key(s) {unknown}; valid: {sorted(DEFAULTS[size])}")
+        raise UserError(f"settings: unknown key(s) {unknown}; valid: {sorted(DEFAULTS[size])}")
     settings = {**DEFAULTS[size], **settings}
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     batch_sizes = list(batch_sizes or [1])
     if name != "decode" and batch_sizes != [1]:
-        raise ValueError(f"batch_sizes: only the decode study takes batch sizes, got {batch_sizes} for {name!r}")
+        raise UserError(f"batch_sizes: only the decode study takes batch sizes, got {batch_sizes} for {name!r}")
     env = environment(device)
     names = list(dict.fromkeys(presets))
     if anchors and env["versions"]["transformers"] is not None:
@@ -108,7 +110,8 @@ def run_study(name: str, presets: list[str], contexts: list[int], device: str | 
                                       train=name == "train")
                 result["models"][model_name] = model_record(runner)
             measure = {"train": _train_point, "prefill": _prefill_point, "decode": _decode_point}[name]
-            point.update(measure(runner, context, batch, device, dtype, settings, cuda_graphs))
+            with quiet_transformers() if model_name in ANCHORS else contextlib.nullcontext():
+                point.update(measure(runner, context, batch, device, dtype, settings, cuda_graphs))
         except Exception as error:  # noqa: BLE001 - recorded per point; the study goes on
             if is_out_of_memory(error):
                 point.update(status="oom", error=str(error).splitlines()[0][:300])
@@ -141,6 +144,25 @@ def run_study(name: str, presets: list[str], contexts: list[int], device: str | 
 
 
 # ------------------------------------------------------------------------------------------------ one point each
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' deprecation notices (its logger and FutureWarnings) while an anchor is measured: they
+    are about argument names, and they would interleave with the table."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            from transformers.utils import logging as hf_logging
+        except ImportError:
+            yield
+            return
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(verbosity)
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """Out of device memory, also where cuBLAS reports it (a handle or workspace it could not allocate)."""
     return isinstance(error, torch.OutOfMemoryError) or "CUBLAS_STATUS_ALLOC_FAILED" in str(error)
@@ -367,9 +389,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError as error:
-        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}") from error
+        raise UserError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}") from error
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} asked for, but CUDA is not available here")
+        raise UserError(f"device: {device!r} asked for, but CUDA is not available here")
     return resolved
 
 
@@ -381,7 +403,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
              "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16, "fp32": torch.float32,
              "float32": torch.float32}
     if dtype not in names:
-        raise ValueError(f"dtype: expected one of {sorted(names)}, got {dtype!r}")
+        raise UserError(f"dtype: expected one of {sorted(names)}, got {dtype!r}")
     return names[dtype]
 
 

@@ -12,6 +12,8 @@ penalty, a negative one multiplied), then temperature 0 means greedy argmax; oth
 top-p (nucleus: the smallest set of most likely tokens whose probability reaches p), then a multinomial draw.
 With `stop_tokens`, a sequence stops after emitting one (the stop token is included); in a batch, finished rows repeat
 their stop token until every row has stopped.
+Hugging Face-style arguments are accepted as well: do_sample, max_length, eos_token_id, num_return_sequences, a
+streamer, attention_mask (see `generate`). Unlike transformers, the default samples (temperature 1.0).
 """
 
 from __future__ import annotations
@@ -132,13 +134,64 @@ def _step(model, ids: torch.Tensor, state):
     return logits[:, -1], state
 
 
-def stream(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+def _resolve_hf_arguments(ids: torch.Tensor, max_new_tokens, temperature, stop_tokens, do_sample, max_length,
+                          eos_token_id, num_return_sequences, attention_mask):
+    """The Hugging Face-style arguments in revival's terms: -> (ids, max_new_tokens, temperature, stop_tokens)."""
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != ids.shape:
+            got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+            raise UserError(f"attention_mask: expected a tensor shaped like input_ids {tuple(ids.shape)}, got {got}")
+        if not bool((attention_mask.to(ids.device) != 0).all()):
+            raise NotImplementedError(
+                "attention_mask: padded prompts (zeros in the mask) are not supported yet: the recurrent layers need "
+                "per-token state resets for them; generate prompts of different lengths one call each")
+    if max_length is not None:
+        if max_new_tokens is not None:
+            raise UserError(f"max_length and max_new_tokens: expected one of them, got {max_length} and "
+                            f"{max_new_tokens}")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < ids.shape[1]:
+            raise UserError(f"max_length: expected an integer >= the prompt length {ids.shape[1]} (prompt + new "
+                            f"tokens), got {max_length!r}")
+        max_new_tokens = max_length - ids.shape[1]
+    if max_new_tokens is None:
+        raise UserError("max_new_tokens: expected the number of tokens to generate (or max_length), got None")
+    if do_sample is not None:
+        if not isinstance(do_sample, bool):
+            raise UserError(f"do_sample: expected True, False or None, got {do_sample!r}")
+        if do_sample and temperature == 0:
+            raise UserError("do_sample=True with temperature=0: expected a temperature > 0 to sample")
+        if not do_sample:
+            temperature = 0.0
+    if eos_token_id is not None:
+        if stop_tokens is not None and stop_tokens != eos_token_id:
+            raise UserError(f"eos_token_id and stop_tokens: expected one of them (the same thing), got "
+                            f"{eos_token_id!r} and {stop_tokens!r}")
+        stop_tokens = eos_token_id
+    if (isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int)
+            or num_return_sequences < 1):
+        raise UserError(f"num_return_sequences: expected an integer >= 1, got {num_return_sequences!r}")
+    if num_return_sequences > 1:
+        if temperature == 0:
+            raise UserError(f"num_return_sequences={num_return_sequences} with greedy decoding: every sequence would "
+                            "be the same; sample (temperature > 0 or do_sample=True)")
+        ids = ids.repeat_interleave(num_return_sequences, dim=0)
+    return ids, max_new_tokens, temperature, stop_tokens
+
+
+def stream(model, input_ids, max_new_tokens: int | None = None, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, repetition_penalty: float = 1.0, stop_tokens=None,
-           seed: int | None = None) -> Iterator:
-    """Yield each new token (an int for a single sequence, a (B,) tensor for a batch) as soon as it is sampled."""
+           seed: int | None = None, *, do_sample: bool | None = None, max_length: int | None = None,
+           eos_token_id=None, num_return_sequences: int = 1, attention_mask: torch.Tensor | None = None) -> Iterator:
+    """Yield each new token (an int for a single sequence, a (B,) tensor for a batch) as soon as it is sampled.
+
+    The Hugging Face-style arguments are accepted too (see `generate`)."""
     vocab_size = model.config.vocab_size
-    stops = _check_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_tokens, seed, vocab_size)
     ids, single = _as_batch(input_ids, vocab_size)
+    ids, max_new_tokens, temperature, stop_tokens = _resolve_hf_arguments(
+        ids, max_new_tokens, temperature, stop_tokens, do_sample, max_length, eos_token_id, num_return_sequences,
+        attention_mask)
+    single = single and num_return_sequences == 1
+    stops = _check_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_tokens, seed, vocab_size)
     return _stream(model, ids, single, max_new_tokens, float(temperature), top_k, top_p, float(repetition_penalty),
                    stops, seed)
 
@@ -173,15 +226,42 @@ def _stream(model, ids, single, max_new_tokens, temperature, top_k, top_p, repet
         logits, state = _step(model, token[:, None], state)
 
 
-def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, repetition_penalty: float = 1.0, stop_tokens=None,
-             seed: int | None = None) -> torch.Tensor:
-    """Prompt followed by the generated tokens: (T + n,) for a single sequence, (B, T + n) for a batch."""
+def generate(model, input_ids, max_new_tokens: int | None = None, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0, stop_tokens=None,
+             seed: int | None = None, *, do_sample: bool | None = None, max_length: int | None = None,
+             eos_token_id=None, num_return_sequences: int = 1, streamer=None,
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Prompt followed by the generated tokens: (T + n,) for a single sequence, (B, T + n) for a batch.
+
+    Hugging Face-style arguments: `do_sample` (False: greedy; True: sample at `temperature`; None: greedy exactly
+    when temperature == 0), `max_length` (prompt + new tokens, instead of `max_new_tokens`), `eos_token_id` (the same
+    as `stop_tokens`), `num_return_sequences` (each prompt row repeated, sampled independently: (B * n, T + new)),
+    `streamer` (an object with `put(ids)` / `end()` as in transformers -- it gets the prompt first, then each new
+    token as a (B,) tensor -- or a callable called with each new token as it is sampled), `attention_mask` (all ones
+    only, for now: padded prompts raise NotImplementedError).
+    """
     vocab_size = model.config.vocab_size
-    stops = _check_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_tokens, seed, vocab_size)
     ids, single = _as_batch(input_ids, vocab_size)
-    new = list(_stream(model, ids, single, max_new_tokens, float(temperature), top_k, top_p,
-                       float(repetition_penalty), stops, seed))
+    ids, max_new_tokens, temperature, stop_tokens = _resolve_hf_arguments(
+        ids, max_new_tokens, temperature, stop_tokens, do_sample, max_length, eos_token_id, num_return_sequences,
+        attention_mask)
+    single = single and num_return_sequences == 1
+    stops = _check_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_tokens, seed, vocab_size)
+    if streamer is not None and not (callable(streamer) or hasattr(streamer, "put")):
+        raise UserError(f"streamer: expected a callable or an object with put() and end(), got {type(streamer)}")
+    has_put = hasattr(streamer, "put")
+    if has_put:
+        streamer.put(ids.cpu())
+    new = []
+    for token in _stream(model, ids, single, max_new_tokens, float(temperature), top_k, top_p,
+                         float(repetition_penalty), stops, seed):
+        new.append(token)
+        if has_put:
+            streamer.put(torch.tensor([token]) if single else token.cpu())
+        elif streamer is not None:
+            streamer(token)
+    if has_put and hasattr(streamer, "end"):
+        streamer.end()
     device = next(model.parameters()).device
     ids = ids.to(device)
     if new:

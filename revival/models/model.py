@@ -135,13 +135,14 @@ class LanguageModel(nn.Module):
         return logits, new_state, loss
 
     # ------------------------------------------------------------------ generation (revival.generate)
-    def generate(self, input_ids, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
-        """Prompt + generated ids; see `revival.generate.generate` for the sampling arguments."""
+    def generate(self, input_ids, max_new_tokens: int | None = None, **kwargs: Any) -> torch.Tensor:
+        """Prompt + generated ids; see `revival.generate.generate` for the sampling (and Hugging Face-style)
+        arguments."""
         from ..generate.sampling import generate
 
         return generate(self, input_ids, max_new_tokens, **kwargs)
 
-    def stream(self, input_ids, max_new_tokens: int, **kwargs: Any) -> Iterator:
+    def stream(self, input_ids, max_new_tokens: int | None = None, **kwargs: Any) -> Iterator:
         """Yield new tokens as they are sampled; see `revival.generate.stream`."""
         from ..generate.sampling import stream
 
