@@ -24,7 +24,6 @@ SHAPES = [  # heads, Dk, Dv, T
     (16, 128, 128, 2048), (16, 128, 128, 8192), (16, 128, 128, 32768), (8, 256, 512, 8192),
 ]
 STEP_SHAPE = (16, 8, 256, 512)  # B, H, Dk, Dv
-DEFAULT_MODE = "auto"  # the precision mode (revival.ops.mlstm.triton.forward.PRESETS or "auto") of the default rows
 CHECKS = [  # H, Dk, Dv, T, B, dtype, chunk, precision mode, initial state (with its gradient) or none
     (4, 128, 128, 2085, 2, torch.bfloat16, 64, "fast", True),
     (4, 128, 128, 2085, 2, torch.bfloat16, 64, "precise", True),
@@ -71,7 +70,7 @@ def poison():
 
 
 # ----------------------------------------------------------------------------------------------- revival
-def revival_fns(H, Dk, Dv, T, chunk, dtype=torch.bfloat16):
+def revival_fns(H, Dk, Dv, T, chunk, dtype=torch.bfloat16, precision="auto", launch=None):
     from revival.ops.mlstm import mlstm
 
     q, k, v, i, f = make_inputs(H, Dk, Dv, T, dtype)
@@ -80,16 +79,16 @@ def revival_fns(H, Dk, Dv, T, chunk, dtype=torch.bfloat16):
 
     def fwd():
         with torch.no_grad():
-            return mlstm(*xs, impl="triton", chunk_size=chunk)[0]
+            return mlstm(*xs, impl="triton", chunk_size=chunk, precision=precision, launch=launch)[0]
 
     def fwdbwd():
-        h, _ = mlstm(*xs, impl="triton", chunk_size=chunk)
+        h, _ = mlstm(*xs, impl="triton", chunk_size=chunk, precision=precision, launch=launch)
         h.backward(dh)
 
     return fwd, fwdbwd, xs
 
 
-def check(H, Dk, Dv, T, B, dtype, chunk, seed, with_state=True):
+def check(H, Dk, Dv, T, B, dtype, chunk, seed, with_state=True, precision="auto", launch=None):
     """Relative errors of h, final state and all gradients vs float64 (chunkwise form, which equals the recurrent);
     with_state=False: no initial state (zeros, no gradient), as in training from the start of a sequence."""
     from revival.ops.mlstm import mlstm
@@ -107,7 +106,8 @@ def check(H, Dk, Dv, T, B, dtype, chunk, seed, with_state=True):
         xs = [x.detach().clone().requires_grad_(True) for x in inputs]
         if poisoned:
             poison()
-        h, (C, n, _) = mlstm(*xs[:5], tuple(xs[5:]) or None, impl=impl, chunk_size=chunk)
+        h, (C, n, _) = mlstm(*xs[:5], tuple(xs[5:]) or None, impl=impl, chunk_size=chunk, precision=precision,
+                             launch=launch)
         loss = sum((o.double() * w).sum() for o, w in zip((h, C, n), weights))
         if poisoned:
             poison()
@@ -238,21 +238,23 @@ def ceilings():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
-    # the default precision mode first, then the other presets (forward.PRESETS)
+    # the default precision first, then the other presets (revival.ops.mlstm.PRECISIONS)
     ap.add_argument("--variants", default="L64:auto,L64:balanced,L64:fast32,L64:precise",
-                    help="revival configs: L<chunk>:<precision mode>[:CONFIG_KEY=value...]")
+                    help="revival configs: L<chunk>:<precision>[:launch_field=value...]")
     ap.add_argument("--anchors-from", default="", help="reuse the anchors' timings of an earlier gpu_mlstm.json")
     ap.add_argument("--skip-sdpa", action="store_true")
     ap.add_argument("--anchors", default="limit_chunk,xl_chunk,fla_simple_gla")
     ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--check-config", default="", help="config overrides for the checks, KEY=value[:KEY=value...]")
+    ap.add_argument("--check-config", default="", help="LaunchConfig fields for the checks: field=value[:...]")
     ap.add_argument("--skip-step", action="store_true")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     import triton
 
-    from revival.ops.mlstm.triton import forward as fw
-    from revival.ops.mlstm.triton import mlstm_step_triton
+    from revival.ops.mlstm.triton import LaunchConfig, mlstm_step_triton
+
+    def launch_from(pairs: dict) -> LaunchConfig:  # e.g. {"warps_grad": 4}: LaunchConfig field names
+        return LaunchConfig(**pairs)
 
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "tokens_per_call": TOKENS, "dtype": "bfloat16"}
@@ -267,49 +269,38 @@ def main():
     if not args.skip_check:
         checks = {}
         check_config = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in args.check_config.split(":") if kv}
-        fw.CONFIG_OVERRIDE.update(check_config)
         result["check_config"] = check_config
         for (H, Dk, Dv, T, B, dtype, chunk, mode, with_state) in CHECKS:
             key = f"H{H} Dk{Dk} Dv{Dv} T{T} B{B} {str(dtype)[6:]} L{chunk} {mode}" + ("" if with_state else " no-state")
-            fw.PRECISION_MODE = mode
             try:
                 checks[key] = check(H, Dk, Dv, T, B, dtype, chunk, seed=int.from_bytes(os.urandom(2), "little"),
-                                    with_state=with_state)
+                                    with_state=with_state, precision=mode, launch=launch_from(check_config))
             except Exception:  # noqa: BLE001
                 checks[key] = "error: " + traceback.format_exc()[-800:]
             print("check", key, checks[key], flush=True)
         result["checks"] = checks
-        fw.CONFIG_OVERRIDE.clear()
-        fw._CHOSEN.clear()
 
     timings = {}
-    default_mode = fw.PRECISION_MODE = DEFAULT_MODE
     for variant in args.variants.split(","):
-        # L<chunk>:<mode>[:KEY=VALUE...] (config overrides, e.g. WARPS_GRAD=4); a variant may name its shapes with
+        # L<chunk>:<mode>[:field=VALUE...] (LaunchConfig fields, e.g. warps_grad=4); a variant may name its shapes with
         # :T=<T> (only the (16,128,128) shape of that T)
         chunk, mode, *extra = variant.split(":")
         overrides = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in extra}
         only_T = overrides.pop("T", None)
-        fw.PRECISION_MODE = mode
-        fw.CONFIG_OVERRIDE.clear()
-        fw.CONFIG_OVERRIDE.update(overrides)
-        fw._CHOSEN.clear()
+        launch = launch_from(overrides)
         res = {}
         for (H, Dk, Dv, T) in SHAPES:
             if only_T is not None and (T != only_T or Dk != 128):
                 continue
             key = f"{H},{Dk},{Dv},{T}"
             try:
-                fwd, fb, xs = revival_fns(H, Dk, Dv, T, int(chunk[1:]))
+                fwd, fb, xs = revival_fns(H, Dk, Dv, T, int(chunk[1:]), precision=mode, launch=launch)
                 res[key] = {"fwd_ms": bench(fwd), "fwdbwd_ms": bench(fb, xs)}
             except Exception as e:  # noqa: BLE001
                 res[key] = "error: " + type(e).__name__ + ": " + str(e)[:300]
             print("revival", variant, key, res[key], flush=True)
             torch.cuda.empty_cache()
         timings["revival_" + variant] = res
-    fw.PRECISION_MODE = default_mode
-    fw.CONFIG_OVERRIDE.clear()
-    fw._CHOSEN.clear()
 
     if not args.skip_step:
         result["step"] = step_time(mlstm_step_triton, result["ceilings"]["copy_TBps"])

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.mlstm import IMPLS, mlstm, mlstm_step
+from ..ops.mlstm import IMPLS, PRECISIONS, mlstm, mlstm_step
 from .conv import CausalConv1d
 from .ffn import round_up, small_init_, wang_init_
 from .norms import MultiHeadNorm
@@ -81,7 +81,8 @@ class MLSTMLayer(nn.Module):
     """
 
     def __init__(self, d_model: int, num_heads: int = 4, proj_factor: float = 2.0, conv_kernel: int = 4,
-                 qkv_block_size: int = 4, chunk_size: int = 64, impl: str = "auto", bias: bool = False):
+                 qkv_block_size: int = 4, chunk_size: int = 64, impl: str = "auto", bias: bool = False,
+                 precision: str = "auto"):
         super().__init__()
         inner = round_up(proj_factor * d_model, 64)
         if num_heads < 1 or inner % num_heads:
@@ -95,6 +96,9 @@ class MLSTMLayer(nn.Module):
             raise ValueError(f"chunk_size: expected a power of two >= 8, got {chunk_size}")
         if impl not in IMPLS:
             raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision  # the Triton kernels' precision preset for 16-bit inputs (revival.ops.mlstm)
         self.d_model, self.inner_dim, self.num_heads = d_model, inner, num_heads
         self.head_dim = inner // num_heads
         self.chunk_size, self.impl = chunk_size, impl
@@ -186,7 +190,7 @@ class MLSTMLayer(nn.Module):
             return t.view(H, self.head_dim, B, T).permute(2, 0, 3, 1)  # chunk-major in contiguous runs
 
         h, cell_state = mlstm(heads(q), heads(k), heads(v), i, f, cell_state, impl=self.impl,
-                              chunk_size=self.chunk_size)
+                              chunk_size=self.chunk_size, precision=self.precision)
         return self._output(h.transpose(1, 2), conv_act, z), (conv_state, cell_state)
 
     def _output(self, h: torch.Tensor, conv_act: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.fused import gated_head_norm, soft_cap
-from ..ops.mlstm import IMPLS, MLSTMState, mlstm, mlstm_step
+from ..ops.mlstm import IMPLS, PRECISIONS, MLSTMState, mlstm, mlstm_step
 from .ffn import small_init_, wang_init_
 from .linear import linear_many
 from .norms import MultiHeadNorm
@@ -38,7 +38,7 @@ class XLSTMLargeLayer(nn.Module):
 
     def __init__(self, d_model: int, num_heads: int, qk_dim_factor: float = 0.5, v_dim_factor: float = 1.0,
                  gate_soft_cap: float | None = 15.0, norm_eps: float = 1e-6, use_bias: bool = False,
-                 chunk_size: int = 64, impl: str = "auto", *, eps: float = 1e-6):
+                 chunk_size: int = 64, impl: str = "auto", *, eps: float = 1e-6, precision: str = "auto"):
         super().__init__()
         if num_heads < 1:
             raise ValueError(f"num_heads: expected >= 1, got {num_heads}")
@@ -53,6 +53,9 @@ class XLSTMLargeLayer(nn.Module):
             raise ValueError(f"gate_soft_cap: expected a positive float or None, got {gate_soft_cap}")
         if impl not in IMPLS:
             raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision  # the Triton kernels' precision preset for 16-bit inputs (revival.ops.mlstm)
         if chunk_size < 8 or chunk_size & (chunk_size - 1):
             raise ValueError(f"chunk_size: expected a power of two >= 8, got {chunk_size}")
         self.d_model, self.num_heads = d_model, num_heads
@@ -122,7 +125,8 @@ class XLSTMLargeLayer(nn.Module):
             h, state = mlstm_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], state, eps=self.eps)
             h = h[:, :, None]
         else:
-            h, state = mlstm(q, k, v, i, f, state, impl=self.impl, chunk_size=self.chunk_size, eps=self.eps)
+            h, state = mlstm(q, k, v, i, f, state, impl=self.impl, chunk_size=self.chunk_size, eps=self.eps,
+                             precision=self.precision)
         norm = self.multihead_norm
         # sigmoid(o) * MultiHeadNorm(h) in one pass on CUDA, in h's dtype (under autocast: 16 bits, as out_proj takes)
         h = gated_head_norm(h.transpose(1, 2), o, norm.weight, norm.bias, norm.eps)  # (B, T, H * Dv)

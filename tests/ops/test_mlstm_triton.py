@@ -17,7 +17,7 @@ if not ON_GPU:  # before triton is imported: it reads the variable once
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="the `triton` package is not installed (pip install 'revival[gpu]')")
 
-from revival.ops.mlstm import mlstm, mlstm_step  # noqa: E402
+from revival.ops.mlstm import LaunchConfig, mlstm, mlstm_step  # noqa: E402
 from revival.ops.mlstm.triton import available, mlstm_step_triton  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -38,9 +38,10 @@ def _inputs(B, H, T, Dk, Dv, dtype, seed):
     return [q, k, v, i, f, *state], [w.double() for w in weights]
 
 
-def _run(inputs, weights, impl, chunk_size, device):
+def _run(inputs, weights, impl, chunk_size, device, **settings):
+    """Outputs and gradients of one call; `settings`: the Triton kernels' `precision` / `launch`."""
     xs = [x.detach().to(device).clone().requires_grad_(True) for x in inputs]
-    h, (C, n, m) = mlstm(*xs[:5], tuple(xs[5:]), impl=impl, chunk_size=chunk_size)
+    h, (C, n, m) = mlstm(*xs[:5], tuple(xs[5:]), impl=impl, chunk_size=chunk_size, **settings)
     outs = (h, C, n, m)
     loss = sum((o.double() * w.to(device)).sum() for o, w in zip(outs, weights))
     loss.backward()
@@ -69,16 +70,16 @@ def test_forward_backward_match_float64_reference(B, H, T, Dk, Dv, chunk, dtype,
     assert max(errors.values()) < tol, errors
 
 
-def test_recomputed_chunk_states_give_the_same_gradients(monkeypatch):
+def test_recomputed_chunk_states_give_the_same_gradients():
     """When the forward does not keep the chunk states (large heads), the backward recomputes them: same results."""
-    from revival.ops.mlstm import triton as mlstm_triton_module
+    from revival.ops.mlstm.triton import keep_chunk_states, launch_config
 
-    assert mlstm_triton_module.keep_chunk_states(128, 128, 64, 4, 2)  # the common case keeps them
-    assert not mlstm_triton_module.keep_chunk_states(384, 384, 32, 4, 2)
+    ratio = launch_config(128, 128).keep_states_max_ratio
+    assert keep_chunk_states(128, 128, 64, 4, 2, ratio)  # the common case keeps them
+    assert not keep_chunk_states(384, 384, 32, 4, 2, ratio)
     inputs, weights = _inputs(1, 2, 37, 16, 32, torch.float32, seed=3)
     kept = _run(inputs, weights, "triton", 16, DEVICE)
-    monkeypatch.setattr(mlstm_triton_module, "KEEP_STATES_MAX_RATIO", 0.0)
-    recomputed = _run(inputs, weights, "triton", 16, DEVICE)
+    recomputed = _run(inputs, weights, "triton", 16, DEVICE, launch=LaunchConfig(keep_states_max_ratio=0.0))
     for name, a, b in zip(NAMES, recomputed, kept):
         assert torch.equal(a, b), name
 
@@ -91,23 +92,19 @@ def test_kernel_chunk_size_fits_large_head_dims():
 
 
 @pytest.mark.parametrize("mode", ["fast", "fast32", "balanced", "precise"])
-def test_bfloat16_precision_modes(mode, monkeypatch):
-    from revival.ops.mlstm.triton import forward
-
-    monkeypatch.setattr(forward, "PRECISION_MODE", mode)
+def test_bfloat16_precision_modes(mode):
     inputs, weights = _inputs(1, 2, 45, 32, 64, torch.bfloat16, seed=11)
     ref = _run([x.double() for x in inputs], weights, "recurrent", 16, "cpu")
-    got = _run(inputs, weights, "triton", 16, DEVICE)
+    got = _run(inputs, weights, "triton", 16, DEVICE, precision=mode)
     errors = {name: _rel(g, r) for name, g, r in zip(NAMES, got, ref)}
     assert max(errors.values()) < 1e-2, errors
 
 
 def test_auto_precision_splits_only_for_an_initial_state_gradient(monkeypatch):
-    """PRECISION_MODE "auto" (the default): "balanced" when the initial state needs a gradient, else "fast" (16-bit
+    """precision "auto" (the default): "balanced" when the initial state needs a gradient, else "fast" (16-bit
     chunk states). Both within the bfloat16 bound of float64: without a state (zeros) and with a detached state."""
     from revival.ops.mlstm.triton import forward
 
-    assert forward.PRECISION_MODE == "auto"
     used = []
     original = forward.chunk_states
 
@@ -137,27 +134,21 @@ def test_auto_precision_splits_only_for_an_initial_state_gradient(monkeypatch):
         assert max(errors.values()) < 1e-2, errors
 
 
-def test_unknown_precision_mode_is_rejected(monkeypatch):
-    from revival.ops.mlstm.triton import forward
-
-    monkeypatch.setattr(forward, "PRECISION_MODE", "quick")
-    with pytest.raises(ValueError, match="PRECISION_MODE.*'quick'"):
-        forward.resolve_mode(False)
+def test_unknown_precision_mode_is_rejected():
+    inputs, _ = _inputs(1, 1, 4, 16, 16, torch.float32, seed=0)
+    for impl in ("triton", "chunkwise"):  # named on every impl, not only where it takes effect
+        with pytest.raises(ValueError, match="precision.*'quick'"):
+            mlstm(*inputs[:5], impl=impl, precision="quick")
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3]])
-def test_two_launch_gradient_kernel(case, monkeypatch):
-    """The gradient kernel in two launches (GRAD_FUSED=0: dq side, then dk/dv side; 32-wide Dv-tiles) against the
+def test_two_launch_gradient_kernel(case):
+    """The gradient kernel in two launches (grad_fused=False: dq side, then dk/dv side; 32-wide Dv-tiles) against the
     float64 reference (the default is one launch)."""
-    from revival.ops.mlstm.triton import forward
-
-    monkeypatch.setitem(forward.CONFIG_OVERRIDE, "GRAD_FUSED", 0)
-    monkeypatch.setitem(forward.CONFIG_OVERRIDE, "BV_GRAD", 32)
-    monkeypatch.setattr(forward, "_CHOSEN", {})
     B, H, T, Dk, Dv, chunk, dtype, tol = case
     inputs, weights = _inputs(B, H, T, Dk, Dv, dtype, seed=T + Dk + Dv)
     ref = _run([x.double() for x in inputs], weights, "recurrent", chunk, "cpu")
-    got = _run(inputs, weights, "triton", chunk, DEVICE)
+    got = _run(inputs, weights, "triton", chunk, DEVICE, launch=LaunchConfig(grad_fused=False, block_v_grad=32))
     errors = {name: _rel(g, r) for name, g, r in zip(NAMES, got, ref)}
     assert max(errors.values()) < tol, errors
 
@@ -174,18 +165,15 @@ def test_sequential_and_chunk_parallel_state_recurrences(case, monkeypatch):
     ref = _run([x.double() for x in inputs], weights, "recurrent", chunk, "cpu")
     calls = []
     original = forward.chunk_scan
-    monkeypatch.setattr(forward, "_CHOSEN", {})
-    monkeypatch.setattr(forward, "_STABILIZER_CHUNKS", 2)
-    monkeypatch.setattr(forward, "_SCAN_G", 2)
     monkeypatch.setattr(forward, "chunk_scan", lambda *a, **k: calls.append(k["reverse"]) or original(*a, **k))
     from revival.ops.mlstm.triton import backward
 
-    monkeypatch.setattr(backward, "chunk_scan", forward.chunk_scan)
+    monkeypatch.setattr(backward, "chunk_scan", forward.chunk_scan)  # a spy: records the calls, changes nothing
     results = {}
     for name, min_programs in (("sequential", 0), ("chunk-parallel", 1 << 30)):
-        monkeypatch.setitem(forward.CONFIG_OVERRIDE, "SEQ_MIN_PROGRAMS", min_programs)
+        launch = LaunchConfig(seq_min_programs=min_programs, stabilizer_chunks=2, scan_chunks=2)
         calls.clear()
-        results[name] = _run(inputs, weights, "triton", chunk, DEVICE)
+        results[name] = _run(inputs, weights, "triton", chunk, DEVICE, launch=launch)
         assert calls == ([] if min_programs == 0 else [False, False, True, True]), name
         errors = {n: _rel(g, r) for n, g, r in zip(NAMES, results[name], ref)}
         assert max(errors.values()) < tol, (name, errors)
@@ -247,12 +235,10 @@ def test_row_dot_matches_float64():
 
 @pytest.mark.parametrize("sequential", [False, True])
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3], (2, 3, 40, 16, 32, 16, torch.float32, 1e-5)])
-def test_token_major_views_as_inputs(case, sequential, monkeypatch):
+def test_token_major_views_as_inputs(case, sequential):
     """q, k, v as per-head views of one projection output (B, T, 2 H Dk + H Dv), as the xLSTM-7B layer passes them:
     the kernels read them in place; h and the gradients come back stored token-major (B, T, H, D)."""
-    from revival.ops.mlstm.triton import forward
-
-    monkeypatch.setitem(forward.CONFIG_OVERRIDE, "SEQ_MIN_PROGRAMS", 0 if sequential else 1 << 30)
+    launch = LaunchConfig(seq_min_programs=0 if sequential else 1 << 30)
     B, H, T, Dk, Dv, chunk, dtype, tol = case
     inputs, weights = _inputs(B, H, T, Dk, Dv, dtype, seed=T + Dk + Dv + 2)
     ref = _run([x.double() for x in inputs], weights, "recurrent", chunk, "cpu")
@@ -262,7 +248,7 @@ def test_token_major_views_as_inputs(case, sequential, monkeypatch):
     views = packed.split([H * Dk, H * Dk, H * Dv], dim=-1)
     q, k, v = (x.view(B, T, H, -1).transpose(1, 2) for x in views)
     rest = [x.detach().to(DEVICE).clone().requires_grad_(True) for x in inputs[3:]]
-    h, (C, n, m) = mlstm(q, k, v, *rest[:2], tuple(rest[2:]), impl="triton", chunk_size=chunk)
+    h, (C, n, m) = mlstm(q, k, v, *rest[:2], tuple(rest[2:]), impl="triton", chunk_size=chunk, launch=launch)
     assert h.transpose(1, 2).is_contiguous()  # stored (B, T, H, Dv), like v
     loss = sum((o.double() * w.to(DEVICE)).sum() for o, w in zip((h, C, n, m), weights))
     loss.backward()
@@ -270,3 +256,20 @@ def test_token_major_views_as_inputs(case, sequential, monkeypatch):
     got = [h.detach(), C.detach(), n.detach(), m.detach(), dq, dk, dv] + [x.grad for x in rest]
     errors = {name: _rel(g, r) for name, g, r in zip(NAMES, got, ref)}
     assert max(errors.values()) < tol, errors
+
+
+def test_launch_config_fills_unset_fields_from_the_shape():
+    """The launch config is a pure function of the head dims and what the caller sets (no module state)."""
+    import dataclasses
+
+    from revival.ops.mlstm.triton import launch_config
+
+    narrow, wide = launch_config(32, 128), launch_config(128, 512)
+    assert narrow.grad_fused and narrow.block_v_out == 128 and narrow.warps_grad == 8
+    assert not wide.grad_fused and wide.block_v_out == 32 and wide.span_out == 512
+    assert launch_config(96, 192).span_out == 192  # the odd spans: one program over all of Dv
+    assert launch_config(128, 512, LaunchConfig(warps_out=8)) == dataclasses.replace(wide, warps_out=8)
+    assert launch_config(128, 512) == wide
+    inputs, _ = _inputs(1, 1, 4, 16, 16, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="launch: expected a LaunchConfig"):
+        mlstm(*inputs[:5], impl="triton", launch={"warps_out": 8})

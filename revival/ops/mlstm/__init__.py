@@ -1,4 +1,5 @@
-"""The mLSTM op: `mlstm` over a sequence, `mlstm_step` for one token (contract in ARCHITECTURE.md, math in MATH.md)."""
+"""The mLSTM op: `mlstm` over a sequence, `mlstm_step` for one token (contract in docs/architecture.md, math in
+docs/math.md)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from .._checks import check_floating, check_shape
 from .._documents import check_document_starts
 from .chunkwise import mlstm_chunkwise
 from .reference import MLSTMState, mlstm_parallel, mlstm_recurrent, mlstm_step_reference
+from .triton.config import PRECISIONS, LaunchConfig, check_settings
 
-__all__ = ["mlstm", "mlstm_step", "MLSTMState", "IMPLS"]
+__all__ = ["mlstm", "mlstm_step", "MLSTMState", "IMPLS", "PRECISIONS", "LaunchConfig"]
 
 IMPLS = ("auto", "recurrent", "parallel", "chunkwise", "triton")
 
@@ -95,6 +97,8 @@ def mlstm(
     chunk_size: int = 64,
     eps: float = 1e-6,
     document_starts: torch.Tensor | None = None,
+    precision: str = "auto",
+    launch: LaunchConfig | None = None,
 ) -> tuple[torch.Tensor, MLSTMState]:
     """mLSTM over a sequence.
 
@@ -104,9 +108,13 @@ def mlstm(
     document_starts: (B, T) bool or None; the state (C, n, m) is zero before each start, so a packed row equals
     separate calls per document (revival/ops/_documents.py). "auto" runs such rows on "chunkwise" (the Triton
     kernels take no document starts yet).
+    The Triton kernels' settings (other impls ignore them): `precision`, one of PRECISIONS, for 16-bit inputs ("auto":
+    split products and float32 chunk states only when the initial state needs a gradient; docs/kernels.md), and
+    `launch`, a `LaunchConfig` overriding block sizes / warps (None: shape-keyed defaults).
     """
     _validate(q, k, v, i, f, time_axis=True)
     _check_chunk_size(chunk_size)
+    check_settings(precision, launch)
     B, H, T, Dk = q.shape
     document_starts = check_document_starts(document_starts, B, T, q.device)
     if document_starts is not None and impl == "auto":
@@ -120,7 +128,7 @@ def mlstm(
     if impl == "triton":
         from .triton import mlstm_triton
 
-        return mlstm_triton(q, k, v, i, f, state, chunk_size=chunk_size, eps=eps)
+        return mlstm_triton(q, k, v, i, f, state, chunk_size=chunk_size, eps=eps, precision=precision, launch=launch)
     args = [x.to(dtype) for x in (q, k, v, i, f)]
     if impl == "recurrent":
         h, state = mlstm_recurrent(*args, state, eps, document_starts)

@@ -24,10 +24,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .config import LaunchConfig
 from .forward import (
-    CONFIG_OVERRIDE,
-    SEQ_MIN_PROGRAMS,
-    WIDE_DV,
     _cast,
     _chunk_gates,
     _dot,
@@ -40,12 +38,11 @@ from .forward import (
     _state_tile,
     _token_offsets,
     _upcast,
-    _use_chunk_scan,
     chunk_scan,
     empty_like_layout,
     launch_with_fallback,
-    odd_span,
     token_strides,
+    use_chunk_scan,
 )
 
 
@@ -277,35 +274,16 @@ def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def backward_config(Dk: int, Dv: int) -> dict:
-    """Fixed block sizes per shape class: state tiles BK x BV and the Dv-tile of the gradient kernel."""
-    # Up to Dv 256: one launch of the gradient kernel with a 128-wide Dv-tile and dstates at 4 warps (v1's shapes),
-    # measured on an H100 at (16, 128, 128) 5.1 ms fwd+bwd ("fast") against 6.9 ms with two launches of 32-wide
-    # tiles at 8 warps. Wider (Dv 512): the two launches, each program over all of Dv in 32-wide tiles (no float32
-    # partial sums of dq, dk over Dv-spans), dstates at 4 warps: 31.3 -> 24.7 and 31.3 -> 28.3 ms fwd+bwd
-    # ("balanced", (8, 256, 512)); benchmarks/NOTES.md. The kernel halves the tile when it does not fit
-    # (launch_with_fallback).
-    wide = Dv > WIDE_DV
-    cfg = dict(BK=min(_pow2(Dk), 64), BV=min(_pow2(Dv), 64), BV_GRAD=min(_pow2(Dv), 32 if wide else 128),
-               SPAN_GRAD=_pow2(Dv) if wide else min(_pow2(Dv), 128), WARPS_DSTATES=4, WARPS_GRAD=8,
-               GRAD_FUSED=0 if wide else 1, SEQ_MIN_PROGRAMS=SEQ_MIN_PROGRAMS)
-    if odd_span(Dv):
-        cfg.update(BV_GRAD=64, SPAN_GRAD=odd_span(Dv))
-    return {**cfg, **CONFIG_OVERRIDE}
-
-
 def mlstm_backward(q, k, v, i, f, h, dh, dC_last, dn_last, dm_last, state0, final_state, saved, chunk_size, eps,
-                   mode):
+                   cfg: LaunchConfig, mode: str):
     """Gradients of q, k, v (B, H, T, D), each stored like its input (`empty_like_layout`), of i, f (BH, T) and of the
-    initial state (C0, n0, m0). q, k, v, h, dh: (B, H, T, D) with contiguous last dims, any layout otherwise; mode: the
-    forward's PRESETS key."""
+    initial state (C0, n0, m0). q, k, v, h, dh: (B, H, T, D) with contiguous last dims, any layout otherwise; cfg and
+    mode: the forward's launch config and precision preset."""
     cs, ns, ms, m_query, den = saved
     C0, n0, m0 = state0
     C_T, n_T, _ = final_state
     B, H, T, Dk = q.shape
-    Dv = v.shape[-1]
     L = chunk_size
-    cfg = backward_config(Dk, Dv)
     dev = q.device
     flags = dict(PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), MIX=_mix(q.dtype),
                  SPLITS=_split_mask(q.dtype, mode))
@@ -356,41 +334,41 @@ def _grads(q, k, v, i, f, dh, rz, dden, m_query, cs, ns, ms, dC_last, dn_last, L
     strides_q_dh = (H, *token_strides(q), *token_strides(dh))
     dev = q.device
     scale = Dk**-0.5
-    shape_class = (Dk, Dv, L, q.dtype, flags["SPLITS"])
+    shape_class = (Dk, Dv, L, q.dtype, flags["SPLITS"], cfg)
     dcs = torch.empty_like(cs)
     dns = torch.empty_like(ns)
     dC0 = torch.empty(BH, Dk, Dv, device=dev, dtype=torch.float32)
     dn0 = torch.empty(BH, Dk, device=dev, dtype=torch.float32)
 
     def dstates(BV):
-        NK, NV = triton.cdiv(Dk, cfg["BK"]), triton.cdiv(Dv, BV)
+        NK, NV = triton.cdiv(Dk, cfg.block_k), triton.cdiv(Dv, BV)
         _dstates_kernel[(NK * NV, BH)](
             q, dh, rz, dden, m_query, i, f, ms, dC_last, dn_last, dcs, dns, dC0, dn0, T, NC, Dk, Dv, scale,
-            *strides_q_dh, L=L, BK=cfg["BK"], BV=BV, NV=NV, num_warps=cfg["WARPS_DSTATES"], **flags,
+            *strides_q_dh, L=L, BK=cfg.block_k, BV=BV, NV=NV, num_warps=cfg.warps_dstates, **flags,
         )
 
-    if _use_chunk_scan(BH, Dk, Dv, NC, cfg):
+    if use_chunk_scan(BH, Dk, Dv, NC, cfg):
         decay = torch.empty(BH, NC, device=dev, dtype=torch.float32)
 
         def dupdates(BV):
-            NK, NV = triton.cdiv(Dk, cfg["BK"]), triton.cdiv(Dv, BV)
+            NK, NV = triton.cdiv(Dk, cfg.block_k), triton.cdiv(Dv, BV)
             _chunk_dupdate_kernel[(NC, NK * NV, BH)](
                 q, dh, rz, dden, m_query, i, f, ms, dcs, dns, dC0, dn0, decay, T, NC, Dk, Dv, scale,
-                *strides_q_dh, L=L, BK=cfg["BK"], BV=BV, NV=NV, num_warps=4, **flags,
+                *strides_q_dh, L=L, BK=cfg.block_k, BV=BV, NV=NV, num_warps=4, **flags,
             )
 
-        launch_with_fallback(("dupdates", *shape_class), _halvings(cfg["BV"]), dupdates)
-        chunk_scan(dcs, dC_last, dC0, decay, reverse=True)
-        chunk_scan(dns, dn_last, dn0, decay, reverse=True)
+        launch_with_fallback(("dupdates", *shape_class), _halvings(cfg.block_v), dupdates)
+        chunk_scan(dcs, dC_last, dC0, decay, cfg, reverse=True)
+        chunk_scan(dns, dn_last, dn0, decay, cfg, reverse=True)
     else:
-        launch_with_fallback(("dstates", *shape_class), _halvings(cfg["BV"]), dstates)
+        launch_with_fallback(("dstates", *shape_class), _halvings(cfg.block_v), dstates)
 
     dv = empty_like_layout(v, Dv, v.dtype)
     kdk = torch.empty(BH, T, device=dev, dtype=torch.float32)
     grads = {}
 
     def grad_kernel(BV):
-        NVI = max(1, min(Dv, cfg["SPAN_GRAD"]) // BV)
+        NVI = max(1, min(Dv, cfg.span_grad) // BV)
         NVG = triton.cdiv(Dv, NVI * BV)
         if NVG == 1:
             dq, dk = empty_like_layout(q, Dk, q.dtype), empty_like_layout(k, Dk, k.dtype)
@@ -399,17 +377,17 @@ def _grads(q, k, v, i, f, dh, rz, dden, m_query, cs, ns, ms, dC_last, dn_last, L
             dq = torch.empty(NVG, BH, T, Dk, device=dev, dtype=torch.float32)
             dk = torch.empty(NVG, BH, T, Dk, device=dev, dtype=torch.float32)
             out_strides = (*token_strides(dq[0].view(B, H, T, Dk)),) * 2
-        parts = (2,) if cfg["GRAD_FUSED"] else (0, 1)
+        parts = (2,) if cfg.grad_fused else (0, 1)
         dlogf = torch.empty(len(parts) * NVG, BH, T, device=dev, dtype=torch.float32)
         for part in parts:
             _grads_kernel[(NC, BH, NVG)](
                 q, k, v, i, f, dh, rz, dden, m_query, cs, ns, ms, dcs, dns, dq, dk, dv, dlogf, kdk, T, NC, Dk, Dv,
                 scale, H, *token_strides(q), *token_strides(k), *token_strides(v), *token_strides(dh), *out_strides,
                 *token_strides(dv), L=L, BKF=_pow2(Dk), BV=BV, NVI=NVI, NV=NVG, PART=part,
-                num_warps=cfg["WARPS_GRAD"], **flags,
+                num_warps=cfg.warps_grad, **flags,
             )
         grads.update(dq=dq, dk=dk, dlogf=dlogf, NVG=NVG)
 
-    launch_with_fallback(("grads", *shape_class), _halvings(cfg["BV_GRAD"]), grad_kernel)
+    launch_with_fallback(("grads", *shape_class), _halvings(cfg.block_v_grad), grad_kernel)
     return grads["dq"], grads["dk"], dv, grads["dlogf"], kdk, dC0, dn0, grads["NVG"]
 

@@ -1,9 +1,9 @@
-"""Chunkwise mLSTM forward in Triton: two kernels (MATH.md, "Chunkwise form").
+"""Chunkwise mLSTM forward in Triton: two kernels (docs/math.md, "Chunkwise form").
 
 1. `_states_kernel` walks the chunks of one (batch*head, Dk-tile, Dv-tile) in order and stores the state *entering*
    each chunk (C: Dk x Dv, n: Dk, m: scalar), plus the final state. One small matrix product per chunk. With few
    batch*head rows the same states come from the chunk-parallel form instead (`_stabilizer_kernel`,
-   `_chunk_update_kernel`, `_chunk_scan_kernel`; `_use_chunk_scan` decides).
+   `_chunk_update_kernel`, `_chunk_scan_kernel`; `use_chunk_scan` decides).
 2. `_output_kernel` runs every (chunk, batch*head, Dv-tile) in parallel: the intra-chunk quadratic part plus the
    contribution of the state entering the chunk, normalized.
 
@@ -22,6 +22,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .config import PRESETS, LaunchConfig, _pow2
 
 
 @triton.jit
@@ -338,87 +340,12 @@ def _output_kernel(
         tl.store(den_ptr + rows, den, mask=valid)
 
 
-def _pow2(x: int, floor: int = 16) -> int:
-    return max(floor, triton.next_power_of_2(x))
-
-
-# Below this many programs (batch*head rows x state tiles) the sequential state kernels leave the GPU mostly idle and
-# the chunk-parallel form, which moves every chunk's state two more times, is used instead (`_use_chunk_scan`;
-# forward and backward alike). Measured on an H100 (132 SMs), forward ms sequential -> chunk-parallel: 24 programs
-# (4 rows, Dk 96, Dv 192, T 32768) 1.49 -> 0.79; 64 (16 rows, 128 x 128, T 65536) 3.67 -> 3.28; 128 (32 rows,
-# 128 x 128, T 32768) 2.50 -> 3.05 (benchmarks/NOTES.md, session 5).
-SEQ_MIN_PROGRAMS = 100
-
-# Above this value head dim the kernels use narrower tiles and two gradient launches (forward_config, backward_config)
-WIDE_DV = 256
-
-
-def forward_config(Dk: int, Dv: int, chunk_size: int) -> dict:
-    """Fixed block sizes per shape class (no autotuning): L, state tiles BK x BV, output Dv-tile."""
-    BK = min(_pow2(Dk), 64)
-    BV = min(_pow2(Dv), 64)
-    span_out = min(_pow2(Dv), 128)  # Dv columns per program (tiles of BV_OUT in a loop)
-    # measured on an H100 (benchmarks/NOTES.md, sessions 4 and 6): up to Dv 256, states at 4 warps and one 128-wide
-    # output tile beat 8 warps and 64-wide tiles by 0.3-0.5 ms at (16, 128, 128); at Dv 512, one program over all of
-    # Dv in 32-wide tiles (the scores computed once, not four times), states at 4 warps: forward 10.4 -> 8.6 and
-    # 10.4 -> 7.9 ms at (8, 256, 512). The output kernel at 4 warps: forward 2.20 -> 1.81 ms at (16, 128, 128) and
-    # 6.2 -> 5.5 at (8, 256, 512); no gain for the odd spans (Dv 192), which keep 8
-    wide = Dv > WIDE_DV
-    cfg = dict(L=chunk_size, BK=BK, BV=BV, BV_OUT=min(_pow2(Dv), 32 if wide else 128),
-               SPAN_OUT=_pow2(Dv) if wide else span_out, WARPS_STATES=4, WARPS_OUT=4,
-               SEQ_MIN_PROGRAMS=SEQ_MIN_PROGRAMS)
-    if odd_span(Dv):
-        cfg.update(BV_OUT=64, SPAN_OUT=odd_span(Dv), WARPS_OUT=8)
-    return {**cfg, **CONFIG_OVERRIDE}
-
-
-def odd_span(Dv: int) -> int | None:
-    """For 128 < Dv < 256 not a power of two (xlstm-large at d_model 768: Dv = 192), the Dv columns one program of
-    the output and gradient kernels covers, in 64-wide tiles: all of them (Dv rounded up to 64). The power-of-two
-    shapes would take two 128-wide programs, the second part-empty, recomputing the chunk's scores (output) or
-    splitting dq, dk into float32 partial sums (gradients). Measured on an H100 at (16, 4, T=2048, 96, 192):
-    fwd+bwd 2.46 -> 2.24 ms; (1, 4, T=65536) forward 1.55 -> 1.37 ms (benchmarks/NOTES.md, session 5)."""
-    if 128 < Dv < 256 and Dv & (Dv - 1):
-        return -(-Dv // 64) * 64
-    return None
-
-
-# Benchmarks may try other fixed configs (keys of forward_config/backward_config); empty in normal use.
-CONFIG_OVERRIDE: dict = {}
-
-
 def _upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# Matrix products whose operands are computed (decay-weighted scores, scaled gradients, states) can split those
-# operands into hi + lo 16-bit parts (two or three products instead of one). One bit per product:
-#   forward  1: state update k^T v   2: scores @ v   4: q @ C (entering state)
-#   backward 8: dstate update q^T dnum   16: dnum @ v^T   32: dscores @ k   64: dnum @ C^T   128: dscores^T @ q
-#            256: v @ dC^T   512: scores^T @ dnum   1024: k @ dC
-# PRESETS name (split mask, float32 chunk states); PRECISION_MODE picks one for 16-bit inputs (float32 inputs never
-# split: their products run in float32).
-# "balanced" splits only the products that the initial state's gradient is sensitive to (the forward's outputs, through
-# dh.h in the normalizer's gradient, and the state-gradient update): dm0 as accurate as "precise" (interpreter, 16
-# seeds: 3.9e-3 vs 3.8e-3; "fast32" 9.4e-3, "fast" up to 1.6e-2 and 1.4e-2 on the GPU), at a fraction of its cost.
-# "auto" (the default) picks per call: "balanced" when the initial state (C0, n0, m0) needs a gradient, else "fast"
-# (16-bit chunk states, no splits). Only the initial state's gradient (dm0 above all: an inner product whose terms
-# cancel) needs the splits; every other output and gradient of "fast" stays within a few 1e-3 of float64 on the GPU,
-# and "fast" is ~20% faster (benchmarks/NOTES.md, session 8). Training from a zero or detached state takes "fast".
-PRESETS = {"precise": (2047, True), "balanced": (2 | 4 | 8, True), "fast": (0, False), "fast32": (0, True)}
-PRECISION_MODE = "auto"
-
-
-def resolve_mode(initial_state_grad: bool) -> str:
-    """The preset (a PRESETS key) one call uses under PRECISION_MODE."""
-    if PRECISION_MODE == "auto":
-        return "balanced" if initial_state_grad else "fast"
-    if PRECISION_MODE not in PRESETS:
-        raise ValueError(f"PRECISION_MODE: expected 'auto' or one of {sorted(PRESETS)}, got {PRECISION_MODE!r}")
-    return PRECISION_MODE
-
-
 def _split_mask(dtype: torch.dtype, mode: str) -> int:
+    """The products split into hi + lo parts under the precision preset `mode` (config.PRESETS)."""
     return 0 if dtype == torch.float32 else PRESETS[mode][0]
 
 
@@ -430,15 +357,17 @@ def _mix(dtype: torch.dtype):
     return getattr(tl, str(dtype).split(".")[-1])
 
 
-_CHOSEN: dict = {}
+# The tile size that fits the chip's shared memory, per kernel, shape class and candidate sizes: a cache of what the
+# hardware allows (at most one failed compile per size, on the first call), never set by callers.
+_FITTING_TILE: dict = {}
 
 
 def launch_with_fallback(key, sizes, launch) -> None:
-    """Launch with the first tile size in `sizes` whose kernel fits the chip's shared memory; remember it per key
-    (a fixed config per shape class: at most one failed compile per size, on the first call)."""
+    """Launch with the first tile size in `sizes` whose kernel fits the chip's shared memory."""
     from triton.runtime.errors import OutOfResources
 
-    start = _CHOSEN.get(key, 0)
+    key = (*key, tuple(sizes))
+    start = sizes.index(_FITTING_TILE[key]) if key in _FITTING_TILE else 0
     for index in range(start, len(sizes)):
         try:
             launch(sizes[index])
@@ -446,7 +375,7 @@ def launch_with_fallback(key, sizes, launch) -> None:
             if index == len(sizes) - 1:
                 raise
             continue
-        _CHOSEN[key] = index
+        _FITTING_TILE[key] = sizes[index]
         return
 
 
@@ -477,7 +406,7 @@ def empty_like_layout(x: torch.Tensor, D: int, dtype: torch.dtype) -> torch.Tens
     return torch.empty(B, H, T, D, device=x.device, dtype=dtype)
 
 
-def chunk_states(k, v, i, f, C0, n0, m0, chunk_size: int, mode: str):
+def chunk_states(k, v, i, f, C0, n0, m0, chunk_size: int, cfg: LaunchConfig, mode: str):
     """The state entering every chunk: Cs (BH, NC, Dk, Dv) (float32, or k's dtype when the preset `mode` says so),
     ns (BH, NC, Dk), ms (BH, NC + 1) (ms[:, NC] is the final m), and the final C (BH, Dk, Dv), n (BH, Dk) in float32.
     k, v are (B, H, T, D) with contiguous last dims (any layout, `token_strides`). The backward calls it again when the
@@ -486,8 +415,7 @@ def chunk_states(k, v, i, f, C0, n0, m0, chunk_size: int, mode: str):
     BH = B * H
     Dv = v.shape[-1]
     strides = (H, *token_strides(k), *token_strides(v))
-    cfg = forward_config(Dk, Dv, chunk_size)
-    L = cfg["L"]
+    L = chunk_size
     NC = triton.cdiv(T, L)
     dev = k.device
     state_dtype = torch.float32 if _state_fp32(k.dtype, mode) else k.dtype
@@ -498,59 +426,57 @@ def chunk_states(k, v, i, f, C0, n0, m0, chunk_size: int, mode: str):
     n_out = torch.empty(BH, Dk, device=dev, dtype=torch.float32)
     splits = _split_mask(k.dtype, mode)
     flags = dict(PRECISION=_precision(k.dtype), UPCAST=_upcast(k.dtype), MIX=_mix(k.dtype), SPLITS=splits)
-    shape_class = (Dk, Dv, L, k.dtype, splits, state_dtype)
+    shape_class = (Dk, Dv, L, k.dtype, splits, state_dtype, cfg)
 
     def states(BV):
-        NK, NV = triton.cdiv(Dk, cfg["BK"]), triton.cdiv(Dv, BV)
+        NK, NV = triton.cdiv(Dk, cfg.block_k), triton.cdiv(Dv, BV)
         _states_kernel[(NK * NV, BH)](
             k, v, i, f, C0, n0, m0, cs, ns, ms, C_out, n_out, T, NC, Dk, Dv, *strides,
-            L=L, BK=cfg["BK"], BV=BV, NV=NV, num_warps=cfg["WARPS_STATES"], **flags,
+            L=L, BK=cfg.block_k, BV=BV, NV=NV, num_warps=cfg.warps_states, **flags,
         )
 
-    if _use_chunk_scan(BH, Dk, Dv, NC, cfg):
+    if use_chunk_scan(BH, Dk, Dv, NC, cfg):
         decay = torch.empty(BH, NC, device=dev, dtype=torch.float32)
-        _stabilizer_kernel[(BH,)](i, f, m0, ms, T, NC, L=L, BC=_STABILIZER_CHUNKS, num_warps=4)
+        _stabilizer_kernel[(BH,)](i, f, m0, ms, T, NC, L=L, BC=cfg.stabilizer_chunks, num_warps=4)
 
         def updates(BV):
-            NK, NV = triton.cdiv(Dk, cfg["BK"]), triton.cdiv(Dv, BV)
+            NK, NV = triton.cdiv(Dk, cfg.block_k), triton.cdiv(Dv, BV)
             _chunk_update_kernel[(NC, NK * NV, BH)](
                 k, v, i, f, ms, cs, ns, C_out, n_out, decay, T, NC, Dk, Dv, *strides,
-                L=L, BK=cfg["BK"], BV=BV, NV=NV, num_warps=4, **flags,
+                L=L, BK=cfg.block_k, BV=BV, NV=NV, num_warps=4, **flags,
             )
 
-        launch_with_fallback(("updates", *shape_class), _halvings(cfg["BV"]), updates)
-        chunk_scan(cs, C0, C_out, decay, reverse=False)
-        chunk_scan(ns, n0, n_out, decay, reverse=False)
+        launch_with_fallback(("updates", *shape_class), _halvings(cfg.block_v), updates)
+        chunk_scan(cs, C0, C_out, decay, cfg, reverse=False)
+        chunk_scan(ns, n0, n_out, decay, cfg, reverse=False)
     else:
-        launch_with_fallback(("states", *shape_class), _halvings(cfg["BV"]), states)
+        launch_with_fallback(("states", *shape_class), _halvings(cfg.block_v), states)
     return cs, ns, ms, C_out, n_out
 
 
-# Chunks per step of the stabilizer scan, and of the elementwise chunk scan (G) with its elements per program (BE)
-_STABILIZER_CHUNKS = 64
-_SCAN_G, _SCAN_BE = 8, 256
+def use_chunk_scan(BH: int, Dk: int, Dv: int, NC: int, cfg: LaunchConfig) -> bool:
+    """The chunk-parallel state recurrence when the sequential kernel would have fewer than `cfg.seq_min_programs`
+    programs (0 never uses it, a huge value always does) and there are at least two chunks."""
+    programs = BH * triton.cdiv(Dk, cfg.block_k) * triton.cdiv(Dv, cfg.block_v)
+    return NC > 1 and programs < cfg.seq_min_programs
 
 
-def _use_chunk_scan(BH: int, Dk: int, Dv: int, NC: int, cfg: dict) -> bool:
-    """The chunk-parallel state recurrence when the sequential kernel would have fewer than `cfg["SEQ_MIN_PROGRAMS"]`
-    programs (a config key: 0 never uses it, a huge value always does) and there are at least two chunks."""
-    programs = BH * triton.cdiv(Dk, cfg["BK"]) * triton.cdiv(Dv, cfg["BV"])
-    return NC > 1 and programs < cfg["SEQ_MIN_PROGRAMS"]
-
-
-def chunk_scan(buf: torch.Tensor, init: torch.Tensor, edge: torch.Tensor, decay: torch.Tensor, reverse: bool) -> None:
+def chunk_scan(buf: torch.Tensor, init: torch.Tensor, edge: torch.Tensor, decay: torch.Tensor, cfg: LaunchConfig,
+               reverse: bool) -> None:
     """`_chunk_scan_kernel` over buf (BH, NC, ...) with init and edge (BH, ...) float32 and decay (BH, NC)."""
     BH, NC = buf.shape[:2]
     E = buf[0, 0].numel()
-    _chunk_scan_kernel[(triton.cdiv(E, _SCAN_BE), BH)](
-        buf, init, edge, decay, NC, E, REVERSE=reverse, G=_SCAN_G, BE=_SCAN_BE, UPCAST=_upcast(buf.dtype),
-        num_warps=4,
+    _chunk_scan_kernel[(triton.cdiv(E, cfg.scan_elements), BH)](
+        buf, init, edge, decay, NC, E, REVERSE=reverse, G=cfg.scan_chunks, BE=cfg.scan_elements,
+        UPCAST=_upcast(buf.dtype), num_warps=4,
     )
 
 
-def mlstm_forward(q, k, v, i, f, C0, n0, m0, chunk_size: int, eps: float, keep_states: bool, mode: str):
+def mlstm_forward(q, k, v, i, f, C0, n0, m0, chunk_size: int, eps: float, keep_states: bool, cfg: LaunchConfig,
+                  mode: str):
     """q, k: (B, H, T, Dk); v: (B, H, T, Dv), last dims contiguous, any layout otherwise (`token_strides`);
-    i, f: (BH, T); C0 (BH, Dk, Dv), n0 (BH, Dk), m0 (BH) float32, BH = B * H; mode: a PRESETS key.
+    i, f: (BH, T); C0 (BH, Dk, Dv), n0 (BH, Dk), m0 (BH) float32, BH = B * H; cfg: the launch config (complete,
+    `config.launch_config`); mode: a precision preset (config.PRESETS key).
 
     Returns h (B, H, T, Dv) stored like v (`empty_like_layout`), the final state (C, n, m) and, for the backward, the
     chunk states (`chunk_states`; None each unless keep_states) and per-token m and denominator (BH, T).
@@ -558,27 +484,26 @@ def mlstm_forward(q, k, v, i, f, C0, n0, m0, chunk_size: int, eps: float, keep_s
     B, H, T, Dk = q.shape
     BH = B * H
     Dv = v.shape[-1]
-    cfg = forward_config(Dk, Dv, chunk_size)
-    L = cfg["L"]
+    L = chunk_size
     NC = triton.cdiv(T, L)
     dev = q.device
-    cs, ns, ms, C_out, n_out = chunk_states(k, v, i, f, C0, n0, m0, chunk_size, mode)
+    cs, ns, ms, C_out, n_out = chunk_states(k, v, i, f, C0, n0, m0, chunk_size, cfg, mode)
     splits = _split_mask(q.dtype, mode)
     flags = dict(PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), MIX=_mix(q.dtype), SPLITS=splits)
-    shape_class = (Dk, Dv, L, q.dtype, splits, cs.dtype)
+    shape_class = (Dk, Dv, L, q.dtype, splits, cs.dtype, cfg)
     h = empty_like_layout(v, Dv, q.dtype)
     strides = (H, *token_strides(q), *token_strides(k), *token_strides(v), *token_strides(h))
     m_query = torch.empty(BH, T, device=dev, dtype=torch.float32)
     den = torch.empty(BH, T, device=dev, dtype=torch.float32)
 
     def output(BV):
-        NVI = max(1, min(Dv, cfg["SPAN_OUT"]) // BV)
+        NVI = max(1, min(Dv, cfg.span_out) // BV)
         _output_kernel[(NC, BH, triton.cdiv(Dv, NVI * BV))](
             q, k, v, i, f, cs, ns, ms, h, m_query, den, T, NC, Dk, Dv, Dk**-0.5, eps, *strides,
-            L=L, BKF=_pow2(Dk), BV=BV, NVI=NVI, num_warps=cfg["WARPS_OUT"], **flags,
+            L=L, BKF=_pow2(Dk), BV=BV, NVI=NVI, num_warps=cfg.warps_out, **flags,
         )
 
-    launch_with_fallback(("output", *shape_class), _halvings(cfg["BV_OUT"]), output)
+    launch_with_fallback(("output", *shape_class), _halvings(cfg.block_v_out), output)
     m_final = ms[:, NC].clone()
     saved = (cs, ns, ms) if keep_states else (None, None, None)
     return h, (C_out, n_out, m_final), (*saved, m_query, den)
