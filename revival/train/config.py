@@ -64,6 +64,7 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~30% slower
+    parallel: str = "none"  # none | ddp | fsdp: several processes via torchrun or `revival train --nproc N`
 
 
 @dataclass
@@ -127,6 +128,8 @@ class RunConfig:
         if (d.validation_fraction or 0.01) + (d.test_fraction or 0.01) >= 1:
             raise UserError("data.validation_fraction + data.test_fraction: expected less than 1, got "
                             f"{d.validation_fraction} + {d.test_fraction}")
+        if t.parallel not in ("none", "ddp", "fsdp"):
+            raise UserError(f"train.parallel: expected one of ['none', 'ddp', 'fsdp'], got {t.parallel!r}")
         if t.precision not in ("auto", "fp32", "bf16"):
             raise UserError(f"train.precision: expected one of ['auto', 'fp32', 'bf16'], got {t.precision!r}")
         for section, name in [("data", "context_length"), ("data", "bpe_vocab_size"), ("train", "steps"),

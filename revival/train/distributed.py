@@ -17,7 +17,9 @@ size 1 reads at batch W * b, and a saved position resumes on any world size.
 Checkpoints (layout of revival/train/checkpoint.py plus ``dcp/``): ``dcp/`` holds the model and optimizer state
 written by torch.distributed.checkpoint (each rank its shards), loadable on any world size, with or without a process
 group; ``model.safetensors`` holds the whole model (gathered to rank 0) for ``revival generate``/``from_pretrained``;
-``trainer_state.pt`` the counters, scheduler and rank 0's RNG state. The output directory must be on a file system
+``trainer_state.pt`` the counters, scheduler and rank 0's RNG state. A resumed run reads the weights from
+``model.safetensors`` and the optimizer from ``dcp/``, on any world size and in any mode (``none`` included); a
+single-process checkpoint (no ``dcp/``) resumes on several ranks too. The output directory must be on a file system
 every rank sees (on several nodes: a shared one).
 """
 
@@ -35,6 +37,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ..errors import UserError
 
 PARALLEL_MODES = ("none", "ddp", "fsdp")
 DCP_DIR = "dcp"
@@ -62,7 +66,7 @@ class World:
 
 def _check_parallel(parallel: str) -> None:
     if parallel not in PARALLEL_MODES:
-        raise ValueError(f"train.parallel: expected one of {list(PARALLEL_MODES)}, got {parallel!r}")
+        raise UserError(f"train.parallel: expected one of {list(PARALLEL_MODES)}, got {parallel!r}")
 
 
 def _rank_device(device_name: str, local_rank: int) -> torch.device:
@@ -70,15 +74,15 @@ def _rank_device(device_name: str, local_rank: int) -> torch.device:
     if device_name == "cpu":
         return torch.device("cpu")
     if device_name not in ("auto", "cuda"):
-        raise ValueError(f"train.device: {device_name!r} with a distributed train.parallel; expected 'auto', 'cuda' "
+        raise UserError(f"train.device: {device_name!r} with a distributed train.parallel; expected 'auto', 'cuda' "
                          "or 'cpu' (each process uses cuda:LOCAL_RANK)")
     if torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK={local_rank}: this node has only {torch.cuda.device_count()} CUDA devices; "
+            raise UserError(f"LOCAL_RANK={local_rank}: this node has only {torch.cuda.device_count()} CUDA devices; "
                              "launch at most that many processes per node")
         return torch.device("cuda", local_rank)
     if device_name == "cuda":
-        raise ValueError("train.device: 'cuda' requested but CUDA is not available; use 'cpu' or 'auto'")
+        raise UserError("train.device: 'cuda' requested but CUDA is not available; use 'cpu' or 'auto'")
     return torch.device("cpu")
 
 
@@ -93,7 +97,7 @@ def init_world(parallel: str, device_name: str) -> World:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if parallel == "none":
         if launched > 1:
-            raise ValueError(f"train.parallel: 'none' in a launch of {launched} processes (WORLD_SIZE={launched}); "
+            raise UserError(f"train.parallel: 'none' in a launch of {launched} processes (WORLD_SIZE={launched}); "
                              "set train.parallel=ddp or train.parallel=fsdp")
         from .trainer import resolve_device
 
@@ -109,7 +113,7 @@ def init_world(parallel: str, device_name: str) -> World:
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     elif dist.get_backend() != backend:
-        raise ValueError(f"train.device: {device.type} needs the {backend} backend, but the process group in use "
+        raise UserError(f"train.device: {device.type} needs the {backend} backend, but the process group in use "
                          f"runs {dist.get_backend()}")
     return World(parallel, dist.get_rank(), dist.get_world_size(), local_rank, device)
 
@@ -243,32 +247,35 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, optimizer:
     return final if final is not None else Path(out_dir) / "checkpoints" / f"step-{step:08d}"
 
 
-def load_checkpoint(checkpoint_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any]) -> None:
-    """Restore model and optimizer state from a checkpoint of any world size and parallel mode into `model` (plain,
-    the module inside DDP, or FSDP-sharded) and `optimizer`; every rank calls it.
+def load_optimizer_state(checkpoint_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                         trainer_state: dict[str, Any]) -> None:
+    """Restore `optimizer` from a checkpoint of any world size and parallel mode; every rank calls it. `model` is the
+    unwrapped model, its weights already loaded from the checkpoint's ``model.safetensors`` (before sharding).
 
-    A checkpoint with ``dcp/`` is read with torch.distributed.checkpoint (resharded to this world size); one without
-    (a single-process run) from ``model.safetensors`` and the optimizer state in `trainer_state`."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    With ``dcp/`` the state is read by torch.distributed.checkpoint, resharded to this world size; without (a
+    single-process run) it is ``trainer_state["optimizer"]``, sharded here when `model` is FSDP-sharded."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.fsdp import FSDPModule
 
     checkpoint_dir = Path(checkpoint_dir)
     if (checkpoint_dir / DCP_DIR).is_dir():
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optimizer": optimizer_state}
-        dcp.load(state, checkpoint_id=checkpoint_dir / DCP_DIR)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        return
-    from ..models.checkpoint import from_pretrained
+        import torch.distributed.checkpoint as dcp
 
-    if "optimizer" not in trainer_state:
-        raise ValueError(f"resume: {checkpoint_dir} has neither {DCP_DIR}/ nor an optimizer state in "
-                         "trainer_state.pt; it is not a training checkpoint")
-    full_model_state = from_pretrained(checkpoint_dir, device="cpu").state_dict()
-    set_state_dict(model, optimizer, model_state_dict=full_model_state,
-                   optim_state_dict=_optimizer_state_by_name(model, optimizer, trainer_state["optimizer"]),
-                   options=StateDictOptions(full_state_dict=True))
+        state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+        dcp.load(state, checkpoint_id=checkpoint_dir / DCP_DIR)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    elif "optimizer" not in trainer_state:
+        raise UserError(f"resume: {checkpoint_dir} has neither {DCP_DIR}/ nor an optimizer state in "
+                        "trainer_state.pt; it is not a training checkpoint")
+    elif isinstance(model, FSDPModule):
+        by_name = _optimizer_state_by_name(model, optimizer, trainer_state["optimizer"])
+        set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(trainer_state["optimizer"])
 
 
 def _optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -278,7 +285,7 @@ def _optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer,
     names = {id(param): name for name, param in model.named_parameters()}
     order = [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
     if len(order) != sum(len(group["params"]) for group in state["param_groups"]):
-        raise ValueError(f"resume: the checkpoint's optimizer holds "
+        raise UserError(f"resume: the checkpoint's optimizer holds "
                          f"{sum(len(group['params']) for group in state['param_groups'])} parameters, the model "
                          f"{len(order)}")
     return {"state": {order[index]: value for index, value in state["state"].items()},

@@ -36,6 +36,7 @@ from ..errors import UserError
 from ..models import LanguageModel, ModelConfig
 from ..models.checkpoint import check_state_dict
 from . import checkpoint as ckpt
+from . import distributed
 from .config import RunConfig
 from .logging import MetricsLogger, plot_loss_curves
 from .schedule import warmup_cosine
@@ -233,9 +234,11 @@ class Trainer:
             raise UserError("resume and overwrite: expected at most one of them")
         self.run = run
         self.cfg = run.train
-        self.print = print_fn
+        self.world = distributed.init_world(self.cfg.parallel, self.cfg.device)  # rank, world size, device
+        self.print = print_fn if self.world.is_main else distributed.silent
+        self.show_progress = self.cfg.progress and self.world.is_main
         self.out_dir = Path(self.cfg.out_dir)
-        self.device = resolve_device(self.cfg.device)
+        self.device = self.world.device
         precision = self.cfg.precision
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
@@ -264,7 +267,7 @@ class Trainer:
                        "learning rate never reaches train.lr")
 
         self.corpus = corpus if corpus is not None else load_corpus(
-            run.data.corpus, show_progress=self.cfg.progress, **run.data.corpus_options())
+            run.data.corpus, show_progress=self.show_progress, **run.data.corpus_options())
         if self.tokenizer is None:
             self.tokenizer = make_tokenizer(run.data.tokenizer, self.corpus.train, vocab_size=run.data.bpe_vocab_size)
             self.model_config = run.model_config(vocab_size=self.tokenizer.vocab_size)
@@ -278,8 +281,9 @@ class Trainer:
             self.model = LanguageModel(self.model_config).to(self.device)
         if self.cfg.activation_checkpointing:
             self.model.set_activation_checkpointing(True)
+        self.train_module = distributed.wrap_model(self.model, self.world, self.autocast_dtype)  # runs the steps
         self.dataset = PackedDataset.from_documents(self.corpus.train, self.tokenizer, run.data.context_length,
-                                                    seed=self.cfg.seed, show_progress=self.cfg.progress)
+                                                    seed=self.cfg.seed, show_progress=self.show_progress)
         self.optimizer = self._make_optimizer()
         cfg = self.cfg
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -320,7 +324,7 @@ class Trainer:
                 f"train.out_dir: {str(self.out_dir)!r} holds an earlier run ({', '.join(earlier)}); pass --resume to "
                 "continue it, --overwrite to replace it (Python: resume=True / overwrite=True), or choose another "
                 "train.out_dir")
-        for name in earlier:
+        for name in earlier if self.world.is_main else ():
             path = self.out_dir / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         self.print(f"overwrite: removed the earlier run's {', '.join(earlier)} from {self.out_dir}")
@@ -353,14 +357,20 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------------------------
     def _trainer_state(self) -> dict[str, Any]:
-        return {
+        state = {
             "step": self.step, "position": self.position, "tokens_seen": self.tokens_seen,
             "bad_steps_in_a_row": self.bad_steps_in_a_row, "skipped_steps": self.skipped_steps,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "rng": ckpt.rng_state(), "corpus": self.corpus.describe(),
+            "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state(), "corpus": self.corpus.describe(),
         }
+        if not self.world.distributed:  # distributed runs write it sharded, into the checkpoint's dcp/
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
 
     def save_checkpoint(self) -> Path:
+        if self.world.distributed:
+            return distributed.save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self.tokenizer,
+                                               self.run.to_dict(), self._trainer_state(), self.world,
+                                               keep=self.cfg.keep_checkpoints)
         return ckpt.save_checkpoint(self.out_dir, self.step, self.model, self.tokenizer, self.run.to_dict(),
                                     self._trainer_state(), keep=self.cfg.keep_checkpoints)
 
@@ -371,7 +381,7 @@ class Trainer:
         if state["corpus"]["content_hash"] != self.corpus.content_hash:
             raise UserError(f"resume: the corpus changed since {checkpoint_dir} was written (content hash "
                             f"{state['corpus']['content_hash'][:12]} vs {self.corpus.content_hash[:12]})")
-        self.optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(checkpoint_dir, self.model, self.optimizer, state)  # any world size
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         for name in ("step", "position", "tokens_seen", "bad_steps_in_a_row", "skipped_steps"):
@@ -427,16 +437,20 @@ class Trainer:
         """One optimizer step (with accumulation). Returns the mean loss; a non-finite loss skips the update."""
         self.model.train()
         total = 0.0
-        for _ in range(self.cfg.grad_accum):
-            batch = self.dataset.batch(self.position, self.cfg.batch_size)
-            self.position += self.cfg.batch_size
+        for micro_batch in range(self.cfg.grad_accum):
+            start = distributed.rank_position(self.position, self.cfg.batch_size, self.world)
+            batch = self.dataset.batch(start, self.cfg.batch_size)
+            self.position += self.cfg.batch_size * self.world.world_size
             inputs, targets = batch.input_ids.to(self.device), batch.targets.to(self.device)
-            with self._autocast():
-                logits, _ = self.model(inputs)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-            (loss / self.cfg.grad_accum).backward()
+            last = micro_batch == self.cfg.grad_accum - 1
+            with distributed.gradient_sync(self.train_module, self.world, enabled=last):
+                with self._autocast():
+                    logits, _ = self.train_module(inputs)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+                (loss / self.cfg.grad_accum).backward()
             total += loss.item() / self.cfg.grad_accum
-            self.tokens_seen += targets.numel()
+            self.tokens_seen += targets.numel() * self.world.world_size
+        total = distributed.mean_over_ranks(total, self.world)
         if not math.isfinite(total):
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps_in_a_row += 1
@@ -466,13 +480,13 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         """Train to `train.steps`; returns a summary (losses, throughput, memory, paths)."""
-        logger = MetricsLogger(self.out_dir, tensorboard=self.cfg.tensorboard, resume_step=self.step,
-                               print_fn=self.print)
+        logger = (MetricsLogger(self.out_dir, tensorboard=self.cfg.tensorboard, resume_step=self.step,
+                                print_fn=self.print) if self.world.is_main else distributed.NullLogger(self.out_dir))
         losses: list[float] = []
         interval: list[float] = []  # finite losses since the last log row (the row logs their mean)
         train_time, timed_tokens = 0.0, 0
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"train {self.run.model.get('preset', 'model')}",
-                   disable=not self.cfg.progress, unit="step", dynamic_ncols=True)
+                   disable=not self.show_progress, unit="step", dynamic_ncols=True)
         evaluated = False
         try:
             while self.step < self.cfg.steps:
@@ -505,15 +519,18 @@ class Trainer:
                     logger.log(self.step, "val", **self.last_eval.as_dict())
                     scope = "" if evaluated else f" ({self.eval_scope(self.last_eval.tokens)})"
                     evaluated = True
-                    bar.write(f"step {self.step}: val loss {self.last_eval.loss:.4f}  "
-                              f"ppl {self.last_eval.perplexity:.2f}  bpb {self.last_eval.bits_per_byte:.4f}{scope}",
-                              file=sys.stdout)
+                    if self.world.is_main:
+                        bar.write(f"step {self.step}: val loss {self.last_eval.loss:.4f}  ppl "
+                                  f"{self.last_eval.perplexity:.2f}  bpb {self.last_eval.bits_per_byte:.4f}{scope}",
+                                  file=sys.stdout)
                 if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
                     self.save_checkpoint()
         finally:
             bar.close()
             logger.close()
-        plot = plot_loss_curves({self.run.model.get("preset", "model"): logger.csv_path}, self.out_dir / "loss.png")
+        plot = self.out_dir / "loss.png"
+        if self.world.is_main:
+            plot_loss_curves({self.run.model.get("preset", "model"): logger.csv_path}, plot)
         return {
             "step": self.step, "losses": losses, "tokens_seen": self.tokens_seen,
             "train_tokens_per_s": self.train_tokens_per_s, "skipped_steps": self.skipped_steps,
