@@ -1,8 +1,10 @@
-"""Every YAML config in configs/ loads, builds its model config, and states its true parameter count."""
+"""Every YAML config in configs/ loads, builds its model config, states its true parameter count and a run command
+that the CLI accepts."""
 
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from revival.train.config import load_run_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 STATED = re.compile(r"^# parameters: ([\d,]+)", re.MULTILINE)
+RUN_LINE = re.compile(r"^# run: (revival train [^(\n]*)", re.MULTILINE)
 
 
 def test_there_are_cpu_and_gpu_configs_for_the_presets():
@@ -26,9 +29,20 @@ def test_config_loads_and_builds_its_model(path):
     config = run.model_config(vocab_size=vocab_size)
     assert config.vocab_size == vocab_size
     stated = STATED.search(path.read_text())
-    if stated:  # the comment must tell the truth (counted on the meta device: nothing allocated)
-        options = {k: v for k, v in run.model.items() if k != "preset"}
-        assert count_parameters(run.model["preset"], vocab_size=vocab_size, **options) == int(
-            stated.group(1).replace(",", ""))
+    assert stated, f"{path.name}: no '# parameters: N' comment"
+    options = {k: v for k, v in run.model.items() if k != "preset"}  # the count tells the truth (on the meta device)
+    assert count_parameters(run.model["preset"], vocab_size=vocab_size, **options) == int(
+        stated.group(1).replace(",", ""))
     if path.stem.endswith("125m"):
         assert stated and 110e6 <= int(stated.group(1).replace(",", "")) <= 140e6
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[path.stem for path in CONFIGS])
+def test_config_states_a_run_command_the_cli_accepts(path):
+    from revival.cli import build_parser
+
+    line = RUN_LINE.search(path.read_text())
+    assert line, f"{path.name}: no '# run: revival train ...' comment"
+    argv = shlex.split(line.group(1))[1:]
+    args = build_parser().parse_args(argv)
+    assert args.command == "train" and args.config == f"configs/{path.name}" and args.overrides == []
