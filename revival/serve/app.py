@@ -48,22 +48,24 @@ class StreamOptions(_Body):
 
 
 class _Sampling(_Body):
+    """Sampling fields shared by both endpoints; null means the default (temperature 1, top_p 1, no top_k)."""
+
     model: str | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=1)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None = None
-    stream: bool = False
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
-    n: Literal[1] = 1
+    n: Literal[1] | None = None
     user: str | None = None
 
 
 class CompletionBody(_Sampling):
     prompt: Annotated[str, Field(min_length=1)] | Annotated[list[int], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] = 16
+    max_tokens: Annotated[int, Field(ge=1)] | None = None  # null: 16, as OpenAI's
 
 
 class ChatMessage(_Body):
@@ -197,9 +199,14 @@ def create_app(engine: Engine, tokenizer, model_name: str = "revival", api_key: 
 
     # -------------------------------------------------------------------------------------------- plumbing
     def sampling(body: _Sampling, max_tokens: int) -> SamplingParams:
-        return SamplingParams(max_tokens=max_tokens, temperature=float(body.temperature),
-                              top_k=body.top_k, top_p=None if body.top_p >= 1 else float(body.top_p),
-                              repetition_penalty=float(body.repetition_penalty), seed=body.seed,
+        if body.model is not None and body.model != model_name:
+            raise EngineError(404, f"model: {body.model!r} is not served here; this server serves {model_name!r}",
+                              "model")
+        top_p = 1.0 if body.top_p is None else float(body.top_p)
+        return SamplingParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else
+                              float(body.temperature), top_k=body.top_k, top_p=None if top_p >= 1 else top_p,
+                              repetition_penalty=1.0 if body.repetition_penalty is None else
+                              float(body.repetition_penalty), seed=body.seed,
                               stop_tokens=() if eos_id is None else (eos_id,))
 
     def encode(prompt) -> list[int]:
@@ -348,7 +355,7 @@ def create_app(engine: Engine, tokenizer, model_name: str = "revival", api_key: 
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
-        return await run("completion", body, encode(body.prompt), body.max_tokens, request)
+        return await run("completion", body, encode(body.prompt), body.max_tokens or 16, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request):

@@ -1,0 +1,312 @@
+"""`revival serve`: slot pool, engine vs `generate`, the HTTP API through the `openai` client, snapshots, bad input.
+
+A tiny float64 hybrid (xLSTM-large mixer + attention, byte tokenizer) served on loopback by uvicorn in a thread.
+Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+import uvicorn  # noqa: E402
+
+from revival import LanguageModel, ModelConfig  # noqa: E402
+from revival.data.tokenizers import ByteTokenizer  # noqa: E402
+from revival.serve.app import create_app, render_chat  # noqa: E402
+from revival.serve.engine import Engine, EngineConfig, EngineError, SamplingParams  # noqa: E402
+from revival.serve.slots import SlotKVCache, SlotPool  # noqa: E402
+from revival.serve.snapshots import Snapshot, SnapshotCache  # noqa: E402
+
+TOKENIZER = ByteTokenizer()
+EOS = TOKENIZER.eos_id
+WAIT = 30.0  # seconds any single wait may take
+
+
+def tiny_model(pattern: str = "xa", seed: int = 0) -> LanguageModel:
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=TOKENIZER.vocab_size, d_model=32, num_heads=2, pattern=pattern, chunk_size=8)
+    model = LanguageModel(config).double().eval()
+    with torch.no_grad():  # a peaked, input-dependent distribution: greedy and sampled paths differ
+        model.lm_head.weight.mul_(8.0)
+    return model
+
+
+class Server:
+    """uvicorn serving an app on 127.0.0.1 (an ephemeral port) in a thread."""
+
+    def __init__(self, app):
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                                    lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + WAIT
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(WAIT)
+
+
+def wait_until(condition, what: str):
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@dataclass
+class Served:
+    engine: Engine
+    url: str
+    states_dir: Path
+
+
+@pytest.fixture(scope="module")
+def served(model, tmp_path_factory):
+    """8 slots, prompts prefilled 5 tokens at a time (so most prompts take several chunks)."""
+    engine = Engine(model, EngineConfig(num_slots=8, max_prompt_tokens=256, max_tokens=48, prefill_chunk=5,
+                                        max_queue=64)).start()
+    states_dir = tmp_path_factory.mktemp("states")
+    server = Server(create_app(engine, TOKENIZER, model_name="tiny", states_dir=states_dir))
+    yield Served(engine, server.url, states_dir)
+    server.close()
+    engine.stop()
+
+
+def reference(model, prompt: list[int], params: SamplingParams) -> list[int]:
+    out = model.generate(prompt, params.max_tokens, temperature=params.temperature, top_k=params.top_k,
+                         top_p=params.top_p, repetition_penalty=params.repetition_penalty,
+                         stop_tokens=list(params.stop_tokens) or None, seed=params.seed)
+    return out[len(prompt):].tolist()
+
+
+def text_of(ids: list[int]) -> str:
+    return TOKENIZER.decode([i for i in ids if i != EOS])
+
+
+def mixed_requests(count: int, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    requests = []
+    for i in range(count):
+        prompt = torch.randint(0, 256, (2 + i % 13,), generator=generator).tolist()
+        params = SamplingParams(max_tokens=4 + i % 17, temperature=(0.0, 1.0, 0.7)[i % 3],
+                                top_k=(None, 20)[i % 2], top_p=(None, 0.9)[(i // 2) % 2],
+                                repetition_penalty=1.3 if i % 7 == 0 else 1.0, seed=100 + i, stop_tokens=(EOS,))
+        requests.append((prompt, params))
+    return requests
+
+
+# ------------------------------------------------------------------------------------------------ slot pool
+def test_slot_kv_cache_matches_the_growing_cache_for_rows_of_different_lengths():
+    model = tiny_model("a")
+    attention = model.blocks[0].mixer
+    lengths = [3, 7, 1]
+    xs = [torch.randn(1, n + 1, 32, dtype=torch.float64) for n in lengths]
+    cache = SlotKVCache(torch.zeros(3, 2, 12, 16, dtype=torch.float64), torch.zeros(3, 2, 12, 16, dtype=torch.float64),
+                        torch.zeros(3, dtype=torch.long))
+    expected = []
+    with torch.no_grad():
+        for row, (n, x) in enumerate(zip(lengths, xs)):
+            _, (k, v) = attention(x[:, :n])  # the reference: a (1, Hkv, n, hd) cache grown by torch.cat
+            cache.k[row, :, :n], cache.v[row, :, :n], cache.lengths[row] = k[0], v[0], n
+            expected.append(attention(x[:, n:], (k, v))[0])
+        y, _ = attention(torch.cat([x[:, -1:] for x in xs]), cache)
+    torch.testing.assert_close(y, torch.cat(expected), rtol=1e-12, atol=1e-12)
+    assert cache.lengths.tolist() == [n + 1 for n in lengths]
+
+
+def test_slot_pool_write_read_move_and_batched_step_equal_single_rows():
+    model = tiny_model("xaM")
+    pool = SlotPool(model, num_slots=4, max_len=16)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]
+    states, nexts = [], []
+    with torch.no_grad():
+        for slot, prompt in enumerate(prompts):
+            _, state = model(torch.tensor([prompt]))
+            pool.write(slot, state)
+            states.append(state)
+            nexts.append(model(torch.tensor([[10 + slot]]), state))
+        for slot, state in enumerate(states):  # read gives back what was written
+            for got, want in zip(pool.read(slot), state):
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+        ids = torch.tensor([[10], [11], [12]])
+        logits, new_state = model(ids, pool.view(3))
+        pool.update(3, new_state)
+    for slot, (want_logits, want_state) in enumerate(nexts):
+        torch.testing.assert_close(logits[slot:slot + 1], want_logits, rtol=1e-12, atol=1e-12)
+        for got, want in zip(pool.read(slot), want_state):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    pool.move(2, 0)
+    for got, want in zip(pool.read(0), nexts[2][1]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_snapshot_cache_returns_the_longest_prefix_and_evicts_by_bytes():
+    logits = torch.zeros(4)
+    cache = SnapshotCache(max_bytes=3 * 80)
+    for tokens in ([1, 2], [1, 2, 3], [1, 2, 3, 4, 5]):
+        cache.put(Snapshot(tuple(tokens), [torch.zeros(12)], logits))
+    assert cache.lookup([1, 2, 3, 4, 9]).tokens == (1, 2, 3)
+    assert cache.lookup([1, 2, 3, 4, 5, 6]).tokens == (1, 2, 3, 4, 5)
+    assert cache.lookup([2, 1]) is None
+    cache.put(Snapshot((7, 7), [torch.zeros(12)], logits))  # over budget: the least recently used ([1, 2]) goes
+    assert len(cache) == 3 and cache.lookup([1, 2, 9]) is None and cache.nbytes <= 3 * 80
+
+
+# ------------------------------------------------------------------------------------------------ engine
+def test_32_concurrent_requests_equal_generate_token_for_token(model, served):
+    engine = served.engine
+    requests = mixed_requests(32)
+    done = threading.Event()
+    results: dict[int, list] = {i: [] for i in range(32)}
+    finished: dict[int, object] = {}
+
+    def collector(i):
+        def on_event(event):
+            if hasattr(event, "id"):
+                results[i].append(event.id)
+            else:
+                finished[i] = event
+                if len(finished) == 32:
+                    done.set()
+        return on_event
+
+    for i, (prompt, params) in enumerate(requests):  # all queued at once: 8 slots, the rest wait and join later
+        engine.submit(prompt, params, collector(i))
+    assert done.wait(WAIT), f"only {len(finished)} of 32 finished"
+    for i, (prompt, params) in enumerate(requests):
+        assert results[i] == reference(model, prompt, params), f"request {i}"
+        assert finished[i].finish_reason == ("stop" if results[i][-1] == EOS else "length")
+
+
+def test_a_follow_up_prefills_only_its_new_tokens_and_matches_generate(model, served):
+    engine = served.engine
+    params = SamplingParams(max_tokens=9, temperature=1.0, seed=7)
+    first = [11, 12, 13, 14, 15, 16, 17]
+    reply, done = engine.generate(first, params, timeout=WAIT)
+    follow_up = first + reply + [40, 41, 42]
+    before = engine.metrics["prefill_tokens"]
+    tokens, done = engine.generate(follow_up, params, timeout=WAIT)
+    assert done.cached_tokens == len(first) + len(reply) - 1  # the last reply token was sampled, never fed
+    assert engine.metrics["prefill_tokens"] - before == 4
+    assert tokens == reference(model, follow_up, params)
+    again, done = engine.generate(follow_up, params, timeout=WAIT)  # the whole prompt cached: no prefill at all
+    assert done.cached_tokens == len(follow_up) and again == tokens
+
+
+# ------------------------------------------------------------------------------------------------ HTTP API
+def test_openai_client_32_concurrent_completions_streamed_or_not_equal_generate(model, served):
+    url = served.url
+    requests = mixed_requests(32, seed=2)
+
+    async def one(client, i, prompt, params):
+        kwargs = dict(model="tiny", prompt=prompt, max_tokens=params.max_tokens, temperature=params.temperature,
+                      top_p=params.top_p or 1.0, seed=params.seed,
+                      extra_body={"top_k": params.top_k, "repetition_penalty": params.repetition_penalty})
+        if i % 2:
+            chunks = await client.completions.create(stream=True, **kwargs)
+            return "".join([c.choices[0].text async for c in chunks if c.choices])
+        return (await client.completions.create(**kwargs)).choices[0].text
+
+    async def all_of_them():
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=WAIT) as client:
+            return await asyncio.gather(*(one(client, i, p, s) for i, (p, s) in enumerate(requests)))
+
+    texts = asyncio.run(all_of_them())
+    for i, ((prompt, params), text) in enumerate(zip(requests, texts)):
+        assert text == text_of(reference(model, prompt, params)), f"request {i}"
+
+
+def test_chat_completion_streaming_usage_and_follow_up_cache(model, served):
+    url = served.url
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=WAIT)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    params = SamplingParams(max_tokens=12, temperature=0.8, seed=3, stop_tokens=(EOS,))
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0.8, seed=3)
+    from revival.serve.app import ChatMessage
+
+    prompt = TOKENIZER.encode(render_chat([ChatMessage(**m) for m in messages]))
+    expected = reference(model, prompt, params)
+    assert reply.choices[0].message.content == text_of(expected)
+    assert reply.usage.prompt_tokens == len(prompt) and reply.usage.completion_tokens == len(expected)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0.8,
+                                                 seed=3, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text_of(expected)
+    assert chunks[-1].usage.completion_tokens == len(expected)
+    # the next turn starts with this turn's prompt, so at least that is cached; the reply too when its text
+    # re-encodes to the same tokens (random bytes from an untrained model need not be valid UTF-8)
+    turn = messages + [{"role": "assistant", "content": text_of(expected)}, {"role": "user", "content": "ok"}]
+    second = client.chat.completions.create(model="tiny", messages=turn, max_tokens=5, temperature=0.8, seed=4)
+    reply_round_trips = TOKENIZER.encode(text_of(expected)) == [t for t in expected if t != EOS]
+    fed = len(prompt) + len(expected) - 1 if reply_round_trips and EOS not in expected else len(prompt)
+    assert second.usage.prompt_tokens_details.cached_tokens >= fed
+
+
+def test_stop_strings_cut_the_text_before_the_stop(model, served):
+    url = served.url
+    prompt = [65, 66, 67]
+    params = SamplingParams(max_tokens=30, temperature=0.0, stop_tokens=(EOS,))
+    full = text_of(reference(model, prompt, params))
+    stop = full[5:7]
+    assert len(stop) == 2
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=WAIT)
+    result = client.completions.create(model="tiny", prompt=prompt, max_tokens=30, temperature=0, stop=[stop])
+    assert result.choices[0].text == full[: full.find(stop)] and result.choices[0].finish_reason == "stop"
+    chunks = client.completions.create(model="tiny", prompt=prompt, max_tokens=30, temperature=0, stop=stop,
+                                       stream=True)
+    assert "".join(c.choices[0].text for c in chunks) == full[: full.find(stop)]
+
+
+def test_named_state_saved_and_loaded_into_a_fresh_server_gives_identical_tokens(model, served, tmp_path):
+    url = served.url
+    prompt = [70, 71, 72, 73, 74, 75]
+    saved = httpx.post(url + "/v1/states", json={"name": "greeting", "prompt": prompt}, timeout=WAIT)
+    assert saved.status_code == 200, saved.text
+    assert saved.json()["tokens"] == len(prompt)
+    names = [s["name"] for s in httpx.get(url + "/v1/states", timeout=WAIT).json()["data"]]
+    assert "greeting" in names
+    engine = Engine(model, EngineConfig(num_slots=2, max_prompt_tokens=96, max_tokens=48)).start()
+    source = served.states_dir
+    server = Server(create_app(engine, TOKENIZER, model_name="tiny", states_dir=source))
+    try:
+        loaded = httpx.post(server.url + "/v1/states/greeting/load", timeout=WAIT)
+        assert loaded.status_code == 200, loaded.text
+        body = {"model": "tiny", "prompt": prompt + [76, 77], "max_tokens": 8, "temperature": 1.0, "seed": 5}
+        answer = httpx.post(server.url + "/v1/completions", json=body, timeout=WAIT).json()
+        assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] == len(prompt)
+        params = SamplingParams(max_tokens=8, temperature=1.0, seed=5, stop_tokens=(EOS,))
+        assert answer["choices"][0]["text"] == text_of(reference(model, prompt + [76, 77], params))
+    finally:
+        server.close()
+        engine.stop()
+    other = Engine(tiny_model(seed=1), EngineConfig(num_slots=1, max_prompt_tokens=8, max_tokens=4)).start()
+    server = Server(create_app(other, TOKENIZER, model_name="tiny", states_dir=source))
+    try:
+        refused = httpx.post(server.url + "/v1/states/greeting/load", timeout=WAIT)
+        assert refused.status_code == 400 and "another model" in refused.json()["error"]["message"]
+    finally:
+        server.close()
+        other.stop()
