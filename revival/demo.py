@@ -261,8 +261,8 @@ def run_demo(models: list[str] | None = None, minutes: float = 2.5, tokens: int 
         budget_note = "fixed with --tokens"
     steps = max(EVALS, math.ceil(tokens / sequence_tokens / EVALS) * EVALS)  # evaluations land on the last step
     print_fn(f"corpus {corpus.name} ({corpus.content_hash[:12]}): {corpus.num_bytes('train'):,} train bytes; "
-             f"validation: the first {EVAL_DOC_MAX_BYTES // 1024} KB of each document, up to {EVAL_MAX_TOKENS:,} "
-             "tokens")
+             f"validation: the first {EVAL_DOC_MAX_BYTES // 1024} KB of each document, in order, until "
+             f"{EVAL_MAX_TOKENS:,} tokens are reached (the last document read to its end: the count is printed below)")
     print_fn(f"token budget per model: {steps} steps x {BATCH_SIZE} x {CONTEXT_LENGTH} = {steps * sequence_tokens:,} "
              f"tokens ({budget_note})")
 

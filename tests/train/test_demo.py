@@ -44,6 +44,7 @@ def test_tiny_demo_end_to_end(tmp_path, tiny_corpus, monkeypatch):
     monkeypatch.setattr(demo, "CONTEXT_LENGTH", 16)
     monkeypatch.setattr(demo, "BATCH_SIZE", 4)
     monkeypatch.setattr(demo, "GENERATE_TOKENS", 12)
+    monkeypatch.setattr(demo, "EVAL_MAX_TOKENS", 100)  # fewer than the validation documents hold
     printed = []
     results = demo.run_demo(["xlstm", "llama"], tokens=8 * 4 * 16, out_dir=tmp_path, progress=False,
                             corpus=tiny_corpus, print_fn=lambda *args: printed.append(" ".join(map(str, args))))
@@ -58,6 +59,9 @@ def test_tiny_demo_end_to_end(tmp_path, tiny_corpus, monkeypatch):
     for needle in ("parameters", "train tokens/s", "val loss", "val perplexity", "val bits/byte", "generate tokens/s",
                    "state bytes", "--- sample from xlstm", "--- sample from llama", str(tmp_path / "loss.png")):
         assert needle in text, needle
+    header = next(line for line in printed if line.startswith("corpus "))  # says what it reads, and no more
+    assert "until 100 tokens are reached (the last document read to its end" in header and xlstm["val_tokens"] > 100
+    assert f"validation: {xlstm['val_tokens']:,} tokens;" in text
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "results.json").read_text())["results"][0]["label"] == "xlstm"
     assert (tmp_path / "table.txt").read_text().startswith("model")
