@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
+from . import distributed
 
 EPILOG = """\
 overrides are SECTION.KEY=VALUE with SECTION in model, data, train; values are YAML scalars, e.g.
@@ -17,6 +18,8 @@ an out_dir that holds an earlier run needs --resume (continue it) or --overwrite
 
 
 def add_arguments(subparsers) -> argparse.ArgumentParser:
+    from ..cli import positive_int
+
     train = subparsers.add_parser(
         "train", help="train a model from a YAML run config", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -31,6 +34,9 @@ def add_arguments(subparsers) -> argparse.ArgumentParser:
     train.add_argument("--force", action="store_true",
                        help="train even where the estimated memory or time does not fit this machine")
     train.add_argument("--no-progress", action="store_true", help="no progress bars (a log line every log_every)")
+    train.add_argument("--nproc", type=positive_int, default=None, metavar="N",
+                       help="train in N processes on this node, launched with torchrun (needs train.parallel=ddp or "
+                       "fsdp; docs/distributed.md)")
     train.set_defaults(handler=run)
     return train
 
@@ -46,8 +52,13 @@ def run(args: argparse.Namespace) -> int:
     run_config = load_run_config(args.config, args.overrides)
     if args.no_progress:
         run_config.train.progress = False
+    if args.nproc is not None:
+        return _launch(args, run_config.train.parallel)
     trainer = Trainer(run_config, resume=args.resume, overwrite=args.overwrite, force=args.force)
     summary = trainer.train()
+    distributed.shutdown(trainer.world)
+    if not trainer.world.is_main:
+        return 0
     print(f"done: {summary['step']} steps, {summary['tokens_seen']:,} tokens, "
           f"{summary['train_tokens_per_s']:,.0f} train tokens/s, skipped steps {summary['skipped_steps']}")
     val = summary["val"]
@@ -58,3 +69,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"outputs: {out_dir} (metrics {summary['metrics_csv']}, plot {summary['plot']}, "
           f"checkpoints {out_dir / 'checkpoints'})")
     return 0
+
+
+def _launch(args: argparse.Namespace, parallel: str) -> int:
+    """`revival train --nproc N ...`: the same command without --nproc in N processes under torchrun."""
+    if parallel == "none":
+        raise UserError(f"--nproc: {args.nproc} processes need train.parallel=ddp or train.parallel=fsdp, got "
+                        f"{parallel!r}")
+    flags = [f"--{name.replace('_', '-')}" for name in ("resume", "overwrite", "force", "no_progress", "debug")
+             if getattr(args, name, False)]
+    return distributed.launch(args.nproc, ["train", "--config", args.config, *args.overrides, *flags])
