@@ -129,7 +129,7 @@ def timings(shape, device, reps):
 
 def sweep(shape, device, reps):
     """Forward+backward ms (bf16) of the Triton kernel for each launch setting (weight mode, warps, tiles)."""
-    from revival.ops.slstm import triton as slstm_triton_module
+    from revival.ops.slstm.triton import LaunchConfig, slstm_triton
 
     B, T, H, d = shape
     g = torch.Generator(device="cpu").manual_seed(2)
@@ -143,12 +143,11 @@ def sweep(shape, device, reps):
     settings += [("streamed", {"num_warps": 8, "block_k": k}) for k in (32, 64)]
     settings += [("split", {"num_warps": w, "split_units": u}) for w in (4, 8) for u in (32, 64) if u < d]
     for mode, launch in settings:
-        slstm_triton_module.LAUNCH_OVERRIDE.clear()
-        slstm_triton_module.LAUNCH_OVERRIDE.update(launch)
+        config = LaunchConfig(weights=mode, **launch)
 
-        def fwd_bwd(mode=mode):
+        def fwd_bwd(config=config):
             x.grad = R.grad = None
-            y, _ = slstm_triton_module.slstm_triton(x, R, state, weights=mode)
+            y, _ = slstm_triton(x, R, state, launch=config)
             y.backward(dy)
 
         key = mode + "," + ",".join(f"{k}={v}" for k, v in launch.items())
@@ -156,7 +155,6 @@ def sweep(shape, device, reps):
             out[key] = time_ms(fwd_bwd, device, reps)
         except Exception as error:  # a setting that does not compile (registers, shared memory) is recorded
             out[key] = f"failed: {type(error).__name__}: {str(error)[:200]}"
-    slstm_triton_module.LAUNCH_OVERRIDE.clear()
     return out
 
 

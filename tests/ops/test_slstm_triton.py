@@ -20,7 +20,7 @@ pytest.importorskip("triton", reason="the `triton` package is not installed (pip
 
 from revival.ops.slstm import slstm  # noqa: E402
 from revival.ops.slstm.reference import slstm_reference  # noqa: E402
-from revival.ops.slstm.triton import available, slstm_triton  # noqa: E402
+from revival.ops.slstm.triton import LaunchConfig, available, slstm_triton  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 F64 = torch.float64
@@ -60,9 +60,10 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def check_against_reference(x, R, state, weights, *, dtype=torch.float32, tol=1e-5, mode=None):
+def check_against_reference(x, R, state, weights, *, dtype=torch.float32, tol=1e-5, mode=None, launch=None):
     ref = outputs_and_grads(slstm_reference, x, R, state, weights, F64)
-    got = outputs_and_grads(lambda *a: slstm_triton(*a, weights=mode), x, R, state, weights, dtype)
+    launch = LaunchConfig(weights=mode, **(launch or {}))
+    got = outputs_and_grads(lambda *a: slstm_triton(*a, launch=launch), x, R, state, weights, dtype)
     for name, a, b in zip(NAMES, got, ref):
         assert torch.isfinite(a).all(), name
         assert rel_err(a, b) < tol, (name, rel_err(a, b))
@@ -119,24 +120,18 @@ def test_low_precision_inputs(dtype):
     assert y.dtype == dtype and all(s.dtype == torch.float32 for s in final)
 
 
-def test_streamed_slices_of_any_width(monkeypatch):
+def test_streamed_slices_of_any_width():
     """The streamed product in 16-column slices (four, the last partly padded) gives the same results."""
-    from revival.ops.slstm import triton as slstm_triton_module
-
-    monkeypatch.setitem(slstm_triton_module.LAUNCH_OVERRIDE, "block_k", 16)
     x, R, state, weights = make_inputs(2, 4, 2, 56, seed=5)
-    check_against_reference(x, R, state, weights, mode="streamed")
+    check_against_reference(x, R, state, weights, mode="streamed", launch={"block_k": 16})
 
 
 @pytest.mark.parametrize("B,d", [(3, 40), (17, 56)])
-def test_split_heads_over_unit_groups(B, d, monkeypatch):
+def test_split_heads_over_unit_groups(B, d):
     """Each head's units over 4 programs (U = 16 of D = 64) that exchange y / gate gradients every step; under the
     interpreter one launch per step stands in for the barrier. Mixed first-step state, two batch blocks."""
-    from revival.ops.slstm import triton as slstm_triton_module
-
-    monkeypatch.setitem(slstm_triton_module.LAUNCH_OVERRIDE, "split_units", 16)
     x, R, state, weights = make_inputs(B, 5, 2, d, seed=d, state="mixed")
-    check_against_reference(x, R, state, weights, mode="split")
+    check_against_reference(x, R, state, weights, mode="split", launch={"split_units": 16})
 
 
 def test_autocast_runs_the_products_in_the_autocast_dtype():
@@ -155,7 +150,10 @@ def test_weight_mode_validation():
     x, R, state, _ = make_inputs(1, 2, 1, 16, seed=0)
     with pytest.raises(ValueError, match="weights"):
         slstm_triton(x.float().to(DEVICE), R.float().to(DEVICE), tuple(s.float().to(DEVICE) for s in state),
-                     weights="shared")
+                     launch=LaunchConfig(weights="shared"))
+    with pytest.raises(ValueError, match="launch: expected a LaunchConfig"):
+        slstm_triton(x.float().to(DEVICE), R.float().to(DEVICE), tuple(s.float().to(DEVICE) for s in state),
+                     launch={"weights": "split"})
 
 
 def test_dispatch_and_validation():

@@ -14,6 +14,7 @@ import torch
 
 from .._checks import check_floating, check_shape
 from .._documents import check_document_starts
+from .._triton import available as _triton_available
 from .fused import slstm_fused, slstm_fused_autograd
 from .reference import SLSTMState, slstm_reference, slstm_step_reference
 
@@ -21,14 +22,6 @@ __all__ = ["slstm", "slstm_step", "SLSTMState", "IMPLS", "slstm_fused_autograd"]
 
 IMPLS = ("auto", "reference", "fused", "triton")
 _STATE_NAMES = ("c", "n", "m", "y")
-
-
-def _triton_available() -> bool:
-    try:
-        from .triton import available
-    except ImportError:
-        return False
-    return available()
 
 
 def _resolve_impl(impl: str, x_gates: torch.Tensor) -> str:

@@ -1,14 +1,14 @@
 """Triton sLSTM (GPU): one program per (batch block, head) walks time; forward and backward kernels.
 
 Layout (contiguous): x_gates (B, T, 4, H, d), gate order (i, f, z, o); recurrent_weight R (4, H, d, d), applied as
-`raw[:, g, h] = x[:, g, h] + y_prev[:, h] @ R[g, h]`. Math as `reference.py` (MATH.md "sLSTM"), including the
+`raw[:, g, h] = x[:, g, h] + y_prev[:, h] @ R[g, h]`. Math as `reference.py` (docs/math.md "sLSTM"), including the
 per-unit first-step rule (m = i and fbar = 0 where n_{t-1} == 0, checked at every step).
 
 Design:
 - grid (ceil(B / BLOCK_B), H); BLOCK_B >= 16 (tl.dot needs block dims >= 16; padded rows are masked), the head dim
   is padded to D = next power of two >= 16 (padded units are masked and kept at exactly 0).
 - Three ways to form `y_{t-1} @ R[g]` (and `graw_t @ R[g]^T` in the backward), chosen by `weights`:
-  "split" (large heads: the head's units spread over several programs, `triton_split.py`), and here
+  "split" (large heads: the head's units spread over several programs, `split.py`), and (`kernels.py`)
   resident: the head's four (D, D) weight tiles are loaded once before the time loop and stay on chip (registers /
   shared memory; fits for small D); streamed: every step re-reads R in (BLOCK_K, D) slices (L1/L2 hits, not HBM)
   and reads the previous step's y (gate gradients) back from the buffer this kernel just wrote, in BLOCK_K-column
@@ -27,296 +27,59 @@ Design:
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
+from ..._triton import INTERPRET, available, require_triton
 
-    _HAVE_TRITON = True
-except ImportError:  # pragma: no cover - depends on the environment
-    _HAVE_TRITON = False
-
-__all__ = ["available", "slstm_triton"]
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-LAUNCH_OVERRIDE: dict = {}  # e.g. {"num_warps": 16}: for launch sweeps (benchmarks/gpu_slstm.py); results do not change
-
-
-def available() -> bool:
-    """Triton importable, and a CUDA device or TRITON_INTERPRET=1 (CPU tests)."""
-    if not _HAVE_TRITON:
-        return False
-    return torch.cuda.is_available() or _INTERPRET
-
-
-if _HAVE_TRITON:
-    _FP32_PRODUCTS = tl.constexpr("ieee" if _INTERPRET else "tf32x3")
-
-    @triton.jit
-    def _weight_tile(r_ptr, g, h, H, d, D: tl.constexpr, TRANSPOSE: tl.constexpr):
-        """R[g, h] as a (D, D) tile (zero padded); transposed if TRANSPOSE."""
-        rows = tl.arange(0, D)[:, None]
-        cols = tl.arange(0, D)[None, :]
-        mask = (rows < d) & (cols < d)
-        base = r_ptr + (g * H + h) * d * d
-        if TRANSPOSE:
-            return tl.load(base + cols * d + rows, mask=mask, other=0.0)
-        return tl.load(base + rows * d + cols, mask=mask, other=0.0)
-
-    @triton.jit
-    def _matmul(a, w, DOT_BF16: tl.constexpr):
-        """a (BLOCK_B, D) float32 @ w (D, D) -> float32. Float32 products: three TF32 tensor-core products with
-        split operands on the GPU ("tf32x3", float32-level accuracy, ~10x faster than CUDA-core "ieee" products
-        here); exact float32 under the interpreter, which has no tf32x3."""
-        if DOT_BF16:
-            return tl.dot(a.to(tl.bfloat16), w.to(tl.bfloat16))
-        return tl.dot(a, w.to(tl.float32), input_precision=_FP32_PRODUCTS)
-
-    @triton.jit
-    def _log_sigmoid(x):
-        return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
-
-    @triton.jit
-    def _tanh(x):
-        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
-
-    @triton.jit
-    def _load4(ptr, stride, mask):
-        """The four gate slices at ptr, ptr + stride, ... (zero outside mask)."""
-        return (tl.load(ptr, mask=mask, other=0.0), tl.load(ptr + stride, mask=mask, other=0.0),
-                tl.load(ptr + 2 * stride, mask=mask, other=0.0), tl.load(ptr + 3 * stride, mask=mask, other=0.0))
-
-    @triton.jit
-    def _store4(ptr, stride, a, b, c, d, mask):
-        tl.store(ptr, a, mask=mask)
-        tl.store(ptr + stride, b, mask=mask)
-        tl.store(ptr + 2 * stride, c, mask=mask)
-        tl.store(ptr + 3 * stride, d, mask=mask)
-
-    @triton.jit
-    def _store_state(ptr, stride, c, n, m, mask):
-        tl.store(ptr, c, mask=mask)
-        tl.store(ptr + stride, n, mask=mask)
-        tl.store(ptr + 2 * stride, m, mask=mask)
-
-    @triton.jit
-    def _cell_step(i, f, z, o, c, n, m, mask):
-        """One step from the pre-activations (float32): the new (c, n, m, y); y is 0 outside `mask`. Per unit, the
-        first step (n == 0) sets m = i and ignores the forget gate (MATH.md "sLSTM")."""
-        log_fm = m + _log_sigmoid(f)
-        first = n == 0.0
-        m_new = tl.where(first | (i >= log_fm), i, log_fm)
-        i_bar = tl.exp(i - m_new)
-        f_bar = tl.where(first, 0.0, tl.exp(log_fm - m_new))
-        c_new = f_bar * c + i_bar * _tanh(z)
-        n_new = f_bar * n + i_bar
-        y = tl.where(mask, tl.sigmoid(o) * c_new / n_new, 0.0)
-        return c_new, n_new, m_new, y
-
-    @triton.jit
-    def _cell_grads(i, f, z, o, c_prev, n_prev, m_prev, c, n, m, g_y, g_c, g_n, g_m, mask):
-        """One step backward. Inputs: the step's pre-activations, the state before and after it, dL/dy_t and the
-        carried dL/d(c_t, n_t, m_t). Returns dL/d(i, f, z, o) of the step (0 outside `mask`) and dL/d(c, n, m) of
-        the state before it."""
-        log_fm = m_prev + _log_sigmoid(f)
-        first = n_prev == 0.0
-        picked_i = first | (i >= log_fm)
-        i_bar = tl.exp(i - m)
-        f_bar = tl.where(first, 0.0, tl.exp(log_fm - m))
-        tanh_z = _tanh(z)
-        sig_o = tl.sigmoid(o)
-        g_c += g_y * sig_o / n
-        g_n -= g_y * sig_o * c / (n * n)
-        g_o = tl.where(mask, g_y * (c / n) * sig_o * (1.0 - sig_o), 0.0)
-        g_z = tl.where(mask, g_c * i_bar * (1.0 - tanh_z * tanh_z), 0.0)
-        via_i = (g_c * tanh_z + g_n) * i_bar
-        via_f = (g_c * c_prev + g_n * n_prev) * f_bar
-        via_m = g_m - via_i - via_f  # dL/dm_t through every use, routed to i or log_fm
-        g_i = tl.where(mask, via_i + tl.where(picked_i, via_m, 0.0), 0.0)
-        g_log_fm = tl.where(mask, via_f + tl.where(picked_i, 0.0, via_m), 0.0)
-        g_f = g_log_fm * tl.sigmoid(-f)
-        return g_i, g_f, g_z, g_o, tl.where(mask, g_c * f_bar, 0.0), tl.where(mask, g_n * f_bar, 0.0), g_log_fm
-
-    @triton.jit
-    def _streamed_matmul(a_ptr, a_stride, r_ptr, g, h, H, d, rows, B,
-                         D: tl.constexpr, BLOCK_K: tl.constexpr, TRANSPOSE: tl.constexpr, DOT_BF16: tl.constexpr):
-        """sum_k a[:, k] R[g, h][k, :] (TRANSPOSE: R[g, h][:, k]) with a (BLOCK_B, d) float32 read from global memory
-        at a_ptr (rows of stride a_stride, d contiguous columns) and R read in (BLOCK_K, D) slices."""
-        acc = tl.zeros((rows.shape[0], D), dtype=tl.float32)
-        cols = tl.arange(0, D)[None, :]
-        base = r_ptr + (g * H + h) * d * d
-        for k0 in tl.static_range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(a_ptr + rows * a_stride + ks[None, :], mask=(rows < B) & (ks[None, :] < d), other=0.0)
-            w_mask = (ks[:, None] < d) & (cols < d)
-            if TRANSPOSE:
-                w = tl.load(base + cols * d + ks[:, None], mask=w_mask, other=0.0)
-            else:
-                w = tl.load(base + ks[:, None] * d + cols, mask=w_mask, other=0.0)
-            acc += _matmul(a, w, DOT_BF16)
-        return acc
-
-    @triton.jit
-    def _slstm_forward_kernel(
-        x_ptr, r_ptr, raw_ptr, cnm_ptr, y_ptr, B, T, H, d,
-        D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr,
-        DOT_BF16: tl.constexpr,
-    ):  # fmt: skip
-        """x (B, T, 4, H, d) any float; raw (B, T, 4, H, d) f32 out; cnm (B, T+1, 3, H, d) f32 and y (B, T+1, H, d)
-        f32 with index 0 holding the initial state, indices 1..T written here."""
-        pid_b = tl.program_id(0)
-        h = tl.program_id(1)
-        rows = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)[:, None]
-        units = tl.arange(0, D)[None, :]
-        mask = (rows < B) & (units < d)
-        Hd = H * d
-        x_row = x_ptr + rows * (T * 4 * Hd) + h * d + units
-        raw_row = raw_ptr + rows * (T * 4 * Hd) + h * d + units
-        cnm_row = cnm_ptr + rows * ((T + 1) * 3 * Hd) + h * d + units
-        y_row = y_ptr + rows * ((T + 1) * Hd) + h * d + units
-        c = tl.load(cnm_row, mask=mask, other=0.0)
-        n = tl.load(cnm_row + Hd, mask=mask, other=0.0)
-        m = tl.load(cnm_row + 2 * Hd, mask=mask, other=0.0)
-        y = tl.load(y_row, mask=mask, other=0.0)
-        if RESIDENT:
-            w_i = _weight_tile(r_ptr, 0, h, H, d, D, False)
-            w_f = _weight_tile(r_ptr, 1, h, H, d, D, False)
-            w_z = _weight_tile(r_ptr, 2, h, H, d, D, False)
-            w_o = _weight_tile(r_ptr, 3, h, H, d, D, False)
-        y_stride = (T + 1) * Hd
-        x_i, x_f, x_z, x_o = _load4(x_row, Hd, mask)
-        for t in range(0, T):
-            i = x_i.to(tl.float32)
-            f = x_f.to(tl.float32)
-            z = x_z.to(tl.float32)
-            o = x_o.to(tl.float32)
-            # prefetch: the next step's inputs do not depend on this step, so their loads overlap its math
-            x_i, x_f, x_z, x_o = _load4(x_row + tl.minimum(t + 1, T - 1) * (4 * Hd), Hd, mask)
-            if RESIDENT:
-                i += _matmul(y, w_i, DOT_BF16)
-                f += _matmul(y, w_f, DOT_BF16)
-                z += _matmul(y, w_z, DOT_BF16)
-                o += _matmul(y, w_o, DOT_BF16)
-            else:  # y_{t-1} from the buffer (written by the previous step, or the initial state)
-                tl.debug_barrier()
-                y_prev = y_ptr + t * Hd + h * d
-                i += _streamed_matmul(y_prev, y_stride, r_ptr, 0, h, H, d, rows, B, D, BLOCK_K, False, DOT_BF16)
-                f += _streamed_matmul(y_prev, y_stride, r_ptr, 1, h, H, d, rows, B, D, BLOCK_K, False, DOT_BF16)
-                z += _streamed_matmul(y_prev, y_stride, r_ptr, 2, h, H, d, rows, B, D, BLOCK_K, False, DOT_BF16)
-                o += _streamed_matmul(y_prev, y_stride, r_ptr, 3, h, H, d, rows, B, D, BLOCK_K, False, DOT_BF16)
-            _store4(raw_row + t * (4 * Hd), Hd, i, f, z, o, mask)
-            c, n, m, y = _cell_step(i, f, z, o, c, n, m, mask)
-            _store_state(cnm_row + (t + 1) * (3 * Hd), Hd, c, n, m, mask)
-            tl.store(y_row + (t + 1) * Hd, y, mask=mask)
-
-    @triton.jit
-    def _slstm_backward_kernel(
-        r_ptr, raw_ptr, cnm_ptr, gy_ptr, gfinal_ptr, graw_ptr, ginit_ptr, B, T, H, d,
-        D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr,
-        DOT_BF16: tl.constexpr,
-    ):  # fmt: skip
-        """raw (B, T, 4, H, d), cnm (B, T+1, 3, H, d) from the forward; gy (B, T, H, d) dL/dy_t (final-y gradient
-        included); gfinal (3, B, H, d) dL/d(c_T, n_T, m_T). Writes graw (B, T, 4, H, d) and ginit (4, B, H, d):
-        dL/d(c_0, n_0, m_0, y_0). All float32."""
-        pid_b = tl.program_id(0)
-        h = tl.program_id(1)
-        rows = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)[:, None]
-        units = tl.arange(0, D)[None, :]
-        mask = (rows < B) & (units < d)
-        Hd = H * d
-        BHd = B * Hd
-        raw_row = raw_ptr + rows * (T * 4 * Hd) + h * d + units
-        graw_row = graw_ptr + rows * (T * 4 * Hd) + h * d + units
-        cnm_row = cnm_ptr + rows * ((T + 1) * 3 * Hd) + h * d + units
-        gy_row = gy_ptr + rows * (T * Hd) + h * d + units
-        state_at = rows * Hd + h * d + units
-        g_c = tl.load(gfinal_ptr + state_at, mask=mask, other=0.0)
-        g_n = tl.load(gfinal_ptr + BHd + state_at, mask=mask, other=0.0)
-        g_m = tl.load(gfinal_ptr + 2 * BHd + state_at, mask=mask, other=0.0)
-        g_y_rec = tl.zeros((BLOCK_B, D), dtype=tl.float32)  # sum_g dL/draw_{t+1, g} @ R[g]^T
-        if RESIDENT:
-            wt_i = _weight_tile(r_ptr, 0, h, H, d, D, True)
-            wt_f = _weight_tile(r_ptr, 1, h, H, d, D, True)
-            wt_z = _weight_tile(r_ptr, 2, h, H, d, D, True)
-            wt_o = _weight_tile(r_ptr, 3, h, H, d, D, True)
-        graw_stride = T * 4 * Hd
-        # step t needs raw_t, gy_t, the state before it (cnm[t]) and after it (cnm[t+1]); the state after is the
-        # previous iteration's "before", and the loads for step t - 1 are issued before step t's math (prefetch)
-        c = tl.load(cnm_row + T * (3 * Hd), mask=mask, other=0.0)
-        n = tl.load(cnm_row + T * (3 * Hd) + Hd, mask=mask, other=1.0)
-        m = tl.load(cnm_row + T * (3 * Hd) + 2 * Hd, mask=mask, other=0.0)
-        nx_i, nx_f, nx_z, nx_o = _load4(raw_row + (T - 1) * (4 * Hd), Hd, mask)
-        nx_gy = tl.load(gy_row + (T - 1) * Hd, mask=mask, other=0.0)
-        cnm_prev = cnm_row + (T - 1) * (3 * Hd)
-        nx_c = tl.load(cnm_prev, mask=mask, other=0.0)
-        nx_n = tl.load(cnm_prev + Hd, mask=mask, other=1.0)
-        nx_m = tl.load(cnm_prev + 2 * Hd, mask=mask, other=0.0)
-        for k in range(0, T):
-            t = T - 1 - k
-            i, f, z, o, gy_t = nx_i, nx_f, nx_z, nx_o, nx_gy
-            c_prev, n_prev, m_prev = nx_c, nx_n, nx_m
-            t_next = tl.maximum(t - 1, 0)
-            nx_i, nx_f, nx_z, nx_o = _load4(raw_row + t_next * (4 * Hd), Hd, mask)
-            nx_gy = tl.load(gy_row + t_next * Hd, mask=mask, other=0.0)
-            cnm_prev = cnm_row + t_next * (3 * Hd)
-            nx_c = tl.load(cnm_prev, mask=mask, other=0.0)
-            nx_n = tl.load(cnm_prev + Hd, mask=mask, other=1.0)
-            nx_m = tl.load(cnm_prev + 2 * Hd, mask=mask, other=0.0)
-            g_y = gy_t + g_y_rec
-            g_i, g_f, g_z, g_o, g_c, g_n, g_m = _cell_grads(
-                i, f, z, o, c_prev, n_prev, m_prev, c, n, m, g_y, g_c, g_n, g_m, mask
-            )  # fmt: skip
-            _store4(graw_row + t * (4 * Hd), Hd, g_i, g_f, g_z, g_o, mask)
-            c, n, m = c_prev, n_prev, m_prev  # the state after step t - 1
-            if RESIDENT:
-                g_y_rec = (
-                    _matmul(g_i, wt_i, DOT_BF16) + _matmul(g_f, wt_f, DOT_BF16)
-                    + _matmul(g_z, wt_z, DOT_BF16) + _matmul(g_o, wt_o, DOT_BF16)
-                )  # fmt: skip
-            else:  # the gate gradients just stored, read back in column slices
-                tl.debug_barrier()
-                g_t = graw_ptr + t * (4 * Hd) + h * d
-                g_y_rec = (
-                    _streamed_matmul(g_t, graw_stride, r_ptr, 0, h, H, d, rows, B, D, BLOCK_K, True, DOT_BF16)
-                    + _streamed_matmul(g_t + Hd, graw_stride, r_ptr, 1, h, H, d, rows, B, D, BLOCK_K, True, DOT_BF16)
-                    + _streamed_matmul(g_t + 2 * Hd, graw_stride, r_ptr, 2, h, H, d, rows, B, D, BLOCK_K, True,
-                                       DOT_BF16)
-                    + _streamed_matmul(g_t + 3 * Hd, graw_stride, r_ptr, 3, h, H, d, rows, B, D, BLOCK_K, True,
-                                       DOT_BF16)
-                )  # fmt: skip
-        tl.store(ginit_ptr + state_at, g_c, mask=mask)
-        tl.store(ginit_ptr + BHd + state_at, g_n, mask=mask)
-        tl.store(ginit_ptr + 2 * BHd + state_at, g_m, mask=mask)
-        tl.store(ginit_ptr + 3 * BHd + state_at, g_y_rec, mask=mask)
-
+__all__ = ["LaunchConfig", "WEIGHT_MODES", "available", "slstm_triton"]
 
 WEIGHT_MODES = ("resident", "streamed", "split")
 
 
-def weight_budget(dot_bf16: bool) -> int:
-    """Bytes of recurrent weights one program keeps on chip: 128 KB in bf16; 64 KB in fp32, whose tf32x3 products
-    stage split copies of the operands (measured on an H100: 128 KB of fp32 weights asked for 270 KB of shared
-    memory, over the 227 KB limit)."""
-    return (128 if dot_bf16 else 64) * 1024
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Launch settings of the Triton sLSTM kernels; a field left None takes its shape-keyed default
+    (`launch_config`). Results agree to rounding whatever the settings.
+
+    weights: how R is held across steps, one of WEIGHT_MODES ("resident": on chip, one program per head;
+    "streamed": re-read in (block_k, D) slices every step; "split": the head's units spread over programs of
+    split_units units each, exchanging y every step); num_warps: per program.
+    """
+
+    weights: str | None = None
+    block_k: int | None = None
+    num_warps: int | None = None
+    split_units: int | None = None
 
 
-def _launch_config(d: int, weights: str | None, dot_bf16: bool):
-    """(D, BLOCK_B, BLOCK_K, weights, num_warps). Default `weights`: "resident" while the head's four (D, D) weight
-    tiles fit `weight_budget` (bf16 D <= 128, fp32 D <= 64; on an H100 bf16 d=128 resident measured 30 ms vs 47 ms
-    streamed, benchmarks/NOTES.md), else "split" (the head's units spread over programs, `triton_split.py`).
-    `LAUNCH_OVERRIDE` may set num_warps / block_k / split_units for sweeps."""
-    D = max(16, triton.next_power_of_2(d))
-    BLOCK_B = 16  # tl.dot's minimum; more rows per program would leave SMs idle at small B
+def launch_config(d: int, dot_bf16: bool, requested: LaunchConfig | None = None) -> tuple[int, LaunchConfig]:
+    """(D, the complete config) for head dim d: D = d padded to a power of two >= 16; default `weights`: "resident"
+    while the head's four (D, D) weight tiles fit `weight_budget` (bf16 D <= 128, fp32 D <= 64; on an H100 bf16
+    d=128 resident measured 30 ms vs 47 ms streamed, docs/kernels.md), else "split" (`split.py`)."""
+    from .kernels import weight_budget
+    from .split import split_units
+
+    requested = LaunchConfig() if requested is None else requested
+    if not isinstance(requested, LaunchConfig):
+        raise ValueError(f"launch: expected a LaunchConfig or None, got {type(requested).__name__}")
+    D = max(16, 1 << (d - 1).bit_length())
+    weights = requested.weights
     if weights is None:
         weights = "resident" if 4 * D * D * (2 if dot_bf16 else 4) <= weight_budget(dot_bf16) else "split"
     if weights not in WEIGHT_MODES:
         raise ValueError(f"weights: expected one of {WEIGHT_MODES} or None, got {weights!r}")
-    block_k = LAUNCH_OVERRIDE.get("block_k", min(D, 32))
-    num_warps = LAUNCH_OVERRIDE.get("num_warps", 8 if D >= 64 and weights != "split" else 4)
-    return D, BLOCK_B, block_k, weights, num_warps
+    default_warps = 8 if D >= 64 and weights != "split" else 4
+    return D, LaunchConfig(
+        weights=weights,
+        block_k=requested.block_k or min(D, 32),
+        num_warps=requested.num_warps or default_warps,
+        split_units=requested.split_units or split_units(D, dot_bf16),
+    )
+
+
+BLOCK_B = 16  # batch rows per program: tl.dot's minimum; more rows per program would leave SMs idle at small B
 
 
 class _SLSTMTriton(torch.autograd.Function):
@@ -324,9 +87,11 @@ class _SLSTMTriton(torch.autograd.Function):
     float32. Returns y (B, T, H, d) in x_gates' dtype and the final c, n, m, y (float32)."""
 
     @staticmethod
-    def forward(ctx, x_gates, recurrent_weight, c0, n0, m0, y0, weights):
+    def forward(ctx, x_gates, recurrent_weight, c0, n0, m0, y0, launch):
+        from .kernels import _slstm_forward_kernel
+
         B, T, G, H, d = x_gates.shape
-        dot_bf16 = x_gates.dtype == torch.bfloat16 and not _INTERPRET
+        dot_bf16 = x_gates.dtype == torch.bfloat16 and not INTERPRET
         r_dot = recurrent_weight.detach().to(torch.bfloat16 if dot_bf16 else torch.float32).contiguous()
         x = x_gates.contiguous()
         f32 = dict(dtype=torch.float32, device=x.device)
@@ -336,27 +101,28 @@ class _SLSTMTriton(torch.autograd.Function):
         for index, value in enumerate((c0, n0, m0)):
             cnm[:, 0, index] = value
         y_all[:, 0] = y0
-        D, BLOCK_B, BLOCK_K, weights, num_warps = _launch_config(d, weights, dot_bf16)
-        if weights == "split":
-            from .split import split_config, split_forward
+        D, cfg = launch_config(d, dot_bf16, launch)
+        if cfg.weights == "split":
+            from .split import split_forward
 
-            U, P = split_config(D, dot_bf16, LAUNCH_OVERRIDE.get("split_units"))
-            split_forward(x, r_dot, raw, cnm, y_all, D, BLOCK_B, U, P, dot_bf16, num_warps)
+            split_forward(x, r_dot, raw, cnm, y_all, D, BLOCK_B, cfg.split_units, dot_bf16, cfg.num_warps)
         else:
-            _slstm_forward_kernel[(triton.cdiv(B, BLOCK_B), H)](
-                x, r_dot, raw, cnm, y_all, B, T, H, d, D=D, BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K,
-                RESIDENT=weights == "resident", DOT_BF16=dot_bf16, num_warps=num_warps, num_stages=1,
+            _slstm_forward_kernel[(-(-B // BLOCK_B), H)](
+                x, r_dot, raw, cnm, y_all, B, T, H, d, D=D, BLOCK_B=BLOCK_B, BLOCK_K=cfg.block_k,
+                RESIDENT=cfg.weights == "resident", DOT_BF16=dot_bf16, num_warps=cfg.num_warps, num_stages=1,
             )  # fmt: skip
         ctx.save_for_backward(r_dot, raw, cnm, y_all)
-        ctx.config = (weights, dot_bf16, x_gates.dtype, recurrent_weight.dtype)
+        ctx.config = (D, cfg, dot_bf16, x_gates.dtype, recurrent_weight.dtype)
         final = (cnm[:, T, 0], cnm[:, T, 1], cnm[:, T, 2], y_all[:, T])
         return (y_all[:, 1:].to(x_gates.dtype), *(s.contiguous() for s in final))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_c, grad_n, grad_m, grad_y_last):
+        from .kernels import _slstm_backward_kernel
+
         r_dot, raw, cnm, y_all = ctx.saved_tensors
-        weights, dot_bf16, x_dtype, r_dtype = ctx.config
+        D, cfg, dot_bf16, x_dtype, r_dtype = ctx.config
         B, T, G, H, d = raw.shape
         f32 = dict(dtype=torch.float32, device=raw.device)
         gy = torch.zeros(B, T, H, d, **f32) if grad_y is None else grad_y.to(torch.float32).contiguous().clone()
@@ -368,18 +134,16 @@ class _SLSTMTriton(torch.autograd.Function):
                 gfinal[index] = grad
         graw = torch.empty(B, T, G, H, d, **f32)
         ginit = torch.empty(4, B, H, d, **f32)
-        D, BLOCK_B, BLOCK_K, _, num_warps = _launch_config(d, weights, dot_bf16)
-        if weights == "split":
-            from .split import split_backward, split_config
+        if cfg.weights == "split":
+            from .split import split_backward
 
-            U, P = split_config(D, dot_bf16, LAUNCH_OVERRIDE.get("split_units"))
-            split_backward(r_dot, raw, cnm, gy, graw, gfinal, D, BLOCK_B, U, P, dot_bf16, num_warps)
+            split_backward(r_dot, raw, cnm, gy, graw, gfinal, D, BLOCK_B, cfg.split_units, dot_bf16, cfg.num_warps)
             ginit[:3] = gfinal  # now dL/d(c_0, n_0, m_0)
             ginit[3] = torch.einsum("bghk,ghjk->bhj", graw[:, 0], r_dot.float())  # dL/dy_0 through step 0's gates
         else:
-            _slstm_backward_kernel[(triton.cdiv(B, BLOCK_B), H)](
-                r_dot, raw, cnm, gy, gfinal, graw, ginit, B, T, H, d, D=D, BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K,
-                RESIDENT=weights == "resident", DOT_BF16=dot_bf16, num_warps=num_warps, num_stages=1,
+            _slstm_backward_kernel[(-(-B // BLOCK_B), H)](
+                r_dot, raw, cnm, gy, gfinal, graw, ginit, B, T, H, d, D=D, BLOCK_B=BLOCK_B, BLOCK_K=cfg.block_k,
+                RESIDENT=cfg.weights == "resident", DOT_BF16=dot_bf16, num_warps=cfg.num_warps, num_stages=1,
             )  # fmt: skip
         g_x = graw.to(x_dtype) if ctx.needs_input_grad[0] else None
         g_r = None
@@ -388,16 +152,15 @@ class _SLSTMTriton(torch.autograd.Function):
         return (g_x, g_r, ginit[0], ginit[1], ginit[2], ginit[3], None)
 
 
-def slstm_triton(x_gates: torch.Tensor, recurrent_weight: torch.Tensor, state, *, weights: str | None = None):
+def slstm_triton(x_gates: torch.Tensor, recurrent_weight: torch.Tensor, state, *, launch: LaunchConfig | None = None):
     """sLSTM over a sequence with the Triton kernels. x_gates (B, T, 4, H, d) float32/bfloat16/float16;
     recurrent_weight (4, H, d, d); state (c, n, m, y) each (B, H, d) (converted to float32). Returns y (B, T, H, d)
-    in x_gates' dtype and the final state (float32). `weights` picks how R is held across steps: "resident" (on
-    chip, one program per head), "streamed" (re-read in slices every step) or "split" (the head's units spread over
-    programs that exchange y every step); None decides by size (`_launch_config`). Results agree to rounding."""
-    if not _HAVE_TRITON:
-        raise RuntimeError("impl='triton' needs the `triton` package (pip install 'revival[gpu]')")
+    in x_gates' dtype and the final state (float32). `launch` (a `LaunchConfig`, None: the defaults by size) picks how
+    R is held across steps (`weights`: "resident", "streamed" or "split") and the tile sizes. Results agree to
+    rounding."""
+    require_triton()
     if x_gates.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"x_gates: impl='triton' supports float32/bfloat16/float16, got {x_gates.dtype}")
     c0, n0, m0, y0 = (s.to(torch.float32).contiguous() for s in state)
-    y, c, n, m, y_last = _SLSTMTriton.apply(x_gates, recurrent_weight, c0, n0, m0, y0, weights)
+    y, c, n, m, y_last = _SLSTMTriton.apply(x_gates, recurrent_weight, c0, n0, m0, y0, launch)
     return y, (c, n, m, y_last)

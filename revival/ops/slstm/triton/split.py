@@ -9,7 +9,7 @@ of a (batch block, head): a CTA barrier, an atomic counter increment with releas
 with acquire semantics, a CTA barrier. All P programs must therefore run at the same time: `launch_groups` limits
 each launch to as many programs as the GPU has multiprocessors.
 
-Under TRITON_INTERPRET=1 programs run one after another, so a spinning barrier would never return: there the kernels
+Under TRITONINTERPRET=1 programs run one after another, so a spinning barrier would never return: there the kernels
 run one time step per launch (`SYNC=False`), the launch boundary taking the barrier's place. Everything else (the
 split, the exchange, the carried state) is the same code the GPU runs.
 """
@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _INTERPRET, _cell_grads, _cell_step, _load4, _matmul, _store4, _store_state, weight_budget
+from ..._triton import INTERPRET
+from .kernels import _cell_grads, _cell_step, _load4, _matmul, _store4, _store_state, weight_budget
 
 
 @triton.jit
@@ -145,49 +146,50 @@ def _split_backward_kernel(
     _store_state(gstate_ptr + state_at, BHd, g_c, g_n, g_m, mask)
 
 
-def split_config(D: int, dot_bf16: bool, units: int | None = None) -> tuple[int, int]:
-    """(U, P): unit groups of 32 (measured best on an H100 at d = 128 and 192, bf16: 19.9 / 24.3 ms vs 24.7 / 29.3 ms
-    with 64), halved while the four (D, U) weight tiles exceed `weight_budget`; P groups per head."""
-    if units is None:
-        units = min(D, 32)
-        while units > 16 and 4 * D * units * (2 if dot_bf16 else 4) > weight_budget(dot_bf16):
-            units //= 2
-    return units, D // units
+def split_units(D: int, dot_bf16: bool) -> int:
+    """Units per group U (P = D // U groups per head): 32 (measured best on an H100 at d = 128 and 192, bf16:
+    19.9 / 24.3 ms vs 24.7 / 29.3 ms with 64), halved while the four (D, U) weight tiles exceed `weight_budget`."""
+    units = min(D, 32)
+    while units > 16 and 4 * D * units * (2 if dot_bf16 else 4) > weight_budget(dot_bf16):
+        units //= 2
+    return units
 
 
 def launch_groups(blocks: int, H: int, P: int, device: torch.device) -> list[tuple[int, int]]:
     """(first batch block, number of blocks) per launch, so that every launch's programs run at once (one per
     multiprocessor at most: each holds up to 128 KB of weights)."""
-    if _INTERPRET or device.type != "cuda":
+    if INTERPRET or device.type != "cuda":
         return [(0, blocks)]
     per_launch = max(1, torch.cuda.get_device_properties(device).multi_processor_count // (H * P))
     return [(start, min(per_launch, blocks - start)) for start in range(0, blocks, per_launch)]
 
 
-def split_forward(x, r_dot, raw, cnm, y_all, D, BLOCK_B, U, P, dot_bf16, num_warps):
+def split_forward(x, r_dot, raw, cnm, y_all, D, BLOCK_B, U, dot_bf16, num_warps):
     B, T, _, H, d = x.shape
+    P = D // U
     blocks = triton.cdiv(B, BLOCK_B)
     for first, count in launch_groups(blocks, H, P, x.device):
-        steps = [(t, t + 1) for t in range(T)] if _INTERPRET else [(0, T)]
+        steps = [(t, t + 1) for t in range(T)] if INTERPRET else [(0, T)]
         for t_start, t_stop in steps:
             counters = torch.zeros(count, H, dtype=torch.int32, device=x.device)
             _split_forward_kernel[(count, H, P)](
                 x, r_dot, raw, cnm, y_all, counters, B, T, H, d, first, t_start, t_stop,
-                D=D, BLOCK_B=BLOCK_B, U=U, P=P, DOT_BF16=dot_bf16, SYNC=not _INTERPRET, num_warps=num_warps,
+                D=D, BLOCK_B=BLOCK_B, U=U, P=P, DOT_BF16=dot_bf16, SYNC=not INTERPRET, num_warps=num_warps,
                 num_stages=1,
             )  # fmt: skip
 
 
-def split_backward(r_dot, raw, cnm, gy, graw, gstate, D, BLOCK_B, U, P, dot_bf16, num_warps):
+def split_backward(r_dot, raw, cnm, gy, graw, gstate, D, BLOCK_B, U, dot_bf16, num_warps):
     """gstate (3, B, H, d): dL/d(c_T, n_T, m_T) in, dL/d(c_0, n_0, m_0) out. Fills graw."""
     B, T, _, H, d = raw.shape
+    P = D // U
     blocks = triton.cdiv(B, BLOCK_B)
     for first, count in launch_groups(blocks, H, P, raw.device):
-        steps = [(t, t + 1) for t in reversed(range(T))] if _INTERPRET else [(0, T)]
+        steps = [(t, t + 1) for t in reversed(range(T))] if INTERPRET else [(0, T)]
         for t_low, t_high in steps:
             counters = torch.zeros(count, H, dtype=torch.int32, device=raw.device)
             _split_backward_kernel[(count, H, P)](
                 r_dot, raw, cnm, gy, graw, gstate, counters, B, T, H, d, first, t_low, t_high,
-                D=D, BLOCK_B=BLOCK_B, U=U, P=P, DOT_BF16=dot_bf16, SYNC=not _INTERPRET, num_warps=num_warps,
+                D=D, BLOCK_B=BLOCK_B, U=U, P=P, DOT_BF16=dot_bf16, SYNC=not INTERPRET, num_warps=num_warps,
                 num_stages=1,
             )  # fmt: skip
