@@ -60,17 +60,23 @@ def document_ids(document_starts: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(document_starts.long(), dim=-1)
 
 
-def positions_in_document(document_starts: torch.Tensor | None, batch: int, length: int, offset: torch.Tensor | int,
-                          device: torch.device) -> torch.Tensor:
-    """(B, T) long positions that restart at 0 at every document start. Tokens before the row's first start continue
-    from `offset` (int or (B,) long: the position of the first token, e.g. the length of a KV cache)."""
-    steps = torch.arange(length, device=device)
-    offset = torch.as_tensor(offset, device=device).reshape(-1, 1)
-    positions = (offset + steps).expand(batch, length)
+def key_starts(document_starts: torch.Tensor | None, num_queries: int, num_keys: int,
+               cache_start: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, Tq) long: the first key position each query may attend to, the start of its document. The queries are the
+    last Tq of the Tk key positions; a query before its row's first start (in `document_starts` (B, Tq)) belongs to
+    the document running in the cache, which began at `cache_start` (B,) long (None: 0). RoPE positions are the
+    queries' key positions minus this."""
+    if document_starts is None and cache_start is None:
+        raise ValueError("document_starts, cache_start: expected at least one of them")
+    like = document_starts if document_starts is not None else cache_start
+    before = torch.zeros(like.shape[0], 1, dtype=torch.long, device=like.device)
+    if cache_start is not None:
+        before = cache_start.reshape(-1, 1).long()
     if document_starts is None:
-        return positions
+        return before.expand(-1, num_queries)
+    steps = torch.arange(num_queries, device=document_starts.device)
     last_start = torch.cummax(torch.where(document_starts, steps, -1), dim=-1).values  # -1 before any start
-    return torch.where(last_start >= 0, steps - last_start, positions)
+    return torch.where(last_start >= 0, num_keys - num_queries + last_start, before)
 
 
 def chunk_masks(document_starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from revival.ops import gated_delta_rule, mingru_scan, minlstm_scan, mlstm, slstm, ssd
-from revival.ops._documents import from_attention_mask, from_lengths, positions_in_document
+from revival.ops._documents import from_attention_mask, from_lengths, key_starts
 from revival.ops.attention import causal_attention
 from revival.ops.delta_rule import gated_delta_rule_reference
 from revival.ops.ssd import ssd_reference
@@ -143,8 +143,8 @@ def test_from_attention_mask_and_positions():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     starts = from_attention_mask(mask)
     assert starts.tolist() == [[False, False, True, False, False], [False] * 5, [False, False, False, True, False]]
-    positions = positions_in_document(starts, 3, 5, torch.tensor([0, 4, 0]), starts.device)
-    assert positions.tolist() == [[0, 1, 0, 1, 2], [4, 5, 6, 7, 8], [0, 1, 2, 0, 1]]
+    first_keys = key_starts(starts, 5, 9, cache_start=torch.tensor([0, 2, 1]))  # 4 cached keys before the queries
+    assert first_keys.tolist() == [[0, 0, 6, 6, 6], [2, 2, 2, 2, 2], [1, 1, 1, 7, 7]]
     with pytest.raises(ValueError, match="attention_mask"):
         from_attention_mask(torch.tensor([[0, 2]]))
 

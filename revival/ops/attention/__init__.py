@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_floating, check_shape
+from .._documents import check_document_starts, key_starts
 
 __all__ = ["rope_cos_sin", "apply_rope", "append_kv", "causal_mask", "causal_attention"]
 
@@ -19,14 +20,15 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 def rope_cos_sin(
     positions: torch.Tensor, head_dim: int, theta: float = 10000.0, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables (T, head_dim) for integer `positions` (T,), in the half-split ("rotate_half") convention.
+    """cos, sin tables (..., T, head_dim) for integer `positions` (..., T), in the half-split ("rotate_half")
+    convention (positions (B, T) give per-row tables, e.g. positions that restart at each document).
 
     Frequencies are computed in float64 and rounded once to `dtype`, so positions far from 0 stay accurate.
     """
     if head_dim % 2:
         raise ValueError(f"head_dim: expected an even number for RoPE, got {head_dim}")
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
-    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # (T, head_dim / 2)
+    angles = positions.to(torch.float64)[..., None] * inv_freq  # (..., T, head_dim / 2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, head_dim)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -57,12 +59,16 @@ def causal_mask(num_queries: int, num_keys: int, device: torch.device | None = N
     return torch.ones(num_queries, num_keys, dtype=torch.bool, device=device).tril(diagonal=num_keys - num_queries)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                     document_starts: torch.Tensor | None = None,
+                     cache_start: torch.Tensor | None = None) -> torch.Tensor:
     """Causal softmax attention where the Tq queries are the last Tq of the Tk key positions.
 
     q: (B, Hq, Tq, hd); k, v: (B, Hkv, Tk, hd), Tk >= Tq, Hq % Hkv == 0. Returns (B, Hq, Tq, hd), scale hd**-0.5.
     Uses `F.scaled_dot_product_attention`: `is_causal` when Tq == Tk, no mask for a single query, an explicit offset
-    mask for a continuation chunk.
+    mask for a continuation chunk. With `document_starts` (B, Tq) bool and/or `cache_start` (B,) long (where the
+    document running in the first Tk - Tq keys began), a query attends only to the keys of its own document: a
+    block-diagonal causal mask (`key_starts`, revival/ops/_documents.py).
     """
     check_floating("q", q)
     if q.ndim != 4:
@@ -75,9 +81,15 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         raise ValueError(f"k: expected a number of heads dividing q's {Hq}, got {Hkv}")
     if Tk < Tq:
         raise ValueError(f"k: expected at least Tq={Tq} positions, got {Tk}")
+    document_starts = check_document_starts(document_starts, B, Tq, q.device)
     if Hkv != Hq:  # grouped-query attention: each kv head serves Hq // Hkv query heads
         k = k.repeat_interleave(Hq // Hkv, dim=1)
         v = v.repeat_interleave(Hq // Hkv, dim=1)
+    if document_starts is not None or cache_start is not None:
+        first_key = key_starts(document_starts, Tq, Tk, cache_start)  # (B, Tq)
+        in_document = torch.arange(Tk, device=q.device) >= first_key[..., None]  # (B, Tq, Tk)
+        mask = in_document & causal_mask(Tq, Tk, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
     if Tq == Tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if Tq == 1:

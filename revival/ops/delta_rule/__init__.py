@@ -26,6 +26,10 @@ triangular solve per chunk, all chunks at once. Then, per chunk in sequence:
 Only exponentials of gamma_t - gamma_s with t >= s appear (<= 1 when g <= 0). Lengths that are not a multiple of
 the chunk size are handled exactly (tail chunk, no padding). Computation is float32 for half/bfloat16 inputs (float64
 stays float64); o follows the input dtype, the state is float32 (float64).
+
+`document_starts` (n, T) bool or None: S is zero before each start, so a packed row equals separate calls per document
+(revival/ops/_documents.py); chunkwise, M and the scores span one document, S_0 reaches only the tokens of the
+document running when the chunk begins, and a chunk with a start passes on only its last document's state.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_floating, check_shape
+from .._documents import check_document_starts, chunk_masks
 from ..linear_scan.chunkwise import compute_dtype
 
 
@@ -53,14 +58,17 @@ def _validate(q, k, v, g, beta, state) -> tuple[int, int, int, int, int]:
 
 def gated_delta_rule_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-    state: torch.Tensor | None = None, *, scale: float | None = None,
+    state: torch.Tensor | None = None, *, scale: float | None = None, document_starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The recurrence one step at a time, in the input dtype. Shapes and convention as in the module doc."""
     n, T, H, Dk, Dv = _validate(q, k, v, g, beta, state)
+    document_starts = check_document_starts(document_starts, n, T, q.device)
     scale = Dk**-0.5 if scale is None else scale
     S = q.new_zeros(n, H, Dk, Dv) if state is None else state.to(q.dtype)
     outputs = []
     for t in range(T):
+        if document_starts is not None:
+            S = torch.where(document_starts[:, t, None, None, None], 0.0, S)
         S = torch.exp(g[:, t])[..., None, None] * S
         kt, vt = k[:, t], v[:, t]  # (n, H, Dk), (n, H, Dv)
         u = beta[:, t, :, None] * (vt - torch.einsum("nhkv,nhk->nhv", S, kt))
@@ -72,9 +80,11 @@ def gated_delta_rule_reference(
 def gated_delta_rule(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     state: torch.Tensor | None = None, *, scale: float | None = None, chunk_size: int = 64,
+    document_starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gated delta rule, chunkwise (WY). Returns (o (n, T, H, Dv), state (n, H, Dk, Dv)); see the module doc."""
     n, T, H, Dk, Dv = _validate(q, k, v, g, beta, state)
+    document_starts = check_document_starts(document_starts, n, T, q.device)
     if chunk_size < 1:
         raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size}")
     scale = Dk**-0.5 if scale is None else scale
@@ -87,14 +97,15 @@ def gated_delta_rule(
     outputs = []
     for start, stop, L in ((0, full, chunk_size), (full, T, T - full)):
         if stop > start:
+            starts = None if document_starts is None else document_starts[:, start:stop]
             o, S = _equal_chunks(qs[:, :, start:stop], ks[:, :, start:stop], vs[:, :, start:stop],
-                                 gs[:, :, start:stop], betas[:, :, start:stop], S, L)
+                                 gs[:, :, start:stop], betas[:, :, start:stop], S, L, starts)
             outputs.append(o)
     o = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     return o.transpose(1, 2).to(q.dtype), S
 
 
-def _equal_chunks(q, k, v, g, beta, S, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _equal_chunks(q, k, v, g, beta, S, L: int, document_starts=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The chunkwise form for T a multiple of L. q (already scaled), k: (n, H, T, Dk); v: (n, H, T, Dv)."""
     n, H, T, Dk = q.shape
     Dv = v.shape[-1]
@@ -105,21 +116,31 @@ def _equal_chunks(q, k, v, g, beta, S, L: int) -> tuple[torch.Tensor, torch.Tens
 
     log_decay = gamma[..., :, None] - gamma[..., None, :]  # (n, H, NC, L_t, L_s)
     ones = torch.ones(L, L, dtype=torch.bool, device=q.device)
+    strict, causal = ones.tril(-1), ones.tril()
+    if document_starts is not None:
+        same, continues, to_end, keeps = (m[:, None] for m in chunk_masks(document_starts.reshape(n, NC, L)))
+        strict, causal = strict & same, causal & same
     minus_inf = torch.full_like(log_decay, float("-inf"))
-    decay_strict = torch.exp(torch.where(ones.tril(-1), log_decay, minus_inf))  # s < t
-    decay_causal = torch.exp(torch.where(ones.tril(), log_decay, minus_inf))  # s <= t
+    decay_strict = torch.exp(torch.where(strict, log_decay, minus_inf))  # s < t
+    decay_causal = torch.exp(torch.where(causal, log_decay, minus_inf))  # s <= t
 
     # WY: one unit lower triangular solve per chunk for both right-hand sides.
     M = beta[..., :, None] * decay_strict * (k @ k.transpose(-1, -2))  # strictly lower triangular
     I_plus_M = torch.eye(L, dtype=q.dtype, device=q.device) + M
-    rhs = torch.cat([(beta * torch.exp(gamma))[..., None] * k, beta[..., None] * v], dim=-1)  # (n, H, NC, L, Dk+Dv)
+    from_start = torch.exp(gamma)  # how S_0 reaches each position
+    if document_starts is not None:
+        from_start = from_start * continues  # a document that starts in the chunk never sees S_0
+    rhs = torch.cat([(beta * from_start)[..., None] * k, beta[..., None] * v], dim=-1)  # (n, H, NC, L, Dk+Dv)
     solved = torch.linalg.solve_triangular(I_plus_M, rhs, upper=False, unitriangular=True)
     W, U0 = solved[..., :Dk], solved[..., Dk:]  # (n, H, NC, L, Dk), (n, H, NC, L, Dv)
 
     scores = decay_causal * (q @ k.transpose(-1, -2))  # (n, H, NC, L, L)
-    q_from_start = q * torch.exp(gamma)[..., None]
+    q_from_start = q * from_start[..., None]
     k_to_end = k * torch.exp(gamma[..., -1:] - gamma)[..., None]
     chunk_decay = torch.exp(gamma[..., -1])  # (n, H, NC)
+    if document_starts is not None:  # only the chunk's last document reaches its end state
+        k_to_end = k_to_end * to_end[..., None]
+        chunk_decay = chunk_decay * keeps
 
     outputs = []
     for c in range(NC):

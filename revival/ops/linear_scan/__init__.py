@@ -20,6 +20,10 @@ Shapes: gate / forget / input / hidden (B, T, D) pre-activations, h0 (B, D) or N
 - "reference": the plain loop over the equations above (sigmoid, ratios), independent of the log-space algebra.
 - "triton": the fused GPU kernel of `triton_scan` (gate math + scan in one pass, float32 in linear space; inputs
   float32/float16/bfloat16 on CUDA). "auto": "triton" for such inputs on CUDA when Triton is importable, else "log".
+
+`document_starts` (B, T) bool or None: h is zero before each start (a_t = 0 there), so a packed row equals separate
+calls per document (revival/ops/_documents.py). The log-space scan has no segmented form, so "log" and "auto" run such
+rows on "chunked" (exact, no cancellation); "triton" takes no document starts yet.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_shape
+from .._documents import check_document_starts
 from .chunkwise import compute_dtype, linear_recurrence_chunked, linear_recurrence_reference, validate_recurrence
 
 __all__ = [
@@ -107,51 +112,65 @@ def _check_impl(impl: str) -> None:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
 
 
-def _scan_log_terms(log_a, log_b, h0, impl: str, chunk_size: int, out_dtype: torch.dtype):
+def _resolve_with_documents(impl: str, x: torch.Tensor, document_starts) -> tuple[str, torch.Tensor | None]:
+    _check_impl(impl)
+    document_starts = check_document_starts(document_starts, x.shape[0], x.shape[1], x.device)
+    if document_starts is None:
+        return resolve_impl(impl, x), None
+    if impl == "triton":
+        raise ValueError("document_starts: impl='triton' takes no document starts yet; use 'auto' or 'chunked'")
+    return ("chunked" if impl in ("log", "auto") else impl), document_starts
+
+
+def _scan_log_terms(log_a, log_b, h0, impl: str, chunk_size: int, out_dtype: torch.dtype, document_starts=None):
     if impl == "log":
         h, h_last = log_space_scan(log_a, log_b, h0)
     else:
+        if document_starts is not None:  # a_t = 0 at a start: the state before it is dropped exactly
+            log_a = log_a.masked_fill(document_starts[..., None], float("-inf"))
         h, h_last = linear_recurrence_chunked(log_a, torch.exp(log_b), h0, chunk_size)
     return h.to(out_dtype), h_last
 
 
 def mingru_scan(
     gate: torch.Tensor, hidden: torch.Tensor, h0: torch.Tensor | None = None, *, impl: str = "log",
-    chunk_size: int = 64,
+    chunk_size: int = 64, document_starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """minGRU over a sequence. gate, hidden: (B, T, D) pre-activations; h0: (B, D) or None. -> (h, h_last)."""
+    """minGRU over a sequence. gate, hidden: (B, T, D) pre-activations; h0: (B, D) or None; document_starts (B, T)
+    bool or None. -> (h, h_last)."""
     _check_impl(impl)
     validate_recurrence(gate, hidden, h0, names=("gate", "hidden"))
-    impl = resolve_impl(impl, gate)
+    impl, document_starts = _resolve_with_documents(impl, gate, document_starts)
     if impl == "triton":
         from .triton import mingru_scan_triton
 
         return mingru_scan_triton(gate, hidden, h0)
     if impl == "reference":
-        return _mingru_reference(gate, hidden, h0)
+        return _mingru_reference(gate, hidden, h0, document_starts)
     dtype = compute_dtype(gate)
     log_a, log_b = mingru_log_terms(gate.to(dtype), hidden.to(dtype))
-    return _scan_log_terms(log_a, log_b, h0, impl, chunk_size, gate.dtype)
+    return _scan_log_terms(log_a, log_b, h0, impl, chunk_size, gate.dtype, document_starts)
 
 
 def minlstm_scan(
     forget: torch.Tensor, input: torch.Tensor, hidden: torch.Tensor, h0: torch.Tensor | None = None, *,
-    impl: str = "log", chunk_size: int = 64,
+    impl: str = "log", chunk_size: int = 64, document_starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """minLSTM over a sequence. forget, input, hidden: (B, T, D) pre-activations; h0: (B, D) or None."""
+    """minLSTM over a sequence. forget, input, hidden: (B, T, D) pre-activations; h0: (B, D) or None;
+    document_starts (B, T) bool or None."""
     _check_impl(impl)
     validate_recurrence(forget, hidden, h0, names=("forget", "hidden"))
     check_shape("input", input, tuple(forget.shape))
-    impl = resolve_impl(impl, forget)
+    impl, document_starts = _resolve_with_documents(impl, forget, document_starts)
     if impl == "triton":
         from .triton import minlstm_scan_triton
 
         return minlstm_scan_triton(forget, input, hidden, h0)
     if impl == "reference":
-        return _minlstm_reference(forget, input, hidden, h0)
+        return _minlstm_reference(forget, input, hidden, h0, document_starts)
     dtype = compute_dtype(forget)
     log_a, log_b = minlstm_log_terms(forget.to(dtype), input.to(dtype), hidden.to(dtype))
-    return _scan_log_terms(log_a, log_b, h0, impl, chunk_size, forget.dtype)
+    return _scan_log_terms(log_a, log_b, h0, impl, chunk_size, forget.dtype, document_starts)
 
 
 def mingru_step(gate: torch.Tensor, hidden: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -166,20 +185,24 @@ def minlstm_step(forget: torch.Tensor, input: torch.Tensor, hidden: torch.Tensor
     return torch.exp(log_a) * h + torch.exp(log_b)
 
 
-def _mingru_reference(gate, hidden, h0):
+def _mingru_reference(gate, hidden, h0, document_starts=None):
     h = torch.zeros_like(gate[:, 0]) if h0 is None else h0.to(gate.dtype)
     outputs = []
     for t in range(gate.shape[1]):
+        if document_starts is not None:
+            h = torch.where(document_starts[:, t, None], 0.0, h)
         z = torch.sigmoid(gate[:, t])
         h = (1 - z) * h + z * g(hidden[:, t])
         outputs.append(h)
     return torch.stack(outputs, dim=1), h
 
 
-def _minlstm_reference(forget, input, hidden, h0):
+def _minlstm_reference(forget, input, hidden, h0, document_starts=None):
     h = torch.zeros_like(forget[:, 0]) if h0 is None else h0.to(forget.dtype)
     outputs = []
     for t in range(forget.shape[1]):
+        if document_starts is not None:
+            h = torch.where(document_starts[:, t, None], 0.0, h)
         f, i = torch.sigmoid(forget[:, t]), torch.sigmoid(input[:, t])
         h = f / (f + i) * h + i / (f + i) * g(hidden[:, t])
         outputs.append(h)

@@ -16,6 +16,10 @@ decays with t >= s appear (all <= 1 when A < 0), so nothing overflows. A length 
 size is handled exactly (full chunks, then the tail as one shorter chunk; no padding). Computation is float32 for
 half/bfloat16 inputs (float64 stays float64); y follows the input dtype, the state is float32 (float64).
 `ssd_reference` is the plain loop over t in the input dtype (the float64 reference of the tests).
+
+`document_starts` (n, T) bool or None: S is zero before each start, so a packed row equals separate calls per document
+(revival/ops/_documents.py); chunkwise, the intra-chunk sum spans one document, a document that starts inside a chunk
+reads no state before it, and a chunk with a start passes none on.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_floating, check_shape
+from .._documents import check_document_starts, chunk_masks
 from ..linear_scan.chunkwise import compute_dtype
 
 
@@ -55,14 +60,18 @@ def _heads(t: torch.Tensor, H: int) -> torch.Tensor:
 
 def ssd_reference(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-    D: torch.Tensor | None = None, state: torch.Tensor | None = None,
+    D: torch.Tensor | None = None, state: torch.Tensor | None = None, *,
+    document_starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The recurrence one step at a time, in the input dtype. Shapes as in the module doc."""
     n, T, H, P, G, N = _validate(x, dt, A, B, C, D, state)
+    document_starts = check_document_starts(document_starts, n, T, x.device)
     Bh, Ch = _heads(B, H), _heads(C, H)
     S = x.new_zeros(n, H, P, N) if state is None else state.to(x.dtype)
     outputs = []
     for t in range(T):
+        if document_starts is not None:
+            S = torch.where(document_starts[:, t, None, None, None], 0.0, S)
         decay = torch.exp(dt[:, t] * A)  # (n, H)
         S = decay[..., None, None] * S + dt[:, t, :, None, None] * x[:, t, :, :, None] * Bh[:, t, :, None, :]
         y = torch.einsum("nhpk,nhk->nhp", S, Ch[:, t])
@@ -75,9 +84,11 @@ def ssd_reference(
 def ssd(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: torch.Tensor | None = None, state: torch.Tensor | None = None, *, chunk_size: int = 64,
+    document_starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SSD chunkwise. Shapes as in the module doc. Returns (y (n, T, H, P), state (n, H, P, N))."""
     n, T, H, P, G, N = _validate(x, dt, A, B, C, D, state)
+    document_starts = check_document_starts(document_starts, n, T, x.device)
     if chunk_size < 1:
         raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size}")
     dtype = compute_dtype(x)
@@ -88,8 +99,9 @@ def ssd(
     outputs = []
     for start, stop, L in ((0, full, chunk_size), (full, T, T - full)):
         if stop > start:
+            starts = None if document_starts is None else document_starts[:, start:stop]
             y, S = _equal_chunks(xs[:, start:stop], dts[:, start:stop], As, Bh[:, start:stop], Ch[:, start:stop],
-                                 S, L)
+                                 S, L, starts)
             outputs.append(y)
     y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
     if D is not None:
@@ -97,7 +109,7 @@ def ssd(
     return y.to(x.dtype), S
 
 
-def _equal_chunks(x, dt, A, B, C, S, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _equal_chunks(x, dt, A, B, C, S, L: int, document_starts=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise SSD for T a multiple of L, without the D skip term. B, C already per head: (n, T, H, N)."""
     n, T, H, P = x.shape
     N = B.shape[-1]
@@ -110,6 +122,9 @@ def _equal_chunks(x, dt, A, B, C, S, L: int) -> tuple[torch.Tensor, torch.Tensor
 
     # Intra-chunk: y_t += sum_{s <= t} exp(cum_t - cum_s) (C_t . B_s) dt_s x_s.
     causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()[None, None, :, :, None]
+    if document_starts is not None:
+        same, continues, to_end_mask, keeps = chunk_masks(document_starts.reshape(n, NC, L))
+        causal = causal & same[..., None]
     log_decay = cum[:, :, :, None, :] - cum[:, :, None, :, :]  # (n, NC, L_t, L_s, H)
     decay = torch.exp(torch.where(causal, log_decay, torch.full_like(log_decay, float("-inf"))))
     scores = torch.einsum("nclhk,ncshk->nclsh", C, B) * decay * dt[:, :, None, :, :]
@@ -117,10 +132,16 @@ def _equal_chunks(x, dt, A, B, C, S, L: int) -> tuple[torch.Tensor, torch.Tensor
 
     # Each chunk's own contribution to its end state, from a zero start.
     to_end = torch.exp(cum[:, :, -1:, :] - cum) * dt  # (n, NC, L, H)
+    if document_starts is not None:
+        to_end = to_end * to_end_mask[..., None]  # only the chunk's last document reaches its end state
     S_local = torch.einsum("nclh,nclhp,nclhk->nchpk", to_end, x, B)  # (n, NC, H, P, N)
 
     # Over chunks (sequential): the state before each chunk.
     chunk_decay = torch.exp(cum[:, :, -1])  # (n, NC, H)
+    from_start = torch.exp(cum)[..., None]  # (n, NC, L, H, 1)
+    if document_starts is not None:  # a chunk with a start passes no earlier state on; later documents read none
+        chunk_decay = chunk_decay * keeps[..., None]
+        from_start = from_start * continues[..., None, None]
     starts = []
     for c in range(NC):
         starts.append(S)
@@ -128,5 +149,5 @@ def _equal_chunks(x, dt, A, B, C, S, L: int) -> tuple[torch.Tensor, torch.Tensor
     starts = torch.stack(starts, dim=1)  # (n, NC, H, P, N)
 
     # The state before the chunk, decayed to position t, read by C_t.
-    y = y + torch.einsum("nclhk,nchpk->nclhp", C, starts) * torch.exp(cum)[..., None]
+    y = y + torch.einsum("nclhk,nchpk->nclhp", C, starts) * from_start
     return y.reshape(n, T, H, P), S
