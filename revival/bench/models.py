@@ -3,9 +3,11 @@
 built from configs at the same sizes; nothing is downloaded).
 
 Sizes (`bench_config(preset, size)`):
-    tiny   CPU tests: d_model 128, vocab 256, the preset's smallest depth that holds each of its block kinds.
+    tiny   CPU tests: d_model 128, vocab 256, the preset's smallest depth that holds each of its block kinds, and
+           each kind's `bench_tiny_options` (revival/layers/kinds.py).
     125m   GPU runs: d_model 768, vocab 50304, tied embeddings (as GPT-2 small), the depth whose parameter count,
-           counted on the real classes (meta device), is closest to 125M. Heads per preset in `HEADS`.
+           counted on the real classes (meta device), is closest to 125M. Heads: `bench_heads(preset, size)`, from
+           the layer kinds' declarations.
     1.3b   as 125m at d_model 2048, closest to 1.3B: a model that fills a GPU at batch 1 (xlstm-large then has the
            xLSTM-7B's head dims, 256 / 512; llama heads of 128).
 
@@ -26,25 +28,24 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..layers.kinds import layer_kinds
 from ..models import LanguageModel, ModelConfig, preset_config
 from ..ops.fused import soft_cap
 
 SIZES = ("tiny", "125m", "1.3b")
 ANCHORS = {"hf-xlstm": "xlstm-large", "hf-llama": "llama"}  # anchor -> the preset whose size it copies
-# size -> (d_model, target parameter count, heads per preset family; 4 for families not listed)
-SCALED_SIZES = {
-    "125m": (768, 125_000_000, {"xlstm-large": 4, "xlstm": 4, "llama": 12, "mingru": 4, "minlstm": 4, "mamba2": 24,
-                                "gated-deltanet": 6, "hybrid": 6, "jamba": 12}),
-    "1.3b": (2048, 1_300_000_000, {"xlstm-large": 4, "xlstm": 4, "llama": 16, "mingru": 4, "minlstm": 4,
-                                   "mamba2": 32, "gated-deltanet": 16, "hybrid": 16, "jamba": 16}),
-}
+# size -> (d_model, target parameter count); the heads come from the layer kinds' `bench_heads`
+SCALED_SIZES = {"125m": (768, 125_000_000), "1.3b": (2048, 1_300_000_000)}
 TINY_DEPTH = {"hybrid": 4, "jamba": 5}
 # dense bf16 tensor-core peaks (FLOP/s) by device-name fragment; MFU is None on other devices
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
 
 
-def _family(preset: str) -> str:
-    return "xlstm" if preset.startswith("xlstm[") else preset
+def bench_heads(preset: str, size: str) -> int:
+    """num_heads of `preset` at a scaled size: the fewest that its layer kinds declare (`LayerKind.bench_heads`, 4
+    where a kind names none), i.e. the largest head dims, which every kind of the pattern accepts."""
+    kinds = layer_kinds()
+    return min(kinds[letter].bench_heads.get(size, 4) for letter in set(preset_config(preset).pattern))
 
 
 def bench_config(preset: str, size: str) -> ModelConfig:
@@ -53,15 +54,16 @@ def bench_config(preset: str, size: str) -> ModelConfig:
         raise ValueError(f"size: expected one of {list(SIZES)}, got {size!r}")
     if preset in ANCHORS:
         preset = ANCHORS[preset]
-    family = _family(preset)
     if size == "tiny":
-        depth = TINY_DEPTH.get(family, 3 if family == "xlstm" else 2)
-        options: dict[str, Any] = dict(vocab_size=256, d_model=128, num_heads=2, num_blocks=depth, chunk_size=16)
-        if "M" in preset_config(preset, num_blocks=depth).pattern:
-            options["layer_options"] = {"M": {"d_state": 16}}
-        return preset_config(preset, **options)
-    d_model, target, heads = SCALED_SIZES[size]
-    base = dict(vocab_size=50304, d_model=d_model, num_heads=heads.get(family, 4), tie_embeddings=True)
+        depth = TINY_DEPTH.get(preset, 3 if preset.startswith("xlstm[") else 2)
+        kinds = layer_kinds()
+        letters = sorted(set(preset_config(preset, num_blocks=depth).pattern))
+        options = {letter: dict(kinds[letter].bench_tiny_options) for letter in letters
+                   if kinds[letter].bench_tiny_options}
+        return preset_config(preset, vocab_size=256, d_model=128, num_heads=2, num_blocks=depth, chunk_size=16,
+                             layer_options=options)
+    d_model, target = SCALED_SIZES[size]
+    base = dict(vocab_size=50304, d_model=d_model, num_heads=bench_heads(preset, size), tie_embeddings=True)
     best: tuple[float, ModelConfig] | None = None
     for depth in range(1, 129):
         config = preset_config(preset, num_blocks=depth, **base)

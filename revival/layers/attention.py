@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ..ops.attention import append_kv, apply_rope, causal_attention, rope_cos_sin
 from .ffn import small_init_, wang_init_
+from .kinds import LayerKind, LayerOptions
 from .linear import linear_many
 
 __all__ = ["Attention"]
@@ -70,3 +73,21 @@ class Attention(nn.Module):
         k_all, v_all = append_kv(state, k, v)
         y = causal_attention(q, k_all, v_all)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.d_model)), (k_all, v_all)
+
+
+@dataclass(frozen=True)
+class AttentionOptions(LayerOptions):
+    """Options of letter a (`layer_options["a"]`); None: the ModelConfig field in the comment."""
+
+    num_heads: int | None = None  # num_heads
+    num_kv_heads: int | None = None  # num_kv_heads (None there too: num_heads, no grouped-query sharing)
+    rope_theta: float | None = None  # rope_theta
+    bias: bool | None = None  # use_bias
+
+    def derive(self, config):
+        return dict(num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, rope_theta=config.rope_theta,
+                    bias=config.use_bias)
+
+
+LAYER_KINDS = (LayerKind(letter="a", name="Llama attention block", layer=Attention, options=AttentionOptions,
+                         norm="rms", ffn="swiglu", preset="llama", bench_heads={"125m": 12, "1.3b": 16}),)

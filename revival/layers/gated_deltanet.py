@@ -14,6 +14,8 @@ state = (conv_state: (B, conv_kernel - 1, H * (2 * Dk + Dv)),
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,6 +23,7 @@ from torch import nn
 from ..ops.delta_rule import gated_delta_rule
 from .conv import CausalConv1d
 from .ffn import small_init_, wang_init_
+from .kinds import LayerKind, LayerOptions
 from .mamba2 import init_decay_, unpack_state
 from .norms import MultiHeadNorm
 
@@ -91,3 +94,28 @@ class GatedDeltaNet(nn.Module):
                                           scale=Dk**-0.5, chunk_size=self.chunk_size)
         y = self.norm(o) * F.silu(self.gate_proj(x))
         return self.out_proj(y), (conv_state, delta_state)
+
+
+@dataclass(frozen=True)
+class GatedDeltaNetOptions(LayerOptions):
+    """Options of letter d (`layer_options["d"]`); None: derived from the model (see `derive`)."""
+
+    num_heads: int | None = None  # num_heads
+    head_dim: int | None = None  # None: d_model / num_heads (the layer decides)
+    expand_v: float = 2.0
+    conv_kernel: int = 4
+    chunk_size: int | None = None  # chunk_size
+    dt_min: float = 1e-3
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    A_init_range: tuple[float, float] = (1.0, 16.0)
+    norm_eps: float = 1e-6
+    bias: bool | None = None  # use_bias
+    conv_bias: bool = False
+
+    def derive(self, config):
+        return dict(num_heads=config.num_heads, chunk_size=config.chunk_size, bias=config.use_bias)
+
+
+LAYER_KINDS = (LayerKind(letter="d", name="Gated DeltaNet block", layer=GatedDeltaNet, options=GatedDeltaNetOptions,
+                         norm="rms", ffn="swiglu", preset="gated-deltanet", bench_heads={"125m": 6, "1.3b": 16}),)

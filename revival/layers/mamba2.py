@@ -15,6 +15,7 @@ state = (conv_state: (B, conv_kernel - 1, d_inner + 2 * n_groups * d_state),
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from torch import nn
 from ..ops.ssd import ssd
 from .conv import CausalConv1d
 from .ffn import small_init_, wang_init_
+from .kinds import LayerKind, LayerOptions
 from .norms import MultiHeadNorm
 
 __all__ = ["Mamba2", "init_decay_", "unpack_state"]
@@ -108,3 +110,31 @@ class Mamba2(nn.Module):
         gated = y.reshape(batch, T, self.d_inner) * F.silu(z)
         y = self.norm(gated.reshape(batch, T, G, self.d_inner // G))
         return self.out_proj(y), (conv_state, ssm_state)
+
+
+@dataclass(frozen=True)
+class Mamba2Options(LayerOptions):
+    """Options of letter M (`layer_options["M"]`); None: derived from the model (see `derive`)."""
+
+    d_state: int = 128
+    expand: int = 2
+    head_dim: int | None = None  # expand * d_model / num_heads (so the model's num_heads counts the SSD heads)
+    n_groups: int = 1
+    conv_kernel: int = 4
+    chunk_size: int | None = None  # chunk_size
+    dt_min: float = 1e-3
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    A_init_range: tuple[float, float] = (1.0, 16.0)
+    norm_eps: float = 1e-5
+    bias: bool | None = None  # use_bias
+    conv_bias: bool = True
+
+    def derive(self, config):
+        return dict(head_dim=self.expand * config.d_model // config.num_heads, chunk_size=config.chunk_size,
+                    bias=config.use_bias)
+
+
+LAYER_KINDS = (LayerKind(letter="M", name="Mamba-2 block", layer=Mamba2, options=Mamba2Options, norm="rms",
+                         ffn="swiglu", preset="mamba2", bench_heads={"125m": 24, "1.3b": 32},
+                         bench_tiny_options={"d_state": 16}),)

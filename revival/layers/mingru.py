@@ -16,6 +16,8 @@ scan in one kernel (`triton_scan.projected_scan_triton`) where that is faster (T
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -23,6 +25,7 @@ from ..ops.linear_scan import IMPLS as SCAN_IMPLS
 from ..ops.linear_scan import mingru_scan, mingru_step, resolve_impl
 from .conv import CausalConv1d
 from .ffn import small_init_, wang_init_
+from .kinds import LayerKind, LayerOptions
 
 __all__ = ["MinGRU"]
 
@@ -129,3 +132,22 @@ class MinGRU(MinRNNBase):
 
     def _step(self, hidden, gate, h):
         return mingru_step(gate, hidden, h)
+
+
+@dataclass(frozen=True)
+class MinGRUOptions(LayerOptions):
+    """Options of letter g (`layer_options["g"]`, also minLSTM's for letter l); None: derived (see `derive`)."""
+
+    expansion: float = 1.5
+    conv_kernel: int = 4
+    proj_out: bool | None = None  # None: an out-projection when d_inner != d_model (the layer decides)
+    bias: bool | None = None  # use_bias
+    scan_impl: str = "auto"
+    chunk_size: int | None = None  # chunk_size
+
+    def derive(self, config):
+        return dict(chunk_size=config.chunk_size, bias=config.use_bias)
+
+
+LAYER_KINDS = (LayerKind(letter="g", name="minGRU block", layer=MinGRU, options=MinGRUOptions, norm="rms",
+                         ffn="swiglu", preset="mingru", bench_heads={"125m": 4, "1.3b": 4}),)

@@ -15,7 +15,8 @@ weights); constant in T. A single-token call with a state takes a direct step. C
 from __future__ import annotations
 
 from ..ops.linear_scan import minlstm_scan, minlstm_step
-from .mingru import MinRNNBase
+from .kinds import LayerKind
+from .mingru import MinGRUOptions, MinRNNBase
 
 __all__ = ["MinLSTM"]
 
@@ -36,3 +37,7 @@ class MinLSTM(MinRNNBase):
 
     def _step(self, hidden, forget, input, h):
         return minlstm_step(forget, input, hidden, h)
+
+
+LAYER_KINDS = (LayerKind(letter="l", name="minLSTM block", layer=MinLSTM, options=MinGRUOptions, norm="rms",
+                         ffn="swiglu", preset="minlstm", bench_heads={"125m": 4, "1.3b": 4}),)

@@ -19,6 +19,8 @@ is never built. One token (decoding) takes the plain per-token maps (`_step`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,6 +28,7 @@ from torch import nn
 from ..ops.mlstm import IMPLS, PRECISIONS, mlstm, mlstm_step
 from .conv import CausalConv1d
 from .ffn import round_up, small_init_, wang_init_
+from .kinds import LayerKind, LayerOptions
 from .norms import MultiHeadNorm
 
 __all__ = ["MLSTMLayer", "HeadwiseLinear"]
@@ -210,3 +213,25 @@ class MLSTMLayer(nn.Module):
         heads = (t.view(-1, self.num_heads, self.head_dim) for t in (q, k, v))
         h, cell_state = mlstm_step(*heads, i, f, cell_state)
         return self._output(h[:, None], conv_act, z), (conv_state, cell_state)
+
+
+@dataclass(frozen=True)
+class MLSTMOptions(LayerOptions):
+    """Options of letter m (`layer_options["m"]`); None: the ModelConfig field in the comment."""
+
+    num_heads: int | None = None  # num_heads
+    proj_factor: float | None = None  # mlstm_proj_factor
+    conv_kernel: int | None = None  # mlstm_conv_kernel
+    qkv_block_size: int | None = None  # mlstm_qkv_block_size
+    chunk_size: int | None = None  # chunk_size
+    impl: str | None = None  # mlstm_impl
+    bias: bool | None = None  # use_bias
+
+    def derive(self, config):
+        return dict(num_heads=config.num_heads, proj_factor=config.mlstm_proj_factor,
+                    conv_kernel=config.mlstm_conv_kernel, qkv_block_size=config.mlstm_qkv_block_size,
+                    chunk_size=config.chunk_size, impl=config.mlstm_impl, bias=config.use_bias)
+
+
+LAYER_KINDS = (LayerKind(letter="m", name="paper mLSTM block", layer=MLSTMLayer, options=MLSTMOptions, norm="layer",
+                         ffn=None, bench_heads={"125m": 4, "1.3b": 4}),)

@@ -3,6 +3,7 @@
 Data flow for x: (B, T, D), H heads of head_dim d = D / H:
 
     conv_act  = SiLU(conv(x))                                       # causal depthwise conv, carried state
+                                                                    # conv_kernel=0: conv_act = x (official xlstm)
     i, f      = igate(conv_act), fgate(conv_act)                    # headwise (block-diagonal, one block per head)
     z, o      = zgate(x), ogate(x)
     y         = slstm(stack(i, f, z, o) + gate_bias, recurrent_weight)  # revival.ops.slstm, memory mixing per head
@@ -15,12 +16,15 @@ down to -7), gate projections small init. Our gates carry their true names (the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..ops.slstm import IMPLS, slstm, slstm_step
 from .conv import CausalConv1d
+from .kinds import LayerKind, LayerOptions
 from .mlstm_layer import HeadwiseLinear
 from .norms import MultiHeadNorm
 
@@ -90,12 +94,14 @@ class SLSTMLayer(nn.Module):
 
     forward(x: (B, T, D), state=None) -> (y: (B, T, D), state) with
     state = (conv_state (B, conv_kernel - 1, D), (c, n, m, y) each (B, H, d)); the cell state is float32 (float64 for
-    float64 inputs). conv_kernel=0 means no conv (i, f read SiLU(x)). `bias` toggles the gate biases (the cell's
-    bias, where the forget init lives); the projections themselves have none, as in the paper. A single token
-    (T == 1) takes the one-step op.
+    float64 inputs). conv_kernel=0 means no conv: i, f read x itself, as in the official xlstm package
+    (`silu_without_conv=True`: SiLU(x), what revival did before config version 2). `bias` toggles the gate biases
+    (the cell's bias, where the forget init lives); the projections themselves have none, as in the paper. A single
+    token (T == 1) takes the one-step op.
     """
 
-    def __init__(self, d_model: int, num_heads: int = 4, conv_kernel: int = 4, impl: str = "auto", bias: bool = True):
+    def __init__(self, d_model: int, num_heads: int = 4, conv_kernel: int = 4, impl: str = "auto", bias: bool = True,
+                 silu_without_conv: bool = False):
         super().__init__()
         if num_heads < 1 or d_model % num_heads:
             raise ValueError(f"num_heads: expected a positive divisor of d_model={d_model}, got {num_heads}")
@@ -104,7 +110,7 @@ class SLSTMLayer(nn.Module):
         if impl not in IMPLS:
             raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
         self.d_model, self.num_heads, self.head_dim = d_model, num_heads, d_model // num_heads
-        self.conv_kernel, self.impl = conv_kernel, impl
+        self.conv_kernel, self.impl, self.silu_without_conv = conv_kernel, impl, silu_without_conv
         self.conv = CausalConv1d(d_model, conv_kernel, bias=True, activation="silu") if conv_kernel > 0 else None
         self.igate = HeadwiseLinear(d_model, self.head_dim)
         self.fgate = HeadwiseLinear(d_model, self.head_dim)
@@ -144,7 +150,7 @@ class SLSTMLayer(nn.Module):
         B, T, D = x.shape
         conv_state, cell_state = self._split_state(state)
         if self.conv is None:
-            conv_act = F.silu(x)
+            conv_act = F.silu(x) if self.silu_without_conv else x
             conv_state = x.new_zeros(B, 0, D)
         else:
             conv_act, conv_state = self.conv(x, conv_state)  # SiLU(conv(x))
@@ -164,3 +170,22 @@ class SLSTMLayer(nn.Module):
             gates = _HeadwiseGates.apply(conv_act.to(x.dtype), x, weight.to(x.dtype), bias)  # (B, T, 4, H, d)
             y, cell_state = slstm(gates, self.recurrent_weight, cell_state, impl=self.impl)
         return self.group_norm(y), (conv_state, cell_state)
+
+
+@dataclass(frozen=True)
+class SLSTMOptions(LayerOptions):
+    """Options of letter s (`layer_options["s"]`); None: the ModelConfig field in the comment."""
+
+    num_heads: int | None = None  # slstm_num_heads, or num_heads when that is None
+    conv_kernel: int | None = None  # slstm_conv_kernel
+    impl: str | None = None  # slstm_impl
+    bias: bool = True  # the gate biases (the forget-gate init lives there); not use_bias, which is for projections
+    silu_without_conv: bool = False  # conv_kernel=0: i, f read SiLU(x) instead of x (revival's configs before v2)
+
+    def derive(self, config):
+        heads = config.slstm_num_heads if config.slstm_num_heads is not None else config.num_heads
+        return dict(num_heads=heads, conv_kernel=config.slstm_conv_kernel, impl=config.slstm_impl)
+
+
+LAYER_KINDS = (LayerKind(letter="s", name="paper sLSTM block", layer=SLSTMLayer, options=SLSTMOptions, norm="layer",
+                         ffn="gated_mlp", bench_heads={"125m": 4, "1.3b": 4}),)

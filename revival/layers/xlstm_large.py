@@ -16,6 +16,8 @@ multihead_norm, out_proj.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,7 @@ from torch import nn
 from ..ops.fused import gated_head_norm, soft_cap
 from ..ops.mlstm import IMPLS, PRECISIONS, MLSTMState, mlstm, mlstm_step
 from .ffn import small_init_, wang_init_
+from .kinds import LayerKind, LayerOptions
 from .linear import linear_many
 from .norms import MultiHeadNorm
 
@@ -139,3 +142,27 @@ def _float32_output_product_applies(x: torch.Tensor, weight: torch.Tensor) -> bo
     if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype):
         return False
     return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+
+
+@dataclass(frozen=True)
+class XLSTMLargeOptions(LayerOptions):
+    """Options of letter x (`layer_options["x"]`); None: the ModelConfig field in the comment."""
+
+    num_heads: int | None = None  # num_heads
+    qk_dim_factor: float | None = None  # qk_dim_factor
+    v_dim_factor: float | None = None  # v_dim_factor
+    gate_soft_cap: float | None = None  # gate_soft_cap
+    norm_eps: float | None = None  # norm_eps
+    use_bias: bool | None = None  # use_bias
+    chunk_size: int | None = None  # chunk_size
+    impl: str | None = None  # mlstm_impl
+    eps: float = 1e-6  # the mLSTM denominator epsilon (Hugging Face config key `eps`)
+
+    def derive(self, config):
+        return dict(num_heads=config.num_heads, qk_dim_factor=config.qk_dim_factor, v_dim_factor=config.v_dim_factor,
+                    gate_soft_cap=config.gate_soft_cap, norm_eps=config.norm_eps, use_bias=config.use_bias,
+                    chunk_size=config.chunk_size, impl=config.mlstm_impl)
+
+
+LAYER_KINDS = (LayerKind(letter="x", name="xLSTM-7B block", layer=XLSTMLargeLayer, options=XLSTMLargeOptions,
+                         norm="rms", ffn="swiglu", bench_heads={"125m": 4, "1.3b": 4}),)

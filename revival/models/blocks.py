@@ -12,19 +12,21 @@ forward(x: (B, T, D), state) -> (x: (B, T, D), state), where state is the mixer'
     x = x + mixer(norm(x), state)
     x = x + ffn(ffn_norm(x))          # when the block has a feed-forward
 
-`BLOCK_BUILDERS` maps a letter to `builder(config, block_index) -> ResidualBlock`. Layers are imported lazily inside
-the builders, so a model whose pattern does not use a layer never imports it. To wire a new letter, add one entry.
+`build_block(config, index)` builds the block of `config.pattern[index]` from that letter's layer kind: its mixer
+`kind.layer(d_model, **options)`, its pre-norm (`kind.norm`) and feed-forward (`kind.ffn`). The kinds are declared
+beside their layers (revival/layers/kinds.py says how to add one); nothing here names a layer.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from importlib import import_module
 
 import torch
 from torch import nn
 
+from ..layers.ffn import GatedMLP, SwiGLU, ffn_hidden_dim
+from ..layers.kinds import layer_kinds
 from ..layers.norms import LayerNorm, RMSNorm
 from .config import ModelConfig
 
@@ -67,94 +69,38 @@ class ResidualBlock(nn.Module):
         return f"letter={self.letter!r}, block_index={self.block_index}"
 
 
-def _layer(module: str, name: str):
-    """Import `revival.layers.<module>.<name>` on first use, with a clear error when it is not there."""
-    try:
-        return getattr(import_module(f"revival.layers.{module}"), name)
-    except (ImportError, AttributeError) as err:
-        raise ImportError(f"layer {name} (revival/layers/{module}.py) is not available: {err}") from err
-
-
 def _swiglu(config: ModelConfig) -> nn.Module:
-    ffn_module = import_module("revival.layers.ffn")
-    hidden = ffn_module.ffn_hidden_dim(config.d_model, config.ffn_proj_factor, config.ffn_round_up_to_multiple_of)
-    return ffn_module.SwiGLU(config.d_model, hidden, bias=config.use_bias)
+    hidden = ffn_hidden_dim(config.d_model, config.ffn_proj_factor, config.ffn_round_up_to_multiple_of)
+    return SwiGLU(config.d_model, hidden, bias=config.use_bias)
 
 
-def _where(config: ModelConfig, index: int) -> dict:
-    return dict(dropout=config.dropout, block_index=index, num_blocks=config.num_blocks)
+def _gated_mlp(config: ModelConfig) -> nn.Module:
+    return GatedMLP(config.d_model, proj_factor=config.slstm_ffn_proj_factor, activation=config.slstm_ffn_activation,
+                    round_to=config.ffn_round_up_to_multiple_of, bias=config.use_bias)
 
 
-def _rms(config: ModelConfig) -> RMSNorm:
+def _rms(config: ModelConfig) -> nn.Module:
     return RMSNorm(config.d_model, eps=config.norm_eps)
 
 
-def _layernorm(config: ModelConfig) -> LayerNorm:
+def _layernorm(config: ModelConfig) -> nn.Module:
     return LayerNorm(config.d_model, eps=config.norm_eps, bias=config.use_bias)
 
 
-def build_mlstm_block(config: ModelConfig, index: int) -> ResidualBlock:
-    mixer = _layer("mlstm_layer", "MLSTMLayer")(
-        config.d_model, num_heads=config.num_heads, proj_factor=config.mlstm_proj_factor,
-        conv_kernel=config.mlstm_conv_kernel, qkv_block_size=config.mlstm_qkv_block_size,
-        chunk_size=config.chunk_size, impl=config.mlstm_impl, bias=config.use_bias,
-        **config.layer_options.get("m", {}))
-    return ResidualBlock("m", _layernorm(config), mixer, **_where(config, index))
-
-
-def build_slstm_block(config: ModelConfig, index: int) -> ResidualBlock:
-    heads = config.slstm_num_heads if config.slstm_num_heads is not None else config.num_heads
-    mixer = _layer("slstm_layer", "SLSTMLayer")(
-        config.d_model, num_heads=heads, conv_kernel=config.slstm_conv_kernel, impl=config.slstm_impl,
-        **config.layer_options.get("s", {}))
-    ffn = _layer("ffn", "GatedMLP")(
-        config.d_model, proj_factor=config.slstm_ffn_proj_factor, activation=config.slstm_ffn_activation,
-        round_to=config.ffn_round_up_to_multiple_of, bias=config.use_bias)
-    return ResidualBlock("s", _layernorm(config), mixer, _layernorm(config), ffn, **_where(config, index))
-
-
-def build_xlstm_large_block(config: ModelConfig, index: int) -> ResidualBlock:
-    mixer = _layer("xlstm_large", "XLSTMLargeLayer")(
-        config.d_model, num_heads=config.num_heads, qk_dim_factor=config.qk_dim_factor,
-        v_dim_factor=config.v_dim_factor, gate_soft_cap=config.gate_soft_cap, norm_eps=config.norm_eps,
-        use_bias=config.use_bias, chunk_size=config.chunk_size, impl=config.mlstm_impl,
-        **config.layer_options.get("x", {}))
-    return ResidualBlock("x", _rms(config), mixer, _rms(config), _swiglu(config), **_where(config, index))
-
-
-def build_attention_block(config: ModelConfig, index: int) -> ResidualBlock:
-    mixer = _layer("attention", "Attention")(
-        config.d_model, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, rope_theta=config.rope_theta,
-        bias=config.use_bias, **config.layer_options.get("a", {}))
-    return ResidualBlock("a", _rms(config), mixer, _rms(config), _swiglu(config), **_where(config, index))
-
-
-def _sibling_builder(letter: str, module: str, name: str) -> Callable[[ModelConfig, int], ResidualBlock]:
-    """x + Mixer(RMSNorm(x)); x + SwiGLU(RMSNorm(x)) with Mixer(d_model, **layer_options[letter])."""
-
-    def build(config: ModelConfig, index: int) -> ResidualBlock:
-        mixer = _layer(module, name)(config.d_model, **config.layer_options.get(letter, {}))
-        return ResidualBlock(letter, _rms(config), mixer, _rms(config), _swiglu(config), **_where(config, index))
-
-    build.__name__ = f"build_{module}_block"
-    return build
-
-
-BLOCK_BUILDERS: dict[str, Callable[[ModelConfig, int], ResidualBlock]] = {
-    "m": build_mlstm_block,
-    "s": build_slstm_block,
-    "x": build_xlstm_large_block,
-    "a": build_attention_block,
-    "g": _sibling_builder("g", "mingru", "MinGRU"),
-    "l": _sibling_builder("l", "minlstm", "MinLSTM"),
-    "M": _sibling_builder("M", "mamba2", "Mamba2"),
-    "d": _sibling_builder("d", "gated_deltanet", "GatedDeltaNet"),
-}
+# the block parts a layer kind names (`LayerKind.norm`, `LayerKind.ffn`)
+NORM_BUILDERS: dict[str, Callable[[ModelConfig], nn.Module]] = {"layer": _layernorm, "rms": _rms}
+FFN_BUILDERS: dict[str, Callable[[ModelConfig], nn.Module]] = {"swiglu": _swiglu, "gated_mlp": _gated_mlp}
 
 
 def build_block(config: ModelConfig, index: int) -> ResidualBlock:
-    """The block for `config.pattern[index]`."""
+    """The block for `config.pattern[index]`, as its layer kind declares it (revival/layers/kinds.py)."""
     letter = config.pattern[index]
-    if letter not in BLOCK_BUILDERS:
-        raise ValueError(f"pattern: no block builder for letter {letter!r}; known: {sorted(BLOCK_BUILDERS)}")
-    return BLOCK_BUILDERS[letter](config, index)
+    kinds = layer_kinds()
+    if letter not in kinds:
+        raise ValueError(f"pattern: no layer kind for letter {letter!r}; known: {sorted(kinds)}")
+    kind = kinds[letter]
+    mixer = kind.layer(config.d_model, **kind.build_options(config).kwargs())
+    norm = NORM_BUILDERS[kind.norm]
+    ffn_norm, ffn = (None, None) if kind.ffn is None else (norm(config), FFN_BUILDERS[kind.ffn](config))
+    return ResidualBlock(letter, norm(config), mixer, ffn_norm, ffn, dropout=config.dropout, block_index=index,
+                         num_blocks=config.num_blocks)

@@ -1,21 +1,19 @@
 """`ModelConfig`: one dataclass describing every model revival builds.
 
 A model is an embedding, a stack of residual blocks described by a *layer pattern* (one letter per block), a final
-norm and an LM head. Pattern letters:
+norm and an LM head. Each letter is a layer kind declared beside its layer (revival/layers/kinds.py); `PATTERN_LETTERS`
+maps each letter to its block, e.g.
 
-    m   paper mLSTM block ("pre up-projection"):  x + MLSTMLayer(LayerNorm(x))
-    s   paper sLSTM block ("post up-projection"): x + SLSTMLayer(LayerNorm(x)); x + GatedMLP(LayerNorm(x))
-    x   xLSTM-7B block:                           x + XLSTMLargeLayer(RMSNorm(x)); x + SwiGLU(RMSNorm(x))
-    a   Llama attention block:                    x + Attention(RMSNorm(x)); x + SwiGLU(RMSNorm(x))
-    g   minGRU block:                             x + MinGRU(RMSNorm(x)); x + SwiGLU(RMSNorm(x))
-    l   minLSTM block:                            x + MinLSTM(RMSNorm(x)); x + SwiGLU(RMSNorm(x))
-    M   Mamba-2 block:                            x + Mamba2(RMSNorm(x)); x + SwiGLU(RMSNorm(x))
-    d   Gated DeltaNet block:                     x + GatedDeltaNet(RMSNorm(x)); x + SwiGLU(RMSNorm(x))
+    m   paper mLSTM block: x + MLSTMLayer(LayerNorm(x))
+    s   paper sLSTM block: x + SLSTMLayer(LayerNorm(x)); x + GatedMLP(LayerNorm(x))
+    M   Mamba-2 block:     x + Mamba2(RMSNorm(x)); x + SwiGLU(RMSNorm(x))
 
-The g/l/M/d mixers are built as `Mixer(d_model, **layer_options[letter])` (their own defaults otherwise).
+and `describe_layer_kinds()` lists every letter with its options. So xLSTM[7:1] is `"msmmmmmm..."`, a Transformer
+is `"aaaa"` and a Jamba-style hybrid is `"MMMMaMMM"`: one field apart.
 
-So xLSTM[7:1] is `"msmmmmmm..."`, a Transformer is `"aaaa"` and a Jamba-style hybrid is `"xxxaxxxa"`: one field apart.
-Extra keyword arguments for a letter's mixer go in `layer_options`, e.g. `{"g": {"expansion": 2}}`.
+A block's layer takes the options in `layer_options[letter]` (e.g. `{"g": {"expansion": 2}}`; the names are the
+fields of the kind's options dataclass); every option left out that follows the model (head counts, chunk_size,
+bias, ...) is derived from this config's fields when the block is built, so `replace(num_heads=...)` re-derives.
 """
 
 from __future__ import annotations
@@ -24,16 +22,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-PATTERN_LETTERS: dict[str, str] = {
-    "m": "paper mLSTM block: x + MLSTMLayer(LayerNorm(x))",
-    "s": "paper sLSTM block: x + SLSTMLayer(LayerNorm(x)); x + GatedMLP(LayerNorm(x))",
-    "x": "xLSTM-7B block: x + XLSTMLargeLayer(RMSNorm(x)); x + SwiGLU(RMSNorm(x))",
-    "a": "Llama attention block: x + Attention(RMSNorm(x)); x + SwiGLU(RMSNorm(x))",
-    "g": "minGRU block: x + MinGRU(RMSNorm(x)); x + SwiGLU(RMSNorm(x))",
-    "l": "minLSTM block: x + MinLSTM(RMSNorm(x)); x + SwiGLU(RMSNorm(x))",
-    "M": "Mamba-2 block: x + Mamba2(RMSNorm(x)); x + SwiGLU(RMSNorm(x))",
-    "d": "Gated DeltaNet block: x + GatedDeltaNet(RMSNorm(x)); x + SwiGLU(RMSNorm(x))",
-}
+from ..layers.kinds import layer_kinds
+
+PATTERN_LETTERS: dict[str, str] = {k.letter: f"{k.name}: {k.equation}" for k in layer_kinds().values()}
 MLSTM_IMPLS = ("auto", "recurrent", "parallel", "chunkwise", "triton")
 FINAL_NORMS = ("layer", "rms")
 FFN_ACTIVATIONS = ("gelu", "silu", "relu")
@@ -76,7 +67,7 @@ class ModelConfig:
     logit_soft_cap: float | None = None  # logits -> cap * tanh(logits / cap)
     use_bias: bool = False
     dropout: float = 0.0
-    layer_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # letter -> extra mixer kwargs
+    layer_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # letter -> its layer's options
 
     def __post_init__(self) -> None:
         self.validate()
@@ -105,7 +96,8 @@ class ModelConfig:
         if not isinstance(self.pattern, str) or not self.pattern:
             raise ValueError(f"pattern: expected a non-empty string of block letters, got {self.pattern!r}; "
                              f"letters: {_letters_help()}")
-        unknown = sorted({c for c in self.pattern if c not in PATTERN_LETTERS})
+        kinds = layer_kinds()
+        unknown = sorted({c for c in self.pattern if c not in kinds})
         if unknown:
             raise ValueError(f"pattern: unknown letter(s) {unknown} in {self.pattern!r}; "
                              f"valid letters: {_letters_help()}")
@@ -149,11 +141,11 @@ class ModelConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
         if not isinstance(self.layer_options, dict):
-            raise ValueError(f"layer_options: expected a dict letter -> kwargs, got {self.layer_options!r}")
+            raise ValueError(f"layer_options: expected a dict letter -> options, got {self.layer_options!r}")
         for letter, options in self.layer_options.items():
-            if letter not in PATTERN_LETTERS or not isinstance(options, dict):
-                raise ValueError(f"layer_options: expected keys among {list(PATTERN_LETTERS)} with dict values, "
-                                 f"got {letter!r}: {options!r}")
+            if letter not in kinds:
+                raise ValueError(f"layer_options: expected keys among {list(kinds)}, got {letter!r}")
+            kinds[letter].options.from_dict(letter, options)  # rejects unknown option names
 
     # ------------------------------------------------------------------ (de)serialization
     @classmethod
@@ -196,4 +188,11 @@ def _divisors(n: int) -> list[int]:
 
 
 def _letters_help() -> str:
-    return ", ".join(f"{k!r} ({v.split(':')[0]})" for k, v in PATTERN_LETTERS.items())
+    return ", ".join(f"{k.letter!r} ({k.name})" for k in layer_kinds().values())
+
+
+def describe_layer_kinds(config: ModelConfig | None = None) -> str:
+    """Every pattern letter: its block and its options with their defaults; a None option is derived from the model,
+    and its value for `config` (default: `ModelConfig()`) is shown."""
+    config = ModelConfig() if config is None else config
+    return "\n".join(kind.describe(config) for kind in layer_kinds().values())

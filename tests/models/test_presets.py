@@ -55,15 +55,14 @@ def test_sibling_preset_patterns():
     assert jamba.count("a") == 4 and [i for i, c in enumerate(jamba) if c == "a"] == [4, 12, 20, 28]
 
 
-def test_sibling_layer_options_follow_the_model_and_yield_to_the_caller():
-    mamba = preset_config("mamba2", d_model=96, num_heads=3, chunk_size=16)
-    assert mamba.layer_options["M"] == {"d_state": 128, "head_dim": 64, "chunk_size": 16, "bias": False}
-    assert LanguageModel(mamba).blocks[0].mixer.num_heads == 3
+def test_sibling_layer_sizes_follow_the_model_and_yield_to_the_caller():
+    mamba = LanguageModel(preset_config("mamba2", d_model=96, num_heads=3, chunk_size=16)).blocks[0].mixer
+    assert (mamba.d_state, mamba.head_dim, mamba.num_heads, mamba.chunk_size) == (128, 64, 3, 16)
     mine = preset_config("mamba2", d_model=96, num_heads=3, layer_options={"M": {"d_state": 16, "expand": 1}})
-    assert mine.layer_options["M"]["d_state"] == 16 and mine.layer_options["M"]["head_dim"] == 32
-    delta = preset_config("hybrid", d_model=64, num_heads=4)
-    assert delta.layer_options == {"d": {"num_heads": 4, "chunk_size": 64, "bias": False}}
-    assert LanguageModel(delta.replace(vocab_size=11)).blocks[0].mixer.num_heads == 4
+    mixer = LanguageModel(mine).blocks[0].mixer
+    assert mixer.d_state == 16 and mixer.head_dim == 32
+    delta = LanguageModel(preset_config("hybrid", d_model=64, num_heads=4, vocab_size=11)).blocks[0].mixer
+    assert delta.num_heads == 4 and delta.chunk_size == 64
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
