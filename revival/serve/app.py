@@ -153,6 +153,70 @@ class _Delta:
         return delta
 
 
+class _AuthAndCount:
+    """ASGI middleware: the API key check (all paths but /health) and request counts by path and status.
+
+    A plain ASGI wrapper rather than `@app.middleware`, whose wrapping of `receive` hides client disconnects.
+    """
+
+    def __init__(self, app, api_key: str | None, counts: dict):
+        self.app, self.api_key, self.counts = app, api_key, counts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if self.api_key is not None and path != "/health":
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            given = header[7:] if header.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+                self._count(path, 401)
+                response = _error(401, "missing or wrong API key (send 'Authorization: Bearer KEY')")
+                return await response(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self._count(path, message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+    def _count(self, path: str, status: int) -> None:
+        self.counts[(path, status)] = self.counts.get((path, status), 0) + 1
+
+
+class _Events:
+    """One request's engine events, handed to the event loop; cancels the request once the client has gone."""
+
+    CHECK_EVERY = 0.5  # seconds between disconnect checks
+
+    def __init__(self, request: Request):
+        self.request = request
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.handle = None
+        self.checked_at = time.monotonic()
+
+    def deliver(self, event) -> None:
+        """Called on the engine thread."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the event loop is gone (shutdown)
+            pass
+
+    async def next(self):
+        while True:
+            if time.monotonic() - self.checked_at >= self.CHECK_EVERY:
+                self.checked_at = time.monotonic()
+                if await self.request.is_disconnected():
+                    self.handle.cancel()
+                    raise asyncio.CancelledError
+            try:
+                return await asyncio.wait_for(self.queue.get(), timeout=self.CHECK_EVERY)
+            except asyncio.TimeoutError:
+                pass
+
+
 # ------------------------------------------------------------------------------------------------ the app
 def create_app(engine: Engine, tokenizer, model_name: str = "revival", api_key: str | None = None,
                states_dir: str | Path | None = None) -> FastAPI:
@@ -180,22 +244,7 @@ def create_app(engine: Engine, tokenizer, model_name: str = "revival", api_key: 
     async def on_unexpected(request: Request, error: Exception):
         return _error(500, f"internal error: {type(error).__name__}: {error}")
 
-    @app.middleware("http")
-    async def authenticate_and_count(request: Request, call_next):
-        path = request.url.path
-        if api_key is not None and path != "/health":
-            header = request.headers.get("authorization", "")
-            given = header[7:] if header.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(given.encode(), api_key.encode()):
-                response = _error(401, "missing or wrong API key (send 'Authorization: Bearer KEY')")
-                counts[(path, 401)] = counts.get((path, 401), 0) + 1
-                return response
-        try:
-            response = await call_next(request)
-        except Exception as error:  # anything that escaped the handlers
-            response = _error(500, f"internal error: {type(error).__name__}: {error}")
-        counts[(path, response.status_code)] = counts.get((path, response.status_code), 0) + 1
-        return response
+    app.add_middleware(_AuthAndCount, api_key=api_key, counts=counts)
 
     # -------------------------------------------------------------------------------------------- plumbing
     def sampling(body: _Sampling, max_tokens: int) -> SamplingParams:
@@ -215,44 +264,27 @@ def create_app(engine: Engine, tokenizer, model_name: str = "revival", api_key: 
             raise EngineError(400, "prompt: encodes to no tokens", "prompt")
         return ids
 
-    def submit(ids: list[int], params: SamplingParams, prefill_only: bool = False):
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
-        def deliver(event):
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the event loop is gone (shutdown)
-                pass
-
-        handle = engine.submit(ids, params, deliver, prefill_only=prefill_only)
-        return handle, events
-
-    async def next_event(events: asyncio.Queue, request: Request, handle):
-        """The next engine event; cancels the engine request when the client disconnects."""
-        while True:
-            try:
-                return await asyncio.wait_for(events.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    handle.cancel()
-                    raise asyncio.CancelledError from None
+    def submit(ids: list[int], params: SamplingParams, request: Request, prefill_only: bool = False) -> _Events:
+        events = _Events(request)
+        events.handle = engine.submit(ids, params, events.deliver, prefill_only=prefill_only)
+        return events
 
     def stops_of(body: _Sampling) -> list[str]:
         return [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
 
     async def run(kind: str, body, ids: list[int], max_tokens: int, request: Request):
         params = sampling(body, max_tokens)
-        handle, events = submit(ids, params)
+        events = submit(ids, params, request)
+        handle = events.handle
         text = _Delta(tokenizer, stops_of(body), eos_id)
         response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.stream:
-            return StreamingResponse(stream(kind, body, ids, response_id, handle, events, text, request),
+            return StreamingResponse(stream(kind, body, ids, response_id, events, text),
                                      media_type="text/event-stream")
         pieces = []
         try:
             while True:
-                event = await next_event(events, request, handle)
+                event = await events.next()
                 if isinstance(event, Token):
                     pieces.append(text.add(event.id))
                     if text.stopped:
@@ -299,12 +331,13 @@ def create_app(engine: Engine, tokenizer, model_name: str = "revival", api_key: 
                    "choices": [choice]}
         return f"data: {json.dumps(payload)}\n\n"
 
-    async def stream(kind, body, ids, response_id, handle, events, text: _Delta, request: Request):
+    async def stream(kind, body, ids, response_id, events: _Events, text: _Delta):
+        handle = events.handle
         first = True
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         try:
             while True:
-                event = await next_event(events, request, handle)
+                event = await events.next()
                 if isinstance(event, Token):
                     delta = text.add(event.id)
                     if text.stopped:
@@ -382,8 +415,8 @@ def create_app(engine: Engine, tokenizer, model_name: str = "revival", api_key: 
         if (body.prompt is None) == (body.messages is None):
             raise EngineError(400, "give exactly one of 'prompt' and 'messages'", "prompt")
         ids = encode(body.prompt if body.prompt is not None else render_chat(body.messages))
-        handle, events = submit(ids, SamplingParams(max_tokens=1), prefill_only=True)
-        event = await next_event(events, request, handle)
+        events = submit(ids, SamplingParams(max_tokens=1), request, prefill_only=True)
+        event = await events.next()
         if isinstance(event, Failed):
             return _error(event.status, event.message)
         if event.snapshot is None:

@@ -7,7 +7,6 @@ Every wait is bounded.
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import uvicorn  # noqa: E402
 from revival import LanguageModel, ModelConfig  # noqa: E402
 from revival.data.tokenizers import ByteTokenizer  # noqa: E402
 from revival.serve.app import create_app, render_chat  # noqa: E402
-from revival.serve.engine import Engine, EngineConfig, EngineError, SamplingParams  # noqa: E402
+from revival.serve.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 from revival.serve.slots import SlotKVCache, SlotPool  # noqa: E402
 from revival.serve.snapshots import Snapshot, SnapshotCache  # noqa: E402
 
@@ -310,3 +309,136 @@ def test_named_state_saved_and_loaded_into_a_fresh_server_gives_identical_tokens
     finally:
         server.close()
         other.stop()
+
+
+# ------------------------------------------------------------------------------------------------ limits, bad input
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory):
+    """A recurrent-only model, one slot, a 2 s request timeout, an API key."""
+    engine = Engine(tiny_model("x"), EngineConfig(num_slots=1, max_prompt_tokens=16, max_tokens=100_000,
+                                                  request_timeout=2.0)).start()
+    server = Server(create_app(engine, TOKENIZER, model_name="tiny", api_key=KEY,
+                               states_dir=tmp_path_factory.mktemp("limited-states")))
+    yield Served(engine, server.url, None)
+    server.close()
+    engine.stop()
+
+
+def post(url: str, path: str, timeout: float = WAIT, **kwargs) -> httpx.Response:
+    return httpx.post(url + path, headers=AUTH, timeout=timeout, **kwargs)
+
+
+@pytest.mark.parametrize("body, status, says", [
+    (b"{not json", 400, "malformed JSON"),
+    (b"[1, 2]", 400, "body"),
+    ({"prompt": "a", "frobnicate": 1}, 400, "unknown field 'frobnicate'"),
+    ({"max_tokens": 3}, 400, "prompt: required"),
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": [-1]}, 400, "token ids must be integers in [0, 257)"),
+    ({"prompt": [1, 257]}, 400, "token ids must be integers in [0, 257)"),
+    ({"prompt": [1.5]}, 400, "prompt"),
+    ({"prompt": [True]}, 400, "prompt"),
+    ({"prompt": list(range(17))}, 400, "max_prompt_tokens 16"),
+    ({"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "a", "max_tokens": 100_001}, 400, "max_tokens: expected an integer in [1, 100000]"),
+    ({"prompt": "a", "temperature": "hot"}, 400, "temperature"),
+    ({"prompt": "a", "temperature": 2.5}, 400, "temperature"),
+    ({"prompt": "a", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "a", "top_k": 0}, 400, "top_k"),
+    ({"prompt": "a", "seed": -1}, 400, "seed"),
+    ({"prompt": "a", "n": 2}, 400, "n"),
+    ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"prompt": "a", "model": "gpt-9"}, 404, "'gpt-9' is not served here"),
+])
+def test_bad_completion_requests_get_a_4xx_with_a_clear_message(limited, body, status, says):
+    kwargs = {"content": body, "headers": {**AUTH, "content-type": "application/json"}} if isinstance(
+        body, bytes) else {"json": body, "headers": AUTH}
+    response = httpx.post(limited.url + "/v1/completions", timeout=WAIT, **kwargs)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert says in error["message"] and error["code"] == status
+
+
+def test_bad_chat_and_state_requests(limited):
+    assert post(limited.url, "/v1/chat/completions", json={"messages": []}).status_code == 400
+    wrong_role = post(limited.url, "/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]})
+    assert wrong_role.status_code == 400 and "role" in wrong_role.json()["error"]["message"]
+    both = post(limited.url, "/v1/states", json={"name": "s", "prompt": "a", "messages": [
+        {"role": "user", "content": "b"}]})
+    assert both.status_code == 400 and "exactly one" in both.json()["error"]["message"]
+    bad_name = post(limited.url, "/v1/states", json={"name": ".hidden", "prompt": "a"})
+    assert bad_name.status_code == 400 and "name" in bad_name.json()["error"]["message"]
+    assert post(limited.url, "/v1/states/nothing-here/load").status_code == 404
+
+
+def test_the_api_key_is_required_except_for_health(limited):
+    assert httpx.get(limited.url + "/health", timeout=WAIT).status_code == 200
+    assert httpx.get(limited.url + "/v1/models", timeout=WAIT).status_code == 401
+    wrong = httpx.get(limited.url + "/v1/models", headers={"Authorization": "Bearer nope"}, timeout=WAIT)
+    assert wrong.status_code == 401 and "API key" in wrong.json()["error"]["message"]
+    assert httpx.get(limited.url + "/metrics", timeout=WAIT).status_code == 401
+    client = openai.OpenAI(base_url=limited.url + "/v1", api_key=KEY, max_retries=0, timeout=WAIT)
+    assert client.models.list().data[0].id == "tiny"
+
+
+def test_a_full_queue_answers_429():
+    engine = Engine(tiny_model("x"), EngineConfig(num_slots=1, max_queue=1))  # never started: nothing drains
+    server = Server(create_app(engine, TOKENIZER, model_name="tiny"))
+    try:
+        engine.submit([1], SamplingParams(max_tokens=1), lambda event: None)
+        response = httpx.post(server.url + "/v1/completions", json={"prompt": "a"}, timeout=WAIT)
+        assert response.status_code == 429 and "queue is full" in response.json()["error"]["message"]
+    finally:
+        server.close()
+
+
+def test_a_request_past_its_timeout_gets_504_and_frees_its_slot(limited):
+    start = time.monotonic()
+    response = post(limited.url, "/v1/completions", json={"prompt": "a", "max_tokens": 100_000, "temperature": 0})
+    assert response.status_code == 504 and "timed out after 2 s" in response.json()["error"]["message"]
+    assert time.monotonic() - start < WAIT
+    wait_until(lambda: limited.engine.stats()["active_slots"] == 0, "the slot to be freed")
+
+
+def test_a_client_that_disconnects_frees_its_slot(limited):
+    engine = limited.engine
+    cancelled = engine.metrics["requests_cancelled"]
+    body = {"prompt": "a", "max_tokens": 100_000, "stream": True}
+    with httpx.stream("POST", limited.url + "/v1/completions", json=body, headers=AUTH, timeout=WAIT) as response:
+        assert response.status_code == 200
+        next(response.iter_lines())  # generation is under way
+        assert engine.stats()["active_slots"] == 1
+    wait_until(lambda: engine.metrics["requests_cancelled"] > cancelled, "the stream's request to be cancelled")
+    wait_until(lambda: engine.stats()["active_slots"] == 0, "the slot to be freed")
+    with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up frees its slot too
+        post(limited.url, "/v1/completions", timeout=0.5, json={"prompt": "a", "max_tokens": 100_000})
+    wait_until(lambda: engine.metrics["requests_cancelled"] > cancelled + 1, "the request to be cancelled")
+    wait_until(lambda: engine.stats()["active_slots"] == 0, "the slot to be freed")
+
+
+def test_a_failing_step_fails_its_request_and_the_server_keeps_serving(limited, monkeypatch):
+    model = limited.engine.model
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated device failure")
+
+    monkeypatch.setattr(model, "forward", broken)
+    failed = post(limited.url, "/v1/completions", json={"prompt": "ab", "max_tokens": 3})
+    assert failed.status_code == 500 and "simulated device failure" in failed.json()["error"]["message"]
+    monkeypatch.undo()
+    ok = post(limited.url, "/v1/completions", json={"prompt": "ab", "max_tokens": 3, "temperature": 0})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+    assert httpx.get(limited.url + "/health", timeout=WAIT).json() == {"status": "ok"}
+
+
+def test_metrics_are_prometheus_text(served):
+    text = httpx.get(served.url + "/metrics", timeout=WAIT).text
+    for name in ("revival_queue_depth", "revival_active_slots", "revival_state_pool_bytes", "revival_snapshot_bytes",
+                 "revival_tokens_per_second", "revival_generated_tokens_total", 'path="/v1/completions",status="200"'):
+        assert name in text
+    pool = [line for line in text.splitlines() if line.startswith("revival_state_pool_bytes ")]
+    assert int(pool[0].split()[1]) == served.engine.pool.nbytes() > 0
