@@ -3,8 +3,8 @@ loop of torch.nn.LSTMCell, T=4096, B=64, D=256, float32 (issue 5, item 5).
 
 Run on a CUDA machine:  python benchmarks/gpu_scan.py --out benchmarks/results [--skip-sweep]
 In one process it (1) measures the copy bandwidth (the ceiling of these memory-bound kernels), (2) tries a few tile
-shapes for each Triton kernel and keeps the fastest, (3) checks the Triton scans and the layers' fused path at full
-shape against float64 reference loops (forward and gradients, fresh random inputs, freed memory poisoned with NaN),
+shapes for each Triton kernel and reports the fastest, (3) checks the Triton scans and the layers' Triton path at
+full shape against float64 reference loops (forward and gradients, fresh random inputs, freed memory poisoned with NaN),
 (4) times forward (no grad) and forward+backward (triton.testing.do_bench medians; the LSTMCell loop by CUDA events,
 few repetitions) under two float32 matmul settings: "highest" (strict float32, TF32 off in cuBLAS, cuDNN and tl.dot)
 and "high" (TF32 matmuls; cuDNN's default for the LSTM), and writes gpu_scan.json + gpu_scan.png.
@@ -85,7 +85,7 @@ def copy_bandwidth() -> float:
 
 # ----------------------------------------------------------------------------------------------- checks
 def check_scans(seed=0):
-    """Triton scans (gate math fused) vs the float64 loops of log_scan, forward + gradients, full shape."""
+    """Triton scans (gate math fused) vs the float64 loops of linear_scan, forward + gradients, full shape."""
     from revival.ops.linear_scan import mingru_scan, minlstm_scan
     from revival.ops.linear_scan import triton as ts
 
@@ -110,8 +110,8 @@ def check_scans(seed=0):
 
 
 def check_layers(seed=1):
-    """The layers. Triton paths in float32 (default: fused projection under TF32, cuBLAS + the scan kernel in strict
-    float32) vs the float64 layer with the reference loop."""
+    """The layers' Triton path in float32 (cuBLAS in-projection + the scan kernel) vs the float64 layer with the
+    reference loop."""
     from revival.layers.mingru import MinGRU
     from revival.layers.minlstm import MinLSTM
 
@@ -145,50 +145,41 @@ def check_layers(seed=1):
 # ----------------------------------------------------------------------------------------------- tile sweep
 def sweep():
     """Try tile shapes per kernel on minLSTM inputs (the heaviest), keep the fastest; returns all timings."""
+    import dataclasses
+
     from revival.ops.linear_scan import triton as ts
 
     x = [torch.randn(B, T, D, device=DEV) for _ in range(3)]
-    u, w = torch.randn(B, T, D, device=DEV), torch.randn(3 * D, D, device=DEV) / 16
     dh = torch.randn(B, T, D, device=DEV)
-    results = {"forward": {}, "backward": {}, "proj_tf32": {}, "proj_ieee": {}}
+    results = {"forward": {}, "backward": {}}
     scan_tiles = [(16, 32, 4), (32, 32, 4), (32, 32, 2), (64, 32, 4), (16, 64, 4), (32, 64, 4), (32, 16, 1),
                   (16, 16, 1)]
-    proj_tiles = {"tf32": [(128, 32, 32, 4), (64, 64, 32, 4), (128, 64, 32, 8), (128, 64, 32, 4), (256, 64, 32, 8),
-                           (128, 128, 32, 8), (64, 32, 32, 4)],
-                  "ieee": [(64, 64, 32, 4), (128, 32, 32, 4), (64, 128, 32, 8)]}
+    if DEV == "cpu":
+        scan_tiles = scan_tiles[:2]
 
-    def pick(table, key, configs, make, run):
+    def pick(key, fields, run):
         best = None
-        for cfg in configs:
-            table.update(make(cfg))
+        for tiles in scan_tiles:
+            launch = ts.LaunchConfig(**dict(zip(fields, tiles)))
             try:
-                ms = bench(run, rep=40)
+                ms = bench(lambda launch=launch: run(launch), rep=40)
             except Exception as exc:  # noqa: BLE001 - a tile the compiler rejects is recorded and skipped
                 ms = f"error: {type(exc).__name__}: {exc}"[:200]
-            results[key][str(cfg)] = ms
+            results[key][str(tiles)] = ms
             if isinstance(ms, float) and (best is None or ms < best[0]):
-                best = (ms, cfg)
-        table.update(make(best[1]))
+                best = (ms, tiles)
         return best
 
-    if DEV == "cpu":
-        scan_tiles, proj_tiles = scan_tiles[:2], {k: v[:2] for k, v in proj_tiles.items()}
-    scan_dict = lambda c: {"BT": c[0], "BD": c[1], "num_warps": c[2]}  # noqa: E731
     with torch.no_grad():
-        pick(ts.SCAN_BLOCKS, "forward", scan_tiles, scan_dict, lambda: ts.minlstm_scan_triton(*x))
+        pick("forward", ("block_t", "block_d", "num_warps"), lambda launch: ts.minlstm_scan_triton(*x, launch=launch))
     leaves = [t.requires_grad_() for t in x]
-    h, _ = ts.minlstm_scan_triton(*leaves)
-    pick(ts.BWD_BLOCKS, "backward", scan_tiles, scan_dict,
-         lambda: torch.autograd.grad(h, leaves, dh, retain_graph=True))
-    proj_dict = lambda c: {"BT": c[0], "BD": c[1], "BK": c[2], "num_warps": c[3]}  # noqa: E731
-    for mode, precision in (("high", "tf32"), ("highest", "ieee")):
-        set_precision(mode)
-        with torch.no_grad():
-            pick(ts.PROJ_BLOCKS[precision], f"proj_{precision}", proj_tiles[precision], proj_dict,
-                 lambda: ts.projected_scan_triton(u, w, None, None, ts.MINLSTM, (1, 2, 0)))
-    set_precision("highest")
-    results["chosen"] = {"forward": dict(ts.SCAN_BLOCKS), "backward": dict(ts.BWD_BLOCKS),
-                         "proj": {k: dict(v) for k, v in ts.PROJ_BLOCKS.items()}}
+
+    def backward(launch):
+        h, _ = ts.minlstm_scan_triton(*leaves, launch=launch)
+        return torch.autograd.grad(h, leaves, dh)
+
+    pick("backward", ("backward_block_t", "backward_block_d", "backward_num_warps"), backward)
+    results["default"] = dataclasses.asdict(ts.LaunchConfig())
     return results
 
 
@@ -206,7 +197,6 @@ def time_all(mode: str, loop_reps: int):
     from revival.layers.mingru import MinGRU
     from revival.layers.minlstm import MinLSTM
     from revival.ops.linear_scan import mingru_scan, minlstm_scan
-    from revival.ops.linear_scan import triton as ts
 
     set_precision(mode)
     torch.manual_seed(0)
@@ -222,12 +212,7 @@ def time_all(mode: str, loop_reps: int):
             return scan(*branches)[0]
         return run
 
-    def fused(module, kind, roles):  # projection inside the Triton kernel
-        return lambda inp: ts.projected_scan_triton(inp, module.in_proj.weight, None, None, kind, roles)[0]
-
     methods = {
-        "minGRU fused proj (Triton)": (fused(gru, ts.MINGRU, (1, 0)), list(gru.parameters())),
-        "minLSTM fused proj (Triton)": (fused(lstm_min, ts.MINLSTM, (1, 2, 0)), list(lstm_min.parameters())),
         "minGRU cuBLAS + Triton scan": (unfused(gru, lambda h, g: mingru_scan(g, h, impl="triton")),
                                         list(gru.parameters())),
         "minLSTM cuBLAS + Triton scan": (unfused(lstm_min, lambda h, f, i: minlstm_scan(f, i, h, impl="triton")),
@@ -265,7 +250,7 @@ def time_all(mode: str, loop_reps: int):
     times["nn.LSTMCell loop"] = {"fwd": bench_events(loop_fwd, loop_reps), "fwd_bwd": bench_events(loop_fwd_bwd, 2),
                                  "reps": {"fwd": loop_reps, "fwd_bwd": 2}}
     print(f"  [{mode}] nn.LSTMCell loop: {times['nn.LSTMCell loop']}", flush=True)
-    times["layer default path"] = "fused proj" if ts.fuse_projection(torch.float32) else "cuBLAS + Triton scan"
+    times["layer default path"] = "cuBLAS + Triton scan"
     set_precision("highest")
     return times
 

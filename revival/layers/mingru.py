@@ -9,9 +9,8 @@ The mixer only: no residual around it, no outer norm, no MLP (the model's block 
 forward(x: (B, T, d_model), state=None) -> (y: (B, T, d_model), state) with
 state = (conv_state: (B, max(conv_kernel - 1, 0), d_model), h: (B, d_inner)), h in float32 (float64 for float64
 weights); its size does not depend on T. A single-token call with a state takes a direct step.
-scan_impl="auto" (default) runs the Triton kernels on CUDA and the log-space scan elsewhere: in-projection + gates +
-scan in one kernel (`triton_scan.projected_scan_triton`) where that is faster (TF32 or half precision, see
-`triton_scan.FUSE_PROJECTION`), else the in-projection by cuBLAS and the gates + scan in one kernel.
+scan_impl="auto" (default) runs the Triton kernels on CUDA and the log-space scan elsewhere: the in-projection by
+cuBLAS, then the gates + scan in one kernel (revival.ops.linear_scan.triton).
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from ..ops.linear_scan import IMPLS as SCAN_IMPLS
-from ..ops.linear_scan import mingru_scan, mingru_step, resolve_impl
+from ..ops.linear_scan import mingru_scan, mingru_step
 from .conv import CausalConv1d
 from .ffn import small_init_, wang_init_
 from .kinds import LayerKind, LayerOptions
@@ -84,12 +83,6 @@ class MinRNNBase(nn.Module):
         else:
             u, conv_state = x, x.new_zeros(x.shape[0], 0, self.d_model)
         stepping = x.shape[1] == 1 and h0 is not None
-        if not stepping and resolve_impl(self.scan_impl, u) == "triton" and u.dtype == self.in_proj.weight.dtype:
-            from ..ops.linear_scan.triton import fuse_projection
-
-            if fuse_projection(u.dtype):
-                h, h_last = self._fused_scan(u, h0)
-                return (h if self.out_proj is None else self.out_proj(h)), (conv_state, h_last)
         branches = self.in_proj(u).chunk(self.num_branches, dim=-1)
         if stepping:
             h_last = self._step(*(b[:, 0].to(h0.dtype) for b in branches), h0)
@@ -100,9 +93,6 @@ class MinRNNBase(nn.Module):
         return y, (conv_state, h_last)
 
     def _scan(self, *branches_and_h0):
-        raise NotImplementedError
-
-    def _fused_scan(self, u, h0):
         raise NotImplementedError
 
     def _step(self, *branches_and_h):
@@ -124,11 +114,6 @@ class MinGRU(MinRNNBase):
 
     def _scan(self, hidden, gate, h0):
         return mingru_scan(gate, hidden, h0, impl=self.scan_impl, chunk_size=self.chunk_size)
-
-    def _fused_scan(self, u, h0):
-        from ..ops.linear_scan.triton import MINGRU, projected_scan_triton
-
-        return projected_scan_triton(u, self.in_proj.weight, self.in_proj.bias, h0, MINGRU, (1, 0))  # (hidden, gate)
 
     def _step(self, hidden, gate, h):
         return mingru_step(gate, hidden, h)

@@ -29,12 +29,6 @@ class MinLSTM(MinRNNBase):
     def _scan(self, hidden, forget, input, h0):
         return minlstm_scan(forget, input, hidden, h0, impl=self.scan_impl, chunk_size=self.chunk_size)
 
-    def _fused_scan(self, u, h0):
-        from ..ops.linear_scan.triton import MINLSTM, projected_scan_triton
-
-        # branches (hidden, forget, input) -> roles (forget, input, hidden)
-        return projected_scan_triton(u, self.in_proj.weight, self.in_proj.bias, h0, MINLSTM, (1, 2, 0))
-
     def _step(self, hidden, forget, input, h):
         return minlstm_step(forget, input, hidden, h)
 

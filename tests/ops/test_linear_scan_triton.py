@@ -9,6 +9,7 @@ Full-shape checks on the GPU: benchmarks/gpu_scan.py.
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -33,15 +34,7 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 F64 = torch.float64
 B, T, D = 2, 21, 20  # tiles of 8 steps x 16 channels: 3 time tiles (last partial), 2 channel blocks (last partial)
-
-
-@pytest.fixture(autouse=True)
-def small_tiles(monkeypatch):
-    for blocks in (ts.SCAN_BLOCKS, ts.BWD_BLOCKS):
-        monkeypatch.setitem(blocks, "BT", 8)
-        monkeypatch.setitem(blocks, "BD", 16)
-    for precision in ("tf32", "ieee"):
-        monkeypatch.setitem(ts.PROJ_BLOCKS, precision, {"BT": 16, "BD": 16, "BK": 16, "num_warps": 4})
+SMALL = ts.LaunchConfig(block_t=8, block_d=16, backward_block_t=8, backward_block_d=16)
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -55,9 +48,11 @@ def _linear_reference(a, b, h0):
 
 
 CASES = {  # name: (fast, reference, number of (B, T, D) inputs)
-    "linear": (ts.linear_recurrence_triton, _linear_reference, 2),
-    "mingru": (ts.mingru_scan_triton, lambda g, x, h0: mingru_scan(g, x, h0, impl="reference"), 2),
-    "minlstm": (ts.minlstm_scan_triton, lambda f, i, x, h0: minlstm_scan(f, i, x, h0, impl="reference"), 3),
+    "linear": (partial(ts.linear_recurrence_triton, launch=SMALL), _linear_reference, 2),
+    "mingru": (partial(ts.mingru_scan_triton, launch=SMALL),
+               lambda g, x, h0: mingru_scan(g, x, h0, impl="reference"), 2),
+    "minlstm": (partial(ts.minlstm_scan_triton, launch=SMALL),
+                lambda f, i, x, h0: minlstm_scan(f, i, x, h0, impl="reference"), 3),
 }
 
 
@@ -93,7 +88,7 @@ def test_scan_forward_and_gradients_match_float64(name, with_h0):
 def test_saturated_gates_and_strided_bfloat16_inputs():
     xs, h0 = _inputs("minlstm", 3, seed=3, scale=40.0)  # sigmoids saturate, huge htilde
     h_ref, _ = minlstm_scan(*xs, h0, impl="reference")
-    h, _ = ts.minlstm_scan_triton(*(x.float().to(DEVICE) for x in xs), h0.float().to(DEVICE))
+    h, _ = ts.minlstm_scan_triton(*(x.float().to(DEVICE) for x in xs), h0.float().to(DEVICE), launch=SMALL)
     assert rel_err(h, h_ref) < 1e-5
     # bfloat16 views of one projection output (strided, as the layer's chunks): h in bfloat16, h_last float32
     packed = torch.cat(xs[:2], dim=-1).to(DEVICE, torch.bfloat16) / 20
@@ -104,13 +99,11 @@ def test_saturated_gates_and_strided_bfloat16_inputs():
     assert rel_err(h, h_ref) < 1e-2 and rel_err(last, last_ref) < 1e-5
 
 
-@pytest.mark.parametrize(("layer_cls", "fused"), [(MinGRU, True), (MinLSTM, True), (MinLSTM, False)])
-def test_layer_triton_paths_match_float64_reference(layer_cls, fused, monkeypatch):
-    """The layer's Triton paths (fused: projection inside the kernel; else cuBLAS + the scan kernel), with bias,
-    conv, out-projection and h0, in float32 against the same layer in float64 with the reference loop; gradients of
-    every parameter, of x and of the state."""
-    for key in ts.FUSE_PROJECTION:
-        monkeypatch.setitem(ts.FUSE_PROJECTION, key, fused)
+@pytest.mark.parametrize("layer_cls", [MinGRU, MinLSTM])
+def test_layer_triton_path_matches_float64_reference(layer_cls):
+    """The layer's Triton path (cuBLAS in-projection + the scan kernel), with bias, conv, out-projection and h0, in
+    float32 against the same layer in float64 with the reference loop; gradients of every parameter, of x and of the
+    state."""
     torch.manual_seed(0)
     ref = layer_cls(12, expansion=1.5, conv_kernel=3, bias=True, scan_impl="reference").double()
     with torch.no_grad():
@@ -145,5 +138,5 @@ def test_auto_picks_triton_only_on_cuda_and_errors_name_the_argument():
         ts.mingru_scan_triton(x, x[:, :2])
     with pytest.raises(ValueError, match="^h0:"):
         ts.linear_recurrence_triton(x, x, torch.zeros(2, 4))
-    with pytest.raises(ValueError, match="^weight:"):
-        ts.projected_scan_triton(x, torch.zeros(7, 4), None, None, ts.MINGRU, (0, 1))
+    with pytest.raises(ValueError, match="^launch:"):
+        ts.linear_recurrence_triton(x, x, launch={"block_t": 8})
