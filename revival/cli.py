@@ -36,6 +36,7 @@ SUBCOMMANDS = (
     "revival.generate.cli",
     "revival.demo",
     "revival.bench.cli",
+    "revival.serve.cli",
 )
 
 
