@@ -5,6 +5,7 @@
     revival generate RUN_OR_MODEL_DIR --prompt "def " [--max-new-tokens N] [--temperature T] [--stream]
     revival demo [--models xlstm,llama] [--minutes M]
     revival bench train|prefill|decode [--presets ...] [--contexts 2k,8k] [--size tiny|125m|1.3b] [--out DIR]
+    revival serve RUN_OR_MODEL_DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--num-slots 16]
 
 Each command lives in its own module as `add_arguments(subparsers)`, which adds the command's parser and sets its
 handler (`parser.set_defaults(handler=run)`, `run(args) -> exit status`); `SUBCOMMANDS` lists those modules.
