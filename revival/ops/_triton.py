@@ -35,8 +35,7 @@ class CompiledLaunch:
     more than a one-token decode kernel runs on the GPU. This keeps one compiled kernel per specialisation key (what
     the JIT specialises on: tensor dtypes and 16-byte alignment, integers equal to 1 or divisible by 16, the
     constexprs and the launch options) and calls its launcher directly. The constexprs must be the kernel's last
-    parameters, given in their order. The first call of a key, the interpreter,
-    and launches with Triton's launch hooks set go through the JIT as usual.
+    parameters, given in their order. The first call of a key and the interpreter go through the JIT as usual.
     """
 
     def __init__(self, kernel):
@@ -56,7 +55,7 @@ class CompiledLaunch:
         return tuple(key), tuple(constexprs.items()), tuple(options.items())
 
     def __call__(self, grid: tuple, *args, constexprs: dict, **options) -> None:
-        if INTERPRET or _launch_hooks_set():
+        if INTERPRET:
             self.kernel[grid](*args, **constexprs, **options)
             return
         key = self._key(args, constexprs, options)
@@ -66,15 +65,15 @@ class CompiledLaunch:
             if trailing != list(constexprs):
                 raise ValueError(f"constexprs: expected the kernel's last parameters {trailing} in order, "
                                  f"got {list(constexprs)}")
-            self._compiled[key] = self.kernel[grid](*args, **constexprs, **options)
+            compiled = self.kernel[grid](*args, **constexprs, **options)
+            compiled._init_handles()
+            self._compiled[key] = compiled
             return
+        from triton import knobs
+
         grid = tuple(grid) + (1,) * (3 - len(grid))
         stream = torch.cuda.current_stream(args[0].device).cuda_stream
-        compiled.run(*grid, stream, compiled.function, compiled.packed_metadata, None, None, None,
-                     *args, *constexprs.values())
-
-
-def _launch_hooks_set() -> bool:
-    from triton import knobs
-
-    return knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+        args = (*args, *constexprs.values())
+        compiled.run(*grid, stream, compiled.function, compiled.packed_metadata,
+                     compiled.launch_metadata(grid, stream, *args), knobs.runtime.launch_enter_hook,
+                     knobs.runtime.launch_exit_hook, *args)

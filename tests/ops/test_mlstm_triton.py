@@ -273,3 +273,18 @@ def test_launch_config_fills_unset_fields_from_the_shape():
     inputs, _ = _inputs(1, 1, 4, 16, 16, torch.float32, seed=0)
     with pytest.raises(ValueError, match="launch: expected a LaunchConfig"):
         mlstm(*inputs[:5], impl="triton", launch={"warps_out": 8})
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+def test_step_repeated_calls_use_the_compiled_launch(offset):
+    """The second and later calls of a specialisation launch the compiled kernel directly (revival.ops._triton.
+    CompiledLaunch); a view off 16-byte alignment is its own specialisation. Every call must match the reference."""
+    inputs, _ = _inputs(2, 3, 1, 16, 48, torch.bfloat16, seed=11)
+    q, k, v, i, f = (t[:, :, 0].to(DEVICE) for t in inputs[:5])
+    q = torch.cat([q.flatten(), q.flatten()])[offset: offset + q.numel()].view(q.shape)  # offset 1: misaligned
+    state = tuple(s.to(DEVICE) for s in inputs[5:])
+    h_ref, (C_ref, _, _) = mlstm_step(*(t.double().cpu() for t in (q, k, v, i, f)), tuple(s.double().cpu()
+                                                                                          for s in state))
+    for _ in range(3):
+        h, (C, _, _) = mlstm_step_triton(q, k, v, i, f, state)
+        assert _rel(h, h_ref) < 1e-2 and _rel(C, C_ref) < 1e-5

@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._triton import CompiledLaunch
 from .forward import _log_sigmoid, _pow2
 
 
@@ -49,6 +50,9 @@ def _step_kernel(
         tl.store(m_out_ptr + row, m_new)
 
 
+_STEP = CompiledLaunch(_step_kernel)
+
+
 def mlstm_step_triton(q, k, v, i, f, state, eps: float = 1e-6):
     """One token. q, k: (B, H, Dk); v: (B, H, Dv); i, f: (B, H); state (C (B, H, Dk, Dv), n (B, H, Dk), m (B, H))
     in float32. Returns h (B, H, Dv) in q's dtype and the new state (new tensors; the old state is not modified)."""
@@ -60,7 +64,6 @@ def mlstm_step_triton(q, k, v, i, f, state, eps: float = 1e-6):
     C_new, n_new, m_new = torch.empty_like(C), torch.empty_like(n), torch.empty_like(m)
     BKF = _pow2(Dk)
     BV = max(16, min(_pow2(Dv), 8192 // BKF))
-    _step_kernel[(B * H, triton.cdiv(Dv, BV))](
-        q, k, v, i, f, C, n, m, h, C_new, n_new, m_new, Dk, Dv, Dk**-0.5, eps, BKF=BKF, BV=BV, num_warps=4,
-    )
+    _STEP((B * H, triton.cdiv(Dv, BV)), q, k, v, i, f, C, n, m, h, C_new, n_new, m_new, Dk, Dv, Dk**-0.5, eps,
+          constexprs={"BKF": BKF, "BV": BV}, num_warps=4)
     return h, (C_new, n_new, m_new)
