@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -13,8 +13,6 @@ if not torch.cuda.is_available():  # before triton is imported: it reads the var
 pytest.importorskip("triton", reason="the `triton` package is not installed (pip install 'revival[gpu]')")
 
 from revival.ops.fused.gated_head_norm import gated_head_norm, gated_head_norm_reference  # noqa: E402
-
-module = importlib.import_module("revival.ops.fused.gated_head_norm")  # the module, not the function of that name
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -26,8 +24,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-3)])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("B,T,H,D", [(2, 37, 3, 24), (1, 70, 2, 64), (1, 5, 2, 300)])
-def test_kernel_matches_float64(B, T, H, D, bias, dtype, tol, monkeypatch):
-    monkeypatch.setattr(module, "_use_kernel", lambda h: True)
+def test_kernel_matches_float64(B, T, H, D, bias, dtype, tol):
     g = torch.Generator().manual_seed(B * T + D)
     h = torch.randn(B, T, H, D, generator=g) * 3 + 1
     packed = torch.randn(B, T, 2 * H * D, generator=g) * 2  # o as a strided view, as the layer passes it
@@ -42,7 +39,8 @@ def test_kernel_matches_float64(B, T, H, D, bias, dtype, tol, monkeypatch):
 
     ref = run(h.to(dtype).double(), packed.to(dtype).double(), weight.double(),
               None if bias_t is None else bias_t.double(), dout.to(dtype).double(), gated_head_norm_reference, "cpu")
-    got = run(h.to(dtype), packed.to(dtype), weight, bias_t, dout.to(dtype), gated_head_norm, DEVICE)
+    kernel = partial(gated_head_norm, impl="triton")
+    got = run(h.to(dtype), packed.to(dtype), weight, bias_t, dout.to(dtype), kernel, DEVICE)
     assert got[0].dtype == dtype and got[0].shape == (B, T, H * D)
     names = ["out", "dh", "do", "dweight"] + (["dbias"] if bias else [])
     errors = {name: _rel(a, b) for name, a, b in zip(names, got, ref)}

@@ -12,13 +12,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-try:
+from .._common import compute_dtype, use_fused_kernel
+from .._triton import HAVE_TRITON, INTERPRET
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
-
-    _HAVE_TRITON = True
-except ImportError:  # pragma: no cover - depends on the environment
-    _HAVE_TRITON = False
 
 __all__ = ["gated_head_norm", "gated_head_norm_reference"]
 
@@ -27,7 +26,7 @@ def gated_head_norm_reference(h: torch.Tensor, o: torch.Tensor, weight: torch.Te
                               eps: float) -> torch.Tensor:
     """sigmoid(o) * (LayerNorm over each head's D features of h, times weight, plus bias), in float32 (float64 for
     float64 inputs), returned in h's dtype. h: (..., H, D); o: (..., H * D); weight, bias: (H * D,)."""
-    compute = torch.float64 if h.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(h)
     y = F.layer_norm(h.to(compute), (h.shape[-1],), eps=eps).flatten(-2) * weight.to(compute)
     if bias is not None:
         y = y + bias.to(compute)
@@ -35,29 +34,27 @@ def gated_head_norm_reference(h: torch.Tensor, o: torch.Tensor, weight: torch.Te
 
 
 def gated_head_norm(h: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    eps: float) -> torch.Tensor:
-    """`gated_head_norm_reference`, by the Triton kernels on CUDA (float32/bfloat16/float16)."""
+                    eps: float, *, impl: str = "auto") -> torch.Tensor:
+    """`gated_head_norm_reference`; impl "auto" runs it by the Triton kernels on CUDA (float32/bfloat16/float16),
+    "triton" forces them (on the CPU under TRITON_INTERPRET=1), "reference" the PyTorch form."""
     *lead, H, D = h.shape
     if o.shape != (*lead, H * D):
         raise ValueError(f"o: expected shape {(*lead, H * D)} for h of shape {tuple(h.shape)}, got {tuple(o.shape)}")
     if weight.shape != (H * D,) or (bias is not None and bias.shape != (H * D,)):
         raise ValueError(f"weight, bias: expected shape ({H * D},), got {tuple(weight.shape)} and "
                          f"{None if bias is None else tuple(bias.shape)}")
-    if not _use_kernel(h):
+    supported = HAVE_TRITON and (h.is_cuda or INTERPRET) and h.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if not use_fused_kernel(impl, supported, h.is_cuda, f"h: {h.dtype} on {h.device.type}"):
         return gated_head_norm_reference(h, o, weight, bias, eps)
     out = _GatedHeadNormFunction.apply(h.reshape(-1, H * D), o.reshape(-1, H * D), weight, bias, H, eps)
     return out.view(*lead, H * D)
-
-
-def _use_kernel(h: torch.Tensor) -> bool:
-    return _HAVE_TRITON and h.is_cuda and h.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _rows_per_program(D: int) -> int:
     return max(1, 8192 // triton.next_power_of_2(D))
 
 
-if _HAVE_TRITON:
+if HAVE_TRITON:
 
     @triton.jit
     def _tile(h_ptr, o_ptr, w_ptr, b_ptr, N, D, h_stride, o_stride, eps,

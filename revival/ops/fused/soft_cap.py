@@ -1,24 +1,21 @@
 """Soft-capping: cap * tanh(x / cap) (xLSTM-7B's gate pre-activations and output logits).
 
-`soft_cap(x, cap)` is the PyTorch formula, except for large bfloat16/float16 CUDA tensors (the logits: B x T x vocab),
-where three elementwise passes forward and three backward dominate: there one Triton pass each way
-(`_SoftCapFunction`), computing in float32. tanh is formed as sign(z) (1 - e) / (1 + e) with e = exp(-2|z|) (no
-overflow), and as its series z - z^3/3 + 2 z^5/15 for |z| < 1/8, where 1 - e would cancel.
+`soft_cap(x, cap)` is the PyTorch formula (`soft_cap_reference`), except for large bfloat16/float16 CUDA tensors
+(the logits: B x T x vocab), where three elementwise passes forward and three backward dominate: there one Triton
+pass each way (`_SoftCapFunction`), computing in float32. tanh is formed as sign(z) (1 - e) / (1 + e) with
+e = exp(-2|z|) (no overflow), and as its series z - z^3/3 + 2 z^5/15 for |z| < 1/8, where 1 - e would cancel.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
+from .._common import use_fused_kernel
+from .._triton import HAVE_TRITON, INTERPRET
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
-
-    _HAVE_TRITON = True
-except ImportError:  # pragma: no cover - depends on the environment
-    _HAVE_TRITON = False
 
 __all__ = ["soft_cap", "soft_cap_reference"]
 
@@ -34,25 +31,22 @@ def soft_cap_reference(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return cap * torch.tanh(x / cap)
 
 
-def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
-    """cap * tanh(x / cap) (identity when cap is None); differentiable. One Triton pass each way for large 16-bit CUDA
-    tensors (or any 16-bit tensor under TRITON_INTERPRET=1 at KERNEL_MIN_ELEMENTS), else `soft_cap_reference`."""
+def soft_cap(x: torch.Tensor, cap: float | None, *, impl: str = "auto") -> torch.Tensor:
+    """cap * tanh(x / cap) (identity when cap is None); differentiable. impl "auto": one Triton pass each way for
+    16-bit CUDA tensors of at least KERNEL_MIN_ELEMENTS, else `soft_cap_reference`; "triton" or "reference" force
+    one (the kernel takes 16-bit tensors on CUDA, or on the CPU under TRITON_INTERPRET=1)."""
     if cap is None:
         return x
     if not cap > 0:
         raise ValueError(f"cap: expected a positive number or None, got {cap!r}")
-    if _use_kernel(x):
+    supported = HAVE_TRITON and (x.is_cuda or INTERPRET) and x.dtype in (torch.bfloat16, torch.float16)
+    if use_fused_kernel(impl, supported, x.numel() >= KERNEL_MIN_ELEMENTS,
+                        f"x: {x.dtype} on {x.device.type}; the kernel takes bfloat16/float16 on CUDA"):
         return _SoftCapFunction.apply(x, float(cap))
     return soft_cap_reference(x, cap)
 
 
-def _use_kernel(x: torch.Tensor) -> bool:
-    if not _HAVE_TRITON or x.dtype not in (torch.bfloat16, torch.float16) or x.numel() < KERNEL_MIN_ELEMENTS:
-        return False
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-if _HAVE_TRITON:
+if HAVE_TRITON:
 
     @triton.jit
     def _tanh(z):

@@ -3,24 +3,21 @@
 `swiglu(gate_up)` takes gate_up = cat(gate, up) along the last dim, shape (..., 2F), and returns (..., F). The packed
 form is what one product of the concatenated weights produces, and it lets the backward write one (..., 2F) gradient
 instead of two that autograd would then concatenate. `swiglu_reference` is the PyTorch formula. For large CUDA
-tensors (or any under TRITON_INTERPRET=1 at KERNEL_MIN_ELEMENTS) one Triton pass each way replaces PyTorch's two
+tensors (`impl`: "auto") one Triton pass each way replaces PyTorch's two
 forward (silu, multiply) and four backward passes, computing in float32 and rounding once.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-try:
+from .._common import use_fused_kernel
+from .._triton import HAVE_TRITON, INTERPRET
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
-
-    _HAVE_TRITON = True
-except ImportError:  # pragma: no cover - depends on the environment
-    _HAVE_TRITON = False
 
 __all__ = ["swiglu", "swiglu_reference"]
 
@@ -35,12 +32,17 @@ def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for gate_up = cat(gate, up) on the last dim: (..., 2F) -> (..., F); differentiable."""
+def swiglu(gate_up: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
+    """silu(gate) * up for gate_up = cat(gate, up) on the last dim: (..., 2F) -> (..., F); differentiable. impl
+    "auto": the Triton kernels for CUDA tensors with at least KERNEL_MIN_ELEMENTS outputs, else `swiglu_reference`;
+    "triton" or "reference" force one (the kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1)."""
     if gate_up.shape[-1] % 2:
         raise ValueError(f"gate_up: expected an even last dim (gate and up side by side), got shape "
                          f"{tuple(gate_up.shape)}")
-    if not _use_kernel(gate_up):
+    supported = (HAVE_TRITON and (gate_up.is_cuda or INTERPRET)
+                 and gate_up.dtype in (torch.float32, torch.bfloat16, torch.float16))
+    if not use_fused_kernel(impl, supported, gate_up.numel() >= 2 * KERNEL_MIN_ELEMENTS,
+                            f"gate_up: {gate_up.dtype} on {gate_up.device.type}"):
         return swiglu_reference(gate_up)
     if gate_up.dim() == 2:
         return _SwiGLUFunction.apply(gate_up)
@@ -48,15 +50,7 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return _SwiGLUFunction.apply(gate_up.reshape(-1, two_f)).view(*lead, two_f // 2)
 
 
-def _use_kernel(gate_up: torch.Tensor) -> bool:
-    if not _HAVE_TRITON or gate_up.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
-    if gate_up.numel() < 2 * KERNEL_MIN_ELEMENTS:
-        return False
-    return gate_up.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-if _HAVE_TRITON:
+if HAVE_TRITON:
 
     @triton.jit
     def _tile(gate_up_ptr, N, F_half, row_stride, BR: tl.constexpr, BC: tl.constexpr):
