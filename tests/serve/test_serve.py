@@ -442,3 +442,25 @@ def test_metrics_are_prometheus_text(served):
         assert name in text
     pool = [line for line in text.splitlines() if line.startswith("revival_state_pool_bytes ")]
     assert int(pool[0].split()[1]) == served.engine.pool.nbytes() > 0
+
+
+def test_revival_serve_command_loads_a_checkpoint_directory(tmp_path):
+    from revival.cli import build_parser
+    from revival.serve.cli import build_server
+
+    model = tiny_model("x")
+    model.save_pretrained(tmp_path / "model")
+    TOKENIZER.save(tmp_path / "model")
+    args = build_parser().parse_args(["serve", str(tmp_path / "model"), "--num-slots", "2", "--max-tokens", "8",
+                                      "--device", "cpu"])
+    engine, app = build_server(args)
+    server = Server(app)
+    try:
+        assert httpx.get(server.url + "/v1/models", timeout=WAIT).json()["data"][0]["id"] == "model"
+        body = {"prompt": "hi", "max_tokens": 5, "temperature": 0}
+        answer = httpx.post(server.url + "/v1/completions", json=body, timeout=WAIT).json()
+        params = SamplingParams(max_tokens=5, temperature=0.0, stop_tokens=(EOS,))
+        assert answer["choices"][0]["text"] == text_of(reference(engine.model, TOKENIZER.encode("hi"), params))
+    finally:
+        server.close()
+        engine.stop()
