@@ -7,9 +7,9 @@ l minLSTM, M Mamba-2, d Gated DeltaNet; each is a layer kind declared beside its
 
 from ..layers.kinds import LayerKind, layer_kinds
 from .blocks import ResidualBlock, build_block
-from .checkpoint import from_pretrained, save_pretrained
+from .checkpoint import save_pretrained
 from .config import PATTERN_LETTERS, ModelConfig, describe_layer_kinds
-from .model import LanguageModel, format_count, state_bytes
+from .model import LanguageModel, format_count, from_pretrained, state_bytes
 from .presets import PRESET_NAMES, preset_config, xlstm_pattern
 
 __all__ = [

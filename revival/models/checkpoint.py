@@ -21,43 +21,38 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from ..errors import UserError
-from .config import ModelConfig
-from .model import LanguageModel
+from . import hf_xlstm
+from .config import CONFIG_VERSION, ModelConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMATS = ("revival", "hf")
-_META_KEYS = ("model_type", "revival_version", "torch_dtype")
+_META_KEYS = ("model_type", "revival_version", "config_version", "torch_dtype")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _hf_module():
-    from . import hf_xlstm
-
-    return hf_xlstm
-
-
-def _tied_keys(model: LanguageModel) -> set[str]:
+def _tied_keys(model: nn.Module) -> set[str]:
     return {"lm_head.weight"} if model.config.tie_embeddings else set()
 
 
-def _tensors_to_save(model: LanguageModel) -> dict[str, torch.Tensor]:
+def _tensors_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
     skip = _tied_keys(model)
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in skip}
 
 
-def _config_json(model: LanguageModel) -> str:
+def _config_json(model: nn.Module) -> str:
     from .. import __version__
 
-    d = {"model_type": "revival", "revival_version": __version__,
+    d = {"model_type": "revival", "revival_version": __version__, "config_version": CONFIG_VERSION,
          "torch_dtype": str(model.dtype).removeprefix("torch.")}
     d.update(model.config.to_dict())
     return json.dumps(d, indent=2) + "\n"
 
 
-def _write_files(directory: Path, model: LanguageModel) -> None:
+def _write_files(directory: Path, model: nn.Module) -> None:
     """Write the two files into `directory`, each via a temporary name + rename (weights first)."""
     tensors = _tensors_to_save(model)
     config_text = _config_json(model)
@@ -79,16 +74,16 @@ def _write_files(directory: Path, model: LanguageModel) -> None:
                 os.remove(tmp)
 
 
-def save_pretrained(model: LanguageModel, directory: str | Path, format: str = "revival", tokenizer=None) -> Path:
+def save_pretrained(model: nn.Module, directory: str | Path, format: str = "revival", tokenizer=None) -> Path:
     """Save `model` (and `tokenizer`, if given, so that `revival generate directory` works) to `directory` (created
     if missing); returns the directory path."""
     if format not in FORMATS:
         raise ValueError(f"format: expected one of {list(FORMATS)}, got {format!r}")
-    if not isinstance(model, LanguageModel):
+    if not isinstance(getattr(model, "config", None), ModelConfig):
         raise ValueError(f"model: expected a LanguageModel, got {type(model).__name__}")
     directory = Path(directory)
     if format == "hf":
-        _hf_module().save_hf_xlstm(model, directory)
+        hf_xlstm.save_hf_xlstm(model, directory)
         if tokenizer is not None:
             tokenizer.save(directory)
         return directory
@@ -134,7 +129,7 @@ def _resolve_dtype(dtype) -> torch.dtype | None:
     raise ValueError(f"dtype: expected None, a torch.dtype or one of {list(_DTYPES)}, got {dtype!r}")
 
 
-def check_state_dict(model: LanguageModel, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+def check_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Raise ValueError naming every missing, unexpected or mis-shaped tensor."""
     expected = {k: v.shape for k, v in model.state_dict().items() if k not in _tied_keys(model)}
     missing = sorted(set(expected) - set(tensors))
@@ -152,27 +147,27 @@ def check_state_dict(model: LanguageModel, tensors: dict[str, torch.Tensor], sou
         raise ValueError(f"{source}: " + "; ".join(problems))
 
 
-def from_pretrained(directory: str | Path, device=None, dtype=None) -> LanguageModel:
-    """Load a model saved by `save_pretrained` (or a HF xLSTM directory) onto `device`, cast to `dtype` if given.
-
-    Without `dtype` the model takes the dtype the weights were stored in.
+def load_pretrained(model_class: type, directory: str | Path, device=None, dtype=None) -> nn.Module:
+    """A `model_class` (revival's `LanguageModel`) from a directory written by `save_pretrained` (or a HF xLSTM
+    directory) on `device`, cast to `dtype` if given; without `dtype` it takes the dtype the weights were stored in.
+    `LanguageModel.from_pretrained` / `revival.from_pretrained` are the public entries.
     """
     directory = Path(directory)
     raw = read_config(directory)
     dtype = _resolve_dtype(dtype)
     model_type = raw.get("model_type", "revival")
     if model_type == "xlstm":
-        return _hf_module().load_hf_xlstm(directory, device=device, dtype=dtype)
+        return hf_xlstm.load_hf_xlstm(model_class, directory, device=device, dtype=dtype)
     if model_type != "revival":
         raise ValueError(f"{directory / CONFIG_NAME}: model_type {model_type!r} is not supported; "
                          f"expected 'revival' or 'xlstm' (Hugging Face xLSTMForCausalLM)")
     stored_dtype = _resolve_dtype(raw.get("torch_dtype"))
-    config = ModelConfig.from_dict({k: v for k, v in raw.items() if k not in _META_KEYS})
+    config = ModelConfig.from_saved({k: v for k, v in raw.items() if k not in _META_KEYS}, raw.get("config_version"))
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise UserError(f"directory: no {WEIGHTS_NAME} in {str(directory)!r}")
     tensors = _load_weights(weights)
-    model = _empty_model(config, torch.device("cpu") if device is None else torch.device(device))
+    model = _empty_model(model_class, config, torch.device("cpu") if device is None else torch.device(device))
     check_state_dict(model, tensors, source=str(weights))
     target_dtype = dtype or stored_dtype
     if target_dtype is not None:
@@ -196,14 +191,14 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _empty_model(config: ModelConfig, device: torch.device) -> LanguageModel:
+def _empty_model(model_class: type, config: ModelConfig, device: torch.device) -> nn.Module:
     """A model with uninitialised storage on `device` (skips the random init a load would overwrite anyway).
 
     Safe because the layers hold no buffers or tensors computed at construction: every tensor is a parameter in the
     state dict, and `from_pretrained` checks that the file provides all of them.
     """
     with torch.device("meta"):
-        model = LanguageModel(config)
+        model = model_class(config)
     model = model.to_empty(device=device)
     if config.tie_embeddings:  # re-tie: moving off "meta" may give the two names separate storage
         model.lm_head.weight = model.embedding.weight

@@ -26,6 +26,17 @@ from ..layers.kinds import layer_kinds
 
 PATTERN_LETTERS: dict[str, str] = {k.letter: f"{k.name}: {k.equation}" for k in layer_kinds().values()}
 MLSTM_IMPLS = ("auto", "recurrent", "parallel", "chunkwise", "triton")
+# The meaning of a saved config.json; version 1 (no "config_version" key) is read by `ModelConfig.from_saved`.
+# 2: layer options left out are derived from the model when a block is built (head counts, chunk_size, bias);
+#    sLSTM blocks with conv_kernel=0 feed x to the i/f gates, as the official xlstm package does.
+CONFIG_VERSION = 2
+# What a version-1 config left out meant for these letters: the layers' own constructor defaults of the time.
+_V1_OPTIONS: dict[str, dict[str, Any]] = {
+    "g": dict(chunk_size=64, bias=False),
+    "l": dict(chunk_size=64, bias=False),
+    "M": dict(d_state=64, head_dim=64, chunk_size=64, bias=False),
+    "d": dict(num_heads=4, chunk_size=64, bias=False),
+}
 FINAL_NORMS = ("layer", "rms")
 FFN_ACTIVATIONS = ("gelu", "silu", "relu")
 
@@ -162,6 +173,25 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"config: unknown key(s) {unknown}; valid keys: {valid}")
         return cls(**d)
+
+    @classmethod
+    def from_saved(cls, d: dict[str, Any], version: int | None) -> ModelConfig:
+        """Build from the fields of a checkpoint's config.json written under `version` (None: 1, before versions were
+        written), so that an old checkpoint builds the layers it was trained with."""
+        version = 1 if version is None else version
+        if version not in (1, CONFIG_VERSION):
+            raise ValueError(f"config_version: {version!r} is not supported by this revival (it reads 1 and "
+                             f"{CONFIG_VERSION}); a newer revival wrote this checkpoint")
+        if version == 1 and isinstance(d.get("pattern"), str) and isinstance(d.get("layer_options", {}), dict):
+            d = dict(d)
+            letters = set(d["pattern"])
+            options = {letter: dict(v) for letter, v in d.get("layer_options", {}).items()}
+            for letter in letters & set(_V1_OPTIONS):
+                options[letter] = {**_V1_OPTIONS[letter], **options.get(letter, {})}
+            if "s" in letters and options.get("s", {}).get("conv_kernel", d.get("slstm_conv_kernel", 4)) == 0:
+                options["s"] = {"silu_without_conv": True, **options.get("s", {})}
+            d["layer_options"] = options
+        return cls.from_dict(d)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

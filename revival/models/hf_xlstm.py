@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from .config import ModelConfig
-from .model import LanguageModel
 
 __all__ = ["HF_DEFAULTS", "revival_config_from_hf", "hf_config_from_revival", "hf_weight_plan", "hf_state_dict",
            "load_hf_xlstm", "load_hf_weights", "save_hf_xlstm", "special_token_ids"]
@@ -235,7 +235,7 @@ def _hf_name(name: str, weight_mode: str) -> tuple[str, int]:
     return prefix + rest, 0
 
 
-def hf_weight_plan(model: LanguageModel, weight_mode: str = "single") -> dict[str, list[tuple[str, int, int]]]:
+def hf_weight_plan(model: nn.Module, weight_mode: str = "single") -> dict[str, list[tuple[str, int, int]]]:
     """HF tensor name -> [(revival parameter name, first row, end row)], the rows of the HF tensor each fills.
 
     A tied LM head appears once, as the embedding. Shapes follow: the HF tensor is the row-wise stack of its parts.
@@ -259,13 +259,13 @@ def hf_weight_plan(model: LanguageModel, weight_mode: str = "single") -> dict[st
     return plan
 
 
-def _expected_shape(model: LanguageModel, parts: list[tuple[str, int, int]]) -> tuple[int, ...]:
+def _expected_shape(model: nn.Module, parts: list[tuple[str, int, int]]) -> tuple[int, ...]:
     params = dict(model.named_parameters())
     first = params[parts[0][0]]
     return tuple(first.shape) if len(parts) == 1 else (parts[-1][2], *first.shape[1:])
 
 
-def hf_state_dict(model: LanguageModel, weight_mode: str = "single") -> dict[str, torch.Tensor]:
+def hf_state_dict(model: nn.Module, weight_mode: str = "single") -> dict[str, torch.Tensor]:
     """The model's weights under HF names (fused tensors concatenated; others share storage with the model)."""
     params = dict(model.named_parameters())
     out = {}
@@ -309,7 +309,7 @@ def _file_shapes(files: dict[str, Path]) -> dict[str, tuple[tuple[int, ...], str
     return out
 
 
-def _check_against_files(model: LanguageModel, plan: dict, shapes: dict, source: str) -> None:
+def _check_against_files(model: nn.Module, plan: dict, shapes: dict, source: str) -> None:
     tied_head = {"lm_head.weight"} if model.config.tie_embeddings else set()
     missing = sorted(set(plan) - set(shapes))
     unexpected = sorted(set(shapes) - set(plan) - tied_head)
@@ -322,7 +322,7 @@ def _check_against_files(model: LanguageModel, plan: dict, shapes: dict, source:
         raise ValueError(f"{source}: " + "; ".join(problems))
 
 
-def load_hf_weights(model: LanguageModel, directory: str | Path, weight_mode: str = "single") -> None:
+def load_hf_weights(model: nn.Module, directory: str | Path, weight_mode: str = "single") -> None:
     """Copy a HF xLSTM checkpoint's tensors into `model`'s (already allocated) parameters, one tensor at a time."""
     directory = Path(directory)
     files = _tensor_files(directory)
@@ -356,9 +356,10 @@ def _copy_rows(path: Path, hf_name: str, start: int, stop: int, target: torch.Te
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def load_hf_xlstm(directory: str | Path, device=None, dtype: torch.dtype | None = None) -> LanguageModel:
-    """A revival `LanguageModel` from a HF xLSTM directory, on `device` (default CPU) in `dtype` (default: the stored
-    dtype of the embedding). Names and shapes are checked before any parameter memory is allocated."""
+def load_hf_xlstm(model_class: type, directory: str | Path, device=None, dtype: torch.dtype | None = None) -> nn.Module:
+    """A `model_class` (revival's `LanguageModel`) from a HF xLSTM directory, on `device` (default CPU) in `dtype`
+    (default: the stored dtype of the embedding). Names and shapes are checked before any parameter memory is
+    allocated. `LanguageModel.from_pretrained` is the public entry."""
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
@@ -375,7 +376,7 @@ def load_hf_xlstm(directory: str | Path, device=None, dtype: torch.dtype | None 
     if head_stored:
         config = config.replace(tie_embeddings=False)
     with torch.device("meta"):
-        model = LanguageModel(config)
+        model = model_class(config)
     model.to(dtype)
     _check_norm_bias(model)
     _check_against_files(model, hf_weight_plan(model, weight_mode), shapes, source=str(directory))
@@ -391,7 +392,7 @@ def load_hf_xlstm(directory: str | Path, device=None, dtype: torch.dtype | None 
     return model.eval()
 
 
-def _check_norm_bias(model: LanguageModel) -> None:
+def _check_norm_bias(model: nn.Module) -> None:
     if model.config.use_bias and any(getattr(b.norm, "bias", None) is None for b in model.blocks):
         raise ValueError("use_bias: HF xLSTM with use_bias=true has biased block RMSNorms (norm_mlstm.bias, "
                          "norm_ffn.bias), which revival's RMSNorm does not have")
@@ -411,10 +412,10 @@ def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int | None) -> It
     yield shard
 
 
-def save_hf_xlstm(model: LanguageModel, directory: str | Path, weight_mode: str = "single",
+def save_hf_xlstm(model: nn.Module, directory: str | Path, weight_mode: str = "single",
                   max_shard_bytes: int | None = None, special_tokens: dict | None = None) -> Path:
     """Write `model` as a HF xLSTM directory (config.json + model.safetensors, or shards + index) atomically."""
-    if not isinstance(model, LanguageModel):
+    if not isinstance(getattr(model, "config", None), ModelConfig):
         raise ValueError(f"model: expected a LanguageModel, got {type(model).__name__}")
     _check_norm_bias(model)
     hf = hf_config_from_revival(model.config, weight_mode, model.dtype, special_tokens)

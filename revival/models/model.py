@@ -31,6 +31,7 @@ from ..errors import UserError
 from ..layers.norms import LayerNorm, RMSNorm
 from ..ops.fused import soft_cap
 from .blocks import build_block
+from .checkpoint import load_pretrained, save_pretrained
 from .config import ModelConfig
 
 
@@ -152,15 +153,13 @@ class LanguageModel(nn.Module):
     def save_pretrained(self, directory: str | Path, format: str = "revival", tokenizer=None) -> Path:
         """Write `config.json` + `model.safetensors` atomically (format "revival") or a HF xLSTM directory ("hf"),
         and the `tokenizer`'s files when given (then `revival generate directory` works)."""
-        from .checkpoint import save_pretrained
-
         return save_pretrained(self, directory, format=format, tokenizer=tokenizer)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device=None, dtype=None) -> LanguageModel:
-        from .checkpoint import from_pretrained
-
-        return from_pretrained(directory, device=device, dtype=dtype)
+        """A model saved by `save_pretrained` (or a HF xLSTM directory) on `device`, in `dtype` if given (else the
+        stored dtype)."""
+        return load_pretrained(cls, directory, device=device, dtype=dtype)
 
     # ------------------------------------------------------------------ summaries
     def extra_repr(self) -> str:
@@ -183,6 +182,11 @@ class LanguageModel(nn.Module):
         lines.append(f"  embedding+head {format_count(embed):>9s}")
         lines.append(f"  total          {format_count(self.num_parameters()):>9s} ({self.num_parameters():,})")
         return "\n".join(lines)
+
+
+def from_pretrained(directory: str | Path, device=None, dtype=None) -> LanguageModel:
+    """`LanguageModel.from_pretrained`: a saved revival model or a HF xLSTM directory."""
+    return LanguageModel.from_pretrained(directory, device=device, dtype=dtype)
 
 
 def state_bytes(state) -> int:

@@ -541,7 +541,7 @@ class Trainer:
 
 
 def _load_model(directory: Path, device: torch.device) -> LanguageModel:
-    from ..models.checkpoint import from_pretrained
+    from ..models import from_pretrained
 
     try:
         return from_pretrained(directory, device=device)

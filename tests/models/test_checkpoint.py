@@ -153,3 +153,38 @@ def test_hf_format_round_trip_dispatches_to_the_hf_module(tmp_path):
     assert loaded.config.pattern == "xx"
     with torch.no_grad():
         torch.testing.assert_close(loaded(IDS)[0], model(IDS)[0], rtol=1e-5, atol=1e-5)
+
+
+V1_OPTIONS = {"M": {"d_state": 64, "head_dim": 64, "chunk_size": 64, "bias": False},
+              "d": {"num_heads": 4, "chunk_size": 64, "bias": False}, "g": {"chunk_size": 64, "bias": False},
+              "s": {"silu_without_conv": True}}
+
+
+def test_a_version_1_config_builds_the_layers_it_was_saved_with(tmp_path):
+    """Before config_version 2, options left out of layer_options took the layers' own defaults, and an sLSTM block
+    without a conv fed SiLU(x) to its gates; such a checkpoint loads and computes what it computed then."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=VOCAB, d_model=64, num_heads=2, pattern="Mdgs", chunk_size=8,
+                         slstm_conv_kernel=0, layer_options=V1_OPTIONS)
+    model = LanguageModel(config).eval()
+    path = model.save_pretrained(tmp_path / "v1")
+    raw = json.loads((path / "config.json").read_text())
+    assert raw["config_version"] == 2
+    del raw["config_version"]
+    raw["layer_options"] = {}  # what version 1 wrote for this model
+    (path / "config.json").write_text(json.dumps(raw))
+    loaded = from_pretrained(path)
+    assert loaded.config.layer_options == V1_OPTIONS
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS)[0], model(IDS)[0])
+    # the same numbers under version 2 are a different model (sizes derived from the model's fields)
+    assert LanguageModel(ModelConfig.from_dict({**config.to_dict(), "layer_options": {}})).num_parameters() != \
+        model.num_parameters()
+
+
+def test_a_newer_config_version_is_refused_by_name(tmp_path):
+    path = make_model("m").save_pretrained(tmp_path / "c")
+    raw = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**raw, "config_version": 99}))
+    with pytest.raises(ValueError, match="config_version: 99 is not supported"):
+        from_pretrained(path)
