@@ -24,7 +24,7 @@ import uvicorn  # noqa: E402
 from revival import LanguageModel, ModelConfig  # noqa: E402
 from revival.data.tokenizers import ByteTokenizer  # noqa: E402
 from revival.serve.app import create_app, render_chat  # noqa: E402
-from revival.serve.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
+from revival.serve.engine import Engine, EngineConfig, SamplingParams, Token  # noqa: E402
 from revival.serve.slots import SlotKVCache, SlotPool  # noqa: E402
 from revival.serve.snapshots import Snapshot, SnapshotCache  # noqa: E402
 
@@ -463,4 +463,24 @@ def test_revival_serve_command_loads_a_checkpoint_directory(tmp_path):
         assert answer["choices"][0]["text"] == text_of(reference(engine.model, TOKENIZER.encode("hi"), params))
     finally:
         server.close()
+        engine.stop()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_decode_matches_generate():
+    model = tiny_model("xa").float().cuda()
+    engine = Engine(model, EngineConfig(num_slots=8, max_prompt_tokens=64, max_tokens=32, prefill_chunk=5)).start()
+    try:
+        assert engine.uses_cuda_graphs, engine.graph_error
+        requests = mixed_requests(24, seed=3)
+        results = [[] for _ in requests]
+        finished = threading.Semaphore(0)
+        for i, (prompt, params) in enumerate(requests):
+            engine.submit(prompt, params, lambda event, i=i: results[i].append(event.id) if isinstance(
+                event, Token) else finished.release())
+        for _ in requests:
+            assert finished.acquire(timeout=WAIT)
+        for i, (prompt, params) in enumerate(requests):
+            assert results[i] == reference(model, prompt, params), f"request {i}"
+    finally:
         engine.stop()
