@@ -33,9 +33,10 @@ EOS = TOKENIZER.eos_id
 WAIT = 30.0  # seconds any single wait may take
 
 
-def tiny_model(pattern: str = "xa", seed: int = 0) -> LanguageModel:
+def tiny_model(pattern: str = "xa", seed: int = 0, d_model: int = 32, chunk_size: int = 8) -> LanguageModel:
     torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=TOKENIZER.vocab_size, d_model=32, num_heads=2, pattern=pattern, chunk_size=8)
+    config = ModelConfig(vocab_size=TOKENIZER.vocab_size, d_model=d_model, num_heads=2, pattern=pattern,
+                         chunk_size=chunk_size)
     model = LanguageModel(config).double().eval()
     with torch.no_grad():  # a peaked, input-dependent distribution: greedy and sampled paths differ
         model.lm_head.weight.mul_(8.0)
@@ -468,7 +469,7 @@ def test_revival_serve_command_loads_a_checkpoint_directory(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_decode_matches_generate():
-    model = tiny_model("xa").float().cuda()
+    model = tiny_model("xa", d_model=64, chunk_size=16).float().cuda()  # head dims the Triton kernels take
     engine = Engine(model, EngineConfig(num_slots=8, max_prompt_tokens=64, max_tokens=32, prefill_chunk=5)).start()
     try:
         assert engine.uses_cuda_graphs, engine.graph_error
