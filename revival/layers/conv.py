@@ -4,6 +4,10 @@ With `padded = cat(state, x)` along time, `y_t = sum_j weight[:, j] * padded[t +
 multiply-adds in (B, T, D) layout with a hand-written backward (`_CausalConv`): tap j reads x shifted by K-1-j steps,
 and its first steps read the carried state. Autograd through the same multiply-adds revisits each (B, T, D) tensor
 ~25 times (slice gradients, zero fills, the cat); the hand-written backward does it in ~13 passes.
+
+With `document_starts` (B, T) bool, tap j only reads inputs of the output's own document (the window never reaches
+across a start; the carried state counts as the first document's), as autograd through masked multiply-adds; the
+returned state keeps only the last document's inputs (zeros before it), so a continuation sees no earlier document.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..ops._documents import check_document_starts
 
 
 def _conv_forward(x, state, weight, bias):
@@ -80,6 +86,21 @@ class _CausalConv(torch.autograd.Function):
         return grad_x, grad_state, grad_weight, grad_bias, None
 
 
+def _conv_documents(x, state, weight, bias, document_starts):
+    """`_conv_forward` with every tap masked to the output's document. Also returns the masked new state."""
+    B, T, D = x.shape
+    K = weight.shape[1]
+    ids = torch.cumsum(document_starts.long(), dim=1)  # (B, T); 0 is the document the state belongs to
+    padded = torch.cat([x.new_zeros(B, K - 1, D) if state is None else state, x], dim=1)
+    padded_ids = torch.cat([ids.new_zeros(B, K - 1), ids], dim=1)
+    y = x * weight[:, K - 1] if bias is None else torch.addcmul(bias, x, weight[:, K - 1])
+    for j in range(K - 1):
+        same = (padded_ids[:, j : j + T] == ids)[..., None]
+        y = y + padded[:, j : j + T] * same * weight[:, j]
+    last = padded[:, T:] * (padded_ids[:, T:] == ids[:, -1:])[..., None]
+    return y, last
+
+
 ACTIVATIONS = (None, "silu")
 
 
@@ -106,7 +127,8 @@ class CausalConv1d(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None,
+                document_starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, D = x.shape
         K = self.kernel_size
         if state is not None and state.shape != (B, K - 1, D):
@@ -114,6 +136,10 @@ class CausalConv1d(nn.Module):
         weight = self.weight[:, 0, :].to(x.dtype)  # (D, K)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         state_in = None if state is None else state.to(x.dtype)
+        document_starts = check_document_starts(document_starts, B, T, x.device)
+        if document_starts is not None:
+            y, new_state = _conv_documents(x, state_in, weight, bias, document_starts)
+            return (F.silu(y) if self.activation == "silu" else y), new_state
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, state_in, weight, bias))
         # without autograd (decoding) the same ops run directly: the Function's bookkeeping is most of a step's cost

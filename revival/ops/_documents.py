@@ -90,3 +90,14 @@ def chunk_masks(document_starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     from_state = local_ids == 0
     to_end = local_ids == local_ids[..., -1:]
     return same, from_state, to_end, local_ids[..., -1] == 0
+
+
+def drop_state_at_first_start(state, document_starts: torch.Tensor | None):
+    """Zero the rows of a (nested tuple of) recurrent state whose document starts at t = 0 (for layers whose
+    single-token path calls a step function without document starts). None stays None."""
+    if state is None or document_starts is None:
+        return state
+    starts = document_starts[:, 0]
+    if isinstance(state, (tuple, list)):
+        return type(state)(drop_state_at_first_start(part, document_starts) for part in state)
+    return torch.where(starts.reshape(-1, *([1] * (state.ndim - 1))), 0.0, state)

@@ -60,17 +60,22 @@ def _leaves(tensors):
 
 
 def _as_tuple(state):
+    """The tensors of a (nested tuple/list) state, flattened."""
     if state is None:
         return ()
-    return tuple(state) if isinstance(state, (tuple, list)) else (state,)
+    if isinstance(state, (tuple, list)):
+        return tuple(t for part in state for t in _as_tuple(part))
+    return (state,)
 
 
 def check_packed(run, time_inputs, time_dims, shared_inputs, out_time_dim, layouts=LAYOUTS, initial_state=None,
-                 atol=1e-10, grads=True):
+                 atol=1e-10, grads=True, parameters=(), states=True, cut_states=True):
     """run(time_inputs, shared_inputs, state, document_starts) -> (out, final_state) on a packed batch equals `run`
     on each document alone (state None, or the row's `initial_state` for its first document, whose start is then
     dropped): outputs, final states (the last document's from the full row, every document's from the row cut at
-    its end) and, with `grads`, the gradients of every floating input (time, shared and the initial state)."""
+    its end) and, with `grads`, the gradients of every floating input (time, shared and the initial state) and of
+    `parameters` (a module's, which `run` uses). `states=False` skips the state comparisons (a KV cache holds every
+    document's keys, so it is not a separate call's); `cut_states=False` skips the rows cut at every document end."""
     starts = from_lengths(layouts)
     if initial_state is not None:
         starts[:, 0] = False
@@ -87,8 +92,11 @@ def check_packed(run, time_inputs, time_dims, shared_inputs, out_time_dim, layou
     final = _as_tuple(final)
     generator = torch.Generator().manual_seed(0)
     out_weight = torch.randn(out.shape, generator=generator, dtype=out.dtype)
-    state_weights = [torch.randn(s.shape, generator=generator, dtype=s.dtype) for s in final]
-    loss = (out * out_weight).sum() + sum((s * w).sum() for s, w in zip(final, state_weights))
+    state_weights = [torch.randn(s.shape, generator=generator, dtype=s.dtype) if s.is_floating_point() else None
+                     for s in final]
+    loss = (out * out_weight).sum()
+    if states:
+        loss = loss + sum((s * w).sum() for s, w in zip(final, state_weights) if s.is_floating_point())
 
     separate_loss = 0.0
     sep_time, sep_shared, sep_state = separate_leaves
@@ -102,10 +110,13 @@ def check_packed(run, time_inputs, time_dims, shared_inputs, out_time_dim, layou
         _assert_close(expected, doc_out, atol, f"output {row, start}")
         separate_loss = separate_loss + (doc_out * out_weight.narrow(0, row, 1).narrow(
             out_time_dim, start, stop - start)).sum()
-        if is_last:
+        if is_last and states:
             for index, (packed_state, doc_state, weight) in enumerate(zip(final, doc_final, state_weights)):
                 _assert_close(packed_state.narrow(0, row, 1), doc_state, atol, f"final state[{index}] of row {row}")
-                separate_loss = separate_loss + (doc_state * weight.narrow(0, row, 1)).sum()
+                if doc_state.is_floating_point():
+                    separate_loss = separate_loss + (doc_state * weight.narrow(0, row, 1)).sum()
+        if not (states and cut_states):
+            continue
         with torch.no_grad():  # the state at this document's end, from the packed row cut there
             cut = [x.narrow(0, row, 1).narrow(dim, 0, stop) for x, dim in zip(time_inputs, time_dims)]
             cut_state = state_arg([s.narrow(0, row, 1) for s in state_list]) if initial_state is not None else None
@@ -114,11 +125,19 @@ def check_packed(run, time_inputs, time_dims, shared_inputs, out_time_dim, layou
                 _assert_close(cut_s, doc_s.detach(), atol, f"state[{index}] at the end of {row, start, stop}")
     if not grads:
         return
+    parameters = list(parameters)
+    for p in parameters:
+        p.grad = None
     loss.backward()
+    packed_parameter_grads = [p.grad.clone() for p in parameters]
+    for p in parameters:
+        p.grad = None
     separate_loss.backward()
+    for index, (p, packed_grad) in enumerate(zip(parameters, packed_parameter_grads)):
+        _assert_close(packed_grad, p.grad, atol, f"gradient of parameter {index} {tuple(p.shape)}")
     for group, (packed_group, separate_group) in enumerate(zip(packed_leaves, separate_leaves)):
         for index, (p, s) in enumerate(zip(packed_group, separate_group)):
-            if p is None or not p.requires_grad:
+            if p is None or not p.requires_grad or p.numel() == 0:
                 continue
             assert p.grad is not None and s.grad is not None, f"no gradient for input {group, index}"
             _assert_close(p.grad, s.grad, atol, f"gradient of input {group, index}")
