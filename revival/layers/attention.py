@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..ops._documents import check_document_starts, key_starts
 from ..ops.attention import append_kv, apply_rope, causal_attention, rope_cos_sin
 from .ffn import small_init_, wang_init_
 from .kinds import LayerKind, LayerOptions
@@ -53,26 +54,41 @@ class Attention(nn.Module):
                 nn.init.zeros_(linear.bias)
 
     def forward(
-        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        self, x: torch.Tensor, state: tuple[torch.Tensor, ...] | None = None,
+        document_starts: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """document_starts (B, T) bool or None: each query attends to its own document only, RoPE positions restart
+        at 0 there, and the state becomes (k_cache, v_cache, cache_start (B,) long), where cache_start is where each
+        row's last document began, so later calls keep to it (a left-padded prompt's decoding never sees the pad)."""
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected shape (B, T, {self.d_model}), got {tuple(x.shape)}")
         B, T, _ = x.shape
+        document_starts = check_document_starts(document_starts, B, T, x.device)
         q, k, v = linear_many(x, [self.q_proj, self.k_proj, self.v_proj])
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if hasattr(state, "attend"):  # a per-row-length cache written in place (revival/serve/slots.py SlotKVCache)
+            if document_starts is not None:
+                raise ValueError("document_starts: not supported with a slot KV cache (one document per slot)")
             y = state.attend(q, k, v, self.rope_theta)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, self.d_model)), state
         start = 0 if state is None else state[0].shape[2]
+        cache_start = state[2] if state is not None and len(state) == 3 else None
         positions = torch.arange(start, start + T, device=x.device)
+        documents = document_starts is not None or cache_start is not None
+        if documents:  # positions restart at each document: (B, T)
+            first_key = key_starts(document_starts, T, start + T, cache_start)
+            positions = positions - first_key
         rope_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, rope_dtype)
+        if documents:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd): per row, shared by the heads
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_all, v_all = append_kv(state, k, v)
-        y = causal_attention(q, k_all, v_all)  # (B, H, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.d_model)), (k_all, v_all)
+        k_all, v_all = append_kv(None if state is None else tuple(state[:2]), k, v)
+        y = causal_attention(q, k_all, v_all, document_starts=document_starts, cache_start=cache_start)
+        y = self.o_proj(y.transpose(1, 2).reshape(B, T, self.d_model))
+        return y, ((k_all, v_all, first_key[:, -1]) if documents else (k_all, v_all))
 
 
 @dataclass(frozen=True)

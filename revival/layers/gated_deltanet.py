@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._documents import check_document_starts
 from ..ops.delta_rule import gated_delta_rule
 from .conv import CausalConv1d
 from .ffn import small_init_, wang_init_
@@ -76,22 +77,24 @@ class GatedDeltaNet(nn.Module):
         init_decay_(self.dt_bias, self.A_log, self.dt_min, self.dt_max, self.dt_init_floor, self.A_init_range)
 
     def forward(
-        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
+        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None,
+        document_starts: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         if x.ndim != 3 or x.shape[-1] != self.d_model or x.shape[1] == 0:
             raise ValueError(f"x: expected shape (B, T >= 1, {self.d_model}), got {tuple(x.shape)}")
         conv_state, delta_state = unpack_state(state, ("conv_state", "delta_state"))
         batch, T, _ = x.shape
+        document_starts = check_document_starts(document_starts, batch, T, x.device)
         H, Dk, Dv = self.num_heads, self.head_k_dim, self.head_v_dim
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        qkv, conv_state = self.conv(qkv, conv_state)  # SiLU(conv(.))
+        qkv, conv_state = self.conv(qkv, conv_state, document_starts)  # SiLU(conv(.))
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = F.normalize(q.reshape(batch, T, H, Dk), dim=-1)
         k = F.normalize(k.reshape(batch, T, H, Dk), dim=-1)
         beta = torch.sigmoid(self.b_proj(x))
         g = -torch.exp(self.A_log) * F.softplus(self.a_proj(x) + self.dt_bias)
         o, delta_state = gated_delta_rule(q, k, v.reshape(batch, T, H, Dv), g, beta, delta_state,
-                                          scale=Dk**-0.5, chunk_size=self.chunk_size)
+                                          scale=Dk**-0.5, chunk_size=self.chunk_size, document_starts=document_starts)
         y = self.norm(o) * F.silu(self.gate_proj(x))
         return self.out_proj(y), (conv_state, delta_state)
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._documents import check_document_starts
 from ..ops.ssd import ssd
 from .conv import CausalConv1d
 from .ffn import small_init_, wang_init_
@@ -93,20 +94,22 @@ class Mamba2(nn.Module):
             self.D.fill_(1.0)
 
     def forward(
-        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
+        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None,
+        document_starts: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         if x.ndim != 3 or x.shape[-1] != self.d_model or x.shape[1] == 0:
             raise ValueError(f"x: expected shape (B, T >= 1, {self.d_model}), got {tuple(x.shape)}")
         conv_state, ssm_state = unpack_state(state, ("conv_state", "ssm_state"))
         batch, T, _ = x.shape
+        document_starts = check_document_starts(document_starts, batch, T, x.device)
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.d_state
         z, xBC, dt_raw = self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1)
-        xBC, conv_state = self.conv(xBC, conv_state)  # SiLU(conv(xBC))
+        xBC, conv_state = self.conv(xBC, conv_state, document_starts)  # SiLU(conv(xBC))
         xs, B, C = xBC.split([self.d_inner, G * N, G * N], dim=-1)
         dt = F.softplus(dt_raw + self.dt_bias)
         A = -torch.exp(self.A_log)
         y, ssm_state = ssd(xs.reshape(batch, T, H, P), dt, A, B.reshape(batch, T, G, N), C.reshape(batch, T, G, N),
-                           self.D, ssm_state, chunk_size=self.chunk_size)
+                           self.D, ssm_state, chunk_size=self.chunk_size, document_starts=document_starts)
         gated = y.reshape(batch, T, self.d_inner) * F.silu(z)
         y = self.norm(gated.reshape(batch, T, G, self.d_inner // G))
         return self.out_proj(y), (conv_state, ssm_state)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..ops._documents import check_document_starts, drop_state_at_first_start
 from ..ops.linear_scan import IMPLS as SCAN_IMPLS
 from ..ops.linear_scan import mingru_scan, mingru_step
 from .conv import CausalConv1d
@@ -70,15 +71,17 @@ class MinRNNBase(nn.Module):
             self.conv.reset_parameters()
 
     def forward(
-        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
+        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None,
+        document_starts: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         if x.ndim != 3 or x.shape[-1] != self.d_model or x.shape[1] == 0:
             raise ValueError(f"x: expected shape (B, T >= 1, {self.d_model}), got {tuple(x.shape)}")
-        conv_state, h0 = _unpack_state(state)
+        document_starts = check_document_starts(document_starts, x.shape[0], x.shape[1], x.device)
+        conv_state, h0 = drop_state_at_first_start(_unpack_state(state), document_starts)
         if h0 is not None and tuple(h0.shape) != (x.shape[0], self.d_inner):
             raise ValueError(f"state[1] (h): expected shape {(x.shape[0], self.d_inner)}, got {tuple(h0.shape)}")
         if self.conv is not None:
-            conv_out, conv_state = self.conv(x, conv_state)
+            conv_out, conv_state = self.conv(x, conv_state, document_starts)
             u = x + conv_out
         else:
             u, conv_state = x, x.new_zeros(x.shape[0], 0, self.d_model)
@@ -88,7 +91,7 @@ class MinRNNBase(nn.Module):
             h_last = self._step(*(b[:, 0].to(h0.dtype) for b in branches), h0)
             h = h_last[:, None].to(x.dtype)
         else:
-            h, h_last = self._scan(*branches, h0)
+            h, h_last = self._scan(*branches, h0, document_starts=document_starts)
         y = h if self.out_proj is None else self.out_proj(h)
         return y, (conv_state, h_last)
 
@@ -112,8 +115,9 @@ class MinGRU(MinRNNBase):
 
     num_branches = 2
 
-    def _scan(self, hidden, gate, h0):
-        return mingru_scan(gate, hidden, h0, impl=self.scan_impl, chunk_size=self.chunk_size)
+    def _scan(self, hidden, gate, h0, document_starts=None):
+        return mingru_scan(gate, hidden, h0, impl=self.scan_impl, chunk_size=self.chunk_size,
+                           document_starts=document_starts)
 
     def _step(self, hidden, gate, h):
         return mingru_step(gate, hidden, h)

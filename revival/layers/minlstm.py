@@ -26,8 +26,9 @@ class MinLSTM(MinRNNBase):
 
     num_branches = 3
 
-    def _scan(self, hidden, forget, input, h0):
-        return minlstm_scan(forget, input, hidden, h0, impl=self.scan_impl, chunk_size=self.chunk_size)
+    def _scan(self, hidden, forget, input, h0, document_starts=None):
+        return minlstm_scan(forget, input, hidden, h0, impl=self.scan_impl, chunk_size=self.chunk_size,
+                            document_starts=document_starts)
 
     def _step(self, hidden, forget, input, h):
         return minlstm_step(forget, input, hidden, h)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._documents import check_document_starts, drop_state_at_first_start
 from ..ops.mlstm import IMPLS, PRECISIONS, mlstm, mlstm_step
 from .conv import CausalConv1d
 from .ffn import round_up, small_init_, wang_init_
@@ -162,11 +163,14 @@ class MLSTMLayer(nn.Module):
         gates = torch.addmm(gate_bias[:, None], from_q + from_k, conv_cm.to(gate_weight.dtype))
         return torch.addmm(gates, from_v, x_m_cm.to(gate_weight.dtype))
 
-    def forward(self, x: torch.Tensor, state=None):
+    def forward(self, x: torch.Tensor, state=None, document_starts: torch.Tensor | None = None):
+        """document_starts (B, T) bool or None: conv window and cell state restart at each document
+        (revival/ops/_documents.py)."""
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected shape (B, T, {self.d_model}), got {tuple(x.shape)}")
         B, T, _ = x.shape
-        conv_state, cell_state = self._split_state(state)
+        document_starts = check_document_starts(document_starts, B, T, x.device)
+        conv_state, cell_state = drop_state_at_first_start(self._split_state(state), document_starts)
         if T == 1:
             return self._step(x, conv_state, cell_state)
         H, inner, N = self.num_heads, self.inner_dim, B * T
@@ -180,7 +184,8 @@ class MLSTMLayer(nn.Module):
         if self.proj_up.bias is not None:
             b_m, b_z = self.proj_up.bias.split(inner)
             x_m_cm, z = x_m_cm + b_m[:, None], z + b_z
-        conv_act, conv_state = self.conv(x_m_cm.view(inner, B, T).permute(1, 2, 0), conv_state)  # SiLU(conv)
+        conv_act, conv_state = self.conv(x_m_cm.view(inner, B, T).permute(1, 2, 0), conv_state,
+                                         document_starts)  # SiLU(conv)
         # conv_act: (B, T, inner) view of (inner, B, T) memory
         conv_cm = conv_act.permute(2, 0, 1).reshape(inner, N)  # no copy: already in this layout
         q, k, v = (self.q_proj.forward_feature_major(conv_cm), self.k_proj.forward_feature_major(conv_cm),
@@ -193,7 +198,7 @@ class MLSTMLayer(nn.Module):
             return t.view(H, self.head_dim, B, T).permute(2, 0, 3, 1)  # chunk-major in contiguous runs
 
         h, cell_state = mlstm(heads(q), heads(k), heads(v), i, f, cell_state, impl=self.impl,
-                              chunk_size=self.chunk_size, precision=self.precision)
+                              chunk_size=self.chunk_size, precision=self.precision, document_starts=document_starts)
         return self._output(h.transpose(1, 2), conv_act, z), (conv_state, cell_state)
 
     def _output(self, h: torch.Tensor, conv_act: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._documents import check_document_starts, drop_state_at_first_start
 from ..ops.slstm import IMPLS, slstm, slstm_step
 from .conv import CausalConv1d
 from .kinds import LayerKind, LayerOptions
@@ -144,16 +145,18 @@ class SLSTMLayer(nn.Module):
             raise ValueError(f"state: expected (conv_state, (c, n, m, y)) or None, got {type(state).__name__}")
         return state
 
-    def forward(self, x: torch.Tensor, state=None):
+    def forward(self, x: torch.Tensor, state=None, document_starts: torch.Tensor | None = None):
+        """document_starts (B, T) bool or None: conv window and cell state restart at each document."""
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected shape (B, T, {self.d_model}), got {tuple(x.shape)}")
         B, T, D = x.shape
-        conv_state, cell_state = self._split_state(state)
+        document_starts = check_document_starts(document_starts, B, T, x.device)
+        conv_state, cell_state = drop_state_at_first_start(self._split_state(state), document_starts)
         if self.conv is None:
             conv_act = F.silu(x) if self.silu_without_conv else x
             conv_state = x.new_zeros(B, 0, D)
         else:
-            conv_act, conv_state = self.conv(x, conv_state)  # SiLU(conv(x))
+            conv_act, conv_state = self.conv(x, conv_state, document_starts)  # SiLU(conv(x))
         H, d = self.num_heads, self.head_dim
         if T == 1:  # one token (decoding): per head, the stacked (2d, d) maps of (i, f) and of (z, o) as two matmuls
             weight_if = torch.stack([self.igate.weight, self.fgate.weight], dim=1).view(H, 2 * d, d)
@@ -168,7 +171,8 @@ class SLSTMLayer(nn.Module):
             weight = torch.stack([gate.weight for gate in (self.igate, self.fgate, self.zgate, self.ogate)])
             bias = None if self.gate_bias is None else self.gate_bias.to(x.dtype)
             gates = _HeadwiseGates.apply(conv_act.to(x.dtype), x, weight.to(x.dtype), bias)  # (B, T, 4, H, d)
-            y, cell_state = slstm(gates, self.recurrent_weight, cell_state, impl=self.impl)
+            y, cell_state = slstm(gates, self.recurrent_weight, cell_state, impl=self.impl,
+                                  document_starts=document_starts)
         return self.group_norm(y), (conv_state, cell_state)
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._documents import check_document_starts, drop_state_at_first_start
 from ..ops.fused import gated_head_norm, soft_cap
 from ..ops.mlstm import IMPLS, PRECISIONS, MLSTMState, mlstm, mlstm_step
 from .ffn import small_init_, wang_init_
@@ -114,10 +115,14 @@ class XLSTMLargeLayer(nn.Module):
             i, f = soft_cap(preact, self.gate_soft_cap).chunk(2, dim=-1)
         return i, f
 
-    def forward(self, x: torch.Tensor, state: MLSTMState | None = None) -> tuple[torch.Tensor, MLSTMState]:
+    def forward(self, x: torch.Tensor, state: MLSTMState | None = None,
+                document_starts: torch.Tensor | None = None) -> tuple[torch.Tensor, MLSTMState]:
+        """document_starts (B, T) bool or None: the cell state restarts at each document."""
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected shape (B, T, {self.d_model}), got {tuple(x.shape)}")
         B, T, _ = x.shape
+        document_starts = check_document_starts(document_starts, B, T, x.device)
+        state = drop_state_at_first_start(state, document_starts)
         H = self.num_heads
         q, k, v, o = linear_many(x, [self.q, self.k, self.v, self.ogate_preact])
         q = q.view(B, T, H, self.qk_head_dim).transpose(1, 2)  # (B, H, T, Dk)
@@ -129,7 +134,7 @@ class XLSTMLargeLayer(nn.Module):
             h = h[:, :, None]
         else:
             h, state = mlstm(q, k, v, i, f, state, impl=self.impl, chunk_size=self.chunk_size, eps=self.eps,
-                             precision=self.precision)
+                             precision=self.precision, document_starts=document_starts)
         norm = self.multihead_norm
         # sigmoid(o) * MultiHeadNorm(h) in one pass on CUDA, in h's dtype (under autocast: 16 bits, as out_proj takes)
         h = gated_head_norm(h.transpose(1, 2), o, norm.weight, norm.bias, norm.eps)  # (B, T, H * Dv)
