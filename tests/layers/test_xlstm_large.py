@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from revival.layers.xlstm_large import XLSTMLargeLayer
 from revival.ops.mlstm import mlstm
+from tests.models._transformers import transformers_attribute
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -164,10 +165,10 @@ def test_bad_input_shape():
 @pytest.mark.parametrize("T", [16, 23, 1])
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_matches_hugging_face_layer(T, use_bias):
-    transformers = pytest.importorskip("transformers")
-    from transformers.models.xlstm.modeling_xlstm import xLSTMLayer
+    xLSTMLayer = transformers_attribute("models.xlstm.modeling_xlstm", "xLSTMLayer")
+    xLSTMConfig = transformers_attribute("models.xlstm.configuration_xlstm", "xLSTMConfig")
 
-    config = transformers.xLSTMConfig(hidden_size=64, num_heads=2, use_bias=use_bias, chunk_size=16, vocab_size=8,
+    config = xLSTMConfig(hidden_size=64, num_heads=2, use_bias=use_bias, chunk_size=16, vocab_size=8,
                                       num_hidden_layers=1, gate_soft_cap=7.0, norm_eps=1e-5)
     hf_layer = xLSTMLayer(config).eval()
     randomize_(hf_layer, seed=11)

@@ -13,9 +13,10 @@ from safetensors.torch import load_file, save_file
 import revival
 from revival.models import LanguageModel, ModelConfig
 from revival.models.hf_xlstm import hf_config_from_revival, revival_config_from_hf, save_hf_xlstm
+from tests.models._transformers import transformers_attribute
 
 transformers = pytest.importorskip("transformers")
-from transformers.models.xlstm.modeling_xlstm import xLSTMPreTrainedModel  # noqa: E402
+xLSTMPreTrainedModel = transformers_attribute("models.xlstm.modeling_xlstm", "xLSTMPreTrainedModel")
 
 VOCAB = 97
 # (hidden, heads, blocks, extra HF config); qk/v dims stay multiples of 64 (transformers' cache needs that)
