@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from revival.cli import main
@@ -163,3 +164,189 @@ def test_eval_on_the_stdlib_corpus(workdir, trained, capsys):
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "corpus: stdlib" in out and "perplexity" in out
+
+
+# ------------------------------------------------------------------------------------------------- the user's path
+def run_main(argv, cwd: Path, capsys) -> tuple[int, str, str]:
+    """`revival ARGV` in this process, from `cwd`: (exit status, stdout, stderr)."""
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        status = main([str(a) for a in argv])
+    finally:
+        os.chdir(old)
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def one_line_error(err: str, command: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"revival {command}: error: "), err
+    return lines[0]
+
+
+def write_config(workdir: Path, name: str, **train) -> Path:
+    config = yaml.safe_load((workdir / "tiny.yaml").read_text())
+    config["train"].update(out_dir=str(workdir / name), **train)
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_a_run_folder_that_exists_needs_resume_or_overwrite(workdir, capsys):
+    config = write_config(workdir, "again", keep_checkpoints=2)
+    assert run_main(["train", "--config", config, "--no-progress"], workdir, capsys)[0] == 0
+    status, _, err = run_main(["train", "--config", config, "train.steps=2", "--no-progress"], workdir, capsys)
+    assert status == 2 and "holds an earlier run" in one_line_error(err, "train") and "--overwrite" in err
+    status, out, _ = run_main(["train", "--config", config, "train.steps=2", "--overwrite", "--no-progress"], workdir,
+                              capsys)
+    assert status == 0 and "overwrite: removed the earlier run's" in out
+    run = workdir / "again"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000002"]
+    steps = [int(row.split(",")[0]) for row in (run / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == sorted(steps) and max(steps) == 2  # one run's rows, not two appended
+
+
+def test_resume_with_a_changed_model_or_finished_steps_is_one_line_and_train_changes_are_said(workdir, capsys):
+    config = write_config(workdir, "resumable", checkpoint_every=2)
+    assert run_main(["train", "--config", config, "--no-progress"], workdir, capsys)[0] == 0
+    status, _, err = run_main(["train", "--config", config, "--resume", "model.d_model=64"], workdir, capsys)
+    assert status == 2 and "the model section differs" in one_line_error(err, "train")
+    assert "d_model: 32 in the checkpoint, 64 now" in err
+    status, _, err = run_main(["train", "--config", config, "--resume", "train.steps=3"], workdir, capsys)
+    assert status == 2 and "is at step 4 already" in one_line_error(err, "train")
+    status, out, _ = run_main(["train", "--config", config, "--resume", "train.steps=6", "train.lr=0.002",
+                               "--no-progress"], workdir, capsys)
+    assert status == 0 and "resume: train.lr changed from 0.01 to 0.002" in out and "nan" not in out
+    assert "resume: train.steps changed from 4 to 6" in out
+
+
+def _corrupt(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    elif how == "header":
+        path.write_bytes(b"\xff" * 8 + bytes(data[8:]))
+    else:  # random bytes over the tensor data (after the JSON header)
+        header = 8 + int.from_bytes(data[:8], "little")
+        generator = torch.Generator().manual_seed(0)
+        noise = torch.randint(0, 256, (len(data) - header,), generator=generator, dtype=torch.uint8)
+        path.write_bytes(bytes(data[:header]) + bytes(noise.tolist()))
+
+
+@pytest.mark.parametrize("how", ["truncated", "header", "data"])
+def test_a_corrupt_checkpoint_is_one_line_for_eval_and_generate(workdir, trained, tmp_path, capsys, how):
+    import shutil
+
+    latest = workdir / "run" / "checkpoints" / (workdir / "run" / "checkpoints" / "latest").read_text().strip()
+    broken = tmp_path / "broken"
+    shutil.copytree(latest, broken)
+    _corrupt(broken / "model.safetensors", how)
+    for argv in (["eval", broken, "--no-progress"], ["generate", broken, "--prompt", "x", "--max-new-tokens", "2"]):
+        status, _, err = run_main(argv, workdir, capsys)
+        line = one_line_error(err, argv[0])
+        assert status == 2 and "model.safetensors" in line and ("corrupt" in line), line
+
+
+def test_a_gpu_sized_config_on_cpu_stops_before_loading_data(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("REVIVAL_CACHE", str(tmp_path / "cache"))
+    status, _, err = run_main(["train", "--config", ROOT / "configs" / "xlstm-125m.yaml", "train.device=cpu",
+                               f"train.out_dir={tmp_path / 'big'}"], tmp_path, capsys)
+    line = one_line_error(err, "train")
+    assert status == 2 and "GPU-sized" in line and "GiB" in line and "--force" in line
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "big").exists()  # no corpus built, nothing written
+
+
+def test_a_binary_file_is_not_a_corpus(workdir, tmp_path, capsys):
+    binary = tmp_path / "program"
+    binary.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8)
+    config = write_config(workdir, "binary")
+    status, _, err = run_main(["train", "--config", config, f"data.corpus={binary}"], workdir, capsys)
+    assert status == 2 and "not a text file" in one_line_error(err, "train")
+
+
+def test_save_pretrained_with_the_tokenizer_then_generate(tmp_path, capsys):
+    from revival.data import ByteTokenizer
+    from revival.models import LanguageModel, preset_config
+
+    model = LanguageModel(preset_config("llama", vocab_size=257, d_model=32, num_blocks=1, num_heads=2))
+    model.save_pretrained(tmp_path / "bare")
+    status, _, err = run_main(["generate", tmp_path / "bare", "--prompt", "x"], tmp_path, capsys)
+    assert status == 2 and "tokenizer=tokenizer" in one_line_error(err, "generate")
+    model.save_pretrained(tmp_path / "my-model", tokenizer=ByteTokenizer())
+    status, out, _ = run_main(["generate", "my-model", "--prompt", "def ", "--max-new-tokens", "4", "--no-stop"],
+                              tmp_path, capsys)
+    assert status == 0 and out.startswith("def ")
+
+
+def test_eval_and_the_training_log_say_what_they_read(workdir, capsys):
+    config = write_config(workdir, "scoped", steps=3, log_every=1, eval_every=3)
+    status, out, _ = run_main(["train", "--config", config, "--no-progress"], workdir, capsys)
+    assert status == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("step 1/3: loss ")  # --no-progress still logs, before the first evaluation
+    assert "of the first 2 of" in out and "`revival eval` reads them all" in out
+    status, out, _ = run_main(["eval", workdir / "scoped", "--no-progress"], workdir, capsys)
+    assert status == 0 and "documents, whole)" in out
+
+
+def test_device_errors_name_the_option_and_warmup_beyond_steps_warns(workdir, trained, capsys):
+    if not torch.cuda.is_available():
+        status, _, err = run_main(["generate", "run", "--prompt", "x", "--device", "cuda"], workdir, capsys)
+        assert status == 2 and one_line_error(err, "generate").startswith("revival generate: error: --device:")
+    status, _, err = run_main(["eval", "run", "--device", "gpu"], workdir, capsys)
+    assert status == 2 and "--device: expected auto, cpu, cuda or cuda:N, got 'gpu'" in err
+    config = write_config(workdir, "warm", steps=2, warmup_steps=5)
+    status, out, _ = run_main(["train", "--config", config, "--no-progress"], workdir, capsys)
+    assert status == 0 and "warning: train.warmup_steps (5) > train.steps (2)" in out
+
+
+def test_user_errors_are_one_line_bugs_keep_their_traceback_and_debug_shows_both(tmp_path, capsys, monkeypatch):
+    status, _, err = run_main(["train", "--config", "missing.yaml"], tmp_path, capsys)
+    assert status == 2 and "Traceback" not in err
+    for argv in (["--debug", "train", "--config", "missing.yaml"], ["train", "--config", "missing.yaml", "--debug"]):
+        status, _, err = run_main(argv, tmp_path, capsys)
+        assert status == 2 and "Traceback" in err and err.strip().endswith("config: no such file 'missing.yaml'")
+    monkeypatch.setenv("REVIVAL_DEBUG", "1")
+    status, _, err = run_main(["train", "--config", "missing.yaml"], tmp_path, capsys)
+    assert status == 2 and "Traceback" in err
+    monkeypatch.delenv("REVIVAL_DEBUG")
+
+    import revival.train.config
+
+    def a_bug(*args, **kwargs):
+        raise ValueError("an internal invariant broke")  # a library bug: a plain ValueError, not a UserError
+
+    monkeypatch.setattr(revival.train.config, "load_run_config", a_bug)
+    with pytest.raises(ValueError, match="an internal invariant broke"):
+        main(["train", "--config", "x.yaml"])
+
+
+def test_bench_defaults_write_under_runs_and_tiny_is_small(tmp_path, capsys, monkeypatch):
+    import revival.bench.studies
+
+    calls = []
+
+    def fake_study(name, **kwargs):
+        calls.append(kwargs)
+        return {"points": [], "plot": f"bench_{name}.png"}
+
+    monkeypatch.setattr(revival.bench.studies, "run_study", fake_study)
+    assert run_main(["bench", "train", "--size", "tiny"], tmp_path, capsys)[0] == 0
+    tiny = calls[-1]
+    assert tiny["out_dir"] == "runs/bench" and tiny["anchors"] is False
+    assert len(tiny["presets"]) <= 2 and max(tiny["contexts"]) <= 256
+    assert run_main(["bench", "decode", "--size", "125m"], tmp_path, capsys)[0] == 0
+    assert calls[-1]["out_dir"] == "runs/bench" and calls[-1]["anchors"] is True
+    assert run_main(["bench", "train", "--size", "tiny", "--anchors"], tmp_path, capsys)[0] == 0
+    assert calls[-1]["anchors"] is True
+
+
+def test_python_dash_m_revival_and_the_license(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([sys.executable, "-m", "revival", "--version"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("revival ")
+    license_text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert 'license = { text = "Apache-2.0" }' in (ROOT / "pyproject.toml").read_text()

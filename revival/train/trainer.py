@@ -248,6 +248,10 @@ class Trainer:
         resume_from = self._resume_checkpoint() if resume else None
         if resume_from is None:
             self._prepare_out_dir(overwrite)
+        else:  # before any data is loaded: say at once when the checkpoint cannot take this config
+            resume_state = ckpt.load_trainer_state(resume_from)
+            changed_train = self._check_resumable(resume_from, ckpt.load_run_config_dict(resume_from),
+                                                  resume_state["step"])
         pretrained = None
         self.tokenizer = None
         if resume_from is not None:
@@ -297,7 +301,7 @@ class Trainer:
         self.last_eval: EvalResult | None = None
         self.train_tokens_per_s = float("nan")
         if resume_from is not None:
-            self._restore(resume_from)
+            self._restore(resume_from, resume_state, changed_train)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         decay, no_decay = [], []
@@ -374,10 +378,7 @@ class Trainer:
         return ckpt.save_checkpoint(self.out_dir, self.step, self.model, self.tokenizer, self.run.to_dict(),
                                     self._trainer_state(), keep=self.cfg.keep_checkpoints)
 
-    def _restore(self, checkpoint_dir: Path) -> None:
-        state = ckpt.load_trainer_state(checkpoint_dir)
-        saved_run = ckpt.load_run_config_dict(checkpoint_dir)
-        changed_train = self._check_resumable(checkpoint_dir, saved_run, state["step"])
+    def _restore(self, checkpoint_dir: Path, state: dict[str, Any], changed_train: list[str]) -> None:
         if state["corpus"]["content_hash"] != self.corpus.content_hash:
             raise UserError(f"resume: the corpus changed since {checkpoint_dir} was written (content hash "
                             f"{state['corpus']['content_hash'][:12]} vs {self.corpus.content_hash[:12]})")
