@@ -160,10 +160,10 @@ class SlotPool:
                 length = k.shape[2]
                 if length > self.max_len:
                     raise ValueError(f"state: attention cache of {length} positions exceeds max_len {self.max_len}")
-                entry.k[slot].zero_()
-                entry.v[slot].zero_()
                 entry.k[slot, :, :length] = k[0]
                 entry.v[slot, :, :length] = v[0]
+                entry.k[slot, :, length:].zero_()  # masked out, but stale values could be non-finite
+                entry.v[slot, :, length:].zero_()
                 entry.lengths[slot] = length
             else:
                 _copy_tree(map_tensors(lambda t: t[slot:slot + 1], entry), new)
