@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..devices import resolve_device
 from ..errors import UserError
 from .models import ANCHORS, build_runner, model_record, peak_flops, tokens_batch, training_flops_per_token
 from .report import environment, plot_study, write_json
@@ -379,20 +380,6 @@ def _side_stream(device: torch.device):
     if device not in _SIDE_STREAMS:
         _SIDE_STREAMS[device] = torch.cuda.Stream(device)
     return _SIDE_STREAMS[device]
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as error:
-        raise UserError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}") from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device: {device!r} asked for, but CUDA is not available here")
-    return resolved
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..data import load_corpus
 from ..data.packing import PackedDataset, iter_document_tokens
 from ..data.tokenizers import count_utf8_bytes, load_tokenizer, make_tokenizer
+from ..devices import resolve_device as _resolve_device
 from ..errors import UserError
 from ..models import LanguageModel, ModelConfig
 from ..models.checkpoint import check_state_dict
@@ -59,16 +60,8 @@ class EvalResult:
 
 
 def resolve_device(name: str, argument: str = "train.device") -> torch.device:
-    """"auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N"; `argument` names the option in errors."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise UserError(f"{argument}: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"{argument}: {name!r} requested but CUDA is not available; use 'cpu' or 'auto'")
-    return device
+    """`revival.devices.resolve_device`, naming the option train.device in errors."""
+    return _resolve_device(name, argument)
 
 
 # -- what a run costs on CPU -----------------------------------------------------------------------------------------
