@@ -129,7 +129,7 @@ class _Request:
 class Engine:
     """Owns the model on one thread; `submit` is thread-safe and returns at once."""
 
-    def __init__(self, model, config: EngineConfig | None = None, device_synchronize: bool = True):
+    def __init__(self, model, config: EngineConfig | None = None):
         self.model = model.eval()
         self.config = config or EngineConfig()
         self.device = model.device
@@ -181,7 +181,9 @@ class Engine:
                prefill_only: bool = False) -> _Request:
         """Queue a request; `on_event` is called on the engine thread with Token, then Done or Failed.
 
-        Raises EngineError(400) for bad ids/limits, EngineError(429) when the queue is full.
+        `prefill_only`: no tokens are generated; Done carries the prompt's snapshot (used to save a named state).
+        Raises EngineError(400) for bad ids/limits, EngineError(429) when the queue is full. The returned request's
+        `cancel()` drops it (its slot is freed on the next loop iteration).
         """
         self._check(prompt, params, prefill_only)
         request = _Request(list(prompt), params, on_event, time.monotonic() + self.config.request_timeout,
@@ -207,15 +209,6 @@ class Engine:
                 return tokens, event
             else:
                 raise EngineError(event.status, event.message)
-
-    def prefill(self, prompt: list[int], timeout: float | None = None) -> Snapshot:
-        """The snapshot (state + last logits) after `prompt`, computed on the engine thread (and cached)."""
-        events: queue.SimpleQueue = queue.SimpleQueue()
-        self.submit(prompt, SamplingParams(max_tokens=1), events.put, prefill_only=True)
-        event = events.get(timeout=timeout)
-        if isinstance(event, Failed):
-            raise EngineError(event.status, event.message)
-        return event.snapshot
 
     def _check(self, prompt, params: SamplingParams, prefill_only: bool) -> None:
         config = self.config
