@@ -316,7 +316,7 @@ class Engine:
         chunk = request.prompt[request.position:request.position + budget]
         ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
         logits, request.state = self.model(ids, request.state)
-        request.logits = logits[0, -1]
+        request.logits = logits[0, -1].clone()  # a copy: a view would keep the whole (1, T, V) chunk alive
         request.position += len(chunk)
         self.metrics["prefill_tokens"] += len(chunk)
         return len(chunk)
