@@ -231,11 +231,13 @@ class MLSTMOptions(LayerOptions):
     chunk_size: int | None = None  # chunk_size
     impl: str | None = None  # mlstm_impl
     bias: bool | None = None  # use_bias
+    precision: str | None = None  # mlstm_precision
 
     def derive(self, config):
         return dict(num_heads=config.num_heads, proj_factor=config.mlstm_proj_factor,
                     conv_kernel=config.mlstm_conv_kernel, qkv_block_size=config.mlstm_qkv_block_size,
-                    chunk_size=config.chunk_size, impl=config.mlstm_impl, bias=config.use_bias)
+                    chunk_size=config.chunk_size, impl=config.mlstm_impl, bias=config.use_bias,
+                    precision=config.mlstm_precision)
 
 
 LAYER_KINDS = (LayerKind(letter="m", name="paper mLSTM block", layer=MLSTMLayer, options=MLSTMOptions, norm="layer",

@@ -162,11 +162,12 @@ class XLSTMLargeOptions(LayerOptions):
     chunk_size: int | None = None  # chunk_size
     impl: str | None = None  # mlstm_impl
     eps: float = 1e-6  # the mLSTM denominator epsilon (Hugging Face config key `eps`)
+    precision: str | None = None  # mlstm_precision
 
     def derive(self, config):
         return dict(num_heads=config.num_heads, qk_dim_factor=config.qk_dim_factor, v_dim_factor=config.v_dim_factor,
                     gate_soft_cap=config.gate_soft_cap, norm_eps=config.norm_eps, use_bias=config.use_bias,
-                    chunk_size=config.chunk_size, impl=config.mlstm_impl)
+                    chunk_size=config.chunk_size, impl=config.mlstm_impl, precision=config.mlstm_precision)
 
 
 LAYER_KINDS = (LayerKind(letter="x", name="xLSTM-7B block", layer=XLSTMLargeLayer, options=XLSTMLargeOptions,

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..layers.kinds import layer_kinds
+from ..ops.mlstm import PRECISIONS as MLSTM_PRECISIONS
 
 PATTERN_LETTERS: dict[str, str] = {k.letter: f"{k.name}: {k.equation}" for k in layer_kinds().values()}
 MLSTM_IMPLS = ("auto", "recurrent", "parallel", "chunkwise", "triton")
@@ -54,6 +55,7 @@ class ModelConfig:
     mlstm_conv_kernel: int = 4
     mlstm_qkv_block_size: int = 4
     mlstm_impl: str = "auto"
+    mlstm_precision: str = "auto"  # the mLSTM Triton kernels' precision for 16-bit inputs (letters m and x)
     chunk_size: int = 64  # chunk length of the chunkwise mLSTM (letters m and x)
     # paper sLSTM block (letter s)
     slstm_num_heads: int | None = None  # None: num_heads
@@ -135,6 +137,8 @@ class ModelConfig:
                                  f"choose one of {_divisors(self.num_heads)}")
         if self.mlstm_impl not in MLSTM_IMPLS:
             raise ValueError(f"mlstm_impl: expected one of {list(MLSTM_IMPLS)}, got {self.mlstm_impl!r}")
+        if self.mlstm_precision not in MLSTM_PRECISIONS:
+            raise ValueError(f"mlstm_precision: expected one of {list(MLSTM_PRECISIONS)}, got {self.mlstm_precision!r}")
         if not isinstance(self.slstm_impl, str) or not self.slstm_impl:
             raise ValueError(f"slstm_impl: expected an implementation name such as 'auto', got {self.slstm_impl!r}")
         if self.slstm_ffn_activation not in FFN_ACTIVATIONS:

@@ -5,6 +5,7 @@ and the benchmark sizes come from the declarations, and a new kind is one new fi
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import sys
 import textwrap
 
@@ -152,3 +153,19 @@ def test_declarations_are_checked():
         LayerKind(letter="Q", name="x", layer=torch.nn.Identity, options=Options, norm="batch", ffn=None)
     with pytest.raises(ValueError, match="options: expected a LayerOptions"):
         LayerKind(letter="Q", name="x", layer=torch.nn.Identity, options=dict, norm="rms", ffn=None)
+
+
+def test_options_list_every_constructor_keyword():
+    for kind in layer_kinds().values():
+        params = [n for n in inspect.signature(kind.layer.__init__).parameters if n not in ("self", "d_model")]
+        assert sorted(f.name for f in dataclasses.fields(kind.options)) == sorted(params), kind.letter
+
+
+def test_mlstm_precision_reaches_the_mlstm_layers():
+    config = ModelConfig(vocab_size=11, d_model=64, num_heads=2, pattern="mx", mlstm_precision="balanced")
+    with torch.device("meta"):
+        model = LanguageModel(config)
+    assert [block.mixer.precision for block in model.blocks] == ["balanced", "balanced"]
+    assert LanguageModel(config.replace(mlstm_precision="auto", d_model=16)).blocks[1].mixer.precision == "auto"
+    with pytest.raises(ValueError, match=r"mlstm_precision: expected one of \['auto', .*'fast'.*got 'quick'"):
+        ModelConfig(mlstm_precision="quick")
