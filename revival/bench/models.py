@@ -21,7 +21,6 @@ mLSTM / SSD / delta-rule kernels is not counted, so MFU slightly under-states th
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -244,7 +243,3 @@ def model_record(runner: Runner) -> dict[str, Any]:
 def tokens_batch(vocab_size: int, batch: int, length: int, device: torch.device, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (batch, length), generator=generator).to(device)
-
-
-def fmt_rate(x: float) -> str:
-    return "nan" if x is None or math.isnan(x) else f"{x:,.0f}"
