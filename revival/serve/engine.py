@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..generate.sampling import sample_next
-from .slots import SlotPool
+from .slots import SlotPool, map_tensors
 from .snapshots import Snapshot, SnapshotCache
 
 __all__ = ["Engine", "EngineConfig", "EngineError", "SamplingParams", "Token", "Done", "Failed"]
@@ -322,7 +322,8 @@ class Engine:
         return len(chunk)
 
     def _prompt_done(self, request: _Request) -> None:
-        snapshot = Snapshot(tuple(request.prompt), request.state, request.logits)
+        # compact copies: a layer's returned state may be a view into a larger prefill buffer
+        snapshot = Snapshot(tuple(request.prompt), map_tensors(torch.clone, request.state), request.logits)
         if request.cached_tokens < len(request.prompt):
             self.snapshots.put(snapshot)
         if request.prefill_only:
