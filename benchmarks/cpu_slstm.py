@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from revival.ops.slstm import slstm, slstm_fused_autograd
+from revival.ops.slstm import slstm
+from revival.ops.slstm.fused import slstm_fused_autograd
 
 SHAPES = [  # (B, T, H, d)
     (8, 256, 4, 64),  # xLSTM[3:1] small: embedding 256, 4 heads

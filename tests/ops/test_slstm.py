@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from revival.ops.slstm import slstm, slstm_fused_autograd, slstm_step
+from revival.ops.slstm import slstm, slstm_step
+from revival.ops.slstm.fused import slstm_fused_autograd
 
 F64 = torch.float64
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_floating, check_shape
+from .._common import compute_dtype
 from .._documents import check_document_starts
+from .._triton import available as _triton_available
 from .chunkwise import mlstm_chunkwise
 from .reference import MLSTMState, mlstm_parallel, mlstm_recurrent, mlstm_step_reference
 from .triton.config import PRECISIONS, LaunchConfig, check_settings
@@ -14,10 +16,6 @@ from .triton.config import PRECISIONS, LaunchConfig, check_settings
 __all__ = ["mlstm", "mlstm_step", "MLSTMState", "IMPLS", "PRECISIONS", "LaunchConfig"]
 
 IMPLS = ("auto", "recurrent", "parallel", "chunkwise", "triton")
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _prepare_state(state, B: int, H: int, Dk: int, Dv: int, like: torch.Tensor, dtype: torch.dtype) -> MLSTMState:
@@ -77,14 +75,6 @@ def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype, Dk: int =
     return impl
 
 
-def _triton_available() -> bool:
-    try:
-        from .triton import available
-    except ImportError:
-        return False
-    return available()
-
-
 def mlstm(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -122,7 +112,7 @@ def mlstm(
     if document_starts is not None and impl == "triton":
         raise ValueError("document_starts: impl='triton' takes no document starts yet; use 'auto' or 'chunkwise'")
     impl = _resolve_impl(impl, q.device, q.dtype, q.shape[-1], v.shape[-1])
-    dtype = _compute_dtype(q)
+    dtype = compute_dtype(q)
     zero_state = state is None
     state = _prepare_state(state, B, H, Dk, v.shape[-1], q, dtype)
     if impl == "triton":
@@ -153,7 +143,7 @@ def mlstm_step(
     """One token: q, k: (B, H, Dk); v: (B, H, Dv); i, f: (B, H). Returns h (B, H, Dv) and the new state."""
     _validate(q, k, v, i, f, time_axis=False)
     B, H, Dk = q.shape
-    dtype = _compute_dtype(q)
+    dtype = compute_dtype(q)
     state = _prepare_state(state, B, H, Dk, v.shape[-1], q, dtype)
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, i, f, *state))
     if q.device.type == "cuda" and not needs_grad and _triton_available():  # the step kernel is forward-only

@@ -13,12 +13,13 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_floating, check_shape
+from .._common import compute_dtype
 from .._documents import check_document_starts
 from .._triton import available as _triton_available
-from .fused import slstm_fused, slstm_fused_autograd
+from .fused import slstm_fused
 from .reference import SLSTMState, slstm_reference, slstm_step_reference
 
-__all__ = ["slstm", "slstm_step", "SLSTMState", "IMPLS", "slstm_fused_autograd"]  # the last for benchmarks/tests
+__all__ = ["slstm", "slstm_step", "SLSTMState", "IMPLS"]
 
 IMPLS = ("auto", "reference", "fused", "triton")
 _STATE_NAMES = ("c", "n", "m", "y")
@@ -36,10 +37,6 @@ def _resolve_impl(impl: str, x_gates: torch.Tensor) -> str:
     if impl == "triton" and x_gates.dtype == torch.float64:
         raise ValueError("x_gates: impl='triton' supports float32/bfloat16/float16, got torch.float64")
     return impl
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _validate_weight(recurrent_weight: torch.Tensor, H: int, d: int) -> None:
@@ -87,7 +84,7 @@ def slstm(
         raise ValueError("document_starts: impl='triton' takes no document starts yet; use 'auto' or 'fused'")
     impl = _resolve_impl(impl, x_gates)
     _validate_weight(recurrent_weight, H, d)
-    dtype = _compute_dtype(x_gates)
+    dtype = compute_dtype(x_gates)
     state = _prepare_state(state, B, H, d, x_gates, dtype)
     if impl == "triton":  # reads x_gates in its own dtype; states and gate math in float32
         from .triton import slstm_triton
@@ -118,7 +115,7 @@ def slstm_step(
         raise ValueError(f"x_gates_t: expected shape (B, 4, H, d), got {tuple(x_gates_t.shape)}")
     B, _, H, d = x_gates_t.shape
     _validate_weight(recurrent_weight, H, d)
-    dtype = _compute_dtype(x_gates_t)
+    dtype = compute_dtype(x_gates_t)
     state = _prepare_state(state, B, H, d, x_gates_t, dtype)
     with torch.autocast(x_gates_t.device.type, enabled=False):
         y, state = slstm_step_reference(x_gates_t.to(dtype), recurrent_weight.to(dtype), state)

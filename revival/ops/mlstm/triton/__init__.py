@@ -9,17 +9,9 @@ tests). The kernel settings are arguments (`config.py`): `precision` (a preset n
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton  # noqa: F401
-
-    _HAVE_TRITON = True
-except ImportError:  # pragma: no cover - depends on the environment
-    _HAVE_TRITON = False
-
+from ..._triton import available, require_triton
 from .config import PRECISIONS, LaunchConfig, check_settings, launch_config, resolve_precision
 
 __all__ = ["PRECISIONS", "LaunchConfig", "available", "launch_config", "mlstm_triton", "mlstm_step_triton"]
@@ -41,12 +33,6 @@ def kernel_chunk_size(chunk_size: int, Dk: int) -> int:
     """The chunk the kernels use for a requested `chunk_size` and head dim Dk (results agree to rounding)."""
     dk_padded = 1 << max(Dk - 1, 1).bit_length()
     return max(16, min(chunk_size, _MAX_CHUNK, _MAX_CHUNK_TIMES_DK // dk_padded))
-
-
-def available() -> bool:
-    if not _HAVE_TRITON:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class _MLSTMChunkwise(torch.autograd.Function):
@@ -113,8 +99,7 @@ def mlstm_triton(q, k, v, i, f, state, *, chunk_size: int = 64, eps: float = 1e-
     products when the initial state needs a gradient, else 16-bit chunk states). `launch` overrides launch settings
     (`LaunchConfig`; its None fields and a None `launch` take the shape-keyed defaults of `launch_config`).
     """
-    if not _HAVE_TRITON:
-        raise RuntimeError("impl='triton' needs the `triton` package (pip install 'revival[gpu]')")
+    require_triton()
     if q.dtype == torch.float64:
         raise ValueError("q: impl='triton' supports float32/bfloat16/float16 inputs, got float64")
     check_settings(precision, launch)
