@@ -26,7 +26,7 @@ def _layer_kwargs(layer: torch.nn.Module, kind: LayerKind) -> dict:
 
 def test_every_declared_letter_builds_its_block():
     kinds = layer_kinds()
-    assert set(kinds) == set("msxaglMd") and set(PATTERN_LETTERS) == set(kinds)
+    assert set("msxaglMd") <= set(kinds) and set(PATTERN_LETTERS) == set(kinds)
     config = ModelConfig(vocab_size=11, d_model=16, num_heads=2, pattern="".join(kinds), chunk_size=8,
                          layer_options={"M": {"d_state": 8}})
     model = LanguageModel(config)
