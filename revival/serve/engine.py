@@ -322,10 +322,12 @@ class Engine:
         return len(chunk)
 
     def _prompt_done(self, request: _Request) -> None:
-        # compact copies: a layer's returned state may be a view into a larger prefill buffer
-        snapshot = Snapshot(tuple(request.prompt), map_tensors(torch.clone, request.state), request.logits)
-        if request.cached_tokens < len(request.prompt):
-            self.snapshots.put(snapshot)
+        new_prefix = request.cached_tokens < len(request.prompt)
+        if request.prefill_only or (new_prefix and self.snapshots.max_bytes):
+            # compact copies: a layer's returned state may be a view into a larger prefill buffer
+            snapshot = Snapshot(tuple(request.prompt), map_tensors(torch.clone, request.state), request.logits)
+            if new_prefix:
+                self.snapshots.put(snapshot)
         if request.prefill_only:
             request.on_event(Done("length", len(request.prompt), request.cached_tokens, 0, snapshot=snapshot))
             return
