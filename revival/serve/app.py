@@ -111,6 +111,8 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
         return f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}", None
     if kind == "extra_forbidden":
         return f"unknown field {where!r} (this server accepts only the fields it implements)", where
+    if not location and kind in ("model_attributes_type", "dict_type"):
+        return "body: expected a JSON object (sent with Content-Type: application/json)", None
     if kind == "missing":
         return f"{where}: required field missing", where
     return f"{where or 'body'}: {first.get('msg')}, got {first.get('input')!r}"[:500], where or None

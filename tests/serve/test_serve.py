@@ -335,7 +335,7 @@ def post(url: str, path: str, timeout: float = WAIT, **kwargs) -> httpx.Response
 
 @pytest.mark.parametrize("body, status, says", [
     (b"{not json", 400, "malformed JSON"),
-    (b"[1, 2]", 400, "body"),
+    (b"[1, 2]", 400, "body: expected a JSON object"),
     ({"prompt": "a", "frobnicate": 1}, 400, "unknown field 'frobnicate'"),
     ({"max_tokens": 3}, 400, "prompt: required"),
     ({"prompt": ""}, 400, "prompt"),
