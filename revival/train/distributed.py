@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..devices import resolve_device
 from ..errors import UserError
 
 PARALLEL_MODES = ("none", "ddp", "fsdp")
@@ -99,9 +100,7 @@ def init_world(parallel: str, device_name: str) -> World:
         if launched > 1:
             raise UserError(f"train.parallel: 'none' in a launch of {launched} processes (WORLD_SIZE={launched}); "
                              "set train.parallel=ddp or train.parallel=fsdp")
-        from .trainer import resolve_device
-
-        return World(device=resolve_device(device_name))
+        return World(device=resolve_device(device_name, "train.device"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _rank_device(device_name, local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
