@@ -1,10 +1,10 @@
-"""The gated delta rule of Gated DeltaNet (arXiv 2412.06464; MATH.md "Gated DeltaNet").
+"""The gated delta rule of Gated DeltaNet (arXiv 2412.06464; docs/math.md "Gated DeltaNet").
 
-Convention of this module. The state is stored key-major, S: (Dk, Dv) per head (MATH.md writes its transpose,
+Convention of this module. The state is stored key-major, S: (Dk, Dv) per head (docs/math.md writes its transpose,
 Dv x Dk). With a_t = exp(g_t), q scaled by `scale` (default Dk**-0.5, as the paper's code does):
 
-    S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T        (= MATH.md's a_t S (I - beta k k^T) + beta v k^T,
-    o_t = S_t^T (scale * q_t)                                             transposed)
+    S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T        (= docs/math.md's a_t S (I - beta k k^T)
+    o_t = S_t^T (scale * q_t)                                              + beta v k^T, transposed)
 
 Shapes (batch n, time T, heads H): q, k (n, T, H, Dk); v (n, T, H, Dv); g (n, T, H) log decay (<= 0; a = exp(g));
 beta (n, T, H) the write strength itself (e.g. a sigmoid, not a pre-activation); state (n, H, Dk, Dv) or None
@@ -37,8 +37,11 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_floating, check_shape
-from .._documents import check_document_starts, chunk_masks
-from ..linear_scan.chunkwise import compute_dtype
+from .._documents import check_document_starts
+from .chunkwise import gated_delta_rule_chunkwise
+from .reference import gated_delta_rule_recurrent
+
+__all__ = ["gated_delta_rule", "gated_delta_rule_reference"]
 
 
 def _validate(q, k, v, g, beta, state) -> tuple[int, int, int, int, int]:
@@ -60,21 +63,12 @@ def gated_delta_rule_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     state: torch.Tensor | None = None, *, scale: float | None = None, document_starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The recurrence one step at a time, in the input dtype. Shapes and convention as in the module doc."""
+    """The recurrence one step at a time, in the input dtype (`reference.py`). Shapes and convention as in the
+    module doc."""
     n, T, H, Dk, Dv = _validate(q, k, v, g, beta, state)
     document_starts = check_document_starts(document_starts, n, T, q.device)
     scale = Dk**-0.5 if scale is None else scale
-    S = q.new_zeros(n, H, Dk, Dv) if state is None else state.to(q.dtype)
-    outputs = []
-    for t in range(T):
-        if document_starts is not None:
-            S = torch.where(document_starts[:, t, None, None, None], 0.0, S)
-        S = torch.exp(g[:, t])[..., None, None] * S
-        kt, vt = k[:, t], v[:, t]  # (n, H, Dk), (n, H, Dv)
-        u = beta[:, t, :, None] * (vt - torch.einsum("nhkv,nhk->nhv", S, kt))
-        S = S + kt[..., :, None] * u[..., None, :]
-        outputs.append(torch.einsum("nhkv,nhk->nhv", S, q[:, t] * scale))
-    return torch.stack(outputs, dim=1), S
+    return gated_delta_rule_recurrent(q, k, v, g, beta, state, scale, document_starts)
 
 
 def gated_delta_rule(
@@ -82,69 +76,11 @@ def gated_delta_rule(
     state: torch.Tensor | None = None, *, scale: float | None = None, chunk_size: int = 64,
     document_starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gated delta rule, chunkwise (WY). Returns (o (n, T, H, Dv), state (n, H, Dk, Dv)); see the module doc."""
+    """Gated delta rule, chunkwise (WY, `chunkwise.py`). Returns (o (n, T, H, Dv), state (n, H, Dk, Dv)); see the
+    module doc."""
     n, T, H, Dk, Dv = _validate(q, k, v, g, beta, state)
     document_starts = check_document_starts(document_starts, n, T, q.device)
     if chunk_size < 1:
         raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size}")
     scale = Dk**-0.5 if scale is None else scale
-    dtype = compute_dtype(q)
-    # Internal layout: heads before time.
-    qs, ks, vs = (t.to(dtype).transpose(1, 2) for t in (q * scale, k, v))  # (n, H, T, D)
-    gs, betas = g.to(dtype).transpose(1, 2), beta.to(dtype).transpose(1, 2)  # (n, H, T)
-    S = q.new_zeros(n, H, Dk, Dv, dtype=dtype) if state is None else state.to(dtype)
-    full = (T // chunk_size) * chunk_size
-    outputs = []
-    for start, stop, L in ((0, full, chunk_size), (full, T, T - full)):
-        if stop > start:
-            starts = None if document_starts is None else document_starts[:, start:stop]
-            o, S = _equal_chunks(qs[:, :, start:stop], ks[:, :, start:stop], vs[:, :, start:stop],
-                                 gs[:, :, start:stop], betas[:, :, start:stop], S, L, starts)
-            outputs.append(o)
-    o = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
-    return o.transpose(1, 2).to(q.dtype), S
-
-
-def _equal_chunks(q, k, v, g, beta, S, L: int, document_starts=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The chunkwise form for T a multiple of L. q (already scaled), k: (n, H, T, Dk); v: (n, H, T, Dv)."""
-    n, H, T, Dk = q.shape
-    Dv = v.shape[-1]
-    NC = T // L
-    q, k, v = q.reshape(n, H, NC, L, Dk), k.reshape(n, H, NC, L, Dk), v.reshape(n, H, NC, L, Dv)
-    beta = beta.reshape(n, H, NC, L)
-    gamma = torch.cumsum(g.reshape(n, H, NC, L), dim=-1)  # cumulative log decay inside each chunk
-
-    log_decay = gamma[..., :, None] - gamma[..., None, :]  # (n, H, NC, L_t, L_s)
-    ones = torch.ones(L, L, dtype=torch.bool, device=q.device)
-    strict, causal = ones.tril(-1), ones.tril()
-    if document_starts is not None:
-        same, continues, to_end, keeps = (m[:, None] for m in chunk_masks(document_starts.reshape(n, NC, L)))
-        strict, causal = strict & same, causal & same
-    minus_inf = torch.full_like(log_decay, float("-inf"))
-    decay_strict = torch.exp(torch.where(strict, log_decay, minus_inf))  # s < t
-    decay_causal = torch.exp(torch.where(causal, log_decay, minus_inf))  # s <= t
-
-    # WY: one unit lower triangular solve per chunk for both right-hand sides.
-    M = beta[..., :, None] * decay_strict * (k @ k.transpose(-1, -2))  # strictly lower triangular
-    I_plus_M = torch.eye(L, dtype=q.dtype, device=q.device) + M
-    from_start = torch.exp(gamma)  # how S_0 reaches each position
-    if document_starts is not None:
-        from_start = from_start * continues  # a document that starts in the chunk never sees S_0
-    rhs = torch.cat([(beta * from_start)[..., None] * k, beta[..., None] * v], dim=-1)  # (n, H, NC, L, Dk+Dv)
-    solved = torch.linalg.solve_triangular(I_plus_M, rhs, upper=False, unitriangular=True)
-    W, U0 = solved[..., :Dk], solved[..., Dk:]  # (n, H, NC, L, Dk), (n, H, NC, L, Dv)
-
-    scores = decay_causal * (q @ k.transpose(-1, -2))  # (n, H, NC, L, L)
-    q_from_start = q * from_start[..., None]
-    k_to_end = k * torch.exp(gamma[..., -1:] - gamma)[..., None]
-    chunk_decay = torch.exp(gamma[..., -1])  # (n, H, NC)
-    if document_starts is not None:  # only the chunk's last document reaches its end state
-        k_to_end = k_to_end * to_end[..., None]
-        chunk_decay = chunk_decay * keeps
-
-    outputs = []
-    for c in range(NC):
-        U = U0[:, :, c] - W[:, :, c] @ S  # (n, H, L, Dv)
-        outputs.append(q_from_start[:, :, c] @ S + scores[:, :, c] @ U)
-        S = chunk_decay[:, :, c, None, None] * S + k_to_end[:, :, c].transpose(-1, -2) @ U
-    return torch.stack(outputs, dim=2).reshape(n, H, T, Dv), S
+    return gated_delta_rule_chunkwise(q, k, v, g, beta, state, scale, chunk_size, document_starts)
