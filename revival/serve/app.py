@@ -113,6 +113,9 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
         return f"unknown field {where!r} (this server accepts only the fields it implements)", where
     if not location and kind in ("model_attributes_type", "dict_type"):
         return "body: expected a JSON object (sent with Content-Type: application/json)", None
+    if location and location[0] == "prompt" and kind != "missing":
+        return (f"prompt: expected a non-empty string or a non-empty list of token ids (one prompt per request), "
+                f"got {first.get('input')!r}"[:500], "prompt")
     if kind == "missing":
         return f"{where}: required field missing", where
     return f"{where or 'body'}: {first.get('msg')}, got {first.get('input')!r}"[:500], where or None
