@@ -22,3 +22,14 @@ def check_shape(name: str, tensor: torch.Tensor, expected: Sequence[int | None])
     if not ok:
         want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
         raise ValueError(f"{name}: expected shape {want}, got {shape}")
+
+
+def validate_recurrence(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None,
+                        names: tuple[str, str] = ("log_a", "b")) -> None:
+    """A diagonal linear recurrence's inputs: (B, T >= 1, D) floating tensors of one shape, h0 (B, D) or None."""
+    check_floating(names[0], log_a)
+    if log_a.ndim != 3 or log_a.shape[1] == 0:
+        raise ValueError(f"{names[0]}: expected shape (B, T, D) with T >= 1, got {tuple(log_a.shape)}")
+    check_shape(names[1], b, tuple(log_a.shape))
+    if h0 is not None:
+        check_shape("h0", h0, (log_a.shape[0], log_a.shape[2]))

@@ -31,9 +31,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_shape
+from .._checks import check_shape, validate_recurrence
+from .._common import compute_dtype
 from .._documents import check_document_starts
-from .chunkwise import compute_dtype, linear_recurrence_chunked, linear_recurrence_reference, validate_recurrence
+from .chunkwise import linear_recurrence_chunked
+from .reference import g, linear_recurrence_reference, mingru_reference, minlstm_reference
 
 __all__ = [
     "IMPLS",
@@ -64,11 +66,6 @@ def resolve_impl(impl: str, x: torch.Tensor) -> str:
 
         return "triton" if available() else "log"
     return "log"
-
-
-def g(x: torch.Tensor) -> torch.Tensor:
-    """The positive activation of the paper: x + 0.5 for x >= 0, sigmoid(x) otherwise (continuous at 0)."""
-    return torch.where(x >= 0, F.relu(x) + 0.5, torch.sigmoid(x))
 
 
 def log_g(x: torch.Tensor) -> torch.Tensor:
@@ -146,7 +143,7 @@ def mingru_scan(
 
         return mingru_scan_triton(gate, hidden, h0)
     if impl == "reference":
-        return _mingru_reference(gate, hidden, h0, document_starts)
+        return mingru_reference(gate, hidden, h0, document_starts)
     dtype = compute_dtype(gate)
     log_a, log_b = mingru_log_terms(gate.to(dtype), hidden.to(dtype))
     return _scan_log_terms(log_a, log_b, h0, impl, chunk_size, gate.dtype, document_starts)
@@ -167,7 +164,7 @@ def minlstm_scan(
 
         return minlstm_scan_triton(forget, input, hidden, h0)
     if impl == "reference":
-        return _minlstm_reference(forget, input, hidden, h0, document_starts)
+        return minlstm_reference(forget, input, hidden, h0, document_starts)
     dtype = compute_dtype(forget)
     log_a, log_b = minlstm_log_terms(forget.to(dtype), input.to(dtype), hidden.to(dtype))
     return _scan_log_terms(log_a, log_b, h0, impl, chunk_size, forget.dtype, document_starts)
@@ -183,27 +180,3 @@ def minlstm_step(forget: torch.Tensor, input: torch.Tensor, hidden: torch.Tensor
     """One minLSTM step: forget, input, hidden (B, D) pre-activations, h (B, D) previous state -> new state."""
     log_a, log_b = minlstm_log_terms(forget, input, hidden)
     return torch.exp(log_a) * h + torch.exp(log_b)
-
-
-def _mingru_reference(gate, hidden, h0, document_starts=None):
-    h = torch.zeros_like(gate[:, 0]) if h0 is None else h0.to(gate.dtype)
-    outputs = []
-    for t in range(gate.shape[1]):
-        if document_starts is not None:
-            h = torch.where(document_starts[:, t, None], 0.0, h)
-        z = torch.sigmoid(gate[:, t])
-        h = (1 - z) * h + z * g(hidden[:, t])
-        outputs.append(h)
-    return torch.stack(outputs, dim=1), h
-
-
-def _minlstm_reference(forget, input, hidden, h0, document_starts=None):
-    h = torch.zeros_like(forget[:, 0]) if h0 is None else h0.to(forget.dtype)
-    outputs = []
-    for t in range(forget.shape[1]):
-        if document_starts is not None:
-            h = torch.where(document_starts[:, t, None], 0.0, h)
-        f, i = torch.sigmoid(forget[:, t]), torch.sigmoid(input[:, t])
-        h = f / (f + i) * h + i / (f + i) * g(hidden[:, t])
-        outputs.append(h)
-    return torch.stack(outputs, dim=1), h

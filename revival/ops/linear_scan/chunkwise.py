@@ -2,14 +2,14 @@
 
 Two forms with one signature, `(log_a (B, T, D), b (B, T, D), h0 (B, D) | None) -> (h (B, T, D), h_last (B, D))`:
 
-- `linear_recurrence_reference`: a plain loop over time (the float64 reference in the tests).
-- `linear_recurrence_chunked`: split time into chunks of `chunk_size`; run the recurrence from zero inside all chunks at
-  once (a loop of `chunk_size` steps, vectorized over chunks); solve the recurrence over the chunk boundaries, which is
-  the same problem one level up (coefficient = product of a in the chunk, value = the chunk's local end state), by a
-  recursive call; add `exp(cumulative log a) * chunk start state`. Sequential depth ~ chunk_size * log_L(T) instead
-  of T; memory O(B T D); only products of a inside one chunk appear, so no division and no overflow when a <= 1.
-  A length that is not a multiple of the chunk size is handled exactly: full chunks first, then the tail as one
-  shorter chunk starting from their state (no padding).
+- `linear_recurrence_reference` (`reference.py`): a plain loop over time (the float64 reference in the tests).
+- `linear_recurrence_chunked` (here): split time into chunks of `chunk_size`; run the recurrence from zero inside
+  all chunks at once (a loop of `chunk_size` steps, vectorized over chunks); solve the recurrence over the chunk
+  boundaries, which is the same problem one level up (coefficient = product of a in the chunk, value = the chunk's
+  local end state), by a recursive call; add `exp(cumulative log a) * chunk start state`. Sequential depth
+  ~ chunk_size * log_L(T) instead of T; memory O(B T D); only products of a inside one chunk appear, so no division
+  and no overflow when a <= 1. A length that is not a multiple of the chunk size is handled exactly: full chunks
+  first, then the tail as one shorter chunk starting from their state (no padding).
 
 The coefficient is given in log space (`a_t = exp(log_a_t)`), as the minGRU/minLSTM gates produce it. Computation
 runs in float32 for half/bfloat16 inputs (float64 stays float64); `h` follows the input dtype, `h_last` is float32
@@ -20,34 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_floating, check_shape
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def validate_recurrence(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None,
-                        names: tuple[str, str] = ("log_a", "b")) -> None:
-    check_floating(names[0], log_a)
-    if log_a.ndim != 3 or log_a.shape[1] == 0:
-        raise ValueError(f"{names[0]}: expected shape (B, T, D) with T >= 1, got {tuple(log_a.shape)}")
-    check_shape(names[1], b, tuple(log_a.shape))
-    if h0 is not None:
-        check_shape("h0", h0, (log_a.shape[0], log_a.shape[2]))
-
-
-def linear_recurrence_reference(
-    log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """h_t = exp(log_a_t) * h_{t-1} + b_t, one step at a time, in the input dtype. Shapes as in the module doc."""
-    validate_recurrence(log_a, b, h0)
-    h = torch.zeros_like(b[:, 0]) if h0 is None else h0.to(b.dtype)
-    outputs = []
-    for t in range(b.shape[1]):
-        h = torch.exp(log_a[:, t]) * h + b[:, t]
-        outputs.append(h)
-    return torch.stack(outputs, dim=1), h
+from .._checks import validate_recurrence
+from .._common import compute_dtype
 
 
 def linear_recurrence_chunked(
