@@ -58,8 +58,12 @@ class ResidualBlock(nn.Module):
             else:
                 module.reset_parameters()
 
-    def forward(self, x: torch.Tensor, state=None):
-        y, state = self.mixer(self.norm(x), state)
+    def forward(self, x: torch.Tensor, state=None, document_starts: torch.Tensor | None = None):
+        """document_starts (B, T) bool or None: the mixer restarts at each document (revival/ops/_documents.py)."""
+        if document_starts is None:
+            y, state = self.mixer(self.norm(x), state)
+        else:
+            y, state = self.mixer(self.norm(x), state, document_starts=document_starts)
         x = x + self.dropout(y)
         if self.ffn is not None:
             x = x + self.dropout(self.ffn(self.ffn_norm(x)))

@@ -10,6 +10,8 @@ Stable attribute names (the HF xLSTM import/export maps onto them):
 forward(input_ids: (B, T) long, state=None) -> (logits: (B, T, vocab_size), state), where state is a list with one
 entry per block (each the block mixer's state; None means zeros). Feeding the returned state back continues the
 sequence exactly: prefill + single-token steps == one forward over the whole sequence.
+forward(input_ids, document_starts=...) or (..., attention_mask=...): packed documents / padded rows, each document
+exactly as if alone (docs/math-resets.md).
 forward(input_ids, labels=input_ids) -> (logits, state, loss): the mean next-token cross-entropy, Hugging Face style
 (labels are shifted inside; -100 is ignored).
 `model.set_activation_checkpointing(True)` recomputes each block's activations in backward instead of keeping them.
@@ -29,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
 from ..layers.norms import LayerNorm, RMSNorm
+from ..ops._documents import check_document_starts, from_attention_mask
 from ..ops.fused import soft_cap
 from .blocks import build_block
 from .checkpoint import load_pretrained, save_pretrained
@@ -99,11 +102,17 @@ class LanguageModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, state: list | None = None,
-                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                labels: torch.Tensor | None = None, *, document_starts: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """input_ids (B, T) integer -> (logits (B, T, V) in the model dtype, new state: list, one entry per block).
 
         With `labels` (B, T) (usually `input_ids` itself): (logits, state, loss), loss the mean float32 cross-entropy
-        of logits[:, :-1] against labels[:, 1:], positions labelled -100 left out."""
+        of logits[:, :-1] against labels[:, 1:], positions labelled -100 left out.
+
+        Packed documents: `document_starts` (B, T) bool, True at the first token of each document; every layer
+        restarts there, so a packed row gives exactly the logits of separate calls per document (the returned state
+        is each row's last document's). `attention_mask` (B, T) of 0/1 (Hugging Face style) is turned into document
+        starts wherever it changes (revival/ops/_documents.py), so a left-padded prompt sees none of its padding."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
             got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids: expected an integer tensor of shape (B, T), got {got}")
@@ -113,6 +122,7 @@ class LanguageModel(nn.Module):
             state = [None] * len(self.blocks)
         elif len(state) != len(self.blocks):
             raise ValueError(f"state: expected a list of {len(self.blocks)} per-block states, got {len(state)}")
+        document_starts = _document_starts(input_ids, document_starts, attention_mask)
         if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
             got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
             raise ValueError(f"labels: expected a tensor shaped like input_ids {tuple(input_ids.shape)}, got {got}")
@@ -125,9 +135,9 @@ class LanguageModel(nn.Module):
         new_state = []
         for block, block_state in zip(self.blocks, state):
             if recompute:
-                x, block_state = checkpoint(block, x, block_state, use_reentrant=False)
+                x, block_state = checkpoint(block, x, block_state, document_starts, use_reentrant=False)
             else:
-                x, block_state = block(x, block_state)
+                x, block_state = block(x, block_state, document_starts)
             new_state.append(block_state)
         logits = soft_cap(self.lm_head(self.out_norm(x)), self.config.logit_soft_cap)
         if labels is None:
@@ -187,6 +197,22 @@ class LanguageModel(nn.Module):
 def from_pretrained(directory: str | Path, device=None, dtype=None) -> LanguageModel:
     """`LanguageModel.from_pretrained`: a saved revival model or a HF xLSTM directory."""
     return LanguageModel.from_pretrained(directory, device=device, dtype=dtype)
+
+
+def _document_starts(input_ids: torch.Tensor, document_starts, attention_mask) -> torch.Tensor | None:
+    """document_starts, or the ones of attention_mask, or both combined; None when there is no start at all (the
+    layers' plain paths)."""
+    B, T = input_ids.shape
+    starts = check_document_starts(document_starts, B, T, input_ids.device)
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, T):
+            got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+            raise ValueError(f"attention_mask: expected a tensor shaped like input_ids {(B, T)}, got {got}")
+        from_mask = from_attention_mask(attention_mask.to(input_ids.device))
+        starts = from_mask if starts is None else starts | from_mask
+    if starts is not None and not bool(starts.any()):
+        return None
+    return starts
 
 
 def state_bytes(state) -> int:
