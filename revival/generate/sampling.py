@@ -122,13 +122,16 @@ def _check_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, s
     return stops
 
 
-def _step(model, ids: torch.Tensor, state):
+def _step(model, ids: torch.Tensor, state, attention_mask: torch.Tensor | None = None):
     """One no-grad forward in eval mode; returns (last-position logits (B, V), state)."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            logits, state = model(ids, state)
+            if attention_mask is None:
+                logits, state = model(ids, state)
+            else:
+                logits, state = model(ids, state, attention_mask=attention_mask)
     finally:
         model.train(was_training)
     return logits[:, -1], state
@@ -141,10 +144,11 @@ def _resolve_hf_arguments(ids: torch.Tensor, max_new_tokens, temperature, stop_t
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != ids.shape:
             got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
             raise UserError(f"attention_mask: expected a tensor shaped like input_ids {tuple(ids.shape)}, got {got}")
-        if not bool((attention_mask.to(ids.device) != 0).all()):
-            raise NotImplementedError(
-                "attention_mask: padded prompts (zeros in the mask) are not supported yet: the recurrent layers need "
-                "per-token state resets for them; generate prompts of different lengths one call each")
+        values = attention_mask.to(ids.device)
+        if values.is_floating_point() or not bool(((values == 0) | (values == 1)).all()):
+            raise UserError("attention_mask: expected 0/1 entries (integer or bool)")
+        if not bool((values[:, 1:] >= values[:, :-1]).all()) or not bool(values[:, -1].all()):
+            raise UserError("attention_mask: expected left padding (each row zeros, then ones up to the last token)")
     if max_length is not None:
         if max_new_tokens is not None:
             raise UserError(f"max_length and max_new_tokens: expected one of them, got {max_length} and "
@@ -193,10 +197,18 @@ def stream(model, input_ids, max_new_tokens: int | None = None, temperature: flo
     single = single and num_return_sequences == 1
     stops = _check_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_tokens, seed, vocab_size)
     return _stream(model, ids, single, max_new_tokens, float(temperature), top_k, top_p, float(repetition_penalty),
-                   stops, seed)
+                   stops, seed, _padding(attention_mask, num_return_sequences))
 
 
-def _stream(model, ids, single, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stops, seed):
+def _padding(attention_mask: torch.Tensor | None, num_return_sequences: int) -> torch.Tensor | None:
+    """The (validated) left-padding mask, repeated like the prompts; None when nothing is padded."""
+    if attention_mask is None or bool((attention_mask != 0).all()):
+        return None
+    return attention_mask.long().repeat_interleave(num_return_sequences, dim=0)
+
+
+def _stream(model, ids, single, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stops, seed,
+            attention_mask=None):
     if max_new_tokens == 0:
         return
     device = next(model.parameters()).device
@@ -209,7 +221,11 @@ def _stream(model, ids, single, max_new_tokens, temperature, top_k, top_p, repet
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     finished_with = torch.zeros(ids.shape[0], dtype=torch.long, device=device)
     history = ids
-    logits, state = _step(model, ids, None)
+    if attention_mask is not None:  # the pad is the rows' first document: the prompt sees none of it
+        attention_mask = attention_mask.to(device)
+        # the repetition penalty sees each row's own tokens only: pads read as a copy of the row's last token
+        history = torch.where(attention_mask.bool(), ids, ids[:, -1:])
+    logits, state = _step(model, ids, None, attention_mask)
     for step in range(max_new_tokens):
         token = sample_next(logits, history if repetition_penalty != 1.0 else history[:, :0], temperature, top_k,
                             top_p, repetition_penalty, generator)
@@ -237,8 +253,9 @@ def generate(model, input_ids, max_new_tokens: int | None = None, temperature: f
     when temperature == 0), `max_length` (prompt + new tokens, instead of `max_new_tokens`), `eos_token_id` (the same
     as `stop_tokens`), `num_return_sequences` (each prompt row repeated, sampled independently: (B * n, T + new)),
     `streamer` (an object with `put(ids)` / `end()` as in transformers -- it gets the prompt first, then each new
-    token as a (B,) tensor -- or a callable called with each new token as it is sampled), `attention_mask` (all ones
-    only, for now: padded prompts raise NotImplementedError).
+    token as a (B,) tensor -- or a callable called with each new token as it is sampled), `attention_mask` (B, T) of
+    0/1 for left-padded prompts of different lengths: each row generates exactly what its unpadded prompt alone
+    would (the pad is a document of its own that the prompt never sees, docs/math-resets.md).
     """
     vocab_size = model.config.vocab_size
     ids, single = _as_batch(input_ids, vocab_size)
@@ -254,7 +271,7 @@ def generate(model, input_ids, max_new_tokens: int | None = None, temperature: f
         streamer.put(ids.cpu())
     new = []
     for token in _stream(model, ids, single, max_new_tokens, float(temperature), top_k, top_p,
-                         float(repetition_penalty), stops, seed):
+                         float(repetition_penalty), stops, seed, _padding(attention_mask, num_return_sequences)):
         new.append(token)
         if has_put:
             streamer.put(torch.tensor([token]) if single else token.cpu())
