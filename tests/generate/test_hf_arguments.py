@@ -79,14 +79,16 @@ def test_streamer_callable_and_put_end_object(model):
     assert torch.equal(torch.stack(recorder.puts[1:], dim=1), out[:, 4:])
 
 
-def test_attention_mask_all_ones_is_accepted_and_padding_is_not_yet(model):
+def test_attention_mask_all_ones_and_left_padding(model):
     ones = torch.ones_like(PROMPT)
     assert torch.equal(generate(model, PROMPT, 3, temperature=0, attention_mask=ones),
                        generate(model, PROMPT, 3, temperature=0))
     assert list(stream(model, PROMPT[0], 2, temperature=0, attention_mask=ones[:1]))
     padded = ones.clone()
-    padded[1, 0] = 0
-    with pytest.raises(NotImplementedError, match="padded prompts"):
-        generate(model, PROMPT, 3, attention_mask=padded)
+    padded[1, 0] = 0  # row 1 is the 3-token prompt PROMPT[1, 1:], left-padded
+    out = generate(model, PROMPT, 3, temperature=0, attention_mask=padded)
+    assert torch.equal(out[1, 1:], generate(model, PROMPT[1, 1:], 3, temperature=0))
+    with pytest.raises(UserError, match="left padding"):
+        generate(model, PROMPT, 3, attention_mask=padded.flip(1))
     with pytest.raises(UserError, match="attention_mask: expected a tensor shaped like input_ids"):
         generate(model, PROMPT, 3, attention_mask=ones[:, :2])
