@@ -24,6 +24,7 @@ from torch import nn
 
 from ..ops._documents import check_document_starts, drop_state_at_first_start
 from ..ops.slstm import IMPLS, slstm, slstm_step
+from ..ops.slstm.gates import headwise_gates
 from .conv import CausalConv1d
 from .kinds import LayerKind, LayerOptions
 from .mlstm_layer import HeadwiseLinear
@@ -37,57 +38,6 @@ def powerlaw_forget_bias(head_dim: int, block_index: int = 0, num_blocks: int = 
     ratio = block_index / (num_blocks - 1) if num_blocks > 1 else 0.0
     units = torch.arange(head_dim, dtype=torch.float64) / max(head_dim - 1, 1)
     return -(-5.0 + 12.0 * units ** (0.3 + 1.3 * ratio))
-
-
-class _HeadwiseGates(torch.autograd.Function):
-    """The four headwise gate maps: gates[g, h] = src_g[..., h, :] @ weight[g, h]^T + bias[g, h], with src = conv_act
-    for i, f and x for z, o.
-
-    conv_act, x: (B, T, D) with D = H d; weight (4, H, d, d) (out = W @ in per head); bias (4, H, d) or None.
-    Returns (B, T, 4, H, d) as a view of a (4, H, T, B, d) tensor: every (gate, head) block is then one contiguous
-    (T B, d) matrix, so the maps are plain bmm's over the H heads (reading the sources through a cheap (T, B, D) copy)
-    and the sLSTM op copies them into its (T, 4, H, B, d) buffer in 512-float runs. Hand-written backward: two bmm's
-    per gate (input and weight gradients), no layout changes beyond the same cheap copies.
-    """
-
-    @staticmethod
-    def forward(ctx, conv_act, x, weight, bias):
-        B, T, D = x.shape
-        G, H, d, _ = weight.shape
-        sources = [s.transpose(0, 1).contiguous() for s in (conv_act, x)]  # (T, B, D): copies in D-float runs
-        heads = [s.view(T * B, H, d).transpose(0, 1) for s in sources]  # (H, T B, d) views
-        out = x.new_empty(G, H, T * B, d)
-        for g in range(G):
-            weight_t = weight[g].transpose(1, 2)
-            if bias is None:
-                torch.bmm(heads[g // 2], weight_t, out=out[g])
-            else:
-                torch.baddbmm(bias[g][:, None], heads[g // 2], weight_t, out=out[g])
-        ctx.save_for_backward(*sources, weight)
-        ctx.has_bias = bias is not None
-        return out.view(G, H, T, B, d).permute(3, 2, 0, 1, 4)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_gates):
-        conv_t, x_t, weight = ctx.saved_tensors
-        T, B, D = x_t.shape
-        G, H, d, _ = weight.shape
-        grad = grad_gates.permute(2, 3, 1, 0, 4).reshape(G, H, T * B, d)  # the sLSTM op hands back this layout
-        heads = [s.view(T * B, H, d).transpose(0, 1) for s in (conv_t, x_t)]
-        grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[2] else None
-        grad_sources = [None, None]
-        for source in range(2):
-            if not ctx.needs_input_grad[source]:
-                continue
-            first, second = 2 * source, 2 * source + 1  # (i, f) read conv_act, (z, o) read x
-            per_head = torch.bmm(grad[first], weight[first]).baddbmm_(grad[second], weight[second])  # (H, T B, d)
-            grad_sources[source] = per_head.transpose(0, 1).reshape(T, B, D).transpose(0, 1)
-        if grad_weight is not None:
-            for g in range(G):
-                torch.bmm(grad[g].transpose(1, 2), heads[g // 2], out=grad_weight[g])
-        grad_bias = grad.sum(dim=2) if ctx.has_bias and ctx.needs_input_grad[3] else None
-        return grad_sources[0], grad_sources[1], grad_weight, grad_bias
 
 
 class SLSTMLayer(nn.Module):
@@ -167,10 +117,10 @@ class SLSTMLayer(nn.Module):
                 gates = gates + self.gate_bias.transpose(0, 1)
             y, cell_state = slstm_step(gates.transpose(1, 2), self.recurrent_weight, cell_state)
             y = y[:, None]
-        else:  # the four headwise gate maps in one Function laid out for the op (see `_HeadwiseGates`)
+        else:  # the four headwise gate maps in one Function laid out for the op (revival.ops.slstm.gates)
             weight = torch.stack([gate.weight for gate in (self.igate, self.fgate, self.zgate, self.ogate)])
             bias = None if self.gate_bias is None else self.gate_bias.to(x.dtype)
-            gates = _HeadwiseGates.apply(conv_act.to(x.dtype), x, weight.to(x.dtype), bias)  # (B, T, 4, H, d)
+            gates = headwise_gates(conv_act.to(x.dtype), x, weight.to(x.dtype), bias)  # (B, T, 4, H, d)
             y, cell_state = slstm(gates, self.recurrent_weight, cell_state, impl=self.impl,
                                   document_starts=document_starts)
         return self.group_norm(y), (conv_state, cell_state)
