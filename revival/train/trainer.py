@@ -204,6 +204,29 @@ def evaluate(model: LanguageModel, documents: list[bytes], tokenizer, context_le
                       len(used))
 
 
+@torch.no_grad()
+def packed_losses(model: LanguageModel, rows: PackedDataset, device: torch.device, max_tokens: int,
+                  autocast=contextlib.nullcontext, batch_size: int = 8) -> dict[str, float]:
+    """Mean next-token loss over the first packed rows (up to `max_tokens` targets, at least one row), with every
+    layer reset at each document start and with the state carried across documents."""
+    was_training = model.training
+    model.eval()
+    count = min(len(rows), max(1, max_tokens // rows.context_length))
+    totals = {"packed_loss_reset": 0.0, "packed_loss_carried": 0.0}
+    tokens = 0
+    for start in range(0, count, batch_size):
+        batch = rows.batch(start, min(batch_size, count - start))
+        inputs, targets = batch.input_ids.to(device), batch.targets.to(device)
+        for key, starts in (("packed_loss_reset", batch.doc_start.to(device)), ("packed_loss_carried", None)):
+            with autocast():
+                logits, _ = model(inputs, document_starts=starts)
+            totals[key] += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
+        tokens += targets.numel()
+    if was_training:
+        model.train()
+    return {key: total / tokens for key, total in totals.items()}
+
+
 RUN_OUTPUTS = ("metrics.csv", "loss.png", "tensorboard", "checkpoints")  # what a run writes into train.out_dir
 OPTIMIZER_KEYS = ("lr", "weight_decay", "beta1", "beta2")  # train keys a resumed run applies to the optimizer
 
@@ -281,6 +304,7 @@ class Trainer:
         self.train_module = distributed.wrap_model(self.model, self.world, self.autocast_dtype)  # runs the steps
         self.dataset = PackedDataset.from_documents(self.corpus.train, self.tokenizer, run.data.context_length,
                                                     seed=self.cfg.seed, show_progress=self.show_progress)
+        self._validation_rows: PackedDataset | bool | None = None  # built at the first evaluation
         self.optimizer = self._make_optimizer()
         cfg = self.cfg
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -436,10 +460,11 @@ class Trainer:
             batch = self.dataset.batch(start, self.cfg.batch_size)
             self.position += self.cfg.batch_size * self.world.world_size
             inputs, targets = batch.input_ids.to(self.device), batch.targets.to(self.device)
+            starts = batch.doc_start.to(self.device) if self.run.data.reset_at_documents else None
             last = micro_batch == self.cfg.grad_accum - 1
             with distributed.gradient_sync(self.train_module, self.world, enabled=last):
                 with self._autocast():
-                    logits, _ = self.train_module(inputs)
+                    logits, _ = self.train_module(inputs, document_starts=starts)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
                 (loss / self.cfg.grad_accum).backward()
             total += loss.item() / self.cfg.grad_accum
@@ -465,6 +490,21 @@ class Trainer:
         documents = self.corpus.validation[: self.cfg.eval_docs]
         return evaluate(self.model, documents, self.tokenizer, self.run.data.context_length, self.device,
                         self.cfg.eval_max_tokens, self._autocast)
+
+    def evaluate_packed(self) -> dict[str, float]:
+        """Validation loss on packed rows like the training ones, both modes: every layer reset at each document
+        start ("reset") and the state run on across documents ("carried")."""
+        if self._validation_rows is None:
+            documents = self.corpus.validation[: self.cfg.eval_docs]
+            try:
+                self._validation_rows = PackedDataset.from_documents(documents, self.tokenizer,
+                                                                     self.run.data.context_length, shuffle=False)
+            except UserError:  # fewer validation tokens than one row: whole documents only
+                self._validation_rows = False
+        if self._validation_rows is False:
+            return {}
+        return packed_losses(self.model, self._validation_rows, self.device, self.cfg.eval_max_tokens // 4,
+                             self._autocast)
 
     def eval_scope(self, tokens: int) -> str:
         """What the training-time validation reads (fewer documents than `revival eval`, which reads the split)."""
@@ -510,12 +550,15 @@ class Trainer:
                                    f"{self.train_tokens_per_s:,.0f} tokens/s")
                 if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
                     self.last_eval = self.evaluate()
-                    logger.log(self.step, "val", **self.last_eval.as_dict())
+                    packed = self.evaluate_packed()
+                    logger.log(self.step, "val", **self.last_eval.as_dict(), **packed)
                     scope = "" if evaluated else f" ({self.eval_scope(self.last_eval.tokens)})"
                     evaluated = True
                     if self.world.is_main:
                         bar.write(f"step {self.step}: val loss {self.last_eval.loss:.4f}  ppl "
-                                  f"{self.last_eval.perplexity:.2f}  bpb {self.last_eval.bits_per_byte:.4f}{scope}",
+                                  f"{self.last_eval.perplexity:.2f}  bpb {self.last_eval.bits_per_byte:.4f}{scope}"
+                                  + (f"; packed rows: loss {packed['packed_loss_reset']:.4f} with document resets, "
+                                     f"{packed['packed_loss_carried']:.4f} carried across" if packed else ""),
                                   file=sys.stdout)
                 if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
                     self.save_checkpoint()
