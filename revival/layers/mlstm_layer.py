@@ -27,6 +27,7 @@ from torch import nn
 
 from ..ops._documents import check_document_starts, drop_state_at_first_start
 from ..ops.mlstm import IMPLS, PRECISIONS, mlstm, mlstm_step
+from ..ops.mlstm.projections import gates_from_inputs, heads_channel_major, headwise_linear
 from .conv import CausalConv1d
 from .ffn import round_up, small_init_, wang_init_
 from .kinds import LayerKind, LayerOptions
@@ -65,15 +66,7 @@ class HeadwiseLinear(nn.Module):
     def forward_feature_major(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., dim, T) -> (..., dim, T). In this layout each block is a (bs, bs) @ (bs, T) product: one batched
         matmul with long rows, several times faster on CPU than the same map on (..., T, dim) data."""
-        y = (self.weight @ x.unflatten(-2, (self.num_blocks, self.block_size))).flatten(-3, -2)
-        return y if self.bias is None else y + self.bias[:, None]
-
-    def compose_after(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A linear map `weight` (G, dim) applied to this one's output, as one map of the input:
-        weight @ (W x + b) = (weight @ W) x + weight @ b. Returns ((G, dim), (G,) or None)."""
-        blocks = weight.unflatten(-1, (self.num_blocks, self.block_size))  # (G, num_blocks, bs)
-        composed = torch.einsum("gbo,boi->gbi", blocks, self.weight.to(weight.dtype)).flatten(-2)
-        return composed, None if self.bias is None else weight @ self.bias.to(weight.dtype)
+        return headwise_linear(x, self.weight, self.bias)
 
 
 class MLSTMLayer(nn.Module):
@@ -152,16 +145,10 @@ class MLSTMLayer(nn.Module):
                 torch.cat([self.igate.bias, self.fgate.bias]).to(gate_dtype))
 
     def _gates_from_inputs(self, gate_weight, gate_bias, conv_cm, x_m_cm):
-        """[igate; fgate] @ cat(q, k, v) without building cat(q, k, v): the gate weights composed with the headwise
-        maps read conv_act and x_m directly ((2H, inner) weights; no (3 inner, B T) tensor or its gradient).
-        conv_cm, x_m_cm: (inner, B T). Returns (2H, B T)."""
-        w_q, w_k, w_v = gate_weight.split(self.inner_dim, dim=1)
-        (from_q, bias_q), (from_k, bias_k), (from_v, bias_v) = (
-            proj.compose_after(w) for proj, w in ((self.q_proj, w_q), (self.k_proj, w_k), (self.v_proj, w_v)))
-        if bias_q is not None:
-            gate_bias = gate_bias + bias_q + bias_k + bias_v
-        gates = torch.addmm(gate_bias[:, None], from_q + from_k, conv_cm.to(gate_weight.dtype))
-        return torch.addmm(gates, from_v, x_m_cm.to(gate_weight.dtype))
+        """[igate; fgate] @ cat(q, k, v) without building cat(q, k, v) (revival.ops.mlstm.projections); conv_cm,
+        x_m_cm: (inner, B T). Returns (2H, B T)."""
+        maps = [(proj.weight, proj.bias) for proj in (self.q_proj, self.k_proj, self.v_proj)]
+        return gates_from_inputs(gate_weight, gate_bias, *maps, conv_cm, x_m_cm)
 
     def forward(self, x: torch.Tensor, state=None, document_starts: torch.Tensor | None = None):
         """document_starts (B, T) bool or None: conv window and cell state restart at each document
@@ -195,7 +182,7 @@ class MLSTMLayer(nn.Module):
         i, f = (g.view(H, B, T).transpose(0, 1) for g in gates.split(H))  # (B, H, T) views
 
         def heads(t: torch.Tensor) -> torch.Tensor:  # (inner, B T) -> (B, H, T, hd) as a view: the op copies it
-            return t.view(H, self.head_dim, B, T).permute(2, 0, 3, 1)  # chunk-major in contiguous runs
+            return heads_channel_major(t, H, B, T)
 
         h, cell_state = mlstm(heads(q), heads(k), heads(v), i, f, cell_state, impl=self.impl,
                               chunk_size=self.chunk_size, precision=self.precision, document_starts=document_starts)
