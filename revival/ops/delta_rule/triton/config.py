@@ -1,0 +1,43 @@
+"""Launch settings of the Triton gated delta rule kernels, passed as an argument (no module state)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Block sizes and warps; a field left None takes its shape-keyed default (`launch_config`).
+
+    block_v_states / block_v_output / block_v_dstates: the Dv-tile of the sequential state kernel, the output kernel
+    and the sequential state-gradient kernel (narrower tiles: more programs for the sequential walks); warps_*:
+    num_warps per kernel."""
+
+    block_v_states: int | None = None
+    block_v_output: int | None = None
+    block_v_dstates: int | None = None
+    warps_wy: int | None = None
+    warps_states: int | None = None
+    warps_output: int | None = None
+    warps_dstates: int | None = None
+    warps_grads: int | None = None
+
+
+def default_launch_config(Dk: int, Dv: int, rows: int) -> LaunchConfig:
+    """Fixed settings per shape class (no autotuning): with few batch*head rows the sequential kernels split Dv
+    into narrower tiles so that more programs run at once."""
+    narrow = 32 if rows < 64 else 64
+    return LaunchConfig(block_v_states=narrow, block_v_output=128, block_v_dstates=narrow, warps_wy=4,
+                        warps_states=4, warps_output=4, warps_dstates=4, warps_grads=8)
+
+
+def launch_config(Dk: int, Dv: int, rows: int, requested: LaunchConfig | None = None) -> LaunchConfig:
+    """The launch config of one call: the fields `requested` sets, the shape-keyed defaults for the others."""
+    if requested is not None and not isinstance(requested, LaunchConfig):
+        raise ValueError(f"launch: expected a LaunchConfig or None, got {type(requested).__name__}")
+    default = default_launch_config(Dk, Dv, rows)
+    if requested is None:
+        return default
+    chosen = {f.name: getattr(requested, f.name) for f in dataclasses.fields(requested)}
+    return dataclasses.replace(default, **{name: value for name, value in chosen.items() if value is not None})

@@ -1,0 +1,200 @@
+"""Chunkwise gated delta rule forward in Triton (WY form; the algorithm in `revival.ops.delta_rule`'s module doc).
+
+Three kernels:
+1. `_wy_kernel`, every (chunk, batch*head) in parallel: the chunk's (I + M)^-1 (M strictly lower triangular, so
+   (I + M)^-1 = (I - M)(I + M^2)(I + M^4)... exactly, log2(L) squarings on the matrix units), then
+   W = (I + M)^-1 diag(beta exp(gamma)) K and U0 = (I + M)^-1 diag(beta) V.
+2. `_states_kernel`, one program per (Dv-tile, batch*head) walking the chunks in order: stores the state entering
+   each chunk, U = U0 - W S for each chunk, and the final state.
+3. `_output_kernel`, every (chunk, batch*head, Dv-tile) in parallel:
+   O = diag(exp(gamma)) Q S + (causal decay * Q K^T) U.
+
+A transposed operand of a matrix product is always loaded transposed from memory, never `tl.trans` of a computed
+tile (the pattern behind wrong gradients on Hopper in fla #640). Positions past T load as zeros with g = beta = 0:
+they change nothing (no padding of the inputs). Layout: q, k (n, T, H, Dk), v and the buffers W, U0, U
+(n, T, H, D) contiguous; g, beta (n, T, H) float32; states (n*H, NC, Dk, Dv) float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def chunk_tokens(row, c, T, H, L: tl.constexpr):
+    """Token indices into (n, T, H) of chunk c of batch*head `row` (= b * H + h), and which are < T."""
+    t = c * L + tl.arange(0, L)
+    b = row // H
+    return (b * T + t).to(tl.int64) * H + row % H, t < T
+
+
+@triton.jit
+def load_rows(ptr, tokens, valid, D, BD: tl.constexpr):
+    """(L, BD) float32 tile of a (n, T, H, D) tensor: the rows `tokens`, zeros past T and past D."""
+    offs = tl.arange(0, BD)
+    mask = valid[:, None] & (offs < D)[None, :]
+    return tl.load(ptr + tokens[:, None] * D + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def load_cols(ptr, tokens, valid, D, BD: tl.constexpr):
+    """The same tile transposed, (BD, L), read transposed from memory."""
+    offs = tl.arange(0, BD)
+    mask = (offs < D)[:, None] & valid[None, :]
+    return tl.load(ptr + tokens[None, :] * D + offs[:, None], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def load_gates(g_ptr, beta_ptr, tokens, valid):
+    """gamma (cumulative log decay in the chunk), its total, and beta; g = beta = 0 past T."""
+    g = tl.load(g_ptr + tokens, mask=valid, other=0.0)
+    beta = tl.load(beta_ptr + tokens, mask=valid, other=0.0)
+    gamma = tl.cumsum(g, 0)
+    return gamma, tl.sum(g, 0), beta
+
+
+@triton.jit
+def decay_matrix(gamma, STRICT: tl.constexpr, L: tl.constexpr):
+    """exp(gamma_t - gamma_s) for s < t (STRICT) or s <= t, else 0; (L_t, L_s)."""
+    offs = tl.arange(0, L)
+    keep = offs[:, None] > offs[None, :] if STRICT else offs[:, None] >= offs[None, :]
+    return tl.exp(tl.where(keep, gamma[:, None] - gamma[None, :], float("-inf")))
+
+
+@triton.jit
+def unit_lower_inverse(M, L: tl.constexpr, LOG2_L: tl.constexpr, PRECISION: tl.constexpr):
+    """(I + M)^-1 for M strictly lower triangular (L, L): M^L = 0, so it is sum_j (-M)^j = prod_i (I + (-M)^(2^i))."""
+    offs = tl.arange(0, L)
+    eye = tl.where(offs[:, None] == offs[None, :], 1.0, 0.0)
+    power = -M
+    inverse = eye + power
+    for _ in tl.static_range(LOG2_L - 1):
+        power = tl.dot(power, power, input_precision=PRECISION)
+        inverse += tl.dot(inverse, power, input_precision=PRECISION)
+    return inverse
+
+
+@triton.jit
+def state_offsets(row, c, NC, DK, DV, BK: tl.constexpr, BV: tl.constexpr, iv):
+    """Offsets and mask of the (BK, BV) Dv-tile iv of the state entering chunk c, in a (n*H, NC, Dk, Dv) buffer."""
+    offs_k = tl.arange(0, BK)
+    offs_v = iv * BV + tl.arange(0, BV)
+    offs = (row.to(tl.int64) * NC + c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
+    return offs, (offs_k < DK)[:, None] & (offs_v < DV)[None, :]
+
+
+@triton.jit
+def _wy_kernel(
+    k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u0_ptr,
+    T, H, DK, DV,
+    L: tl.constexpr, LOG2_L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PRECISION: tl.constexpr, INVERSE_PRECISION: tl.constexpr,
+):
+    c = tl.program_id(0)
+    row = tl.program_id(1)
+    tokens, valid = chunk_tokens(row, c, T, H, L)
+    gamma, _, beta = load_gates(g_ptr, beta_ptr, tokens, valid)
+    k = load_rows(k_ptr, tokens, valid, DK, BK)
+    kk = tl.dot(k, load_cols(k_ptr, tokens, valid, DK, BK), input_precision=PRECISION)
+    M = beta[:, None] * decay_matrix(gamma, True, L) * kk
+    inverse = unit_lower_inverse(M, L, LOG2_L, INVERSE_PRECISION)
+    w = tl.dot(inverse, k * (beta * tl.exp(gamma))[:, None], input_precision=PRECISION)
+    v = load_rows(v_ptr, tokens, valid, DV, BV)
+    u0 = tl.dot(inverse, v * beta[:, None], input_precision=PRECISION)
+    offs_k, offs_v = tl.arange(0, BK), tl.arange(0, BV)
+    tl.store(w_ptr + tokens[:, None] * DK + offs_k[None, :], w, mask=valid[:, None] & (offs_k < DK)[None, :])
+    tl.store(u0_ptr + tokens[:, None] * DV + offs_v[None, :], u0, mask=valid[:, None] & (offs_v < DV)[None, :])
+
+
+@triton.jit
+def _states_kernel(
+    k_ptr, w_ptr, u0_ptr, g_ptr, s0_ptr,
+    states_ptr, u_ptr, s_out_ptr,
+    T, H, NC, DK, DV,
+    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    iv = tl.program_id(0)
+    row = tl.program_id(1)
+    first, mask_kv = state_offsets(row, 0, 1, DK, DV, BK, BV, iv)
+    S = tl.load(s0_ptr + first, mask=mask_kv, other=0.0)
+    offs_v = iv * BV + tl.arange(0, BV)
+    for c in range(0, NC):
+        here, _ = state_offsets(row, c, NC, DK, DV, BK, BV, iv)
+        tl.store(states_ptr + here, S, mask=mask_kv)
+        tokens, valid = chunk_tokens(row, c, T, H, L)
+        g = tl.load(g_ptr + tokens, mask=valid, other=0.0)
+        gamma = tl.cumsum(g, 0)
+        g_total = tl.sum(g, 0)
+        w = load_rows(w_ptr, tokens, valid, DK, BK)
+        mask_u = valid[:, None] & (offs_v < DV)[None, :]
+        u_offs = tokens[:, None] * DV + offs_v[None, :]
+        u = tl.load(u0_ptr + u_offs, mask=mask_u, other=0.0) - tl.dot(w, S, input_precision=PRECISION)
+        tl.store(u_ptr + u_offs, u, mask=mask_u)
+        k_to_end = load_cols(k_ptr, tokens, valid, DK, BK) * tl.exp(g_total - gamma)[None, :]
+        S = tl.exp(g_total) * S + tl.dot(k_to_end, u, input_precision=PRECISION)
+    tl.store(s_out_ptr + first, S, mask=mask_kv)
+
+
+@triton.jit
+def _output_kernel(
+    q_ptr, k_ptr, g_ptr, states_ptr, u_ptr, o_ptr,
+    T, H, NC, DK, DV, scale,
+    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    c = tl.program_id(0)
+    row = tl.program_id(1)
+    iv = tl.program_id(2)
+    tokens, valid = chunk_tokens(row, c, T, H, L)
+    g = tl.load(g_ptr + tokens, mask=valid, other=0.0)
+    gamma = tl.cumsum(g, 0)
+    q = load_rows(q_ptr, tokens, valid, DK, BK) * scale
+    scores = tl.dot(q, load_cols(k_ptr, tokens, valid, DK, BK), input_precision=PRECISION)
+    scores *= decay_matrix(gamma, False, L)
+    here, mask_kv = state_offsets(row, c, NC, DK, DV, BK, BV, iv)
+    S = tl.load(states_ptr + here, mask=mask_kv, other=0.0)
+    offs_v = iv * BV + tl.arange(0, BV)
+    mask_u = valid[:, None] & (offs_v < DV)[None, :]
+    u_offs = tokens[:, None] * DV + offs_v[None, :]
+    u = tl.load(u_ptr + u_offs, mask=mask_u, other=0.0)
+    o = tl.dot(q * tl.exp(gamma)[:, None], S, input_precision=PRECISION)
+    o += tl.dot(scores, u, input_precision=PRECISION)
+    tl.store(o_ptr + u_offs, o.to(o_ptr.dtype.element_ty), mask=mask_u)
+
+
+def precisions(dtype: torch.dtype) -> tuple[str, str]:
+    """(products, the WY inverse's squarings): float32 inputs in full float32; 16-bit inputs on tf32 matrix units,
+    the inverse (whose powers compound rounding) in three-pass tf32."""
+    return ("ieee", "ieee") if dtype == torch.float32 else ("tf32", "tf32x3")
+
+
+def pow2(x: int, floor: int = 16) -> int:
+    return max(floor, 1 << max(x - 1, 0).bit_length())
+
+
+def delta_rule_forward(q, k, v, g, beta, S0, scale: float, L: int, cfg):
+    """q, k (n, T, H, Dk), v (n, T, H, Dv) contiguous, one dtype; g, beta (n, T, H) float32; S0 (n*H, Dk, Dv)
+    float32; L a power of two; cfg a complete LaunchConfig. Returns o (like v), the final state (n*H, Dk, Dv) and
+    what the backward reads: W, U0, U (n, T, H, D) float32 and the chunk states (n*H, NC, Dk, Dv)."""
+    n, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    NC = triton.cdiv(T, L)
+    BK, BV = pow2(Dk), pow2(Dv)
+    precision, inverse_precision = precisions(q.dtype)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    w, u0, u = torch.empty(n, T, H, Dk, **f32), torch.empty(n, T, H, Dv, **f32), torch.empty(n, T, H, Dv, **f32)
+    states = torch.empty(n * H, NC, Dk, Dv, **f32)
+    S_T = torch.empty(n * H, Dk, Dv, **f32)
+    o = torch.empty_like(v)
+    _wy_kernel[(NC, n * H)](k, v, g, beta, w, u0, T, H, Dk, Dv, L=L, LOG2_L=L.bit_length() - 1, BK=BK, BV=BV,
+                            PRECISION=precision, INVERSE_PRECISION=inverse_precision, num_warps=cfg.warps_wy)
+    block_v = min(cfg.block_v_states, BV)
+    _states_kernel[(triton.cdiv(Dv, block_v), n * H)](
+        k, w, u0, g, S0, states, u, S_T, T, H, NC, Dk, Dv, L=L, BK=BK, BV=block_v, PRECISION=precision,
+        num_warps=cfg.warps_states)
+    block_v = min(cfg.block_v_output, BV)
+    _output_kernel[(NC, n * H, triton.cdiv(Dv, block_v))](
+        q, k, g, states, u, o, T, H, NC, Dk, Dv, scale, L=L, BK=BK, BV=block_v, PRECISION=precision,
+        num_warps=cfg.warps_output)
+    return o, S_T, (w, u0, u, states)

@@ -1,0 +1,84 @@
+"""Triton SSD (Mamba-2) kernels (GPU): chunkwise forward + backward behind a `torch.autograd.Function`, and a decode
+step.
+
+`ssd_triton(x, dt, A, B, C, D, state, chunk_size=64, launch=None)` has the contract of `revival.ops.ssd.ssd` (inputs
+validated, B and C per group (n, T, G, N), no document starts); `ssd_step_triton` is one token of it. Computation in
+float32 (products on tf32 matrix units for 16-bit inputs); y in x's dtype, the state float32. `available()`: Triton
+importable and a CUDA device (or `TRITON_INTERPRET=1` for CPU tests).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..._triton import available, require_triton
+from .config import LaunchConfig, launch_config
+
+__all__ = ["LaunchConfig", "available", "kernel_chunk_size", "launch_config", "ssd_step_triton", "ssd_triton"]
+
+# The (L, L) score tiles and the (L, P), (L, N) tiles of the gradient kernel stay on chip up to L = 64
+_MAX_CHUNK = 64
+
+
+def kernel_chunk_size(chunk_size: int) -> int:
+    """The chunk the kernels use for a requested `chunk_size`: a power of two in [16, 64] (results agree to
+    rounding: the chunking is exact)."""
+    return max(16, min(_MAX_CHUNK, 1 << max(chunk_size - 1, 0).bit_length()))
+
+
+class _SSD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, S0, L, cfg):
+        from .forward import ssd_forward
+
+        n, T, H, P = x.shape
+        N = B.shape[-1]
+        y, S_T, states = ssd_forward(x, dt, A, B, C, S0.reshape(n * H, P, N), L, cfg)
+        if any(ctx.needs_input_grad[:6]):
+            ctx.save_for_backward(x, dt, A, B, C, states)
+            ctx.L, ctx.cfg = L, cfg
+        return y, S_T.reshape(n, H, P, N)
+
+    @staticmethod
+    def backward(ctx, dy, dS_T):
+        from .backward import ssd_backward
+
+        x, dt, A, B, C, states = ctx.saved_tensors
+        n, T, H, P = x.shape
+        N = B.shape[-1]
+        dy = torch.zeros_like(x) if dy is None else dy.to(x.dtype).contiguous()
+        dS_T = (torch.zeros(n * H, P, N, device=x.device) if dS_T is None
+                else dS_T.reshape(n * H, P, N).float().contiguous())
+        dx, ddt, dA, dB, dC, dS0 = ssd_backward(x, dt, A, B, C, states, dy, dS_T, ctx.L, ctx.cfg)
+        return dx, ddt, dA, dB, dC, dS0.reshape(n, H, P, N), None, None
+
+
+def ssd_triton(x, dt, A, B, C, D=None, state=None, *, chunk_size: int = 64, launch: LaunchConfig | None = None):
+    """Chunkwise SSD. x (n, T, H, P); dt (n, T, H); A (H,); B, C (n, T, G, N); D (H,) or None; state (n, H, P, N)
+    or None. Returns y (n, T, H, P) in x's dtype and the final state (n, H, P, N) float32; differentiable in every
+    input and the initial state. `launch` overrides launch settings (`LaunchConfig`)."""
+    require_triton()
+    if x.dtype == torch.float64:
+        raise ValueError("x: impl='triton' supports float32/bfloat16/float16 inputs, got float64")
+    n, T, H, P = x.shape
+    N = B.shape[-1]
+    if max(P, N) > 256:
+        raise ValueError(f"x, B: impl='triton' supports head dims and state sizes up to 256, got P={P}, N={N}")
+    cfg = launch_config(P, N, n * H, launch)
+    dtype = x.dtype
+    xs, B, C = (t.to(dtype).contiguous() for t in (x, B, C))
+    dt, A = dt.float().contiguous(), A.float().contiguous()
+    S0 = torch.zeros(n, H, P, N, device=x.device) if state is None else state.float().contiguous()
+    y, S_T = _SSD.apply(xs, dt, A, B, C, S0, kernel_chunk_size(chunk_size), cfg)
+    if D is not None:  # the skip term in PyTorch: one elementwise pass, differentiated by autograd
+        y = (y.float() + D.float()[:, None] * xs.float()).to(dtype)
+    return y, S_T
+
+
+def ssd_step_triton(x, dt, A, B, C, D=None, state=None):
+    """One token: x (n, H, P); dt (n, H); A (H,); B, C (n, G, N); D (H,) or None; state (n, H, P, N) float32 or
+    None. Returns y (n, H, P) in x's dtype and the new state (a new tensor). Forward only (decode)."""
+    from .step import ssd_step
+
+    require_triton()
+    return ssd_step(x, dt, A, B, C, D, state)

@@ -1,0 +1,42 @@
+"""Launch settings of the Triton SSD kernels, passed as an argument (no module state)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Block sizes and warps; a field left None takes its shape-keyed default (`launch_config`).
+
+    block_p_states / block_p_output / block_p_dstates: the P-tile (head dim) of the sequential state kernel, the
+    output kernel and the sequential state-gradient kernel (narrower tiles: more programs for the sequential walks);
+    warps_*: num_warps per kernel."""
+
+    block_p_states: int | None = None
+    block_p_output: int | None = None
+    block_p_dstates: int | None = None
+    warps_states: int | None = None
+    warps_output: int | None = None
+    warps_dstates: int | None = None
+    warps_grads: int | None = None
+
+
+def default_launch_config(P: int, N: int, rows: int) -> LaunchConfig:
+    """Fixed settings per shape class (no autotuning): with few batch*head rows the sequential kernels split P
+    into narrower tiles so that more programs run at once."""
+    narrow = 16 if rows < 64 else 32
+    return LaunchConfig(block_p_states=narrow, block_p_output=128, block_p_dstates=narrow, warps_states=4,
+                        warps_output=4, warps_dstates=4, warps_grads=8)
+
+
+def launch_config(P: int, N: int, rows: int, requested: LaunchConfig | None = None) -> LaunchConfig:
+    """The launch config of one call: the fields `requested` sets, the shape-keyed defaults for the others."""
+    if requested is not None and not isinstance(requested, LaunchConfig):
+        raise ValueError(f"launch: expected a LaunchConfig or None, got {type(requested).__name__}")
+    default = default_launch_config(P, N, rows)
+    if requested is None:
+        return default
+    chosen = {f.name: getattr(requested, f.name) for f in dataclasses.fields(requested)}
+    return dataclasses.replace(default, **{name: value for name, value in chosen.items() if value is not None})

@@ -1,0 +1,146 @@
+"""Chunkwise SSD forward in Triton (the algorithm in `revival.ops.ssd`'s module doc), without the D skip term.
+
+Two kernels:
+1. `_states_kernel`, one program per (P-tile, batch*head) walking the chunks in order: stores the state entering
+   each chunk, S <- exp(a_L) S + (x * exp(a_L - a) dt)^T B, and the final state.
+2. `_output_kernel`, every (chunk, batch*head, P-tile) in parallel:
+   y = (C B^T * causal decay * dt_s) x + exp(a) * C S^T.
+a is the cumulative log decay dt * A inside the chunk. A transposed operand of a matrix product is always loaded
+transposed from memory, never `tl.trans` of a computed tile (fla #640). Positions past T load as zeros (dt = 0): they
+change nothing. Layout: x (n, T, H, P), B, C (n, T, G, N), dt (n, T, H) float32, contiguous; head h reads group
+h // (H // G); states (n*H, NC, P, N) float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def chunk_tokens(row, c, T, H, G, L: tl.constexpr):
+    """Token indices into (n, T, H) and into (n, T, G) (the head's group) of chunk c of batch*head `row`, and which
+    are < T."""
+    t = c * L + tl.arange(0, L)
+    b = row // H
+    h = row % H
+    tokens = (b * T + t).to(tl.int64)
+    return tokens * H + h, tokens * G + h // (H // G), t < T
+
+
+@triton.jit
+def load_rows(ptr, tokens, valid, D, BD: tl.constexpr, start=0):
+    """(L, BD) float32 tile of a (..., D) tensor: columns start.. of the rows `tokens`, zeros past T and past D."""
+    offs = start + tl.arange(0, BD)
+    mask = valid[:, None] & (offs < D)[None, :]
+    return tl.load(ptr + tokens[:, None] * D + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def load_cols(ptr, tokens, valid, D, BD: tl.constexpr, start=0):
+    """The same tile transposed, (BD, L), read transposed from memory."""
+    offs = start + tl.arange(0, BD)
+    mask = (offs < D)[:, None] & valid[None, :]
+    return tl.load(ptr + tokens[None, :] * D + offs[:, None], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def load_decay(dt_ptr, A_ptr, row, H, tokens, valid):
+    """dt (0 past T), the cumulative log decay a = cumsum(dt * A) in the chunk, and its total."""
+    dt = tl.load(dt_ptr + tokens, mask=valid, other=0.0)
+    log_a = dt * tl.load(A_ptr + row % H)
+    return dt, tl.cumsum(log_a, 0), tl.sum(log_a, 0)
+
+
+@triton.jit
+def decay_matrix(a, L: tl.constexpr):
+    """exp(a_t - a_s) for s <= t, else 0; (L_t, L_s)."""
+    offs = tl.arange(0, L)
+    return tl.exp(tl.where(offs[:, None] >= offs[None, :], a[:, None] - a[None, :], float("-inf")))
+
+
+@triton.jit
+def state_tile(row, c, NC, P, N, BP: tl.constexpr, BN: tl.constexpr, ip, TRANSPOSED: tl.constexpr):
+    """Offsets and mask of the P-tile ip of the state entering chunk c in a (n*H, NC, P, N) buffer, as a (BP, BN)
+    tile or (TRANSPOSED) a (BN, BP) one."""
+    offs_p = ip * BP + tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    base = (row.to(tl.int64) * NC + c) * P * N
+    if TRANSPOSED:
+        return base + offs_n[:, None] + offs_p[None, :] * N, (offs_n < N)[:, None] & (offs_p < P)[None, :]
+    return base + offs_p[:, None] * N + offs_n[None, :], (offs_p < P)[:, None] & (offs_n < N)[None, :]
+
+
+@triton.jit
+def _states_kernel(
+    x_ptr, dt_ptr, A_ptr, b_ptr, s0_ptr, states_ptr, s_out_ptr,
+    T, H, G, NC, P, N,
+    L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr,
+):
+    ip = tl.program_id(0)
+    row = tl.program_id(1)
+    first, mask = state_tile(row, 0, 1, P, N, BP, BN, ip, False)
+    S = tl.load(s0_ptr + first, mask=mask, other=0.0)
+    for c in range(0, NC):
+        here, _ = state_tile(row, c, NC, P, N, BP, BN, ip, False)
+        tl.store(states_ptr + here, S, mask=mask)
+        tokens, group_tokens, valid = chunk_tokens(row, c, T, H, G, L)
+        dt, a, a_total = load_decay(dt_ptr, A_ptr, row, H, tokens, valid)
+        xT = load_cols(x_ptr, tokens, valid, P, BP, ip * BP) * (tl.exp(a_total - a) * dt)[None, :]
+        S = tl.exp(a_total) * S + tl.dot(xT, load_rows(b_ptr, group_tokens, valid, N, BN), input_precision=PRECISION)
+    tl.store(s_out_ptr + first, S, mask=mask)
+
+
+@triton.jit
+def _output_kernel(
+    x_ptr, dt_ptr, A_ptr, b_ptr, c_ptr, states_ptr, y_ptr,
+    T, H, G, NC, P, N,
+    L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr,
+):
+    c = tl.program_id(0)
+    row = tl.program_id(1)
+    ip = tl.program_id(2)
+    tokens, group_tokens, valid = chunk_tokens(row, c, T, H, G, L)
+    dt, a, _ = load_decay(dt_ptr, A_ptr, row, H, tokens, valid)
+    Cm = load_rows(c_ptr, group_tokens, valid, N, BN)
+    scores = tl.dot(Cm, load_cols(b_ptr, group_tokens, valid, N, BN), input_precision=PRECISION)
+    scores *= decay_matrix(a, L) * dt[None, :]
+    here, mask = state_tile(row, c, NC, P, N, BP, BN, ip, True)
+    ST = tl.load(states_ptr + here, mask=mask, other=0.0)
+    y = tl.dot(scores, load_rows(x_ptr, tokens, valid, P, BP, ip * BP), input_precision=PRECISION)
+    y += tl.exp(a)[:, None] * tl.dot(Cm, ST, input_precision=PRECISION)
+    offs_p = ip * BP + tl.arange(0, BP)
+    tl.store(y_ptr + tokens[:, None] * P + offs_p[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=valid[:, None] & (offs_p < P)[None, :])
+
+
+def precision(dtype: torch.dtype) -> str:
+    """float32 inputs in full float32; 16-bit inputs on tf32 matrix units."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def pow2(x: int, floor: int = 16) -> int:
+    return max(floor, 1 << max(x - 1, 0).bit_length())
+
+
+def ssd_forward(x, dt, A, B, C, S0, L: int, cfg):
+    """x (n, T, H, P), B, C (n, T, G, N) contiguous, one dtype; dt (n, T, H), A (H,) float32; S0 (n*H, P, N)
+    float32; L a power of two; cfg a complete LaunchConfig. Returns y (like x, without D), the final state
+    (n*H, P, N) and the chunk states (n*H, NC, P, N) for the backward."""
+    n, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    NC = triton.cdiv(T, L)
+    BP, BN = pow2(P), pow2(N)
+    states = torch.empty(n * H, NC, P, N, device=x.device, dtype=torch.float32)
+    S_T = torch.empty(n * H, P, N, device=x.device, dtype=torch.float32)
+    y = torch.empty_like(x)
+    block_p = min(cfg.block_p_states, BP)
+    _states_kernel[(triton.cdiv(P, block_p), n * H)](
+        x, dt, A, B, S0, states, S_T, T, H, G, NC, P, N, L=L, BP=block_p, BN=BN, PRECISION=precision(x.dtype),
+        num_warps=cfg.warps_states)
+    block_p = min(cfg.block_p_output, BP)
+    _output_kernel[(NC, n * H, triton.cdiv(P, block_p))](
+        x, dt, A, B, C, states, y, T, H, G, NC, P, N, L=L, BP=block_p, BN=BN, PRECISION=precision(x.dtype),
+        num_warps=cfg.warps_output)
+    return y, S_T, states
