@@ -1,0 +1,130 @@
+"""Chunkwise SSD backward in Triton: two kernels (notation of forward.py; a = cumsum(dt A) in the chunk).
+
+1. `_dstates_kernel`, one program per (P-tile, batch*head) walking the chunks backwards: stores the gradient of the
+   state at the end of each chunk, dS <- exp(a_L) dS + (dy exp(a))^T C; what is left is the initial state's gradient.
+2. `_grads_kernel`, every (chunk, batch*head) in parallel, from the chunk's entering state S and end gradient dS':
+       dx = (B C^T * decay^T * dt) dy + (exp(a_L - a) dt) B dS'^T
+       dC = (dy x^T * decay * dt_s) B + exp(a) dy S
+       dB = (x dy^T * decay^T * dt) C + (exp(a_L - a) dt) x dS'
+   and dt through its factor and through a (a's gradient: the pairs (t, s) of the scores give +row sum -column sum,
+   the entering state +exp(a_t) dy_t . S C_t, the end state through a_L - a_s and exp(a_L)), then
+   da = reverse cumsum, ddt += A da, dA = sum dt da.
+Every transposed operand is computed from operands loaded transposed from memory (x dy^T beside dy x^T, B C^T beside
+C B^T), never `tl.trans` of a computed tile (fla #640). dB and dC come per head and are summed over each group's heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .forward import chunk_tokens, load_cols, load_decay, load_rows, pow2, precision, state_tile
+
+
+@triton.jit
+def _dstates_kernel(
+    dy_ptr, dt_ptr, A_ptr, c_ptr, ds_last_ptr, dstates_ptr, ds0_ptr,
+    T, H, G, NC, P, N,
+    L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr,
+):
+    ip = tl.program_id(0)
+    row = tl.program_id(1)
+    first, mask = state_tile(row, 0, 1, P, N, BP, BN, ip, False)
+    dS = tl.load(ds_last_ptr + first, mask=mask, other=0.0)
+    for cc in range(0, NC):
+        c = NC - 1 - cc
+        here, _ = state_tile(row, c, NC, P, N, BP, BN, ip, False)
+        tl.store(dstates_ptr + here, dS, mask=mask)
+        tokens, group_tokens, valid = chunk_tokens(row, c, T, H, G, L)
+        _, a, a_total = load_decay(dt_ptr, A_ptr, row, H, tokens, valid)
+        dyT = load_cols(dy_ptr, tokens, valid, P, BP, ip * BP) * tl.exp(a)[None, :]
+        dS = tl.exp(a_total) * dS + tl.dot(dyT, load_rows(c_ptr, group_tokens, valid, N, BN),
+                                           input_precision=PRECISION)
+    tl.store(ds0_ptr + first, dS, mask=mask)
+
+
+@triton.jit
+def _grads_kernel(
+    x_ptr, dt_ptr, A_ptr, b_ptr, c_ptr, states_ptr, dstates_ptr, dy_ptr,
+    dx_ptr, ddt_ptr, db_ptr, dc_ptr, da_ptr,
+    T, H, G, NC, P, N,
+    L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr,
+):
+    c = tl.program_id(0)
+    row = tl.program_id(1)
+    tokens, group_tokens, valid = chunk_tokens(row, c, T, H, G, L)
+    dt, a, a_total = load_decay(dt_ptr, A_ptr, row, H, tokens, valid)
+    offs = tl.arange(0, L)
+    causal = offs[:, None] >= offs[None, :]
+    decay = tl.exp(tl.where(causal, a[:, None] - a[None, :], float("-inf")))  # [t, s]
+    decay_T = tl.exp(tl.where(offs[None, :] >= offs[:, None], a[None, :] - a[:, None], float("-inf")))  # [s, t]
+    x = load_rows(x_ptr, tokens, valid, P, BP)
+    dy = load_rows(dy_ptr, tokens, valid, P, BP)
+    Bm = load_rows(b_ptr, group_tokens, valid, N, BN)
+    Cm = load_rows(c_ptr, group_tokens, valid, N, BN)
+    here, mask = state_tile(row, c, NC, P, N, BP, BN, 0, False)
+    here_T, mask_T = state_tile(row, c, NC, P, N, BP, BN, 0, True)
+    S = tl.load(states_ptr + here, mask=mask, other=0.0)
+    S_T = tl.load(states_ptr + here_T, mask=mask_T, other=0.0)
+    dS_end = tl.load(dstates_ptr + here, mask=mask, other=0.0)
+    dS_end_T = tl.load(dstates_ptr + here_T, mask=mask_T, other=0.0)
+
+    dy_x = tl.dot(dy, load_cols(x_ptr, tokens, valid, P, BP), input_precision=PRECISION)  # [t, s]
+    x_dy = tl.dot(x, load_cols(dy_ptr, tokens, valid, P, BP), input_precision=PRECISION)  # [s, t]
+    C_B = tl.dot(Cm, load_cols(b_ptr, group_tokens, valid, N, BN), input_precision=PRECISION)  # [t, s]
+    B_C = tl.dot(Bm, load_cols(c_ptr, group_tokens, valid, N, BN), input_precision=PRECISION)  # [s, t]
+    to_end = tl.exp(a_total - a) * dt
+
+    dx = tl.dot(decay_T * B_C * dt[:, None], dy, input_precision=PRECISION)
+    dx += to_end[:, None] * tl.dot(Bm, dS_end_T, input_precision=PRECISION)
+    dC = tl.dot(decay * dy_x * dt[None, :], Bm, input_precision=PRECISION)
+    dC += tl.exp(a)[:, None] * tl.dot(dy, S, input_precision=PRECISION)
+    x_dS = tl.dot(x, dS_end, input_precision=PRECISION)
+    dB = tl.dot(decay_T * x_dy * dt[:, None], Cm, input_precision=PRECISION) + to_end[:, None] * x_dS
+
+    pairs = decay * C_B * dy_x  # d(loss)/d(dt_s) of the scores, per (t, s)
+    r = tl.sum(Bm * x_dS, 1)  # x_s . dS' B_s
+    ddt = tl.sum(pairs, 0) + tl.exp(a_total - a) * r
+    pairs *= dt[None, :]  # now d(loss)/d(a_t - a_s)
+    y_from_state = tl.exp(a)[:, None] * tl.dot(Cm, S_T, input_precision=PRECISION)
+    da_point = tl.sum(pairs, 1) - tl.sum(pairs, 0) + tl.sum(dy * y_from_state, 1) - to_end * r
+    da_total = tl.exp(a_total) * tl.sum(tl.sum(S * dS_end, 1), 0) + tl.sum(to_end * r, 0)
+    da_point += tl.where(offs == L - 1, da_total, 0.0)
+    da = tl.cumsum(da_point, 0, reverse=True)
+    ddt += tl.load(A_ptr + row % H) * da
+    tl.store(da_ptr + row.to(tl.int64) * NC + c, tl.sum(dt * da, 0))
+
+    offs_p, offs_n = tl.arange(0, BP), tl.arange(0, BN)
+    mask_p = valid[:, None] & (offs_p < P)[None, :]
+    mask_n = valid[:, None] & (offs_n < N)[None, :]
+    tl.store(dx_ptr + tokens[:, None] * P + offs_p[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask_p)
+    tl.store(db_ptr + tokens[:, None] * N + offs_n[None, :], dB, mask=mask_n)
+    tl.store(dc_ptr + tokens[:, None] * N + offs_n[None, :], dC, mask=mask_n)
+    tl.store(ddt_ptr + tokens, ddt, mask=valid)
+
+
+def ssd_backward(x, dt, A, B, C, states, dy, dS_T, L: int, cfg):
+    """Gradients of ssd_forward's (y, final state) with respect to x, dt, A, B, C and the initial state."""
+    n, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    NC = triton.cdiv(T, L)
+    BP, BN = pow2(P), pow2(N)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dstates = torch.empty(n * H, NC, P, N, **f32)
+    dS0 = torch.empty(n * H, P, N, **f32)
+    block_p = min(cfg.block_p_dstates, BP)
+    _dstates_kernel[(triton.cdiv(P, block_p), n * H)](
+        dy, dt, A, C, dS_T, dstates, dS0, T, H, G, NC, P, N, L=L, BP=block_p, BN=BN,
+        PRECISION=precision(x.dtype), num_warps=cfg.warps_dstates)
+    dx = torch.empty_like(x)
+    ddt = torch.empty(n, T, H, **f32)
+    dB_heads, dC_heads = torch.empty(n, T, H, N, **f32), torch.empty(n, T, H, N, **f32)
+    dA_chunks = torch.empty(n * H, NC, **f32)
+    _grads_kernel[(NC, n * H)](
+        x, dt, A, B, C, states, dstates, dy, dx, ddt, dB_heads, dC_heads, dA_chunks, T, H, G, NC, P, N,
+        L=L, BP=BP, BN=BN, PRECISION=precision(x.dtype), num_warps=cfg.warps_grads)
+    dB = dB_heads.reshape(n, T, G, H // G, N).sum(3).to(B.dtype)
+    dC = dC_heads.reshape(n, T, G, H // G, N).sum(3).to(C.dtype)
+    dA = dA_chunks.reshape(n, H, NC).sum((0, 2))
+    return dx, ddt, dA, dB, dC, dS0
