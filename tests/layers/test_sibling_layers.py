@@ -56,9 +56,10 @@ def use_reference_ops(layer: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -
             return layer._scan(*(b[:, None] for b in branches), h)[1]
 
         monkeypatch.setattr(layer, "_step", step_via_reference_loop)
-    monkeypatch.setattr(mamba2_module, "ssd", lambda *a, chunk_size=64: ssd_reference(*a))
-    monkeypatch.setattr(gdn_module, "gated_delta_rule",
-                        lambda *a, scale=None, chunk_size=64: gated_delta_rule_reference(*a, scale=scale))
+    monkeypatch.setattr(mamba2_module, "ssd", lambda *a, chunk_size=64, document_starts=None:
+                        ssd_reference(*a, document_starts=document_starts))
+    monkeypatch.setattr(gdn_module, "gated_delta_rule", lambda *a, scale=None, chunk_size=64, document_starts=None:
+                        gated_delta_rule_reference(*a, scale=scale, document_starts=document_starts))
 
 
 def forward_and_grads(layer, x, state=None):
