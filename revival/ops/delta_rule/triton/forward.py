@@ -64,8 +64,9 @@ def decay_matrix(gamma, STRICT: tl.constexpr, L: tl.constexpr):
 
 
 @triton.jit
-def unit_lower_inverse(M, L: tl.constexpr, LOG2_L: tl.constexpr, PRECISION: tl.constexpr):
-    """(I + M)^-1 for M strictly lower triangular (L, L): M^L = 0, so it is sum_j (-M)^j = prod_i (I + (-M)^(2^i))."""
+def unit_triangular_inverse(M, L: tl.constexpr, LOG2_L: tl.constexpr, PRECISION: tl.constexpr):
+    """(I + M)^-1 for M strictly (lower or upper) triangular (L, L): M^L = 0, so it is
+    sum_j (-M)^j = prod_i (I + (-M)^(2^i))."""
     offs = tl.arange(0, L)
     eye = tl.where(offs[:, None] == offs[None, :], 1.0, 0.0)
     power = -M
@@ -99,7 +100,7 @@ def _wy_kernel(
     k = load_rows(k_ptr, tokens, valid, DK, BK)
     kk = tl.dot(k, load_cols(k_ptr, tokens, valid, DK, BK), input_precision=PRECISION)
     M = beta[:, None] * decay_matrix(gamma, True, L) * kk
-    inverse = unit_lower_inverse(M, L, LOG2_L, INVERSE_PRECISION)
+    inverse = unit_triangular_inverse(M, L, LOG2_L, INVERSE_PRECISION)
     w = tl.dot(inverse, k * (beta * tl.exp(gamma))[:, None], input_precision=PRECISION)
     v = load_rows(v_ptr, tokens, valid, DV, BV)
     u0 = tl.dot(inverse, v * beta[:, None], input_precision=PRECISION)
@@ -176,7 +177,7 @@ def pow2(x: int, floor: int = 16) -> int:
 def delta_rule_forward(q, k, v, g, beta, S0, scale: float, L: int, cfg):
     """q, k (n, T, H, Dk), v (n, T, H, Dv) contiguous, one dtype; g, beta (n, T, H) float32; S0 (n*H, Dk, Dv)
     float32; L a power of two; cfg a complete LaunchConfig. Returns o (like v), the final state (n*H, Dk, Dv) and
-    what the backward reads: W, U0, U (n, T, H, D) float32 and the chunk states (n*H, NC, Dk, Dv)."""
+    what the backward reads: W, U (n, T, H, D) float32 and the chunk states (n*H, NC, Dk, Dv)."""
     n, T, H, Dk = q.shape
     Dv = v.shape[-1]
     NC = triton.cdiv(T, L)
@@ -197,4 +198,4 @@ def delta_rule_forward(q, k, v, g, beta, S0, scale: float, L: int, cfg):
     _output_kernel[(NC, n * H, triton.cdiv(Dv, block_v))](
         q, k, g, states, u, o, T, H, NC, Dk, Dv, scale, L=L, BK=BK, BV=block_v, PRECISION=precision,
         num_warps=cfg.warps_output)
-    return o, S_T, (w, u0, u, states)
+    return o, S_T, (w, u, states)

@@ -1,0 +1,190 @@
+"""Chunkwise gated delta rule backward in Triton: two kernels (notation of forward.py; per chunk, S the entering
+state, dS' the gradient of the state at its end, T = (I + M)^-1).
+
+1. `_dstates_kernel`, one program per (Dv-tile, batch*head) walking the chunks backwards: the gradient of U (through
+   the outputs and the end state) dU = (causal decay * Q K^T)^T dO + diag(exp(gamma_L - gamma)) K dS', stored, and
+   dS <- exp(gamma_L) dS' + (exp(gamma) Q)^T dO - W^T dU; what is left is the initial state's gradient.
+2. `_grads_kernel`, every (chunk, batch*head) in parallel: dQ, dK, dV, dg, dbeta. With U = U0 - W S, the gradient of
+   M simplifies to dM = -T^T dU U^T (and its transpose -U dU^T T), so both T and T^T are built (each by its own
+   squarings of M or M^T) and no computed tile is ever transposed (`tl.trans` of a matrix-unit result feeding another
+   product is the pattern behind fla #640); K K^T is symmetric, so one product serves both orientations.
+Log-decay gradients: each (t, s) pair's exp(gamma_t - gamma_s) gives +row sum -column sum, the entering state
+exp(gamma_t) and exp(gamma_L), W's exp(gamma_t), then dg = reverse cumsum over the chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .forward import (
+    chunk_tokens,
+    load_cols,
+    load_rows,
+    pow2,
+    precisions,
+    state_offsets,
+    unit_triangular_inverse,
+)
+
+
+@triton.jit
+def _upper_decay(gamma, STRICT: tl.constexpr, L: tl.constexpr):
+    """exp(gamma_t - gamma_s) at [s, t] for s < t (STRICT) or s <= t, else 0: the transposed decay, built directly."""
+    offs = tl.arange(0, L)
+    keep = offs[None, :] > offs[:, None] if STRICT else offs[None, :] >= offs[:, None]
+    return tl.exp(tl.where(keep, gamma[None, :] - gamma[:, None], float("-inf")))
+
+
+@triton.jit
+def _lower_decay(gamma, STRICT: tl.constexpr, L: tl.constexpr):
+    offs = tl.arange(0, L)
+    keep = offs[:, None] > offs[None, :] if STRICT else offs[:, None] >= offs[None, :]
+    return tl.exp(tl.where(keep, gamma[:, None] - gamma[None, :], float("-inf")))
+
+
+@triton.jit
+def _dstates_kernel(
+    q_ptr, k_ptr, w_ptr, g_ptr, do_ptr, ds_last_ptr,
+    dstates_ptr, du_ptr, ds0_ptr,
+    T, H, NC, DK, DV, scale,
+    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    iv = tl.program_id(0)
+    row = tl.program_id(1)
+    first, mask_kv = state_offsets(row, 0, 1, DK, DV, BK, BV, iv)
+    dS = tl.load(ds_last_ptr + first, mask=mask_kv, other=0.0)
+    offs_v = iv * BV + tl.arange(0, BV)
+    for cc in range(0, NC):
+        c = NC - 1 - cc
+        here, _ = state_offsets(row, c, NC, DK, DV, BK, BV, iv)
+        tl.store(dstates_ptr + here, dS, mask=mask_kv)
+        tokens, valid = chunk_tokens(row, c, T, H, L)
+        g = tl.load(g_ptr + tokens, mask=valid, other=0.0)
+        gamma = tl.cumsum(g, 0)
+        g_total = tl.sum(g, 0)
+        k = load_rows(k_ptr, tokens, valid, DK, BK)
+        qT = load_cols(q_ptr, tokens, valid, DK, BK) * scale
+        scores_T = tl.dot(k, qT, input_precision=PRECISION) * _upper_decay(gamma, False, L)  # [s, t]
+        mask_u = valid[:, None] & (offs_v < DV)[None, :]
+        u_offs = tokens[:, None] * DV + offs_v[None, :]
+        do = tl.load(do_ptr + u_offs, mask=mask_u, other=0.0).to(tl.float32)
+        du = tl.dot(scores_T, do, input_precision=PRECISION)
+        du += tl.dot(k * tl.exp(g_total - gamma)[:, None], dS, input_precision=PRECISION)
+        tl.store(du_ptr + u_offs, du, mask=mask_u)
+        dS = tl.exp(g_total) * dS + tl.dot(qT * tl.exp(gamma)[None, :], do, input_precision=PRECISION)
+        dS -= tl.dot(load_cols(w_ptr, tokens, valid, DK, BK), du, input_precision=PRECISION)
+    tl.store(ds0_ptr + first, dS, mask=mask_kv)
+
+
+@triton.jit
+def _grads_kernel(
+    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, u_ptr, states_ptr, dstates_ptr, do_ptr, du_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr,
+    T, H, NC, DK, DV, scale,
+    L: tl.constexpr, LOG2_L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PRECISION: tl.constexpr, INVERSE_PRECISION: tl.constexpr,
+):
+    c = tl.program_id(0)
+    row = tl.program_id(1)
+    tokens, valid = chunk_tokens(row, c, T, H, L)
+    g = tl.load(g_ptr + tokens, mask=valid, other=0.0)
+    beta = tl.load(beta_ptr + tokens, mask=valid, other=0.0)
+    gamma = tl.cumsum(g, 0)
+    g_total = tl.sum(g, 0)
+    offs = tl.arange(0, L)
+
+    q = load_rows(q_ptr, tokens, valid, DK, BK) * scale
+    k = load_rows(k_ptr, tokens, valid, DK, BK)
+    kT = load_cols(k_ptr, tokens, valid, DK, BK)
+    u = load_rows(u_ptr, tokens, valid, DV, BV)
+    do = load_rows(do_ptr, tokens, valid, DV, BV)
+    du = load_rows(du_ptr, tokens, valid, DV, BV)
+    here, mask_kv = state_offsets(row, c, NC, DK, DV, BK, BV, 0)
+    offs_k, offs_v = tl.arange(0, BK), tl.arange(0, BV)
+    base = (row.to(tl.int64) * NC + c) * DK * DV
+    here_T = base + offs_k[None, :] * DV + offs_v[:, None]
+    mask_T = (offs_v < DV)[:, None] & (offs_k < DK)[None, :]
+    S_T = tl.load(states_ptr + here_T, mask=mask_T, other=0.0)  # (BV, BK)
+    dS_end = tl.load(dstates_ptr + here, mask=mask_kv, other=0.0)
+    dS_end_T = tl.load(dstates_ptr + here_T, mask=mask_T, other=0.0)
+
+    # through the outputs O = diag(exp(gamma)) Q S + (causal decay * Q K^T) U
+    decay = _lower_decay(gamma, False, L)
+    dq_state = tl.exp(gamma)[:, None] * tl.dot(do, S_T, input_precision=PRECISION)
+    do_u = tl.dot(do, load_cols(u_ptr, tokens, valid, DV, BV), input_precision=PRECISION)  # [t, s]
+    dq = dq_state + tl.dot(decay * do_u, k, input_precision=PRECISION)
+    u_do = tl.dot(u, load_cols(do_ptr, tokens, valid, DV, BV), input_precision=PRECISION)  # [s, t]
+    dk = tl.dot(_upper_decay(gamma, False, L) * u_do, q, input_precision=PRECISION)
+    pairs = decay * do_u * tl.dot(q, kT, input_precision=PRECISION)  # d(loss)/d(gamma_t - gamma_s)
+    dgamma = tl.sum(q * dq_state, 1) + tl.sum(pairs, 1) - tl.sum(pairs, 0)
+
+    # through the end state S' = exp(gamma_L) S + (exp(gamma_L - gamma) K)^T U
+    dk_end = tl.exp(g_total - gamma)[:, None] * tl.dot(u, dS_end_T, input_precision=PRECISION)
+    dk += dk_end
+    r = tl.sum(k * dk_end, 1)
+    S = tl.load(states_ptr + here, mask=mask_kv, other=0.0)
+    dgamma_total = tl.exp(g_total) * tl.sum(tl.sum(S * dS_end, 1), 0) + tl.sum(r, 0)
+    dgamma += tl.where(offs == L - 1, dgamma_total, 0.0) - r
+
+    # through U = T diag(beta) V - T diag(beta exp(gamma)) K S, T = (I + M)^-1
+    decay_strict = _lower_decay(gamma, True, L)
+    decay_strict_T = _upper_decay(gamma, True, L)
+    kk = tl.dot(k, kT, input_precision=PRECISION)  # symmetric
+    inverse = unit_triangular_inverse(beta[:, None] * decay_strict * kk, L, LOG2_L, INVERSE_PRECISION)
+    inverse_T = unit_triangular_inverse(beta[None, :] * decay_strict_T * kk, L, LOG2_L, INVERSE_PRECISION)
+    dw = -tl.dot(du, S_T, input_precision=PRECISION)
+    dv_tilde = tl.dot(inverse_T, du, input_precision=PRECISION)
+    dk_tilde = tl.dot(inverse_T, dw, input_precision=PRECISION)
+    v = load_rows(v_ptr, tokens, valid, DV, BV)
+    dv = beta[:, None] * dv_tilde
+    k_dk_tilde = tl.sum(k * dk_tilde, 1)
+    dbeta = tl.sum(v * dv_tilde, 1) + tl.exp(gamma) * k_dk_tilde
+    dk += (beta * tl.exp(gamma))[:, None] * dk_tilde
+    dgamma += beta * tl.exp(gamma) * k_dk_tilde
+
+    # through M = diag(beta) (strict decay * K K^T): dM = -T^T dU U^T, dM^T = -U dU^T T
+    dM = -tl.dot(inverse_T, tl.dot(du, load_cols(u_ptr, tokens, valid, DV, BV), input_precision=PRECISION),
+                 input_precision=PRECISION)
+    dM_T = -tl.dot(tl.dot(u, load_cols(du_ptr, tokens, valid, DV, BV), input_precision=PRECISION), inverse,
+                   input_precision=PRECISION)
+    dM_kk = dM * decay_strict * kk  # zero on and above the diagonal
+    dbeta += tl.sum(dM_kk, 1)
+    pairs = beta[:, None] * dM_kk
+    dgamma += tl.sum(pairs, 1) - tl.sum(pairs, 0)
+    dk += tl.dot(beta[:, None] * dM * decay_strict, k, input_precision=PRECISION)
+    dk += tl.dot(beta[None, :] * dM_T * decay_strict_T, k, input_precision=PRECISION)
+
+    dg = tl.cumsum(dgamma, 0, reverse=True)
+    mask_k = valid[:, None] & (offs_k < DK)[None, :]
+    mask_v = valid[:, None] & (offs_v < DV)[None, :]
+    tl.store(dq_ptr + tokens[:, None] * DK + offs_k[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask_k)
+    tl.store(dk_ptr + tokens[:, None] * DK + offs_k[None, :], dk.to(dk_ptr.dtype.element_ty), mask=mask_k)
+    tl.store(dv_ptr + tokens[:, None] * DV + offs_v[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask_v)
+    tl.store(dg_ptr + tokens, dg, mask=valid)
+    tl.store(dbeta_ptr + tokens, dbeta, mask=valid)
+
+
+def delta_rule_backward(q, k, v, g, beta, w, u, states, do, dS_T, scale: float, L: int, cfg):
+    """Gradients of delta_rule_forward's (o, final state) with respect to q, k, v, g, beta and the initial state."""
+    n, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    NC = triton.cdiv(T, L)
+    BK, BV = pow2(Dk), pow2(Dv)
+    precision, inverse_precision = precisions(q.dtype)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    dstates = torch.empty(n * H, NC, Dk, Dv, **f32)
+    du = torch.empty(n, T, H, Dv, **f32)
+    dS0 = torch.empty(n * H, Dk, Dv, **f32)
+    block_v = min(cfg.block_v_dstates, BV)
+    _dstates_kernel[(triton.cdiv(Dv, block_v), n * H)](
+        q, k, w, g, do, dS_T, dstates, du, dS0, T, H, NC, Dk, Dv, scale, L=L, BK=BK, BV=block_v,
+        PRECISION=precision, num_warps=cfg.warps_dstates)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dg, dbeta = torch.empty(n, T, H, **f32), torch.empty(n, T, H, **f32)
+    _grads_kernel[(NC, n * H)](
+        q, k, v, g, beta, u, states, dstates, do, du, dq, dk, dv, dg, dbeta, T, H, NC, Dk, Dv, scale,
+        L=L, LOG2_L=L.bit_length() - 1, BK=BK, BV=BV, PRECISION=precision, INVERSE_PRECISION=inverse_precision,
+        num_warps=cfg.warps_grads)
+    return dq, dk, dv, dg, dbeta, dS0
