@@ -228,24 +228,3 @@ def test_validation_errors(call, match):
     x, R, _ = make_inputs(2, 3, 2, 4, seed=10, dtype=torch.float32, state=None)
     with pytest.raises(ValueError, match=match):
         call(x, R)
-
-
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_headwise_gates_match_the_einsum_reference_in_float64(with_bias):
-    """The sLSTM layer's gate maps (bmm's, hand-written backward, op layout) against one einsum, with gradients."""
-    from revival.ops.slstm.gates import headwise_gates, headwise_gates_reference
-
-    g = torch.Generator().manual_seed(3)
-    B, T, H, d = 2, 5, 3, 4
-    leaves = [torch.randn(B, T, H * d, generator=g, dtype=torch.float64) for _ in range(2)]
-    leaves.append(torch.randn(4, H, d, d, generator=g, dtype=torch.float64))
-    leaves.append(torch.randn(4, H, d, generator=g, dtype=torch.float64) if with_bias else None)
-    dy = torch.randn(B, T, 4, H, d, generator=g, dtype=torch.float64)
-    results = []
-    for fn in (headwise_gates, headwise_gates_reference):
-        xs = [None if t is None else t.clone().requires_grad_(True) for t in leaves]
-        gates = fn(*xs)
-        (gates * dy).sum().backward()
-        results.append([gates.detach()] + [t.grad for t in xs if t is not None])
-    for got, ref in zip(*results):
-        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
