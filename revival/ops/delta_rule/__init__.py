@@ -41,7 +41,29 @@ from .._documents import check_document_starts
 from .chunkwise import gated_delta_rule_chunkwise
 from .reference import gated_delta_rule_recurrent
 
-__all__ = ["gated_delta_rule", "gated_delta_rule_reference"]
+__all__ = ["IMPLS", "gated_delta_rule", "gated_delta_rule_reference"]
+
+IMPLS = ("auto", "chunkwise", "triton")
+_TRITON_MAX_HEAD_DIM = 256  # the Triton kernels hold a chunk's (L, D) tiles whole
+
+
+def _resolve_impl(impl, q, Dv: int, document_starts) -> str:
+    """"auto": the Triton kernels (`triton/`) on CUDA for 16/32-bit inputs, head dims up to 256 and no document
+    starts (which they do not take), else "chunkwise"."""
+    from .triton import available
+
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    if impl == "triton":
+        if document_starts is not None:
+            raise ValueError("document_starts: impl='triton' takes no document starts; use 'auto' or 'chunkwise'")
+        if not available():
+            raise ValueError(f"impl: 'triton' is not available here (device {q.device.type}); use 'auto' or "
+                             "'chunkwise'")
+    if impl == "auto":
+        fits = q.device.type == "cuda" and q.dtype != torch.float64 and max(q.shape[-1], Dv) <= _TRITON_MAX_HEAD_DIM
+        impl = "triton" if fits and document_starts is None and available() else "chunkwise"
+    return impl
 
 
 def _validate(q, k, v, g, beta, state) -> tuple[int, int, int, int, int]:
@@ -74,13 +96,22 @@ def gated_delta_rule_reference(
 def gated_delta_rule(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     state: torch.Tensor | None = None, *, scale: float | None = None, chunk_size: int = 64,
-    document_starts: torch.Tensor | None = None,
+    document_starts: torch.Tensor | None = None, impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gated delta rule, chunkwise (WY, `chunkwise.py`). Returns (o (n, T, H, Dv), state (n, H, Dk, Dv)); see the
-    module doc."""
+    """Gated delta rule, chunkwise (WY). Returns (o (n, T, H, Dv), state (n, H, Dk, Dv)); see the module doc.
+    `impl`: "chunkwise" (PyTorch, `chunkwise.py`), "triton" (the kernels of `triton/`; one token without gradients
+    takes the decode step kernel) or "auto" (triton where it runs, see `_resolve_impl`)."""
     n, T, H, Dk, Dv = _validate(q, k, v, g, beta, state)
     document_starts = check_document_starts(document_starts, n, T, q.device)
     if chunk_size < 1:
         raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size}")
     scale = Dk**-0.5 if scale is None else scale
+    if _resolve_impl(impl, q, Dv, document_starts) == "triton":
+        from .triton import gated_delta_rule_step_triton, gated_delta_rule_triton
+
+        tensors = (q, k, v, g, beta) + (() if state is None else (state,))
+        if T == 1 and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            o, state = gated_delta_rule_step_triton(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state, scale)
+            return o[:, None], state
+        return gated_delta_rule_triton(q, k, v, g, beta, state, scale, chunk_size=chunk_size)
     return gated_delta_rule_chunkwise(q, k, v, g, beta, state, scale, chunk_size, document_starts)

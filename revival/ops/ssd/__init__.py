@@ -32,7 +32,29 @@ from .._documents import check_document_starts
 from .chunkwise import ssd_chunkwise
 from .reference import ssd_recurrent
 
-__all__ = ["ssd", "ssd_reference"]
+__all__ = ["IMPLS", "ssd", "ssd_reference"]
+
+IMPLS = ("auto", "chunkwise", "triton")
+_TRITON_MAX_DIM = 256  # the Triton kernels hold a chunk's (L, P) and (L, N) tiles whole
+
+
+def _resolve_impl(impl, x, N: int, document_starts) -> str:
+    """"auto": the Triton kernels (`triton/`) on CUDA for 16/32-bit inputs, P and N up to 256 and no document
+    starts (which they do not take), else "chunkwise"."""
+    from .triton import available
+
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    if impl == "triton":
+        if document_starts is not None:
+            raise ValueError("document_starts: impl='triton' takes no document starts; use 'auto' or 'chunkwise'")
+        if not available():
+            raise ValueError(f"impl: 'triton' is not available here (device {x.device.type}); use 'auto' or "
+                             "'chunkwise'")
+    if impl == "auto":
+        fits = x.device.type == "cuda" and x.dtype != torch.float64 and max(x.shape[-1], N) <= _TRITON_MAX_DIM
+        impl = "triton" if fits and document_starts is None and available() else "chunkwise"
+    return impl
 
 
 def _validate(x, dt, A, B, C, D, state) -> tuple[int, int, int, int, int, int]:
@@ -76,11 +98,21 @@ def ssd_reference(
 def ssd(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: torch.Tensor | None = None, state: torch.Tensor | None = None, *, chunk_size: int = 64,
-    document_starts: torch.Tensor | None = None,
+    document_starts: torch.Tensor | None = None, impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SSD chunkwise. Shapes as in the module doc. Returns (y (n, T, H, P), state (n, H, P, N))."""
+    """SSD chunkwise. Shapes as in the module doc. Returns (y (n, T, H, P), state (n, H, P, N)). `impl`:
+    "chunkwise" (PyTorch, `chunkwise.py`), "triton" (the kernels of `triton/`; one token without gradients takes
+    the decode step kernel) or "auto" (triton where it runs, see `_resolve_impl`)."""
     n, T, H, P, G, N = _validate(x, dt, A, B, C, D, state)
     document_starts = check_document_starts(document_starts, n, T, x.device)
     if chunk_size < 1:
         raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size}")
+    if _resolve_impl(impl, x, N, document_starts) == "triton":
+        from .triton import ssd_step_triton, ssd_triton
+
+        tensors = tuple(t for t in (x, dt, A, B, C, D, state) if t is not None)
+        if T == 1 and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            y, state = ssd_step_triton(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, state)
+            return y[:, None], state
+        return ssd_triton(x, dt, A, B, C, D, state, chunk_size=chunk_size)
     return ssd_chunkwise(x, dt, A, _heads(B, H), _heads(C, H), D, state, chunk_size, document_starts)

@@ -1,0 +1,160 @@
+"""Triton gated delta rule kernels against the float64 reference loop.
+
+Without CUDA the kernels run under TRITON_INTERPRET=1 at small shapes (set here before triton is imported); the
+interpreter computes the products in float32, so 16-bit rounding of the operands is checked on the GPU (the Hopper
+test at the bottom and benchmarks/gpu_siblings.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:  # before triton is imported: it reads the variable once
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="the `triton` package is not installed (pip install 'revival[gpu]')")
+
+from revival.ops.delta_rule import gated_delta_rule, gated_delta_rule_reference  # noqa: E402
+from revival.ops.delta_rule.triton import (  # noqa: E402
+    LaunchConfig,
+    gated_delta_rule_step_triton,
+    gated_delta_rule_triton,
+    kernel_chunk_size,
+)
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+NAMES = ("o", "state", "dq", "dk", "dv", "dg", "dbeta", "dstate0")
+
+
+def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.double().cpu() - ref.double().cpu()).norm() / ref.double().cpu().norm().clamp_min(1e-30)).item()
+
+
+def _inputs(n, T, H, Dk, Dv, seed, beta_max=1.0, g_scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, T, H, Dk, generator=gen)
+    k = F.normalize(torch.randn(n, T, H, Dk, generator=gen), dim=-1)
+    v = torch.randn(n, T, H, Dv, generator=gen)
+    g = -torch.rand(n, T, H, generator=gen) * g_scale
+    beta = torch.rand(n, T, H, generator=gen) * beta_max
+    state = torch.randn(n, H, Dk, Dv, generator=gen)
+    weights = (torch.randn(n, T, H, Dv, generator=gen).double(), torch.randn(n, H, Dk, Dv, generator=gen).double())
+    return [q, k, v, g, beta, state], weights
+
+
+def _run(fn, inputs, weights, device, dtype=None):
+    """Outputs and gradients of sum(o * w_o) + sum(state * w_s); q, k, v in `dtype` (None: as given)."""
+    leaves = []
+    for index, x in enumerate(inputs):
+        x = x.to(device)
+        if dtype is not None and index < 3:
+            x = x.to(dtype)
+        leaves.append(x.detach().clone().requires_grad_(True))
+    o, state = fn(*leaves)
+    loss = (o.double() * weights[0].to(device)).sum() + (state.double() * weights[1].to(device)).sum()
+    loss.backward()
+    return [o.detach(), state.detach()] + [x.grad for x in leaves]
+
+
+def _reference(inputs, weights):
+    return _run(gated_delta_rule_reference, [x.double() for x in inputs], weights, "cpu")
+
+
+CASES = [
+    # n, T, H, Dk, Dv, chunk, beta_max
+    (1, 37, 2, 16, 32, 16, 1.0),  # tail chunk, Dk != Dv
+    (2, 45, 1, 24, 20, 16, 2.0),  # head dims that are not powers of two; beta up to 2 (negative eigenvalues)
+    (1, 20, 1, 16, 80, 16, 1.0),  # Dv over several state tiles of the sequential kernels
+    (1, 9, 2, 16, 16, 64, 1.0),  # one partial chunk
+]
+
+
+@pytest.mark.parametrize("n,T,H,Dk,Dv,chunk,beta_max", CASES)
+def test_forward_backward_match_float64_reference(n, T, H, Dk, Dv, chunk, beta_max):
+    inputs, weights = _inputs(n, T, H, Dk, Dv, seed=T + Dk + Dv, beta_max=beta_max)
+    ref = _reference(inputs, weights)
+    launch = LaunchConfig(block_v_states=16, block_v_dstates=32)  # several tiles even at small Dv
+    got = _run(lambda *a: gated_delta_rule_triton(*a, Dk**-0.5, chunk_size=chunk, launch=launch), inputs, weights,
+               DEVICE)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    errors = {name: _rel(g, r) for name, g, r in zip(NAMES, got, ref)}
+    assert max(errors.values()) < 1e-5, errors
+
+
+def test_bfloat16_inputs():
+    inputs, weights = _inputs(1, 40, 2, 16, 32, seed=5)
+    ref = _reference([x.bfloat16().double() if i < 3 else x for i, x in enumerate(inputs)], weights)
+    got = _run(lambda *a: gated_delta_rule_triton(*a, 0.25, chunk_size=16), inputs, weights, DEVICE,
+               dtype=torch.bfloat16)
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
+    errors = {name: _rel(g, r) for name, g, r in zip(NAMES, got, ref)}
+    assert max(errors.values()) < 1e-2, errors
+
+
+def test_strong_decay_and_no_state():
+    """g down to -30 (decays of 1e-13 inside a chunk) and the zero initial state (state=None)."""
+    inputs, weights = _inputs(1, 33, 1, 16, 16, seed=9, g_scale=30.0)
+    inputs[5] = torch.zeros_like(inputs[5])
+    ref = _reference(inputs, weights)
+    o, state = gated_delta_rule_triton(*(x.to(DEVICE) for x in inputs[:5]), None, 0.25, chunk_size=16)
+    assert _rel(o, ref[0]) < 1e-5 and _rel(state, ref[1]) < 1e-5
+
+
+def test_state_carry_equals_one_pass():
+    inputs, _ = _inputs(1, 40, 2, 16, 16, seed=1)
+    x = [t.to(DEVICE) for t in inputs]
+    o_full, s_full = gated_delta_rule_triton(*x, 0.25, chunk_size=16)
+    o1, s = gated_delta_rule_triton(*(t[:, :23] for t in x[:5]), x[5], 0.25, chunk_size=16)
+    o2, s = gated_delta_rule_triton(*(t[:, 23:] for t in x[:5]), s, 0.25, chunk_size=16)
+    assert _rel(torch.cat([o1, o2], 1), o_full) < 1e-5 and _rel(s, s_full) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_step_matches_reference(dtype, tol):
+    inputs, _ = _inputs(2, 1, 3, 16, 40, seed=7, beta_max=2.0)
+    q, k, v, g, beta = (t[:, 0] for t in inputs[:5])
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    o_ref, s_ref = gated_delta_rule_reference(*(t.double()[:, None] for t in (q, k, v, g, beta)), inputs[5].double())
+    o, s = gated_delta_rule_step_triton(*(t.to(DEVICE) for t in (q, k, v, g, beta, inputs[5])), 0.25)
+    assert o.dtype == dtype and s.dtype == torch.float32
+    assert _rel(o, o_ref[:, 0]) < tol and _rel(s, s_ref) < tol
+
+
+def test_kernel_chunk_size():
+    assert [kernel_chunk_size(c) for c in (1, 16, 30, 64, 128)] == [16, 16, 32, 64, 64]
+
+
+def test_dispatch():
+    """impl='triton' through the public op (document starts refused by name), 'auto' picks chunkwise off CUDA, and
+    a bad impl is named."""
+    inputs, _ = _inputs(1, 20, 1, 16, 16, seed=3)
+    x = [t.to(DEVICE) for t in inputs]
+    o_t, s_t = gated_delta_rule(*x, chunk_size=16, impl="triton")
+    o_c, s_c = gated_delta_rule(*x, chunk_size=16, impl="chunkwise")
+    assert _rel(o_t, o_c) < 1e-5 and _rel(s_t, s_c) < 1e-5
+    with torch.no_grad():  # one token, no gradients: the step kernel
+        o1, s1 = gated_delta_rule(*(t[:, :1] for t in x[:5]), x[5], impl="triton")
+    o1_ref, s1_ref = gated_delta_rule(*(t[:, :1] for t in x[:5]), x[5], impl="chunkwise")
+    assert _rel(o1, o1_ref) < 1e-5 and _rel(s1, s1_ref) < 1e-5
+    starts = torch.zeros(1, 20, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match="document_starts"):
+        gated_delta_rule(*x, impl="triton", document_starts=starts)
+    gated_delta_rule(*x, document_starts=starts)  # auto: chunkwise with document starts
+    with pytest.raises(ValueError, match="impl.*'fast'"):
+        gated_delta_rule(*x, impl="fast")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA: the transposed-MMA-layout failure (fla #640) shows on Hopper")
+def test_gradients_at_a_real_shape_on_the_gpu():
+    """bfloat16 at (2, 1024, 4, 128, 128), beta up to 2: every gradient within 2e-2 of float64 (the float64
+    reference on the GPU). A `tl.trans` of a matrix-unit result feeding another product gave wrong dk, dbeta on
+    Hopper with Triton < 3.7.1 in fla's kernels; these kernels never do that, and this test would see it."""
+    inputs, weights = _inputs(2, 1024, 4, 128, 128, seed=11, beta_max=2.0)
+    rounded = [x.bfloat16().double() if index < 3 else x.double() for index, x in enumerate(inputs)]
+    ref = _run(gated_delta_rule_reference, rounded, weights, "cuda")
+    got = _run(lambda *a: gated_delta_rule_triton(*a, 128**-0.5), inputs, weights, "cuda", dtype=torch.bfloat16)
+    errors = {name: _rel(g, r) for name, g, r in zip(NAMES, got, ref)}
+    assert max(errors.values()) < 2e-2, errors

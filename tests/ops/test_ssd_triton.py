@@ -1,0 +1,156 @@
+"""Triton SSD (Mamba-2) kernels against the float64 reference loop.
+
+Without CUDA the kernels run under TRITON_INTERPRET=1 at small shapes (set here before triton is imported); the
+interpreter computes the products in float32, so 16-bit rounding of the operands is checked on the GPU (the Hopper
+test at the bottom and benchmarks/gpu_siblings.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:  # before triton is imported: it reads the variable once
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="the `triton` package is not installed (pip install 'revival[gpu]')")
+
+from revival.ops.ssd import ssd, ssd_reference  # noqa: E402
+from revival.ops.ssd.triton import LaunchConfig, kernel_chunk_size, ssd_step_triton, ssd_triton  # noqa: E402
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+NAMES = ("y", "state", "dx", "ddt", "dA", "dB", "dC", "dD", "dstate0")
+LOW = (0, 3, 4)  # x, B, C: the inputs given in the 16-bit dtype
+
+
+def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.double().cpu() - ref.double().cpu()).norm() / ref.double().cpu().norm().clamp_min(1e-30)).item()
+
+
+def _inputs(n, T, H, P, G, N, seed, dt_scale=0.5):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, T, H, P, generator=gen)
+    dt = torch.rand(n, T, H, generator=gen) * dt_scale
+    A = -torch.rand(H, generator=gen) * 2 - 0.1
+    B, C = torch.randn(n, T, G, N, generator=gen), torch.randn(n, T, G, N, generator=gen)
+    D = torch.randn(H, generator=gen)
+    state = torch.randn(n, H, P, N, generator=gen)
+    weights = (torch.randn(n, T, H, P, generator=gen).double(), torch.randn(n, H, P, N, generator=gen).double())
+    return [x, dt, A, B, C, D, state], weights
+
+
+def _run(fn, inputs, weights, device, dtype=None):
+    """Outputs and gradients of sum(y * w_y) + sum(state * w_s); x, B, C in `dtype` (None: as given)."""
+    leaves = []
+    for index, t in enumerate(inputs):
+        t = t.to(device)
+        if dtype is not None and index in LOW:
+            t = t.to(dtype)
+        leaves.append(t.detach().clone().requires_grad_(True))
+    y, state = fn(*leaves)
+    loss = (y.double() * weights[0].to(device)).sum() + (state.double() * weights[1].to(device)).sum()
+    loss.backward()
+    return [y.detach(), state.detach()] + [t.grad for t in leaves]
+
+
+def _reference(inputs, weights, device="cpu"):
+    return _run(ssd_reference, [t.double() for t in inputs], weights, device)
+
+
+CASES = [
+    # n, T, H, P, G, N, chunk
+    (1, 37, 2, 16, 1, 32, 16),  # tail chunk
+    (2, 45, 4, 24, 2, 20, 16),  # groups, P and N not powers of two
+    (1, 20, 2, 48, 2, 16, 16),  # P over several state tiles of the sequential kernels
+    (1, 9, 1, 16, 1, 16, 64),  # one partial chunk
+]
+
+
+@pytest.mark.parametrize("n,T,H,P,G,N,chunk", CASES)
+def test_forward_backward_match_float64_reference(n, T, H, P, G, N, chunk):
+    inputs, weights = _inputs(n, T, H, P, G, N, seed=T + P + N)
+    ref = _reference(inputs, weights)
+    launch = LaunchConfig(block_p_states=16, block_p_dstates=16)  # several tiles even at small P
+    got = _run(lambda *a: ssd_triton(*a, chunk_size=chunk, launch=launch), inputs, weights, DEVICE)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    errors = {name: _rel(g, r) for name, g, r in zip(NAMES, got, ref)}
+    assert max(errors.values()) < 1e-5, errors
+
+
+def test_bfloat16_inputs():
+    inputs, weights = _inputs(1, 40, 2, 16, 1, 32, seed=5)
+    ref = _reference([t.bfloat16() if i in LOW else t for i, t in enumerate(inputs)], weights)
+    got = _run(lambda *a: ssd_triton(*a, chunk_size=16), inputs, weights, DEVICE, dtype=torch.bfloat16)
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
+    errors = {name: _rel(g, r) for name, g, r in zip(NAMES, got, ref)}
+    assert max(errors.values()) < 1e-2, errors
+
+
+def test_strong_decay_without_skip_and_state():
+    """dt A down to -40 per step and no D, no initial state."""
+    inputs, weights = _inputs(1, 33, 2, 16, 1, 16, seed=9, dt_scale=20.0)
+    ref = ssd_reference(*(t.double() for t in inputs[:5]))
+    y, state = ssd_triton(*(t.to(DEVICE) for t in inputs[:5]), chunk_size=16)
+    assert _rel(y, ref[0]) < 1e-5 and _rel(state, ref[1]) < 1e-5
+
+
+def test_state_carry_equals_one_pass():
+    inputs, _ = _inputs(1, 40, 2, 16, 1, 16, seed=1)
+    x, dt, A, B, C, D, S = (t.to(DEVICE) for t in inputs)
+    y_full, s_full = ssd_triton(x, dt, A, B, C, D, S, chunk_size=16)
+    y1, s = ssd_triton(x[:, :23], dt[:, :23], A, B[:, :23], C[:, :23], D, S, chunk_size=16)
+    y2, s = ssd_triton(x[:, 23:], dt[:, 23:], A, B[:, 23:], C[:, 23:], D, s, chunk_size=16)
+    assert _rel(torch.cat([y1, y2], 1), y_full) < 1e-5 and _rel(s, s_full) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("with_D", [True, False])
+def test_step_matches_reference(dtype, tol, with_D):
+    inputs, _ = _inputs(2, 1, 4, 24, 2, 20, seed=7)
+    x, dt, A, B, C, D, S = inputs
+    D = D if with_D else None
+    x, B, C = x.to(dtype), B.to(dtype), C.to(dtype)
+    y_ref, s_ref = ssd_reference(*(t.double() for t in (x, dt, A, B, C)), None if D is None else D.double(),
+                                 S.double())
+    y, s = ssd_step_triton(*(t.to(DEVICE) for t in (x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])),
+                           None if D is None else D.to(DEVICE), S.to(DEVICE))
+    assert y.dtype == dtype and s.dtype == torch.float32
+    assert _rel(y, y_ref[:, 0]) < tol and _rel(s, s_ref) < tol
+
+
+def test_kernel_chunk_size():
+    assert [kernel_chunk_size(c) for c in (1, 16, 30, 64, 256)] == [16, 16, 32, 64, 64]
+
+
+def test_dispatch():
+    """impl='triton' through the public op (document starts refused by name), one token without gradients through
+    the step kernel, and a bad impl named."""
+    inputs, _ = _inputs(1, 20, 2, 16, 1, 16, seed=3)
+    x = [t.to(DEVICE) for t in inputs]
+    y_t, s_t = ssd(*x, chunk_size=16, impl="triton")
+    y_c, s_c = ssd(*x, chunk_size=16, impl="chunkwise")
+    assert _rel(y_t, y_c) < 1e-5 and _rel(s_t, s_c) < 1e-5
+    one = [x[0][:, :1], x[1][:, :1], x[2], x[3][:, :1], x[4][:, :1], x[5], x[6]]
+    with torch.no_grad():
+        y1, s1 = ssd(*one, impl="triton")
+    y1_ref, s1_ref = ssd(*one, impl="chunkwise")
+    assert _rel(y1, y1_ref) < 1e-5 and _rel(s1, s1_ref) < 1e-5
+    starts = torch.zeros(1, 20, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match="document_starts"):
+        ssd(*x, impl="triton", document_starts=starts)
+    ssd(*x, document_starts=starts)  # auto: chunkwise with document starts
+    with pytest.raises(ValueError, match="impl.*'fast'"):
+        ssd(*x, impl="fast")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA: checks the kernels' bfloat16 gradients on the GPU (Hopper)")
+def test_gradients_at_a_real_shape_on_the_gpu():
+    """bfloat16 at (2, 1024, 8, P=64, G=1, N=128), every gradient within 2e-2 of float64 (the reference loop on the
+    GPU); the kernels never transpose a matrix-unit result (fla #640), and this test would see a wrong one."""
+    inputs, weights = _inputs(2, 1024, 8, 64, 1, 128, seed=11, dt_scale=0.1)
+    rounded = [t.bfloat16() if i in LOW else t for i, t in enumerate(inputs)]
+    ref = _reference(rounded, weights, "cuda")
+    got = _run(ssd_triton, inputs, weights, "cuda", dtype=torch.bfloat16)
+    errors = {name: _rel(g, r) for name, g, r in zip(NAMES, got, ref)}
+    assert max(errors.values()) < 2e-2, errors
