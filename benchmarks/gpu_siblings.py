@@ -1,0 +1,262 @@
+"""GPU benchmark of revival's Triton Gated DeltaNet and Mamba-2 SSD kernels, one process (< 5 minutes on an H200).
+
+Run on a CUDA machine:  python benchmarks/gpu_siblings.py [--out DIR]   (default: $OUT, else runs/)
+It (1) checks the Triton kernels (outputs, final state and every gradient, bfloat16 and float32) against the float64
+chunkwise path (itself tested equal to the float64 loop) at real shapes, (2) times forward and forward+backward
+(CUDA-event medians) of revival's Triton kernels, their chunkwise PyTorch paths and, where importable, fla's
+chunk_gated_delta_rule and mamba-ssm's mamba_chunk_scan_combined (an ImportError or a refusal is recorded as such) at
+(B, T, H, D) = (8, 8192, 16, 128) and (1, 65536, 16, 128) (SSD: P = 128, N = 128, one group), (3) times the decode
+steps, and writes gpu_siblings.json. `--smoke` runs the same flow at tiny shapes (also on the CPU under
+TRITON_INTERPRET=1) to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+SHAPES = [(8, 8192, 16, 128), (1, 65536, 16, 128)]  # B, T, H, D
+CHECKS = [  # B, T, H, D (GDN: Dk = Dv = D; SSD: P = D, N = 128), dtype
+    (2, 4100, 8, 128, torch.bfloat16), (2, 4100, 8, 128, torch.float32), (1, 2049, 4, 64, torch.bfloat16),
+]
+STEP_SHAPES = [(8, 16, 128), (1, 16, 128)]  # B, H, D
+
+
+def gdn_inputs(B, T, H, D, dtype, device, seed=0, beta_max=2.0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, device=device, generator=g)  # noqa: E731
+    q = F.normalize(r(B, T, H, D), dim=-1).to(dtype)
+    k = F.normalize(r(B, T, H, D), dim=-1).to(dtype)
+    v = r(B, T, H, D).to(dtype)
+    gate = -torch.rand(B, T, H, device=device, generator=g) * 0.5
+    beta = torch.rand(B, T, H, device=device, generator=g) * beta_max
+    state = r(B, H, D, D) * 0.1
+    return [q, k, v, gate, beta, state]
+
+
+def ssd_inputs(B, T, H, P, dtype, device, seed=0, N=128, G=1):
+    g = torch.Generator(device=device).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, device=device, generator=g)  # noqa: E731
+    x = r(B, T, H, P).to(dtype)
+    dt = F.softplus(r(B, T, H) - 3.0)
+    A = -torch.rand(H, device=device, generator=g) * 4 - 0.5
+    Bm, Cm = (r(B, T, G, N) * N**-0.5).to(dtype), (r(B, T, G, N) * N**-0.5).to(dtype)
+    D = r(H)
+    state = r(B, H, P, N) * 0.1
+    return [x, dt, A, Bm, Cm, D, state]
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, budget_s=6.0, max_reps=20):
+    """Median ms of fn() after one warm-up call; as many repetitions as fit in `budget_s` (at least 1)."""
+    fn()
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    first = time.perf_counter() - start
+    reps = max(1, min(max_reps, int(budget_s / max(first, 1e-6))))
+    times = [first * 1e3]
+    for _ in range(reps - 1):
+        if device == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _rel(got, ref):
+    got, ref = got.double(), ref.double()
+    return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def outputs_and_grads(fn, inputs, weights):
+    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+    out, state = fn(*leaves)
+    ((out.double() * weights[0]).sum() + (state.double() * weights[1]).sum()).backward()
+    return [out.detach(), state.detach()] + [x.grad for x in leaves]
+
+
+# ------------------------------------------------------------------------------------------------ the ops
+def gdn_fn(impl):
+    from revival.ops.delta_rule import gated_delta_rule
+
+    return lambda q, k, v, g, beta, state: gated_delta_rule(q, k, v, g, beta, state, impl=impl)
+
+
+def ssd_fn(impl):
+    from revival.ops.ssd import ssd
+
+    return lambda x, dt, A, B, C, D, state: ssd(x, dt, A, B, C, D, state, impl=impl)
+
+
+def fla_gdn():
+    """fla's chunk_gated_delta_rule with revival's argument order (o, final state)."""
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    def fn(q, k, v, g, beta, state):
+        return chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state, output_final_state=True)
+
+    return fn
+
+
+def mamba_ssd():
+    """mamba-ssm's mamba_chunk_scan_combined with revival's argument order (y, final state)."""
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    def fn(x, dt, A, B, C, D, state):
+        return mamba_chunk_scan_combined(x, dt, A, B, C, 64, D=D, initial_states=state, return_final_states=True)
+
+    return fn
+
+
+# ------------------------------------------------------------------------------------------------ the sections
+def check(kind, B, T, H, D, dtype, device):
+    """Triton vs the float64 chunkwise path: relative errors of outputs, final state and every gradient."""
+    if kind == "gdn":
+        inputs, names, make = gdn_inputs(B, T, H, D, dtype, device), "o state dq dk dv dg dbeta dstate0", gdn_fn
+        low = (0, 1, 2)
+    else:
+        inputs, names, make = ssd_inputs(B, T, H, D, dtype, device), "y state dx ddt dA dB dC dD dstate0", ssd_fn
+        low = (0, 3, 4)
+    gen = torch.Generator(device=device).manual_seed(1)
+    ref_inputs = [x.double() for x in inputs]
+    out_shape = inputs[2].shape if kind == "gdn" else inputs[0].shape
+    weights = (torch.randn(out_shape, device=device, generator=gen, dtype=torch.float64),
+               torch.randn(inputs[-1].shape, device=device, generator=gen, dtype=torch.float64))
+    got = outputs_and_grads(make("triton"), inputs, weights)
+    ref = outputs_and_grads(make("chunkwise"), ref_inputs, weights)
+    errors = {name: _rel(g, r) for name, g, r in zip(names.split(), got, ref)}
+    finite = all(bool(torch.isfinite(g).all()) for g in got)
+    tol = 2e-2 if dtype != torch.float32 else 1e-3
+    del got, ref
+    return {"kind": kind, "shape": [B, T, H, D], "dtype": str(dtype).split(".")[-1], "errors": errors,
+            "finite": finite, "tolerance": tol, "ok": finite and max(errors.values()) < tol,
+            "low_precision_inputs": [names.split()[2 + i] for i in low]}
+
+
+def time_one(make, inputs, out_index, device):
+    """(forward ms, forward+backward ms) of make() on inputs; gradients for every floating input."""
+    fn = make()
+    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+    grad_out = torch.randn_like(inputs[out_index])
+
+    def forward():
+        with torch.no_grad():
+            fn(*leaves)
+
+    def forward_backward():
+        for leaf in leaves:
+            leaf.grad = None
+        out, state = fn(*leaves)
+        (out * grad_out).sum().backward()
+
+    return timed(forward, device), timed(forward_backward, device)
+
+
+def timings(kind, B, T, H, D, device):
+    if kind == "gdn":
+        inputs, out_index = gdn_inputs(B, T, H, D, torch.bfloat16, device), 2
+        candidates = {"revival_triton": lambda: gdn_fn("triton"), "revival_chunkwise": lambda: gdn_fn("chunkwise"),
+                      "fla_chunk_gated_delta_rule": fla_gdn}
+    else:
+        inputs, out_index = ssd_inputs(B, T, H, D, torch.bfloat16, device), 0
+        candidates = {"revival_triton": lambda: ssd_fn("triton"), "revival_chunkwise": lambda: ssd_fn("chunkwise"),
+                      "mamba_ssm_chunk_scan_combined": mamba_ssd}
+    rows = {}
+    for name, make in candidates.items():
+        try:
+            fwd, fwd_bwd = time_one(make, inputs, out_index, device)
+            rows[name] = {"fwd_ms": round(fwd, 3), "fwd_bwd_ms": round(fwd_bwd, 3)}
+        except ImportError as error:
+            rows[name] = {"import_error": str(error)}
+        except Exception as error:  # a refusal (e.g. fla on Hopper with an old Triton) or OOM: recorded as such
+            rows[name] = {"error": f"{type(error).__name__}: {str(error)[:400]}"}
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        print(f"  {kind} {B}x{T}x{H}x{D} {name}: {rows[name]}", flush=True)
+    fast, slow = rows["revival_triton"], rows["revival_chunkwise"]
+    if "fwd_bwd_ms" in fast and "fwd_bwd_ms" in slow:
+        rows["speedup_triton_vs_chunkwise_fwd_bwd"] = round(slow["fwd_bwd_ms"] / fast["fwd_bwd_ms"], 2)
+    return {"kind": kind, "shape": [B, T, H, D], "dtype": "bfloat16", **rows}
+
+
+def step_timings(B, H, D, device):
+    """Decode: one token through the Triton step kernels vs the chunkwise path at T = 1 (no gradients)."""
+    result = {"shape": [B, H, D]}
+    gdn, ssd = gdn_inputs(B, 1, H, D, torch.bfloat16, device), ssd_inputs(B, 1, H, D, torch.bfloat16, device)
+    for kind, inputs, make in (("gdn", gdn, gdn_fn), ("ssd", ssd, ssd_fn)):
+        for impl in ("triton", "chunkwise"):
+            fn = make(impl)
+            with torch.no_grad():
+                ms = timed(lambda fn=fn, inputs=inputs: fn(*inputs), device, 1.0, 200)
+            result[f"{kind}_{impl}_us"] = round(1e3 * ms, 1)
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT") or "runs")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes: check the script itself (CPU: interpreter)")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("no CUDA device: run on a GPU, or with TRITON_INTERPRET=1 and --smoke to check the script")
+    shapes, checks, steps = SHAPES, CHECKS, STEP_SHAPES
+    if args.smoke:
+        shapes, checks, steps = [(1, 40, 2, 16)], [(1, 37, 2, 16, torch.float32)], [(1, 2, 16)]
+    import triton
+
+    result = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+              "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+              "checks": [], "timings": [], "steps": []}
+    begin = time.perf_counter()
+    print("checks against float64:", flush=True)
+    for B, T, H, D, dtype in checks:
+        for kind in ("gdn", "ssd"):
+            try:
+                row = check(kind, B, T, H, D, dtype, device)
+            except Exception:
+                row = {"kind": kind, "shape": [B, T, H, D], "error": traceback.format_exc(limit=3)}
+            result["checks"].append(row)
+            print(f"  {row}", flush=True)
+    print("timings (ms, bfloat16):", flush=True)
+    for B, T, H, D in shapes:
+        for kind in ("gdn", "ssd"):
+            result["timings"].append(timings(kind, B, T, H, D, device))
+    print("decode steps:", flush=True)
+    for B, H, D in steps:
+        result["steps"].append(step_timings(B, H, D, device))
+        print(f"  {result['steps'][-1]}", flush=True)
+    result["all_checks_ok"] = all(row.get("ok", False) for row in result["checks"])
+    result["seconds"] = round(time.perf_counter() - begin, 1)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "gpu_siblings.json")
+    with open(path, "w") as fh:
+        json.dump(result, fh, indent=1)
+    print(f"wrote {path} ({result['seconds']} s; all checks ok: {result['all_checks_ok']})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
