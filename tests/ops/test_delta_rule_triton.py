@@ -147,6 +147,22 @@ def test_dispatch():
         gated_delta_rule(*x, impl="fast")
 
 
+
+def test_no_kernel_transposes_a_computed_tile():
+    """Transposed operands are loaded transposed from memory: no `tl.trans`, `.T`, `.permute` or `.transpose` in the
+    kernels' code (a transposed matrix-unit result feeding another product is the pattern behind fla #640)."""
+    import ast
+    import importlib
+    import pathlib
+
+    folder = pathlib.Path(importlib.import_module("revival.ops.delta_rule.triton").__file__).parent
+    sources = sorted(folder.glob("*.py"))
+    assert len(sources) >= 4
+    for path in sources:
+        attributes = {node.attr for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Attribute)}
+        assert not attributes & {"trans", "T", "permute", "transpose"}, path.name
+
+
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA: the transposed-MMA-layout failure (fla #640) shows on Hopper")
 def test_gradients_at_a_real_shape_on_the_gpu():
     """bfloat16 at (2, 1024, 4, 128, 128), beta up to 2: every gradient within 2e-2 of float64 (the float64

@@ -144,6 +144,22 @@ def test_dispatch():
         ssd(*x, impl="fast")
 
 
+
+def test_no_kernel_transposes_a_computed_tile():
+    """Transposed operands are loaded transposed from memory: no `tl.trans`, `.T`, `.permute` or `.transpose` in the
+    kernels' code (a transposed matrix-unit result feeding another product is the pattern behind fla #640)."""
+    import ast
+    import importlib
+    import pathlib
+
+    folder = pathlib.Path(importlib.import_module("revival.ops.ssd.triton").__file__).parent
+    sources = sorted(folder.glob("*.py"))
+    assert len(sources) >= 4
+    for path in sources:
+        attributes = {node.attr for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Attribute)}
+        assert not attributes & {"trans", "T", "permute", "transpose"}, path.name
+
+
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA: checks the kernels' bfloat16 gradients on the GPU (Hopper)")
 def test_gradients_at_a_real_shape_on_the_gpu():
     """bfloat16 at (2, 1024, 8, P=64, G=1, N=128), every gradient within 2e-2 of float64 (the reference loop on the

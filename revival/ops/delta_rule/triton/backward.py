@@ -20,6 +20,7 @@ import triton.language as tl
 
 from .forward import (
     chunk_tokens,
+    decay_matrix,
     load_cols,
     load_rows,
     pow2,
@@ -35,13 +36,6 @@ def _upper_decay(gamma, STRICT: tl.constexpr, L: tl.constexpr):
     offs = tl.arange(0, L)
     keep = offs[None, :] > offs[:, None] if STRICT else offs[None, :] >= offs[:, None]
     return tl.exp(tl.where(keep, gamma[None, :] - gamma[:, None], float("-inf")))
-
-
-@triton.jit
-def _lower_decay(gamma, STRICT: tl.constexpr, L: tl.constexpr):
-    offs = tl.arange(0, L)
-    keep = offs[:, None] > offs[None, :] if STRICT else offs[:, None] >= offs[None, :]
-    return tl.exp(tl.where(keep, gamma[:, None] - gamma[None, :], float("-inf")))
 
 
 @triton.jit
@@ -111,7 +105,7 @@ def _grads_kernel(
     dS_end_T = tl.load(dstates_ptr + here_T, mask=mask_T, other=0.0)
 
     # through the outputs O = diag(exp(gamma)) Q S + (causal decay * Q K^T) U
-    decay = _lower_decay(gamma, False, L)
+    decay = decay_matrix(gamma, False, L)
     dq_state = tl.exp(gamma)[:, None] * tl.dot(do, S_T, input_precision=PRECISION)
     do_u = tl.dot(do, load_cols(u_ptr, tokens, valid, DV, BV), input_precision=PRECISION)  # [t, s]
     dq = dq_state + tl.dot(decay * do_u, k, input_precision=PRECISION)
@@ -129,7 +123,7 @@ def _grads_kernel(
     dgamma += tl.where(offs == L - 1, dgamma_total, 0.0) - r
 
     # through U = T diag(beta) V - T diag(beta exp(gamma)) K S, T = (I + M)^-1
-    decay_strict = _lower_decay(gamma, True, L)
+    decay_strict = decay_matrix(gamma, True, L)
     decay_strict_T = _upper_decay(gamma, True, L)
     kk = tl.dot(k, kT, input_precision=PRECISION)  # symmetric
     inverse = unit_triangular_inverse(beta[:, None] * decay_strict * kk, L, LOG2_L, INVERSE_PRECISION)

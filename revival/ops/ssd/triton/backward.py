@@ -39,7 +39,7 @@ def _dstates_kernel(
         tokens, group_tokens, valid = chunk_tokens(row, c, T, H, G, L)
         _, a, a_total = load_decay(dt_ptr, A_ptr, row, H, tokens, valid)
         dyT = load_cols(dy_ptr, tokens, valid, P, BP, ip * BP) * tl.exp(a)[None, :]
-        dS = tl.exp(a_total) * dS + tl.dot(dyT, load_rows(c_ptr, group_tokens, valid, N, BN),
+        dS = tl.exp(a_total) * dS + tl.dot(dyT, load_rows(c_ptr, group_tokens, valid, N, BN, 0),
                                            input_precision=PRECISION)
     tl.store(ds0_ptr + first, dS, mask=mask)
 
@@ -59,10 +59,10 @@ def _grads_kernel(
     causal = offs[:, None] >= offs[None, :]
     decay = tl.exp(tl.where(causal, a[:, None] - a[None, :], float("-inf")))  # [t, s]
     decay_T = tl.exp(tl.where(offs[None, :] >= offs[:, None], a[None, :] - a[:, None], float("-inf")))  # [s, t]
-    x = load_rows(x_ptr, tokens, valid, P, BP)
-    dy = load_rows(dy_ptr, tokens, valid, P, BP)
-    Bm = load_rows(b_ptr, group_tokens, valid, N, BN)
-    Cm = load_rows(c_ptr, group_tokens, valid, N, BN)
+    x = load_rows(x_ptr, tokens, valid, P, BP, 0)
+    dy = load_rows(dy_ptr, tokens, valid, P, BP, 0)
+    Bm = load_rows(b_ptr, group_tokens, valid, N, BN, 0)
+    Cm = load_rows(c_ptr, group_tokens, valid, N, BN, 0)
     here, mask = state_tile(row, c, NC, P, N, BP, BN, 0, False)
     here_T, mask_T = state_tile(row, c, NC, P, N, BP, BN, 0, True)
     S = tl.load(states_ptr + here, mask=mask, other=0.0)
@@ -70,10 +70,10 @@ def _grads_kernel(
     dS_end = tl.load(dstates_ptr + here, mask=mask, other=0.0)
     dS_end_T = tl.load(dstates_ptr + here_T, mask=mask_T, other=0.0)
 
-    dy_x = tl.dot(dy, load_cols(x_ptr, tokens, valid, P, BP), input_precision=PRECISION)  # [t, s]
-    x_dy = tl.dot(x, load_cols(dy_ptr, tokens, valid, P, BP), input_precision=PRECISION)  # [s, t]
-    C_B = tl.dot(Cm, load_cols(b_ptr, group_tokens, valid, N, BN), input_precision=PRECISION)  # [t, s]
-    B_C = tl.dot(Bm, load_cols(c_ptr, group_tokens, valid, N, BN), input_precision=PRECISION)  # [s, t]
+    dy_x = tl.dot(dy, load_cols(x_ptr, tokens, valid, P, BP, 0), input_precision=PRECISION)  # [t, s]
+    x_dy = tl.dot(x, load_cols(dy_ptr, tokens, valid, P, BP, 0), input_precision=PRECISION)  # [s, t]
+    C_B = tl.dot(Cm, load_cols(b_ptr, group_tokens, valid, N, BN, 0), input_precision=PRECISION)  # [t, s]
+    B_C = tl.dot(Bm, load_cols(c_ptr, group_tokens, valid, N, BN, 0), input_precision=PRECISION)  # [s, t]
     to_end = tl.exp(a_total - a) * dt
 
     dx = tl.dot(decay_T * B_C * dt[:, None], dy, input_precision=PRECISION)

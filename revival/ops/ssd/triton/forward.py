@@ -30,7 +30,7 @@ def chunk_tokens(row, c, T, H, G, L: tl.constexpr):
 
 
 @triton.jit
-def load_rows(ptr, tokens, valid, D, BD: tl.constexpr, start=0):
+def load_rows(ptr, tokens, valid, D, BD: tl.constexpr, start):
     """(L, BD) float32 tile of a (..., D) tensor: columns start.. of the rows `tokens`, zeros past T and past D."""
     offs = start + tl.arange(0, BD)
     mask = valid[:, None] & (offs < D)[None, :]
@@ -38,7 +38,7 @@ def load_rows(ptr, tokens, valid, D, BD: tl.constexpr, start=0):
 
 
 @triton.jit
-def load_cols(ptr, tokens, valid, D, BD: tl.constexpr, start=0):
+def load_cols(ptr, tokens, valid, D, BD: tl.constexpr, start):
     """The same tile transposed, (BD, L), read transposed from memory."""
     offs = start + tl.arange(0, BD)
     mask = (offs < D)[:, None] & valid[None, :]
@@ -88,7 +88,8 @@ def _states_kernel(
         tokens, group_tokens, valid = chunk_tokens(row, c, T, H, G, L)
         dt, a, a_total = load_decay(dt_ptr, A_ptr, row, H, tokens, valid)
         xT = load_cols(x_ptr, tokens, valid, P, BP, ip * BP) * (tl.exp(a_total - a) * dt)[None, :]
-        S = tl.exp(a_total) * S + tl.dot(xT, load_rows(b_ptr, group_tokens, valid, N, BN), input_precision=PRECISION)
+        Bm = load_rows(b_ptr, group_tokens, valid, N, BN, 0)
+        S = tl.exp(a_total) * S + tl.dot(xT, Bm, input_precision=PRECISION)
     tl.store(s_out_ptr + first, S, mask=mask)
 
 
@@ -103,8 +104,8 @@ def _output_kernel(
     ip = tl.program_id(2)
     tokens, group_tokens, valid = chunk_tokens(row, c, T, H, G, L)
     dt, a, _ = load_decay(dt_ptr, A_ptr, row, H, tokens, valid)
-    Cm = load_rows(c_ptr, group_tokens, valid, N, BN)
-    scores = tl.dot(Cm, load_cols(b_ptr, group_tokens, valid, N, BN), input_precision=PRECISION)
+    Cm = load_rows(c_ptr, group_tokens, valid, N, BN, 0)
+    scores = tl.dot(Cm, load_cols(b_ptr, group_tokens, valid, N, BN, 0), input_precision=PRECISION)
     scores *= decay_matrix(a, L) * dt[None, :]
     here, mask = state_tile(row, c, NC, P, N, BP, BN, ip, True)
     ST = tl.load(states_ptr + here, mask=mask, other=0.0)
