@@ -1,7 +1,7 @@
 """minGRU / minLSTM ("Were RNNs All We Needed?", arXiv 2410.01201): the log-space parallel scan and its siblings.
 
 Both cells are the diagonal linear recurrence h_t = a_t * h_{t-1} + b_t with gates computed from pre-activations
-(MATH.md, "minGRU / minLSTM"):
+(docs/math.md, "minGRU / minLSTM"):
 
     minGRU:  z = sigmoid(gate), htilde = g(hidden),  h_t = (1 - z) h_{t-1} + z htilde
     minLSTM: f = sigmoid(forget), i = sigmoid(input), f' = f / (f + i), i' = i / (f + i),
@@ -18,7 +18,7 @@ Shapes: gate / forget / input / hidden (B, T, D) pre-activations, h0 (B, D) or N
   about |a*_t| * 6e-8.
 - "chunked": `linear_recurrence_chunked` on (log a, exp(log b)); no cancellation (products inside one chunk only).
 - "reference": the plain loop over the equations above (sigmoid, ratios), independent of the log-space algebra.
-- "triton": the fused GPU kernel of `triton_scan` (gate math + scan in one pass, float32 in linear space; inputs
+- "triton": the fused GPU kernel of `triton.py` (gate math + scan in one pass, float32 in linear space; inputs
   float32/float16/bfloat16 on CUDA). "auto": "triton" for such inputs on CUDA when Triton is importable, else "log".
 
 `document_starts` (B, T) bool or None: h is zero before each start (a_t = 0 there), so a packed row equals separate

@@ -1,4 +1,4 @@
-"""mLSTM chunkwise form: parallel inside chunks of `chunk_size`, sequential over chunk states (MATH.md).
+"""mLSTM chunkwise form: parallel inside chunks of `chunk_size`, sequential over chunk states (docs/math.md).
 
 Linear in T: O(T L (Dk + Dv) + T Dk Dv) per head. This is the pure-PyTorch CPU fast path. A sequence whose length
 is not a multiple of the chunk size is handled exactly: the full chunks first (in segments of `SEGMENT_CHUNKS`

@@ -1,6 +1,6 @@
 """mLSTM references: the recurrent form (one step at a time) and the parallel (quadratic) form.
 
-Both follow MATH.md exactly, including the stabilizer `m`: the parallel form uses the same stabilizer as the
+Both follow docs/math.md exactly, including the stabilizer `m`: the parallel form uses the same stabilizer as the
 recurrent one, `m_t = max(F_t + m_0, max_{s<=t} (F_t - F_s + i_s))`, so the two agree to rounding (not only up to
 the stabilizer-dependent `eps`) and return the same final state. Inputs are assumed validated and already in the
 computation dtype (float32 or float64); see `revival.ops.mlstm`.

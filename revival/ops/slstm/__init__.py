@@ -1,4 +1,4 @@
-"""The sLSTM op: `slstm` over a sequence, `slstm_step` for one token (math in MATH.md, "sLSTM").
+"""The sLSTM op: `slstm` over a sequence, `slstm_step` for one token (math in docs/math.md, "sLSTM").
 
     x_gates:          (B, T, 4, H, d)  input contributions `W x_t + b` to the pre-activations, gate order (i, f, z, o)
     recurrent_weight: (4, H, d, d)     block-diagonal: raw[:, g, h, :] += y_prev[:, h, :] @ recurrent_weight[g, h]

@@ -1,4 +1,4 @@
-"""sLSTM reference: a plain loop over time, one step at a time, exactly as MATH.md ("sLSTM").
+"""sLSTM reference: a plain loop over time, one step at a time, exactly as docs/math.md ("sLSTM").
 
 Per step, per head `h` (head dim `d`), gate order (i, f, z, o):
 

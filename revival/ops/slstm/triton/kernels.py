@@ -61,7 +61,7 @@ def _store_state(ptr, stride, c, n, m, mask):
 @triton.jit
 def _cell_step(i, f, z, o, c, n, m, mask):
     """One step from the pre-activations (float32): the new (c, n, m, y); y is 0 outside `mask`. Per unit, the
-    first step (n == 0) sets m = i and ignores the forget gate (MATH.md "sLSTM")."""
+    first step (n == 0) sets m = i and ignores the forget gate (docs/math.md "sLSTM")."""
     log_fm = m + _log_sigmoid(f)
     first = n == 0.0
     m_new = tl.where(first | (i >= log_fm), i, log_fm)
