@@ -21,3 +21,10 @@ def use_fused_kernel(impl: str, supported: bool, worth_it: bool, why_not: str) -
     if impl == "triton" and not supported:
         raise ValueError(f"impl: 'triton' cannot run here ({why_not}); use 'auto' or 'reference'")
     return impl == "triton" or (impl == "auto" and supported and worth_it)
+
+
+def chunk_spans(T: int, chunk_size: int) -> list[tuple[int, int, int]]:
+    """(start, stop, chunk length) of the chunkwise forms' two passes: all full chunks, then the tail as one shorter
+    chunk (lengths that are not a multiple of the chunk are handled exactly, never padded); empty passes left out."""
+    full = (T // chunk_size) * chunk_size
+    return [(start, stop, L) for start, stop, L in ((0, full, chunk_size), (full, T, T - full)) if stop > start]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import compute_dtype
+from .._common import chunk_spans, compute_dtype
 from .._documents import chunk_masks
 
 
@@ -18,14 +18,12 @@ def gated_delta_rule_chunkwise(q, k, v, g, beta, state, scale: float, chunk_size
     qs, ks, vs = (t.to(dtype).transpose(1, 2) for t in (q * scale, k, v))  # (n, H, T, D)
     gs, betas = g.to(dtype).transpose(1, 2), beta.to(dtype).transpose(1, 2)  # (n, H, T)
     S = q.new_zeros(n, H, Dk, Dv, dtype=dtype) if state is None else state.to(dtype)
-    full = (T // chunk_size) * chunk_size
     outputs = []
-    for start, stop, L in ((0, full, chunk_size), (full, T, T - full)):
-        if stop > start:
-            starts = None if document_starts is None else document_starts[:, start:stop]
-            o, S = _equal_chunks(qs[:, :, start:stop], ks[:, :, start:stop], vs[:, :, start:stop],
-                                 gs[:, :, start:stop], betas[:, :, start:stop], S, L, starts)
-            outputs.append(o)
+    for start, stop, L in chunk_spans(T, chunk_size):
+        starts = None if document_starts is None else document_starts[:, start:stop]
+        o, S = _equal_chunks(qs[:, :, start:stop], ks[:, :, start:stop], vs[:, :, start:stop],
+                             gs[:, :, start:stop], betas[:, :, start:stop], S, L, starts)
+        outputs.append(o)
     o = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     return o.transpose(1, 2).to(q.dtype), S
 

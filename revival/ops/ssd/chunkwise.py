@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import compute_dtype
+from .._common import chunk_spans, compute_dtype
 from .._documents import chunk_masks
 
 
@@ -17,14 +17,12 @@ def ssd_chunkwise(x, dt, A, Bh, Ch, D, state, chunk_size: int, document_starts) 
     dtype = compute_dtype(x)
     xs, dts, As, Bh, Ch = x.to(dtype), dt.to(dtype), A.to(dtype), Bh.to(dtype), Ch.to(dtype)
     S = x.new_zeros(n, H, P, N, dtype=dtype) if state is None else state.to(dtype)
-    full = (T // chunk_size) * chunk_size
     outputs = []
-    for start, stop, L in ((0, full, chunk_size), (full, T, T - full)):
-        if stop > start:
-            starts = None if document_starts is None else document_starts[:, start:stop]
-            y, S = _equal_chunks(xs[:, start:stop], dts[:, start:stop], As, Bh[:, start:stop], Ch[:, start:stop],
-                                 S, L, starts)
-            outputs.append(y)
+    for start, stop, L in chunk_spans(T, chunk_size):
+        starts = None if document_starts is None else document_starts[:, start:stop]
+        y, S = _equal_chunks(xs[:, start:stop], dts[:, start:stop], As, Bh[:, start:stop], Ch[:, start:stop], S, L,
+                             starts)
+        outputs.append(y)
     y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
     if D is not None:
         y = y + D.to(dtype)[:, None] * xs
