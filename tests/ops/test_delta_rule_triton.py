@@ -127,9 +127,26 @@ def test_kernel_chunk_size():
     assert [kernel_chunk_size(c) for c in (1, 16, 30, 64, 128)] == [16, 16, 32, 64, 64]
 
 
+def test_document_starts_match_reference():
+    """Packed documents: starts at t = 0, twice in a row, on a chunk boundary (16, 32) and at the last token; the
+    second row has one start inside a chunk. Outputs, final state and every gradient against float64."""
+    inputs, weights = _inputs(2, 40, 2, 16, 24, seed=13, beta_max=2.0)
+    starts = torch.zeros(2, 40, dtype=torch.bool)
+    starts[0, [0, 5, 6, 16, 32, 39]] = True
+    starts[1, 21] = True
+    ref = _run(lambda *a: gated_delta_rule_reference(*a, document_starts=starts), [x.double() for x in inputs],
+               weights, "cpu")
+    got = _run(lambda *a: gated_delta_rule_triton(*a, 0.25, chunk_size=16, document_starts=starts.to(DEVICE)),
+               inputs, weights, DEVICE)
+    errors = {name: _rel(g, r) for name, g, r in zip(NAMES, got, ref)}
+    errors["dstate0"] = _rel(got[-1][1], ref[-1][1])  # row 0 starts at t = 0: its initial state gets no gradient
+    assert got[-1][0].abs().max() == 0
+    assert max(errors.values()) < 1e-5, errors
+
+
 def test_dispatch():
-    """impl='triton' through the public op (document starts refused by name), 'auto' picks chunkwise off CUDA, and
-    a bad impl is named."""
+    """impl='triton' through the public op (also with document starts, and one token without gradients through the
+    step kernel), and a bad impl named."""
     inputs, _ = _inputs(1, 20, 1, 16, 16, seed=3)
     x = [t.to(DEVICE) for t in inputs]
     o_t, s_t = gated_delta_rule(*x, chunk_size=16, impl="triton")
@@ -140,9 +157,14 @@ def test_dispatch():
     o1_ref, s1_ref = gated_delta_rule(*(t[:, :1] for t in x[:5]), x[5], impl="chunkwise")
     assert _rel(o1, o1_ref) < 1e-5 and _rel(s1, s1_ref) < 1e-5
     starts = torch.zeros(1, 20, dtype=torch.bool, device=DEVICE)
-    with pytest.raises(ValueError, match="document_starts"):
-        gated_delta_rule(*x, impl="triton", document_starts=starts)
-    gated_delta_rule(*x, document_starts=starts)  # auto: chunkwise with document starts
+    starts[0, 7] = True
+    o_t, s_t = gated_delta_rule(*x, chunk_size=16, impl="triton", document_starts=starts)
+    o_c, s_c = gated_delta_rule(*x, chunk_size=16, impl="chunkwise", document_starts=starts)
+    assert _rel(o_t, o_c) < 1e-5 and _rel(s_t, s_c) < 1e-5
+    with torch.no_grad():  # a one-token document: the step kernel from a zero state
+        o1, s1 = gated_delta_rule(*(t[:, :1] for t in x[:5]), x[5], impl="triton", document_starts=starts[:, 7:8])
+    o1_ref, s1_ref = gated_delta_rule(*(t[:, :1] for t in x[:5]), None, impl="chunkwise")
+    assert _rel(o1, o1_ref) < 1e-5 and _rel(s1, s1_ref) < 1e-5
     with pytest.raises(ValueError, match="impl.*'fast'"):
         gated_delta_rule(*x, impl="fast")
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_floating, check_shape
-from .._documents import check_document_starts
+from .._documents import check_document_starts, drop_state_at_first_start
 from .chunkwise import gated_delta_rule_chunkwise
 from .reference import gated_delta_rule_recurrent
 
@@ -47,22 +47,20 @@ IMPLS = ("auto", "chunkwise", "triton")
 _TRITON_MAX_HEAD_DIM = 256  # the Triton kernels hold a chunk's (L, D) tiles whole
 
 
-def _resolve_impl(impl, q, Dv: int, document_starts) -> str:
-    """"auto": the Triton kernels (`triton/`) on CUDA for 16/32-bit inputs, head dims up to 256 and no document
-    starts (which they do not take), else "chunkwise"."""
+def _resolve_impl(impl, q, Dv: int) -> str:
+    """"auto": the Triton kernels (`triton/`) on CUDA for 16/32-bit inputs and head dims up to 256, else
+    "chunkwise"."""
     from .triton import available
 
     if not isinstance(impl, str) or impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     if impl == "triton":
-        if document_starts is not None:
-            raise ValueError("document_starts: impl='triton' takes no document starts; use 'auto' or 'chunkwise'")
         if not available():
             raise ValueError(f"impl: 'triton' is not available here (device {q.device.type}); use 'auto' or "
                              "'chunkwise'")
     if impl == "auto":
         fits = q.device.type == "cuda" and q.dtype != torch.float64 and max(q.shape[-1], Dv) <= _TRITON_MAX_HEAD_DIM
-        impl = "triton" if fits and document_starts is None and available() else "chunkwise"
+        impl = "triton" if fits and available() else "chunkwise"
     return impl
 
 
@@ -106,12 +104,14 @@ def gated_delta_rule(
     if chunk_size < 1:
         raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size}")
     scale = Dk**-0.5 if scale is None else scale
-    if _resolve_impl(impl, q, Dv, document_starts) == "triton":
+    if _resolve_impl(impl, q, Dv) == "triton":
         from .triton import gated_delta_rule_step_triton, gated_delta_rule_triton
 
         tensors = (q, k, v, g, beta) + (() if state is None else (state,))
         if T == 1 and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            state = drop_state_at_first_start(state, document_starts)
             o, state = gated_delta_rule_step_triton(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state, scale)
             return o[:, None], state
-        return gated_delta_rule_triton(q, k, v, g, beta, state, scale, chunk_size=chunk_size)
+        return gated_delta_rule_triton(q, k, v, g, beta, state, scale, chunk_size=chunk_size,
+                                       document_starts=document_starts)
     return gated_delta_rule_chunkwise(q, k, v, g, beta, state, scale, chunk_size, document_starts)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_floating, check_shape
-from .._documents import check_document_starts
+from .._documents import check_document_starts, drop_state_at_first_start
 from .chunkwise import ssd_chunkwise
 from .reference import ssd_recurrent
 
@@ -38,22 +38,19 @@ IMPLS = ("auto", "chunkwise", "triton")
 _TRITON_MAX_DIM = 256  # the Triton kernels hold a chunk's (L, P) and (L, N) tiles whole
 
 
-def _resolve_impl(impl, x, N: int, document_starts) -> str:
-    """"auto": the Triton kernels (`triton/`) on CUDA for 16/32-bit inputs, P and N up to 256 and no document
-    starts (which they do not take), else "chunkwise"."""
+def _resolve_impl(impl, x, N: int) -> str:
+    """"auto": the Triton kernels (`triton/`) on CUDA for 16/32-bit inputs and P, N up to 256, else "chunkwise"."""
     from .triton import available
 
     if not isinstance(impl, str) or impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     if impl == "triton":
-        if document_starts is not None:
-            raise ValueError("document_starts: impl='triton' takes no document starts; use 'auto' or 'chunkwise'")
         if not available():
             raise ValueError(f"impl: 'triton' is not available here (device {x.device.type}); use 'auto' or "
                              "'chunkwise'")
     if impl == "auto":
         fits = x.device.type == "cuda" and x.dtype != torch.float64 and max(x.shape[-1], N) <= _TRITON_MAX_DIM
-        impl = "triton" if fits and document_starts is None and available() else "chunkwise"
+        impl = "triton" if fits and available() else "chunkwise"
     return impl
 
 
@@ -107,12 +104,13 @@ def ssd(
     document_starts = check_document_starts(document_starts, n, T, x.device)
     if chunk_size < 1:
         raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size}")
-    if _resolve_impl(impl, x, N, document_starts) == "triton":
+    if _resolve_impl(impl, x, N) == "triton":
         from .triton import ssd_step_triton, ssd_triton
 
         tensors = tuple(t for t in (x, dt, A, B, C, D, state) if t is not None)
         if T == 1 and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            state = drop_state_at_first_start(state, document_starts)
             y, state = ssd_step_triton(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, state)
             return y[:, None], state
-        return ssd_triton(x, dt, A, B, C, D, state, chunk_size=chunk_size)
+        return ssd_triton(x, dt, A, B, C, D, state, chunk_size=chunk_size, document_starts=document_starts)
     return ssd_chunkwise(x, dt, A, _heads(B, H), _heads(C, H), D, state, chunk_size, document_starts)

@@ -1,8 +1,8 @@
 """Triton gated delta rule kernels (GPU): chunkwise WY forward + backward behind a `torch.autograd.Function`, and a
 decode step.
 
-`gated_delta_rule_triton(q, k, v, g, beta, state, scale, chunk_size=64, launch=None)` has the contract of
-`revival.ops.delta_rule.gated_delta_rule` (inputs validated, `scale` resolved, no document starts);
+`gated_delta_rule_triton(q, k, v, g, beta, state, scale, chunk_size=64, document_starts=None, launch=None)` has the
+contract of `revival.ops.delta_rule.gated_delta_rule` (inputs validated, `scale` resolved);
 `gated_delta_rule_step_triton` is one token of it. Computation in float32 (products on tf32 matrix units for 16-bit
 inputs); o in the inputs' dtype, the state float32. `available()`: Triton importable and a CUDA device (or
 `TRITON_INTERPRET=1` for CPU tests).
@@ -30,14 +30,14 @@ def kernel_chunk_size(chunk_size: int) -> int:
 
 class _GatedDeltaRule(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, S0, scale, L, cfg):
+    def forward(ctx, q, k, v, g, beta, S0, starts, scale, L, cfg):
         from .forward import delta_rule_forward
 
         n, T, H, Dk = q.shape
         Dv = v.shape[-1]
-        o, S_T, saved = delta_rule_forward(q, k, v, g, beta, S0.reshape(n * H, Dk, Dv), scale, L, cfg)
+        o, S_T, saved = delta_rule_forward(q, k, v, g, beta, S0.reshape(n * H, Dk, Dv), starts, scale, L, cfg)
         if any(ctx.needs_input_grad[:6]):
-            ctx.save_for_backward(q, k, v, g, beta, *saved)
+            ctx.save_for_backward(q, k, v, g, beta, starts, *saved)
             ctx.scale, ctx.L, ctx.cfg = scale, L, cfg
         return o, S_T.reshape(n, H, Dk, Dv)
 
@@ -45,22 +45,23 @@ class _GatedDeltaRule(torch.autograd.Function):
     def backward(ctx, do, dS_T):
         from .backward import delta_rule_backward
 
-        q, k, v, g, beta, *saved = ctx.saved_tensors
+        q, k, v, g, beta, starts, *saved = ctx.saved_tensors
         n, T, H, Dk = q.shape
         Dv = v.shape[-1]
         do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
         dS_T = (torch.zeros(n * H, Dk, Dv, device=q.device) if dS_T is None
                 else dS_T.reshape(n * H, Dk, Dv).float().contiguous())
-        dq, dk, dv, dg, dbeta, dS0 = delta_rule_backward(q, k, v, g, beta, *saved, do, dS_T, ctx.scale, ctx.L,
-                                                         ctx.cfg)
-        return dq, dk, dv, dg, dbeta, dS0.reshape(n, H, Dk, Dv), None, None, None
+        dq, dk, dv, dg, dbeta, dS0 = delta_rule_backward(q, k, v, g, beta, starts, *saved, do, dS_T, ctx.scale,
+                                                         ctx.L, ctx.cfg)
+        return dq, dk, dv, dg, dbeta, dS0.reshape(n, H, Dk, Dv), None, None, None, None
 
 
 def gated_delta_rule_triton(q, k, v, g, beta, state, scale: float, *, chunk_size: int = 64,
-                            launch: LaunchConfig | None = None):
+                            document_starts: torch.Tensor | None = None, launch: LaunchConfig | None = None):
     """Chunkwise gated delta rule. q, k (n, T, H, Dk); v (n, T, H, Dv); g, beta (n, T, H); state (n, H, Dk, Dv) or
-    None. Returns o (n, T, H, Dv) in q's dtype and the final state (n, H, Dk, Dv) float32; differentiable in every
-    input and the initial state. `launch` overrides launch settings (`LaunchConfig`)."""
+    None; document_starts (n, T) bool or None (validated). Returns o (n, T, H, Dv) in q's dtype and the final state
+    (n, H, Dk, Dv) float32; differentiable in every input and the initial state. `launch` overrides launch settings
+    (`LaunchConfig`)."""
     require_triton()
     if q.dtype == torch.float64:
         raise ValueError("q: impl='triton' supports float32/bfloat16/float16 inputs, got float64")
@@ -73,7 +74,8 @@ def gated_delta_rule_triton(q, k, v, g, beta, state, scale: float, *, chunk_size
     q, k, v = (x.to(dtype).contiguous() for x in (q, k, v))
     g, beta = g.float().contiguous(), beta.float().contiguous()
     S0 = torch.zeros(n, H, Dk, Dv, device=q.device) if state is None else state.float().contiguous()
-    return _GatedDeltaRule.apply(q, k, v, g, beta, S0, scale, kernel_chunk_size(chunk_size), cfg)
+    starts = None if document_starts is None else document_starts.to(torch.int8).contiguous()
+    return _GatedDeltaRule.apply(q, k, v, g, beta, S0, starts, scale, kernel_chunk_size(chunk_size), cfg)
 
 
 def gated_delta_rule_step_triton(q, k, v, g, beta, state, scale: float):

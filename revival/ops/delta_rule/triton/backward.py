@@ -21,6 +21,7 @@ import triton.language as tl
 from .forward import (
     chunk_tokens,
     decay_matrix,
+    document_masks,
     load_cols,
     load_rows,
     pow2,
@@ -31,19 +32,20 @@ from .forward import (
 
 
 @triton.jit
-def _upper_decay(gamma, STRICT: tl.constexpr, L: tl.constexpr):
-    """exp(gamma_t - gamma_s) at [s, t] for s < t (STRICT) or s <= t, else 0: the transposed decay, built directly."""
+def _upper_decay(gamma, same, STRICT: tl.constexpr, L: tl.constexpr):
+    """exp(gamma_t - gamma_s) at [s, t] for s < t (STRICT) or s <= t within one document (`same`, symmetric), else
+    0: the transposed decay, built directly."""
     offs = tl.arange(0, L)
     keep = offs[None, :] > offs[:, None] if STRICT else offs[None, :] >= offs[:, None]
-    return tl.exp(tl.where(keep, gamma[None, :] - gamma[:, None], float("-inf")))
+    return tl.exp(tl.where(keep & same, gamma[None, :] - gamma[:, None], float("-inf")))
 
 
 @triton.jit
 def _dstates_kernel(
-    q_ptr, k_ptr, w_ptr, g_ptr, do_ptr, ds_last_ptr,
+    q_ptr, k_ptr, w_ptr, g_ptr, starts_ptr, do_ptr, ds_last_ptr,
     dstates_ptr, du_ptr, ds0_ptr,
     T, H, NC, DK, DV, scale,
-    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
 ):
     iv = tl.program_id(0)
     row = tl.program_id(1)
@@ -58,27 +60,29 @@ def _dstates_kernel(
         g = tl.load(g_ptr + tokens, mask=valid, other=0.0)
         gamma = tl.cumsum(g, 0)
         g_total = tl.sum(g, 0)
+        same, from_state, to_end, keeps = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
         k = load_rows(k_ptr, tokens, valid, DK, BK)
         qT = load_cols(q_ptr, tokens, valid, DK, BK) * scale
-        scores_T = tl.dot(k, qT, input_precision=PRECISION) * _upper_decay(gamma, False, L)  # [s, t]
+        scores_T = tl.dot(k, qT, input_precision=PRECISION) * _upper_decay(gamma, same, False, L)  # [s, t]
         mask_u = valid[:, None] & (offs_v < DV)[None, :]
         u_offs = tokens[:, None] * DV + offs_v[None, :]
         do = tl.load(do_ptr + u_offs, mask=mask_u, other=0.0).to(tl.float32)
         du = tl.dot(scores_T, do, input_precision=PRECISION)
-        du += tl.dot(k * tl.exp(g_total - gamma)[:, None], dS, input_precision=PRECISION)
+        du += tl.dot(k * (tl.exp(g_total - gamma) * to_end)[:, None], dS, input_precision=PRECISION)
         tl.store(du_ptr + u_offs, du, mask=mask_u)
-        dS = tl.exp(g_total) * dS + tl.dot(qT * tl.exp(gamma)[None, :], do, input_precision=PRECISION)
+        dS = tl.exp(g_total) * keeps * dS + tl.dot(qT * (tl.exp(gamma) * from_state)[None, :], do,
+                                                   input_precision=PRECISION)
         dS -= tl.dot(load_cols(w_ptr, tokens, valid, DK, BK), du, input_precision=PRECISION)
     tl.store(ds0_ptr + first, dS, mask=mask_kv)
 
 
 @triton.jit
 def _grads_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, u_ptr, states_ptr, dstates_ptr, do_ptr, du_ptr,
+    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, starts_ptr, u_ptr, states_ptr, dstates_ptr, do_ptr, du_ptr,
     dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr,
     T, H, NC, DK, DV, scale,
     L: tl.constexpr, LOG2_L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr, INVERSE_PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, INVERSE_PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
 ):
     c = tl.program_id(0)
     row = tl.program_id(1)
@@ -88,6 +92,8 @@ def _grads_kernel(
     gamma = tl.cumsum(g, 0)
     g_total = tl.sum(g, 0)
     offs = tl.arange(0, L)
+    same, from_state, to_end, keeps = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
+    from_start = tl.exp(gamma) * from_state  # how the entering state reaches each token
 
     q = load_rows(q_ptr, tokens, valid, DK, BK) * scale
     k = load_rows(k_ptr, tokens, valid, DK, BK)
@@ -105,26 +111,26 @@ def _grads_kernel(
     dS_end_T = tl.load(dstates_ptr + here_T, mask=mask_T, other=0.0)
 
     # through the outputs O = diag(exp(gamma)) Q S + (causal decay * Q K^T) U
-    decay = decay_matrix(gamma, False, L)
-    dq_state = tl.exp(gamma)[:, None] * tl.dot(do, S_T, input_precision=PRECISION)
+    decay = decay_matrix(gamma, same, False, L)
+    dq_state = from_start[:, None] * tl.dot(do, S_T, input_precision=PRECISION)
     do_u = tl.dot(do, load_cols(u_ptr, tokens, valid, DV, BV), input_precision=PRECISION)  # [t, s]
     dq = dq_state + tl.dot(decay * do_u, k, input_precision=PRECISION)
     u_do = tl.dot(u, load_cols(do_ptr, tokens, valid, DV, BV), input_precision=PRECISION)  # [s, t]
-    dk = tl.dot(_upper_decay(gamma, False, L) * u_do, q, input_precision=PRECISION)
+    dk = tl.dot(_upper_decay(gamma, same, False, L) * u_do, q, input_precision=PRECISION)
     pairs = decay * do_u * tl.dot(q, kT, input_precision=PRECISION)  # d(loss)/d(gamma_t - gamma_s)
     dgamma = tl.sum(q * dq_state, 1) + tl.sum(pairs, 1) - tl.sum(pairs, 0)
 
     # through the end state S' = exp(gamma_L) S + (exp(gamma_L - gamma) K)^T U
-    dk_end = tl.exp(g_total - gamma)[:, None] * tl.dot(u, dS_end_T, input_precision=PRECISION)
+    dk_end = (tl.exp(g_total - gamma) * to_end)[:, None] * tl.dot(u, dS_end_T, input_precision=PRECISION)
     dk += dk_end
     r = tl.sum(k * dk_end, 1)
     S = tl.load(states_ptr + here, mask=mask_kv, other=0.0)
-    dgamma_total = tl.exp(g_total) * tl.sum(tl.sum(S * dS_end, 1), 0) + tl.sum(r, 0)
+    dgamma_total = tl.exp(g_total) * keeps * tl.sum(tl.sum(S * dS_end, 1), 0) + tl.sum(r, 0)
     dgamma += tl.where(offs == L - 1, dgamma_total, 0.0) - r
 
     # through U = T diag(beta) V - T diag(beta exp(gamma)) K S, T = (I + M)^-1
-    decay_strict = decay_matrix(gamma, True, L)
-    decay_strict_T = _upper_decay(gamma, True, L)
+    decay_strict = decay_matrix(gamma, same, True, L)
+    decay_strict_T = _upper_decay(gamma, same, True, L)
     kk = tl.dot(k, kT, input_precision=PRECISION)  # symmetric
     inverse = unit_triangular_inverse(beta[:, None] * decay_strict * kk, L, LOG2_L, INVERSE_PRECISION)
     inverse_T = unit_triangular_inverse(beta[None, :] * decay_strict_T * kk, L, LOG2_L, INVERSE_PRECISION)
@@ -134,9 +140,9 @@ def _grads_kernel(
     v = load_rows(v_ptr, tokens, valid, DV, BV)
     dv = beta[:, None] * dv_tilde
     k_dk_tilde = tl.sum(k * dk_tilde, 1)
-    dbeta = tl.sum(v * dv_tilde, 1) + tl.exp(gamma) * k_dk_tilde
-    dk += (beta * tl.exp(gamma))[:, None] * dk_tilde
-    dgamma += beta * tl.exp(gamma) * k_dk_tilde
+    dbeta = tl.sum(v * dv_tilde, 1) + from_start * k_dk_tilde
+    dk += (beta * from_start)[:, None] * dk_tilde
+    dgamma += beta * from_start * k_dk_tilde
 
     # through M = diag(beta) (strict decay * K K^T): dM = -T^T dU U^T, dM^T = -U dU^T T
     dM = -tl.dot(inverse_T, tl.dot(du, load_cols(u_ptr, tokens, valid, DV, BV), input_precision=PRECISION),
@@ -160,7 +166,7 @@ def _grads_kernel(
     tl.store(dbeta_ptr + tokens, dbeta, mask=valid)
 
 
-def delta_rule_backward(q, k, v, g, beta, w, u, states, do, dS_T, scale: float, L: int, cfg):
+def delta_rule_backward(q, k, v, g, beta, starts, w, u, states, do, dS_T, scale: float, L: int, cfg):
     """Gradients of delta_rule_forward's (o, final state) with respect to q, k, v, g, beta and the initial state."""
     n, T, H, Dk = q.shape
     Dv = v.shape[-1]
@@ -171,14 +177,16 @@ def delta_rule_backward(q, k, v, g, beta, w, u, states, do, dS_T, scale: float, 
     dstates = torch.empty(n * H, NC, Dk, Dv, **f32)
     du = torch.empty(n, T, H, Dv, **f32)
     dS0 = torch.empty(n * H, Dk, Dv, **f32)
+    documents = dict(HAS_STARTS=starts is not None)
+    starts = g if starts is None else starts  # any tensor when HAS_STARTS is off: never read
     block_v = min(cfg.block_v_dstates, BV)
     _dstates_kernel[(triton.cdiv(Dv, block_v), n * H)](
-        q, k, w, g, do, dS_T, dstates, du, dS0, T, H, NC, Dk, Dv, scale, L=L, BK=BK, BV=block_v,
-        PRECISION=precision, num_warps=cfg.warps_dstates)
+        q, k, w, g, starts, do, dS_T, dstates, du, dS0, T, H, NC, Dk, Dv, scale, L=L, BK=BK, BV=block_v,
+        PRECISION=precision, num_warps=cfg.warps_dstates, **documents)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dg, dbeta = torch.empty(n, T, H, **f32), torch.empty(n, T, H, **f32)
     _grads_kernel[(NC, n * H)](
-        q, k, v, g, beta, u, states, dstates, do, du, dq, dk, dv, dg, dbeta, T, H, NC, Dk, Dv, scale,
+        q, k, v, g, beta, starts, u, states, dstates, do, du, dq, dk, dv, dg, dbeta, T, H, NC, Dk, Dv, scale,
         L=L, LOG2_L=L.bit_length() - 1, BK=BK, BV=BV, PRECISION=precision, INVERSE_PRECISION=inverse_precision,
-        num_warps=cfg.warps_grads)
+        num_warps=cfg.warps_grads, **documents)
     return dq, dk, dv, dg, dbeta, dS0

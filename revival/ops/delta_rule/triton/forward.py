@@ -56,11 +56,35 @@ def load_gates(g_ptr, beta_ptr, tokens, valid):
 
 
 @triton.jit
-def decay_matrix(gamma, STRICT: tl.constexpr, L: tl.constexpr):
-    """exp(gamma_t - gamma_s) for s < t (STRICT) or s <= t, else 0; (L_t, L_s)."""
+def document_masks(starts_ptr, b, c, T, L: tl.constexpr, HAS_STARTS: tl.constexpr):
+    """Masks of chunk c of batch row b from its document starts (n, T) int8 (revival/ops/_documents.py chunk_masks):
+    same (L, L) (tokens t, s in one document), from_state (L,) (1.0: the token is in the document running before the
+    chunk), to_end (L,) (1.0: in the chunk's last document), keeps (1.0: no start in the chunk). Without starts: one
+    document, all ones."""
+    offs = tl.arange(0, L)
+    if HAS_STARTS:
+        t = c * L + offs
+        starts = tl.load(starts_ptr + b.to(tl.int64) * T + t, mask=t < T, other=0).to(tl.int32)
+        ids = tl.cumsum(starts, 0)
+        last = tl.max(ids, 0)
+        same = ids[:, None] == ids[None, :]
+        from_state = tl.where(ids == 0, 1.0, 0.0)
+        to_end = tl.where(ids == last, 1.0, 0.0)
+        keeps = tl.where(last == 0, 1.0, 0.0)
+    else:
+        same = offs[:, None] >= 0
+        from_state = tl.full((L,), 1.0, tl.float32)
+        to_end = tl.full((L,), 1.0, tl.float32)
+        keeps = 1.0
+    return same, from_state, to_end, keeps
+
+
+@triton.jit
+def decay_matrix(gamma, same, STRICT: tl.constexpr, L: tl.constexpr):
+    """exp(gamma_t - gamma_s) for s < t (STRICT) or s <= t within one document (`same`), else 0; (L_t, L_s)."""
     offs = tl.arange(0, L)
     keep = offs[:, None] > offs[None, :] if STRICT else offs[:, None] >= offs[None, :]
-    return tl.exp(tl.where(keep, gamma[:, None] - gamma[None, :], float("-inf")))
+    return tl.exp(tl.where(keep & same, gamma[:, None] - gamma[None, :], float("-inf")))
 
 
 @triton.jit
@@ -88,20 +112,21 @@ def state_offsets(row, c, NC, DK, DV, BK: tl.constexpr, BV: tl.constexpr, iv):
 
 @triton.jit
 def _wy_kernel(
-    k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u0_ptr,
+    k_ptr, v_ptr, g_ptr, beta_ptr, starts_ptr, w_ptr, u0_ptr,
     T, H, DK, DV,
     L: tl.constexpr, LOG2_L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr, INVERSE_PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, INVERSE_PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
 ):
     c = tl.program_id(0)
     row = tl.program_id(1)
     tokens, valid = chunk_tokens(row, c, T, H, L)
+    same, from_state, _, _ = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
     gamma, _, beta = load_gates(g_ptr, beta_ptr, tokens, valid)
     k = load_rows(k_ptr, tokens, valid, DK, BK)
     kk = tl.dot(k, load_cols(k_ptr, tokens, valid, DK, BK), input_precision=PRECISION)
-    M = beta[:, None] * decay_matrix(gamma, True, L) * kk
+    M = beta[:, None] * decay_matrix(gamma, same, True, L) * kk
     inverse = unit_triangular_inverse(M, L, LOG2_L, INVERSE_PRECISION)
-    w = tl.dot(inverse, k * (beta * tl.exp(gamma))[:, None], input_precision=PRECISION)
+    w = tl.dot(inverse, k * (beta * tl.exp(gamma) * from_state)[:, None], input_precision=PRECISION)
     v = load_rows(v_ptr, tokens, valid, DV, BV)
     u0 = tl.dot(inverse, v * beta[:, None], input_precision=PRECISION)
     offs_k, offs_v = tl.arange(0, BK), tl.arange(0, BV)
@@ -111,10 +136,10 @@ def _wy_kernel(
 
 @triton.jit
 def _states_kernel(
-    k_ptr, w_ptr, u0_ptr, g_ptr, s0_ptr,
+    k_ptr, w_ptr, u0_ptr, g_ptr, starts_ptr, s0_ptr,
     states_ptr, u_ptr, s_out_ptr,
     T, H, NC, DK, DV,
-    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
 ):
     iv = tl.program_id(0)
     row = tl.program_id(1)
@@ -133,16 +158,17 @@ def _states_kernel(
         u_offs = tokens[:, None] * DV + offs_v[None, :]
         u = tl.load(u0_ptr + u_offs, mask=mask_u, other=0.0) - tl.dot(w, S, input_precision=PRECISION)
         tl.store(u_ptr + u_offs, u, mask=mask_u)
-        k_to_end = load_cols(k_ptr, tokens, valid, DK, BK) * tl.exp(g_total - gamma)[None, :]
-        S = tl.exp(g_total) * S + tl.dot(k_to_end, u, input_precision=PRECISION)
+        _, _, to_end, keeps = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
+        k_to_end = load_cols(k_ptr, tokens, valid, DK, BK) * (tl.exp(g_total - gamma) * to_end)[None, :]
+        S = tl.exp(g_total) * keeps * S + tl.dot(k_to_end, u, input_precision=PRECISION)
     tl.store(s_out_ptr + first, S, mask=mask_kv)
 
 
 @triton.jit
 def _output_kernel(
-    q_ptr, k_ptr, g_ptr, states_ptr, u_ptr, o_ptr,
+    q_ptr, k_ptr, g_ptr, starts_ptr, states_ptr, u_ptr, o_ptr,
     T, H, NC, DK, DV, scale,
-    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
 ):
     c = tl.program_id(0)
     row = tl.program_id(1)
@@ -152,14 +178,15 @@ def _output_kernel(
     gamma = tl.cumsum(g, 0)
     q = load_rows(q_ptr, tokens, valid, DK, BK) * scale
     scores = tl.dot(q, load_cols(k_ptr, tokens, valid, DK, BK), input_precision=PRECISION)
-    scores *= decay_matrix(gamma, False, L)
+    same, from_state, _, _ = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
+    scores *= decay_matrix(gamma, same, False, L)
     here, mask_kv = state_offsets(row, c, NC, DK, DV, BK, BV, iv)
     S = tl.load(states_ptr + here, mask=mask_kv, other=0.0)
     offs_v = iv * BV + tl.arange(0, BV)
     mask_u = valid[:, None] & (offs_v < DV)[None, :]
     u_offs = tokens[:, None] * DV + offs_v[None, :]
     u = tl.load(u_ptr + u_offs, mask=mask_u, other=0.0)
-    o = tl.dot(q * tl.exp(gamma)[:, None], S, input_precision=PRECISION)
+    o = tl.dot(q * (tl.exp(gamma) * from_state)[:, None], S, input_precision=PRECISION)
     o += tl.dot(scores, u, input_precision=PRECISION)
     tl.store(o_ptr + u_offs, o.to(o_ptr.dtype.element_ty), mask=mask_u)
 
@@ -174,10 +201,11 @@ def pow2(x: int, floor: int = 16) -> int:
     return max(floor, 1 << max(x - 1, 0).bit_length())
 
 
-def delta_rule_forward(q, k, v, g, beta, S0, scale: float, L: int, cfg):
+def delta_rule_forward(q, k, v, g, beta, S0, starts, scale: float, L: int, cfg):
     """q, k (n, T, H, Dk), v (n, T, H, Dv) contiguous, one dtype; g, beta (n, T, H) float32; S0 (n*H, Dk, Dv)
-    float32; L a power of two; cfg a complete LaunchConfig. Returns o (like v), the final state (n*H, Dk, Dv) and
-    what the backward reads: W, U (n, T, H, D) float32 and the chunk states (n*H, NC, Dk, Dv)."""
+    float32; starts (n, T) int8 document starts or None; L a power of two; cfg a complete LaunchConfig. Returns
+    o (like v), the final state (n*H, Dk, Dv) and what the backward reads: W, U (n, T, H, D) float32 and the chunk
+    states (n*H, NC, Dk, Dv)."""
     n, T, H, Dk = q.shape
     Dv = v.shape[-1]
     NC = triton.cdiv(T, L)
@@ -188,14 +216,17 @@ def delta_rule_forward(q, k, v, g, beta, S0, scale: float, L: int, cfg):
     states = torch.empty(n * H, NC, Dk, Dv, **f32)
     S_T = torch.empty(n * H, Dk, Dv, **f32)
     o = torch.empty_like(v)
-    _wy_kernel[(NC, n * H)](k, v, g, beta, w, u0, T, H, Dk, Dv, L=L, LOG2_L=L.bit_length() - 1, BK=BK, BV=BV,
-                            PRECISION=precision, INVERSE_PRECISION=inverse_precision, num_warps=cfg.warps_wy)
+    documents = dict(HAS_STARTS=starts is not None)
+    starts = g if starts is None else starts  # any tensor when HAS_STARTS is off: never read
+    _wy_kernel[(NC, n * H)](k, v, g, beta, starts, w, u0, T, H, Dk, Dv, L=L, LOG2_L=L.bit_length() - 1, BK=BK,
+                            BV=BV, PRECISION=precision, INVERSE_PRECISION=inverse_precision,
+                            num_warps=cfg.warps_wy, **documents)
     block_v = min(cfg.block_v_states, BV)
     _states_kernel[(triton.cdiv(Dv, block_v), n * H)](
-        k, w, u0, g, S0, states, u, S_T, T, H, NC, Dk, Dv, L=L, BK=BK, BV=block_v, PRECISION=precision,
-        num_warps=cfg.warps_states)
+        k, w, u0, g, starts, S0, states, u, S_T, T, H, NC, Dk, Dv, L=L, BK=BK, BV=block_v, PRECISION=precision,
+        num_warps=cfg.warps_states, **documents)
     block_v = min(cfg.block_v_output, BV)
     _output_kernel[(NC, n * H, triton.cdiv(Dv, block_v))](
-        q, k, g, states, u, o, T, H, NC, Dk, Dv, scale, L=L, BK=BK, BV=block_v, PRECISION=precision,
-        num_warps=cfg.warps_output)
+        q, k, g, starts, states, u, o, T, H, NC, Dk, Dv, scale, L=L, BK=BK, BV=block_v, PRECISION=precision,
+        num_warps=cfg.warps_output, **documents)
     return o, S_T, (w, u, states)

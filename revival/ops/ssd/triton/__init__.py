@@ -1,10 +1,10 @@
 """Triton SSD (Mamba-2) kernels (GPU): chunkwise forward + backward behind a `torch.autograd.Function`, and a decode
 step.
 
-`ssd_triton(x, dt, A, B, C, D, state, chunk_size=64, launch=None)` has the contract of `revival.ops.ssd.ssd` (inputs
-validated, B and C per group (n, T, G, N), no document starts); `ssd_step_triton` is one token of it. Computation in
-float32 (products on tf32 matrix units for 16-bit inputs); y in x's dtype, the state float32. `available()`: Triton
-importable and a CUDA device (or `TRITON_INTERPRET=1` for CPU tests).
+`ssd_triton(x, dt, A, B, C, D, state, chunk_size=64, document_starts=None, launch=None)` has the contract of
+`revival.ops.ssd.ssd` (inputs validated, B and C per group (n, T, G, N)); `ssd_step_triton` is one token of it.
+Computation in float32 (products on tf32 matrix units for 16-bit inputs); y in x's dtype, the state float32.
+`available()`: Triton importable and a CUDA device (or `TRITON_INTERPRET=1` for CPU tests).
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ def kernel_chunk_size(chunk_size: int) -> int:
 
 class _SSD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, S0, L, cfg):
+    def forward(ctx, x, dt, A, B, C, S0, starts, L, cfg):
         from .forward import ssd_forward
 
         n, T, H, P = x.shape
         N = B.shape[-1]
-        y, S_T, states = ssd_forward(x, dt, A, B, C, S0.reshape(n * H, P, N), L, cfg)
+        y, S_T, states = ssd_forward(x, dt, A, B, C, S0.reshape(n * H, P, N), starts, L, cfg)
         if any(ctx.needs_input_grad[:6]):
-            ctx.save_for_backward(x, dt, A, B, C, states)
+            ctx.save_for_backward(x, dt, A, B, C, starts, states)
             ctx.L, ctx.cfg = L, cfg
         return y, S_T.reshape(n, H, P, N)
 
@@ -43,20 +43,22 @@ class _SSD(torch.autograd.Function):
     def backward(ctx, dy, dS_T):
         from .backward import ssd_backward
 
-        x, dt, A, B, C, states = ctx.saved_tensors
+        x, dt, A, B, C, starts, states = ctx.saved_tensors
         n, T, H, P = x.shape
         N = B.shape[-1]
         dy = torch.zeros_like(x) if dy is None else dy.to(x.dtype).contiguous()
         dS_T = (torch.zeros(n * H, P, N, device=x.device) if dS_T is None
                 else dS_T.reshape(n * H, P, N).float().contiguous())
-        dx, ddt, dA, dB, dC, dS0 = ssd_backward(x, dt, A, B, C, states, dy, dS_T, ctx.L, ctx.cfg)
-        return dx, ddt, dA, dB, dC, dS0.reshape(n, H, P, N), None, None
+        dx, ddt, dA, dB, dC, dS0 = ssd_backward(x, dt, A, B, C, starts, states, dy, dS_T, ctx.L, ctx.cfg)
+        return dx, ddt, dA, dB, dC, dS0.reshape(n, H, P, N), None, None, None
 
 
-def ssd_triton(x, dt, A, B, C, D=None, state=None, *, chunk_size: int = 64, launch: LaunchConfig | None = None):
+def ssd_triton(x, dt, A, B, C, D=None, state=None, *, chunk_size: int = 64,
+               document_starts: torch.Tensor | None = None, launch: LaunchConfig | None = None):
     """Chunkwise SSD. x (n, T, H, P); dt (n, T, H); A (H,); B, C (n, T, G, N); D (H,) or None; state (n, H, P, N)
-    or None. Returns y (n, T, H, P) in x's dtype and the final state (n, H, P, N) float32; differentiable in every
-    input and the initial state. `launch` overrides launch settings (`LaunchConfig`)."""
+    or None; document_starts (n, T) bool or None (validated). Returns y (n, T, H, P) in x's dtype and the final
+    state (n, H, P, N) float32; differentiable in every input and the initial state. `launch` overrides launch
+    settings (`LaunchConfig`)."""
     require_triton()
     if x.dtype == torch.float64:
         raise ValueError("x: impl='triton' supports float32/bfloat16/float16 inputs, got float64")
@@ -69,7 +71,8 @@ def ssd_triton(x, dt, A, B, C, D=None, state=None, *, chunk_size: int = 64, laun
     xs, B, C = (t.to(dtype).contiguous() for t in (x, B, C))
     dt, A = dt.float().contiguous(), A.float().contiguous()
     S0 = torch.zeros(n, H, P, N, device=x.device) if state is None else state.float().contiguous()
-    y, S_T = _SSD.apply(xs, dt, A, B, C, S0, kernel_chunk_size(chunk_size), cfg)
+    starts = None if document_starts is None else document_starts.to(torch.int8).contiguous()
+    y, S_T = _SSD.apply(xs, dt, A, B, C, S0, starts, kernel_chunk_size(chunk_size), cfg)
     if D is not None:  # the skip term in PyTorch: one elementwise pass, differentiated by autograd
         y = (y.float() + D.float()[:, None] * xs.float()).to(dtype)
     return y, S_T

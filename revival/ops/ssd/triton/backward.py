@@ -19,14 +19,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .forward import chunk_tokens, load_cols, load_decay, load_rows, pow2, precision, state_tile
+from .forward import chunk_tokens, document_masks, load_cols, load_decay, load_rows, pow2, precision, state_tile
 
 
 @triton.jit
 def _dstates_kernel(
-    dy_ptr, dt_ptr, A_ptr, c_ptr, ds_last_ptr, dstates_ptr, ds0_ptr,
+    dy_ptr, dt_ptr, A_ptr, c_ptr, starts_ptr, ds_last_ptr, dstates_ptr, ds0_ptr,
     T, H, G, NC, P, N,
-    L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr,
+    L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
 ):
     ip = tl.program_id(0)
     row = tl.program_id(1)
@@ -38,27 +38,30 @@ def _dstates_kernel(
         tl.store(dstates_ptr + here, dS, mask=mask)
         tokens, group_tokens, valid = chunk_tokens(row, c, T, H, G, L)
         _, a, a_total = load_decay(dt_ptr, A_ptr, row, H, tokens, valid)
-        dyT = load_cols(dy_ptr, tokens, valid, P, BP, ip * BP) * tl.exp(a)[None, :]
-        dS = tl.exp(a_total) * dS + tl.dot(dyT, load_rows(c_ptr, group_tokens, valid, N, BN, 0),
+        _, from_state, _, keeps = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
+        dyT = load_cols(dy_ptr, tokens, valid, P, BP, ip * BP) * (tl.exp(a) * from_state)[None, :]
+        dS = tl.exp(a_total) * keeps * dS + tl.dot(dyT, load_rows(c_ptr, group_tokens, valid, N, BN, 0),
                                            input_precision=PRECISION)
     tl.store(ds0_ptr + first, dS, mask=mask)
 
 
 @triton.jit
 def _grads_kernel(
-    x_ptr, dt_ptr, A_ptr, b_ptr, c_ptr, states_ptr, dstates_ptr, dy_ptr,
+    x_ptr, dt_ptr, A_ptr, b_ptr, c_ptr, starts_ptr, states_ptr, dstates_ptr, dy_ptr,
     dx_ptr, ddt_ptr, db_ptr, dc_ptr, da_ptr,
     T, H, G, NC, P, N,
-    L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr,
+    L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
 ):
     c = tl.program_id(0)
     row = tl.program_id(1)
     tokens, group_tokens, valid = chunk_tokens(row, c, T, H, G, L)
     dt, a, a_total = load_decay(dt_ptr, A_ptr, row, H, tokens, valid)
     offs = tl.arange(0, L)
-    causal = offs[:, None] >= offs[None, :]
+    same, from_state, to_end_mask, keeps = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
+    causal = (offs[:, None] >= offs[None, :]) & same
     decay = tl.exp(tl.where(causal, a[:, None] - a[None, :], float("-inf")))  # [t, s]
-    decay_T = tl.exp(tl.where(offs[None, :] >= offs[:, None], a[None, :] - a[:, None], float("-inf")))  # [s, t]
+    causal_T = (offs[None, :] >= offs[:, None]) & same
+    decay_T = tl.exp(tl.where(causal_T, a[None, :] - a[:, None], float("-inf")))  # [s, t]
     x = load_rows(x_ptr, tokens, valid, P, BP, 0)
     dy = load_rows(dy_ptr, tokens, valid, P, BP, 0)
     Bm = load_rows(b_ptr, group_tokens, valid, N, BN, 0)
@@ -74,22 +77,23 @@ def _grads_kernel(
     x_dy = tl.dot(x, load_cols(dy_ptr, tokens, valid, P, BP, 0), input_precision=PRECISION)  # [s, t]
     C_B = tl.dot(Cm, load_cols(b_ptr, group_tokens, valid, N, BN, 0), input_precision=PRECISION)  # [t, s]
     B_C = tl.dot(Bm, load_cols(c_ptr, group_tokens, valid, N, BN, 0), input_precision=PRECISION)  # [s, t]
-    to_end = tl.exp(a_total - a) * dt
+    to_end = tl.exp(a_total - a) * dt * to_end_mask
+    from_start = tl.exp(a) * from_state
 
     dx = tl.dot(decay_T * B_C * dt[:, None], dy, input_precision=PRECISION)
     dx += to_end[:, None] * tl.dot(Bm, dS_end_T, input_precision=PRECISION)
     dC = tl.dot(decay * dy_x * dt[None, :], Bm, input_precision=PRECISION)
-    dC += tl.exp(a)[:, None] * tl.dot(dy, S, input_precision=PRECISION)
+    dC += from_start[:, None] * tl.dot(dy, S, input_precision=PRECISION)
     x_dS = tl.dot(x, dS_end, input_precision=PRECISION)
     dB = tl.dot(decay_T * x_dy * dt[:, None], Cm, input_precision=PRECISION) + to_end[:, None] * x_dS
 
     pairs = decay * C_B * dy_x  # d(loss)/d(dt_s) of the scores, per (t, s)
     r = tl.sum(Bm * x_dS, 1)  # x_s . dS' B_s
-    ddt = tl.sum(pairs, 0) + tl.exp(a_total - a) * r
+    ddt = tl.sum(pairs, 0) + tl.exp(a_total - a) * to_end_mask * r
     pairs *= dt[None, :]  # now d(loss)/d(a_t - a_s)
-    y_from_state = tl.exp(a)[:, None] * tl.dot(Cm, S_T, input_precision=PRECISION)
+    y_from_state = from_start[:, None] * tl.dot(Cm, S_T, input_precision=PRECISION)
     da_point = tl.sum(pairs, 1) - tl.sum(pairs, 0) + tl.sum(dy * y_from_state, 1) - to_end * r
-    da_total = tl.exp(a_total) * tl.sum(tl.sum(S * dS_end, 1), 0) + tl.sum(to_end * r, 0)
+    da_total = tl.exp(a_total) * keeps * tl.sum(tl.sum(S * dS_end, 1), 0) + tl.sum(to_end * r, 0)
     da_point += tl.where(offs == L - 1, da_total, 0.0)
     da = tl.cumsum(da_point, 0, reverse=True)
     ddt += tl.load(A_ptr + row % H) * da
@@ -104,7 +108,7 @@ def _grads_kernel(
     tl.store(ddt_ptr + tokens, ddt, mask=valid)
 
 
-def ssd_backward(x, dt, A, B, C, states, dy, dS_T, L: int, cfg):
+def ssd_backward(x, dt, A, B, C, starts, states, dy, dS_T, L: int, cfg):
     """Gradients of ssd_forward's (y, final state) with respect to x, dt, A, B, C and the initial state."""
     n, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
@@ -113,17 +117,19 @@ def ssd_backward(x, dt, A, B, C, states, dy, dS_T, L: int, cfg):
     f32 = dict(device=x.device, dtype=torch.float32)
     dstates = torch.empty(n * H, NC, P, N, **f32)
     dS0 = torch.empty(n * H, P, N, **f32)
+    documents = dict(HAS_STARTS=starts is not None)
+    starts = dt if starts is None else starts  # any tensor when HAS_STARTS is off: never read
     block_p = min(cfg.block_p_dstates, BP)
     _dstates_kernel[(triton.cdiv(P, block_p), n * H)](
-        dy, dt, A, C, dS_T, dstates, dS0, T, H, G, NC, P, N, L=L, BP=block_p, BN=BN,
-        PRECISION=precision(x.dtype), num_warps=cfg.warps_dstates)
+        dy, dt, A, C, starts, dS_T, dstates, dS0, T, H, G, NC, P, N, L=L, BP=block_p, BN=BN,
+        PRECISION=precision(x.dtype), num_warps=cfg.warps_dstates, **documents)
     dx = torch.empty_like(x)
     ddt = torch.empty(n, T, H, **f32)
     dB_heads, dC_heads = torch.empty(n, T, H, N, **f32), torch.empty(n, T, H, N, **f32)
     dA_chunks = torch.empty(n * H, NC, **f32)
     _grads_kernel[(NC, n * H)](
-        x, dt, A, B, C, states, dstates, dy, dx, ddt, dB_heads, dC_heads, dA_chunks, T, H, G, NC, P, N,
-        L=L, BP=BP, BN=BN, PRECISION=precision(x.dtype), num_warps=cfg.warps_grads)
+        x, dt, A, B, C, starts, states, dstates, dy, dx, ddt, dB_heads, dC_heads, dA_chunks, T, H, G, NC, P, N,
+        L=L, BP=BP, BN=BN, PRECISION=precision(x.dtype), num_warps=cfg.warps_grads, **documents)
     dB = dB_heads.reshape(n, T, G, H // G, N).sum(3).to(B.dtype)
     dC = dC_heads.reshape(n, T, G, H // G, N).sum(3).to(C.dtype)
     dA = dA_chunks.reshape(n, H, NC).sum((0, 2))

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ...delta_rule.triton.forward import document_masks
+
 
 @triton.jit
 def chunk_tokens(row, c, T, H, G, L: tl.constexpr):
@@ -54,10 +56,10 @@ def load_decay(dt_ptr, A_ptr, row, H, tokens, valid):
 
 
 @triton.jit
-def decay_matrix(a, L: tl.constexpr):
-    """exp(a_t - a_s) for s <= t, else 0; (L_t, L_s)."""
+def decay_matrix(a, same, L: tl.constexpr):
+    """exp(a_t - a_s) for s <= t within one document (`same`), else 0; (L_t, L_s)."""
     offs = tl.arange(0, L)
-    return tl.exp(tl.where(offs[:, None] >= offs[None, :], a[:, None] - a[None, :], float("-inf")))
+    return tl.exp(tl.where((offs[:, None] >= offs[None, :]) & same, a[:, None] - a[None, :], float("-inf")))
 
 
 @triton.jit
@@ -74,9 +76,9 @@ def state_tile(row, c, NC, P, N, BP: tl.constexpr, BN: tl.constexpr, ip, TRANSPO
 
 @triton.jit
 def _states_kernel(
-    x_ptr, dt_ptr, A_ptr, b_ptr, s0_ptr, states_ptr, s_out_ptr,
+    x_ptr, dt_ptr, A_ptr, b_ptr, starts_ptr, s0_ptr, states_ptr, s_out_ptr,
     T, H, G, NC, P, N,
-    L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr,
+    L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
 ):
     ip = tl.program_id(0)
     row = tl.program_id(1)
@@ -87,17 +89,18 @@ def _states_kernel(
         tl.store(states_ptr + here, S, mask=mask)
         tokens, group_tokens, valid = chunk_tokens(row, c, T, H, G, L)
         dt, a, a_total = load_decay(dt_ptr, A_ptr, row, H, tokens, valid)
-        xT = load_cols(x_ptr, tokens, valid, P, BP, ip * BP) * (tl.exp(a_total - a) * dt)[None, :]
+        _, _, to_end, keeps = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
+        xT = load_cols(x_ptr, tokens, valid, P, BP, ip * BP) * (tl.exp(a_total - a) * dt * to_end)[None, :]
         Bm = load_rows(b_ptr, group_tokens, valid, N, BN, 0)
-        S = tl.exp(a_total) * S + tl.dot(xT, Bm, input_precision=PRECISION)
+        S = tl.exp(a_total) * keeps * S + tl.dot(xT, Bm, input_precision=PRECISION)
     tl.store(s_out_ptr + first, S, mask=mask)
 
 
 @triton.jit
 def _output_kernel(
-    x_ptr, dt_ptr, A_ptr, b_ptr, c_ptr, states_ptr, y_ptr,
+    x_ptr, dt_ptr, A_ptr, b_ptr, c_ptr, starts_ptr, states_ptr, y_ptr,
     T, H, G, NC, P, N,
-    L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr,
+    L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
 ):
     c = tl.program_id(0)
     row = tl.program_id(1)
@@ -106,11 +109,12 @@ def _output_kernel(
     dt, a, _ = load_decay(dt_ptr, A_ptr, row, H, tokens, valid)
     Cm = load_rows(c_ptr, group_tokens, valid, N, BN, 0)
     scores = tl.dot(Cm, load_cols(b_ptr, group_tokens, valid, N, BN, 0), input_precision=PRECISION)
-    scores *= decay_matrix(a, L) * dt[None, :]
+    same, from_state, _, _ = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
+    scores *= decay_matrix(a, same, L) * dt[None, :]
     here, mask = state_tile(row, c, NC, P, N, BP, BN, ip, True)
     ST = tl.load(states_ptr + here, mask=mask, other=0.0)
     y = tl.dot(scores, load_rows(x_ptr, tokens, valid, P, BP, ip * BP), input_precision=PRECISION)
-    y += tl.exp(a)[:, None] * tl.dot(Cm, ST, input_precision=PRECISION)
+    y += (tl.exp(a) * from_state)[:, None] * tl.dot(Cm, ST, input_precision=PRECISION)
     offs_p = ip * BP + tl.arange(0, BP)
     tl.store(y_ptr + tokens[:, None] * P + offs_p[None, :], y.to(y_ptr.dtype.element_ty),
              mask=valid[:, None] & (offs_p < P)[None, :])
@@ -125,10 +129,10 @@ def pow2(x: int, floor: int = 16) -> int:
     return max(floor, 1 << max(x - 1, 0).bit_length())
 
 
-def ssd_forward(x, dt, A, B, C, S0, L: int, cfg):
+def ssd_forward(x, dt, A, B, C, S0, starts, L: int, cfg):
     """x (n, T, H, P), B, C (n, T, G, N) contiguous, one dtype; dt (n, T, H), A (H,) float32; S0 (n*H, P, N)
-    float32; L a power of two; cfg a complete LaunchConfig. Returns y (like x, without D), the final state
-    (n*H, P, N) and the chunk states (n*H, NC, P, N) for the backward."""
+    float32; starts (n, T) int8 document starts or None; L a power of two; cfg a complete LaunchConfig. Returns
+    y (like x, without D), the final state (n*H, P, N) and the chunk states (n*H, NC, P, N) for the backward."""
     n, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     NC = triton.cdiv(T, L)
@@ -136,12 +140,14 @@ def ssd_forward(x, dt, A, B, C, S0, L: int, cfg):
     states = torch.empty(n * H, NC, P, N, device=x.device, dtype=torch.float32)
     S_T = torch.empty(n * H, P, N, device=x.device, dtype=torch.float32)
     y = torch.empty_like(x)
+    documents = dict(HAS_STARTS=starts is not None)
+    starts = dt if starts is None else starts  # any tensor when HAS_STARTS is off: never read
     block_p = min(cfg.block_p_states, BP)
     _states_kernel[(triton.cdiv(P, block_p), n * H)](
-        x, dt, A, B, S0, states, S_T, T, H, G, NC, P, N, L=L, BP=block_p, BN=BN, PRECISION=precision(x.dtype),
-        num_warps=cfg.warps_states)
+        x, dt, A, B, starts, S0, states, S_T, T, H, G, NC, P, N, L=L, BP=block_p, BN=BN,
+        PRECISION=precision(x.dtype), num_warps=cfg.warps_states, **documents)
     block_p = min(cfg.block_p_output, BP)
     _output_kernel[(NC, n * H, triton.cdiv(P, block_p))](
-        x, dt, A, B, C, states, y, T, H, G, NC, P, N, L=L, BP=block_p, BN=BN, PRECISION=precision(x.dtype),
-        num_warps=cfg.warps_output)
+        x, dt, A, B, C, starts, states, y, T, H, G, NC, P, N, L=L, BP=block_p, BN=BN,
+        PRECISION=precision(x.dtype), num_warps=cfg.warps_output, **documents)
     return y, S_T, states
