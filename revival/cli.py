@@ -1,7 +1,8 @@
 """The `revival` command: train, eval, generate, demo, bench (`revival COMMAND --help` for each; docs/cli.md).
 
     revival train --config configs/xlstm-tiny.yaml [section.key=value ...] [--resume | --overwrite] [--force]
-    revival eval RUN_OR_MODEL_DIR [--split validation|test] [--corpus NAME_OR_PATH]
+    revival eval RUN_OR_MODEL_DIR [--split validation|test] [--corpus NAME_OR_PATH] [--extrapolate 1x,2x,4x]
+    revival eval task mqar|parity|... [--models xlstm[1:1],llama] [--size tiny|paper]
     revival generate RUN_OR_MODEL_DIR --prompt "def " [--max-new-tokens N] [--temperature T] [--stream]
     revival demo [--models xlstm,llama] [--minutes M]
     revival bench train|prefill|decode [--presets ...] [--contexts 2k,8k] [--size tiny|125m|1.3b] [--out DIR]
@@ -34,6 +35,7 @@ EXIT_INTERRUPTED = 130
 SUBCOMMANDS = (
     "revival.train.cli",
     "revival.train.eval_cli",
+    "revival.eval.cli",
     "revival.generate.cli",
     "revival.demo",
     "revival.bench.cli",
@@ -84,9 +86,18 @@ def _debug_requested(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "debug", False)) or os.environ.get("REVIVAL_DEBUG", "") not in ("", "0")
 
 
+def _join_two_word_command(argv: list[str], names) -> list[str]:
+    """`revival eval task ...` -> the command named "eval task" (argparse takes one word per command name)."""
+    first = next((i for i, word in enumerate(argv) if not word.startswith("-")), None)
+    if first is not None and first + 1 < len(argv) and f"{argv[first]} {argv[first + 1]}" in names:
+        return [*argv[:first], f"{argv[first]} {argv[first + 1]}", *argv[first + 2 :]]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    args = parser.parse_args(_join_two_word_command(list(sys.argv[1:] if argv is None else argv), commands.choices))
     from .train.trainer import TrainingStopped
 
     try:
