@@ -11,6 +11,7 @@ from .._documents import check_document_starts
 from .._triton import available as _triton_available
 from .chunkwise import mlstm_chunkwise
 from .reference import MLSTMState, mlstm_parallel, mlstm_recurrent, mlstm_step_reference
+from .resets import resets_as_gates
 from .triton.config import PRECISIONS, LaunchConfig, check_settings
 
 __all__ = ["mlstm", "mlstm_step", "MLSTMState", "IMPLS", "PRECISIONS", "LaunchConfig"]
@@ -96,8 +97,8 @@ def mlstm(
     n (B, H, Dk), m (B, H)) or None for zeros. Returns h (B, H, T, Dv) in q's dtype and the final state (float32,
     or float64 for float64 inputs). `impl`: "auto" | "recurrent" | "parallel" | "chunkwise" | "triton".
     document_starts: (B, T) bool or None; the state (C, n, m) is zero before each start, so a packed row equals
-    separate calls per document (revival/ops/_documents.py). "auto" runs such rows on "chunkwise" (the Triton
-    kernels take no document starts yet).
+    separate calls per document (revival/ops/_documents.py). The Triton kernels take them as gate and key values at
+    the starts (`resets.py`: exact stabilizer, ~1e-6 relative float32 rounding).
     The Triton kernels' settings (other impls ignore them): `precision`, one of PRECISIONS, for 16-bit inputs ("auto":
     split products and float32 chunk states only when the initial state needs a gradient; docs/kernels.md), and
     `launch`, a `LaunchConfig` overriding block sizes / warps (None: shape-keyed defaults).
@@ -107,10 +108,6 @@ def mlstm(
     check_settings(precision, launch)
     B, H, T, Dk = q.shape
     document_starts = check_document_starts(document_starts, B, T, q.device)
-    if document_starts is not None and impl == "auto":
-        impl = "chunkwise"
-    if document_starts is not None and impl == "triton":
-        raise ValueError("document_starts: impl='triton' takes no document starts yet; use 'auto' or 'chunkwise'")
     impl = _resolve_impl(impl, q.device, q.dtype, q.shape[-1], v.shape[-1])
     dtype = compute_dtype(q)
     zero_state = state is None
@@ -118,6 +115,8 @@ def mlstm(
     if impl == "triton":
         from .triton import mlstm_triton
 
+        if document_starts is not None:
+            k, i, f, state = resets_as_gates(k, i, f, state, document_starts)
         return mlstm_triton(q, k, v, i, f, state, chunk_size=chunk_size, eps=eps, precision=precision, launch=launch)
     args = [x.to(dtype) for x in (q, k, v, i, f)]
     if impl == "recurrent":
