@@ -95,6 +95,7 @@ def _grads_kernel(
     same, from_state, to_end, keeps = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
     from_start = tl.exp(gamma) * from_state  # how the entering state reaches each token
 
+    # tiles are loaded next to their first use, so that fewer (L, D) and (D, D) tiles are live at once
     q = load_rows(q_ptr, tokens, valid, DK, BK) * scale
     k = load_rows(k_ptr, tokens, valid, DK, BK)
     kT = load_cols(k_ptr, tokens, valid, DK, BK)
@@ -103,29 +104,33 @@ def _grads_kernel(
     du = load_rows(du_ptr, tokens, valid, DV, BV)
     here, mask_kv = state_offsets(row, c, NC, DK, DV, BK, BV, 0)
     offs_k, offs_v = tl.arange(0, BK), tl.arange(0, BV)
+    mask_k = valid[:, None] & (offs_k < DK)[None, :]
+    mask_v = valid[:, None] & (offs_v < DV)[None, :]
     base = (row.to(tl.int64) * NC + c) * DK * DV
     here_T = base + offs_k[None, :] * DV + offs_v[:, None]
     mask_T = (offs_v < DV)[:, None] & (offs_k < DK)[None, :]
     S_T = tl.load(states_ptr + here_T, mask=mask_T, other=0.0)  # (BV, BK)
-    dS_end = tl.load(dstates_ptr + here, mask=mask_kv, other=0.0)
-    dS_end_T = tl.load(dstates_ptr + here_T, mask=mask_T, other=0.0)
+    dq_state = from_start[:, None] * tl.dot(do, S_T, input_precision=PRECISION)
+    dw = -tl.dot(du, S_T, input_precision=PRECISION)  # U = U0 - W S
 
     # through the outputs O = diag(exp(gamma)) Q S + (causal decay * Q K^T) U
     decay = decay_matrix(gamma, same, False, L)
-    dq_state = from_start[:, None] * tl.dot(do, S_T, input_precision=PRECISION)
     do_u = tl.dot(do, load_cols(u_ptr, tokens, valid, DV, BV), input_precision=PRECISION)  # [t, s]
     dq = dq_state + tl.dot(decay * do_u, k, input_precision=PRECISION)
-    u_do = tl.dot(u, load_cols(do_ptr, tokens, valid, DV, BV), input_precision=PRECISION)  # [s, t]
-    dk = tl.dot(_upper_decay(gamma, same, False, L) * u_do, q, input_precision=PRECISION)
+    tl.store(dq_ptr + tokens[:, None] * DK + offs_k[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask_k)
     pairs = decay * do_u * tl.dot(q, kT, input_precision=PRECISION)  # d(loss)/d(gamma_t - gamma_s)
     dgamma = tl.sum(q * dq_state, 1) + tl.sum(pairs, 1) - tl.sum(pairs, 0)
+    u_do = tl.dot(u, load_cols(do_ptr, tokens, valid, DV, BV), input_precision=PRECISION)  # [s, t]
+    dk = tl.dot(_upper_decay(gamma, same, False, L) * u_do, q, input_precision=PRECISION)
 
     # through the end state S' = exp(gamma_L) S + (exp(gamma_L - gamma) K)^T U
+    dS_end_T = tl.load(dstates_ptr + here_T, mask=mask_T, other=0.0)
     dk_end = (tl.exp(g_total - gamma) * to_end)[:, None] * tl.dot(u, dS_end_T, input_precision=PRECISION)
     dk += dk_end
     r = tl.sum(k * dk_end, 1)
-    S = tl.load(states_ptr + here, mask=mask_kv, other=0.0)
-    dgamma_total = tl.exp(g_total) * keeps * tl.sum(tl.sum(S * dS_end, 1), 0) + tl.sum(r, 0)
+    S_dS = tl.sum(tl.sum(tl.load(states_ptr + here, mask=mask_kv, other=0.0) *
+                         tl.load(dstates_ptr + here, mask=mask_kv, other=0.0), 1), 0)
+    dgamma_total = tl.exp(g_total) * keeps * S_dS + tl.sum(r, 0)
     dgamma += tl.where(offs == L - 1, dgamma_total, 0.0) - r
 
     # through U = T diag(beta) V - T diag(beta exp(gamma)) K S, T = (I + M)^-1
@@ -134,7 +139,6 @@ def _grads_kernel(
     kk = tl.dot(k, kT, input_precision=PRECISION)  # symmetric
     inverse = unit_triangular_inverse(beta[:, None] * decay_strict * kk, L, LOG2_L, INVERSE_PRECISION)
     inverse_T = unit_triangular_inverse(beta[None, :] * decay_strict_T * kk, L, LOG2_L, INVERSE_PRECISION)
-    dw = -tl.dot(du, S_T, input_precision=PRECISION)
     dv_tilde = tl.dot(inverse_T, du, input_precision=PRECISION)
     dk_tilde = tl.dot(inverse_T, dw, input_precision=PRECISION)
     v = load_rows(v_ptr, tokens, valid, DV, BV)
@@ -157,9 +161,6 @@ def _grads_kernel(
     dk += tl.dot(beta[None, :] * dM_T * decay_strict_T, k, input_precision=PRECISION)
 
     dg = tl.cumsum(dgamma, 0, reverse=True)
-    mask_k = valid[:, None] & (offs_k < DK)[None, :]
-    mask_v = valid[:, None] & (offs_v < DV)[None, :]
-    tl.store(dq_ptr + tokens[:, None] * DK + offs_k[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask_k)
     tl.store(dk_ptr + tokens[:, None] * DK + offs_k[None, :], dk.to(dk_ptr.dtype.element_ty), mask=mask_k)
     tl.store(dv_ptr + tokens[:, None] * DV + offs_v[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask_v)
     tl.store(dg_ptr + tokens, dg, mask=valid)

@@ -62,49 +62,51 @@ def _grads_kernel(
     decay = tl.exp(tl.where(causal, a[:, None] - a[None, :], float("-inf")))  # [t, s]
     causal_T = (offs[None, :] >= offs[:, None]) & same
     decay_T = tl.exp(tl.where(causal_T, a[None, :] - a[:, None], float("-inf")))  # [s, t]
+    # tiles are loaded next to their first use, so that fewer (L, P), (L, N) and (P, N) tiles are live at once
     x = load_rows(x_ptr, tokens, valid, P, BP, 0)
     dy = load_rows(dy_ptr, tokens, valid, P, BP, 0)
     Bm = load_rows(b_ptr, group_tokens, valid, N, BN, 0)
     Cm = load_rows(c_ptr, group_tokens, valid, N, BN, 0)
     here, mask = state_tile(row, c, NC, P, N, BP, BN, 0, False)
     here_T, mask_T = state_tile(row, c, NC, P, N, BP, BN, 0, True)
-    S = tl.load(states_ptr + here, mask=mask, other=0.0)
-    S_T = tl.load(states_ptr + here_T, mask=mask_T, other=0.0)
-    dS_end = tl.load(dstates_ptr + here, mask=mask, other=0.0)
-    dS_end_T = tl.load(dstates_ptr + here_T, mask=mask_T, other=0.0)
-
-    dy_x = tl.dot(dy, load_cols(x_ptr, tokens, valid, P, BP, 0), input_precision=PRECISION)  # [t, s]
-    x_dy = tl.dot(x, load_cols(dy_ptr, tokens, valid, P, BP, 0), input_precision=PRECISION)  # [s, t]
-    C_B = tl.dot(Cm, load_cols(b_ptr, group_tokens, valid, N, BN, 0), input_precision=PRECISION)  # [t, s]
-    B_C = tl.dot(Bm, load_cols(c_ptr, group_tokens, valid, N, BN, 0), input_precision=PRECISION)  # [s, t]
+    offs_p, offs_n = tl.arange(0, BP), tl.arange(0, BN)
+    mask_p = valid[:, None] & (offs_p < P)[None, :]
+    mask_n = valid[:, None] & (offs_n < N)[None, :]
     to_end = tl.exp(a_total - a) * dt * to_end_mask
     from_start = tl.exp(a) * from_state
 
+    B_C = tl.dot(Bm, load_cols(c_ptr, group_tokens, valid, N, BN, 0), input_precision=PRECISION)  # [s, t]
     dx = tl.dot(decay_T * B_C * dt[:, None], dy, input_precision=PRECISION)
+    dS_end_T = tl.load(dstates_ptr + here_T, mask=mask_T, other=0.0)
     dx += to_end[:, None] * tl.dot(Bm, dS_end_T, input_precision=PRECISION)
-    dC = tl.dot(decay * dy_x * dt[None, :], Bm, input_precision=PRECISION)
-    dC += from_start[:, None] * tl.dot(dy, S, input_precision=PRECISION)
-    x_dS = tl.dot(x, dS_end, input_precision=PRECISION)
-    dB = tl.dot(decay_T * x_dy * dt[:, None], Cm, input_precision=PRECISION) + to_end[:, None] * x_dS
+    tl.store(dx_ptr + tokens[:, None] * P + offs_p[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask_p)
 
+    dy_x = tl.dot(dy, load_cols(x_ptr, tokens, valid, P, BP, 0), input_precision=PRECISION)  # [t, s]
+    dC = tl.dot(decay * dy_x * dt[None, :], Bm, input_precision=PRECISION)
+    S = tl.load(states_ptr + here, mask=mask, other=0.0)
+    dC += from_start[:, None] * tl.dot(dy, S, input_precision=PRECISION)
+    tl.store(dc_ptr + tokens[:, None] * N + offs_n[None, :], dC, mask=mask_n)
+    S_T = tl.load(states_ptr + here_T, mask=mask_T, other=0.0)
+    y_from_state = from_start[:, None] * tl.dot(Cm, S_T, input_precision=PRECISION)
+    da_point = tl.sum(dy * y_from_state, 1)
+
+    dS_end = tl.load(dstates_ptr + here, mask=mask, other=0.0)
+    x_dS = tl.dot(x, dS_end, input_precision=PRECISION)
+    x_dy = tl.dot(x, load_cols(dy_ptr, tokens, valid, P, BP, 0), input_precision=PRECISION)  # [s, t]
+    dB = tl.dot(decay_T * x_dy * dt[:, None], Cm, input_precision=PRECISION) + to_end[:, None] * x_dS
+    tl.store(db_ptr + tokens[:, None] * N + offs_n[None, :], dB, mask=mask_n)
+
+    C_B = tl.dot(Cm, load_cols(b_ptr, group_tokens, valid, N, BN, 0), input_precision=PRECISION)  # [t, s]
     pairs = decay * C_B * dy_x  # d(loss)/d(dt_s) of the scores, per (t, s)
     r = tl.sum(Bm * x_dS, 1)  # x_s . dS' B_s
     ddt = tl.sum(pairs, 0) + tl.exp(a_total - a) * to_end_mask * r
     pairs *= dt[None, :]  # now d(loss)/d(a_t - a_s)
-    y_from_state = from_start[:, None] * tl.dot(Cm, S_T, input_precision=PRECISION)
-    da_point = tl.sum(pairs, 1) - tl.sum(pairs, 0) + tl.sum(dy * y_from_state, 1) - to_end * r
+    da_point += tl.sum(pairs, 1) - tl.sum(pairs, 0) - to_end * r
     da_total = tl.exp(a_total) * keeps * tl.sum(tl.sum(S * dS_end, 1), 0) + tl.sum(to_end * r, 0)
     da_point += tl.where(offs == L - 1, da_total, 0.0)
     da = tl.cumsum(da_point, 0, reverse=True)
     ddt += tl.load(A_ptr + row % H) * da
     tl.store(da_ptr + row.to(tl.int64) * NC + c, tl.sum(dt * da, 0))
-
-    offs_p, offs_n = tl.arange(0, BP), tl.arange(0, BN)
-    mask_p = valid[:, None] & (offs_p < P)[None, :]
-    mask_n = valid[:, None] & (offs_n < N)[None, :]
-    tl.store(dx_ptr + tokens[:, None] * P + offs_p[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask_p)
-    tl.store(db_ptr + tokens[:, None] * N + offs_n[None, :], dB, mask=mask_n)
-    tl.store(dc_ptr + tokens[:, None] * N + offs_n[None, :], dC, mask=mask_n)
     tl.store(ddt_ptr + tokens, ddt, mask=valid)
 
 
