@@ -34,6 +34,12 @@ def add_arguments(subparsers) -> argparse.ArgumentParser:
                           help="stop after the document that reaches this many tokens")
     evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evaluate.add_argument("--extrapolate", default=None, metavar="1x,2x,4x,...",
+                          help="instead: loss by position and by context length up to these multiples of the context "
+                          "(revival.eval.extrapolate; JSON + PNG under --out)")
+    evaluate.add_argument("--sequences", type=positive_int, default=8,
+                          help="--extrapolate: rows of the split to read (default: 8)")
+    evaluate.add_argument("--out", default="runs/extrapolate", help="--extrapolate: output folder")
     evaluate.set_defaults(handler=run)
     return evaluate
 
@@ -43,6 +49,10 @@ def run(args: argparse.Namespace) -> int:
     from .checkpoint import load_for_inference
     from .trainer import evaluate
 
+    if args.extrapolate is not None:
+        from ..eval.extrapolate import run_extrapolation
+
+        return run_extrapolation(args)
     model, tokenizer, directory, run_config = load_for_inference(args.checkpoint, args.device)
     data = run_config.get("data") or {}
     corpus_name = args.corpus or data.get("corpus") or "stdlib"

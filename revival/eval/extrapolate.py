@@ -1,0 +1,199 @@
+"""Length extrapolation: the loss at and beyond the training context, per position (`revival eval CKPT --extrapolate`).
+
+    result = extrapolate(model, sequences, train_context=256, multipliers=[1, 2, 4, 8, 16])
+
+`sequences` (N, L + 1) are token rows of at least max(multipliers) * train_context + 1 tokens. Modes:
+
+    carried   one pass over each row in segments of `train_context` tokens, the state carried from segment to
+              segment: every token sees its whole prefix. For a recurrent model this is how it runs on long inputs;
+              for attention it is full context, RoPE positions beyond the trained ones (the KV cache grows).
+    window    (models with attention) each token is scored from a window of the last train_context // 2 to
+              train_context - 1 tokens, read from a fresh state (stride train_context // 2, as `revival eval`
+              scores attention models): positions never exceed the trained ones.
+
+`loss_by_length[m]`: the mean next-token loss over the first m * train_context targets of each row, i.e. the loss of
+the model run on a context of m times its training context. `ratio_to_1x[m]` = loss_by_length[m] / loss_by_length[1].
+`loss_by_position`: the mean loss in bins of train_context // 4 positions (the curve of the plot).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from ..train.trainer import uses_attention
+
+__all__ = ["extrapolate", "parse_multipliers", "plot_extrapolation", "position_losses", "window_position_losses"]
+
+
+def parse_multipliers(text: str) -> list[int]:
+    """'1x,2x,4x' (or '1,2,4') -> [1, 2, 4], sorted; UserError naming --extrapolate otherwise."""
+    values = []
+    for item in text.split(","):
+        item = item.strip().lower().removesuffix("x")
+        if not item.isdigit() or int(item) < 1:
+            raise UserError(f"--extrapolate: expected multipliers of the training context such as 1x,2x,4x,8x, got "
+                            f"{text!r}")
+        values.append(int(item))
+    return sorted(set(values))
+
+
+@torch.no_grad()
+def position_losses(model, sequences: torch.Tensor, segment: int, autocast=contextlib.nullcontext) -> torch.Tensor:
+    """(L,) mean NLL over the rows of predicting sequences[:, t + 1] from sequences[:, : t + 1], read in segments of
+    `segment` tokens with the state carried."""
+    inputs, targets = sequences[:, :-1], sequences[:, 1:]
+    state, losses = None, []
+    for start in range(0, inputs.shape[1], segment):
+        with autocast():
+            logits, state = model(inputs[:, start : start + segment], state)
+        nll = F.cross_entropy(logits.float().transpose(1, 2), targets[:, start : start + segment], reduction="none")
+        losses.append(nll.mean(0))
+    return torch.cat(losses).cpu()
+
+
+@torch.no_grad()
+def window_position_losses(model, sequences: torch.Tensor, context: int,
+                           autocast=contextlib.nullcontext) -> torch.Tensor:
+    """(L,) as `position_losses`, each target scored from at most `context - 1` preceding tokens: windows of
+    `context` tokens advanced by context // 2, each from a fresh state (the first window scores all its targets)."""
+    n = sequences.shape[1] - 1
+    stride = max(1, context // 2)
+    losses = torch.empty(n)
+    for start in range(0, n, stride):
+        end = min(start + stride, n)  # score targets start + 1 .. end (positions start .. end - 1)
+        begin = max(0, end - context)
+        with autocast():
+            logits, _ = model(sequences[:, begin:end])
+        scored = end - start
+        nll = F.cross_entropy(logits[:, -scored:].float().transpose(1, 2), sequences[:, start + 1 : end + 1],
+                              reduction="none")
+        losses[start:end] = nll.mean(0).cpu()
+    return losses
+
+
+def _summary(losses: torch.Tensor, train_context: int, multipliers: list[int]) -> dict[str, Any]:
+    by_length = {f"{m}x": float(losses[: m * train_context].mean()) for m in multipliers}
+    base = by_length[f"{multipliers[0]}x"] if multipliers[0] == 1 else None
+    bin_size = max(1, train_context // 4)
+    bins = [(start, min(start + bin_size, losses.numel())) for start in range(0, losses.numel(), bin_size)]
+    return {"loss_by_length": by_length,
+            "ratio_to_1x": {key: value / base for key, value in by_length.items()} if base else None,
+            "position_bins": [[start, end] for start, end in bins],
+            "loss_by_position": [float(losses[start:end].mean()) for start, end in bins]}
+
+
+def extrapolate(model, sequences: torch.Tensor, train_context: int, multipliers: list[int],
+                autocast=contextlib.nullcontext) -> dict[str, Any]:
+    """The JSON-ready result of the module docstring for `model` on `sequences` (N, >= max * train_context + 1)."""
+    needed = max(multipliers) * train_context + 1
+    if sequences.shape[1] < needed:
+        raise UserError(f"--extrapolate: {max(multipliers)}x a context of {train_context} needs rows of {needed} "
+                        f"tokens, got {sequences.shape[1]}")
+    sequences = sequences[:, :needed].to(model.device)
+    was_training = model.training
+    model.eval()
+    modes = {"carried": _summary(position_losses(model, sequences, train_context, autocast), train_context,
+                                 multipliers)}
+    if uses_attention(model):
+        modes["window"] = _summary(window_position_losses(model, sequences, train_context, autocast), train_context,
+                                   multipliers)
+    model.train(was_training)
+    return {"train_context": train_context, "multipliers": multipliers, "sequences": int(sequences.shape[0]),
+            "tokens_per_sequence": needed, "pattern": model.config.pattern, "modes": modes}
+
+
+def plot_extrapolation(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
+    """Loss against position (left) and against evaluation context / training context (right), one line per
+    (model, mode); `results` maps a label to `extrapolate`'s result."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (by_position, by_length) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label, result in results.items():
+        context = result["train_context"]
+        for mode, summary in result["modes"].items():
+            name = f"{label} ({mode})"
+            centers = [(start + end) / 2 / context for start, end in summary["position_bins"]]
+            by_position.plot(centers, summary["loss_by_position"], label=name)
+            by_length.plot(result["multipliers"], list(summary["loss_by_length"].values()), marker="o", label=name)
+    for axis in (by_position, by_length):
+        axis.axvline(1.0, color="grey", linewidth=0.8, linestyle="--")
+        axis.set_ylabel("loss (nats / token)")
+    by_position.set_xlabel("position / training context")
+    by_length.set_xlabel("evaluation context / training context")
+    by_length.set_xscale("log", base=2)
+    by_position.set_title("loss by position", fontsize=9)
+    by_length.set_title("mean loss over the first m x context tokens", fontsize=9)
+    by_length.legend(fontsize=7)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def corpus_sequences(documents: list, tokenizer, length: int, max_sequences: int) -> torch.Tensor:
+    """Up to `max_sequences` rows of `length` tokens cut from the documents joined in order ([eos] + document each,
+    as the trainer packs them); UserError when the documents hold fewer than one row."""
+    from ..data.packing import iter_document_tokens
+
+    pieces, total = [], 0
+    for tokens in iter_document_tokens(documents, tokenizer):
+        pieces.append(tokens)
+        total += tokens.numel()
+        if total >= length * max_sequences:
+            break
+    stream = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.long)
+    count = min(max_sequences, stream.numel() // length)
+    if count == 0:
+        raise UserError(f"--extrapolate: the split holds {stream.numel():,} tokens, fewer than one row of {length:,} "
+                        "(the largest multiplier times the context); use smaller multipliers or --context-length")
+    return stream[: count * length].view(count, length)
+
+
+def run_extrapolation(args) -> int:
+    """`revival eval CHECKPOINT --extrapolate 1x,2x,...`: the checkpoint's corpus split (as `revival eval` reads it),
+    rows of max * context + 1 tokens, `extrapolate`, then extrapolation.json and extrapolation.png under --out."""
+    import json
+
+    from ..data import load_corpus
+    from ..train.checkpoint import load_for_inference
+
+    multipliers = parse_multipliers(args.extrapolate)
+    model, tokenizer, directory, run_config = load_for_inference(args.checkpoint, args.device)
+    data = run_config.get("data") or {}
+    context = args.context_length or int(data.get("context_length") or 256)
+    corpus = load_corpus(args.corpus or data.get("corpus") or "stdlib", show_progress=not args.no_progress,
+                         **{key: data[key] for key in ("validation_fraction", "test_fraction", "text_field")
+                            if data.get(key) is not None and not args.corpus})
+    sequences = corpus_sequences(corpus.split(args.split), tokenizer, max(multipliers) * context + 1, args.sequences)
+    autocast = contextlib.nullcontext
+    if model.device.type == "cuda":
+        def autocast():
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    result = extrapolate(model, sequences, context, multipliers, autocast)
+    result.update(checkpoint=str(directory), corpus=corpus.name, split=args.split)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    temporary = out / "extrapolation.json.tmp"
+    temporary.write_text(json.dumps(result, indent=1))
+    temporary.replace(out / "extrapolation.json")
+    png = plot_extrapolation({model.config.pattern: result}, out / "extrapolation.png")
+    print(f"checkpoint: {directory}\ncorpus: {corpus.name}, split {args.split}: {result['sequences']} rows of "
+          f"{result['tokens_per_sequence']:,} tokens, training context {context}")
+    for mode, summary in result["modes"].items():
+        cells = "  ".join(f"{key} {value:.4f}" for key, value in summary["loss_by_length"].items())
+        ratio = summary["ratio_to_1x"]
+        worst = f"  (max / 1x: {max(ratio.values()):.3f})" if ratio else ""
+        print(f"{mode:8s} loss  {cells}{worst}")
+    print(f"wrote {out / 'extrapolation.json'} and {png}")
+    return 0
