@@ -7,7 +7,9 @@ Run on a CUDA machine (about 2-3 minutes on one H100/H200):
 
     python benchmarks/gpu_packed.py --out "$OUT"
 
-Writes gpu_packed.json. The target of issue 21: packed step time <= 1.1x unpacked for both presets.
+Writes gpu_packed.json. The target of issue 21: packed step time <= 1.1x unpacked for both presets. The last section
+times attention alone: SDPA causal (plain rows) against the document mask as revival runs it (SDPA with a boolean
+mask) and as FlexAttention's block mask (compiled; skips the masked blocks), to choose the packed attention kernel.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from revival.models import LanguageModel, ModelConfig, preset_config
-from revival.ops._documents import from_lengths
+from revival.ops._documents import document_ids, from_lengths
+from revival.ops.attention import causal_attention
 from revival.ops.mlstm import mlstm
 
 CONTEXT, BATCH, MEAN_DOCUMENT = 8192, 4, 500
@@ -120,6 +123,48 @@ def mlstm_rows(steps: int) -> list[dict]:
     return rows
 
 
+def _attention_step(fn, inputs, grad):
+    out = fn(*inputs)
+    out.backward(grad)
+    for x in inputs:
+        x.grad = None
+
+
+def attention_rows(steps: int) -> dict:
+    """Causal attention forward + backward at llama's shape (8 heads of 64), T = 8192, bf16."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    B, H, hd = BATCH, 8, 64
+    g = torch.Generator(device="cuda").manual_seed(6)
+    inputs = [torch.randn(B, H, CONTEXT, hd, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_(True)
+              for _ in range(3)]
+    grad = torch.randn(B, H, CONTEXT, hd, device="cuda", dtype=torch.bfloat16)
+    starts = from_lengths(random_lengths(B, CONTEXT, MEAN_DOCUMENT, seed=7), device="cuda")
+    ids = document_ids(starts)
+
+    def same_document(b, h, q_idx, kv_idx):
+        return (ids[b, q_idx] == ids[b, kv_idx]) & (q_idx >= kv_idx)
+
+    block_mask = create_block_mask(same_document, B, None, CONTEXT, CONTEXT, device="cuda")
+    flex = torch.compile(flex_attention)
+    variants = {
+        "sdpa_causal_unpacked": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "sdpa_document_mask": lambda q, k, v: causal_attention(q, k, v, document_starts=starts),
+        "flex_document_block_mask": lambda q, k, v: flex(q, k, v, block_mask=block_mask),
+    }
+    with torch.no_grad():  # the two packed variants agree
+        difference = (variants["sdpa_document_mask"](*inputs).float()
+                      - variants["flex_document_block_mask"](*inputs).float()).abs().max().item()
+    row = {"shape": [B, H, CONTEXT, hd], "packed_variants_max_abs_difference": difference}
+    for name, fn in variants.items():
+        try:
+            row[name + "_fwd_bwd_ms"] = 1e3 * timed(functools.partial(_attention_step, fn, inputs, grad), steps,
+                                                    warmup=3)
+        except Exception as error:  # noqa: BLE001 - recorded, the other rows still run
+            row[name + "_fwd_bwd_ms"] = f"failed: {type(error).__name__}: {error}"
+    return row
+
+
 def exactness() -> dict:
     """Packed rows against separate calls on the GPU in float32: the mLSTM op (auto) and a small hybrid model."""
     out = {}
@@ -168,7 +213,8 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     sections = [("exactness", exactness), ("mlstm_op", lambda: mlstm_rows(args.steps)),
                 ("train_xlstm_large", lambda: train_rows("xlstm-large", args.steps)),
-                ("train_llama", lambda: train_rows("llama", args.steps))]
+                ("train_llama", lambda: train_rows("llama", args.steps)),
+                ("attention_op", lambda: attention_rows(args.steps))]
     for name, fn in sections:
         started = time.perf_counter()
         try:
