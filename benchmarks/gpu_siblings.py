@@ -26,8 +26,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 SHAPES = [(8, 8192, 16, 128), (1, 65536, 16, 128)]  # B, T, H, D
-CHECKS = [  # B, T, H, D (GDN: Dk = Dv = D; SSD: P = D, N = 128), dtype
-    (2, 4100, 8, 128, torch.bfloat16), (2, 4100, 8, 128, torch.float32), (1, 2049, 4, 64, torch.bfloat16),
+CHECKS = [  # B, T, H, D (GDN: Dk = Dv = D; SSD: P = D, N = 128), dtype, packed documents (starts every ~700 tokens)
+    (2, 4100, 8, 128, torch.bfloat16, False), (2, 4100, 8, 128, torch.float32, False),
+    (1, 2049, 4, 64, torch.bfloat16, False), (2, 4100, 8, 128, torch.bfloat16, True),
 ]
 STEP_SHAPES = [(8, 16, 128), (1, 16, 128)]  # B, H, D
 
@@ -99,16 +100,17 @@ def outputs_and_grads(fn, inputs, weights):
 
 
 # ------------------------------------------------------------------------------------------------ the ops
-def gdn_fn(impl):
+def gdn_fn(impl, starts=None):
     from revival.ops.delta_rule import gated_delta_rule
 
-    return lambda q, k, v, g, beta, state: gated_delta_rule(q, k, v, g, beta, state, impl=impl)
+    return lambda q, k, v, g, beta, state: gated_delta_rule(q, k, v, g, beta, state, impl=impl,
+                                                            document_starts=starts)
 
 
-def ssd_fn(impl):
+def ssd_fn(impl, starts=None):
     from revival.ops.ssd import ssd
 
-    return lambda x, dt, A, B, C, D, state: ssd(x, dt, A, B, C, D, state, impl=impl)
+    return lambda x, dt, A, B, C, D, state: ssd(x, dt, A, B, C, D, state, impl=impl, document_starts=starts)
 
 
 def fla_gdn():
@@ -132,7 +134,7 @@ def mamba_ssd():
 
 
 # ------------------------------------------------------------------------------------------------ the sections
-def check(kind, B, T, H, D, dtype, device):
+def check(kind, B, T, H, D, dtype, packed, device):
     """Triton vs the float64 chunkwise path: relative errors of outputs, final state and every gradient."""
     if kind == "gdn":
         inputs, names, make = gdn_inputs(B, T, H, D, dtype, device), "o state dq dk dv dg dbeta dstate0", gdn_fn
@@ -145,13 +147,20 @@ def check(kind, B, T, H, D, dtype, device):
     out_shape = inputs[2].shape if kind == "gdn" else inputs[0].shape
     weights = (torch.randn(out_shape, device=device, generator=gen, dtype=torch.float64),
                torch.randn(inputs[-1].shape, device=device, generator=gen, dtype=torch.float64))
-    got = outputs_and_grads(make("triton"), inputs, weights)
-    ref = outputs_and_grads(make("chunkwise"), ref_inputs, weights)
+    starts = None
+    if packed:
+        starts = torch.rand(B, T, device=device, generator=gen) < 1 / 700
+        starts[0, 0] = True
+    got = outputs_and_grads(make("triton", starts), inputs, weights)
+    ref = outputs_and_grads(make("chunkwise", starts), ref_inputs, weights)
     errors = {name: _rel(g, r) for name, g, r in zip(names.split(), got, ref)}
+    if packed:  # row 0 starts at t = 0: its initial state gets no gradient (zero in both)
+        errors["dstate0"] = _rel(got[-1][1:], ref[-1][1:])
     finite = all(bool(torch.isfinite(g).all()) for g in got)
     tol = 2e-2 if dtype != torch.float32 else 1e-3
     del got, ref
-    return {"kind": kind, "shape": [B, T, H, D], "dtype": str(dtype).split(".")[-1], "errors": errors,
+    return {"kind": kind, "shape": [B, T, H, D], "dtype": str(dtype).split(".")[-1], "packed": packed,
+            "errors": errors,
             "finite": finite, "tolerance": tol, "ok": finite and max(errors.values()) < tol,
             "low_precision_inputs": [names.split()[2 + i] for i in low]}
 
@@ -225,7 +234,7 @@ def main():
         sys.exit("no CUDA device: run on a GPU, or with TRITON_INTERPRET=1 and --smoke to check the script")
     shapes, checks, steps = SHAPES, CHECKS, STEP_SHAPES
     if args.smoke:
-        shapes, checks, steps = [(1, 40, 2, 16)], [(1, 37, 2, 16, torch.float32)], [(1, 2, 16)]
+        shapes, checks, steps = [(1, 40, 2, 16)], [(2, 37, 2, 16, torch.float32, True)], [(1, 2, 16)]
     import triton
 
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
@@ -233,10 +242,10 @@ def main():
               "checks": [], "timings": [], "steps": []}
     begin = time.perf_counter()
     print("checks against float64:", flush=True)
-    for B, T, H, D, dtype in checks:
+    for B, T, H, D, dtype, packed in checks:
         for kind in ("gdn", "ssd"):
             try:
-                row = check(kind, B, T, H, D, dtype, device)
+                row = check(kind, B, T, H, D, dtype, packed, device)
             except Exception:
                 row = {"kind": kind, "shape": [B, T, H, D], "error": traceback.format_exc(limit=3)}
             result["checks"].append(row)
