@@ -5,10 +5,13 @@ once, the step value f_t = f(h_{t-1}, x_t) and its Jacobian J_t, then solves the
 
     delta_t = J_t delta_{t-1} + (f_t - h_t),   delta_0 = 0        (one parallel scan, `scan.linear_scan`)
 
-and updates h += delta. "deer" uses the cell's Jacobian (diagonal or block), "quasi" its diagonal only, "elk" the
-diagonal with Levenberg-Marquardt damping (`elk.elk_step`), accepting a step only when the squared residual falls
-(then damping / 3, else damping * 2). After k deer / quasi iterations h_1..h_k are exact, so T iterations always
-reach the solution; in practice a few do. Convergence: max_t |h_t - f_t| / (1 + |h_t|) <= tol.
+and updates h += delta. "deer" uses the cell's Jacobian (diagonal or block), "quasi" its diagonal only. "elk" is
+the stabilised one: the diagonal Jacobian, ELK's Levenberg-Marquardt step (`elk.elk_step`, weight `damping`) and a
+trust region in time: the step is cut at the first t (past the first unconverged one) where
+|delta_t| > trust_radius (1 + |h_t|) or overflows, so an expanding linearisation cannot blow the iterate up.
+With damping = 0 (the default; damping > 0 trades the exactness below for smaller steps, docs/math-newton.md),
+after k iterations of any method h_1..h_k are exact, so T iterations always reach the solution; usually a few do.
+Convergence: max_t |h_t - f_t| / (1 + |h_t|) <= tol.
 
 Backward (implicit function theorem, no backprop through the iterations): with g_t = dL/dh_t, the adjoint
 lambda_t = g_t + J_{t+1}^T lambda_{t+1} is one reverse scan with the exact (full) Jacobians at the solution; then
@@ -98,7 +101,18 @@ def _iterate_fused(step, x, h0, weights, h, tol, max_iters, method) -> tuple:
         h, iterations = h_next, iterations + 1
 
 
-def _iterate(cell: Cell, x, h0, weights, guess, method, tol, max_iters, damping, scan_impl) -> tuple:
+def _trust_region(delta: torch.Tensor, h: torch.Tensor, unconverged: torch.Tensor, radius: float) -> torch.Tensor:
+    """Keep delta_t up to (not including) the first t, after the first unconverged one, where it leaves
+    |delta| <= radius (1 + |h|) or is not finite; zero after that. The first unconverged step always moves, so the
+    exact prefix still grows by one per iteration."""
+    B, T = delta.shape[:2]
+    outside = ~(delta.abs() <= radius * (1 + h.abs())).reshape(B, T, -1).any(-1)  # (B, T), NaN counts as outside
+    after_first = torch.cat((torch.zeros_like(unconverged[:, :1]), unconverged[:, :-1]), 1).cumsum(1) > 0
+    keep = ((outside & after_first).cumsum(1) == 0).reshape(B, T, *(1,) * (delta.ndim - 2))
+    return torch.where(keep, delta, torch.zeros_like(delta))
+
+
+def _iterate(cell: Cell, x, h0, weights, guess, method, tol, max_iters, damping, trust_radius, scan_impl) -> tuple:
     fused = _fused_step(cell, method, x, scan_impl)
     if fused is not None:
         return _iterate_fused(fused, x, h0, weights, guess, tol, max_iters, method)
@@ -107,21 +121,14 @@ def _iterate(cell: Cell, x, h0, weights, guess, method, tol, max_iters, damping,
     h = guess
     value, jac = cell.jacobian(_shift(h, h0), x, *weights, diagonal=diagonal)
     residual, iterations = _residual(value, h), 0
-    merit = float(((value - h) ** 2).sum())
     while not residual <= tol and math.isfinite(residual) and iterations < max_iters:
         iterations += 1
         if method == "elk":
-            trial = h + elk_step(jac, value - h, damping)
-            t_value, t_jac = cell.jacobian(_shift(trial, h0), x, *weights, diagonal=True)
-            t_merit = float(((t_value - trial) ** 2).sum())
-            if not t_merit < merit:  # rejected (or not finite): stay, damp more
-                damping *= 2.0
-                continue
-            damping /= 3.0
-            h, value, jac, merit = trial, t_value, t_jac, t_merit
+            unconverged = ((value - h).abs() / (1 + h.abs()) > tol).reshape(h.shape[0], h.shape[1], -1).any(-1)
+            h = h + _trust_region(elk_step(jac, value - h, damping), h, unconverged, trust_radius)
         else:
             h = h + _scan(jac, value - h, structure, scan_impl)
-            value, jac = cell.jacobian(_shift(h, h0), x, *weights, diagonal=diagonal)
+        value, jac = cell.jacobian(_shift(h, h0), x, *weights, diagonal=diagonal)
         residual = _residual(value, h)
     return h, NewtonResult(method, iterations, residual, residual <= tol, tol=tol)
 
@@ -132,7 +139,7 @@ def _solve(cell, x, h0, weights, options) -> tuple[torch.Tensor, NewtonResult]:
         zeros = torch.zeros((x.shape[0], x.shape[1] - 1, *h0.shape[1:]), dtype=h0.dtype, device=h0.device)
         guess = cell.step(torch.cat((h0[:, None], zeros), dim=1), x, *weights)
     h, result = _iterate(cell, x, h0, weights, guess, options["method"], options["tol"], options["max_iters"],
-                         options["damping"], options["scan_impl"])
+                         options["damping"], options["trust_radius"], options["scan_impl"])
     if result.converged or options["on_failure"] == "return":
         return h, result
     if options["on_failure"] == "raise":
@@ -183,17 +190,19 @@ def newton_solve(
     max_iters: int | None = None,
     initial_guess: torch.Tensor | None = None,
     on_failure: str = "raise",
-    damping: float = 1.0,
+    damping: float = 0.0,
+    trust_radius: float = 10.0,
     scan_impl: str = "auto",
 ) -> tuple[torch.Tensor, NewtonResult]:
     """Solve h_t = cell.step(h_{t-1}, x_t, *weights) for t = 1..T in parallel; returns (h (B, T, *S), result).
 
     x: (B, T, ...) per-step inputs (time on dim 1); h0: (B, *S) the state before t = 1; weights: tensors shared by
-    all steps. method: "deer" (the cell's Jacobian), "quasi" (its diagonal), "elk" (diagonal, damped; `damping`
-    is the initial Levenberg-Marquardt weight). tol: on max_t |h_t - f_t| / (1 + |h_t|); None: 1e-12 in float64,
-    1e-5 otherwise. max_iters: None means T (deer / quasi: always enough) or 2T + 32 (elk). initial_guess:
-    (B, T, *S), e.g. a previous solution; None: f(0, x_t). on_failure: "raise" (NewtonConvergenceError),
-    "sequential" (run the loop; result.fell_back) or "return" (keep the last iterate; result.converged False).
+    all steps. method: "deer" (the cell's Jacobian), "quasi" (its diagonal), "elk" (diagonal, Levenberg-Marquardt
+    weight `damping`, steps cut where they leave |delta_t| <= trust_radius (1 + |h_t|)).
+    tol: on max_t |h_t - f_t| / (1 + |h_t|); None: 1e-12 in float64, 1e-5 otherwise. max_iters: None means T
+    (always enough with damping = 0), 2T + 32 with damping > 0. initial_guess: (B, T, *S), e.g. a previous
+    solution; None: f(0, x_t). on_failure: "raise" (NewtonConvergenceError), "sequential" (run the loop;
+    result.fell_back) or "return" (keep the last iterate; result.converged False).
     Computes in float64 for float64 x, else float32 (16-bit x is read as is), autocast off; h is in that dtype.
     Gradients flow to x, h0 and the weights through the adjoint scan at the returned trajectory.
     """
@@ -211,9 +220,11 @@ def newton_solve(
         raise ValueError(f"h0: expected a tensor of shape (B={x.shape[0]}, ...), got {getattr(h0, 'shape', h0)}")
     if damping < 0:
         raise ValueError(f"damping: expected >= 0, got {damping}")
+    if not trust_radius > 0:
+        raise ValueError(f"trust_radius: expected > 0, got {trust_radius}")
     T = x.shape[1]
     if max_iters is None:
-        max_iters = T if method != "elk" else 2 * T + 32
+        max_iters = T if damping == 0 else 2 * T + 32
     if max_iters < 0:
         raise ValueError(f"max_iters: expected >= 0 or None, got {max_iters}")
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -225,7 +236,8 @@ def newton_solve(
             raise ValueError(f"initial_guess: expected shape {want}, got {tuple(initial_guess.shape)}")
         initial_guess = initial_guess.detach().to(dtype)
     options = {"method": method, "tol": float(tol), "max_iters": int(max_iters), "initial_guess": initial_guess,
-               "on_failure": on_failure, "damping": float(damping), "scan_impl": scan_impl}
+               "on_failure": on_failure, "damping": float(damping), "trust_radius": float(trust_radius),
+               "scan_impl": scan_impl}
     with torch.autocast(x.device.type, enabled=False):
         x = x if x.dtype in (torch.float16, torch.bfloat16) else x.to(dtype)  # 16-bit x: read as is, math in fp32
         h0 = h0.to(dtype)
