@@ -123,6 +123,27 @@ def test_step_matches_reference(dtype, tol):
     assert _rel(o, o_ref[:, 0]) < tol and _rel(s, s_ref) < tol
 
 
+def test_launch_retries_without_pipelining_when_shared_memory_runs_out():
+    from triton.runtime.errors import OutOfResources
+
+    from revival.ops.delta_rule.triton.forward import launch
+
+    class Kernel:  # fits only with num_stages=1, like a pipelined sequential kernel on a small chip
+        calls = []
+
+        def __getitem__(self, grid):
+            def run(*args, **options):
+                self.calls.append(options.get("num_stages"))
+                if options.get("num_stages") != 1:
+                    raise OutOfResources(300000, 232448, "shared memory")
+            return run
+
+    kernel = Kernel()
+    launch(kernel, (1,), 0, num_warps=4)
+    launch(kernel, (1,), 0, num_warps=4)  # the second call goes straight to the setting that fits
+    assert Kernel.calls == [None, 1, 1]
+
+
 def test_kernel_chunk_size():
     assert [kernel_chunk_size(c) for c in (1, 16, 30, 64, 128)] == [16, 16, 32, 64, 64]
 

@@ -22,6 +22,7 @@ from .forward import (
     chunk_tokens,
     decay_matrix,
     document_masks,
+    launch,
     load_cols,
     load_rows,
     pow2,
@@ -181,12 +182,12 @@ def delta_rule_backward(q, k, v, g, beta, starts, w, u, states, do, dS_T, scale:
     documents = dict(HAS_STARTS=starts is not None)
     starts = g if starts is None else starts  # any tensor when HAS_STARTS is off: never read
     block_v = min(cfg.block_v_dstates, BV)
-    _dstates_kernel[(triton.cdiv(Dv, block_v), n * H)](
+    launch(_dstates_kernel, (triton.cdiv(Dv, block_v), n * H),
         q, k, w, g, starts, do, dS_T, dstates, du, dS0, T, H, NC, Dk, Dv, scale, L=L, BK=BK, BV=block_v,
         PRECISION=precision, num_warps=cfg.warps_dstates, **documents)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dg, dbeta = torch.empty(n, T, H, **f32), torch.empty(n, T, H, **f32)
-    _grads_kernel[(NC, n * H)](
+    launch(_grads_kernel, (NC, n * H),
         q, k, v, g, beta, starts, u, states, dstates, do, du, dq, dk, dv, dg, dbeta, T, H, NC, Dk, Dv, scale,
         L=L, LOG2_L=L.bit_length() - 1, BK=BK, BV=BV, PRECISION=precision, INVERSE_PRECISION=inverse_precision,
         num_warps=cfg.warps_grads, **documents)

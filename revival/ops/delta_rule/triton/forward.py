@@ -191,6 +191,26 @@ def _output_kernel(
     tl.store(o_ptr + u_offs, o.to(o_ptr.dtype.element_ty), mask=mask_u)
 
 
+# Kernel specialisations that fit the chip's shared memory only without software pipelining: a cache of what the
+# hardware allows (one failed compile each), never set by callers.
+_UNPIPELINED: set = set()
+
+
+def launch(kernel, grid: tuple, *args, **options) -> None:
+    """kernel[grid](*args, **options); when it does not fit the chip's shared memory (pipelining keeps several
+    chunks' tiles in flight), once more with num_stages=1."""
+    from triton.runtime.errors import OutOfResources
+
+    key = (id(kernel), tuple(sorted(options.items())))
+    if key not in _UNPIPELINED:
+        try:
+            kernel[grid](*args, **options)
+            return
+        except OutOfResources:
+            _UNPIPELINED.add(key)
+    kernel[grid](*args, **{**options, "num_stages": 1})
+
+
 def precisions(dtype: torch.dtype) -> tuple[str, str]:
     """(products, the WY inverse's squarings): float32 inputs in full float32; 16-bit inputs on tf32 matrix units,
     the inverse (whose powers compound rounding) in three-pass tf32."""
@@ -218,15 +238,15 @@ def delta_rule_forward(q, k, v, g, beta, S0, starts, scale: float, L: int, cfg):
     o = torch.empty_like(v)
     documents = dict(HAS_STARTS=starts is not None)
     starts = g if starts is None else starts  # any tensor when HAS_STARTS is off: never read
-    _wy_kernel[(NC, n * H)](k, v, g, beta, starts, w, u0, T, H, Dk, Dv, L=L, LOG2_L=L.bit_length() - 1, BK=BK,
-                            BV=BV, PRECISION=precision, INVERSE_PRECISION=inverse_precision,
-                            num_warps=cfg.warps_wy, **documents)
+    launch(_wy_kernel, (NC, n * H), k, v, g, beta, starts, w, u0, T, H, Dk, Dv, L=L, LOG2_L=L.bit_length() - 1,
+           BK=BK, BV=BV, PRECISION=precision, INVERSE_PRECISION=inverse_precision, num_warps=cfg.warps_wy,
+           **documents)
     block_v = min(cfg.block_v_states, BV)
-    _states_kernel[(triton.cdiv(Dv, block_v), n * H)](
+    launch(_states_kernel, (triton.cdiv(Dv, block_v), n * H),
         k, w, u0, g, starts, S0, states, u, S_T, T, H, NC, Dk, Dv, L=L, BK=BK, BV=block_v, PRECISION=precision,
         num_warps=cfg.warps_states, **documents)
     block_v = min(cfg.block_v_output, BV)
-    _output_kernel[(NC, n * H, triton.cdiv(Dv, block_v))](
+    launch(_output_kernel, (NC, n * H, triton.cdiv(Dv, block_v)),
         q, k, g, starts, states, u, o, T, H, NC, Dk, Dv, scale, L=L, BK=BK, BV=block_v, PRECISION=precision,
         num_warps=cfg.warps_output, **documents)
     return o, S_T, (w, u, states)

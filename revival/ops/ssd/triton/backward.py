@@ -19,7 +19,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .forward import chunk_tokens, document_masks, load_cols, load_decay, load_rows, pow2, precision, state_tile
+from .forward import (
+    chunk_tokens,
+    document_masks,
+    launch,
+    load_cols,
+    load_decay,
+    load_rows,
+    pow2,
+    precision,
+    state_tile,
+)
 
 
 @triton.jit
@@ -122,14 +132,14 @@ def ssd_backward(x, dt, A, B, C, starts, states, dy, dS_T, L: int, cfg):
     documents = dict(HAS_STARTS=starts is not None)
     starts = dt if starts is None else starts  # any tensor when HAS_STARTS is off: never read
     block_p = min(cfg.block_p_dstates, BP)
-    _dstates_kernel[(triton.cdiv(P, block_p), n * H)](
+    launch(_dstates_kernel, (triton.cdiv(P, block_p), n * H),
         dy, dt, A, C, starts, dS_T, dstates, dS0, T, H, G, NC, P, N, L=L, BP=block_p, BN=BN,
         PRECISION=precision(x.dtype), num_warps=cfg.warps_dstates, **documents)
     dx = torch.empty_like(x)
     ddt = torch.empty(n, T, H, **f32)
     dB_heads, dC_heads = torch.empty(n, T, H, N, **f32), torch.empty(n, T, H, N, **f32)
     dA_chunks = torch.empty(n * H, NC, **f32)
-    _grads_kernel[(NC, n * H)](
+    launch(_grads_kernel, (NC, n * H),
         x, dt, A, B, C, starts, states, dstates, dy, dx, ddt, dB_heads, dC_heads, dA_chunks, T, H, G, NC, P, N,
         L=L, BP=BP, BN=BN, PRECISION=precision(x.dtype), num_warps=cfg.warps_grads, **documents)
     dB = dB_heads.reshape(n, T, G, H // G, N).sum(3).to(B.dtype)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...delta_rule.triton.forward import document_masks
+from ...delta_rule.triton.forward import document_masks, launch
 
 
 @triton.jit
@@ -143,11 +143,11 @@ def ssd_forward(x, dt, A, B, C, S0, starts, L: int, cfg):
     documents = dict(HAS_STARTS=starts is not None)
     starts = dt if starts is None else starts  # any tensor when HAS_STARTS is off: never read
     block_p = min(cfg.block_p_states, BP)
-    _states_kernel[(triton.cdiv(P, block_p), n * H)](
+    launch(_states_kernel, (triton.cdiv(P, block_p), n * H),
         x, dt, A, B, starts, S0, states, S_T, T, H, G, NC, P, N, L=L, BP=block_p, BN=BN,
         PRECISION=precision(x.dtype), num_warps=cfg.warps_states, **documents)
     block_p = min(cfg.block_p_output, BP)
-    _output_kernel[(NC, n * H, triton.cdiv(P, block_p))](
+    launch(_output_kernel, (NC, n * H, triton.cdiv(P, block_p)),
         x, dt, A, B, C, starts, states, y, T, H, G, NC, P, N, L=L, BP=block_p, BN=BN,
         PRECISION=precision(x.dtype), num_warps=cfg.warps_output, **documents)
     return y, S_T, states
