@@ -43,6 +43,12 @@ def parse_multipliers(text: str) -> list[int]:
     return sorted(set(values))
 
 
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, T) next-token NLL in float32, or float64 for a float64 model."""
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+
+
 @torch.no_grad()
 def position_losses(model, sequences: torch.Tensor, segment: int, autocast=contextlib.nullcontext) -> torch.Tensor:
     """(L,) mean NLL over the rows of predicting sequences[:, t + 1] from sequences[:, : t + 1], read in segments of
@@ -52,8 +58,7 @@ def position_losses(model, sequences: torch.Tensor, segment: int, autocast=conte
     for start in range(0, inputs.shape[1], segment):
         with autocast():
             logits, state = model(inputs[:, start : start + segment], state)
-        nll = F.cross_entropy(logits.float().transpose(1, 2), targets[:, start : start + segment], reduction="none")
-        losses.append(nll.mean(0))
+        losses.append(_nll(logits, targets[:, start : start + segment]).mean(0))
     return torch.cat(losses).cpu()
 
 
@@ -64,16 +69,14 @@ def window_position_losses(model, sequences: torch.Tensor, context: int,
     `context` tokens advanced by context // 2, each from a fresh state (the first window scores all its targets)."""
     n = sequences.shape[1] - 1
     stride = max(1, context // 2)
-    losses = torch.empty(n)
+    losses = torch.empty(n, dtype=torch.float64)
     for start in range(0, n, stride):
         end = min(start + stride, n)  # score targets start + 1 .. end (positions start .. end - 1)
         begin = max(0, end - context)
         with autocast():
             logits, _ = model(sequences[:, begin:end])
         scored = end - start
-        nll = F.cross_entropy(logits[:, -scored:].float().transpose(1, 2), sequences[:, start + 1 : end + 1],
-                              reduction="none")
-        losses[start:end] = nll.mean(0).cpu()
+        losses[start:end] = _nll(logits[:, -scored:], sequences[:, start + 1 : end + 1]).mean(0).cpu()
     return losses
 
 
