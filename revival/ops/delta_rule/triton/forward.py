@@ -11,8 +11,10 @@ Three kernels:
 
 A transposed operand of a matrix product is always loaded transposed from memory, never `tl.trans` of a computed
 tile (the pattern behind wrong gradients on Hopper in fla #640). Positions past T load as zeros with g = beta = 0:
-they change nothing (no padding of the inputs). Layout: q, k (n, T, H, Dk), v and the buffers W, U0, U
-(n, T, H, D) contiguous; g, beta (n, T, H) float32; states (n*H, NC, Dk, Dv) float32.
+they change nothing (no padding of the inputs). Packed documents (optional (n, T) int8 starts): per chunk the masks
+of chunkwise.py (`document_masks`): M and the scores within one document, the entering state read only by the
+document running before the chunk, the end state fed only by the chunk's last document. Layout: q, k (n, T, H, Dk),
+v and the buffers W, U0, U (n, T, H, D) contiguous; g, beta (n, T, H) float32; states (n*H, NC, Dk, Dv) float32.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ Two kernels:
    y = (C B^T * causal decay * dt_s) x + exp(a) * C S^T.
 a is the cumulative log decay dt * A inside the chunk. A transposed operand of a matrix product is always loaded
 transposed from memory, never `tl.trans` of a computed tile (fla #640). Positions past T load as zeros (dt = 0): they
-change nothing. Layout: x (n, T, H, P), B, C (n, T, G, N), dt (n, T, H) float32, contiguous; head h reads group
-h // (H // G); states (n*H, NC, P, N) float32.
+change nothing. Packed documents (optional (n, T) int8 starts): the masks of chunkwise.py, from the gated delta
+rule's `document_masks`. Layout: x (n, T, H, P), B, C (n, T, G, N), dt (n, T, H) float32, contiguous; head h reads
+group h // (H // G); states (n*H, NC, P, N) float32.
 """
 
 from __future__ import annotations
