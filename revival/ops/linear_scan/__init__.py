@@ -22,8 +22,10 @@ Shapes: gate / forget / input / hidden (B, T, D) pre-activations, h0 (B, D) or N
   float32/float16/bfloat16 on CUDA). "auto": "triton" for such inputs on CUDA when Triton is importable, else "log".
 
 `document_starts` (B, T) bool or None: h is zero before each start (a_t = 0 there), so a packed row equals separate
-calls per document (revival/ops/_documents.py). The log-space scan has no segmented form, so "log" and "auto" run such
-rows on "chunked" (exact, no cancellation); "triton" takes no document starts yet.
+calls per document (revival/ops/_documents.py). The log-space scan has no segmented form, so "log" (and "auto" off
+CUDA) run such rows on "chunked" (exact, no cancellation). The Triton kernel takes the starts folded into its inputs
+(`_resets_as_inputs`): at a start the gate saturates (a = sigmoid(-40) ~ 4e-18, the previous h is dropped to float32
+precision) and the hidden pre-activation becomes g^-1 of the start's own b, so h there is b exactly (to rounding).
 """
 
 from __future__ import annotations
@@ -114,9 +116,31 @@ def _resolve_with_documents(impl: str, x: torch.Tensor, document_starts) -> tupl
     document_starts = check_document_starts(document_starts, x.shape[0], x.shape[1], x.device)
     if document_starts is None:
         return resolve_impl(impl, x), None
-    if impl == "triton":
-        raise ValueError("document_starts: impl='triton' takes no document starts yet; use 'auto' or 'chunked'")
-    return ("chunked" if impl in ("log", "auto") else impl), document_starts
+    impl = resolve_impl(impl, x)
+    return ("chunked" if impl == "log" else impl), document_starts
+
+
+RESET_GATE = 40.0  # sigmoid(40) is 1.0 in float32, sigmoid(-40) ~ 4e-18: what a saturated gate keeps of h
+
+
+def _g_inverse(y: torch.Tensor) -> torch.Tensor:
+    """x with g(x) = y > 0 (g of reference.py), both branches kept finite so that the gradient is too."""
+    y = y.clamp_min(torch.finfo(y.dtype).tiny)
+    small = y < 0.5
+    y_small, y_large = torch.where(small, y, 0.25), torch.where(small, 0.5, y)
+    return torch.where(small, torch.log(y_small) - torch.log1p(-y_small), y_large - 0.5)
+
+
+def _resets_as_inputs(gate_like, hidden, b_log, h0, document_starts, saturate):
+    """Pre-activations for the Triton kernel on packed rows: at each start the gates in `saturate` (their
+    pre-activations, sign included) replace the originals, and hidden becomes g^-1(exp(b_log)), the start's own
+    b = (input weight) * g(hidden); h0 rows that start at t = 0 are zeroed."""
+    starts = document_starts[..., None]
+    hidden = torch.where(starts, _g_inverse(torch.exp(b_log)).to(hidden.dtype), hidden)
+    gates = [torch.where(starts, torch.full_like(x, value), x) for x, value in zip(gate_like, saturate)]
+    if h0 is not None:
+        h0 = torch.where(document_starts[:, :1], 0.0, h0)
+    return gates, hidden, h0
 
 
 def _scan_log_terms(log_a, log_b, h0, impl: str, chunk_size: int, out_dtype: torch.dtype, document_starts=None):
@@ -141,6 +165,9 @@ def mingru_scan(
     if impl == "triton":
         from .triton import mingru_scan_triton
 
+        if document_starts is not None:
+            _, log_b = mingru_log_terms(gate.float(), hidden.float())
+            (gate,), hidden, h0 = _resets_as_inputs([gate], hidden, log_b, h0, document_starts, [RESET_GATE])
         return mingru_scan_triton(gate, hidden, h0)
     if impl == "reference":
         return mingru_reference(gate, hidden, h0, document_starts)
@@ -162,6 +189,10 @@ def minlstm_scan(
     if impl == "triton":
         from .triton import minlstm_scan_triton
 
+        if document_starts is not None:
+            _, log_b = minlstm_log_terms(forget.float(), input.float(), hidden.float())
+            (forget, input), hidden, h0 = _resets_as_inputs([forget, input], hidden, log_b, h0, document_starts,
+                                                            [-RESET_GATE, RESET_GATE])
         return minlstm_scan_triton(forget, input, hidden, h0)
     if impl == "reference":
         return minlstm_reference(forget, input, hidden, h0, document_starts)
