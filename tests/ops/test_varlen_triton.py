@@ -78,3 +78,72 @@ def test_triton_packed_rows_match_float64_chunkwise(initial_state):
     for index, (a, b) in enumerate(zip(got, expected)):
         error = (a - b).norm().item()
         assert torch.isfinite(a).all() and error <= 1e-4 * b.norm().item() + 1e-20, (index, error, b.norm().item())
+
+
+# ------------------------------------------------------------------------------- minGRU / minLSTM scan kernel
+def _scan_inputs(names, B=2, T=40, D=8, seed=21):
+    g = torch.Generator().manual_seed(seed)
+    return [3 * torch.randn(B, T, D, generator=g, dtype=torch.float64) for _ in names]
+
+
+def _scan(kind):
+    from revival.ops import mingru_scan, minlstm_scan
+
+    return mingru_scan if kind == "mingru" else minlstm_scan
+
+
+def _scan_as_inputs(kind, inputs, h0, starts):
+    """The kernel's inputs for packed rows (linear_scan._resets_as_inputs), as the triton branch builds them."""
+    from revival.ops.linear_scan import RESET_GATE, _resets_as_inputs, mingru_log_terms, minlstm_log_terms
+
+    if kind == "mingru":
+        gate, hidden = inputs
+        _, log_b = mingru_log_terms(gate, hidden)
+        (gate,), hidden, h0 = _resets_as_inputs([gate], hidden, log_b, h0, starts, [RESET_GATE])
+        return [gate, hidden], h0
+    forget, input, hidden = inputs
+    _, log_b = minlstm_log_terms(forget, input, hidden)
+    (forget, input), hidden, h0 = _resets_as_inputs([forget, input], hidden, log_b, h0, starts,
+                                                    [-RESET_GATE, RESET_GATE])
+    return [forget, input, hidden], h0
+
+
+@pytest.mark.parametrize("kind", ["mingru", "minlstm"])
+def test_scan_resets_as_inputs_equal_separate_calls_in_float64(kind):
+    def run(time_inputs, shared, state, starts):
+        if starts is not None:
+            time_inputs, state = _scan_as_inputs(kind, time_inputs, state, starts)
+        return _scan(kind)(*time_inputs, state, impl="chunked", chunk_size=8)
+    names = ["gate", "hidden"] if kind == "mingru" else ["forget", "input", "hidden"]
+    inputs = _scan_inputs(names, B=3, T=27)
+    check_packed(run, inputs, [1] * len(names), [], 1, atol=1e-9)
+    h0 = torch.randn(len(inputs[0]), 8, dtype=torch.float64)
+    check_packed(run, inputs, [1] * len(names), [], 1, initial_state=h0, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["mingru", "minlstm"])
+def test_triton_scan_packed_rows_match_float64_chunked(kind):
+    pytest.importorskip("triton", reason="the `triton` package is not installed (pip install 'revival[gpu]')")
+    from revival.ops.linear_scan.triton import available
+
+    if not available():
+        pytest.skip("Triton cannot run here")
+    names = ["gate", "hidden"] if kind == "mingru" else ["forget", "input", "hidden"]
+    inputs = _scan_inputs(names)
+    h0 = torch.randn(2, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    starts = from_lengths(LAYOUTS)
+    starts[0, 0] = False  # row 0 continues h0, row 1 drops it
+    weights = [torch.randn(2, 40, 8, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)]
+
+    def run(impl, dtype, device):
+        xs = [x.to(device=device, dtype=dtype).clone().requires_grad_(True) for x in inputs + [h0]]
+        h, h_last = _scan(kind)(*xs[:-1], xs[-1], impl=impl, chunk_size=8, document_starts=starts.to(device))
+        loss = (h.double().cpu() * weights[0]).sum() + (h_last.double().cpu() * weights[1]).sum()
+        loss.backward()
+        return [h.detach().double().cpu(), h_last.detach().double().cpu()] + [x.grad.double().cpu() for x in xs]
+
+    expected = run("chunked", torch.float64, "cpu")
+    got = run("triton", torch.float32, DEVICE)
+    for index, (a, b) in enumerate(zip(got, expected)):
+        error = (a - b).norm().item()
+        assert torch.isfinite(a).all() and error <= 1e-5 * b.norm().item() + 1e-12, (index, error, b.norm().item())
