@@ -286,3 +286,14 @@ def test_slstm_newton_matches_the_slstm_op():
     more = torch.randn(B, 5, 4, H, d, generator=g, dtype=F64)
     torch.testing.assert_close(slstm_newton(more, R, state)[0], slstm_reference(more, R, want_state)[0],
                                rtol=0, atol=1e-10)
+
+
+def test_slstm_op_impl_newton():
+    from revival.ops import slstm
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 9, 4, 2, 4, generator=g, dtype=F64)
+    R = torch.randn(4, 2, 4, 4, generator=g, dtype=F64) * 0.5
+    torch.testing.assert_close(slstm(x, R, impl="newton")[0], slstm(x, R, impl="reference")[0], rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="document_starts"):
+        slstm(x, R, impl="newton", document_starts=torch.zeros(2, 9, dtype=torch.bool))

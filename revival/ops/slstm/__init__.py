@@ -21,7 +21,7 @@ from .reference import SLSTMState, slstm_reference, slstm_step_reference
 
 __all__ = ["slstm", "slstm_step", "SLSTMState", "IMPLS"]
 
-IMPLS = ("auto", "reference", "fused", "triton")
+IMPLS = ("auto", "reference", "fused", "triton", "newton")
 _STATE_NAMES = ("c", "n", "m", "y")
 
 
@@ -68,7 +68,9 @@ def slstm(
     x_gates: (B, T, 4, H, d) gate input contributions (i, f, z, o); recurrent_weight: (4, H, d, d);
     state: (c, n, m, y) each (B, H, d), or None for zeros. Returns y (B, T, H, d) in x_gates' dtype and the final
     state. `impl`: "auto" ("triton" on CUDA for non-float64 inputs, else "fused"), "reference" (plain loop,
-    autograd), "fused" (batched step with a hand-written backward) or "triton" (GPU kernels, `triton.py`).
+    autograd), "fused" (batched step with a hand-written backward), "triton" (GPU kernels, `triton.py`) or
+    "newton" (parallel over T by Newton's method, exact (falls back to the loop if it does not converge); see
+    revival/ops/newton/slstm.py).
     document_starts: (B, T) bool or None; the state (c, n, m, y) is zero before each start, so a packed row equals
     separate calls per document (revival/ops/_documents.py). "auto" runs such rows on "fused" (the Triton kernels
     take no document starts yet).
@@ -95,9 +97,15 @@ def slstm(
             x_gates = x_gates.to(torch.get_autocast_dtype(device_type))
         with torch.autocast(device_type, enabled=False):
             return slstm_triton(x_gates, recurrent_weight, state)
+    if impl == "newton" and document_starts is not None:
+        raise ValueError("document_starts: impl='newton' takes no document starts yet; use 'auto' or 'fused'")
     args = (x_gates.to(dtype), recurrent_weight.to(dtype), state)
     with torch.autocast(x_gates.device.type, enabled=False):  # the recurrence runs in float32 (or float64)
-        if impl == "reference":
+        if impl == "newton":
+            from ..newton import slstm_newton
+
+            y, state, _ = slstm_newton(*args, on_failure="sequential")
+        elif impl == "reference":
             y, state = slstm_reference(*args, document_starts)
         else:
             y, state = slstm_fused(*args, document_starts)
