@@ -92,7 +92,7 @@ class RevivalScorer:
                 inputs[row, : len(tokens) - 1] = torch.tensor(tokens[:-1])
             with self._autocast():
                 logits, _ = self.model(inputs.to(self.device))
-            log_probs = F.log_softmax(logits.float(), dim=-1)
+            log_probs = F.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
             for row, index in enumerate(batch):
                 tokens, count = encoded[index]
                 end = len(tokens) - 1
