@@ -115,17 +115,17 @@ def test_errors_name_the_argument():
 
 
 def test_preset_model_prefill_steps_and_save_load(tmp_path):
-    config = preset_config("mamba3", d_model=32, num_heads=4, num_blocks=2, vocab_size=50, chunk_size=4,
+    config = preset_config("mamba3", d_model=32, num_heads=4, num_blocks=2, vocab_size=50, chunk_size=8,
                            layer_options={"3": {"d_state": 8, "mimo_rank": 2}})
     assert config.pattern == "33"
     torch.manual_seed(0)
     model = LanguageModel(config).double().eval()
-    ids = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 50, (2, 19), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits, _ = model(ids)
-        prefill, state = model(ids[:, :7])
+        prefill, state = model(ids[:, :13])
         steps = [prefill]
-        for t in range(7, 10):
+        for t in range(13, 19):
             step, state = model(ids[:, t : t + 1], state)
             steps.append(step)
         assert rel_err(torch.cat(steps, dim=1), logits) < 1e-12
