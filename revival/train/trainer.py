@@ -508,11 +508,10 @@ class Trainer:
         return packed_losses(self.model, self._validation_rows, self.device, self.cfg.eval_max_tokens // 4,
                              self._autocast)
 
-    def eval_scope(self, tokens: int) -> str:
-        """What the training-time validation reads (fewer documents than `revival eval`, which reads the split)."""
-        documents = min(self.cfg.eval_docs, len(self.corpus.validation))
-        return (f"{tokens:,} tokens of the first {documents} of {len(self.corpus.validation)} validation documents; "
-                "`revival eval` reads them all")
+    def eval_scope(self, result: EvalResult) -> str:
+        """What the training-time validation read (fewer documents than `revival eval`, which reads the split)."""
+        return (f"{result.tokens:,} tokens: {result.documents} of {len(self.corpus.validation)} validation documents, "
+                "whole, until train.eval_max_tokens; `revival eval` reads them all")
 
     def train(self) -> dict[str, Any]:
         """Train to `train.steps`; returns a summary (losses, throughput, memory, paths)."""
@@ -554,7 +553,7 @@ class Trainer:
                     self.last_eval = self.evaluate()
                     packed = self.evaluate_packed()
                     logger.log(self.step, "val", **self.last_eval.as_dict(), **packed)
-                    scope = "" if evaluated else f" ({self.eval_scope(self.last_eval.tokens)})"
+                    scope = "" if evaluated else f" ({self.eval_scope(self.last_eval)})"
                     evaluated = True
                     if self.world.is_main:
                         bar.write(f"step {self.step}: val loss {self.last_eval.loss:.4f}  ppl "
