@@ -286,8 +286,8 @@ def test_eval_and_the_training_log_say_what_they_read(workdir, capsys):
     assert status == 0
     lines = out.splitlines()
     assert lines[0].startswith("step 1/3: loss ")  # --no-progress still logs, before the first evaluation
-    assert re.search(r"val loss .* \(\d+ tokens of the first 1 of 1 validation documents; `revival eval` reads them "
-                     r"all\)", out), out
+    assert re.search(r"val loss .* \(\d+ tokens: 1 of 1 validation documents, whole, until train.eval_max_tokens; "
+                     r"`revival eval` reads them all\)", out), out
     status, out, _ = run_main(["eval", workdir / "scoped", "--no-progress"], workdir, capsys)
     assert status == 0 and "documents, whole)" in out
 

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     val = summary["val"]
     if val:
         print(f"validation: loss {val['loss']:.4f}  perplexity {val['perplexity']:.2f}  bits/byte {val['bpb']:.4f} "
-              f"({trainer.eval_scope(val['tokens'])})")
+              f"({trainer.eval_scope(trainer.last_eval)})")
     out_dir = Path(run_config.train.out_dir)
     print(f"outputs: {out_dir} (metrics {summary['metrics_csv']}, plot {summary['plot']}, "
           f"checkpoints {out_dir / 'checkpoints'})")
