@@ -26,22 +26,27 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 SHAPES = [(8, 8192, 16, 128), (1, 65536, 16, 128)]  # B, T, H, D
-CHECKS = [  # B, T, H, D (GDN: Dk = Dv = D; SSD: P = D, N = 128), dtype, packed documents (starts every ~700 tokens)
-    (2, 4100, 8, 128, torch.bfloat16, False), (2, 4100, 8, 128, torch.float32, False),
-    (1, 2049, 4, 64, torch.bfloat16, False), (2, 4100, 8, 128, torch.bfloat16, True),
+# B, T, H, D (GDN: Dk = D, Dv = expand_v * D; SSD: P = D, N = 128), expand_v, dtype, packed documents (starts every
+# ~700 tokens), kinds. Dv = 256 is the 125M Gated DeltaNet preset's head (d_model 768, 6 heads, expand_v 2).
+CHECKS = [
+    (2, 4100, 8, 128, 1, torch.bfloat16, False, ("gdn", "ssd")),
+    (2, 4100, 8, 128, 1, torch.float32, False, ("gdn", "ssd")),
+    (1, 2049, 4, 64, 1, torch.bfloat16, False, ("gdn", "ssd")),
+    (2, 4100, 8, 128, 1, torch.bfloat16, True, ("gdn", "ssd")),
+    (2, 2049, 6, 128, 2, torch.bfloat16, False, ("gdn",)),
 ]
 STEP_SHAPES = [(8, 16, 128), (1, 16, 128)]  # B, H, D
 
 
-def gdn_inputs(B, T, H, D, dtype, device, seed=0, beta_max=2.0):
+def gdn_inputs(B, T, H, D, dtype, device, seed=0, beta_max=2.0, expand_v=1):
     g = torch.Generator(device=device).manual_seed(seed)
     r = lambda *s: torch.randn(*s, device=device, generator=g)  # noqa: E731
     q = F.normalize(r(B, T, H, D), dim=-1).to(dtype)
     k = F.normalize(r(B, T, H, D), dim=-1).to(dtype)
-    v = r(B, T, H, D).to(dtype)
+    v = r(B, T, H, D * expand_v).to(dtype)
     gate = -torch.rand(B, T, H, device=device, generator=g) * 0.5
     beta = torch.rand(B, T, H, device=device, generator=g) * beta_max
-    state = r(B, H, D, D) * 0.1
+    state = r(B, H, D, D * expand_v) * 0.1
     return [q, k, v, gate, beta, state]
 
 
@@ -134,10 +139,11 @@ def mamba_ssd():
 
 
 # ------------------------------------------------------------------------------------------------ the sections
-def check(kind, B, T, H, D, dtype, packed, device):
+def check(kind, B, T, H, D, expand_v, dtype, packed, device):
     """Triton vs the float64 chunkwise path: relative errors of outputs, final state and every gradient."""
     if kind == "gdn":
-        inputs, names, make = gdn_inputs(B, T, H, D, dtype, device), "o state dq dk dv dg dbeta dstate0", gdn_fn
+        inputs = gdn_inputs(B, T, H, D, dtype, device, expand_v=expand_v)
+        names, make = "o state dq dk dv dg dbeta dstate0", gdn_fn
         low = (0, 1, 2)
     else:
         inputs, names, make = ssd_inputs(B, T, H, D, dtype, device), "y state dx ddt dA dB dC dD dstate0", ssd_fn
@@ -159,7 +165,8 @@ def check(kind, B, T, H, D, dtype, packed, device):
     finite = all(bool(torch.isfinite(g).all()) for g in got)
     tol = 2e-2 if dtype != torch.float32 else 1e-3
     del got, ref
-    return {"kind": kind, "shape": [B, T, H, D], "dtype": str(dtype).split(".")[-1], "packed": packed,
+    shape = [B, T, H, D] + ([D * expand_v] if kind == "gdn" else [])
+    return {"kind": kind, "shape": shape, "dtype": str(dtype).split(".")[-1], "packed": packed,
             "errors": errors,
             "finite": finite, "tolerance": tol, "ok": finite and max(errors.values()) < tol,
             "low_precision_inputs": [names.split()[2 + i] for i in low]}
@@ -234,7 +241,7 @@ def main():
         sys.exit("no CUDA device: run on a GPU, or with TRITON_INTERPRET=1 and --smoke to check the script")
     shapes, checks, steps = SHAPES, CHECKS, STEP_SHAPES
     if args.smoke:
-        shapes, checks, steps = [(1, 40, 2, 16)], [(2, 37, 2, 16, torch.float32, True)], [(1, 2, 16)]
+        shapes, checks, steps = [(1, 40, 2, 16)], [(2, 37, 2, 16, 2, torch.float32, True, ("gdn", "ssd"))], [(1, 2, 16)]
     import triton
 
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
@@ -242,10 +249,10 @@ def main():
               "checks": [], "timings": [], "steps": []}
     begin = time.perf_counter()
     print("checks against float64:", flush=True)
-    for B, T, H, D, dtype, packed in checks:
-        for kind in ("gdn", "ssd"):
+    for B, T, H, D, expand_v, dtype, packed, kinds in checks:
+        for kind in kinds:
             try:
-                row = check(kind, B, T, H, D, dtype, packed, device)
+                row = check(kind, B, T, H, D, expand_v, dtype, packed, device)
             except Exception:
                 row = {"kind": kind, "shape": [B, T, H, D], "error": traceback.format_exc(limit=3)}
             result["checks"].append(row)

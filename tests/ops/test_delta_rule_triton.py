@@ -76,7 +76,7 @@ CASES = [
 def test_forward_backward_match_float64_reference(n, T, H, Dk, Dv, chunk, beta_max):
     inputs, weights = _inputs(n, T, H, Dk, Dv, seed=T + Dk + Dv, beta_max=beta_max)
     ref = _reference(inputs, weights)
-    launch = LaunchConfig(block_v_states=16, block_v_dstates=32)  # several tiles even at small Dv
+    launch = LaunchConfig(block_v_states=16, block_v_dstates=32, block_v_wy=16, block_v_grads=16)  # several tiles
     got = _run(lambda *a: gated_delta_rule_triton(*a, Dk**-0.5, chunk_size=chunk, launch=launch), inputs, weights,
                DEVICE)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
@@ -207,11 +207,12 @@ def test_no_kernel_transposes_a_computed_tile():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA: the transposed-MMA-layout failure (fla #640) shows on Hopper")
-def test_gradients_at_a_real_shape_on_the_gpu():
-    """bfloat16 at (2, 1024, 4, 128, 128), beta up to 2: every gradient within 2e-2 of float64 (the float64
+@pytest.mark.parametrize("Dv", [128, 256])  # 256: the 125M preset's value heads (expand_v 2)
+def test_gradients_at_a_real_shape_on_the_gpu(Dv):
+    """bfloat16 at (2, 1024, 4, 128, Dv), beta up to 2: every gradient within 2e-2 of float64 (the float64
     reference on the GPU). A `tl.trans` of a matrix-unit result feeding another product gave wrong dk, dbeta on
     Hopper with Triton < 3.7.1 in fla's kernels; these kernels never do that, and this test would see it."""
-    inputs, weights = _inputs(2, 1024, 4, 128, 128, seed=11, beta_max=2.0)
+    inputs, weights = _inputs(2, 1024, 4, 128, Dv, seed=11, beta_max=2.0)
     rounded = [x.bfloat16().double() if index < 3 else x.double() for index, x in enumerate(inputs)]
     ref = _run(gated_delta_rule_reference, rounded, weights, "cuda")
     got = _run(lambda *a: gated_delta_rule_triton(*a, 128**-0.5), inputs, weights, "cuda", dtype=torch.bfloat16)

@@ -62,8 +62,8 @@ def _dstates_kernel(
         gamma = tl.cumsum(g, 0)
         g_total = tl.sum(g, 0)
         same, from_state, to_end, keeps = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
-        k = load_rows(k_ptr, tokens, valid, DK, BK)
-        qT = load_cols(q_ptr, tokens, valid, DK, BK) * scale
+        k = load_rows(k_ptr, tokens, valid, DK, BK, 0)
+        qT = load_cols(q_ptr, tokens, valid, DK, BK, 0) * scale
         scores_T = tl.dot(k, qT, input_precision=PRECISION) * _upper_decay(gamma, same, False, L)  # [s, t]
         mask_u = valid[:, None] & (offs_v < DV)[None, :]
         u_offs = tokens[:, None] * DV + offs_v[None, :]
@@ -73,7 +73,7 @@ def _dstates_kernel(
         tl.store(du_ptr + u_offs, du, mask=mask_u)
         dS = tl.exp(g_total) * keeps * dS + tl.dot(qT * (tl.exp(gamma) * from_state)[None, :], do,
                                                    input_precision=PRECISION)
-        dS -= tl.dot(load_cols(w_ptr, tokens, valid, DK, BK), du, input_precision=PRECISION)
+        dS -= tl.dot(load_cols(w_ptr, tokens, valid, DK, BK, 0), du, input_precision=PRECISION)
     tl.store(ds0_ptr + first, dS, mask=mask_kv)
 
 
@@ -96,42 +96,58 @@ def _grads_kernel(
     same, from_state, to_end, keeps = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
     from_start = tl.exp(gamma) * from_state  # how the entering state reaches each token
 
-    # tiles are loaded next to their first use, so that fewer (L, D) and (D, D) tiles are live at once
-    q = load_rows(q_ptr, tokens, valid, DK, BK) * scale
-    k = load_rows(k_ptr, tokens, valid, DK, BK)
-    kT = load_cols(k_ptr, tokens, valid, DK, BK)
-    u = load_rows(u_ptr, tokens, valid, DV, BV)
-    do = load_rows(do_ptr, tokens, valid, DV, BV)
-    du = load_rows(du_ptr, tokens, valid, DV, BV)
-    here, mask_kv = state_offsets(row, c, NC, DK, DV, BK, BV, 0)
-    offs_k, offs_v = tl.arange(0, BK), tl.arange(0, BV)
+    q = load_rows(q_ptr, tokens, valid, DK, BK, 0) * scale
+    k = load_rows(k_ptr, tokens, valid, DK, BK, 0)
+    kT = load_cols(k_ptr, tokens, valid, DK, BK, 0)
+    offs_k = tl.arange(0, BK)
     mask_k = valid[:, None] & (offs_k < DK)[None, :]
-    mask_v = valid[:, None] & (offs_v < DV)[None, :]
     base = (row.to(tl.int64) * NC + c) * DK * DV
-    here_T = base + offs_k[None, :] * DV + offs_v[:, None]
-    mask_T = (offs_v < DV)[:, None] & (offs_k < DK)[None, :]
-    S_T = tl.load(states_ptr + here_T, mask=mask_T, other=0.0)  # (BV, BK)
-    dq_state = from_start[:, None] * tl.dot(do, S_T, input_precision=PRECISION)
-    dw = -tl.dot(du, S_T, input_precision=PRECISION)  # U = U0 - W S
+
+    # Everything that sums over Dv, one Dv-tile at a time (BV wide): products with the state and the end state's
+    # gradient, and the (L, L) products of dO, dU and U
+    do_u = tl.zeros((L, L), tl.float32)  # [t, s] = dO_t . U_s
+    u_do = tl.zeros((L, L), tl.float32)  # [s, t]
+    du_u = tl.zeros((L, L), tl.float32)  # [t, s] = dU_t . U_s
+    u_du = tl.zeros((L, L), tl.float32)  # [s, t]
+    do_S = tl.zeros((L, BK), tl.float32)  # dO S^T
+    dw = tl.zeros((L, BK), tl.float32)  # -dU S^T (U = U0 - W S)
+    u_dS = tl.zeros((L, BK), tl.float32)  # U dS'^T
+    S_dS = tl.zeros((BK,), tl.float32)  # row sums of S * dS'
+    for start in range(0, DV, BV):
+        u = load_rows(u_ptr, tokens, valid, DV, BV, start)
+        do = load_rows(do_ptr, tokens, valid, DV, BV, start)
+        du = load_rows(du_ptr, tokens, valid, DV, BV, start)
+        uT = load_cols(u_ptr, tokens, valid, DV, BV, start)
+        do_u += tl.dot(do, uT, input_precision=PRECISION)
+        du_u += tl.dot(du, uT, input_precision=PRECISION)
+        u_do += tl.dot(u, load_cols(do_ptr, tokens, valid, DV, BV, start), input_precision=PRECISION)
+        u_du += tl.dot(u, load_cols(du_ptr, tokens, valid, DV, BV, start), input_precision=PRECISION)
+        offs_v = start + tl.arange(0, BV)
+        here = base + offs_k[:, None] * DV + offs_v[None, :]
+        mask_kv = (offs_k < DK)[:, None] & (offs_v < DV)[None, :]
+        here_T = base + offs_k[None, :] * DV + offs_v[:, None]
+        mask_T = (offs_v < DV)[:, None] & (offs_k < DK)[None, :]
+        S_T = tl.load(states_ptr + here_T, mask=mask_T, other=0.0)  # (BV, BK)
+        do_S += tl.dot(do, S_T, input_precision=PRECISION)
+        dw -= tl.dot(du, S_T, input_precision=PRECISION)
+        u_dS += tl.dot(u, tl.load(dstates_ptr + here_T, mask=mask_T, other=0.0), input_precision=PRECISION)
+        S_dS += tl.sum(tl.load(states_ptr + here, mask=mask_kv, other=0.0) *
+                       tl.load(dstates_ptr + here, mask=mask_kv, other=0.0), 1)
 
     # through the outputs O = diag(exp(gamma)) Q S + (causal decay * Q K^T) U
     decay = decay_matrix(gamma, same, False, L)
-    do_u = tl.dot(do, load_cols(u_ptr, tokens, valid, DV, BV), input_precision=PRECISION)  # [t, s]
+    dq_state = from_start[:, None] * do_S
     dq = dq_state + tl.dot(decay * do_u, k, input_precision=PRECISION)
     tl.store(dq_ptr + tokens[:, None] * DK + offs_k[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask_k)
     pairs = decay * do_u * tl.dot(q, kT, input_precision=PRECISION)  # d(loss)/d(gamma_t - gamma_s)
     dgamma = tl.sum(q * dq_state, 1) + tl.sum(pairs, 1) - tl.sum(pairs, 0)
-    u_do = tl.dot(u, load_cols(do_ptr, tokens, valid, DV, BV), input_precision=PRECISION)  # [s, t]
     dk = tl.dot(_upper_decay(gamma, same, False, L) * u_do, q, input_precision=PRECISION)
 
     # through the end state S' = exp(gamma_L) S + (exp(gamma_L - gamma) K)^T U
-    dS_end_T = tl.load(dstates_ptr + here_T, mask=mask_T, other=0.0)
-    dk_end = (tl.exp(g_total - gamma) * to_end)[:, None] * tl.dot(u, dS_end_T, input_precision=PRECISION)
+    dk_end = (tl.exp(g_total - gamma) * to_end)[:, None] * u_dS
     dk += dk_end
     r = tl.sum(k * dk_end, 1)
-    S_dS = tl.sum(tl.sum(tl.load(states_ptr + here, mask=mask_kv, other=0.0) *
-                         tl.load(dstates_ptr + here, mask=mask_kv, other=0.0), 1), 0)
-    dgamma_total = tl.exp(g_total) * keeps * S_dS + tl.sum(r, 0)
+    dgamma_total = tl.exp(g_total) * keeps * tl.sum(S_dS, 0) + tl.sum(r, 0)
     dgamma += tl.where(offs == L - 1, dgamma_total, 0.0) - r
 
     # through U = T diag(beta) V - T diag(beta exp(gamma)) K S, T = (I + M)^-1
@@ -140,31 +156,31 @@ def _grads_kernel(
     kk = tl.dot(k, kT, input_precision=PRECISION)  # symmetric
     inverse = unit_triangular_inverse(beta[:, None] * decay_strict * kk, L, LOG2_L, INVERSE_PRECISION)
     inverse_T = unit_triangular_inverse(beta[None, :] * decay_strict_T * kk, L, LOG2_L, INVERSE_PRECISION)
-    dv_tilde = tl.dot(inverse_T, du, input_precision=PRECISION)
     dk_tilde = tl.dot(inverse_T, dw, input_precision=PRECISION)
-    v = load_rows(v_ptr, tokens, valid, DV, BV)
-    dv = beta[:, None] * dv_tilde
     k_dk_tilde = tl.sum(k * dk_tilde, 1)
-    dbeta = tl.sum(v * dv_tilde, 1) + from_start * k_dk_tilde
+    dbeta = from_start * k_dk_tilde
     dk += (beta * from_start)[:, None] * dk_tilde
     dgamma += beta * from_start * k_dk_tilde
 
     # through M = diag(beta) (strict decay * K K^T): dM = -T^T dU U^T, dM^T = -U dU^T T
-    dM = -tl.dot(inverse_T, tl.dot(du, load_cols(u_ptr, tokens, valid, DV, BV), input_precision=PRECISION),
-                 input_precision=PRECISION)
-    dM_T = -tl.dot(tl.dot(u, load_cols(du_ptr, tokens, valid, DV, BV), input_precision=PRECISION), inverse,
-                   input_precision=PRECISION)
+    dM = -tl.dot(inverse_T, du_u, input_precision=PRECISION)
+    dM_T = -tl.dot(u_du, inverse, input_precision=PRECISION)
     dM_kk = dM * decay_strict * kk  # zero on and above the diagonal
     dbeta += tl.sum(dM_kk, 1)
     pairs = beta[:, None] * dM_kk
     dgamma += tl.sum(pairs, 1) - tl.sum(pairs, 0)
     dk += tl.dot(beta[:, None] * dM * decay_strict, k, input_precision=PRECISION)
     dk += tl.dot(beta[None, :] * dM_T * decay_strict_T, k, input_precision=PRECISION)
-
-    dg = tl.cumsum(dgamma, 0, reverse=True)
     tl.store(dk_ptr + tokens[:, None] * DK + offs_k[None, :], dk.to(dk_ptr.dtype.element_ty), mask=mask_k)
-    tl.store(dv_ptr + tokens[:, None] * DV + offs_v[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask_v)
-    tl.store(dg_ptr + tokens, dg, mask=valid)
+
+    # dV = diag(beta) T^T dU, one Dv-tile at a time
+    for start in range(0, DV, BV):
+        dv_tilde = tl.dot(inverse_T, load_rows(du_ptr, tokens, valid, DV, BV, start), input_precision=PRECISION)
+        dbeta += tl.sum(load_rows(v_ptr, tokens, valid, DV, BV, start) * dv_tilde, 1)
+        offs_v = start + tl.arange(0, BV)
+        dv = (beta[:, None] * dv_tilde).to(dv_ptr.dtype.element_ty)
+        tl.store(dv_ptr + tokens[:, None] * DV + offs_v[None, :], dv, mask=valid[:, None] & (offs_v < DV)[None, :])
+    tl.store(dg_ptr + tokens, tl.cumsum(dgamma, 0, reverse=True), mask=valid)
     tl.store(dbeta_ptr + tokens, dbeta, mask=valid)
 
 
@@ -189,6 +205,6 @@ def delta_rule_backward(q, k, v, g, beta, starts, w, u, states, do, dS_T, scale:
     dg, dbeta = torch.empty(n, T, H, **f32), torch.empty(n, T, H, **f32)
     launch(_grads_kernel, (NC, n * H),
         q, k, v, g, beta, starts, u, states, dstates, do, du, dq, dk, dv, dg, dbeta, T, H, NC, Dk, Dv, scale,
-        L=L, LOG2_L=L.bit_length() - 1, BK=BK, BV=BV, PRECISION=precision, INVERSE_PRECISION=inverse_precision,
-        num_warps=cfg.warps_grads, **documents)
+        L=L, LOG2_L=L.bit_length() - 1, BK=BK, BV=min(cfg.block_v_grads, BV), PRECISION=precision,
+        INVERSE_PRECISION=inverse_precision, num_warps=cfg.warps_grads, **documents)
     return dq, dk, dv, dg, dbeta, dS0

@@ -11,9 +11,12 @@ class LaunchConfig:
     """Block sizes and warps; a field left None takes its shape-keyed default (`launch_config`).
 
     block_v_states / block_v_output / block_v_dstates: the Dv-tile of the sequential state kernel, the output kernel
-    and the sequential state-gradient kernel (narrower tiles: more programs for the sequential walks); warps_*:
-    num_warps per kernel."""
+    and the sequential state-gradient kernel (narrower tiles: more programs for the sequential walks); block_v_wy /
+    block_v_grads: the Dv-tile the WY and gradient kernels loop over (fewer live tiles); warps_*: num_warps per
+    kernel."""
 
+    block_v_wy: int | None = None
+    block_v_grads: int | None = None
     block_v_states: int | None = None
     block_v_output: int | None = None
     block_v_dstates: int | None = None
@@ -28,8 +31,9 @@ def default_launch_config(Dk: int, Dv: int, rows: int) -> LaunchConfig:
     """Fixed settings per shape class (no autotuning): with few batch*head rows the sequential kernels split Dv
     into narrower tiles so that more programs run at once."""
     narrow = 32 if rows < 64 else 64
-    return LaunchConfig(block_v_states=narrow, block_v_output=128, block_v_dstates=narrow, warps_wy=4,
-                        warps_states=4, warps_output=4, warps_dstates=4, warps_grads=8)
+    return LaunchConfig(block_v_wy=128, block_v_grads=64, block_v_states=narrow, block_v_output=128,
+                        block_v_dstates=narrow, warps_wy=4, warps_states=4, warps_output=4, warps_dstates=4,
+                        warps_grads=8)
 
 
 def launch_config(Dk: int, Dv: int, rows: int, requested: LaunchConfig | None = None) -> LaunchConfig:

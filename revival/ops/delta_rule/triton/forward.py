@@ -33,17 +33,17 @@ def chunk_tokens(row, c, T, H, L: tl.constexpr):
 
 
 @triton.jit
-def load_rows(ptr, tokens, valid, D, BD: tl.constexpr):
-    """(L, BD) float32 tile of a (n, T, H, D) tensor: the rows `tokens`, zeros past T and past D."""
-    offs = tl.arange(0, BD)
+def load_rows(ptr, tokens, valid, D, BD: tl.constexpr, start):
+    """(L, BD) float32 tile of a (n, T, H, D) tensor: columns start.. of the rows `tokens`, zeros past T and D."""
+    offs = start + tl.arange(0, BD)
     mask = valid[:, None] & (offs < D)[None, :]
     return tl.load(ptr + tokens[:, None] * D + offs[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def load_cols(ptr, tokens, valid, D, BD: tl.constexpr):
+def load_cols(ptr, tokens, valid, D, BD: tl.constexpr, start):
     """The same tile transposed, (BD, L), read transposed from memory."""
-    offs = tl.arange(0, BD)
+    offs = start + tl.arange(0, BD)
     mask = (offs < D)[:, None] & valid[None, :]
     return tl.load(ptr + tokens[None, :] * D + offs[:, None], mask=mask, other=0.0).to(tl.float32)
 
@@ -124,16 +124,18 @@ def _wy_kernel(
     tokens, valid = chunk_tokens(row, c, T, H, L)
     same, from_state, _, _ = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
     gamma, _, beta = load_gates(g_ptr, beta_ptr, tokens, valid)
-    k = load_rows(k_ptr, tokens, valid, DK, BK)
-    kk = tl.dot(k, load_cols(k_ptr, tokens, valid, DK, BK), input_precision=PRECISION)
+    k = load_rows(k_ptr, tokens, valid, DK, BK, 0)
+    kk = tl.dot(k, load_cols(k_ptr, tokens, valid, DK, BK, 0), input_precision=PRECISION)
     M = beta[:, None] * decay_matrix(gamma, same, True, L) * kk
     inverse = unit_triangular_inverse(M, L, LOG2_L, INVERSE_PRECISION)
     w = tl.dot(inverse, k * (beta * tl.exp(gamma) * from_state)[:, None], input_precision=PRECISION)
-    v = load_rows(v_ptr, tokens, valid, DV, BV)
-    u0 = tl.dot(inverse, v * beta[:, None], input_precision=PRECISION)
-    offs_k, offs_v = tl.arange(0, BK), tl.arange(0, BV)
+    offs_k = tl.arange(0, BK)
     tl.store(w_ptr + tokens[:, None] * DK + offs_k[None, :], w, mask=valid[:, None] & (offs_k < DK)[None, :])
-    tl.store(u0_ptr + tokens[:, None] * DV + offs_v[None, :], u0, mask=valid[:, None] & (offs_v < DV)[None, :])
+    for start in range(0, DV, BV):  # U0 one Dv-tile at a time
+        v = load_rows(v_ptr, tokens, valid, DV, BV, start)
+        u0 = tl.dot(inverse, v * beta[:, None], input_precision=PRECISION)
+        offs_v = start + tl.arange(0, BV)
+        tl.store(u0_ptr + tokens[:, None] * DV + offs_v[None, :], u0, mask=valid[:, None] & (offs_v < DV)[None, :])
 
 
 @triton.jit
@@ -155,13 +157,13 @@ def _states_kernel(
         g = tl.load(g_ptr + tokens, mask=valid, other=0.0)
         gamma = tl.cumsum(g, 0)
         g_total = tl.sum(g, 0)
-        w = load_rows(w_ptr, tokens, valid, DK, BK)
+        w = load_rows(w_ptr, tokens, valid, DK, BK, 0)
         mask_u = valid[:, None] & (offs_v < DV)[None, :]
         u_offs = tokens[:, None] * DV + offs_v[None, :]
         u = tl.load(u0_ptr + u_offs, mask=mask_u, other=0.0) - tl.dot(w, S, input_precision=PRECISION)
         tl.store(u_ptr + u_offs, u, mask=mask_u)
         _, _, to_end, keeps = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
-        k_to_end = load_cols(k_ptr, tokens, valid, DK, BK) * (tl.exp(g_total - gamma) * to_end)[None, :]
+        k_to_end = load_cols(k_ptr, tokens, valid, DK, BK, 0) * (tl.exp(g_total - gamma) * to_end)[None, :]
         S = tl.exp(g_total) * keeps * S + tl.dot(k_to_end, u, input_precision=PRECISION)
     tl.store(s_out_ptr + first, S, mask=mask_kv)
 
@@ -178,8 +180,8 @@ def _output_kernel(
     tokens, valid = chunk_tokens(row, c, T, H, L)
     g = tl.load(g_ptr + tokens, mask=valid, other=0.0)
     gamma = tl.cumsum(g, 0)
-    q = load_rows(q_ptr, tokens, valid, DK, BK) * scale
-    scores = tl.dot(q, load_cols(k_ptr, tokens, valid, DK, BK), input_precision=PRECISION)
+    q = load_rows(q_ptr, tokens, valid, DK, BK, 0) * scale
+    scores = tl.dot(q, load_cols(k_ptr, tokens, valid, DK, BK, 0), input_precision=PRECISION)
     same, from_state, _, _ = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
     scores *= decay_matrix(gamma, same, False, L)
     here, mask_kv = state_offsets(row, c, NC, DK, DV, BK, BV, iv)
@@ -241,8 +243,8 @@ def delta_rule_forward(q, k, v, g, beta, S0, starts, scale: float, L: int, cfg):
     documents = dict(HAS_STARTS=starts is not None)
     starts = g if starts is None else starts  # any tensor when HAS_STARTS is off: never read
     launch(_wy_kernel, (NC, n * H), k, v, g, beta, starts, w, u0, T, H, Dk, Dv, L=L, LOG2_L=L.bit_length() - 1,
-           BK=BK, BV=BV, PRECISION=precision, INVERSE_PRECISION=inverse_precision, num_warps=cfg.warps_wy,
-           **documents)
+           BK=BK, BV=min(cfg.block_v_wy, BV), PRECISION=precision, INVERSE_PRECISION=inverse_precision,
+           num_warps=cfg.warps_wy, **documents)
     block_v = min(cfg.block_v_states, BV)
     launch(_states_kernel, (triton.cdiv(Dv, block_v), n * H),
         k, w, u0, g, starts, S0, states, u, S_T, T, H, NC, Dk, Dv, L=L, BK=BK, BV=block_v, PRECISION=precision,
