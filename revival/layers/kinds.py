@@ -48,15 +48,24 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from .moe import MoEOptions
+
 __all__ = ["LayerKind", "LayerOptions", "NORMS", "FFNS", "layer_kinds"]
 
 NORMS = {"layer": "LayerNorm", "rms": "RMSNorm"}  # block pre-norm names (built by revival.models.blocks)
 FFNS = {"swiglu": "SwiGLU", "gated_mlp": "GatedMLP"}  # block feed-forward names (built by revival.models.blocks)
 
 
+BLOCK_OPTIONS = ("moe",)  # options of the block around the layer (revival/models/blocks.py), not of the layer
+
+
 @dataclass(frozen=True)
 class LayerOptions:
-    """Base of a kind's options: one field per keyword of the layer's constructor (all but d_model)."""
+    """Base of a kind's options: one field per keyword of the layer's constructor (all but d_model), plus the block
+    options every kind has: `moe` (None, or a dict of revival.layers.moe.MoEOptions: a mixture-of-experts
+    feed-forward in this kind's blocks)."""
+
+    moe: dict[str, Any] | None = None
 
     def derive(self, config: Any) -> dict[str, Any]:
         """Values for the fields that follow the model (`config` is the ModelConfig), used where the field is None."""
@@ -69,7 +78,7 @@ class LayerOptions:
 
     def kwargs(self) -> dict[str, Any]:
         """The layer constructor's keyword arguments."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in BLOCK_OPTIONS}
 
     @classmethod
     def from_dict(cls, letter: str, options: dict[str, Any]) -> LayerOptions:
@@ -80,6 +89,8 @@ class LayerOptions:
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise ValueError(f"layer_options[{letter!r}]: unknown option(s) {unknown}; valid options: {valid}")
+        if options.get("moe") is not None:
+            MoEOptions.from_dict(letter, options["moe"])  # rejects unknown or invalid MoE options
         return cls(**options)
 
 

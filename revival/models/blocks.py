@@ -5,7 +5,7 @@ Every block is a `ResidualBlock` with stable attribute names (the HF import/expo
     block.norm      pre-norm of the mixer                (LayerNorm for m/s, RMSNorm otherwise)
     block.mixer     the sequence mixer                   (MLSTMLayer, SLSTMLayer, XLSTMLargeLayer, Attention, ...)
     block.ffn_norm  pre-norm of the feed-forward, or None
-    block.ffn       the feed-forward (GatedMLP / SwiGLU), or None
+    block.ffn       the feed-forward (GatedMLP / SwiGLU / MoE), or None
 
 forward(x: (B, T, D), state) -> (x: (B, T, D), state), where state is the mixer's state (None means zeros):
 
@@ -27,6 +27,7 @@ from torch import nn
 
 from ..layers.ffn import GatedMLP, SwiGLU, ffn_hidden_dim
 from ..layers.kinds import layer_kinds
+from ..layers.moe import MoEOptions
 from ..layers.norms import LayerNorm, RMSNorm
 from .config import ModelConfig
 
@@ -103,8 +104,12 @@ def build_block(config: ModelConfig, index: int) -> ResidualBlock:
     if letter not in kinds:
         raise ValueError(f"pattern: no layer kind for letter {letter!r}; known: {sorted(kinds)}")
     kind = kinds[letter]
-    mixer = kind.layer(config.d_model, **kind.build_options(config).kwargs())
+    options = kind.build_options(config)
+    mixer = kind.layer(config.d_model, **options.kwargs())
     norm = NORM_BUILDERS[kind.norm]
     ffn_norm, ffn = (None, None) if kind.ffn is None else (norm(config), FFN_BUILDERS[kind.ffn](config))
+    moe = None if options.moe is None else MoEOptions.from_dict(letter, options.moe)
+    if moe is not None and moe.applies_to(index):  # the block option `moe` replaces (or adds) the feed-forward
+        ffn_norm, ffn = norm(config), moe.build(config)
     return ResidualBlock(letter, norm(config), mixer, ffn_norm, ffn, dropout=config.dropout, block_index=index,
                          num_blocks=config.num_blocks)
