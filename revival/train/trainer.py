@@ -34,6 +34,7 @@ from ..data.packing import PackedDataset, iter_document_tokens
 from ..data.tokenizers import count_utf8_bytes, load_tokenizer, make_tokenizer
 from ..devices import resolve_device as _resolve_device
 from ..errors import UserError
+from ..layers.moe import moe_aux_loss
 from ..models import LanguageModel, ModelConfig
 from ..models.checkpoint import check_state_dict
 from . import checkpoint as ckpt
@@ -468,7 +469,8 @@ class Trainer:
                 with self._autocast():
                     logits, _ = self.train_module(inputs, document_starts=starts)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-                (loss / self.cfg.grad_accum).backward()
+                aux_loss = moe_aux_loss(self.model)  # MoE load balancing: trained on, not reported in `loss`
+                ((loss if aux_loss is None else loss + aux_loss) / self.cfg.grad_accum).backward()
             total += loss.item() / self.cfg.grad_accum
             self.tokens_seen += targets.numel() * self.world.world_size
         total = distributed.mean_over_ranks(total, self.world)
