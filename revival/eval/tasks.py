@@ -38,8 +38,8 @@ from ..errors import UserError
 from ..models import LanguageModel, ModelConfig, preset_config
 from ..train.schedule import warmup_cosine
 
-__all__ = ["RECIPES", "SIZES", "TaskRecipe", "accuracy", "load_recipe", "recipe", "run_task", "task_model_config",
-           "train_on_task"]
+__all__ = ["RECIPES", "SIZES", "TaskRecipe", "accuracy", "format_table", "load_recipe", "minimum_depth", "plot_task",
+           "recipe", "run_task", "task_model_config", "train_on_task"]
 
 SIZES = ("tiny", "paper")
 TRAIN_KEYS = ("steps", "batch_size")  # keys a setting may carry besides the generator's arguments
@@ -174,7 +174,7 @@ def load_recipe(path: str | Path) -> TaskRecipe:
 
 
 # -------------------------------------------------------------------------------------------------------- models
-def _depth(preset: str, num_blocks: int) -> int:
+def minimum_depth(preset: str, num_blocks: int) -> int:
     """`num_blocks`, or the smallest depth above it whose pattern holds every block kind of the preset (a hybrid)."""
     letters = set(preset_config(preset).pattern)
     depth = num_blocks
@@ -194,7 +194,7 @@ def task_model_config(preset: str, vocab_size: int, d_model: int, num_blocks: in
         letters = set(preset_config(preset).pattern)
         options = {letter: dict(values) for letter, values in (layer_options or {}).items() if letter in letters}
         return preset_config(preset, vocab_size=vocab_size, d_model=d_model, num_heads=heads,
-                             num_blocks=_depth(preset, num_blocks), layer_options=options)
+                             num_blocks=minimum_depth(preset, num_blocks), layer_options=options)
     except ValueError as error:
         raise UserError(f"--models: {preset!r}: {error}") from None
 
@@ -256,9 +256,11 @@ def accuracy(model: LanguageModel, data: TaskData, batch_size: int = 64, device:
 
 def train_on_task(model: LanguageModel, train: TaskData, test: TaskData, *, steps: int, batch_size: int, lr: float,
                   weight_decay: float = 0.1, warmup_steps: int = 100, eval_every: int = 0,
-                  early_stop_accuracy: float | None = None, seed: int = 0, progress=None) -> dict[str, Any]:
+                  early_stop_accuracy: float | None = None, seed: int = 0, progress=None,
+                  max_seconds: float | None = None) -> dict[str, Any]:
     """Train `model` in place on `train` (AdamW, warmup + cosine to 0.1 lr, clip 1.0, batches drawn by a seeded
-    permutation per epoch); returns {"steps", "final_loss", "seconds", "history": [{"step", "accuracy"}]}."""
+    permutation per epoch); returns {"steps" (done), "final_loss", "seconds", "history": [{"step", "accuracy"}],
+    "stopped_by_time"}. `max_seconds` stops after the step that passes it (a time budget; steps then < `steps`)."""
     device = model.device
     decay = [p for name, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in name]
     no_decay = [p for name, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in name)]
@@ -268,7 +270,7 @@ def train_on_task(model: LanguageModel, train: TaskData, test: TaskData, *, step
         optimizer, lambda step: warmup_cosine(step, min(warmup_steps, steps // 2), steps, 0.1))
     generator = torch.Generator().manual_seed(seed)
     order, cursor = torch.randperm(len(train), generator=generator), 0
-    history, loss_value, start, step = [], float("nan"), time.perf_counter(), 0
+    history, loss_value, start, step, stopped_by_time = [], float("nan"), time.perf_counter(), 0, False
     model.train()
     for step in range(1, steps + 1):
         if cursor + batch_size > len(train):
@@ -295,7 +297,11 @@ def train_on_task(model: LanguageModel, train: TaskData, test: TaskData, *, step
                 if progress is not None:
                     progress.update(steps - step)
                 break
-    return {"steps": step, "final_loss": loss_value, "seconds": time.perf_counter() - start, "history": history}
+        if max_seconds is not None and time.perf_counter() - start > max_seconds and step < steps:
+            loss_value, stopped_by_time = float(loss.detach()), True
+            break
+    return {"steps": step, "final_loss": loss_value, "seconds": time.perf_counter() - start, "history": history,
+            "stopped_by_time": stopped_by_time}
 
 
 def run_task(task_recipe: TaskRecipe, models: list[str], device: str | torch.device = "auto", seed: int = 0,
