@@ -72,37 +72,45 @@ def _grads_kernel(
     decay = tl.exp(tl.where(causal, a[:, None] - a[None, :], float("-inf")))  # [t, s]
     causal_T = (offs[None, :] >= offs[:, None]) & same
     decay_T = tl.exp(tl.where(causal_T, a[None, :] - a[:, None], float("-inf")))  # [s, t]
-    # tiles are loaded next to their first use, so that fewer (L, P), (L, N) and (P, N) tiles are live at once
-    x = load_rows(x_ptr, tokens, valid, P, BP, 0)
-    dy = load_rows(dy_ptr, tokens, valid, P, BP, 0)
     Bm = load_rows(b_ptr, group_tokens, valid, N, BN, 0)
     Cm = load_rows(c_ptr, group_tokens, valid, N, BN, 0)
-    here, mask = state_tile(row, c, NC, P, N, BP, BN, 0, False)
-    here_T, mask_T = state_tile(row, c, NC, P, N, BP, BN, 0, True)
-    offs_p, offs_n = tl.arange(0, BP), tl.arange(0, BN)
-    mask_p = valid[:, None] & (offs_p < P)[None, :]
+    offs_n = tl.arange(0, BN)
     mask_n = valid[:, None] & (offs_n < N)[None, :]
     to_end = tl.exp(a_total - a) * dt * to_end_mask
     from_start = tl.exp(a) * from_state
+    dx_scores = decay_T * dt[:, None] * tl.dot(Bm, load_cols(c_ptr, group_tokens, valid, N, BN, 0),
+                                                input_precision=PRECISION)  # [s, t]
 
-    B_C = tl.dot(Bm, load_cols(c_ptr, group_tokens, valid, N, BN, 0), input_precision=PRECISION)  # [s, t]
-    dx = tl.dot(decay_T * B_C * dt[:, None], dy, input_precision=PRECISION)
-    dS_end_T = tl.load(dstates_ptr + here_T, mask=mask_T, other=0.0)
-    dx += to_end[:, None] * tl.dot(Bm, dS_end_T, input_precision=PRECISION)
-    tl.store(dx_ptr + tokens[:, None] * P + offs_p[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask_p)
+    # dx one P-tile at a time (BP wide), and everything else that sums over P
+    dy_x = tl.zeros((L, L), tl.float32)  # [t, s] = dy_t . x_s
+    x_dy = tl.zeros((L, L), tl.float32)  # [s, t]
+    dy_S = tl.zeros((L, BN), tl.float32)  # dy S
+    x_dS = tl.zeros((L, BN), tl.float32)  # x dS'
+    dy_y_state = tl.zeros((L,), tl.float32)  # dy_t . (the entering state's part of y_t)
+    S_dS = tl.zeros((BN,), tl.float32)  # column sums of S * dS'
+    for start in range(0, P, BP):
+        x = load_rows(x_ptr, tokens, valid, P, BP, start)
+        dy = load_rows(dy_ptr, tokens, valid, P, BP, start)
+        here, mask = state_tile(row, c, NC, P, N, BP, BN, start // BP, False)
+        here_T, mask_T = state_tile(row, c, NC, P, N, BP, BN, start // BP, True)
+        dx = tl.dot(dx_scores, dy, input_precision=PRECISION)
+        dx += to_end[:, None] * tl.dot(Bm, tl.load(dstates_ptr + here_T, mask=mask_T, other=0.0),
+                                       input_precision=PRECISION)
+        offs_p = start + tl.arange(0, BP)
+        tl.store(dx_ptr + tokens[:, None] * P + offs_p[None, :], dx.to(dx_ptr.dtype.element_ty),
+                 mask=valid[:, None] & (offs_p < P)[None, :])
+        dy_x += tl.dot(dy, load_cols(x_ptr, tokens, valid, P, BP, start), input_precision=PRECISION)
+        x_dy += tl.dot(x, load_cols(dy_ptr, tokens, valid, P, BP, start), input_precision=PRECISION)
+        S = tl.load(states_ptr + here, mask=mask, other=0.0)
+        dS_end = tl.load(dstates_ptr + here, mask=mask, other=0.0)
+        dy_S += tl.dot(dy, S, input_precision=PRECISION)
+        x_dS += tl.dot(x, dS_end, input_precision=PRECISION)
+        S_dS += tl.sum(S * dS_end, 0)
+        y_state = tl.dot(Cm, tl.load(states_ptr + here_T, mask=mask_T, other=0.0), input_precision=PRECISION)
+        dy_y_state += tl.sum(dy * y_state, 1)
 
-    dy_x = tl.dot(dy, load_cols(x_ptr, tokens, valid, P, BP, 0), input_precision=PRECISION)  # [t, s]
-    dC = tl.dot(decay * dy_x * dt[None, :], Bm, input_precision=PRECISION)
-    S = tl.load(states_ptr + here, mask=mask, other=0.0)
-    dC += from_start[:, None] * tl.dot(dy, S, input_precision=PRECISION)
+    dC = tl.dot(decay * dy_x * dt[None, :], Bm, input_precision=PRECISION) + from_start[:, None] * dy_S
     tl.store(dc_ptr + tokens[:, None] * N + offs_n[None, :], dC, mask=mask_n)
-    S_T = tl.load(states_ptr + here_T, mask=mask_T, other=0.0)
-    y_from_state = from_start[:, None] * tl.dot(Cm, S_T, input_precision=PRECISION)
-    da_point = tl.sum(dy * y_from_state, 1)
-
-    dS_end = tl.load(dstates_ptr + here, mask=mask, other=0.0)
-    x_dS = tl.dot(x, dS_end, input_precision=PRECISION)
-    x_dy = tl.dot(x, load_cols(dy_ptr, tokens, valid, P, BP, 0), input_precision=PRECISION)  # [s, t]
     dB = tl.dot(decay_T * x_dy * dt[:, None], Cm, input_precision=PRECISION) + to_end[:, None] * x_dS
     tl.store(db_ptr + tokens[:, None] * N + offs_n[None, :], dB, mask=mask_n)
 
@@ -111,8 +119,8 @@ def _grads_kernel(
     r = tl.sum(Bm * x_dS, 1)  # x_s . dS' B_s
     ddt = tl.sum(pairs, 0) + tl.exp(a_total - a) * to_end_mask * r
     pairs *= dt[None, :]  # now d(loss)/d(a_t - a_s)
-    da_point += tl.sum(pairs, 1) - tl.sum(pairs, 0) - to_end * r
-    da_total = tl.exp(a_total) * keeps * tl.sum(tl.sum(S * dS_end, 1), 0) + tl.sum(to_end * r, 0)
+    da_point = from_start * dy_y_state + tl.sum(pairs, 1) - tl.sum(pairs, 0) - to_end * r
+    da_total = tl.exp(a_total) * keeps * tl.sum(S_dS, 0) + tl.sum(to_end * r, 0)
     da_point += tl.where(offs == L - 1, da_total, 0.0)
     da = tl.cumsum(da_point, 0, reverse=True)
     ddt += tl.load(A_ptr + row % H) * da
@@ -141,7 +149,7 @@ def ssd_backward(x, dt, A, B, C, starts, states, dy, dS_T, L: int, cfg):
     dA_chunks = torch.empty(n * H, NC, **f32)
     launch(_grads_kernel, (NC, n * H),
         x, dt, A, B, C, starts, states, dstates, dy, dx, ddt, dB_heads, dC_heads, dA_chunks, T, H, G, NC, P, N,
-        L=L, BP=BP, BN=BN, PRECISION=precision(x.dtype), num_warps=cfg.warps_grads, **documents)
+        L=L, BP=min(cfg.block_p_grads, BP), BN=BN, PRECISION=precision(x.dtype), num_warps=cfg.warps_grads, **documents)
     dB = dB_heads.reshape(n, T, G, H // G, N).sum(3).to(B.dtype)
     dC = dC_heads.reshape(n, T, G, H // G, N).sum(3).to(C.dtype)
     dA = dA_chunks.reshape(n, H, NC).sum((0, 2))

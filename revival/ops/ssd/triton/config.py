@@ -12,8 +12,9 @@ class LaunchConfig:
 
     block_p_states / block_p_output / block_p_dstates: the P-tile (head dim) of the sequential state kernel, the
     output kernel and the sequential state-gradient kernel (narrower tiles: more programs for the sequential walks);
-    warps_*: num_warps per kernel."""
+    block_p_grads: the P-tile the gradient kernel loops over (fewer live tiles); warps_*: num_warps per kernel."""
 
+    block_p_grads: int | None = None
     block_p_states: int | None = None
     block_p_output: int | None = None
     block_p_dstates: int | None = None
@@ -27,8 +28,8 @@ def default_launch_config(P: int, N: int, rows: int) -> LaunchConfig:
     """Fixed settings per shape class (no autotuning): with few batch*head rows the sequential kernels split P
     into narrower tiles so that more programs run at once."""
     narrow = 16 if rows < 64 else 32
-    return LaunchConfig(block_p_states=narrow, block_p_output=128, block_p_dstates=narrow, warps_states=4,
-                        warps_output=4, warps_dstates=4, warps_grads=8)
+    return LaunchConfig(block_p_grads=64, block_p_states=narrow, block_p_output=128, block_p_dstates=narrow,
+                        warps_states=4, warps_output=4, warps_dstates=4, warps_grads=8)
 
 
 def launch_config(P: int, N: int, rows: int, requested: LaunchConfig | None = None) -> LaunchConfig:
