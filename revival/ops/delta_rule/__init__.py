@@ -44,7 +44,7 @@ from .reference import gated_delta_rule_recurrent
 __all__ = ["IMPLS", "gated_delta_rule", "gated_delta_rule_reference"]
 
 IMPLS = ("auto", "chunkwise", "triton")
-_TRITON_MAX_HEAD_DIM = 256  # the Triton kernels hold a chunk's (L, D) tiles whole
+_TRITON_MAX_HEAD_DIM = 256  # the Triton kernels hold a chunk's (L, Dk) tiles whole
 
 
 def _resolve_impl(impl, q, Dv: int) -> str:
