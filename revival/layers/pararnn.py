@@ -79,7 +79,9 @@ class _ParaRNN(nn.Module):
     def _output(self, h: torch.Tensor) -> torch.Tensor:
         return h
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None,
+                document_starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """document_starts: (B, T) bool or None; the state restarts from zeros at each start (packed documents)."""
         if x.ndim != 3 or x.shape[-1] != self.d_model or x.shape[1] == 0:
             raise ValueError(f"x: expected shape (B, T >= 1, {self.d_model}), got {tuple(x.shape)}")
         B, T, _ = x.shape
@@ -92,7 +94,8 @@ class _ParaRNN(nn.Module):
         pre = self.in_proj(x).view(B, T, 3, self.d_inner)
         pre = pre + self.gate_bias.to(pre.dtype)
         h, self.last_result = newton_solve(self.cell, pre, state, self._weights(), method=self.method,
-                                           tol=self.tol, max_iters=self.max_iters, on_failure=self.on_failure)
+                                           tol=self.tol, max_iters=self.max_iters, on_failure=self.on_failure,
+                                           document_starts=document_starts)
         y = self._output(h).to(x.dtype)
         return (y if self.out_proj is None else self.out_proj(y)), h[:, -1]
 

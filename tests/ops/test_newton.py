@@ -297,3 +297,23 @@ def test_slstm_op_impl_newton():
     torch.testing.assert_close(slstm(x, R, impl="newton")[0], slstm(x, R, impl="reference")[0], rtol=0, atol=1e-10)
     with pytest.raises(ValueError, match="document_starts"):
         slstm(x, R, impl="newton", document_starts=torch.zeros(2, 9, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("name", ["paragru", "paralstm"])
+def test_document_starts_equal_separate_calls(name):
+    cell, x, h0, weights = make_problem(name, 2, 14)
+    starts = torch.zeros(2, 14, dtype=torch.bool)
+    starts[0, 5] = starts[1, 0] = starts[1, 9] = True
+    h, result = newton_solve(cell, x, h0, weights, document_starts=starts)
+    torch.testing.assert_close(h, sequential_solve(cell, x, h0, weights, starts), rtol=0, atol=1e-12)
+    zero = torch.zeros_like(h0[:1])
+    torch.testing.assert_close(h[0, 5:], newton_solve(cell, x[:1, 5:], zero, weights)[0][0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(h[1, :9], newton_solve(cell, x[1:, :9], zero, weights)[0][0], rtol=0, atol=1e-12)
+    leaves = [t.clone().requires_grad_() for t in (x, h0, *weights)]
+    got = torch.autograd.grad(newton_solve(cell, leaves[0], leaves[1], tuple(leaves[2:]),
+                                           document_starts=starts)[0].square().sum(), leaves)
+    want = torch.autograd.grad(sequential_solve(cell, leaves[0], leaves[1], tuple(leaves[2:]),
+                                                starts).square().sum(), leaves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-10)
+    assert got[1][1].abs().max() == 0  # the second row starts a document at t = 0: h0 does not matter

@@ -58,9 +58,20 @@ class NewtonConvergenceError(RuntimeError):
         self.result = result
 
 
-def _shift(h: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-    """h_{t-1} for t = 1..T: h0 then h_1..h_{T-1}."""
-    return torch.cat((h0[:, None], h[:, :-1]), dim=1)
+def _shift(h: torch.Tensor, h0: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
+    """h_{t-1} for t = 1..T: h0 then h_1..h_{T-1}; zero where a document starts."""
+    prev = torch.cat((h0[:, None], h[:, :-1]), dim=1)
+    return prev if starts is None else prev.masked_fill(_expand(starts, prev), 0.0)
+
+
+def _expand(starts: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return starts.reshape(*starts.shape, *(1,) * (like.ndim - 2))
+
+
+def _jacobian(cell: Cell, h, h0, x, weights, starts, diagonal: bool):
+    """Step value and Jacobian at the iterate h; the Jacobian is zero where a document starts (no dependence)."""
+    value, jac = cell.jacobian(_shift(h, h0, starts), x, *weights, diagonal=diagonal)
+    return value, (jac if starts is None else jac.masked_fill(_expand(starts, jac), 0.0))
 
 
 def _residual(value: torch.Tensor, h: torch.Tensor) -> float:
@@ -112,14 +123,15 @@ def _trust_region(delta: torch.Tensor, h: torch.Tensor, unconverged: torch.Tenso
     return torch.where(keep, delta, torch.zeros_like(delta))
 
 
-def _iterate(cell: Cell, x, h0, weights, guess, method, tol, max_iters, damping, trust_radius, scan_impl) -> tuple:
-    fused = _fused_step(cell, method, x, scan_impl)
+def _iterate(cell: Cell, x, h0, weights, guess, method, tol, max_iters, damping, trust_radius, scan_impl,
+             starts) -> tuple:
+    fused = None if starts is not None else _fused_step(cell, method, x, scan_impl)
     if fused is not None:
         return _iterate_fused(fused, x, h0, weights, guess, tol, max_iters, method)
     structure = cell.structure if method == "deer" else "diagonal"
     diagonal = method != "deer"
     h = guess
-    value, jac = cell.jacobian(_shift(h, h0), x, *weights, diagonal=diagonal)
+    value, jac = _jacobian(cell, h, h0, x, weights, starts, diagonal)
     residual, iterations = _residual(value, h), 0
     while not residual <= tol and math.isfinite(residual) and iterations < max_iters:
         iterations += 1
@@ -128,24 +140,24 @@ def _iterate(cell: Cell, x, h0, weights, guess, method, tol, max_iters, damping,
             h = h + _trust_region(elk_step(jac, value - h, damping), h, unconverged, trust_radius)
         else:
             h = h + _scan(jac, value - h, structure, scan_impl)
-        value, jac = cell.jacobian(_shift(h, h0), x, *weights, diagonal=diagonal)
+        value, jac = _jacobian(cell, h, h0, x, weights, starts, diagonal)
         residual = _residual(value, h)
     return h, NewtonResult(method, iterations, residual, residual <= tol, tol=tol)
 
 
 def _solve(cell, x, h0, weights, options) -> tuple[torch.Tensor, NewtonResult]:
-    guess = options["initial_guess"]
+    guess, starts = options["initial_guess"], options["document_starts"]
     if guess is None:  # f(0, x_t) at every t (h0 at t = 1): the first state is then already exact
-        zeros = torch.zeros((x.shape[0], x.shape[1] - 1, *h0.shape[1:]), dtype=h0.dtype, device=h0.device)
-        guess = cell.step(torch.cat((h0[:, None], zeros), dim=1), x, *weights)
+        zeros = torch.zeros((x.shape[0], x.shape[1], *h0.shape[1:]), dtype=h0.dtype, device=h0.device)
+        guess = cell.step(_shift(zeros, h0, starts), x, *weights)
     h, result = _iterate(cell, x, h0, weights, guess, options["method"], options["tol"], options["max_iters"],
-                         options["damping"], options["trust_radius"], options["scan_impl"])
+                         options["damping"], options["trust_radius"], options["scan_impl"], starts)
     if result.converged or options["on_failure"] == "return":
         return h, result
     if options["on_failure"] == "raise":
         raise NewtonConvergenceError(result)
-    h = sequential_solve(cell, x, h0, weights)
-    value = cell.step(_shift(h, h0), x, *weights)
+    h = sequential_solve(cell, x, h0, weights, starts)
+    value = cell.step(_shift(h, h0, starts), x, *weights)
     result.residual, result.fell_back = _residual(value, h), True
     return h, result
 
@@ -154,7 +166,7 @@ class _NewtonFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cell, options, record, h0, x, *weights):
         h, record["result"] = _solve(cell, x, h0, weights, options)
-        ctx.cell, ctx.scan_impl = cell, options["scan_impl"]
+        ctx.cell, ctx.scan_impl, ctx.starts = cell, options["scan_impl"], options["document_starts"]
         ctx.save_for_backward(h0, x, h, *weights)
         return h
 
@@ -162,8 +174,8 @@ class _NewtonFunction(torch.autograd.Function):
     def backward(ctx, grad_h):
         h0, x, h, *weights = ctx.saved_tensors
         cell = ctx.cell
-        h_prev = _shift(h, h0)
-        _, jac = cell.jacobian(h_prev, x, *weights, diagonal=False)
+        h_prev = _shift(h, h0, ctx.starts)
+        _, jac = _jacobian(cell, h, h0, x, weights, ctx.starts, diagonal=False)
         later = torch.cat((jac[:, 1:], torch.zeros_like(jac[:, :1])), dim=1)  # J_{t+1}, and 0 after the end
         coeff = later if cell.structure == "diagonal" else later.transpose(-1, -2)
         adjoint = _scan(coeff, grad_h.contiguous(), cell.structure, ctx.scan_impl, reverse=True)
@@ -175,7 +187,10 @@ class _NewtonFunction(torch.autograd.Function):
             grads = iter(torch.autograd.grad(out, wanted, adjoint, allow_unused=True))
         grads = [next(grads) if t.requires_grad else None for t in inputs]
         if grads[0] is not None:
-            grads[0] = grads[0][:, 0]  # dL/dh0 = J_1^T lambda_1
+            grads[0] = grads[0][:, 0]  # dL/dh0 = J_1^T lambda_1 (0 where the first step starts a document)
+            if ctx.starts is not None:
+                first = ctx.starts[:, 0].reshape(-1, *(1,) * (grads[0].ndim - 1))
+                grads[0] = grads[0].masked_fill(first, 0.0)
         return (None, None, None, *grads)
 
 
@@ -193,6 +208,7 @@ def newton_solve(
     damping: float = 0.0,
     trust_radius: float = 10.0,
     scan_impl: str = "auto",
+    document_starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, NewtonResult]:
     """Solve h_t = cell.step(h_{t-1}, x_t, *weights) for t = 1..T in parallel; returns (h (B, T, *S), result).
 
@@ -202,7 +218,8 @@ def newton_solve(
     tol: on max_t |h_t - f_t| / (1 + |h_t|); None: 1e-12 in float64, 1e-5 otherwise. max_iters: None means T
     (always enough with damping = 0), 2T + 32 with damping > 0. initial_guess: (B, T, *S), e.g. a previous
     solution; None: f(0, x_t). on_failure: "raise" (NewtonConvergenceError), "sequential" (run the loop;
-    result.fell_back) or "return" (keep the last iterate; result.converged False).
+    result.fell_back) or "return" (keep the last iterate; result.converged False). document_starts: (B, T) bool
+    or None; the state restarts from zeros at each start (h_{t-1} := 0 there, so J_t = 0): packed documents.
     Computes in float64 for float64 x, else float32 (16-bit x is read as is), autocast off; h is in that dtype.
     Gradients flow to x, h0 and the weights through the adjoint scan at the returned trajectory.
     """
@@ -235,7 +252,14 @@ def newton_solve(
         if tuple(initial_guess.shape) != want:
             raise ValueError(f"initial_guess: expected shape {want}, got {tuple(initial_guess.shape)}")
         initial_guess = initial_guess.detach().to(dtype)
-    options = {"method": method, "tol": float(tol), "max_iters": int(max_iters), "initial_guess": initial_guess,
+    if document_starts is not None:
+        if tuple(document_starts.shape) != (x.shape[0], T) or document_starts.dtype != torch.bool:
+            raise ValueError(f"document_starts: expected a bool tensor of shape {(x.shape[0], T)}, got "
+                             f"{getattr(document_starts, 'dtype', type(document_starts))} "
+                             f"{tuple(getattr(document_starts, 'shape', ()))}")
+        document_starts = document_starts.to(x.device)
+    options = {"document_starts": document_starts, "method": method, "tol": float(tol), "max_iters": int(max_iters),
+               "initial_guess": initial_guess,
                "on_failure": on_failure, "damping": float(damping), "trust_radius": float(trust_radius),
                "scan_impl": scan_impl}
     with torch.autocast(x.device.type, enabled=False):
