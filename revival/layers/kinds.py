@@ -56,16 +56,14 @@ NORMS = {"layer": "LayerNorm", "rms": "RMSNorm"}  # block pre-norm names (built 
 FFNS = {"swiglu": "SwiGLU", "gated_mlp": "GatedMLP"}  # block feed-forward names (built by revival.models.blocks)
 
 
-BLOCK_OPTIONS = ("moe",)  # options of the block around the layer (revival/models/blocks.py), not of the layer
+# options of the block around the layer that every kind takes in `layer_options[letter]` beside the layer's own
+# (read by revival/models/blocks.py): "moe", None or a dict of MoEOptions (a mixture-of-experts feed-forward)
+BLOCK_OPTIONS = ("moe",)
 
 
 @dataclass(frozen=True)
 class LayerOptions:
-    """Base of a kind's options: one field per keyword of the layer's constructor (all but d_model), plus the block
-    options every kind has: `moe` (None, or a dict of revival.layers.moe.MoEOptions: a mixture-of-experts
-    feed-forward in this kind's blocks)."""
-
-    moe: dict[str, Any] | None = None
+    """Base of a kind's options: one field per keyword of the layer's constructor (all but d_model)."""
 
     def derive(self, config: Any) -> dict[str, Any]:
         """Values for the fields that follow the model (`config` is the ModelConfig), used where the field is None."""
@@ -78,20 +76,21 @@ class LayerOptions:
 
     def kwargs(self) -> dict[str, Any]:
         """The layer constructor's keyword arguments."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in BLOCK_OPTIONS}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_dict(cls, letter: str, options: dict[str, Any]) -> LayerOptions:
-        """Options from `layer_options[letter]`; unknown keys are rejected with the valid ones."""
+        """Options from `layer_options[letter]` (less the BLOCK_OPTIONS, checked here); unknown keys are rejected with
+        the valid ones."""
         if not isinstance(options, dict):
             raise ValueError(f"layer_options[{letter!r}]: expected a dict of options, got {options!r}")
-        valid = [f.name for f in dataclasses.fields(cls)]
+        valid = [f.name for f in dataclasses.fields(cls)] + list(BLOCK_OPTIONS)
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise ValueError(f"layer_options[{letter!r}]: unknown option(s) {unknown}; valid options: {valid}")
         if options.get("moe") is not None:
             MoEOptions.from_dict(letter, options["moe"])  # rejects unknown or invalid MoE options
-        return cls(**options)
+        return cls(**{k: v for k, v in options.items() if k not in BLOCK_OPTIONS})
 
 
 @dataclass(frozen=True)

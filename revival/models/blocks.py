@@ -104,11 +104,11 @@ def build_block(config: ModelConfig, index: int) -> ResidualBlock:
     if letter not in kinds:
         raise ValueError(f"pattern: no layer kind for letter {letter!r}; known: {sorted(kinds)}")
     kind = kinds[letter]
-    options = kind.build_options(config)
-    mixer = kind.layer(config.d_model, **options.kwargs())
+    mixer = kind.layer(config.d_model, **kind.build_options(config).kwargs())
     norm = NORM_BUILDERS[kind.norm]
     ffn_norm, ffn = (None, None) if kind.ffn is None else (norm(config), FFN_BUILDERS[kind.ffn](config))
-    moe = None if options.moe is None else MoEOptions.from_dict(letter, options.moe)
+    moe = config.layer_options.get(letter, {}).get("moe")  # a block option (revival/layers/kinds.py BLOCK_OPTIONS)
+    moe = None if moe is None else MoEOptions.from_dict(letter, moe)
     if moe is not None and moe.applies_to(index):  # the block option `moe` replaces (or adds) the feed-forward
         ffn_norm, ffn = norm(config), moe.build(config)
     return ResidualBlock(letter, norm(config), mixer, ffn_norm, ffn, dropout=config.dropout, block_index=index,

@@ -7,8 +7,13 @@
     xlstm-large   the xLSTM-7B layout (letter x) at any size: RMSNorm, SwiGLU, soft-capped gates and logits.
     xlstm-7b      the exact 7B configuration: d_model 4096, 32 blocks, 8 heads, vocab 50304, norm eps 1e-6.
     hybrid        Qwen3-Next style 3:1 Gated DeltaNet : attention, the attention last in each group of 4: "ddda" * n
+    qwen3-next    Qwen3-Next's layout: "ddda" * n with gated attention (output gate, partial RoPE on a quarter of each
+                  head) and a MoE feed-forward in every block: 16 experts of width 0.5 d_model, top 4, plus a gated
+                  shared expert of width 0.5 d_model (the published 512 experts / top 10 scaled down to small models)
+    olmo-hybrid   OLMo Hybrid's 3:1 Gated DeltaNet : attention, "ddda" * n, dense SwiGLU feed-forwards
     jamba         Jamba style 1 attention per 7 Mamba-2: "MMMMaMMM" * n, the attention at offset 4 of each group of
-                  8 (Jamba's attn_layer_offset=4, attn_layer_period=8); no MoE. Fewer than 5 blocks have no attention.
+                  8 (Jamba's attn_layer_offset=4, attn_layer_period=8), and Jamba's MoE (16 experts, top 2, no shared
+                  expert) in every other block (expert_layer_period=2, offset=1). Fewer than 5 blocks have no attention.
 
 and one preset per layer kind that declares `preset=` (revival/layers/kinds.py): that kind alone, 6 blocks, on the
 Llama base (d_model 512, 8 heads, RMSNorm pre-norms, a SwiGLU after every mixer):
@@ -18,16 +23,19 @@ Llama base (d_model 512, 8 heads, RMSNorm pre-norms, a SwiGLU after every mixer)
     minlstm         minLSTM blocks (letter l): "llll..."
     mamba2          Mamba-2 blocks (letter M): "MMMM..."
     gated-deltanet  Gated DeltaNet blocks (letter d): "dddd..."
+    mamba3          Mamba-3 blocks (letter 3): "3333..."
 
 A depth that is not a multiple of the repeating unit truncates the last unit (hybrid with 6 blocks: "dddadd"). The
 layers' sizes (Mamba-2 head_dim = expand * d_model / num_heads, Gated DeltaNet heads, chunk sizes, ...) are derived
-from the config when the blocks are built, as for any `ModelConfig`; `layer_options` given here are kept as given.
+from the config when the blocks are built, as for any `ModelConfig`. `layer_options` given here are merged into the
+preset's per letter and option (`{"M": {"d_state": 32}}` keeps jamba's MoE; `{"M": {"moe": None}}` drops it).
 
 Overrides are ModelConfig fields plus `num_blocks` (the depth; the pattern is rebuilt) and, for xlstm[a:b], `slstm_at`.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any
 
@@ -53,7 +61,14 @@ _DEFAULT_BLOCKS = {"xlstm": 4, "xlstm-large": 6}
 # and the hybrids
 _LLAMA_BASE_PATTERNS: dict[str, tuple[str, int]] = {
     **{kind.preset: (kind.letter, 6) for kind in layer_kinds().values() if kind.preset},
-    "hybrid": ("ddda", 8), "jamba": ("MMMMaMMM", 8),
+    "hybrid": ("ddda", 8), "qwen3-next": ("ddda", 8), "olmo-hybrid": ("ddda", 8), "jamba": ("MMMMaMMM", 8),
+}
+_QWEN3_NEXT_MOE = dict(num_experts=16, top_k=4, expert_proj_factor=0.5, shared_proj_factor=0.5, shared_gate=True)
+# preset -> its layer_options (the caller's are merged in per letter)
+_PRESET_LAYER_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
+    "qwen3-next": {"d": {"moe": _QWEN3_NEXT_MOE},
+                   "a": {"output_gate": True, "rope_fraction": 0.25, "moe": _QWEN3_NEXT_MOE}},
+    "jamba": {"M": {"moe": dict(num_experts=16, top_k=2, every=2, offset=1)}},
 }
 PRESET_NAMES = ("xlstm[a:b]", "xlstm-large", "xlstm-7b", *_LLAMA_BASE_PATTERNS)
 
@@ -115,5 +130,11 @@ def preset_config(name: str, **overrides: Any) -> ModelConfig:
     if unknown:
         raise ValueError(f"overrides: unknown key(s) {unknown}; valid keys: "
                          f"{ModelConfig.field_names() + ['num_blocks', 'slstm_at']}")
-    d.update(overrides)
+    layer_options = copy.deepcopy(_PRESET_LAYER_OPTIONS.get(key, {}))
+    given = overrides.pop("layer_options", {})
+    if not isinstance(given, dict):
+        raise ValueError(f"layer_options: expected a dict letter -> options, got {given!r}")
+    for letter, options in given.items():
+        layer_options[letter] = {**layer_options.get(letter, {}), **options} if isinstance(options, dict) else options
+    d.update(overrides, layer_options=layer_options)
     return ModelConfig.from_dict(d)

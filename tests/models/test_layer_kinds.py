@@ -89,7 +89,7 @@ def test_bench_sizes_come_from_the_declarations():
     assert bench_heads("mamba2", "125m") == 24 and bench_heads("jamba", "125m") == 12  # min(M 24, a 12)
     assert bench_heads("hybrid", "125m") == 6 and bench_heads("xlstm[7:1]", "1.3b") == 4
     tiny = bench_config("jamba", "tiny")
-    assert tiny.layer_options == {"M": {"d_state": 16}}
+    assert tiny.layer_options == {"M": {"d_state": 16, "moe": preset_config("jamba").layer_options["M"]["moe"]}}
 
 
 def test_a_new_kind_is_one_new_file(tmp_path, monkeypatch):

@@ -107,7 +107,7 @@ def test_presets_with_attention_grow_a_kv_cache_in_attention_blocks_only(name):
 
 def test_unknown_preset_lists_the_siblings():
     with pytest.raises(ValueError, match="gated-deltanet.*hybrid.*jamba"):
-        preset_config("mamba3")
+        preset_config("mamba4")
 
 
 @pytest.mark.parametrize("name", ["mingru", "minlstm", "mamba2", "gated-deltanet", "hybrid", "jamba"])
