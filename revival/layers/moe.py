@@ -1,7 +1,7 @@
 """Mixture-of-experts feed-forward (Mixtral / Jamba / Qwen3-Next style): top-k routed SwiGLU experts, an optional
 shared expert, and the load-balancing loss; a block option of any layer kind (`layer_options[letter]["moe"]`).
 
-    p = softmax(W_router x)                          router probabilities over E experts, in float32
+    p = softmax(W_router x)                          router probabilities over E experts, in float32 (float64)
     (w, e) = top_k(p)                                token choice, no capacity: every token gets its k experts
     w = w / sum(w)                                   when normalize_top_k (Qwen3; Mixtral's softmax over the top k)
     y = sum_j w_j SwiGLU_{e_j}(x) + sigmoid(W_g x) SwiGLU_shared(x)        (the gate only when shared_gate)
@@ -11,7 +11,7 @@ shared expert, and the load-balancing loss; a block option of any layer kind (`l
 `impl="sorted"` sorts the token-expert assignments by expert and runs one matmul per expert on its contiguous rows
 (the GPU-friendly path); `impl="loop"` runs every expert on every token and weighs by the dense gate matrix (the
 plain reference; tests compare the two in float64). After each forward `aux_loss` holds the weighted loss of that
-call (a float32 scalar with gradients); `moe_aux_loss(model)` sums it over a model for the trainer to add.
+call (a scalar with gradients); `moe_aux_loss(model)` sums it over a model for the trainer to add.
 
 As a block option (revival/models/blocks.py): `layer_options["M"] = {"moe": {"num_experts": 16, "top_k": 2,
 "every": 2, "offset": 1}}` gives the M blocks whose index i (in the whole stack) has i % every == offset a MoE
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._common import compute_dtype
 from .ffn import SwiGLU, ffn_hidden_dim, small_init_, wang_init_
 
 __all__ = ["MoE", "MoEOptions", "moe_aux_loss"]
@@ -76,8 +77,9 @@ class MoE(nn.Module):
             small_init_(self.shared_gate.weight, self.d_model)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (M, D) -> (weights (M, k) float32, experts (M, k) long, aux_loss float32 scalar, weighted)."""
-        probs = torch.softmax(self.router(x).float(), dim=-1)
+        """x (M, D) -> (weights (M, k), experts (M, k) long, aux_loss scalar, weighted); float32 (float64 for
+        float64)."""
+        probs = torch.softmax(self.router(x).to(compute_dtype(x)), dim=-1)
         weights, experts = probs.topk(self.top_k, dim=-1)
         if self.normalize_top_k:
             weights = weights / weights.sum(dim=-1, keepdim=True)
