@@ -72,18 +72,13 @@ def slstm(
     "newton" (parallel over T by Newton's method, exact (falls back to the loop if it does not converge); see
     revival/ops/newton/slstm.py).
     document_starts: (B, T) bool or None; the state (c, n, m, y) is zero before each start, so a packed row equals
-    separate calls per document (revival/ops/_documents.py). "auto" runs such rows on "fused" (the Triton kernels
-    take no document starts yet).
+    separate calls per document (revival/ops/_documents.py); every impl but "newton" takes them.
     """
     check_floating("x_gates", x_gates)
     if x_gates.ndim != 5 or x_gates.shape[2] != 4 or x_gates.shape[1] == 0:
         raise ValueError(f"x_gates: expected shape (B, T >= 1, 4, H, d), got {tuple(x_gates.shape)}")
     B, T, _, H, d = x_gates.shape
     document_starts = check_document_starts(document_starts, B, T, x_gates.device)
-    if document_starts is not None and impl == "auto":
-        impl = "fused"
-    if document_starts is not None and impl == "triton":
-        raise ValueError("document_starts: impl='triton' takes no document starts yet; use 'auto' or 'fused'")
     impl = _resolve_impl(impl, x_gates)
     _validate_weight(recurrent_weight, H, d)
     dtype = compute_dtype(x_gates)
@@ -96,7 +91,7 @@ def slstm(
             # as any matmul under autocast: the products y_{t-1} R in the autocast dtype (bf16/fp16)
             x_gates = x_gates.to(torch.get_autocast_dtype(device_type))
         with torch.autocast(device_type, enabled=False):
-            return slstm_triton(x_gates, recurrent_weight, state)
+            return slstm_triton(x_gates, recurrent_weight, state, document_starts=document_starts)
     if impl == "newton" and document_starts is not None:
         raise ValueError("document_starts: impl='newton' takes no document starts yet; use 'auto' or 'fused'")
     args = (x_gates.to(dtype), recurrent_weight.to(dtype), state)

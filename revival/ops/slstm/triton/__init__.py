@@ -22,6 +22,9 @@ Design:
   in float32 (index 0 = initial state). Backward is a reverse-time kernel carrying dL/d(c, n, m) and
   `sum_g g_raw[t+1, g] @ R[g]^T`; it writes dL/draw (B, T, 4, H, d). The weight gradient is then one einsum over
   all (b, t) (a cuBLAS GEMM with K = B*T, faster than per-program register accumulation at small B).
+- Document starts (B, T) (docs/math-resets.md): at a start the kernels read the zero state (c, n, m, y) instead of
+  the carried one (the saved buffers keep the previous document's final state, which is its output), and the
+  backward passes no gradient from a start to the state before it; the weight gradient sees y_{t-1} = 0 there.
 - Under TRITON_INTERPRET=1 (CPU tests) the products are float32 (the interpreter mis-multiplies bfloat16 matrices).
 """
 
@@ -84,10 +87,11 @@ BLOCK_B = 16  # batch rows per program: tl.dot's minimum; more rows per program 
 
 class _SLSTMTriton(torch.autograd.Function):
     """x_gates (B, T, 4, H, d) float32/bfloat16/float16; recurrent_weight (4, H, d, d); c0, n0, m0, y0 (B, H, d)
-    float32. Returns y (B, T, H, d) in x_gates' dtype and the final c, n, m, y (float32)."""
+    float32; starts (B, T) int8 or None. Returns y (B, T, H, d) in x_gates' dtype and the final c, n, m, y
+    (float32)."""
 
     @staticmethod
-    def forward(ctx, x_gates, recurrent_weight, c0, n0, m0, y0, launch):
+    def forward(ctx, x_gates, recurrent_weight, c0, n0, m0, y0, starts, launch):
         from .kernels import _slstm_forward_kernel
 
         B, T, G, H, d = x_gates.shape
@@ -105,13 +109,15 @@ class _SLSTMTriton(torch.autograd.Function):
         if cfg.weights == "split":
             from .split import split_forward
 
-            split_forward(x, r_dot, raw, cnm, y_all, D, BLOCK_B, cfg.split_units, dot_bf16, cfg.num_warps)
+            split_forward(x, r_dot, starts, raw, cnm, y_all, D, BLOCK_B, cfg.split_units, dot_bf16, cfg.num_warps)
         else:
             _slstm_forward_kernel[(-(-B // BLOCK_B), H)](
-                x, r_dot, raw, cnm, y_all, B, T, H, d, D=D, BLOCK_B=BLOCK_B, BLOCK_K=cfg.block_k,
-                RESIDENT=cfg.weights == "resident", DOT_BF16=dot_bf16, num_warps=cfg.num_warps, num_stages=1,
+                x, r_dot, r_dot if starts is None else starts, raw, cnm, y_all, B, T, H, d, D=D, BLOCK_B=BLOCK_B,
+                BLOCK_K=cfg.block_k, RESIDENT=cfg.weights == "resident", DOT_BF16=dot_bf16,
+                HAS_STARTS=starts is not None, num_warps=cfg.num_warps, num_stages=1,
             )  # fmt: skip
         ctx.save_for_backward(r_dot, raw, cnm, y_all)
+        ctx.starts = starts
         ctx.config = (D, cfg, dot_bf16, x_gates.dtype, recurrent_weight.dtype)
         final = (cnm[:, T, 0], cnm[:, T, 1], cnm[:, T, 2], y_all[:, T])
         return (y_all[:, 1:].to(x_gates.dtype), *(s.contiguous() for s in final))
@@ -122,6 +128,7 @@ class _SLSTMTriton(torch.autograd.Function):
         from .kernels import _slstm_backward_kernel
 
         r_dot, raw, cnm, y_all = ctx.saved_tensors
+        starts = ctx.starts
         D, cfg, dot_bf16, x_dtype, r_dtype = ctx.config
         B, T, G, H, d = raw.shape
         f32 = dict(dtype=torch.float32, device=raw.device)
@@ -137,30 +144,40 @@ class _SLSTMTriton(torch.autograd.Function):
         if cfg.weights == "split":
             from .split import split_backward
 
-            split_backward(r_dot, raw, cnm, gy, graw, gfinal, D, BLOCK_B, cfg.split_units, dot_bf16, cfg.num_warps)
+            split_backward(r_dot, starts, raw, cnm, gy, graw, gfinal, D, BLOCK_B, cfg.split_units, dot_bf16,
+                           cfg.num_warps)
             ginit[:3] = gfinal  # now dL/d(c_0, n_0, m_0)
             ginit[3] = torch.einsum("bghk,ghjk->bhj", graw[:, 0], r_dot.float())  # dL/dy_0 through step 0's gates
+            if starts is not None:
+                ginit[3] *= (starts[:, 0] == 0)[:, None, None]
         else:
             _slstm_backward_kernel[(-(-B // BLOCK_B), H)](
-                r_dot, raw, cnm, gy, gfinal, graw, ginit, B, T, H, d, D=D, BLOCK_B=BLOCK_B, BLOCK_K=cfg.block_k,
-                RESIDENT=cfg.weights == "resident", DOT_BF16=dot_bf16, num_warps=cfg.num_warps, num_stages=1,
+                r_dot, r_dot if starts is None else starts, raw, cnm, gy, gfinal, graw, ginit, B, T, H, d, D=D,
+                BLOCK_B=BLOCK_B, BLOCK_K=cfg.block_k, RESIDENT=cfg.weights == "resident", DOT_BF16=dot_bf16,
+                HAS_STARTS=starts is not None, num_warps=cfg.num_warps, num_stages=1,
             )  # fmt: skip
         g_x = graw.to(x_dtype) if ctx.needs_input_grad[0] else None
         g_r = None
-        if ctx.needs_input_grad[1]:  # dR[g, h] = sum_{b, t} y_{t-1}[b, h]^T graw[b, t, g, h]
-            g_r = torch.einsum("bthd,btghe->ghde", y_all[:, :T], graw).to(r_dtype)
-        return (g_x, g_r, ginit[0], ginit[1], ginit[2], ginit[3], None)
+        if ctx.needs_input_grad[1]:  # dR[g, h] = sum_{b, t} y_{t-1}[b, h]^T graw[b, t, g, h], y_{t-1} as read
+            y_read = y_all[:, :T] if starts is None else y_all[:, :T] * (starts == 0)[:, :, None, None]
+            g_r = torch.einsum("bthd,btghe->ghde", y_read, graw).to(r_dtype)
+        return (g_x, g_r, ginit[0], ginit[1], ginit[2], ginit[3], None, None)
 
 
-def slstm_triton(x_gates: torch.Tensor, recurrent_weight: torch.Tensor, state, *, launch: LaunchConfig | None = None):
+def slstm_triton(x_gates: torch.Tensor, recurrent_weight: torch.Tensor, state, *,
+                 document_starts: torch.Tensor | None = None, launch: LaunchConfig | None = None):
     """sLSTM over a sequence with the Triton kernels. x_gates (B, T, 4, H, d) float32/bfloat16/float16;
     recurrent_weight (4, H, d, d); state (c, n, m, y) each (B, H, d) (converted to float32). Returns y (B, T, H, d)
-    in x_gates' dtype and the final state (float32). `launch` (a `LaunchConfig`, None: the defaults by size) picks how
-    R is held across steps (`weights`: "resident", "streamed" or "split") and the tile sizes. Results agree to
+    in x_gates' dtype and the final state (float32). document_starts (B, T) bool or None: the state is zero before
+    each start (a packed row equals separate calls). `launch` (a `LaunchConfig`, None: the defaults by size) picks
+    how R is held across steps (`weights`: "resident", "streamed" or "split") and the tile sizes. Results agree to
     rounding."""
     require_triton()
     if x_gates.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"x_gates: impl='triton' supports float32/bfloat16/float16, got {x_gates.dtype}")
     c0, n0, m0, y0 = (s.to(torch.float32).contiguous() for s in state)
-    y, c, n, m, y_last = _SLSTMTriton.apply(x_gates, recurrent_weight, c0, n0, m0, y0, launch)
+    starts = None
+    if document_starts is not None and bool(document_starts.any()):
+        starts = document_starts.to(device=x_gates.device, dtype=torch.int8).contiguous()
+    y, c, n, m, y_last = _SLSTMTriton.apply(x_gates, recurrent_weight, c0, n0, m0, y0, starts, launch)
     return y, (c, n, m, y_last)

@@ -59,6 +59,11 @@ def _store_state(ptr, stride, c, n, m, mask):
     tl.store(ptr + 2 * stride, m, mask=mask)
 
 @triton.jit
+def _starts_at(starts_ptr, rows, B, T, t):
+    """(BLOCK_B, 1) bool: the rows whose document starts at step t (starts (B, T) int8)."""
+    return tl.load(starts_ptr + rows * T + t, mask=rows < B, other=0) != 0
+
+@triton.jit
 def _cell_step(i, f, z, o, c, n, m, mask):
     """One step from the pre-activations (float32): the new (c, n, m, y); y is 0 outside `mask`. Per unit, the
     first step (n == 0) sets m = i and ignores the forget gate (docs/math.md "sLSTM")."""
@@ -117,12 +122,13 @@ def _streamed_matmul(a_ptr, a_stride, r_ptr, g, h, H, d, rows, B,
 
 @triton.jit
 def _slstm_forward_kernel(
-    x_ptr, r_ptr, raw_ptr, cnm_ptr, y_ptr, B, T, H, d,
+    x_ptr, r_ptr, starts_ptr, raw_ptr, cnm_ptr, y_ptr, B, T, H, d,
     D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr,
-    DOT_BF16: tl.constexpr,
+    DOT_BF16: tl.constexpr, HAS_STARTS: tl.constexpr,
 ):  # fmt: skip
     """x (B, T, 4, H, d) any float; raw (B, T, 4, H, d) f32 out; cnm (B, T+1, 3, H, d) f32 and y (B, T+1, H, d)
-    f32 with index 0 holding the initial state, indices 1..T written here."""
+    f32 with index 0 holding the initial state, indices 1..T written here. starts (B, T) int8 (HAS_STARTS): the
+    state (c, n, m, y) entering a start is taken as zero (cnm and y keep the previous document's values)."""
     pid_b = tl.program_id(0)
     h = tl.program_id(1)
     rows = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)[:, None]
@@ -151,6 +157,12 @@ def _slstm_forward_kernel(
         o = x_o.to(tl.float32)
         # prefetch: the next step's inputs do not depend on this step, so their loads overlap its math
         x_i, x_f, x_z, x_o = _load4(x_row + tl.minimum(t + 1, T - 1) * (4 * Hd), Hd, mask)
+        if HAS_STARTS:  # a start reads the zero state; n = 0 then triggers the first-step rule in _cell_step
+            start = _starts_at(starts_ptr, rows, B, T, t)
+            c = tl.where(start, 0.0, c)
+            n = tl.where(start, 0.0, n)
+            m = tl.where(start, 0.0, m)
+            y = tl.where(start, 0.0, y)
         if RESIDENT:
             i += _matmul(y, w_i, DOT_BF16)
             f += _matmul(y, w_f, DOT_BF16)
@@ -159,10 +171,19 @@ def _slstm_forward_kernel(
         else:  # y_{t-1} from the buffer (written by the previous step, or the initial state)
             tl.debug_barrier()
             y_prev = y_ptr + t * Hd + h * d
-            i += _streamed_matmul(y_prev, y_stride, r_ptr, 0, h, H, d, rows, B, D, BLOCK_K, False, DOT_BF16)
-            f += _streamed_matmul(y_prev, y_stride, r_ptr, 1, h, H, d, rows, B, D, BLOCK_K, False, DOT_BF16)
-            z += _streamed_matmul(y_prev, y_stride, r_ptr, 2, h, H, d, rows, B, D, BLOCK_K, False, DOT_BF16)
-            o += _streamed_matmul(y_prev, y_stride, r_ptr, 3, h, H, d, rows, B, D, BLOCK_K, False, DOT_BF16)
+            r_i = _streamed_matmul(y_prev, y_stride, r_ptr, 0, h, H, d, rows, B, D, BLOCK_K, False, DOT_BF16)
+            r_f = _streamed_matmul(y_prev, y_stride, r_ptr, 1, h, H, d, rows, B, D, BLOCK_K, False, DOT_BF16)
+            r_z = _streamed_matmul(y_prev, y_stride, r_ptr, 2, h, H, d, rows, B, D, BLOCK_K, False, DOT_BF16)
+            r_o = _streamed_matmul(y_prev, y_stride, r_ptr, 3, h, H, d, rows, B, D, BLOCK_K, False, DOT_BF16)
+            if HAS_STARTS:  # the buffer keeps the previous document's y: drop its product instead (per row)
+                r_i = tl.where(start, 0.0, r_i)
+                r_f = tl.where(start, 0.0, r_f)
+                r_z = tl.where(start, 0.0, r_z)
+                r_o = tl.where(start, 0.0, r_o)
+            i += r_i
+            f += r_f
+            z += r_z
+            o += r_o
         _store4(raw_row + t * (4 * Hd), Hd, i, f, z, o, mask)
         c, n, m, y = _cell_step(i, f, z, o, c, n, m, mask)
         _store_state(cnm_row + (t + 1) * (3 * Hd), Hd, c, n, m, mask)
@@ -170,13 +191,14 @@ def _slstm_forward_kernel(
 
 @triton.jit
 def _slstm_backward_kernel(
-    r_ptr, raw_ptr, cnm_ptr, gy_ptr, gfinal_ptr, graw_ptr, ginit_ptr, B, T, H, d,
+    r_ptr, starts_ptr, raw_ptr, cnm_ptr, gy_ptr, gfinal_ptr, graw_ptr, ginit_ptr, B, T, H, d,
     D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr,
-    DOT_BF16: tl.constexpr,
+    DOT_BF16: tl.constexpr, HAS_STARTS: tl.constexpr,
 ):  # fmt: skip
     """raw (B, T, 4, H, d), cnm (B, T+1, 3, H, d) from the forward; gy (B, T, H, d) dL/dy_t (final-y gradient
     included); gfinal (3, B, H, d) dL/d(c_T, n_T, m_T). Writes graw (B, T, 4, H, d) and ginit (4, B, H, d):
-    dL/d(c_0, n_0, m_0, y_0). All float32."""
+    dL/d(c_0, n_0, m_0, y_0). All float32. starts (B, T) int8 (HAS_STARTS): a start read the zero state, so it
+    passes no gradient to the state (c, n, m, y) before it."""
     pid_b = tl.program_id(0)
     h = tl.program_id(1)
     rows = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)[:, None]
@@ -222,9 +244,19 @@ def _slstm_backward_kernel(
         nx_n = tl.load(cnm_prev + Hd, mask=mask, other=1.0)
         nx_m = tl.load(cnm_prev + 2 * Hd, mask=mask, other=0.0)
         g_y = gy_t + g_y_rec
+        c_in, n_in, m_in = c_prev, n_prev, m_prev  # the state step t read
+        if HAS_STARTS:
+            start = _starts_at(starts_ptr, rows, B, T, t)
+            c_in = tl.where(start, 0.0, c_in)
+            n_in = tl.where(start, 0.0, n_in)
+            m_in = tl.where(start, 0.0, m_in)
         g_i, g_f, g_z, g_o, g_c, g_n, g_m = _cell_grads(
-            i, f, z, o, c_prev, n_prev, m_prev, c, n, m, g_y, g_c, g_n, g_m, mask
+            i, f, z, o, c_in, n_in, m_in, c, n, m, g_y, g_c, g_n, g_m, mask
         )  # fmt: skip
+        if HAS_STARTS:
+            g_c = tl.where(start, 0.0, g_c)
+            g_n = tl.where(start, 0.0, g_n)
+            g_m = tl.where(start, 0.0, g_m)
         _store4(graw_row + t * (4 * Hd), Hd, g_i, g_f, g_z, g_o, mask)
         c, n, m = c_prev, n_prev, m_prev  # the state after step t - 1
         if RESIDENT:
@@ -243,6 +275,8 @@ def _slstm_backward_kernel(
                 + _streamed_matmul(g_t + 3 * Hd, graw_stride, r_ptr, 3, h, H, d, rows, B, D, BLOCK_K, True,
                                    DOT_BF16)
             )  # fmt: skip
+        if HAS_STARTS:  # dL/dy_{t-1} through step t's gates: none where step t read y = 0
+            g_y_rec = tl.where(start, 0.0, g_y_rec)
     tl.store(ginit_ptr + state_at, g_c, mask=mask)
     tl.store(ginit_ptr + BHd + state_at, g_n, mask=mask)
     tl.store(ginit_ptr + 2 * BHd + state_at, g_m, mask=mask)

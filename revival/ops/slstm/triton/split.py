@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..._triton import INTERPRET
-from .kernels import _cell_grads, _cell_step, _load4, _matmul, _store4, _store_state, weight_budget
+from .kernels import _cell_grads, _cell_step, _load4, _matmul, _starts_at, _store4, _store_state, weight_budget
 
 
 @triton.jit
@@ -56,12 +56,12 @@ def _weight_columns(r_ptr, g, h, H, d, units, D: tl.constexpr, TRANSPOSE: tl.con
 
 @triton.jit
 def _split_forward_kernel(
-    x_ptr, r_ptr, raw_ptr, cnm_ptr, y_ptr, counter_ptr, B, T, H, d, block_offset, t_start, t_stop,
+    x_ptr, r_ptr, starts_ptr, raw_ptr, cnm_ptr, y_ptr, counter_ptr, B, T, H, d, block_offset, t_start, t_stop,
     D: tl.constexpr, BLOCK_B: tl.constexpr, U: tl.constexpr, P: tl.constexpr, DOT_BF16: tl.constexpr,
-    SYNC: tl.constexpr,
+    SYNC: tl.constexpr, HAS_STARTS: tl.constexpr,
 ):  # fmt: skip
-    """Steps t_start .. t_stop - 1. Layouts as `triton._slstm_forward_kernel`; the state entering t_start is read
-    from cnm[:, t_start] and y[:, t_start]."""
+    """Steps t_start .. t_stop - 1. Layouts (and starts) as `kernels._slstm_forward_kernel`; the state entering
+    t_start is read from cnm[:, t_start] and y[:, t_start]."""
     rows, units, mask, all_units, all_mask = _program_lanes(B, d, block_offset, D, BLOCK_B, U)
     h = tl.program_id(1)
     Hd = H * d
@@ -80,6 +80,12 @@ def _split_forward_kernel(
     for t in range(t_start, t_stop):
         x_i, x_f, x_z, x_o = _load4(x_row + t * (4 * Hd), Hd, mask)
         y_prev = tl.load(y_head + t * Hd + all_units, mask=all_mask, other=0.0, cache_modifier=".cg")
+        if HAS_STARTS:  # a start reads the zero state (the buffers keep the previous document's)
+            start = _starts_at(starts_ptr, rows, B, T, t)
+            y_prev = tl.where(start, 0.0, y_prev)
+            c = tl.where(start, 0.0, c)
+            n = tl.where(start, 0.0, n)
+            m = tl.where(start, 0.0, m)
         i = x_i.to(tl.float32) + _matmul(y_prev, w_i, DOT_BF16)
         f = x_f.to(tl.float32) + _matmul(y_prev, w_f, DOT_BF16)
         z = x_z.to(tl.float32) + _matmul(y_prev, w_z, DOT_BF16)
@@ -94,9 +100,9 @@ def _split_forward_kernel(
 
 @triton.jit
 def _split_backward_kernel(
-    r_ptr, raw_ptr, cnm_ptr, gy_ptr, graw_ptr, gstate_ptr, counter_ptr, B, T, H, d, block_offset, t_low, t_high,
-    D: tl.constexpr, BLOCK_B: tl.constexpr, U: tl.constexpr, P: tl.constexpr, DOT_BF16: tl.constexpr,
-    SYNC: tl.constexpr,
+    r_ptr, starts_ptr, raw_ptr, cnm_ptr, gy_ptr, graw_ptr, gstate_ptr, counter_ptr, B, T, H, d, block_offset, t_low,
+    t_high, D: tl.constexpr, BLOCK_B: tl.constexpr, U: tl.constexpr, P: tl.constexpr, DOT_BF16: tl.constexpr,
+    SYNC: tl.constexpr, HAS_STARTS: tl.constexpr,
 ):  # fmt: skip
     """Steps t_high - 1 down to t_low. gstate (3, B, H, d) holds dL/d(c, n, m) of the state after step t_high - 1
     on entry and of the state before step t_low on exit; graw (B, T, 4, H, d) must hold the gate gradients of step
@@ -125,10 +131,15 @@ def _split_backward_kernel(
         g_y = tl.load(gy_row + t * Hd, mask=mask, other=0.0)
         if t + 1 < T:
             g_next = graw_head + (t + 1) * (4 * Hd)
-            g_y += _matmul(tl.load(g_next, mask=all_mask, other=0.0, cache_modifier=".cg"), wt_i, DOT_BF16)
-            g_y += _matmul(tl.load(g_next + Hd, mask=all_mask, other=0.0, cache_modifier=".cg"), wt_f, DOT_BF16)
-            g_y += _matmul(tl.load(g_next + 2 * Hd, mask=all_mask, other=0.0, cache_modifier=".cg"), wt_z, DOT_BF16)
-            g_y += _matmul(tl.load(g_next + 3 * Hd, mask=all_mask, other=0.0, cache_modifier=".cg"), wt_o, DOT_BF16)
+            g_rec = _matmul(tl.load(g_next, mask=all_mask, other=0.0, cache_modifier=".cg"), wt_i, DOT_BF16)
+            g_rec += _matmul(tl.load(g_next + Hd, mask=all_mask, other=0.0, cache_modifier=".cg"), wt_f, DOT_BF16)
+            g_rec += _matmul(tl.load(g_next + 2 * Hd, mask=all_mask, other=0.0, cache_modifier=".cg"), wt_z,
+                             DOT_BF16)
+            g_rec += _matmul(tl.load(g_next + 3 * Hd, mask=all_mask, other=0.0, cache_modifier=".cg"), wt_o,
+                             DOT_BF16)
+            if HAS_STARTS:  # none where step t + 1 started a document (it read y = 0)
+                g_rec = tl.where(_starts_at(starts_ptr, rows, B, T, t + 1), 0.0, g_rec)
+            g_y += g_rec
         i, f, z, o = _load4(raw_row + t * (4 * Hd), Hd, mask)
         cnm_prev = cnm_row + t * (3 * Hd)
         c_prev = tl.load(cnm_prev, mask=mask, other=0.0)
@@ -137,9 +148,18 @@ def _split_backward_kernel(
         c = tl.load(cnm_prev + 3 * Hd, mask=mask, other=0.0)
         n = tl.load(cnm_prev + 4 * Hd, mask=mask, other=1.0)
         m = tl.load(cnm_prev + 5 * Hd, mask=mask, other=0.0)
+        if HAS_STARTS:  # step t read the zero state and passes it no gradient
+            start = _starts_at(starts_ptr, rows, B, T, t)
+            c_prev = tl.where(start, 0.0, c_prev)
+            n_prev = tl.where(start, 0.0, n_prev)
+            m_prev = tl.where(start, 0.0, m_prev)
         g_i, g_f, g_z, g_o, g_c, g_n, g_m = _cell_grads(
             i, f, z, o, c_prev, n_prev, m_prev, c, n, m, g_y, g_c, g_n, g_m, mask
         )  # fmt: skip
+        if HAS_STARTS:
+            g_c = tl.where(start, 0.0, g_c)
+            g_n = tl.where(start, 0.0, g_n)
+            g_m = tl.where(start, 0.0, g_m)
         _store4(graw_row + t * (4 * Hd), Hd, g_i, g_f, g_z, g_o, mask)
         if SYNC:
             _group_barrier(counter, P * (k + 1))
@@ -164,7 +184,8 @@ def launch_groups(blocks: int, H: int, P: int, device: torch.device) -> list[tup
     return [(start, min(per_launch, blocks - start)) for start in range(0, blocks, per_launch)]
 
 
-def split_forward(x, r_dot, raw, cnm, y_all, D, BLOCK_B, U, dot_bf16, num_warps):
+def split_forward(x, r_dot, starts, raw, cnm, y_all, D, BLOCK_B, U, dot_bf16, num_warps):
+    """starts: (B, T) int8, or None (no document starts)."""
     B, T, _, H, d = x.shape
     P = D // U
     blocks = triton.cdiv(B, BLOCK_B)
@@ -173,14 +194,15 @@ def split_forward(x, r_dot, raw, cnm, y_all, D, BLOCK_B, U, dot_bf16, num_warps)
         for t_start, t_stop in steps:
             counters = torch.zeros(count, H, dtype=torch.int32, device=x.device)
             _split_forward_kernel[(count, H, P)](
-                x, r_dot, raw, cnm, y_all, counters, B, T, H, d, first, t_start, t_stop,
-                D=D, BLOCK_B=BLOCK_B, U=U, P=P, DOT_BF16=dot_bf16, SYNC=not INTERPRET, num_warps=num_warps,
-                num_stages=1,
+                x, r_dot, r_dot if starts is None else starts, raw, cnm, y_all, counters, B, T, H, d, first,
+                t_start, t_stop, D=D, BLOCK_B=BLOCK_B, U=U, P=P, DOT_BF16=dot_bf16, SYNC=not INTERPRET,
+                HAS_STARTS=starts is not None, num_warps=num_warps, num_stages=1,
             )  # fmt: skip
 
 
-def split_backward(r_dot, raw, cnm, gy, graw, gstate, D, BLOCK_B, U, dot_bf16, num_warps):
-    """gstate (3, B, H, d): dL/d(c_T, n_T, m_T) in, dL/d(c_0, n_0, m_0) out. Fills graw."""
+def split_backward(r_dot, starts, raw, cnm, gy, graw, gstate, D, BLOCK_B, U, dot_bf16, num_warps):
+    """gstate (3, B, H, d): dL/d(c_T, n_T, m_T) in, dL/d(c_0, n_0, m_0) out. Fills graw. starts as
+    `split_forward`."""
     B, T, _, H, d = raw.shape
     P = D // U
     blocks = triton.cdiv(B, BLOCK_B)
@@ -189,7 +211,7 @@ def split_backward(r_dot, raw, cnm, gy, graw, gstate, D, BLOCK_B, U, dot_bf16, n
         for t_low, t_high in steps:
             counters = torch.zeros(count, H, dtype=torch.int32, device=raw.device)
             _split_backward_kernel[(count, H, P)](
-                r_dot, raw, cnm, gy, graw, gstate, counters, B, T, H, d, first, t_low, t_high,
-                D=D, BLOCK_B=BLOCK_B, U=U, P=P, DOT_BF16=dot_bf16, SYNC=not INTERPRET, num_warps=num_warps,
-                num_stages=1,
+                r_dot, r_dot if starts is None else starts, raw, cnm, gy, graw, gstate, counters, B, T, H, d,
+                first, t_low, t_high, D=D, BLOCK_B=BLOCK_B, U=U, P=P, DOT_BF16=dot_bf16, SYNC=not INTERPRET,
+                HAS_STARTS=starts is not None, num_warps=num_warps, num_stages=1,
             )  # fmt: skip
