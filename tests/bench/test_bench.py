@@ -170,7 +170,7 @@ def test_cli_parses_and_runs(tmp_path, capsys):
     assert json.loads((tmp_path / "bench_decode.json").read_text())["config"]["presets"] == ["minlstm"]
     assert (tmp_path / "bench_decode.png").stat().st_size > 0
     defaults = make_parser().parse_args(["bench", "train"])
-    assert defaults.size == "125m" and defaults.presets is None and defaults.out == "benchmarks/results"
+    assert defaults.size == "125m" and defaults.presets is None and defaults.out == "runs/bench"
 
 
 def test_cli_rejects_bad_arguments(capsys):
@@ -220,3 +220,32 @@ def test_graph_check_rejects_a_replay_that_drifts():
         calls.clear()
         message = _graph_mismatch(runner, drifting, state, static_state, static_ids)
         assert message is not None and "step 2" in message, message  # the first stale state is read at step 2
+
+
+def test_plot_legend_names_every_model_also_those_missing_from_the_last_panel(tmp_path):
+    from revival.bench.report import plot_study
+
+    def point(model, context, state):
+        return {"model": model, "context": context, "batch": 1, "status": "ok", "tokens_per_s": 10.0 * context,
+                "peak_memory_bytes": 2**30, "state_bytes_after_prefill": state}
+
+    points = [point(m, c, 2**20 if not m.startswith("hf-") else None) for m in ("llama", "hf-llama") for c in (8, 16)]
+    result = {"study": "decode", "points": points, "device": {"type": "cpu"},
+              "config": {"batch_sizes": [1], "contexts": [8, 16], "size": "tiny", "dtype": "float32"}}
+    labels = plot_study(result, tmp_path / "decode.png")
+    assert labels == ["llama", "hf-llama"] and (tmp_path / "decode.png").stat().st_size > 0
+
+
+def test_transformers_notices_are_silenced_while_an_anchor_is_measured():
+    import warnings
+
+    transformers_logging = pytest.importorskip("transformers.utils.logging")
+    from revival.bench.studies import quiet_transformers
+
+    before = transformers_logging.get_verbosity()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_transformers():
+            warnings.warn("`cache_params` is deprecated", FutureWarning, stacklevel=1)
+            assert transformers_logging.get_verbosity() == transformers_logging.ERROR
+    assert not caught and transformers_logging.get_verbosity() == before
