@@ -302,3 +302,70 @@ def test_causal_attention_packed_equals_separate():
     B, Hq, Hkv, hd = 3, 4, 2, 8
     q, k, v = _randn(B, Hq, T, hd, seed=51), _randn(B, Hkv, T, hd, seed=52), _randn(B, Hkv, T, hd, seed=53)
     check_packed(run, [q, k, v], [2, 2, 2], [], 2)
+
+
+def test_document_bounds_cut_every_start_and_row():
+    from revival.ops.attention.varlen import document_bounds
+
+    starts = from_lengths([[2, 3], [5]])
+    starts[1, 0] = False  # a row without a start at t = 0 still begins a document in the flattened tokens
+    cu_seqlens, longest = document_bounds(starts)
+    assert cu_seqlens.dtype == torch.int32 and cu_seqlens.tolist() == [0, 2, 5, 10] and longest == 5
+
+
+def test_causal_attention_varlen_path_equals_sdpa_mask():
+    """The varlen path (rows flattened, cut at the starts, grouped-query heads) with the kernel's float64 stand-in
+    `varlen_attention_reference` equals the SDPA block-diagonal mask: outputs and gradients; on CUDA the flash
+    kernel itself is compared in test_causal_attention_varlen_kernel_on_cuda."""
+    from revival.ops.attention.varlen import document_attention_varlen, varlen_attention_reference
+
+    B, Hq, Hkv, hd = 3, 4, 2, 8
+    inputs = [_randn(B, Hq, T, hd, seed=61), _randn(B, Hkv, T, hd, seed=62), _randn(B, Hkv, T, hd, seed=63)]
+    starts = from_lengths(LAYOUTS)
+    weight = _randn(B, Hq, T, hd, seed=64)
+    results = []
+    for fn in (lambda q, k, v: causal_attention(q, k, v, document_starts=starts, impl="sdpa"),
+               lambda q, k, v: document_attention_varlen(q, k, v, starts, kernel=varlen_attention_reference)):
+        leaves = _leaves(inputs)
+        out = fn(*leaves)
+        (out * weight).sum().backward()
+        results.append([out.detach()] + [x.grad for x in leaves])
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
+        _assert_close(a, b, 1e-12, name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash varlen kernel needs CUDA")
+def test_causal_attention_varlen_kernel_on_cuda():
+    """auto takes the flash varlen kernel for bfloat16 packed rows on CUDA; it agrees with the SDPA mask (both
+    bfloat16, float32 accumulation) in outputs and gradients."""
+    B, Hq, Hkv, hd, length = 2, 4, 2, 64, 300
+    layouts = random_layouts(B, length, seed=65)
+    starts = from_lengths(layouts, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(66)
+    inputs = [torch.randn(B, h, length, hd, device="cuda", generator=g, dtype=torch.bfloat16)
+              for h in (Hq, Hkv, Hkv)]
+    weight = torch.randn(B, Hq, length, hd, device="cuda", generator=g, dtype=torch.bfloat16)
+    results = []
+    for impl in ("sdpa", "varlen", "auto"):
+        leaves = _leaves(inputs)
+        out = causal_attention(*leaves, document_starts=starts, impl=impl)
+        (out.float() * weight.float()).sum().backward()
+        results.append([out.detach().float()] + [x.grad.float() for x in leaves])
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), *results):
+        assert torch.equal(b, c), name  # auto is the varlen kernel
+        error = ((a - b).norm() / a.norm()).item()
+        assert error < 2e-2, (name, error)
+
+
+def test_causal_attention_impl_validation():
+    q = _randn(1, 2, 4, 8, seed=67)
+    starts = from_lengths([[2, 2]])
+    with pytest.raises(ValueError, match="impl: expected one of"):
+        causal_attention(q, q, q, document_starts=starts, impl="flash")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="impl: 'varlen' needs CUDA"):
+            causal_attention(q, q, q, document_starts=starts, impl="varlen")
+    with pytest.raises(ValueError, match="for packed rows"):
+        causal_attention(q, q, q, impl="varlen")
+    torch.testing.assert_close(causal_attention(q, q, q, document_starts=starts),
+                               causal_attention(q, q, q, document_starts=starts, impl="sdpa"), atol=0, rtol=0)

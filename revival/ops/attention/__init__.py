@@ -1,4 +1,5 @@
-"""Causal attention helpers: rotary position embedding (RoPE), a KV cache, and SDPA with an offset causal mask.
+"""Causal attention helpers: rotary position embedding (RoPE), a KV cache, SDPA with an offset causal mask, and packed
+rows (document_starts) through a per-document flash kernel on CUDA (`varlen.py`).
 
 Pure functions over tensors. Layout: q (B, Hq, Tq, hd); k, v (B, Hkv, Tk, hd) with Hq a multiple of Hkv (grouped-query
 attention); a KV cache is the pair (k_cache, v_cache), each (B, Hkv, T_so_far, hd), holding keys after RoPE.
@@ -12,7 +13,9 @@ import torch.nn.functional as F
 from .._checks import check_floating, check_shape
 from .._documents import check_document_starts, key_starts
 
-__all__ = ["rope_cos_sin", "apply_rope", "append_kv", "causal_mask", "causal_attention"]
+__all__ = ["rope_cos_sin", "apply_rope", "append_kv", "causal_mask", "causal_attention", "IMPLS"]
+
+IMPLS = ("auto", "sdpa", "varlen")
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -61,7 +64,7 @@ def causal_mask(num_queries: int, num_keys: int, device: torch.device | None = N
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                      document_starts: torch.Tensor | None = None,
-                     cache_start: torch.Tensor | None = None) -> torch.Tensor:
+                     cache_start: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
     """Causal softmax attention where the Tq queries are the last Tq of the Tk key positions.
 
     q: (B, Hq, Tq, hd); k, v: (B, Hkv, Tk, hd), Tk >= Tq, Hq % Hkv == 0. Returns (B, Hq, Tq, hd), scale hd**-0.5.
@@ -69,7 +72,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     mask for a continuation chunk. With `document_starts` (B, Tq) bool and/or `cache_start` (B,) long (where the
     document running in the first Tk - Tq keys began), a query attends only to the keys of its own document: a
     block-diagonal causal mask (`key_starts`, revival/ops/_documents.py).
+    `impl` for packed rows (document_starts, no cache, Tq == Tk): "sdpa" (the explicit mask; the reference),
+    "varlen" (flash attention per document, `varlen.py`: CUDA, float16/bfloat16) or "auto" ("varlen" where it
+    applies, else "sdpa"). Other calls always take the SDPA forms above.
     """
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     check_floating("q", q)
     if q.ndim != 4:
         raise ValueError(f"q: expected shape (B, Hq, Tq, hd), got {tuple(q.shape)}")
@@ -82,6 +90,17 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if Tk < Tq:
         raise ValueError(f"k: expected at least Tq={Tq} positions, got {Tk}")
     document_starts = check_document_starts(document_starts, B, Tq, q.device)
+    if impl != "sdpa" and document_starts is not None and cache_start is None and Tq == Tk:
+        from .varlen import document_attention_varlen, varlen_supported
+
+        unsupported = varlen_supported(q, v)
+        if unsupported is None:
+            return document_attention_varlen(q, k, v, document_starts)
+        if impl == "varlen":
+            raise ValueError(f"impl: 'varlen' {unsupported}; use 'auto' or 'sdpa'")
+    elif impl == "varlen":
+        raise ValueError("impl: 'varlen' is for packed rows (document_starts, no cache_start, Tq == Tk); "
+                         "use 'auto' or 'sdpa'")
     if Hkv != Hq:  # grouped-query attention: each kv head serves Hq // Hkv query heads
         k = k.repeat_interleave(Hq // Hkv, dim=1)
         v = v.repeat_interleave(Hq // Hkv, dim=1)
