@@ -4,7 +4,9 @@ Run on a CUDA machine:  python benchmarks/gpu_mlstm.py --out benchmarks/results 
 It (1) measures the copy bandwidth and a bf16 matmul (the two ceilings), (2) checks revival's kernels against a
 float64 reference at real shapes (fresh random inputs, outputs poisoned through the allocator), (3) times forward and
 forward+backward (triton.testing.do_bench medians) for revival's config variants and the anchors, each anchor in its
-own subprocess so that a crash is recorded as such, (4) times the decode step, and writes gpu_mlstm.json + .png.
+own subprocess so that a crash is recorded as such, (4) times the decode step, (5) times the varlen row: the Triton
+op on packed rows (~500-token documents, `document_starts`) against the same rows without starts, and writes
+gpu_mlstm.json + .png.
 """
 
 from __future__ import annotations
@@ -236,6 +238,7 @@ def main():
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--check-config", default="", help="LaunchConfig fields for the checks: field=value[:...]")
     ap.add_argument("--skip-step", action="store_true")
+    ap.add_argument("--skip-varlen", action="store_true")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     import triton
@@ -293,6 +296,11 @@ def main():
 
     if not args.skip_step:
         result["step"] = step_time(mlstm_step_triton, result["ceilings"]["copy_TBps"])
+    if not args.skip_varlen:
+        try:
+            result["varlen"] = varlen_times()
+        except Exception:  # noqa: BLE001 - recorded, the other sections still run
+            result["varlen"] = "error: " + traceback.format_exc()[-800:]
     if not args.skip_sdpa:
         timings["sdpa_flash"] = sdpa_times()
         print("sdpa", timings["sdpa_flash"], flush=True)
@@ -313,6 +321,39 @@ def main():
         json.dump(result, fh, indent=1, default=str)
     plot(result, os.path.join(args.out, "gpu_mlstm.png"))
     table(result)
+
+
+def varlen_times(mean_document=500):
+    """The Triton op at the T = 8192 shapes on packed rows (exponential document lengths around `mean_document`,
+    `document_starts`) against the same rows without starts: fwd and fwd+bwd ms and their ratio."""
+    from gpu_packed import random_lengths
+
+    from revival.ops._documents import from_lengths
+    from revival.ops.mlstm import mlstm
+
+    rows = {}
+    for (H, Dk, Dv, T) in SHAPES:
+        if T != 8192:
+            continue
+        xs = [x.requires_grad_(True) for x in make_inputs(H, Dk, Dv, T)]
+        B = xs[0].shape[0]
+        starts = from_lengths(random_lengths(B, T, mean_document, seed=2), device="cuda")
+        dh = torch.randn(B, H, T, Dv, device="cuda", dtype=xs[0].dtype)
+        row = {"documents": int(starts.sum()), "mean_document_tokens": B * T / int(starts.sum())}
+        for name, document_starts in (("plain", None), ("packed", starts)):
+            def fwd(xs=xs, document_starts=document_starts):
+                with torch.no_grad():
+                    return mlstm(*xs, impl="triton", document_starts=document_starts)[0]
+
+            def fwdbwd(xs=xs, dh=dh, document_starts=document_starts):
+                mlstm(*xs, impl="triton", document_starts=document_starts)[0].backward(dh)
+
+            row[name] = {"fwd_ms": bench(fwd), "fwdbwd_ms": bench(fwdbwd, xs)}
+        row["packed_over_plain_fwdbwd"] = row["packed"]["fwdbwd_ms"] / row["plain"]["fwdbwd_ms"]
+        rows[f"{H},{Dk},{Dv},{T}"] = row
+        print("varlen", f"{H},{Dk},{Dv},{T}", row, flush=True)
+        torch.cuda.empty_cache()
+    return rows
 
 
 def graphed_bench(fn):

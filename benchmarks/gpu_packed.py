@@ -7,9 +7,10 @@ Run on a CUDA machine (about 2-3 minutes on one H100/H200):
 
     python benchmarks/gpu_packed.py --out "$OUT"
 
-Writes gpu_packed.json. The target of issue 21: packed step time <= 1.1x unpacked for both presets. The last section
-times attention alone: SDPA causal (plain rows) against the document mask as revival runs it (SDPA with a boolean
-mask) and as FlexAttention's block mask (compiled; skips the masked blocks), to choose the packed attention kernel.
+Writes gpu_packed.json. The target of issue 21: packed step time <= 1.1x unpacked for both presets (llama's packed
+attention runs on flash attention's varlen kernel per document, `causal_attention(impl="auto")`). Also: the sLSTM
+Triton op with and without starts, and attention alone: SDPA causal (plain rows) against the document mask as SDPA
+with a boolean mask (the reference), the varlen kernel (what auto runs) and FlexAttention's block mask (compiled).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from revival.models import LanguageModel, ModelConfig, preset_config
 from revival.ops._documents import document_ids, from_lengths
 from revival.ops.attention import causal_attention
 from revival.ops.mlstm import mlstm
+from revival.ops.slstm import slstm
 
 CONTEXT, BATCH, MEAN_DOCUMENT = 8192, 4, 500
 
@@ -123,6 +125,35 @@ def mlstm_rows(steps: int) -> list[dict]:
     return rows
 
 
+def _slstm_step(inputs, grad, document_starts):
+    y, _ = slstm(*inputs, impl="triton", document_starts=document_starts)
+    y.backward(grad)
+    for x in inputs:
+        x.grad = None
+
+
+def slstm_rows(steps: int) -> list[dict]:
+    """The sLSTM Triton op forward + backward, bf16, T = 8192, with and without starts: 4 heads of 64 (resident
+    weights) and of 192 (split over programs, the xlstm[7:1] preset's head)."""
+    rows = []
+    for B, H, d in ((4, 4, 64), (4, 4, 192)):
+        g = torch.Generator(device="cuda").manual_seed(8)
+        x = torch.randn(B, CONTEXT, 4, H, d, device="cuda", generator=g, dtype=torch.bfloat16)
+        R = torch.randn(4, H, d, d, device="cuda", generator=g) * d**-0.5
+        inputs = [x.requires_grad_(True), R.requires_grad_(True)]
+        grad = torch.randn(B, CONTEXT, H, d, device="cuda", generator=g, dtype=torch.bfloat16)
+        starts = from_lengths(random_lengths(B, CONTEXT, MEAN_DOCUMENT, seed=9), device="cuda")
+        row = {"shape": [B, CONTEXT, H, d]}
+        for name, document_starts in (("plain", None), ("packed", starts)):
+            try:
+                run = functools.partial(_slstm_step, inputs, grad, document_starts)
+                row[name + "_fwd_bwd_ms"] = 1e3 * timed(run, steps, warmup=2)
+            except Exception as error:  # noqa: BLE001 - recorded, the other rows still run
+                row[name + "_fwd_bwd_ms"] = f"failed: {type(error).__name__}: {error}"
+        rows.append(row)
+    return rows
+
+
 def _attention_step(fn, inputs, grad):
     out = fn(*inputs)
     out.backward(grad)
@@ -149,13 +180,19 @@ def attention_rows(steps: int) -> dict:
     flex = torch.compile(flex_attention)
     variants = {
         "sdpa_causal_unpacked": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-        "sdpa_document_mask": lambda q, k, v: causal_attention(q, k, v, document_starts=starts),
+        "sdpa_document_mask": lambda q, k, v: causal_attention(q, k, v, document_starts=starts, impl="sdpa"),
+        "varlen_document": lambda q, k, v: causal_attention(q, k, v, document_starts=starts, impl="varlen"),
         "flex_document_block_mask": lambda q, k, v: flex(q, k, v, block_mask=block_mask),
     }
-    with torch.no_grad():  # the two packed variants agree
-        difference = (variants["sdpa_document_mask"](*inputs).float()
-                      - variants["flex_document_block_mask"](*inputs).float()).abs().max().item()
-    row = {"shape": [B, H, CONTEXT, hd], "packed_variants_max_abs_difference": difference}
+    row = {"shape": [B, H, CONTEXT, hd]}
+    with torch.no_grad():  # the packed variants against the SDPA mask (all bf16)
+        reference = variants["sdpa_document_mask"](*inputs).float()
+        for name in ("varlen_document", "flex_document_block_mask"):
+            try:
+                difference = (variants[name](*inputs).float() - reference).abs().max().item()
+                row[name + "_max_abs_difference_to_sdpa_mask"] = difference
+            except Exception as error:  # noqa: BLE001 - recorded, the other rows still run
+                row[name + "_max_abs_difference_to_sdpa_mask"] = f"failed: {type(error).__name__}: {error}"
     for name, fn in variants.items():
         try:
             row[name + "_fwd_bwd_ms"] = 1e3 * timed(functools.partial(_attention_step, fn, inputs, grad), steps,
@@ -186,6 +223,19 @@ def exactness() -> dict:
                 worst = max(worst, (h[row : row + 1, :, start : start + n] - alone).abs().max().item())
                 start += n
     out["mlstm_auto_float32_max_abs_error"] = worst
+    d = 64
+    x = torch.randn(B, T, 4, H, d, device="cuda", generator=g)
+    R = torch.randn(4, H, d, d, device="cuda", generator=g) * d**-0.5
+    with torch.no_grad():
+        y, _ = slstm(x, R, impl="triton", document_starts=starts)
+        worst = 0.0
+        for row, lengths in enumerate(layouts):
+            start = 0
+            for n in lengths:
+                alone, _ = slstm(x[row : row + 1, start : start + n], R, impl="triton")
+                worst = max(worst, (y[row : row + 1, start : start + n] - alone).abs().max().item())
+                start += n
+    out["slstm_triton_float32_max_abs_error"] = worst
     torch.manual_seed(5)
     model = LanguageModel(ModelConfig(vocab_size=1000, d_model=256, num_heads=4, pattern="msxa")).cuda().eval()
     ids = torch.randint(0, 1000, (B, T), device="cuda")
@@ -211,7 +261,9 @@ def main() -> None:
         raise SystemExit("gpu_packed.py: needs a CUDA device")
     torch.backends.cuda.matmul.allow_tf32 = True
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    results["flash_attention_available"] = torch.backends.cuda.is_flash_attention_available()
     sections = [("exactness", exactness), ("mlstm_op", lambda: mlstm_rows(args.steps)),
+                ("slstm_op", lambda: slstm_rows(args.steps)),
                 ("train_xlstm_large", lambda: train_rows("xlstm-large", args.steps)),
                 ("train_llama", lambda: train_rows("llama", args.steps)),
                 ("attention_op", lambda: attention_rows(args.steps))]
