@@ -405,7 +405,7 @@ def plot_task(result: dict[str, Any], path: str | Path) -> Path:
             axis.tick_params(axis="x", labelrotation=30)
         axis.set_ylim(0, 1.02)
         axis.set_ylabel("accuracy")
-        axis.set_title(f"{result['task']}: {setting}", fontsize=9)
+        axis.set_title(result["task"] if setting == result["task"] else f"{result['task']}: {setting}", fontsize=9)
     if by_length:
         axis = axes[0][-1]
         best = {(row["model"], row["setting"], row["d_model"], row["lr"]) for row in result["table"]}
