@@ -9,9 +9,9 @@ Data flow for x: (B, T, D), inner = round_up(proj_factor * D, 64), H heads of he
     h          = mlstm(q, k, v, i, f)                     # revival.ops.mlstm, per head
     y          = proj_down((group_norm(h) + learnable_skip * conv_act) * SiLU(z))
 
-The skip adds the conv output after its SiLU (what the paper's reference layer does; MATH.md says "conv_out").
+The skip adds the conv output after its SiLU, as the paper's reference layer does (docs/math.md, "The xLSTM blocks").
 
-CPU speed (benchmarks/NOTES.md, "CPU train step"): x_m, conv_act, q, k, v and the gates live channel-major,
+CPU speed (docs/kernels.md, "CPU training step"): x_m, conv_act, q, k, v and the gates live channel-major,
 (inner, B T): the depthwise conv runs on that memory through a (B, T, inner) view, a block-diagonal map is one batch
 of (bs, bs) @ (bs, B T) products, and the gates use [igate; fgate] composed with the headwise maps, so cat(q, k, v)
 is never built. One token (decoding) takes the plain per-token maps (`_step`).

@@ -1,6 +1,6 @@
 """The xLSTM-7B ("large") mLSTM layer: dense q/k/v, sigmoid output gate, soft-capped exponential gates, per-head norm.
 
-Computation (MATH.md "Blocks", the Hugging Face `xLSTMLayer` semantics), x: (B, T, D):
+Computation (docs/math.md "The xLSTM blocks", the Hugging Face `xLSTMLayer` semantics), x: (B, T, D):
 
     q = W_q x  (B, T, H, Dk),  k = W_k x  (B, T, H, Dk),  v = W_v x  (B, T, H, Dv)
     i = cap * tanh((W_i x + b_i) / cap),  f = cap * tanh((W_f x + b_f) / cap)      (B, T, H), cap = gate_soft_cap

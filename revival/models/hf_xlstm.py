@@ -1,6 +1,6 @@
 """Hugging Face `xLSTMForCausalLM` checkpoints (`model_type: "xlstm"`): config mapping, weight names, lazy load, save.
 
-A HF xLSTM model is revival's pattern `"x" * num_blocks` with a final RMSNorm (MATH.md "Blocks"). The revival model
+A HF xLSTM model is revival's pattern `"x" * num_blocks` with a final RMSNorm (docs/math.md). The revival model
 must expose (see model.py / blocks.py): `model.embedding`, `model.blocks[i].norm | .mixer | .ffn_norm | .ffn`,
 `model.out_norm`, `model.lm_head`. Weight names map one to one,
 

@@ -25,7 +25,7 @@ def randomize_(layer: torch.nn.Module, seed: int, std: float = 0.3) -> None:
 
 
 def equations_float64(layer: XLSTMLargeLayer, x: torch.Tensor) -> torch.Tensor:
-    """The layer written out from MATH.md with the op's recurrent reference, all in float64."""
+    """The layer written out from docs/math.md with the op's recurrent reference, all in float64."""
     p = {name: t.double() for name, t in layer.state_dict().items()}
     x = x.double()
     B, T, _ = x.shape

@@ -169,7 +169,7 @@ def test_mlstm_layer_bad_arguments():
 
 
 def slstm_layer_reference(layer: SLSTMLayer, x: torch.Tensor) -> torch.Tensor:
-    """The layer spelled out with dense block-diagonal matrices and the MATH.md recurrence, one unit at a time."""
+    """The layer spelled out with dense block-diagonal matrices and the docs/math.md recurrence, one unit at a time."""
     B, T, D = x.shape
     H, d = layer.num_heads, layer.head_dim
     K = layer.conv.kernel_size
