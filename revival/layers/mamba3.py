@@ -89,9 +89,6 @@ class Mamba3(nn.Module):
                 document_starts: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple]:
         if x.ndim != 3 or x.shape[-1] != self.d_model or x.shape[1] == 0:
             raise ValueError(f"x: expected shape (B, T >= 1, {self.d_model}), got {tuple(x.shape)}")
-        if document_starts is not None:
-            raise ValueError("document_starts: the Mamba-3 layer does not restart at documents yet; pass None "
-                             "(data.reset_at_documents: false)")
         batch, T, _ = x.shape
         H, P, R, N = self.num_heads, self.head_dim, self.mimo_rank, self.d_state
         z, xs, B, C, dt_raw, lam_raw, theta = self.in_proj(x).split(self.split_sizes, dim=-1)
@@ -102,7 +99,7 @@ class Mamba3(nn.Module):
         xs = xs.reshape(batch, T, H, 1, P)
         xs = xs * self.mimo_x if self.mimo_x is not None else xs
         y, state = mamba3(xs, dt, -torch.exp(self.A_log), torch.sigmoid(lam_raw), B, C, theta, self.D, state,
-                          chunk_size=self.chunk_size)
+                          chunk_size=self.chunk_size, document_starts=document_starts)
         y = (y * self.mimo_y).sum(dim=3) if self.mimo_y is not None else y[:, :, :, 0]
         y = self.norm((y.reshape(batch, T, self.d_inner) * F.silu(z))[:, :, None, :])
         return self.out_proj(y.reshape(batch, T, self.d_inner)), state

@@ -40,7 +40,8 @@ def test_forward_and_gradients_match_reference(mimo_rank, monkeypatch):
     x = make_input(1, 11).requires_grad_()
     y, state = layer(x)
     grads = torch.autograd.grad(y.square().sum() + state[1].sum(), [x, *layer.parameters()])
-    monkeypatch.setattr(mamba3_module, "mamba3", lambda *a, chunk_size: mamba3_reference(*a))
+    monkeypatch.setattr(mamba3_module, "mamba3", lambda *a, chunk_size, document_starts: mamba3_reference(
+        *a, document_starts=document_starts))
     y_ref, state_ref = layer(x)
     grads_ref = torch.autograd.grad(y_ref.square().sum() + state_ref[1].sum(), [x, *layer.parameters()])
     assert rel_err(y, y_ref) < 1e-12
@@ -111,7 +112,22 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="x: expected shape"):
         layer(torch.zeros(2, 3, D_MODEL + 1, dtype=F64))
     with pytest.raises(ValueError, match="document_starts"):
-        layer(make_input(0, 4), document_starts=torch.zeros(2, 4, dtype=torch.bool))
+        layer(make_input(0, 4), document_starts=torch.zeros(2, 5, dtype=torch.bool))
+
+
+def test_packed_documents_equal_separate_calls():
+    layer = make_layer(2)
+    x = make_input(5, 14)
+    starts = torch.zeros(2, 14, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[0, 6] = True
+    with torch.no_grad():
+        y, state = layer(x, document_starts=starts)
+        first, _ = layer(x[:1, :6])
+        second, state_second = layer(x[:1, 6:])
+    assert rel_err(y[:1], torch.cat([first, second], dim=1)) < 1e-12
+    for got, want in zip(state, state_second):
+        assert rel_err(got[:1], want) < 1e-12
 
 
 def test_preset_model_prefill_steps_and_save_load(tmp_path):

@@ -106,6 +106,32 @@ def test_float32_close_to_float64_reference():
     assert rel_err(state[1], state_ref[1]) < 1e-4
 
 
+STARTS = {"t0": [0], "inside": [5], "in_a_row": [3, 4], "chunk_boundary": [4, 8], "last": [12]}
+
+
+@pytest.mark.parametrize("where", list(STARTS))
+def test_document_starts_chunkwise_equals_reference_and_separate_calls(where):
+    inputs = make_inputs(10, 13, 2)
+    state = make_state(11, R=2)
+    starts = torch.zeros(2, 13, dtype=torch.bool)
+    starts[0, STARTS[where]] = True  # row 1 has none: it keeps the state throughout
+    y_ref, state_ref = mamba3_reference(*inputs, state=state, document_starts=starts)
+    y, state_out = mamba3(*inputs, state=state, chunk_size=4, document_starts=starts)
+    assert rel_err(y, y_ref) < 1e-12
+    for got, want in zip(state_out, state_ref):
+        assert rel_err(got, want) < 1e-12
+    last = STARTS[where][-1]  # row 0's last document, run alone from a zero state
+    x, dt, A, lam, B, C, theta, D = inputs
+    alone = [t[:1, last:] for t in (x, dt)] + [A] + [t[:1, last:] for t in (lam, B, C, theta)] + [D]
+    y_alone, state_alone = mamba3_reference(*alone)
+    assert rel_err(y[:1, last:], y_alone) < 1e-12
+    for got, want in zip(state_out, state_alone):
+        assert rel_err(got[:1], want) < 1e-12
+    y_plain = mamba3_reference(*[t[1:] if t.ndim > 1 else t for t in inputs],
+                               state=tuple(t[1:] for t in state))[0]
+    assert rel_err(y[1:], y_plain) < 1e-12
+
+
 def test_errors_name_the_argument():
     x, dt, A, lam, B, C, theta, D = make_inputs(9, 4, 1)
     with pytest.raises(ValueError, match="B: expected an even state size"):

@@ -17,7 +17,9 @@ Shapes (batch n, time T, heads H, ranks R, head dim P, state size N even):
     x (n, T, H, R, P), dt (n, T, H) > 0, A (H,) < 0, lam (n, T, H), B and C (n, T, H, R, N), theta (n, T, H, N/2),
     D (H,) or None, state None (zeros) or (angle (n, H, N/2), ssm (n, H, P, N) = g in the rotating frame,
     previous B (n, H, R, N) as given, previous x (n, H, R, P))  ->  y (n, T, H, R, P), the state at T (same layout).
-The state's size does not depend on T. Computation is float32 for 16-bit inputs (float64 stays float64); y follows
+`document_starts` (n, T) bool or None: the whole state (angle, memory, previous token) is zero before each start,
+so a packed row equals separate calls per document (revival/ops/_documents.py). The state's size does not depend
+on T. Computation is float32 for 16-bit inputs (float64 stays float64); y follows
 the input dtype, the state is float32 (float64).
 """
 
@@ -27,6 +29,7 @@ import torch
 
 from .._checks import check_floating, check_shape
 from .._common import compute_dtype
+from .._documents import check_document_starts
 from .chunkwise import mamba3_chunkwise
 from .reference import mamba3_recurrent, rotate
 
@@ -66,16 +69,20 @@ def _validate(x, dt, A, lam, B, C, theta, D, state) -> tuple:
     return tuple(state)
 
 
-def mamba3_reference(x, dt, A, lam, B, C, theta, D=None, state=None) -> tuple[torch.Tensor, tuple]:
+def mamba3_reference(x, dt, A, lam, B, C, theta, D=None, state=None, *,
+                     document_starts: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple]:
     """The recurrence one step at a time, in the input dtype. Shapes as in the module doc."""
     state = _validate(x, dt, A, lam, B, C, theta, D, state)
-    return mamba3_recurrent(x, dt, A, lam, B, C, theta, D, state)
+    document_starts = check_document_starts(document_starts, x.shape[0], x.shape[1], x.device)
+    return mamba3_recurrent(x, dt, A, lam, B, C, theta, D, state, document_starts)
 
 
-def mamba3(x, dt, A, lam, B, C, theta, D=None, state=None, *, chunk_size: int = 64) -> tuple[torch.Tensor, tuple]:
+def mamba3(x, dt, A, lam, B, C, theta, D=None, state=None, *, chunk_size: int = 64,
+           document_starts: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple]:
     """Mamba-3 chunkwise (`chunkwise.py`). Shapes as in the module doc. Returns (y (n, T, H, R, P), state)."""
     state = _validate(x, dt, A, lam, B, C, theta, D, state)
+    document_starts = check_document_starts(document_starts, x.shape[0], x.shape[1], x.device)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
-    y, state = mamba3_chunkwise(x, dt, A, lam, B, C, theta, D, state, chunk_size)
+    y, state = mamba3_chunkwise(x, dt, A, lam, B, C, theta, D, state, chunk_size, document_starts)
     return y.to(x.dtype), state

@@ -7,30 +7,36 @@ from __future__ import annotations
 import torch
 
 from .._common import chunk_spans, compute_dtype
+from .._documents import chunk_masks
 from .reference import rotate
 
 
-def mamba3_chunkwise(x, dt, A, lam, B, C, theta, D, state, chunk_size: int) -> tuple[torch.Tensor, tuple]:
+def mamba3_chunkwise(x, dt, A, lam, B, C, theta, D, state, chunk_size: int,
+                     document_starts=None) -> tuple[torch.Tensor, tuple]:
     """RoPE on B and C by the cumulative angle, the trapezoid as a rank-2R input, then scalar-decay chunks."""
     n, T, H, R, P = x.shape
     dtype = compute_dtype(x)
     x, dt, A, lam, B, C, theta = (t.to(dtype) for t in (x, dt, A, lam, B, C, theta))
     angle0, g, prev_B, prev_x = (t.to(dtype) for t in state)
-    angle = angle0[:, None] + torch.cumsum(dt[..., None] * theta, dim=1)  # phi_t, (n, T, H, N/2)
+    angle = _angles(angle0, dt[..., None] * theta, document_starts)  # phi_t, (n, T, H, N/2)
     B_rot = rotate(B, -angle[:, :, :, None, :])  # R(phi_t)^T B_t: the state's rotating frame
     C_rot = rotate(C, -angle[:, :, :, None, :])
     B_prev = torch.cat([rotate(prev_B, -angle0[:, :, None, :])[:, None], B_rot[:, :-1]], dim=1)
     x_prev = torch.cat([prev_x[:, None], x[:, :-1]], dim=1)
     alpha = torch.exp(dt * A)
-    beta = ((1 - lam) * dt * alpha)[..., None, None]
+    beta = (1 - lam) * dt * alpha
+    if document_starts is not None:  # a document's first token has no previous token
+        beta = torch.where(document_starts[..., None], 0.0, beta)
+    beta = beta[..., None, None]
     gamma = (lam * dt)[..., None, None]
     inputs = torch.cat([gamma * x, beta * x_prev], dim=3)  # (n, T, H, 2R, P): current and previous terms
     keys = torch.cat([B_rot, B_prev], dim=3)  # (n, T, H, 2R, N)
     log_decay = dt * A
     outputs = []
     for start, stop, L in chunk_spans(T, chunk_size):
+        starts = None if document_starts is None else document_starts[:, start:stop]
         y, g = _equal_chunks(inputs[:, start:stop], keys[:, start:stop], C_rot[:, start:stop],
-                             log_decay[:, start:stop], g, L)
+                             log_decay[:, start:stop], g, L, starts)
         outputs.append(y)
     y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
     if D is not None:
@@ -38,8 +44,24 @@ def mamba3_chunkwise(x, dt, A, lam, B, C, theta, D, state, chunk_size: int) -> t
     return y, (angle[:, -1], g, B[:, -1], x[:, -1])
 
 
-def _equal_chunks(inputs, keys, queries, log_decay, S, L: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """S_t = exp(log_decay_t) S_{t-1} + sum_k inputs_{t,k} keys_{t,k}^T, y_{t,r} = S_t queries_{t,r}; T = NC * L."""
+def _angles(angle0, steps, document_starts) -> torch.Tensor:
+    """phi_t = phi_{t-1} + steps_t from angle0, restarting from 0 at each document start: (n, T, H, N/2)."""
+    total = torch.cumsum(steps, dim=1)
+    if document_starts is None:
+        return angle0[:, None] + total
+    T = steps.shape[1]
+    positions = torch.arange(T, device=steps.device).expand_as(document_starts)
+    last_start = torch.cummax(torch.where(document_starts, positions, -1), dim=1).values  # (n, T), -1: none yet
+    before = torch.cat([torch.zeros_like(total[:, :1]), total[:, :-1]], dim=1)  # the sum up to t - 1
+    at_start = before.gather(1, last_start.clamp_min(0)[..., None, None].expand_as(total))
+    base = torch.where((last_start >= 0)[..., None, None], at_start, -angle0[:, None])
+    return total - base
+
+
+def _equal_chunks(inputs, keys, queries, log_decay, S, L: int,
+                  document_starts=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """S_t = exp(log_decay_t) S_{t-1} + sum_k inputs_{t,k} keys_{t,k}^T, y_{t,r} = S_t queries_{t,r}; T = NC * L;
+    with document_starts (n, T) S restarts from zero at each start."""
     n, T, H, K, P = inputs.shape
     R, N = queries.shape[3], queries.shape[4]
     NC = T // L
@@ -50,6 +72,9 @@ def _equal_chunks(inputs, keys, queries, log_decay, S, L: int) -> tuple[torch.Te
 
     # Intra-chunk: y_t += sum_{s <= t} exp(cum_t - cum_s) sum_k (q_t . keys_{s,k}) inputs_{s,k}.
     causal = torch.ones(L, L, dtype=torch.bool, device=inputs.device).tril()[None, None, :, :, None]
+    if document_starts is not None:
+        same, continues, to_end_mask, keeps = chunk_masks(document_starts.reshape(n, NC, L))
+        causal = causal & same[..., None]
     differences = cum[:, :, :, None, :] - cum[:, :, None, :, :]  # (n, NC, L_t, L_s, H)
     decay = torch.exp(torch.where(causal, differences, torch.full_like(differences, float("-inf"))))
     scores = torch.einsum("nclhrk,ncshqk->nclshrq", queries, keys) * decay[..., None, None]
@@ -57,12 +82,17 @@ def _equal_chunks(inputs, keys, queries, log_decay, S, L: int) -> tuple[torch.Te
 
     # Each chunk's own contribution to its end state, and the state before each chunk (sequential over chunks).
     to_end = torch.exp(cum[:, :, -1:, :] - cum)  # (n, NC, L, H)
-    S_local = torch.einsum("nclh,nclhqp,nclhqk->nchpk", to_end, inputs, keys)
+    from_start = torch.exp(cum)[..., None, None]  # (n, NC, L, H, 1, 1)
     chunk_decay = torch.exp(cum[:, :, -1])
+    if document_starts is not None:  # only the chunk's last document reaches its end; a start cuts the state before
+        to_end = to_end * to_end_mask[..., None]
+        chunk_decay = chunk_decay * keeps[..., None]
+        from_start = from_start * continues[..., None, None, None]
+    S_local = torch.einsum("nclh,nclhqp,nclhqk->nchpk", to_end, inputs, keys)
     starts = []
     for c in range(NC):
         starts.append(S)
         S = chunk_decay[:, c, :, None, None] * S + S_local[:, c]
     starts = torch.stack(starts, dim=1)  # (n, NC, H, P, N)
-    y = y + torch.einsum("nclhrk,nchpk->nclhrp", queries, starts) * torch.exp(cum)[..., None, None]
+    y = y + torch.einsum("nclhrk,nchpk->nclhrp", queries, starts) * from_start
     return y.reshape(n, T, H, R, P), S

@@ -16,8 +16,9 @@ def rotate(v: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
 
 
-def mamba3_recurrent(x, dt, A, lam, B, C, theta, D, state) -> tuple[torch.Tensor, tuple]:
-    """h_t = a_t R_t h_{t-1} + b_t R_t x_{t-1} B_{t-1}^T + c_t x_t B_t^T (summed over the R ranks), y_t = h_t C_t."""
+def mamba3_recurrent(x, dt, A, lam, B, C, theta, D, state, document_starts=None) -> tuple[torch.Tensor, tuple]:
+    """h_t = a_t R_t h_{t-1} + b_t R_t x_{t-1} B_{t-1}^T + c_t x_t B_t^T (summed over the R ranks), y_t = h_t C_t;
+    the whole state (angle, h, previous B and x) zeroed before each document start."""
     T = x.shape[1]
     angle, g, prev_B, prev_x = state
     angle = angle.to(x.dtype)
@@ -25,6 +26,12 @@ def mamba3_recurrent(x, dt, A, lam, B, C, theta, D, state) -> tuple[torch.Tensor
     prev_B, prev_x = prev_B.to(x.dtype), prev_x.to(x.dtype)
     outputs = []
     for t in range(T):
+        if document_starts is not None:
+            starts = document_starts[:, t]
+            angle = torch.where(starts[:, None, None], 0.0, angle)
+            h = torch.where(starts[:, None, None, None], 0.0, h)
+            prev_B = torch.where(starts[:, None, None, None], 0.0, prev_B)
+            prev_x = torch.where(starts[:, None, None, None], 0.0, prev_x)
         step = dt[:, t, :, None] * theta[:, t]  # (n, H, N/2)
         angle = angle + step
         alpha = torch.exp(dt[:, t] * A)  # (n, H)
