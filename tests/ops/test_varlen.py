@@ -352,7 +352,8 @@ def test_causal_attention_varlen_kernel_on_cuda():
         (out.float() * weight.float()).sum().backward()
         results.append([out.detach().float()] + [x.grad.float() for x in leaves])
     for name, a, b, c in zip(("out", "dq", "dk", "dv"), *results):
-        assert torch.equal(b, c), name  # auto is the varlen kernel
+        # auto is the varlen kernel (its backward accumulates dq with atomics: equal up to the summation order)
+        assert torch.equal(b, c) if name == "out" else ((b - c).norm() / b.norm()).item() < 1e-3, name
         error = ((a - b).norm() / a.norm()).item()
         assert error < 2e-2, (name, error)
 
