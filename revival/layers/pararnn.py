@@ -56,6 +56,11 @@ class _ParaRNN(nn.Module):
             raise ValueError(f"proj_out: False needs d_inner == d_model, got d_inner={self.d_inner}, d_model={d_model}")
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias) if proj_out else None
         self.last_result = None
+        self._make_cell_parameters()
+        self.reset_parameters()
+
+    def _make_cell_parameters(self) -> None:
+        """Parameters beyond the shared ones (ParaLSTM: the peepholes)."""
 
     def reset_parameters(self, *, block_index: int = 0, num_blocks: int = 1) -> None:
         small_init_(self.in_proj.weight, self.d_model)
@@ -105,10 +110,6 @@ class ParaGRU(_ParaRNN):
 
     cell = PARAGRU
 
-    def __init__(self, d_model: int, **options):
-        super().__init__(d_model, **options)
-        self.reset_parameters()
-
     def _init_gate_bias(self) -> None:
         # update gate biased towards keeping the state, spread over time scales (z = sigmoid(-1) .. sigmoid(-4))
         self.gate_bias[0] = -torch.linspace(1.0, 4.0, self.d_inner)
@@ -120,15 +121,12 @@ class ParaLSTM(_ParaRNN):
     cell = PARALSTM
     state_tail = (2,)
 
-    def __init__(self, d_model: int, **options):
-        super().__init__(d_model, **options)
+    def _make_cell_parameters(self) -> None:
         self.peephole = nn.Parameter(torch.zeros(2, self.d_inner))
-        self.reset_parameters()
 
     def _init_gate_bias(self) -> None:
         self.gate_bias[0] = torch.linspace(1.0, 4.0, self.d_inner)  # forget gate open: long memory
-        if hasattr(self, "peephole"):
-            self.peephole.uniform_(-0.1, 0.1)
+        self.peephole.uniform_(-0.1, 0.1)
 
     def _weights(self) -> tuple[torch.Tensor, ...]:
         return (self.state_weight, self.peephole)
