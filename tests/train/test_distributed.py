@@ -39,7 +39,8 @@ LAUNCH_TIMEOUT_S = 240
 BATCH = 2  # per rank
 STEPS = 3
 LR = 3e-2
-LOSS_RTOL = 1e-6  # batch 2b vs 2 ranks x b (float32 summation order; see the docstring); measured 4e-8
+LOSS_RTOL = 1e-5  # batch 2b vs 2 ranks x b: float32 summation order, then the noise-driven Adam steps of the
+# docstring (measured up to 1.1e-6 by the third step); exact reductions are checked by the bit-identical tests
 WEIGHT_ATOL = 1e-5  # measured: 31 of 35268 weights beyond it (Adam on noise-level gradients), the rest below 3e-6
 NOISY_FRACTION = 0.002
 NO_CLIP = 1e9  # train.grad_clip above any gradient norm here: clipping inactive
