@@ -119,6 +119,9 @@ def preset_config(name: str, **overrides: Any) -> ModelConfig:
         num_blocks = len(overrides["pattern"]) if "pattern" in overrides else default_blocks
     if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
         raise ValueError(f"num_blocks: expected a positive integer, got {num_blocks!r}")
+    if "pattern" in overrides and len(overrides["pattern"]) != num_blocks:
+        raise ValueError(f"num_blocks: {num_blocks} disagrees with pattern={overrides['pattern']!r} "
+                         f"({len(overrides['pattern'])} blocks); give one of them, or both in agreement")
     if family == "xlstm":
         d["pattern"] = xlstm_pattern(int(ratio.group(1)), int(ratio.group(2)), num_blocks, slstm_at)
     elif key in _LLAMA_BASE_PATTERNS:

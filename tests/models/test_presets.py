@@ -118,3 +118,9 @@ def test_tiny_run_config_builds_the_preset(name):
     with torch.device("meta"):
         model = LanguageModel(preset_config(name, vocab_size=256, **options))
     assert 0.5e6 < model.num_parameters() < 5e6
+
+
+def test_num_blocks_disagreeing_with_the_pattern_is_refused():
+    with pytest.raises(ValueError, match="num_blocks: 4 disagrees with pattern='mmmmmm'"):
+        preset_config("xlstm[1:0]", num_blocks=4, pattern="mmmmmm")
+    assert len(preset_config("xlstm[1:0]", num_blocks=6, pattern="mmmmmm").pattern) == 6
