@@ -1,20 +1,17 @@
 """Triton gated delta rule kernels against the float64 reference loop.
 
-Without CUDA the kernels run under TRITON_INTERPRET=1 at small shapes (set here before triton is imported); the
+Without CUDA the kernels run under TRITON_INTERPRET=1 at small shapes (chosen in tests/conftest.py); the
 interpreter computes the products in float32, so 16-bit rounding of the operands is checked on the GPU (the Hopper
 test at the bottom and benchmarks/gpu_siblings.py)."""
 
 from __future__ import annotations
 
-import os
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:  # before triton is imported: it reads the variable once
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="the `triton` package is not installed (pip install 'revival[gpu]')")
 
 from revival.ops.delta_rule import gated_delta_rule, gated_delta_rule_reference  # noqa: E402
@@ -24,13 +21,19 @@ from revival.ops.delta_rule.triton import (  # noqa: E402
     gated_delta_rule_triton,
     kernel_chunk_size,
 )
+from tests.ops._triton_helpers import (  # noqa: E402
+    DEVICE,
+    ON_GPU,
+    assert_close,
+    assert_document_gradients_close,
+    assert_no_transposed_tiles,
+    packed_starts,
+    rel,
+    run_weighted,
+)
 
-DEVICE = "cuda" if ON_GPU else "cpu"
+LOW = (0, 1, 2)  # q, k, v: the inputs given in the 16-bit dtype
 NAMES = ("o", "state", "dq", "dk", "dv", "dg", "dbeta", "dstate0")
-
-
-def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((got.double().cpu() - ref.double().cpu()).norm() / ref.double().cpu().norm().clamp_min(1e-30)).item()
 
 
 def _inputs(n, T, H, Dk, Dv, seed, beta_max=1.0, g_scale=1.0):
@@ -45,18 +48,7 @@ def _inputs(n, T, H, Dk, Dv, seed, beta_max=1.0, g_scale=1.0):
     return [q, k, v, g, beta, state], weights
 
 
-def _run(fn, inputs, weights, device, dtype=None):
-    """Outputs and gradients of sum(o * w_o) + sum(state * w_s); q, k, v in `dtype` (None: as given)."""
-    leaves = []
-    for index, x in enumerate(inputs):
-        x = x.to(device)
-        if dtype is not None and index < 3:
-            x = x.to(dtype)
-        leaves.append(x.detach().clone().requires_grad_(True))
-    o, state = fn(*leaves)
-    loss = (o.double() * weights[0].to(device)).sum() + (state.double() * weights[1].to(device)).sum()
-    loss.backward()
-    return [o.detach(), state.detach()] + [x.grad for x in leaves]
+_run = partial(run_weighted, low=LOW)
 
 
 def _reference(inputs, weights):
@@ -80,8 +72,7 @@ def test_forward_backward_match_float64_reference(n, T, H, Dk, Dv, chunk, beta_m
     got = _run(lambda *a: gated_delta_rule_triton(*a, Dk**-0.5, chunk_size=chunk, launch=launch), inputs, weights,
                DEVICE)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
-    errors = {name: _rel(g, r) for name, g, r in zip(NAMES, got, ref)}
-    assert max(errors.values()) < 1e-5, errors
+    assert_close(got, ref, NAMES, 1e-5)
 
 
 def test_bfloat16_inputs():
@@ -90,8 +81,7 @@ def test_bfloat16_inputs():
     got = _run(lambda *a: gated_delta_rule_triton(*a, 0.25, chunk_size=16), inputs, weights, DEVICE,
                dtype=torch.bfloat16)
     assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
-    errors = {name: _rel(g, r) for name, g, r in zip(NAMES, got, ref)}
-    assert max(errors.values()) < 1e-2, errors
+    assert_close(got, ref, NAMES, 1e-2)
 
 
 def test_strong_decay_and_no_state():
@@ -100,7 +90,7 @@ def test_strong_decay_and_no_state():
     inputs[5] = torch.zeros_like(inputs[5])
     ref = _reference(inputs, weights)
     o, state = gated_delta_rule_triton(*(x.to(DEVICE) for x in inputs[:5]), None, 0.25, chunk_size=16)
-    assert _rel(o, ref[0]) < 1e-5 and _rel(state, ref[1]) < 1e-5
+    assert rel(o, ref[0]) < 1e-5 and rel(state, ref[1]) < 1e-5
 
 
 def test_state_carry_equals_one_pass():
@@ -109,7 +99,7 @@ def test_state_carry_equals_one_pass():
     o_full, s_full = gated_delta_rule_triton(*x, 0.25, chunk_size=16)
     o1, s = gated_delta_rule_triton(*(t[:, :23] for t in x[:5]), x[5], 0.25, chunk_size=16)
     o2, s = gated_delta_rule_triton(*(t[:, 23:] for t in x[:5]), s, 0.25, chunk_size=16)
-    assert _rel(torch.cat([o1, o2], 1), o_full) < 1e-5 and _rel(s, s_full) < 1e-5
+    assert rel(torch.cat([o1, o2], 1), o_full) < 1e-5 and rel(s, s_full) < 1e-5
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
@@ -120,7 +110,7 @@ def test_step_matches_reference(dtype, tol):
     o_ref, s_ref = gated_delta_rule_reference(*(t.double()[:, None] for t in (q, k, v, g, beta)), inputs[5].double())
     o, s = gated_delta_rule_step_triton(*(t.to(DEVICE) for t in (q, k, v, g, beta, inputs[5])), 0.25)
     assert o.dtype == dtype and s.dtype == torch.float32
-    assert _rel(o, o_ref[:, 0]) < tol and _rel(s, s_ref) < tol
+    assert rel(o, o_ref[:, 0]) < tol and rel(s, s_ref) < tol
 
 
 def test_launch_retries_without_pipelining_when_shared_memory_runs_out():
@@ -152,17 +142,12 @@ def test_document_starts_match_reference():
     """Packed documents: starts at t = 0, twice in a row, on a chunk boundary (16, 32) and at the last token; the
     second row has one start inside a chunk. Outputs, final state and every gradient against float64."""
     inputs, weights = _inputs(2, 40, 2, 16, 24, seed=13, beta_max=2.0)
-    starts = torch.zeros(2, 40, dtype=torch.bool)
-    starts[0, [0, 5, 6, 16, 32, 39]] = True
-    starts[1, 21] = True
+    starts = packed_starts()
     ref = _run(lambda *a: gated_delta_rule_reference(*a, document_starts=starts), [x.double() for x in inputs],
                weights, "cpu")
     got = _run(lambda *a: gated_delta_rule_triton(*a, 0.25, chunk_size=16, document_starts=starts.to(DEVICE)),
                inputs, weights, DEVICE)
-    errors = {name: _rel(g, r) for name, g, r in zip(NAMES, got, ref)}
-    errors["dstate0"] = _rel(got[-1][1], ref[-1][1])  # row 0 starts at t = 0: its initial state gets no gradient
-    assert got[-1][0].abs().max() == 0
-    assert max(errors.values()) < 1e-5, errors
+    assert_document_gradients_close(got, ref, NAMES)
 
 
 def test_dispatch():
@@ -172,38 +157,28 @@ def test_dispatch():
     x = [t.to(DEVICE) for t in inputs]
     o_t, s_t = gated_delta_rule(*x, chunk_size=16, impl="triton")
     o_c, s_c = gated_delta_rule(*x, chunk_size=16, impl="chunkwise")
-    assert _rel(o_t, o_c) < 1e-5 and _rel(s_t, s_c) < 1e-5
+    assert rel(o_t, o_c) < 1e-5 and rel(s_t, s_c) < 1e-5
     with torch.no_grad():  # one token, no gradients: the step kernel
         o1, s1 = gated_delta_rule(*(t[:, :1] for t in x[:5]), x[5], impl="triton")
     o1_ref, s1_ref = gated_delta_rule(*(t[:, :1] for t in x[:5]), x[5], impl="chunkwise")
-    assert _rel(o1, o1_ref) < 1e-5 and _rel(s1, s1_ref) < 1e-5
+    assert rel(o1, o1_ref) < 1e-5 and rel(s1, s1_ref) < 1e-5
     starts = torch.zeros(1, 20, dtype=torch.bool, device=DEVICE)
     starts[0, 7] = True
     o_t, s_t = gated_delta_rule(*x, chunk_size=16, impl="triton", document_starts=starts)
     o_c, s_c = gated_delta_rule(*x, chunk_size=16, impl="chunkwise", document_starts=starts)
-    assert _rel(o_t, o_c) < 1e-5 and _rel(s_t, s_c) < 1e-5
+    assert rel(o_t, o_c) < 1e-5 and rel(s_t, s_c) < 1e-5
     with torch.no_grad():  # a one-token document: the step kernel from a zero state
         o1, s1 = gated_delta_rule(*(t[:, :1] for t in x[:5]), x[5], impl="triton", document_starts=starts[:, 7:8])
     o1_ref, s1_ref = gated_delta_rule(*(t[:, :1] for t in x[:5]), None, impl="chunkwise")
-    assert _rel(o1, o1_ref) < 1e-5 and _rel(s1, s1_ref) < 1e-5
+    assert rel(o1, o1_ref) < 1e-5 and rel(s1, s1_ref) < 1e-5
     with pytest.raises(ValueError, match="impl.*'fast'"):
         gated_delta_rule(*x, impl="fast")
-
 
 
 def test_no_kernel_transposes_a_computed_tile():
     """Transposed operands are loaded transposed from memory: no `tl.trans`, `.T`, `.permute` or `.transpose` in the
     kernels' code (a transposed matrix-unit result feeding another product is the pattern behind fla #640)."""
-    import ast
-    import importlib
-    import pathlib
-
-    folder = pathlib.Path(importlib.import_module("revival.ops.delta_rule.triton").__file__).parent
-    sources = sorted(folder.glob("*.py"))
-    assert len(sources) >= 4
-    for path in sources:
-        attributes = {node.attr for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Attribute)}
-        assert not attributes & {"trans", "T", "permute", "transpose"}, path.name
+    assert_no_transposed_tiles("revival.ops.delta_rule.triton")
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA: the transposed-MMA-layout failure (fla #640) shows on Hopper")
@@ -216,5 +191,4 @@ def test_gradients_at_a_real_shape_on_the_gpu(Dv):
     rounded = [x.bfloat16().double() if index < 3 else x.double() for index, x in enumerate(inputs)]
     ref = _run(gated_delta_rule_reference, rounded, weights, "cuda")
     got = _run(lambda *a: gated_delta_rule_triton(*a, 128**-0.5), inputs, weights, "cuda", dtype=torch.bfloat16)
-    errors = {name: _rel(g, r) for name, g, r in zip(NAMES, got, ref)}
-    assert max(errors.values()) < 2e-2, errors
+    assert_close(got, ref, NAMES, 2e-2)

@@ -1,31 +1,33 @@
 """Triton SSD (Mamba-2) kernels against the float64 reference loop.
 
-Without CUDA the kernels run under TRITON_INTERPRET=1 at small shapes (set here before triton is imported); the
+Without CUDA the kernels run under TRITON_INTERPRET=1 at small shapes (chosen in tests/conftest.py); the
 interpreter computes the products in float32, so 16-bit rounding of the operands is checked on the GPU (the Hopper
 test at the bottom and benchmarks/gpu_siblings.py)."""
 
 from __future__ import annotations
 
-import os
+from functools import partial
 
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:  # before triton is imported: it reads the variable once
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="the `triton` package is not installed (pip install 'revival[gpu]')")
 
 from revival.ops.ssd import ssd, ssd_reference  # noqa: E402
 from revival.ops.ssd.triton import LaunchConfig, kernel_chunk_size, ssd_step_triton, ssd_triton  # noqa: E402
+from tests.ops._triton_helpers import (  # noqa: E402
+    DEVICE,
+    ON_GPU,
+    assert_close,
+    assert_document_gradients_close,
+    assert_no_transposed_tiles,
+    packed_starts,
+    rel,
+    run_weighted,
+)
 
-DEVICE = "cuda" if ON_GPU else "cpu"
 NAMES = ("y", "state", "dx", "ddt", "dA", "dB", "dC", "dD", "dstate0")
 LOW = (0, 3, 4)  # x, B, C: the inputs given in the 16-bit dtype
-
-
-def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((got.double().cpu() - ref.double().cpu()).norm() / ref.double().cpu().norm().clamp_min(1e-30)).item()
 
 
 def _inputs(n, T, H, P, G, N, seed, dt_scale=0.5):
@@ -40,18 +42,7 @@ def _inputs(n, T, H, P, G, N, seed, dt_scale=0.5):
     return [x, dt, A, B, C, D, state], weights
 
 
-def _run(fn, inputs, weights, device, dtype=None):
-    """Outputs and gradients of sum(y * w_y) + sum(state * w_s); x, B, C in `dtype` (None: as given)."""
-    leaves = []
-    for index, t in enumerate(inputs):
-        t = t.to(device)
-        if dtype is not None and index in LOW:
-            t = t.to(dtype)
-        leaves.append(t.detach().clone().requires_grad_(True))
-    y, state = fn(*leaves)
-    loss = (y.double() * weights[0].to(device)).sum() + (state.double() * weights[1].to(device)).sum()
-    loss.backward()
-    return [y.detach(), state.detach()] + [t.grad for t in leaves]
+_run = partial(run_weighted, low=LOW)
 
 
 def _reference(inputs, weights, device="cpu"):
@@ -74,8 +65,7 @@ def test_forward_backward_match_float64_reference(n, T, H, P, G, N, chunk):
     launch = LaunchConfig(block_p_states=16, block_p_dstates=16, block_p_grads=16)  # several tiles even at small P
     got = _run(lambda *a: ssd_triton(*a, chunk_size=chunk, launch=launch), inputs, weights, DEVICE)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
-    errors = {name: _rel(g, r) for name, g, r in zip(NAMES, got, ref)}
-    assert max(errors.values()) < 1e-5, errors
+    assert_close(got, ref, NAMES, 1e-5)
 
 
 def test_bfloat16_inputs():
@@ -83,8 +73,7 @@ def test_bfloat16_inputs():
     ref = _reference([t.bfloat16() if i in LOW else t for i, t in enumerate(inputs)], weights)
     got = _run(lambda *a: ssd_triton(*a, chunk_size=16), inputs, weights, DEVICE, dtype=torch.bfloat16)
     assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
-    errors = {name: _rel(g, r) for name, g, r in zip(NAMES, got, ref)}
-    assert max(errors.values()) < 1e-2, errors
+    assert_close(got, ref, NAMES, 1e-2)
 
 
 def test_strong_decay_without_skip_and_state():
@@ -92,7 +81,7 @@ def test_strong_decay_without_skip_and_state():
     inputs, weights = _inputs(1, 33, 2, 16, 1, 16, seed=9, dt_scale=20.0)
     ref = ssd_reference(*(t.double() for t in inputs[:5]))
     y, state = ssd_triton(*(t.to(DEVICE) for t in inputs[:5]), chunk_size=16)
-    assert _rel(y, ref[0]) < 1e-5 and _rel(state, ref[1]) < 1e-5
+    assert rel(y, ref[0]) < 1e-5 and rel(state, ref[1]) < 1e-5
 
 
 def test_state_carry_equals_one_pass():
@@ -101,7 +90,7 @@ def test_state_carry_equals_one_pass():
     y_full, s_full = ssd_triton(x, dt, A, B, C, D, S, chunk_size=16)
     y1, s = ssd_triton(x[:, :23], dt[:, :23], A, B[:, :23], C[:, :23], D, S, chunk_size=16)
     y2, s = ssd_triton(x[:, 23:], dt[:, 23:], A, B[:, 23:], C[:, 23:], D, s, chunk_size=16)
-    assert _rel(torch.cat([y1, y2], 1), y_full) < 1e-5 and _rel(s, s_full) < 1e-5
+    assert rel(torch.cat([y1, y2], 1), y_full) < 1e-5 and rel(s, s_full) < 1e-5
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
@@ -116,7 +105,7 @@ def test_step_matches_reference(dtype, tol, with_D):
     y, s = ssd_step_triton(*(t.to(DEVICE) for t in (x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])),
                            None if D is None else D.to(DEVICE), S.to(DEVICE))
     assert y.dtype == dtype and s.dtype == torch.float32
-    assert _rel(y, y_ref[:, 0]) < tol and _rel(s, s_ref) < tol
+    assert rel(y, y_ref[:, 0]) < tol and rel(s, s_ref) < tol
 
 
 def test_kernel_chunk_size():
@@ -127,15 +116,10 @@ def test_document_starts_match_reference():
     """Packed documents: starts at t = 0, twice in a row, on a chunk boundary (16, 32) and at the last token; the
     second row has one start inside a chunk. Outputs, final state and every gradient against float64."""
     inputs, weights = _inputs(2, 40, 4, 16, 2, 24, seed=13)
-    starts = torch.zeros(2, 40, dtype=torch.bool)
-    starts[0, [0, 5, 6, 16, 32, 39]] = True
-    starts[1, 21] = True
+    starts = packed_starts()
     ref = _run(lambda *a: ssd_reference(*a, document_starts=starts), [t.double() for t in inputs], weights, "cpu")
     got = _run(lambda *a: ssd_triton(*a, chunk_size=16, document_starts=starts.to(DEVICE)), inputs, weights, DEVICE)
-    errors = {name: _rel(g, r) for name, g, r in zip(NAMES, got, ref)}
-    errors["dstate0"] = _rel(got[-1][1], ref[-1][1])  # row 0 starts at t = 0: its initial state gets no gradient
-    assert got[-1][0].abs().max() == 0
-    assert max(errors.values()) < 1e-5, errors
+    assert_document_gradients_close(got, ref, NAMES)
 
 
 def test_dispatch():
@@ -145,39 +129,29 @@ def test_dispatch():
     x = [t.to(DEVICE) for t in inputs]
     y_t, s_t = ssd(*x, chunk_size=16, impl="triton")
     y_c, s_c = ssd(*x, chunk_size=16, impl="chunkwise")
-    assert _rel(y_t, y_c) < 1e-5 and _rel(s_t, s_c) < 1e-5
+    assert rel(y_t, y_c) < 1e-5 and rel(s_t, s_c) < 1e-5
     one = [x[0][:, :1], x[1][:, :1], x[2], x[3][:, :1], x[4][:, :1], x[5], x[6]]
     with torch.no_grad():
         y1, s1 = ssd(*one, impl="triton")
     y1_ref, s1_ref = ssd(*one, impl="chunkwise")
-    assert _rel(y1, y1_ref) < 1e-5 and _rel(s1, s1_ref) < 1e-5
+    assert rel(y1, y1_ref) < 1e-5 and rel(s1, s1_ref) < 1e-5
     starts = torch.zeros(1, 20, dtype=torch.bool, device=DEVICE)
     starts[0, 7] = True
     y_t, s_t = ssd(*x, chunk_size=16, impl="triton", document_starts=starts)
     y_c, s_c = ssd(*x, chunk_size=16, impl="chunkwise", document_starts=starts)
-    assert _rel(y_t, y_c) < 1e-5 and _rel(s_t, s_c) < 1e-5
+    assert rel(y_t, y_c) < 1e-5 and rel(s_t, s_c) < 1e-5
     with torch.no_grad():  # a one-token document: the step kernel from a zero state
         y1, s1 = ssd(*one, impl="triton", document_starts=starts[:, 7:8])
     y1_ref, s1_ref = ssd(*one[:6], None, impl="chunkwise")
-    assert _rel(y1, y1_ref) < 1e-5 and _rel(s1, s1_ref) < 1e-5
+    assert rel(y1, y1_ref) < 1e-5 and rel(s1, s1_ref) < 1e-5
     with pytest.raises(ValueError, match="impl.*'fast'"):
         ssd(*x, impl="fast")
-
 
 
 def test_no_kernel_transposes_a_computed_tile():
     """Transposed operands are loaded transposed from memory: no `tl.trans`, `.T`, `.permute` or `.transpose` in the
     kernels' code (a transposed matrix-unit result feeding another product is the pattern behind fla #640)."""
-    import ast
-    import importlib
-    import pathlib
-
-    folder = pathlib.Path(importlib.import_module("revival.ops.ssd.triton").__file__).parent
-    sources = sorted(folder.glob("*.py"))
-    assert len(sources) >= 4
-    for path in sources:
-        attributes = {node.attr for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Attribute)}
-        assert not attributes & {"trans", "T", "permute", "transpose"}, path.name
+    assert_no_transposed_tiles("revival.ops.ssd.triton")
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA: checks the kernels' bfloat16 gradients on the GPU (Hopper)")
@@ -188,5 +162,4 @@ def test_gradients_at_a_real_shape_on_the_gpu():
     rounded = [t.bfloat16() if i in LOW else t for i, t in enumerate(inputs)]
     ref = _reference(rounded, weights, "cuda")
     got = _run(ssd_triton, inputs, weights, "cuda", dtype=torch.bfloat16)
-    errors = {name: _rel(g, r) for name, g, r in zip(NAMES, got, ref)}
-    assert max(errors.values()) < 2e-2, errors
+    assert_close(got, ref, NAMES, 2e-2)

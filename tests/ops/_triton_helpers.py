@@ -1,0 +1,66 @@
+"""Helpers shared by the Triton kernel tests (delta rule, SSD): errors against float64, gradients of a weighted loss,
+the packed-documents case and the no-transpose check. TRITON_INTERPRET is chosen in tests/conftest.py."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import pathlib
+
+import torch
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.double().cpu() - ref.double().cpu()).norm() / ref.double().cpu().norm().clamp_min(1e-30)).item()
+
+
+def run_weighted(fn, inputs, weights, device, dtype=None, low=()):
+    """Outputs and gradients of sum(out * w_out) + sum(state * w_state); the inputs at indices `low` in `dtype`
+    (None: every input as given)."""
+    leaves = []
+    for index, x in enumerate(inputs):
+        x = x.to(device)
+        if dtype is not None and index in low:
+            x = x.to(dtype)
+        leaves.append(x.detach().clone().requires_grad_(True))
+    out, state = fn(*leaves)
+    loss = (out.double() * weights[0].to(device)).sum() + (state.double() * weights[1].to(device)).sum()
+    loss.backward()
+    return [out.detach(), state.detach()] + [x.grad for x in leaves]
+
+
+def assert_close(got, ref, names, tol):
+    errors = {name: rel(g, r) for name, g, r in zip(names, got, ref)}
+    assert max(errors.values()) < tol, errors
+
+
+def packed_starts() -> torch.Tensor:
+    """Two rows of 40 tokens: starts at t = 0, twice in a row, on chunk boundaries (16, 32) and at the last token;
+    the second row has one start inside a chunk."""
+    starts = torch.zeros(2, 40, dtype=torch.bool)
+    starts[0, [0, 5, 6, 16, 32, 39]] = True
+    starts[1, 21] = True
+    return starts
+
+
+def assert_document_gradients_close(got, ref, names, tol=1e-5):
+    """As assert_close, but row 0 of dstate0 (the last gradient) gets none: that row starts at t = 0."""
+    errors = {name: rel(g, r) for name, g, r in zip(names, got, ref)}
+    errors[names[-1]] = rel(got[-1][1], ref[-1][1])
+    assert got[-1][0].abs().max() == 0
+    assert max(errors.values()) < tol, errors
+
+
+def assert_no_transposed_tiles(package: str):
+    """Transposed operands are loaded transposed from memory: no `tl.trans`, `.T`, `.permute` or `.transpose` in the
+    kernels' code of `package` (a transposed matrix-unit result feeding another product is the pattern behind fla
+    #640)."""
+    folder = pathlib.Path(importlib.import_module(package).__file__).parent
+    sources = sorted(folder.glob("*.py"))
+    assert len(sources) >= 4
+    for path in sources:
+        attributes = {node.attr for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Attribute)}
+        assert not attributes & {"trans", "T", "permute", "transpose"}, path.name
