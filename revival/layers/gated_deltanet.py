@@ -2,7 +2,7 @@
 
     q, k, v = silu(conv(W_q x, W_k x, W_v x))     short causal depthwise convs (one conv over the concatenation)
     q, k = L2-normalize per head                  head dims: Dk = head_dim, Dv = round(expand_v * head_dim)
-    beta = sigmoid(W_b x)                         (B, T, H)
+    beta = sigmoid(W_b x)                         (B, T, H); 2 sigmoid(W_b x) with allow_neg_eigval (OLMo Hybrid)
     g = -exp(A_log) * softplus(W_a x + dt_bias)   log decay per head, Mamba-style
     o = gated_delta_rule(q, k, v, g, beta)        S_t = a_t (I - beta k k^T) S_{t-1} + beta k v^T, o = S^T q / sqrt(Dk)
     y = W_out (RMSNorm_per_head(o) * silu(W_gate x))
@@ -37,7 +37,7 @@ class GatedDeltaNet(nn.Module):
     def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None, expand_v: float = 2.0,
                  conv_kernel: int = 4, chunk_size: int = 64, dt_min: float = 1e-3, dt_max: float = 0.1,
                  dt_init_floor: float = 1e-4, A_init_range: tuple[float, float] = (1.0, 16.0), norm_eps: float = 1e-6,
-                 bias: bool = False, conv_bias: bool = False):
+                 bias: bool = False, conv_bias: bool = False, allow_neg_eigval: bool = False):
         super().__init__()
         if num_heads < 1:
             raise ValueError(f"num_heads: expected >= 1, got {num_heads}")
@@ -47,6 +47,7 @@ class GatedDeltaNet(nn.Module):
         if not 0 < A_init_range[0] <= A_init_range[1]:
             raise ValueError(f"A_init_range: expected 0 < low <= high, got {A_init_range}")
         self.d_model, self.num_heads, self.chunk_size = d_model, num_heads, chunk_size
+        self.allow_neg_eigval = allow_neg_eigval
         self.head_k_dim, self.head_v_dim = head_dim, max(1, round(expand_v * head_dim))
         self.key_dim, self.value_dim = num_heads * self.head_k_dim, num_heads * self.head_v_dim
         self.dt_min, self.dt_max, self.dt_init_floor, self.A_init_range = dt_min, dt_max, dt_init_floor, A_init_range
@@ -92,6 +93,8 @@ class GatedDeltaNet(nn.Module):
         q = F.normalize(q.reshape(batch, T, H, Dk), dim=-1)
         k = F.normalize(k.reshape(batch, T, H, Dk), dim=-1)
         beta = torch.sigmoid(self.b_proj(x))
+        if self.allow_neg_eigval:  # beta in (0, 2): I - beta k k^T can reflect (eigenvalue 1 - beta < 0)
+            beta = 2 * beta
         g = -torch.exp(self.A_log) * F.softplus(self.a_proj(x) + self.dt_bias)
         o, delta_state = gated_delta_rule(q, k, v.reshape(batch, T, H, Dv), g, beta, delta_state,
                                           scale=Dk**-0.5, chunk_size=self.chunk_size, document_starts=document_starts)
@@ -115,6 +118,7 @@ class GatedDeltaNetOptions(LayerOptions):
     norm_eps: float = 1e-6
     bias: bool | None = None  # use_bias
     conv_bias: bool = False
+    allow_neg_eigval: bool = False  # beta = 2 sigmoid(.) in (0, 2), as OLMo Hybrid
 
     def derive(self, config):
         return dict(num_heads=config.num_heads, chunk_size=config.chunk_size, bias=config.use_bias)

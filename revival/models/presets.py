@@ -10,7 +10,8 @@
     qwen3-next    Qwen3-Next's layout: "ddda" * n with gated attention (output gate, partial RoPE on a quarter of each
                   head) and a MoE feed-forward in every block: 16 experts of width 0.5 d_model, top 4, plus a gated
                   shared expert of width 0.5 d_model (the published 512 experts / top 10 scaled down to small models)
-    olmo-hybrid   OLMo Hybrid's 3:1 Gated DeltaNet : attention, "ddda" * n, dense SwiGLU feed-forwards
+    olmo-hybrid   OLMo Hybrid's 3:1 Gated DeltaNet : attention, "ddda" * n, dense SwiGLU feed-forwards, and its
+                  allow_neg_eigval: the Gated DeltaNet's beta = 2 sigmoid(.) in (0, 2)
     jamba         Jamba style 1 attention per 7 Mamba-2: "MMMMaMMM" * n, the attention at offset 4 of each group of
                   8 (Jamba's attn_layer_offset=4, attn_layer_period=8), and Jamba's MoE (16 experts, top 2, no shared
                   expert) in every other block (expert_layer_period=2, offset=1). Fewer than 5 blocks have no attention.
@@ -68,6 +69,7 @@ _QWEN3_NEXT_MOE = dict(num_experts=16, top_k=4, expert_proj_factor=0.5, shared_p
 _PRESET_LAYER_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
     "qwen3-next": {"d": {"moe": _QWEN3_NEXT_MOE},
                    "a": {"output_gate": True, "rope_fraction": 0.25, "moe": _QWEN3_NEXT_MOE}},
+    "olmo-hybrid": {"d": {"allow_neg_eigval": True}},
     "jamba": {"M": {"moe": dict(num_experts=16, top_k=2, every=2, offset=1)}},
 }
 PRESET_NAMES = ("xlstm[a:b]", "xlstm-large", "xlstm-7b", *_LLAMA_BASE_PATTERNS)

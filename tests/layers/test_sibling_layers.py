@@ -25,6 +25,8 @@ LAYERS = {
     "minlstm-chunked": lambda: MinLSTM(D_MODEL, expansion=2.0, conv_kernel=3, scan_impl="chunked", chunk_size=4),
     "mamba2": lambda: Mamba2(D_MODEL, d_state=8, head_dim=8, n_groups=2, chunk_size=8),
     "gated-deltanet": lambda: GatedDeltaNet(D_MODEL, num_heads=2, head_dim=8, chunk_size=8),
+    "gated-deltanet-neg-eigval": lambda: GatedDeltaNet(D_MODEL, num_heads=2, head_dim=8, chunk_size=8,
+                                                       allow_neg_eigval=True),
 }
 
 
