@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -77,3 +78,42 @@ class CompiledLaunch:
         compiled.run(*grid, stream, compiled.function, compiled.packed_metadata,
                      compiled.launch_metadata(grid, stream, *args), knobs.runtime.launch_enter_hook,
                      knobs.runtime.launch_exit_hook, *args)
+
+
+def resolve_impl(impl, tensor: torch.Tensor, fits_kernels: bool, impls: tuple[str, ...]) -> str:
+    """`impl` checked against `impls` ("auto", "chunkwise", "triton"); "auto": "triton" on CUDA for 16/32-bit
+    `tensor` when the shapes fit the kernels (`fits_kernels`) and Triton runs here, else "chunkwise"."""
+    if not isinstance(impl, str) or impl not in impls:
+        raise ValueError(f"impl: expected one of {impls}, got {impl!r}")
+    if impl == "triton" and not available():
+        raise ValueError(f"impl: 'triton' is not available here (device {tensor.device.type}); use 'auto' or "
+                         "'chunkwise'")
+    if impl == "auto":
+        fits = tensor.device.type == "cuda" and tensor.dtype != torch.float64 and fits_kernels
+        impl = "triton" if fits and available() else "chunkwise"
+    return impl
+
+
+def kernel_chunk_size(chunk_size: int, max_chunk: int = 64) -> int:
+    """The chunk a chunkwise kernel uses for a requested `chunk_size`: a power of two in [16, max_chunk] (results
+    agree to rounding: the chunking is exact)."""
+    return max(16, min(max_chunk, 1 << max(chunk_size - 1, 0).bit_length()))
+
+
+def merged_launch_config(requested, default):
+    """The fields of the frozen dataclass `requested` (of `default`'s type, or None) that are set, `default`'s for
+    the others."""
+    if requested is not None and not isinstance(requested, type(default)):
+        raise ValueError(f"launch: expected a {type(default).__name__} or None, got {type(requested).__name__}")
+    if requested is None:
+        return default
+    chosen = {f.name: getattr(requested, f.name) for f in dataclasses.fields(requested)}
+    return dataclasses.replace(default, **{name: value for name, value in chosen.items() if value is not None})
+
+
+def kernel_state_and_starts(state, shape: tuple[int, ...], document_starts, device):
+    """The initial state as the kernels read it (float32, contiguous; zeros of `shape` for None) and the document
+    starts as int8 (or None)."""
+    S0 = torch.zeros(shape, device=device) if state is None else state.float().contiguous()
+    starts = None if document_starts is None else document_starts.to(torch.int8).contiguous()
+    return S0, starts

@@ -50,18 +50,9 @@ _TRITON_MAX_HEAD_DIM = 256  # the Triton kernels hold a chunk's (L, Dk) tiles wh
 def _resolve_impl(impl, q, Dv: int) -> str:
     """"auto": the Triton kernels (`triton/`) on CUDA for 16/32-bit inputs and head dims up to 256, else
     "chunkwise"."""
-    from .triton import available
+    from .._triton import resolve_impl
 
-    if not isinstance(impl, str) or impl not in IMPLS:
-        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
-    if impl == "triton":
-        if not available():
-            raise ValueError(f"impl: 'triton' is not available here (device {q.device.type}); use 'auto' or "
-                             "'chunkwise'")
-    if impl == "auto":
-        fits = q.device.type == "cuda" and q.dtype != torch.float64 and max(q.shape[-1], Dv) <= _TRITON_MAX_HEAD_DIM
-        impl = "triton" if fits and available() else "chunkwise"
-    return impl
+    return resolve_impl(impl, q, max(q.shape[-1], Dv) <= _TRITON_MAX_HEAD_DIM, IMPLS)
 
 
 def _validate(q, k, v, g, beta, state) -> tuple[int, int, int, int, int]:

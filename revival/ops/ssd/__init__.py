@@ -40,18 +40,9 @@ _TRITON_MAX_DIM = 256  # the Triton kernels hold a chunk's (L, P) and (L, N) til
 
 def _resolve_impl(impl, x, N: int) -> str:
     """"auto": the Triton kernels (`triton/`) on CUDA for 16/32-bit inputs and P, N up to 256, else "chunkwise"."""
-    from .triton import available
+    from .._triton import resolve_impl
 
-    if not isinstance(impl, str) or impl not in IMPLS:
-        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
-    if impl == "triton":
-        if not available():
-            raise ValueError(f"impl: 'triton' is not available here (device {x.device.type}); use 'auto' or "
-                             "'chunkwise'")
-    if impl == "auto":
-        fits = x.device.type == "cuda" and x.dtype != torch.float64 and max(x.shape[-1], N) <= _TRITON_MAX_DIM
-        impl = "triton" if fits and available() else "chunkwise"
-    return impl
+    return resolve_impl(impl, x, max(x.shape[-1], N) <= _TRITON_MAX_DIM, IMPLS)
 
 
 def _validate(x, dt, A, B, C, D, state) -> tuple[int, int, int, int, int, int]:

@@ -12,21 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from ..._triton import available, require_triton
+from ..._triton import available, kernel_chunk_size, kernel_state_and_starts, require_triton
 from .config import LaunchConfig, launch_config
 
 __all__ = ["LaunchConfig", "available", "gated_delta_rule_step_triton", "gated_delta_rule_triton",
            "kernel_chunk_size", "launch_config"]
-
-# The (L, L) decay and inverse tiles and the (L, D) tiles of the gradient kernel stay on chip up to L = 64
-_MAX_CHUNK = 64
-
-
-def kernel_chunk_size(chunk_size: int) -> int:
-    """The chunk the kernels use for a requested `chunk_size`: a power of two in [16, 64] (results agree to
-    rounding: the chunking is exact)."""
-    return max(16, min(_MAX_CHUNK, 1 << max(chunk_size - 1, 0).bit_length()))
-
 
 class _GatedDeltaRule(torch.autograd.Function):
     @staticmethod
@@ -73,8 +63,8 @@ def gated_delta_rule_triton(q, k, v, g, beta, state, scale: float, *, chunk_size
     dtype = q.dtype
     q, k, v = (x.to(dtype).contiguous() for x in (q, k, v))
     g, beta = g.float().contiguous(), beta.float().contiguous()
-    S0 = torch.zeros(n, H, Dk, Dv, device=q.device) if state is None else state.float().contiguous()
-    starts = None if document_starts is None else document_starts.to(torch.int8).contiguous()
+    S0, starts = kernel_state_and_starts(state, (n, H, Dk, Dv), document_starts, q.device)
+    # the (L, L) decay and inverse tiles and the (L, D) tiles of the gradient kernel stay on chip up to L = 64
     return _GatedDeltaRule.apply(q, k, v, g, beta, S0, starts, scale, kernel_chunk_size(chunk_size), cfg)
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
+
+from ..._triton import merged_launch_config
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,4 @@ def default_launch_config(Dk: int, Dv: int, rows: int) -> LaunchConfig:
 
 def launch_config(Dk: int, Dv: int, rows: int, requested: LaunchConfig | None = None) -> LaunchConfig:
     """The launch config of one call: the fields `requested` sets, the shape-keyed defaults for the others."""
-    if requested is not None and not isinstance(requested, LaunchConfig):
-        raise ValueError(f"launch: expected a LaunchConfig or None, got {type(requested).__name__}")
-    default = default_launch_config(Dk, Dv, rows)
-    if requested is None:
-        return default
-    chosen = {f.name: getattr(requested, f.name) for f in dataclasses.fields(requested)}
-    return dataclasses.replace(default, **{name: value for name, value in chosen.items() if value is not None})
+    return merged_launch_config(requested, default_launch_config(Dk, Dv, rows))

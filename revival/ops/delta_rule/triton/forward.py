@@ -34,7 +34,7 @@ def chunk_tokens(row, c, T, H, L: tl.constexpr):
 
 @triton.jit
 def load_rows(ptr, tokens, valid, D, BD: tl.constexpr, start):
-    """(L, BD) float32 tile of a (n, T, H, D) tensor: columns start.. of the rows `tokens`, zeros past T and D."""
+    """(L, BD) float32 tile of a (..., D) tensor: columns start.. of the rows `tokens`, zeros past T and D."""
     offs = start + tl.arange(0, BD)
     mask = valid[:, None] & (offs < D)[None, :]
     return tl.load(ptr + tokens[:, None] * D + offs[None, :], mask=mask, other=0.0).to(tl.float32)

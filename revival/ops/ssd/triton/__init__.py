@@ -11,20 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from ..._triton import available, require_triton
+from ..._triton import available, kernel_chunk_size, kernel_state_and_starts, require_triton
 from .config import LaunchConfig, launch_config
 
 __all__ = ["LaunchConfig", "available", "kernel_chunk_size", "launch_config", "ssd_step_triton", "ssd_triton"]
-
-# The (L, L) score tiles and the (L, P), (L, N) tiles of the gradient kernel stay on chip up to L = 64
-_MAX_CHUNK = 64
-
-
-def kernel_chunk_size(chunk_size: int) -> int:
-    """The chunk the kernels use for a requested `chunk_size`: a power of two in [16, 64] (results agree to
-    rounding: the chunking is exact)."""
-    return max(16, min(_MAX_CHUNK, 1 << max(chunk_size - 1, 0).bit_length()))
-
 
 class _SSD(torch.autograd.Function):
     @staticmethod
@@ -70,8 +60,8 @@ def ssd_triton(x, dt, A, B, C, D=None, state=None, *, chunk_size: int = 64,
     dtype = x.dtype
     xs, B, C = (t.to(dtype).contiguous() for t in (x, B, C))
     dt, A = dt.float().contiguous(), A.float().contiguous()
-    S0 = torch.zeros(n, H, P, N, device=x.device) if state is None else state.float().contiguous()
-    starts = None if document_starts is None else document_starts.to(torch.int8).contiguous()
+    S0, starts = kernel_state_and_starts(state, (n, H, P, N), document_starts, x.device)
+    # the (L, L) score tiles and the (L, P), (L, N) tiles of the gradient kernel stay on chip up to L = 64
     y, S_T = _SSD.apply(xs, dt, A, B, C, S0, starts, kernel_chunk_size(chunk_size), cfg)
     if D is not None:  # the skip term in PyTorch: one elementwise pass, differentiated by autograd
         y = (y.float() + D.float()[:, None] * xs.float()).to(dtype)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...delta_rule.triton.forward import document_masks, launch
+from ...delta_rule.triton.forward import document_masks, launch, load_cols, load_rows
 
 
 @triton.jit
@@ -30,22 +30,6 @@ def chunk_tokens(row, c, T, H, G, L: tl.constexpr):
     h = row % H
     tokens = (b * T + t).to(tl.int64)
     return tokens * H + h, tokens * G + h // (H // G), t < T
-
-
-@triton.jit
-def load_rows(ptr, tokens, valid, D, BD: tl.constexpr, start):
-    """(L, BD) float32 tile of a (..., D) tensor: columns start.. of the rows `tokens`, zeros past T and past D."""
-    offs = start + tl.arange(0, BD)
-    mask = valid[:, None] & (offs < D)[None, :]
-    return tl.load(ptr + tokens[:, None] * D + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def load_cols(ptr, tokens, valid, D, BD: tl.constexpr, start):
-    """The same tile transposed, (BD, L), read transposed from memory."""
-    offs = start + tl.arange(0, BD)
-    mask = (offs < D)[:, None] & valid[None, :]
-    return tl.load(ptr + tokens[None, :] * D + offs[:, None], mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
