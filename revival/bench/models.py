@@ -35,7 +35,6 @@ SIZES = ("tiny", "125m", "1.3b")
 ANCHORS = {"hf-xlstm": "xlstm-large", "hf-llama": "llama"}  # anchor -> the preset whose size it copies
 # size -> (d_model, target parameter count); the heads come from the layer kinds' `bench_heads`
 SCALED_SIZES = {"125m": (768, 125_000_000), "1.3b": (2048, 1_300_000_000)}
-TINY_DEPTH = {"hybrid": 4, "jamba": 5}
 # dense bf16 tensor-core peaks (FLOP/s) by device-name fragment; MFU is None on other devices
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
 
@@ -47,6 +46,15 @@ def bench_heads(preset: str, size: str) -> int:
     return min(kinds[letter].bench_heads.get(size, 4) for letter in set(preset_config(preset).pattern))
 
 
+def tiny_depth(preset: str) -> int:
+    """The fewest blocks (at least 2; 3 for xlstm[a:b]) whose pattern holds every block kind of `preset`'s own."""
+    kinds = set(preset_config(preset).pattern)
+    depth = 3 if preset.startswith("xlstm[") else 2
+    while set(preset_config(preset, num_blocks=depth).pattern) != kinds:
+        depth += 1
+    return depth
+
+
 def bench_config(preset: str, size: str) -> ModelConfig:
     """The `ModelConfig` a benchmark uses for `preset` at `size` (one of `SIZES`)."""
     if size not in SIZES:
@@ -54,7 +62,7 @@ def bench_config(preset: str, size: str) -> ModelConfig:
     if preset in ANCHORS:
         preset = ANCHORS[preset]
     if size == "tiny":
-        depth = TINY_DEPTH.get(preset, 3 if preset.startswith("xlstm[") else 2)
+        depth = tiny_depth(preset)
         kinds = layer_kinds()
         letters = sorted(set(preset_config(preset, num_blocks=depth).pattern))
         options = {letter: dict(kinds[letter].bench_tiny_options) for letter in letters

@@ -13,6 +13,7 @@ import torch
 from revival.bench import bench_config, run_study, training_flops_per_token
 from revival.bench.cli import add_arguments, parse_context, run_bench_command
 from revival.bench.models import build_runner, count_parameters, forward_last, transformers_version
+from revival.models import preset_config
 
 TOP_KEYS = {"study", "schema_version", "created", "device", "versions", "config", "models", "points", "wall_seconds",
             "plot"}
@@ -123,6 +124,15 @@ def test_forward_last_matches_the_models_last_logits(name):
     torch.testing.assert_close(last, full[:, -1], rtol=1e-12, atol=1e-12)
     assert [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(last_state)] == \
         [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(state)]
+
+
+@pytest.mark.parametrize("preset", ["hybrid", "qwen3-next", "olmo-hybrid", "jamba", "xlstm[7:1]", "mamba2"])
+def test_tiny_size_holds_every_block_kind_of_the_preset(preset):
+    tiny = bench_config(preset, "tiny").pattern
+    kinds = set(preset_config(preset).pattern)
+    assert set(tiny) == kinds, tiny
+    minimum = 3 if preset.startswith("xlstm[") else 2
+    assert len(tiny) == minimum or set(tiny[:-1]) != kinds, tiny  # the smallest such depth: CPU tests stay cheap
 
 
 def test_125m_and_1_3b_sizes_and_flop_model():
