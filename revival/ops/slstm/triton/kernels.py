@@ -102,6 +102,26 @@ def _cell_grads(i, f, z, o, c_prev, n_prev, m_prev, c, n, m, g_y, g_c, g_n, g_m,
     return g_i, g_f, g_z, g_o, tl.where(mask, g_c * f_bar, 0.0), tl.where(mask, g_n * f_bar, 0.0), g_log_fm
 
 @triton.jit
+def _document_cell_grads(i, f, z, o, c_prev, n_prev, m_prev, c, n, m, g_y, g_c, g_n, g_m, mask,
+                         starts_ptr, rows, B, T, t, HAS_STARTS: tl.constexpr):
+    """`_cell_grads` of step t; where t starts a document (HAS_STARTS) the step read the zero state and passes the
+    state before it no gradient."""
+    if HAS_STARTS:
+        start = _starts_at(starts_ptr, rows, B, T, t)
+        c_prev = tl.where(start, 0.0, c_prev)
+        n_prev = tl.where(start, 0.0, n_prev)
+        m_prev = tl.where(start, 0.0, m_prev)
+    g_i, g_f, g_z, g_o, g_c, g_n, g_m = _cell_grads(
+        i, f, z, o, c_prev, n_prev, m_prev, c, n, m, g_y, g_c, g_n, g_m, mask
+    )  # fmt: skip
+    if HAS_STARTS:
+        g_c = tl.where(start, 0.0, g_c)
+        g_n = tl.where(start, 0.0, g_n)
+        g_m = tl.where(start, 0.0, g_m)
+    return g_i, g_f, g_z, g_o, g_c, g_n, g_m
+
+
+@triton.jit
 def _streamed_matmul(a_ptr, a_stride, r_ptr, g, h, H, d, rows, B,
                      D: tl.constexpr, BLOCK_K: tl.constexpr, TRANSPOSE: tl.constexpr, DOT_BF16: tl.constexpr):
     """sum_k a[:, k] R[g, h][k, :] (TRANSPOSE: R[g, h][:, k]) with a (BLOCK_B, d) float32 read from global memory
@@ -244,19 +264,9 @@ def _slstm_backward_kernel(
         nx_n = tl.load(cnm_prev + Hd, mask=mask, other=1.0)
         nx_m = tl.load(cnm_prev + 2 * Hd, mask=mask, other=0.0)
         g_y = gy_t + g_y_rec
-        c_in, n_in, m_in = c_prev, n_prev, m_prev  # the state step t read
-        if HAS_STARTS:
-            start = _starts_at(starts_ptr, rows, B, T, t)
-            c_in = tl.where(start, 0.0, c_in)
-            n_in = tl.where(start, 0.0, n_in)
-            m_in = tl.where(start, 0.0, m_in)
-        g_i, g_f, g_z, g_o, g_c, g_n, g_m = _cell_grads(
-            i, f, z, o, c_in, n_in, m_in, c, n, m, g_y, g_c, g_n, g_m, mask
+        g_i, g_f, g_z, g_o, g_c, g_n, g_m = _document_cell_grads(
+            i, f, z, o, c_prev, n_prev, m_prev, c, n, m, g_y, g_c, g_n, g_m, mask, starts_ptr, rows, B, T, t, HAS_STARTS
         )  # fmt: skip
-        if HAS_STARTS:
-            g_c = tl.where(start, 0.0, g_c)
-            g_n = tl.where(start, 0.0, g_n)
-            g_m = tl.where(start, 0.0, g_m)
         _store4(graw_row + t * (4 * Hd), Hd, g_i, g_f, g_z, g_o, mask)
         c, n, m = c_prev, n_prev, m_prev  # the state after step t - 1
         if RESIDENT:
@@ -276,7 +286,7 @@ def _slstm_backward_kernel(
                                    DOT_BF16)
             )  # fmt: skip
         if HAS_STARTS:  # dL/dy_{t-1} through step t's gates: none where step t read y = 0
-            g_y_rec = tl.where(start, 0.0, g_y_rec)
+            g_y_rec = tl.where(_starts_at(starts_ptr, rows, B, T, t), 0.0, g_y_rec)
     tl.store(ginit_ptr + state_at, g_c, mask=mask)
     tl.store(ginit_ptr + BHd + state_at, g_n, mask=mask)
     tl.store(ginit_ptr + 2 * BHd + state_at, g_m, mask=mask)

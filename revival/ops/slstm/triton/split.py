@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..._triton import INTERPRET
-from .kernels import _cell_grads, _cell_step, _load4, _matmul, _starts_at, _store4, _store_state, weight_budget
+from .kernels import _cell_step, _document_cell_grads, _load4, _matmul, _starts_at, _store4, _store_state, weight_budget
 
 
 @triton.jit
@@ -148,18 +148,9 @@ def _split_backward_kernel(
         c = tl.load(cnm_prev + 3 * Hd, mask=mask, other=0.0)
         n = tl.load(cnm_prev + 4 * Hd, mask=mask, other=1.0)
         m = tl.load(cnm_prev + 5 * Hd, mask=mask, other=0.0)
-        if HAS_STARTS:  # step t read the zero state and passes it no gradient
-            start = _starts_at(starts_ptr, rows, B, T, t)
-            c_prev = tl.where(start, 0.0, c_prev)
-            n_prev = tl.where(start, 0.0, n_prev)
-            m_prev = tl.where(start, 0.0, m_prev)
-        g_i, g_f, g_z, g_o, g_c, g_n, g_m = _cell_grads(
-            i, f, z, o, c_prev, n_prev, m_prev, c, n, m, g_y, g_c, g_n, g_m, mask
+        g_i, g_f, g_z, g_o, g_c, g_n, g_m = _document_cell_grads(
+            i, f, z, o, c_prev, n_prev, m_prev, c, n, m, g_y, g_c, g_n, g_m, mask, starts_ptr, rows, B, T, t, HAS_STARTS
         )  # fmt: skip
-        if HAS_STARTS:
-            g_c = tl.where(start, 0.0, g_c)
-            g_n = tl.where(start, 0.0, g_n)
-            g_m = tl.where(start, 0.0, g_m)
         _store4(graw_row + t * (4 * Hd), Hd, g_i, g_f, g_z, g_o, mask)
         if SYNC:
             _group_barrier(counter, P * (k + 1))
