@@ -46,3 +46,10 @@ def test_config_states_a_run_command_the_cli_accepts(path):
     argv = shlex.split(line.group(1))[1:]
     args = build_parser().parse_args(argv)
     assert args.command == "train" and args.config == f"configs/{path.name}" and args.overrides == []
+
+
+def test_docs_config_table_lists_every_config_with_its_parameter_count():
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
+    rows = dict(re.findall(r"^\| `([\w.-]+)` \|[^|\n]*\| ([\d,]+) \|", docs, re.MULTILINE))
+    stated = {path.stem: STATED.search(path.read_text()).group(1) for path in CONFIGS}  # true: checked above
+    assert rows == stated
