@@ -16,7 +16,7 @@ from torch import nn
 from ..ops.fused import swiglu
 from .linear import linear_concat
 
-__all__ = ["GatedMLP", "SwiGLU", "ffn_hidden_dim", "small_init_", "wang_init_"]
+__all__ = ["GatedMLP", "SwiGLU", "ffn_hidden_dim", "init_projections_", "small_init_", "wang_init_"]
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu, "relu": F.relu}
 
@@ -29,6 +29,17 @@ def small_init_(weight: torch.Tensor, dim: int) -> torch.Tensor:
 def wang_init_(weight: torch.Tensor, dim: int, num_blocks: int = 1) -> torch.Tensor:
     """Fill with N(0, (2 / (num_blocks sqrt(dim)))^2) (GPT-J / Wang init), for output projections."""
     return nn.init.normal_(weight, mean=0.0, std=2.0 / (num_blocks * math.sqrt(dim)))
+
+
+def init_projections_(reading: tuple[nn.Linear, ...], out: nn.Linear, dim: int, num_blocks: int = 1) -> None:
+    """Small init for the projections `reading` the residual stream (in order), Wang init (depth `num_blocks`) for
+    the output projection `out`, zero biases."""
+    for linear in reading:
+        small_init_(linear.weight, dim)
+    wang_init_(out.weight, dim, num_blocks)
+    for linear in (*reading, out):
+        if linear.bias is not None:
+            nn.init.zeros_(linear.bias)
 
 
 def round_up(value: float, multiple: int) -> int:
@@ -64,11 +75,7 @@ class GatedMLP(nn.Module):
 
     def reset_parameters(self, *, block_index: int = 0, num_blocks: int = 1) -> None:
         """Small init for proj_up, Wang init (depth `num_blocks`) for proj_down, zero biases."""
-        small_init_(self.proj_up.weight, self.d_model)
-        wang_init_(self.proj_down.weight, self.d_model, num_blocks)
-        for linear in (self.proj_up, self.proj_down):
-            if linear.bias is not None:
-                nn.init.zeros_(linear.bias)
+        init_projections_((self.proj_up,), self.proj_down, self.d_model, num_blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.d_model:
@@ -96,12 +103,7 @@ class SwiGLU(nn.Module):
 
     def reset_parameters(self, *, block_index: int = 0, num_blocks: int = 1) -> None:
         """Small init for the two up projections, Wang init (depth `num_blocks`) for proj_down, zero biases."""
-        small_init_(self.proj_up_gate.weight, self.d_model)
-        small_init_(self.proj_up.weight, self.d_model)
-        wang_init_(self.proj_down.weight, self.d_model, num_blocks)
-        for linear in (self.proj_up_gate, self.proj_up, self.proj_down):
-            if linear.bias is not None:
-                nn.init.zeros_(linear.bias)
+        init_projections_((self.proj_up_gate, self.proj_up), self.proj_down, self.d_model, num_blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.d_model:

@@ -23,7 +23,7 @@ from torch import nn
 from ..ops._documents import check_document_starts
 from ..ops.delta_rule import gated_delta_rule
 from .conv import CausalConv1d
-from .ffn import small_init_, wang_init_
+from .ffn import init_projections_
 from .kinds import LayerKind, LayerOptions
 from .mamba2 import init_decay_, unpack_state
 from .norms import MultiHeadNorm
@@ -67,12 +67,7 @@ class GatedDeltaNet(nn.Module):
     def reset_parameters(self, *, block_index: int = 0, num_blocks: int = 1) -> None:
         """Small init for the projections reading x, Wang init out, Mamba-style dt_bias, A uniform in A_init_range."""
         reading = (self.q_proj, self.k_proj, self.v_proj, self.gate_proj, self.a_proj, self.b_proj)
-        for linear in reading:
-            small_init_(linear.weight, self.d_model)
-        wang_init_(self.out_proj.weight, self.d_model, num_blocks)
-        for linear in (*reading, self.out_proj):
-            if linear.bias is not None:
-                nn.init.zeros_(linear.bias)
+        init_projections_(reading, self.out_proj, self.d_model, num_blocks)
         self.conv.reset_parameters()
         self.norm.reset_parameters()
         init_decay_(self.dt_bias, self.A_log, self.dt_min, self.dt_max, self.dt_init_floor, self.A_init_range)

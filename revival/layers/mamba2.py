@@ -24,7 +24,7 @@ from torch import nn
 from ..ops._documents import check_document_starts
 from ..ops.ssd import ssd
 from .conv import CausalConv1d
-from .ffn import small_init_, wang_init_
+from .ffn import init_projections_
 from .kinds import LayerKind, LayerOptions
 from .norms import MultiHeadNorm
 
@@ -82,11 +82,7 @@ class Mamba2(nn.Module):
 
     def reset_parameters(self, *, block_index: int = 0, num_blocks: int = 1) -> None:
         """Small init in, Wang init out, Mamba's dt_bias / A_log (uniform in A_init_range) / D = 1."""
-        small_init_(self.in_proj.weight, self.d_model)
-        wang_init_(self.out_proj.weight, self.d_model, num_blocks)
-        for linear in (self.in_proj, self.out_proj):
-            if linear.bias is not None:
-                nn.init.zeros_(linear.bias)
+        init_projections_((self.in_proj,), self.out_proj, self.d_model, num_blocks)
         self.conv.reset_parameters()
         self.norm.reset_parameters()
         init_decay_(self.dt_bias, self.A_log, self.dt_min, self.dt_max, self.dt_init_floor, self.A_init_range)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.mamba3 import mamba3
-from .ffn import small_init_, wang_init_
+from .ffn import init_projections_
 from .kinds import LayerKind, LayerOptions
 from .mamba2 import init_decay_
 from .norms import MultiHeadNorm, RMSNorm
@@ -69,11 +69,7 @@ class Mamba3(nn.Module):
 
     def reset_parameters(self, *, block_index: int = 0, num_blocks: int = 1) -> None:
         """Small init in, Wang init out, Mamba's dt_bias / A_log, D = 1, B/C biases 1, W_x = 1, W_y = 1 / R."""
-        small_init_(self.in_proj.weight, self.d_model)
-        wang_init_(self.out_proj.weight, self.d_model, num_blocks)
-        for linear in (self.in_proj, self.out_proj):
-            if linear.bias is not None:
-                nn.init.zeros_(linear.bias)
+        init_projections_((self.in_proj,), self.out_proj, self.d_model, num_blocks)
         for module in (self.B_norm, self.C_norm, self.norm):
             module.reset_parameters()
         init_decay_(self.dt_bias, self.A_log, self.dt_min, self.dt_max, self.dt_init_floor, self.A_init_range)
