@@ -94,6 +94,16 @@ def resolve_impl(impl, tensor: torch.Tensor, fits_kernels: bool, impls: tuple[st
     return impl
 
 
+def check_kernel_inputs(x_name: str, x: torch.Tensor, sizes_name: str, what: str, **sizes: int) -> None:
+    """The chunkwise kernels take float32/bfloat16/float16 `x` and `sizes` up to 256 (tiles held whole on chip): a
+    ValueError naming the arguments otherwise."""
+    if x.dtype == torch.float64:
+        raise ValueError(f"{x_name}: impl='triton' supports float32/bfloat16/float16 inputs, got float64")
+    if max(sizes.values()) > 256:
+        got = ", ".join(f"{name}={size}" for name, size in sizes.items())
+        raise ValueError(f"{sizes_name}: impl='triton' supports {what} up to 256, got {got}")
+
+
 def kernel_chunk_size(chunk_size: int, max_chunk: int = 64) -> int:
     """The chunk a chunkwise kernel uses for a requested `chunk_size`: a power of two in [16, max_chunk] (results
     agree to rounding: the chunking is exact)."""

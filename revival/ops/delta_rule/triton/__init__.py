@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._triton import available, kernel_chunk_size, kernel_state_and_starts, require_triton
+from ..._triton import available, check_kernel_inputs, kernel_chunk_size, kernel_state_and_starts, require_triton
 from .config import LaunchConfig, launch_config
 
 __all__ = ["LaunchConfig", "available", "gated_delta_rule_step_triton", "gated_delta_rule_triton",
@@ -53,12 +53,9 @@ def gated_delta_rule_triton(q, k, v, g, beta, state, scale: float, *, chunk_size
     (n, H, Dk, Dv) float32; differentiable in every input and the initial state. `launch` overrides launch settings
     (`LaunchConfig`)."""
     require_triton()
-    if q.dtype == torch.float64:
-        raise ValueError("q: impl='triton' supports float32/bfloat16/float16 inputs, got float64")
     n, T, H, Dk = q.shape
     Dv = v.shape[-1]
-    if max(Dk, Dv) > 256:
-        raise ValueError(f"q, v: impl='triton' supports head dims up to 256, got Dk={Dk}, Dv={Dv}")
+    check_kernel_inputs("q", q, "q, v", "head dims", Dk=Dk, Dv=Dv)
     cfg = launch_config(Dk, Dv, n * H, launch)
     dtype = q.dtype
     q, k, v = (x.to(dtype).contiguous() for x in (q, k, v))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._triton import available, kernel_chunk_size, kernel_state_and_starts, require_triton
+from ..._triton import available, check_kernel_inputs, kernel_chunk_size, kernel_state_and_starts, require_triton
 from .config import LaunchConfig, launch_config
 
 __all__ = ["LaunchConfig", "available", "kernel_chunk_size", "launch_config", "ssd_step_triton", "ssd_triton"]
@@ -50,12 +50,9 @@ def ssd_triton(x, dt, A, B, C, D=None, state=None, *, chunk_size: int = 64,
     state (n, H, P, N) float32; differentiable in every input and the initial state. `launch` overrides launch
     settings (`LaunchConfig`)."""
     require_triton()
-    if x.dtype == torch.float64:
-        raise ValueError("x: impl='triton' supports float32/bfloat16/float16 inputs, got float64")
     n, T, H, P = x.shape
     N = B.shape[-1]
-    if max(P, N) > 256:
-        raise ValueError(f"x, B: impl='triton' supports head dims and state sizes up to 256, got P={P}, N={N}")
+    check_kernel_inputs("x", x, "x, B", "head dims and state sizes", P=P, N=N)
     cfg = launch_config(P, N, n * H, launch)
     dtype = x.dtype
     xs, B, C = (t.to(dtype).contiguous() for t in (x, B, C))
