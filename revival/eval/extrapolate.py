@@ -119,6 +119,8 @@ def plot_extrapolation(results: dict[str, dict[str, Any]], path: str | Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .tasks import save_figure
+
     figure, (by_position, by_length) = plt.subplots(1, 2, figsize=(10, 3.8))
     for label, result in results.items():
         context = result["train_context"]
@@ -136,12 +138,7 @@ def plot_extrapolation(results: dict[str, dict[str, Any]], path: str | Path) -> 
     by_position.set_title("loss by position", fontsize=9)
     by_length.set_title("mean loss over the first m x context tokens", fontsize=9)
     by_length.legend(fontsize=7)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def corpus_sequences(documents: list, tokenizer, length: int, max_sequences: int) -> torch.Tensor:

@@ -423,6 +423,13 @@ def plot_task(result: dict[str, Any], path: str | Path) -> Path:
         handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
         axes[0][-1].legend(handles, labels, fontsize=7)
+    return save_figure(figure, path)
+
+
+def save_figure(figure, path) -> Path:
+    """Lay out `figure`, write it as a PNG at `path` (creating the folder) and close it."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
