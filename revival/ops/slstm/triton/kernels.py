@@ -64,6 +64,14 @@ def _starts_at(starts_ptr, rows, B, T, t):
     return tl.load(starts_ptr + rows * T + t, mask=rows < B, other=0) != 0
 
 @triton.jit
+def _head_lanes(B, d, D: tl.constexpr, BLOCK_B: tl.constexpr):
+    """This program's batch rows (BLOCK_B, 1) and the head's units (1, D), with their mask."""
+    rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)[:, None]
+    units = tl.arange(0, D)[None, :]
+    return rows, units, (rows < B) & (units < d)
+
+
+@triton.jit
 def _cell_step(i, f, z, o, c, n, m, mask):
     """One step from the pre-activations (float32): the new (c, n, m, y); y is 0 outside `mask`. Per unit, the
     first step (n == 0) sets m = i and ignores the forget gate (docs/math.md "sLSTM")."""
@@ -149,11 +157,8 @@ def _slstm_forward_kernel(
     """x (B, T, 4, H, d) any float; raw (B, T, 4, H, d) f32 out; cnm (B, T+1, 3, H, d) f32 and y (B, T+1, H, d)
     f32 with index 0 holding the initial state, indices 1..T written here. starts (B, T) int8 (HAS_STARTS): the
     state (c, n, m, y) entering a start is taken as zero (cnm and y keep the previous document's values)."""
-    pid_b = tl.program_id(0)
     h = tl.program_id(1)
-    rows = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)[:, None]
-    units = tl.arange(0, D)[None, :]
-    mask = (rows < B) & (units < d)
+    rows, units, mask = _head_lanes(B, d, D, BLOCK_B)
     Hd = H * d
     x_row = x_ptr + rows * (T * 4 * Hd) + h * d + units
     raw_row = raw_ptr + rows * (T * 4 * Hd) + h * d + units
@@ -219,11 +224,8 @@ def _slstm_backward_kernel(
     included); gfinal (3, B, H, d) dL/d(c_T, n_T, m_T). Writes graw (B, T, 4, H, d) and ginit (4, B, H, d):
     dL/d(c_0, n_0, m_0, y_0). All float32. starts (B, T) int8 (HAS_STARTS): a start read the zero state, so it
     passes no gradient to the state (c, n, m, y) before it."""
-    pid_b = tl.program_id(0)
     h = tl.program_id(1)
-    rows = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)[:, None]
-    units = tl.arange(0, D)[None, :]
-    mask = (rows < B) & (units < d)
+    rows, units, mask = _head_lanes(B, d, D, BLOCK_B)
     Hd = H * d
     BHd = B * Hd
     raw_row = raw_ptr + rows * (T * 4 * Hd) + h * d + units
