@@ -63,6 +63,18 @@ def timed(fn, steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
+def timed_ms(fn, steps: int, warmup: int) -> float:
+    return 1e3 * timed(fn, steps, warmup)
+
+
+def record(row: dict, key: str, measure, *args) -> None:
+    """row[key] = measure(*args), or the failure as text: the other rows still run."""
+    try:
+        row[key] = measure(*args)
+    except Exception as error:  # noqa: BLE001 - recorded, the other rows still run
+        row[key] = f"failed: {type(error).__name__}: {error}"
+
+
 def train_rows(preset: str, steps: int) -> dict:
     torch.manual_seed(0)
     model = LanguageModel(preset_config(preset)).cuda()
@@ -116,11 +128,8 @@ def mlstm_rows(steps: int) -> list[dict]:
         for name, impl, document_starts in (("auto", "auto", None), ("auto_packed", "auto", starts),
                                             ("chunkwise", "chunkwise", None),
                                             ("chunkwise_packed", "chunkwise", starts)):
-            try:
-                run = functools.partial(_op_step, inputs, grad, impl, document_starts)
-                row[name + "_fwd_bwd_ms"] = 1e3 * timed(run, steps, warmup=2)
-            except Exception as error:  # noqa: BLE001 - recorded, the other rows still run
-                row[name + "_fwd_bwd_ms"] = f"failed: {type(error).__name__}: {error}"
+            run = functools.partial(_op_step, inputs, grad, impl, document_starts)
+            record(row, name + "_fwd_bwd_ms", timed_ms, run, steps, 2)
         rows.append(row)
     return rows
 
@@ -145,13 +154,14 @@ def slstm_rows(steps: int) -> list[dict]:
         starts = from_lengths(random_lengths(B, CONTEXT, MEAN_DOCUMENT, seed=9), device="cuda")
         row = {"shape": [B, CONTEXT, H, d]}
         for name, document_starts in (("plain", None), ("packed", starts)):
-            try:
-                run = functools.partial(_slstm_step, inputs, grad, document_starts)
-                row[name + "_fwd_bwd_ms"] = 1e3 * timed(run, steps, warmup=2)
-            except Exception as error:  # noqa: BLE001 - recorded, the other rows still run
-                row[name + "_fwd_bwd_ms"] = f"failed: {type(error).__name__}: {error}"
+            run = functools.partial(_slstm_step, inputs, grad, document_starts)
+            record(row, name + "_fwd_bwd_ms", timed_ms, run, steps, 2)
         rows.append(row)
     return rows
+
+
+def _max_difference(fn, inputs, reference) -> float:
+    return (fn(*inputs).float() - reference).abs().max().item()
 
 
 def _attention_step(fn, inputs, grad):
@@ -188,17 +198,10 @@ def attention_rows(steps: int) -> dict:
     with torch.no_grad():  # the packed variants against the SDPA mask (all bf16)
         reference = variants["sdpa_document_mask"](*inputs).float()
         for name in ("varlen_document", "flex_document_block_mask"):
-            try:
-                difference = (variants[name](*inputs).float() - reference).abs().max().item()
-                row[name + "_max_abs_difference_to_sdpa_mask"] = difference
-            except Exception as error:  # noqa: BLE001 - recorded, the other rows still run
-                row[name + "_max_abs_difference_to_sdpa_mask"] = f"failed: {type(error).__name__}: {error}"
+            record(row, name + "_max_abs_difference_to_sdpa_mask", _max_difference, variants[name], inputs, reference)
     for name, fn in variants.items():
-        try:
-            row[name + "_fwd_bwd_ms"] = 1e3 * timed(functools.partial(_attention_step, fn, inputs, grad), steps,
-                                                    warmup=3)
-        except Exception as error:  # noqa: BLE001 - recorded, the other rows still run
-            row[name + "_fwd_bwd_ms"] = f"failed: {type(error).__name__}: {error}"
+        run = functools.partial(_attention_step, fn, inputs, grad)
+        record(row, name + "_fwd_bwd_ms", timed_ms, run, steps, 3)
     return row
 
 
