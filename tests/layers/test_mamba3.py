@@ -11,6 +11,7 @@ from revival.layers.mamba3 import Mamba3
 from revival.models.model import LanguageModel, from_pretrained
 from revival.models.presets import preset_config
 from revival.ops.mamba3 import mamba3_reference
+from tests.layers._helpers import prefill_then_steps
 
 F64 = torch.float64
 D_MODEL = 16
@@ -58,14 +59,8 @@ def test_prefill_then_steps_equals_one_forward(mimo_rank, dtype, tolerance):
     x = make_input(2, 26, dtype)
     with torch.no_grad():
         y_full, state_full = layer(x)
-        y_prefill, state = layer(x[:, :17])
-        pieces = [y_prefill]
-        for t in range(17, 22):
-            y_step, state = layer(x[:, t : t + 1], state)
-            pieces.append(y_step)
-        y_rest, state = layer(x[:, 22:], state)  # a multi-token call after steps
-        pieces.append(y_rest)
-    assert rel_err(torch.cat(pieces, dim=1), y_full) < tolerance
+        y, state = prefill_then_steps(layer, x, 17, 22)
+    assert rel_err(y, y_full) < tolerance
     for got, want in zip(state, state_full):
         assert rel_err(got, want) < tolerance
 
@@ -139,12 +134,7 @@ def test_preset_model_prefill_steps_and_save_load(tmp_path):
     ids = torch.randint(0, 50, (2, 19), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits, _ = model(ids)
-        prefill, state = model(ids[:, :13])
-        steps = [prefill]
-        for t in range(13, 19):
-            step, state = model(ids[:, t : t + 1], state)
-            steps.append(step)
-        assert rel_err(torch.cat(steps, dim=1), logits) < 1e-12
+        assert rel_err(prefill_then_steps(model, ids, 13)[0], logits) < 1e-12
         path = model.save_pretrained(tmp_path / "mamba3")
         loaded = from_pretrained(path)
         assert loaded.config == config

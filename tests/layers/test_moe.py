@@ -11,6 +11,7 @@ from revival.layers.attention import Attention
 from revival.layers.moe import MoE, moe_aux_loss
 from revival.models.model import LanguageModel, from_pretrained
 from revival.models.presets import preset_config
+from tests.layers._helpers import prefill_then_steps
 
 F64 = torch.float64
 D_MODEL = 16
@@ -124,12 +125,7 @@ def test_hybrid_presets_prefill_steps_and_save_load(name, tmp_path):
     ids = torch.randint(0, 23, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         logits, _ = model(ids)
-        prefill, state = model(ids[:, :9])
-        pieces = [prefill]
-        for t in range(9, 12):
-            step, state = model(ids[:, t : t + 1], state)
-            pieces.append(step)
-        assert rel_err(torch.cat(pieces, dim=1), logits) < 1e-12
+        assert rel_err(prefill_then_steps(model, ids, 9)[0], logits) < 1e-12
         loaded = from_pretrained(model.save_pretrained(tmp_path / name))
         assert loaded.config == config
         assert torch.equal(loaded(ids)[0], logits)

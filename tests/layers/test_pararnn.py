@@ -8,6 +8,7 @@ import torch
 
 from revival.layers.pararnn import ParaGRU, ParaLSTM
 from revival.ops.newton import sequential_solve
+from tests.layers._helpers import prefill_then_steps
 
 F64 = torch.float64
 
@@ -45,12 +46,8 @@ def test_prefill_then_steps_equal_one_forward(layer_class):
     layer = layer_class(6).double()
     x = torch.randn(2, 9, 6, dtype=F64)
     whole, final = layer(x)
-    y, state = layer(x[:, :5])
-    ys = [y]
-    for t in range(5, 9):
-        y, state = layer(x[:, t:t + 1], state)
-        ys.append(y)
-    torch.testing.assert_close(torch.cat(ys, dim=1), whole, rtol=0, atol=1e-12)
+    y, state = prefill_then_steps(layer, x, 5)
+    torch.testing.assert_close(y, whole, rtol=0, atol=1e-12)
     torch.testing.assert_close(state, final, rtol=0, atol=1e-12)
 
 

@@ -14,6 +14,7 @@ from revival.layers.mingru import MinGRU
 from revival.layers.minlstm import MinLSTM
 from revival.ops.delta_rule import gated_delta_rule_reference
 from revival.ops.ssd import ssd_reference
+from tests.layers._helpers import prefill_then_steps
 
 F64 = torch.float64
 D_MODEL = 16
@@ -99,14 +100,8 @@ def test_prefill_then_steps_equals_one_forward(name):
     x = make_input(4, 26)
     with torch.no_grad():
         y_full, state_full = layer(x)
-        y_prefill, state = layer(x[:, :11])
-        outputs = [y_prefill]
-        for t in range(11, 20):
-            y_t, state = layer(x[:, t:t + 1], state)
-            outputs.append(y_t)
-        y_rest, state = layer(x[:, 20:], state)  # a multi-token call after steps
-        outputs.append(y_rest)
-    assert rel_err(torch.cat(outputs, dim=1), y_full) < 1e-12
+        y, state = prefill_then_steps(layer, x, 11, 20)
+    assert rel_err(y, y_full) < 1e-12
     for s, s_full in zip(state, state_full):
         assert s.shape == s_full.shape
         if s_full.numel():
