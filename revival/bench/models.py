@@ -21,6 +21,8 @@ mLSTM / SSD / delta-rule kernels is not counted, so MFU slightly under-states th
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,17 +168,25 @@ def forward_last(model: LanguageModel, ids: torch.Tensor, state=None) -> tuple[t
     return soft_cap(model.lm_head(model.out_norm(x[:, -1])), model.config.logit_soft_cap), new_state
 
 
+@functools.cache
+def hf_cache_name(model_class: type, old_name: str) -> str:
+    """The cache argument (and output field) of a transformers model: "cache" in the releases that renamed
+    `cache_params` / `past_key_values` to it (the old names then warn), else `old_name` (older releases we support)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else old_name
+
+
 class HFXLSTMRunner(Runner):
     def logits(self, ids):
         return self.model(ids, use_cache=False).logits
 
     def prefill(self, ids):
         out = self.model.backbone(ids, use_cache=True)
-        return self.model.lm_head(out.last_hidden_state[:, -1]), out.cache_params
+        return self.model.lm_head(out.last_hidden_state[:, -1]), out[hf_cache_name(type(self.model), "cache_params")]
 
     def step(self, ids, state):
-        out = self.model(ids, cache_params=state, use_cache=True)
-        return out.logits[:, -1], out.cache_params
+        name = hf_cache_name(type(self.model), "cache_params")
+        out = self.model(ids, use_cache=True, **{name: state})
+        return out.logits[:, -1], out[name]
 
 
 class HFLlamaRunner(Runner):
@@ -185,11 +195,12 @@ class HFLlamaRunner(Runner):
 
     def prefill(self, ids):
         out = self.model(ids, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1], out.past_key_values
+        return out.logits[:, -1], out[hf_cache_name(type(self.model), "past_key_values")]
 
     def step(self, ids, state):
-        out = self.model(ids, past_key_values=state, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1], out.past_key_values
+        name = hf_cache_name(type(self.model), "past_key_values")
+        out = self.model(ids, use_cache=True, logits_to_keep=1, **{name: state})
+        return out.logits[:, -1], out[name]
 
 
 def transformers_version() -> str | None:

@@ -83,7 +83,9 @@ class MoE(nn.Module):
         weights, experts = probs.topk(self.top_k, dim=-1)
         if self.normalize_top_k:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        share = torch.bincount(experts.flatten(), minlength=self.num_experts).to(probs.dtype) / experts.numel()
+        # the tokens per expert by index_add_, not bincount: a fixed (E,) shape, which torch.compile traces
+        assigned = torch.ones(experts.numel(), dtype=probs.dtype, device=probs.device)
+        share = probs.new_zeros(self.num_experts).index_add_(0, experts.flatten(), assigned) / experts.numel()
         aux_loss = self.aux_loss_weight * self.num_experts * (share * probs.mean(dim=0)).sum()
         return weights, experts, aux_loss
 

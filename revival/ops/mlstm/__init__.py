@@ -50,6 +50,12 @@ def _validate(q, k, v, i, f, time_axis: bool) -> None:
         raise ValueError(f"q: expected a sequence length T >= 1, got shape {tuple(q.shape)}")
 
 
+# torch.compile runs the chunkwise form eagerly: its autograd.Function caches masks per shape (lru_cache) and writes h
+# through a strided `out=`, neither of which dynamo traces; this makes it one clean graph break per call.
+_mlstm_chunkwise_opaque = torch.compiler.disable(
+    mlstm_chunkwise, reason="revival: the chunkwise mLSTM autograd.Function runs eagerly under torch.compile")
+
+
 def _check_chunk_size(chunk_size) -> None:
     is_int = isinstance(chunk_size, int) and not isinstance(chunk_size, bool)
     if not is_int or chunk_size < 8 or chunk_size & (chunk_size - 1):
@@ -124,8 +130,8 @@ def mlstm(
     elif impl == "parallel":
         h, state = mlstm_parallel(*args, state, eps, document_starts)
     else:
-        h, state = mlstm_chunkwise(*args, state, chunk_size, eps, zero_state=zero_state,
-                                   document_starts=document_starts)
+        h, state = _mlstm_chunkwise_opaque(*args, state, chunk_size, eps, zero_state=zero_state,
+                                           document_starts=document_starts)
     return h.to(q.dtype), state
 
 

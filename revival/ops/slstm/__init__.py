@@ -23,6 +23,10 @@ __all__ = ["slstm", "slstm_step", "SLSTMState", "IMPLS"]
 
 IMPLS = ("auto", "reference", "fused", "triton", "newton")
 _STATE_NAMES = ("c", "n", "m", "y")
+# torch.compile runs the fused recurrence eagerly: a Python loop over T with data-dependent checks of the document
+# starts, which dynamo would unroll per length; this makes it one clean graph break per call.
+_slstm_fused_opaque = torch.compiler.disable(
+    slstm_fused, reason="revival: the fused sLSTM autograd.Function runs eagerly under torch.compile")
 
 
 def _resolve_impl(impl: str, x_gates: torch.Tensor) -> str:
@@ -103,7 +107,7 @@ def slstm(
         elif impl == "reference":
             y, state = slstm_reference(*args, document_starts)
         else:
-            y, state = slstm_fused(*args, document_starts)
+            y, state = _slstm_fused_opaque(*args, document_starts)
     return y.to(x_gates.dtype), state
 
 
