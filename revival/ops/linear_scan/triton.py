@@ -89,7 +89,7 @@ if HAVE_TRITON:
         return x1, x2, x3
 
     @triton.jit
-    def _scan_tile(a, b, mask, carry, rows, BT: tl.constexpr):
+    def scan_tile(a, b, mask, carry, rows, BT: tl.constexpr):
         """Solve one (BT, BD) tile from the state `carry` (BD,); returns (h tile, new carry)."""
         a = tl.where(mask, a, 1.0)
         b = tl.where(mask, b, 0.0)
@@ -117,7 +117,7 @@ if HAVE_TRITON:
             n1, n2, n3 = _load_inputs(x1_ptr, x2_ptr, x3_ptr, x_base + (t + BT)[:, None] * sx_t,
                                       (t + BT < T)[:, None] & cmask[None, :], MODE)
             a, b = _coefficients(x1, x2, x3, MODE)
-            h, carry = _scan_tile(a, b, mask, carry, rows, BT)
+            h, carry = scan_tile(a, b, mask, carry, rows, BT)
             tl.store(h_ptr + batch * sh_b + t[:, None] * sh_t + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
         tl.store(h_last_ptr + batch * D + cols, carry, mask=cmask)
 
@@ -160,7 +160,7 @@ if HAVE_TRITON:
             next_mask = (t + 1 < T)[:, None] & mask
             a_next, _ = _coefficients(y1, y2, y3, MODE)
             a_next = tl.where(next_mask, a_next, 1.0)
-            g, carry = _scan_tile(a_next, dh, mask, carry, rows, BT)
+            g, carry = scan_tile(a_next, dh, mask, carry, rows, BT)
             h_prev = tl.where((t == 0)[:, None], h0[None, :], h_prev)
             if MODE == 0:
                 d1, d2, d3 = g * h_prev, g, g

@@ -9,17 +9,15 @@ The fused steps recompute the cell from (x, h_{t-1}, h_t) inside the tile, so J 
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
+from ..._triton import HAVE_TRITON, available
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    _HAVE_TRITON = True
-except ImportError:  # pragma: no cover - depends on the environment
-    _HAVE_TRITON = False
+    from ...linear_scan.triton import scan_tile
 
 __all__ = ["available", "block2_scan_triton", "diagonal_scan_triton", "paragru_newton_step_triton",
            "paralstm_newton_step_triton"]
@@ -28,15 +26,7 @@ __all__ = ["available", "block2_scan_triton", "diagonal_scan_triton", "paragru_n
 BLOCKS = {"BT": 32, "BC": 64, "num_warps": 4}
 
 
-def available() -> bool:
-    return _HAVE_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
-
-
-if _HAVE_TRITON:
-
-    @triton.jit
-    def _combine_diag(a1, b1, a2, b2):
-        return a1 * a2, a2 * b1 + b2
+if HAVE_TRITON:
 
     @triton.jit
     def _combine_block2(p1, q1, r1, s1, u1, v1, p2, q2, r2, s2, u2, v2):
@@ -47,14 +37,6 @@ if _HAVE_TRITON:
     @triton.jit
     def _last_row(x, rows, BT: tl.constexpr):
         return tl.sum(tl.where(rows[:, None] == BT - 1, x, 0.0), axis=0)
-
-    @triton.jit
-    def _diag_tile(a, b, mask, carry, rows, BT: tl.constexpr):
-        a = tl.where(mask, a, 1.0)
-        b = tl.where(mask, b, 0.0)
-        a_cum, b_cum = tl.associative_scan((a, b), 0, _combine_diag)
-        x = a_cum * carry[None, :] + b_cum
-        return x, _last_row(x, rows, BT)
 
     @triton.jit
     def _block2_tile(p, q, r, s, u, v, mask, cu, cv, rows, BT: tl.constexpr):
@@ -88,7 +70,7 @@ if _HAVE_TRITON:
             off = base + t[:, None].to(tl.int64) * C + cols[None, :]
             a = tl.load(a_ptr + off, mask=mask, other=1.0).to(tl.float32)
             b = tl.load(b_ptr + off, mask=mask, other=0.0).to(tl.float32)
-            x, carry = _diag_tile(a, b, mask, carry, rows, BT)
+            x, carry = scan_tile(a, b, mask, carry, rows, BT)
             tl.store(x_ptr + off, x, mask=mask)
 
     @triton.jit
@@ -146,7 +128,7 @@ if _HAVE_TRITON:
             jac = (1.0 - z) + z * (1.0 - z) * a_z * (hc - h_prev) \
                 + z * (1.0 - hc * hc) * a_h * (r + h_prev * r * (1.0 - r) * a_r)
             worst = tl.maximum(worst, tl.max(_scaled_error(value, h, mask), axis=0))
-            delta, carry = _diag_tile(jac, value - h, mask, carry, rows, BT)
+            delta, carry = scan_tile(jac, value - h, mask, carry, rows, BT)
             tl.store(out_ptr + off, h + delta, mask=mask)
         tl.store(res_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), tl.max(worst, axis=0))
 
