@@ -52,3 +52,24 @@ def assert_documents_close(got, ref, names, tol=1e-5):
     assert got[-1][0].abs().max() == 0
     assert max(errors.values()) < tol, errors
 
+
+
+def check_dispatch(op, full, one_token):
+    """impl='triton' through the public `op` equals impl='chunkwise': on the inputs `full` (chunk 16, also with a
+    document start at t = 7), on the one-token inputs `one_token` without gradients (the step kernel; also as a
+    one-token document, from a zero state); a bad impl is named. The last input of each is the initial state."""
+    def assert_same(got, want):
+        assert rel(got[0], want[0]) < 1e-5 and rel(got[1], want[1]) < 1e-5
+
+    assert_same(op(*full, chunk_size=16, impl="triton"), op(*full, chunk_size=16, impl="chunkwise"))
+    with torch.no_grad():
+        assert_same(op(*one_token, impl="triton"), op(*one_token, impl="chunkwise"))
+    starts = torch.zeros(1, full[0].shape[1], dtype=torch.bool, device=DEVICE)
+    starts[0, 7] = True
+    assert_same(op(*full, chunk_size=16, impl="triton", document_starts=starts),
+                op(*full, chunk_size=16, impl="chunkwise", document_starts=starts))
+    with torch.no_grad():
+        assert_same(op(*one_token, impl="triton", document_starts=starts[:, 7:8]),
+                    op(*one_token[:-1], None, impl="chunkwise"))
+    with pytest.raises(ValueError, match="impl.*'fast'"):
+        op(*full, impl="fast")

@@ -19,7 +19,15 @@ from revival.ops.delta_rule.triton import (
     gated_delta_rule_triton,
     kernel_chunk_size,
 )
-from tests.ops._triton_helpers import DEVICE, assert_close, assert_documents_close, packed_starts, rel, run_weighted
+from tests.ops._triton_helpers import (
+    DEVICE,
+    assert_close,
+    assert_documents_close,
+    check_dispatch,
+    packed_starts,
+    rel,
+    run_weighted,
+)
 
 LOW = (0, 1, 2)  # q, k, v: the inputs given in the 16-bit dtype
 NAMES = ("o", "state", "dq", "dk", "dv", "dg", "dbeta", "dstate0")
@@ -144,24 +152,7 @@ def test_dispatch():
     step kernel), and a bad impl named."""
     inputs, _ = _inputs(1, 20, 1, 16, 16, seed=3)
     x = [t.to(DEVICE) for t in inputs]
-    o_t, s_t = gated_delta_rule(*x, chunk_size=16, impl="triton")
-    o_c, s_c = gated_delta_rule(*x, chunk_size=16, impl="chunkwise")
-    assert rel(o_t, o_c) < 1e-5 and rel(s_t, s_c) < 1e-5
-    with torch.no_grad():  # one token, no gradients: the step kernel
-        o1, s1 = gated_delta_rule(*(t[:, :1] for t in x[:5]), x[5], impl="triton")
-    o1_ref, s1_ref = gated_delta_rule(*(t[:, :1] for t in x[:5]), x[5], impl="chunkwise")
-    assert rel(o1, o1_ref) < 1e-5 and rel(s1, s1_ref) < 1e-5
-    starts = torch.zeros(1, 20, dtype=torch.bool, device=DEVICE)
-    starts[0, 7] = True
-    o_t, s_t = gated_delta_rule(*x, chunk_size=16, impl="triton", document_starts=starts)
-    o_c, s_c = gated_delta_rule(*x, chunk_size=16, impl="chunkwise", document_starts=starts)
-    assert rel(o_t, o_c) < 1e-5 and rel(s_t, s_c) < 1e-5
-    with torch.no_grad():  # a one-token document: the step kernel from a zero state
-        o1, s1 = gated_delta_rule(*(t[:, :1] for t in x[:5]), x[5], impl="triton", document_starts=starts[:, 7:8])
-    o1_ref, s1_ref = gated_delta_rule(*(t[:, :1] for t in x[:5]), None, impl="chunkwise")
-    assert rel(o1, o1_ref) < 1e-5 and rel(s1, s1_ref) < 1e-5
-    with pytest.raises(ValueError, match="impl.*'fast'"):
-        gated_delta_rule(*x, impl="fast")
+    check_dispatch(gated_delta_rule, x, [*(t[:, :1] for t in x[:5]), x[5]])
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA: the transposed-MMA-layout failure (fla #640) shows on Hopper")

@@ -10,7 +10,15 @@ import torch
 
 from revival.ops.ssd import ssd, ssd_reference
 from revival.ops.ssd.triton import LaunchConfig, kernel_chunk_size, ssd_step_triton, ssd_triton
-from tests.ops._triton_helpers import DEVICE, assert_close, assert_documents_close, packed_starts, rel, run_weighted
+from tests.ops._triton_helpers import (
+    DEVICE,
+    assert_close,
+    assert_documents_close,
+    check_dispatch,
+    packed_starts,
+    rel,
+    run_weighted,
+)
 
 NAMES = ("y", "state", "dx", "ddt", "dA", "dB", "dC", "dD", "dstate0")
 LOW = (0, 3, 4)  # x, B, C: the inputs given in the 16-bit dtype
@@ -113,25 +121,8 @@ def test_dispatch():
     step kernel), and a bad impl named."""
     inputs, _ = _inputs(1, 20, 2, 16, 1, 16, seed=3)
     x = [t.to(DEVICE) for t in inputs]
-    y_t, s_t = ssd(*x, chunk_size=16, impl="triton")
-    y_c, s_c = ssd(*x, chunk_size=16, impl="chunkwise")
-    assert rel(y_t, y_c) < 1e-5 and rel(s_t, s_c) < 1e-5
     one = [x[0][:, :1], x[1][:, :1], x[2], x[3][:, :1], x[4][:, :1], x[5], x[6]]
-    with torch.no_grad():
-        y1, s1 = ssd(*one, impl="triton")
-    y1_ref, s1_ref = ssd(*one, impl="chunkwise")
-    assert rel(y1, y1_ref) < 1e-5 and rel(s1, s1_ref) < 1e-5
-    starts = torch.zeros(1, 20, dtype=torch.bool, device=DEVICE)
-    starts[0, 7] = True
-    y_t, s_t = ssd(*x, chunk_size=16, impl="triton", document_starts=starts)
-    y_c, s_c = ssd(*x, chunk_size=16, impl="chunkwise", document_starts=starts)
-    assert rel(y_t, y_c) < 1e-5 and rel(s_t, s_c) < 1e-5
-    with torch.no_grad():  # a one-token document: the step kernel from a zero state
-        y1, s1 = ssd(*one, impl="triton", document_starts=starts[:, 7:8])
-    y1_ref, s1_ref = ssd(*one[:6], None, impl="chunkwise")
-    assert rel(y1, y1_ref) < 1e-5 and rel(s1, s1_ref) < 1e-5
-    with pytest.raises(ValueError, match="impl.*'fast'"):
-        ssd(*x, impl="fast")
+    check_dispatch(ssd, x, one)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA: checks the kernels' bfloat16 gradients on the GPU (Hopper)")
