@@ -24,11 +24,14 @@ from .forward import (
     document_masks,
     launch,
     load_cols,
+    load_decay,
+    load_gates,
     load_rows,
     pow2,
     precisions,
     state_offsets,
     unit_triangular_inverse,
+    value_tile,
 )
 
 
@@ -58,15 +61,12 @@ def _dstates_kernel(
         here, _ = state_offsets(row, c, NC, DK, DV, BK, BV, iv)
         tl.store(dstates_ptr + here, dS, mask=mask_kv)
         tokens, valid = chunk_tokens(row, c, T, H, L)
-        g = tl.load(g_ptr + tokens, mask=valid, other=0.0)
-        gamma = tl.cumsum(g, 0)
-        g_total = tl.sum(g, 0)
+        gamma, g_total = load_decay(g_ptr, tokens, valid)
         same, from_state, to_end, keeps = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
         k = load_rows(k_ptr, tokens, valid, DK, BK, 0)
         qT = load_cols(q_ptr, tokens, valid, DK, BK, 0) * scale
         scores_T = tl.dot(k, qT, input_precision=PRECISION) * _upper_decay(gamma, same, False, L)  # [s, t]
-        mask_u = valid[:, None] & (offs_v < DV)[None, :]
-        u_offs = tokens[:, None] * DV + offs_v[None, :]
+        u_offs, mask_u = value_tile(tokens, valid, offs_v, DV)
         do = tl.load(do_ptr + u_offs, mask=mask_u, other=0.0).to(tl.float32)
         du = tl.dot(scores_T, do, input_precision=PRECISION)
         du += tl.dot(k * (tl.exp(g_total - gamma) * to_end)[:, None], dS, input_precision=PRECISION)
@@ -88,10 +88,7 @@ def _grads_kernel(
     c = tl.program_id(0)
     row = tl.program_id(1)
     tokens, valid = chunk_tokens(row, c, T, H, L)
-    g = tl.load(g_ptr + tokens, mask=valid, other=0.0)
-    beta = tl.load(beta_ptr + tokens, mask=valid, other=0.0)
-    gamma = tl.cumsum(g, 0)
-    g_total = tl.sum(g, 0)
+    gamma, g_total, beta = load_gates(g_ptr, beta_ptr, tokens, valid)
     offs = tl.arange(0, L)
     same, from_state, to_end, keeps = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
     from_start = tl.exp(gamma) * from_state  # how the entering state reaches each token

@@ -49,12 +49,23 @@ def load_cols(ptr, tokens, valid, D, BD: tl.constexpr, start):
 
 
 @triton.jit
-def load_gates(g_ptr, beta_ptr, tokens, valid):
-    """gamma (cumulative log decay in the chunk), its total, and beta; g = beta = 0 past T."""
+def load_decay(g_ptr, tokens, valid):
+    """gamma (cumulative log decay in the chunk) and its total; g = 0 past T."""
     g = tl.load(g_ptr + tokens, mask=valid, other=0.0)
-    beta = tl.load(beta_ptr + tokens, mask=valid, other=0.0)
-    gamma = tl.cumsum(g, 0)
-    return gamma, tl.sum(g, 0), beta
+    return tl.cumsum(g, 0), tl.sum(g, 0)
+
+
+@triton.jit
+def load_gates(g_ptr, beta_ptr, tokens, valid):
+    """load_decay's gamma and total, and beta (0 past T)."""
+    gamma, g_total = load_decay(g_ptr, tokens, valid)
+    return gamma, g_total, tl.load(beta_ptr + tokens, mask=valid, other=0.0)
+
+
+@triton.jit
+def value_tile(tokens, valid, offs_v, DV):
+    """Offsets and mask of the columns offs_v of the rows `tokens` of a (n, T, H, Dv) tensor."""
+    return tokens[:, None] * DV + offs_v[None, :], valid[:, None] & (offs_v < DV)[None, :]
 
 
 @triton.jit
@@ -154,12 +165,9 @@ def _states_kernel(
         here, _ = state_offsets(row, c, NC, DK, DV, BK, BV, iv)
         tl.store(states_ptr + here, S, mask=mask_kv)
         tokens, valid = chunk_tokens(row, c, T, H, L)
-        g = tl.load(g_ptr + tokens, mask=valid, other=0.0)
-        gamma = tl.cumsum(g, 0)
-        g_total = tl.sum(g, 0)
+        gamma, g_total = load_decay(g_ptr, tokens, valid)
         w = load_rows(w_ptr, tokens, valid, DK, BK, 0)
-        mask_u = valid[:, None] & (offs_v < DV)[None, :]
-        u_offs = tokens[:, None] * DV + offs_v[None, :]
+        u_offs, mask_u = value_tile(tokens, valid, offs_v, DV)
         u = tl.load(u0_ptr + u_offs, mask=mask_u, other=0.0) - tl.dot(w, S, input_precision=PRECISION)
         tl.store(u_ptr + u_offs, u, mask=mask_u)
         _, _, to_end, keeps = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
@@ -178,8 +186,7 @@ def _output_kernel(
     row = tl.program_id(1)
     iv = tl.program_id(2)
     tokens, valid = chunk_tokens(row, c, T, H, L)
-    g = tl.load(g_ptr + tokens, mask=valid, other=0.0)
-    gamma = tl.cumsum(g, 0)
+    gamma, _ = load_decay(g_ptr, tokens, valid)
     q = load_rows(q_ptr, tokens, valid, DK, BK, 0) * scale
     scores = tl.dot(q, load_cols(k_ptr, tokens, valid, DK, BK, 0), input_precision=PRECISION)
     same, from_state, _, _ = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
@@ -187,8 +194,7 @@ def _output_kernel(
     here, mask_kv = state_offsets(row, c, NC, DK, DV, BK, BV, iv)
     S = tl.load(states_ptr + here, mask=mask_kv, other=0.0)
     offs_v = iv * BV + tl.arange(0, BV)
-    mask_u = valid[:, None] & (offs_v < DV)[None, :]
-    u_offs = tokens[:, None] * DV + offs_v[None, :]
+    u_offs, mask_u = value_tile(tokens, valid, offs_v, DV)
     u = tl.load(u_ptr + u_offs, mask=mask_u, other=0.0)
     o = tl.dot(q * (tl.exp(gamma) * from_state)[:, None], S, input_precision=PRECISION)
     o += tl.dot(scores, u, input_precision=PRECISION)
