@@ -39,7 +39,15 @@ from .config import ModelConfig
 
 
 class LanguageModel(nn.Module):
-    """A causal language model built from a `ModelConfig`."""
+    """A causal language model built from a `ModelConfig`.
+
+    torch.compile: `compiled = torch.compile(model)`, then call `compiled(input_ids, labels=...)` as the model (the
+    weights are shared). Llama, minGRU/minLSTM, Mamba-2/3 and Gated DeltaNet blocks compile to one graph. The mLSTM
+    and sLSTM ops run eagerly on purpose (hand-written autograd.Functions, `torch.compiler.disable` in
+    revival/ops/{mlstm,slstm}/__init__.py), so each m/s/x block is split at that op (quiet graph breaks in the
+    model, block and layer frames); a MoE feed-forward breaks at its per-expert split, and `attention_mask` /
+    `document_starts` at their data-dependent checks. A new input shape compiles again: keep (B, T) fixed.
+    tests/models/test_compile.py counts the breaks."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
