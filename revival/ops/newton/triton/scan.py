@@ -59,10 +59,20 @@ if HAVE_TRITON:
         return steps, steps < T
 
     @triton.jit
-    def _diag_scan_kernel(a_ptr, b_ptr, x_ptr, T, C, REVERSE: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    def _program_channels(C, BT: tl.constexpr, BC: tl.constexpr):
+        """This program's channels (BC,) and their mask, its batch row, and the rows of a time tile (BT,)."""
         cols = tl.program_id(0) * BC + tl.arange(0, BC)
-        base = tl.program_id(1).to(tl.int64) * T * C
-        rows, cmask = tl.arange(0, BT), cols < C
+        return cols, cols < C, tl.program_id(1).to(tl.int64), tl.arange(0, BT)
+
+    @triton.jit
+    def _channel_row(ptr, index, N, cols, cmask):
+        """Row `index` of an (., N) parameter at this program's channels, as a (1, BC) tile."""
+        return tl.load(ptr + index * N + cols, mask=cmask, other=0.0)[None, :]
+
+    @triton.jit
+    def _diag_scan_kernel(a_ptr, b_ptr, x_ptr, T, C, REVERSE: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+        cols, cmask, batch, rows = _program_channels(C, BT, BC)
+        base = batch * T * C
         carry = tl.zeros([BC], dtype=tl.float32)
         for t0 in range(0, T, BT):
             t, tmask = _times(t0, rows, T, REVERSE)
@@ -75,9 +85,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _block2_scan_kernel(a_ptr, b_ptr, x_ptr, T, G, REVERSE: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-        cols = tl.program_id(0) * BC + tl.arange(0, BC)
-        batch = tl.program_id(1).to(tl.int64)
-        rows, cmask = tl.arange(0, BT), cols < G
+        cols, cmask, batch, rows = _program_channels(G, BT, BC)
         cu = tl.zeros([BC], dtype=tl.float32)
         cv = tl.zeros([BC], dtype=tl.float32)
         for t0 in range(0, T, BT):
@@ -103,12 +111,10 @@ if HAVE_TRITON:
     @triton.jit
     def _paragru_newton_kernel(x_ptr, h_ptr, h0_ptr, a_ptr, out_ptr, res_ptr, T, N, BT: tl.constexpr,
                                BC: tl.constexpr):
-        cols = tl.program_id(0) * BC + tl.arange(0, BC)
-        batch = tl.program_id(1).to(tl.int64)
-        rows, cmask = tl.arange(0, BT), cols < N
-        a_z = tl.load(a_ptr + cols, mask=cmask, other=0.0)[None, :]
-        a_r = tl.load(a_ptr + N + cols, mask=cmask, other=0.0)[None, :]
-        a_h = tl.load(a_ptr + 2 * N + cols, mask=cmask, other=0.0)[None, :]
+        cols, cmask, batch, rows = _program_channels(N, BT, BC)
+        a_z = _channel_row(a_ptr, 0, N, cols, cmask)
+        a_r = _channel_row(a_ptr, 1, N, cols, cmask)
+        a_h = _channel_row(a_ptr, 2, N, cols, cmask)
         h0 = tl.load(h0_ptr + batch * N + cols, mask=cmask, other=0.0)
         carry = tl.zeros([BC], dtype=tl.float32)
         worst = tl.zeros([BC], dtype=tl.float32)
@@ -135,14 +141,12 @@ if HAVE_TRITON:
     @triton.jit
     def _paralstm_newton_kernel(x_ptr, h_ptr, h0_ptr, a_ptr, p_ptr, out_ptr, res_ptr, T, N, BT: tl.constexpr,
                                 BC: tl.constexpr):
-        cols = tl.program_id(0) * BC + tl.arange(0, BC)
-        batch = tl.program_id(1).to(tl.int64)
-        rows, cmask = tl.arange(0, BT), cols < N
-        a_f = tl.load(a_ptr + cols, mask=cmask, other=0.0)[None, :]
-        a_o = tl.load(a_ptr + N + cols, mask=cmask, other=0.0)[None, :]
-        a_c = tl.load(a_ptr + 2 * N + cols, mask=cmask, other=0.0)[None, :]
-        p_f = tl.load(p_ptr + cols, mask=cmask, other=0.0)[None, :]
-        p_o = tl.load(p_ptr + N + cols, mask=cmask, other=0.0)[None, :]
+        cols, cmask, batch, rows = _program_channels(N, BT, BC)
+        a_f = _channel_row(a_ptr, 0, N, cols, cmask)
+        a_o = _channel_row(a_ptr, 1, N, cols, cmask)
+        a_c = _channel_row(a_ptr, 2, N, cols, cmask)
+        p_f = _channel_row(p_ptr, 0, N, cols, cmask)
+        p_o = _channel_row(p_ptr, 1, N, cols, cmask)
         c0 = tl.load(h0_ptr + (batch * N + cols) * 2, mask=cmask, other=0.0)
         y0 = tl.load(h0_ptr + (batch * N + cols) * 2 + 1, mask=cmask, other=0.0)
         cu = tl.zeros([BC], dtype=tl.float32)
