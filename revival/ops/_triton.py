@@ -1,4 +1,5 @@
-"""What every Triton kernel of revival.ops asks first: is Triton importable, and can its kernels run here."""
+"""What every Triton kernel of revival.ops asks first (is Triton importable, can its kernels run here), and the
+host-side helpers the ops' Triton wrappers share: impl resolution, input limits, chunk size, launch-config merge."""
 
 from __future__ import annotations
 
