@@ -1,6 +1,6 @@
 """Helpers shared by the Triton kernel tests (delta rule, SSD): errors against float64, gradients of a weighted loss,
-the packed-documents case. Importing it skips the importing test module when `triton` is not installed
-(TRITON_INTERPRET is chosen in tests/conftest.py)."""
+the packed-documents case, the dispatch check. Importing it skips the importing test module when `triton` is not
+installed (TRITON_INTERPRET is chosen in tests/conftest.py)."""
 
 from __future__ import annotations
 
