@@ -5,6 +5,8 @@ layer) at each call, and no other."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch._dynamo
@@ -52,3 +54,17 @@ def test_llama_compiles_to_one_graph_with_the_eager_outputs():
     expected_logits, _, expected_loss = model(ids, labels=ids)
     torch.testing.assert_close(logits, expected_logits)
     torch.testing.assert_close(loss, expected_loss)
+
+
+def test_compiling_an_xlstm_prints_no_graph_break_warnings(capfd):
+    model = tiny_model("xlstm[1:1]", num_blocks=4)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.compile(model, backend="eager")(ids, labels=ids)[2].backward()
+    finally:
+        torch._dynamo.reset()
+    assert [str(w.message) for w in caught] == []
+    assert capfd.readouterr().err == ""
