@@ -255,7 +255,7 @@ def generate(model, input_ids, max_new_tokens: int | None = None, temperature: f
     `streamer` (an object with `put(ids)` / `end()` as in transformers -- it gets the prompt first, then each new
     token as a (B,) tensor -- or a callable called with each new token as it is sampled), `attention_mask` (B, T) of
     0/1 for left-padded prompts of different lengths: each row generates exactly what its unpadded prompt alone
-    would (the pad is a document of its own that the prompt never sees, docs/math-resets.md).
+    would (the pad is a document of its own that the prompt never sees, docs/math.md).
     """
     vocab_size = model.config.vocab_size
     ids, single = _as_batch(input_ids, vocab_size)

@@ -1,4 +1,4 @@
-"""Mamba-3 mixer layer (arXiv 2603.15569; docs/math-mamba3.md): in-projection, no short convolution, normalised B/C
+"""Mamba-3 mixer layer (arXiv 2603.15569; docs/math.md): in-projection, no short convolution, normalised B/C
 with biases, the Mamba-3 state space (trapezoidal, rotating state, MIMO), gated RMSNorm, out-projection.
 
     (z, x, B, C, dt_raw, lam_raw, theta) = W_in x     z, x: d_inner = expand * d_model; B, C: mimo_rank * d_state,

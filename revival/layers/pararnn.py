@@ -6,7 +6,7 @@
 
 ParaGRU (letter G): h' = (1 - z) h + z tanh(x_h + a_h (r h)), z / r sigmoid gates with diagonal state weights a.
 ParaLSTM (letter L): coupled input-forget gate and diagonal peepholes, state [c, h] per unit, output h.
-Equations in docs/math-newton.md and revival/ops/newton/cells.py. The state weights are diagonal, so each Newton step
+Equations in docs/math.md and revival/ops/newton/cells.py. The state weights are diagonal, so each Newton step
 is one scan with diagonal (ParaGRU) or 2 x 2 block (ParaLSTM) Jacobians: Triton kernels on CUDA.
 
 forward(x: (B, T, d_model), state=None) -> (y, state); state: h (B, d_inner) for ParaGRU, (B, d_inner, 2) = [c, h]

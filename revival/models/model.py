@@ -11,7 +11,7 @@ forward(input_ids: (B, T) long, state=None) -> (logits: (B, T, vocab_size), stat
 entry per block (each the block mixer's state; None means zeros). Feeding the returned state back continues the
 sequence exactly: prefill + single-token steps == one forward over the whole sequence.
 forward(input_ids, document_starts=...) or (..., attention_mask=...): packed documents / padded rows, each document
-exactly as if alone (docs/math-resets.md).
+exactly as if alone (docs/math.md).
 forward(input_ids, labels=input_ids) -> (logits, state, loss): the mean next-token cross-entropy, Hugging Face style
 (labels are shifted inside; -100 is ignored).
 `model.set_activation_checkpointing(True)` recomputes each block's activations in backward instead of keeping them.

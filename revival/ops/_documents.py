@@ -4,7 +4,7 @@
 is discarded: the token sees exactly what the first token of a separate call with `state=None` sees (zero state,
 zero stabilizer, empty conv window, no earlier keys, RoPE position 0). Without a start at t = 0 the row's first
 document continues from the `state` passed in. A left-padded row is a row whose first document is the padding
-(`from_attention_mask`). The returned final state is that of each row's last document. See docs/math-resets.md.
+(`from_attention_mask`). The returned final state is that of each row's last document. See docs/math.md.
 """
 
 from __future__ import annotations

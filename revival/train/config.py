@@ -25,7 +25,7 @@ class DataConfig:
     bpe_vocab_size: int = 4096
     context_length: int = 256
     # every layer restarts at each document start of the packed rows, so no document sees the one before it
-    # (docs/math-resets.md); False: the state runs on across documents
+    # (docs/math.md); False: the state runs on across documents
     reset_at_documents: bool = True
     text_field: str = "text"  # the field holding a document's text in a .jsonl corpus
     # fractions of a corpus read from a path that go to validation / test (None: 0.01 each); named corpora have theirs

@@ -1,4 +1,4 @@
-"""Mamba-3's state space (arXiv 2603.15569; docs/math-mamba3.md): exponential-trapezoidal discretisation, a rotating
+"""Mamba-3's state space (arXiv 2603.15569; docs/math.md): exponential-trapezoidal discretisation, a rotating
 (complex) state through data-dependent RoPE on B and C, and MIMO inputs of rank R.
 
 Per head h, with R ranks r (R = 1 is SISO) and the state h_t: (P, N) in the model's frame:

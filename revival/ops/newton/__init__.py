@@ -1,4 +1,4 @@
-"""Parallel Newton solves of nonlinear recurrences h_t = f(h_{t-1}, x_t): DEER, quasi-DEER, ELK (docs/math-newton.md).
+"""Parallel Newton solves of nonlinear recurrences h_t = f(h_{t-1}, x_t): DEER, quasi-DEER, ELK (docs/math.md).
 
     h, result = newton_solve(PARAGRU, x, h0, (a,), method="deer")     # h (B, T, N); result.iterations, .residual
 

@@ -1,4 +1,4 @@
-"""Cells for the Newton solver: h_t = step(h_{t-1}, x_t, *weights), with their Jacobians (docs/math-newton.md).
+"""Cells for the Newton solver: h_t = step(h_{t-1}, x_t, *weights), with their Jacobians (docs/math.md).
 
 A `Cell` is a step function vectorised over (B, T) plus its Jacobian structure:
 

@@ -8,7 +8,7 @@ the MAP estimate of a linear-Gaussian model (dynamics delta_t = a_t delta_{t-1} 
 0 = delta_t + N(0, 1 / damping)); damping = 0 is the (quasi-)Newton step. Per unit the Kalman filter variance obeys
 a Riccati recursion, P_t = (a_t^2 P_{t-1} + 1) / (damping (a_t^2 P_{t-1} + 1) + 1), a Moebius map: its prefix is a
 product of 2 x 2 matrices (doubling rounds, each product rescaled; a Moebius map ignores scale). Given P, the filter
-mean and the Rauch-Tung-Striebel smoother are one forward and one backward linear scan. docs/math-newton.md.
+mean and the Rauch-Tung-Striebel smoother are one forward and one backward linear scan. docs/math.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The linear recurrence x_t = A_t x_{t-1} + b_t (x_0 = 0) by a parallel scan over (A, b) pairs (docs/math-newton.md).
+"""The linear recurrence x_t = A_t x_{t-1} + b_t (x_0 = 0) by a parallel scan over (A, b) pairs (docs/math.md).
 
 Each Newton step and the backward pass solve one such recurrence. Two structures:
 

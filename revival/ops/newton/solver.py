@@ -1,4 +1,4 @@
-"""Newton's method over the whole sequence (DEER / quasi-DEER / ELK) and its adjoint backward (docs/math-newton.md).
+"""Newton's method over the whole sequence (DEER / quasi-DEER / ELK) and its adjoint backward (docs/math.md).
 
 The T equations h_t = f(h_{t-1}, x_t) are one system in the trajectory h. Each iteration evaluates, at every t at
 once, the step value f_t = f(h_{t-1}, x_t) and its Jacobian J_t, then solves the linearised system
@@ -9,7 +9,7 @@ and updates h += delta. "deer" uses the cell's Jacobian (diagonal or block), "qu
 the stabilised one: the diagonal Jacobian, ELK's Levenberg-Marquardt step (`elk.elk_step`, weight `damping`) and a
 trust region in time: the step is cut at the first t (past the first unconverged one) where
 |delta_t| > trust_radius (1 + |h_t|) or overflows, so an expanding linearisation cannot blow the iterate up.
-With damping = 0 (the default; damping > 0 trades the exactness below for smaller steps, docs/math-newton.md),
+With damping = 0 (the default; damping > 0 trades the exactness below for smaller steps, docs/math.md),
 after k iterations of any method h_1..h_k are exact, so T iterations always reach the solution; usually a few do.
 Convergence: max_t |h_t - f_t| / (1 + |h_t|) <= tol.
 

@@ -22,7 +22,7 @@ Design:
   in float32 (index 0 = initial state). Backward is a reverse-time kernel carrying dL/d(c, n, m) and
   `sum_g g_raw[t+1, g] @ R[g]^T`; it writes dL/draw (B, T, 4, H, d). The weight gradient is then one einsum over
   all (b, t) (a cuBLAS GEMM with K = B*T, faster than per-program register accumulation at small B).
-- Document starts (B, T) (docs/math-resets.md): at a start the kernels read the zero state (c, n, m, y) instead of
+- Document starts (B, T) (docs/math.md): at a start the kernels read the zero state (c, n, m, y) instead of
   the carried one (the saved buffers keep the previous document's final state, which is its output), and the
   backward passes no gradient from a start to the state before it; the weight gradient sees y_{t-1} = 0 there.
 - Under TRITON_INTERPRET=1 (CPU tests) the products are float32 (the interpreter mis-multiplies bfloat16 matrices).
