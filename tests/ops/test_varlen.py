@@ -370,3 +370,20 @@ def test_causal_attention_impl_validation():
         causal_attention(q, q, q, impl="varlen")
     torch.testing.assert_close(causal_attention(q, q, q, document_starts=starts),
                                causal_attention(q, q, q, document_starts=starts, impl="sdpa"), atol=0, rtol=0)
+
+
+def test_varlen_kernel_without_enable_gqa_is_reported_so_auto_takes_the_mask(monkeypatch):
+    """torch 2.11's varlen_attn has no enable_gqa (seen on the H200 image): the check names it instead of crashing."""
+    import torch.nn.attention.varlen as torch_varlen
+
+    from revival.ops.attention import varlen
+
+    def old_kernel(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, 0)):
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(torch_varlen, "varlen_attn", old_kernel)
+    varlen._missing_kernel_arguments.cache_clear()
+    try:
+        assert varlen._missing_kernel_arguments() == ["enable_gqa"]
+    finally:
+        varlen._missing_kernel_arguments.cache_clear()

@@ -9,6 +9,9 @@ one size the kernel's grid), as for any cu_seqlens kernel.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -55,7 +58,21 @@ def varlen_supported(q: torch.Tensor, v: torch.Tensor) -> str | None:
         return f"needs a head dim <= 256, a multiple of 8, equal for q and v; got {hd} and {v.shape[-1]}"
     if not torch.backends.cuda.is_flash_attention_available():
         return "this torch build has no flash attention"
+    missing = _missing_kernel_arguments()
+    if missing:
+        return f"this torch's varlen_attn lacks {missing} (torch 2.11 has no enable_gqa)"
     return None
+
+
+@functools.cache
+def _missing_kernel_arguments() -> list[str]:
+    """The keyword arguments `document_attention_varlen` passes that this torch's `varlen_attn` does not take."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return ["varlen_attn"]
+    accepted = inspect.signature(varlen_attn).parameters
+    return [name for name in ("window_size", "enable_gqa") if name not in accepted]
 
 
 def document_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_starts: torch.Tensor,
