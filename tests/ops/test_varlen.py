@@ -372,18 +372,34 @@ def test_causal_attention_impl_validation():
                                causal_attention(q, q, q, document_starts=starts, impl="sdpa"), atol=0, rtol=0)
 
 
-def test_varlen_kernel_without_enable_gqa_is_reported_so_auto_takes_the_mask(monkeypatch):
-    """torch 2.11's varlen_attn has no enable_gqa (seen on the H200 image): the check names it instead of crashing."""
-    import torch.nn.attention.varlen as torch_varlen
+@pytest.mark.parametrize("signature", ["window_size_without_enable_gqa", "is_causal_only"])
+def test_varlen_path_adapts_to_older_kernel_signatures(signature):
+    """torch 2.11's varlen_attn has no enable_gqa (seen on the H200 image) and 2.10's takes is_causal instead of
+    window_size: the varlen path expands the kv heads and passes what the kernel takes; results equal the mask."""
+    from revival.ops.attention.varlen import document_attention_varlen, varlen_attention_reference
 
-    from revival.ops.attention import varlen
+    calls = []
+    if signature == "window_size_without_enable_gqa":
+        def old_kernel(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1)):
+            calls.append(k.shape[1])
+            return varlen_attention_reference(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, window_size=window_size)
+    else:
+        def old_kernel(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False):
+            assert is_causal
+            calls.append(k.shape[1])
+            return varlen_attention_reference(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k)
 
-    def old_kernel(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, 0)):
-        raise AssertionError("not called")
-
-    monkeypatch.setattr(torch_varlen, "varlen_attn", old_kernel)
-    varlen._missing_kernel_arguments.cache_clear()
-    try:
-        assert varlen._missing_kernel_arguments() == ["enable_gqa"]
-    finally:
-        varlen._missing_kernel_arguments.cache_clear()
+    B, Hq, Hkv, hd = 3, 4, 2, 8
+    inputs = [_randn(B, Hq, T, hd, seed=71), _randn(B, Hkv, T, hd, seed=72), _randn(B, Hkv, T, hd, seed=73)]
+    starts = from_lengths(LAYOUTS)
+    weight = _randn(B, Hq, T, hd, seed=74)
+    results = []
+    for fn in (lambda q, k, v: causal_attention(q, k, v, document_starts=starts, impl="sdpa"),
+               lambda q, k, v: document_attention_varlen(q, k, v, starts, kernel=old_kernel)):
+        leaves = _leaves(inputs)
+        out = fn(*leaves)
+        (out * weight).sum().backward()
+        results.append([out.detach()] + [x.grad for x in leaves])
+    assert calls == [Hq]  # the kernel saw the expanded kv heads
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
+        _assert_close(a, b, 1e-12, name)

@@ -58,21 +58,20 @@ def varlen_supported(q: torch.Tensor, v: torch.Tensor) -> str | None:
         return f"needs a head dim <= 256, a multiple of 8, equal for q and v; got {hd} and {v.shape[-1]}"
     if not torch.backends.cuda.is_flash_attention_available():
         return "this torch build has no flash attention"
-    missing = _missing_kernel_arguments()
-    if missing:
-        return f"this torch's varlen_attn lacks {missing} (torch 2.11 has no enable_gqa)"
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return "this torch has no torch.nn.attention.varlen"
+    if not _kernel_arguments(varlen_attn) & {"window_size", "is_causal"}:
+        return "this torch's varlen_attn takes neither window_size nor is_causal"
     return None
 
 
 @functools.cache
-def _missing_kernel_arguments() -> list[str]:
-    """The keyword arguments `document_attention_varlen` passes that this torch's `varlen_attn` does not take."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return ["varlen_attn"]
-    accepted = inspect.signature(varlen_attn).parameters
-    return [name for name in ("window_size", "enable_gqa") if name not in accepted]
+def _kernel_arguments(kernel) -> frozenset[str]:
+    """The keyword arguments a `varlen_attn` takes: its signature changed between torch releases (2.10: is_causal;
+    2.11: window_size, no enable_gqa; 2.12: both window_size and enable_gqa)."""
+    return frozenset(inspect.signature(kernel).parameters)
 
 
 def document_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_starts: torch.Tensor,
@@ -85,10 +84,17 @@ def document_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         from torch.nn.attention.varlen import varlen_attn as kernel
     B, Hq, T, hd = q.shape
     cu_seqlens, longest = document_bounds(document_starts)
+    accepted = _kernel_arguments(kernel)
+    options = {"window_size": (-1, 0)} if "window_size" in accepted else {"is_causal": True}
+    if k.shape[1] != Hq:
+        if "enable_gqa" in accepted:
+            options["enable_gqa"] = True
+        else:  # a kernel without grouped-query heads: each kv head serves Hq // Hkv query heads, as in SDPA
+            k = k.repeat_interleave(Hq // k.shape[1], dim=1)
+            v = v.repeat_interleave(Hq // v.shape[1], dim=1)
 
     def tokens(x):  # (B, H, T, hd) -> (B * T, H, hd); free when x is a transposed (B, T, H, hd) projection
         return x.transpose(1, 2).reshape(B * T, x.shape[1], x.shape[3])
 
-    out = kernel(tokens(q), tokens(k), tokens(v), cu_seqlens, cu_seqlens, longest, longest, window_size=(-1, 0),
-                 enable_gqa=k.shape[1] != Hq)
+    out = kernel(tokens(q), tokens(k), tokens(v), cu_seqlens, cu_seqlens, longest, longest, **options)
     return out.view(B, T, Hq, v.shape[3]).transpose(1, 2)
