@@ -374,7 +374,7 @@ def test_causal_attention_impl_validation():
 
 @pytest.mark.parametrize("signature", ["window_size_without_enable_gqa", "is_causal_only"])
 def test_varlen_path_adapts_to_older_kernel_signatures(signature):
-    """torch 2.11's varlen_attn has no enable_gqa (seen on the H200 image) and 2.10's takes is_causal instead of
+    """torch 2.11's varlen_attn has no enable_gqa (seen on the H200 image) and 2.9's takes is_causal instead of
     window_size: the varlen path expands the kv heads and passes what the kernel takes; results equal the mask."""
     from revival.ops.attention.varlen import document_attention_varlen, varlen_attention_reference
 

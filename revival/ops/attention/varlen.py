@@ -69,7 +69,7 @@ def varlen_supported(q: torch.Tensor, v: torch.Tensor) -> str | None:
 
 @functools.cache
 def _kernel_arguments(kernel) -> frozenset[str]:
-    """The keyword arguments a `varlen_attn` takes: its signature changed between torch releases (2.10: is_causal;
+    """The keyword arguments a `varlen_attn` takes: its signature changed between torch releases (2.9: is_causal;
     2.11: window_size, no enable_gqa; 2.12: both window_size and enable_gqa)."""
     return frozenset(inspect.signature(kernel).parameters)
 
