@@ -204,6 +204,66 @@ def test_step_matches_reference(dtype, tol):
     assert _rel(h, h_ref) < tol and _rel(C, C_ref) < 1e-5 and _rel(n, n_ref) < 1e-5 and _rel(m, m_ref) < 1e-6
 
 
+STEP_LAUNCHES = [  # every variant, with blocks that leave masked tails in Dk and Dv for the odd shapes below
+    None,  # the default of the shape
+    ("tile", dict(block_v=16, num_warps=2)),
+    ("stream", dict(block_k=8, block_v=16, num_stages=2)),
+    ("stream", dict(block_k=16, block_v=64, num_stages=3)),
+    ("split", dict(block_k=8, block_v=16, block_v_sum=16)),
+    ("split", dict(block_k=16, block_v=64)),  # whole Dv rows per program
+]
+STEP_SHAPES = [(2, 3, 20, 40), (1, 4, 32, 64), (1, 1, 24, 1)]  # B, H, Dk, Dv: odd dims, batch 1 (7B-like), Dv = 1
+
+
+def _step_case(B, H, Dk, Dv, dtype, seed):
+    inputs, _ = _inputs(B, H, 1, Dk, Dv, dtype, seed=seed)
+    x = [t[:, :, 0] for t in inputs[:5]]
+    state = tuple(inputs[5:])
+    ref = mlstm_step(*(t.double() for t in x), tuple(s.double() for s in state))
+    return [t.to(DEVICE) for t in x], tuple(s.to(DEVICE) for s in state), ref
+
+
+@pytest.mark.parametrize("shape", STEP_SHAPES)
+@pytest.mark.parametrize("launch", STEP_LAUNCHES, ids=lambda c: "default" if c is None else f"{c[0]}-{c[1]}")
+def test_step_variants_match_reference(launch, shape):
+    from revival.ops.mlstm.triton.step import StepLaunch
+
+    x, state, (h_ref, (C_ref, n_ref, m_ref)) = _step_case(*shape, torch.float32, seed=sum(shape))
+    cfg = None if launch is None else StepLaunch(variant=launch[0], **launch[1])
+    h, (C, n, m) = mlstm_step_triton(*x, state, launch=cfg)
+    assert h.dtype == torch.float32 and C.dtype == torch.float32
+    errors = {"h": _rel(h, h_ref), "C": _rel(C, C_ref), "n": _rel(n, n_ref), "m": _rel(m, m_ref)}
+    assert max(errors.values()) < 1e-5, errors
+
+
+@pytest.mark.parametrize("variant", ["tile", "stream", "split"])
+def test_step_writes_into_out_and_updates_C_in_place(variant):
+    from revival.ops.mlstm.triton.step import StepLaunch
+
+    x, state, (h_ref, (C_ref, n_ref, m_ref)) = _step_case(2, 3, 20, 40, torch.bfloat16, seed=5)
+    C_in = state[0].clone()
+    out = (torch.empty_like(x[2]), C_in, torch.empty_like(state[1]), torch.empty_like(state[2]))
+    cfg = StepLaunch(variant=variant, block_k=8, block_v=16)
+    h, (C, n, m) = mlstm_step_triton(*x, (C_in, *state[1:]), launch=cfg, out=out)
+    assert all(a is b for a, b in zip((h, C, n, m), out))
+    assert _rel(h, h_ref) < 1e-2 and _rel(C_in, C_ref) < 1e-5 and _rel(n, n_ref) < 1e-5 and _rel(m, m_ref) < 1e-6
+
+
+def test_step_launch_and_out_errors_name_the_argument():
+    from revival.ops.mlstm.triton.step import StepLaunch
+
+    with pytest.raises(ValueError, match="variant: expected one of"):
+        StepLaunch(variant="rows")
+    with pytest.raises(ValueError, match="block_k: expected a power of two"):
+        StepLaunch(block_k=24)
+    x, state, _ = _step_case(1, 2, 16, 16, torch.float32, seed=0)
+    good = (torch.empty_like(x[2]), torch.empty_like(state[0]), torch.empty_like(state[1]), torch.empty_like(state[2]))
+    with pytest.raises(ValueError, match=r"out \(n\): must not be the input state's n"):
+        mlstm_step_triton(*x, state, out=(*good[:2], state[1], good[3]))
+    with pytest.raises(ValueError, match=r"out \(C\): expected a contiguous torch.float32"):
+        mlstm_step_triton(*x, state, out=(good[0], good[1].double(), *good[2:]))
+
+
 def test_steps_continue_the_chunkwise_state():
     inputs, _ = _inputs(1, 2, 21, 16, 16, torch.float32, seed=3)
     x = [t.to(DEVICE) for t in inputs]

@@ -113,8 +113,9 @@ def mlstm_triton(q, k, v, i, f, state, *, chunk_size: int = 64, eps: float = 1e-
     return h, (C, n, m)
 
 
-def mlstm_step_triton(q, k, v, i, f, state, *, eps: float = 1e-6):
-    """One token: q, k: (B, H, Dk); v: (B, H, Dv); i, f: (B, H); state float32. Forward only (decode)."""
+def mlstm_step_triton(q, k, v, i, f, state, *, eps: float = 1e-6, launch=None, out=None):
+    """One token: q, k: (B, H, Dk); v: (B, H, Dv); i, f: (B, H); state float32. Forward only (decode). `launch`: a
+    `step.StepLaunch` (None: the shape's default); `out`: (h, C, n, m) buffers to write (see `step.py`)."""
     from .step import mlstm_step_triton as _step
 
-    return _step(q, k, v, i, f, state, eps=eps)
+    return _step(q, k, v, i, f, state, eps=eps, launch=launch, out=out)
