@@ -75,3 +75,23 @@ def test_presets_build_models():
         assert config.pattern == letter * 2
         logits = LanguageModel(config)(torch.randint(0, 32, (1, 7)))[0]
         assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("layer_class", [ParaGRU, ParaLSTM])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_packed_documents_equal_separate_calls(layer_class, with_state):
+    """document_starts: outputs, final states and gradients (input, parameters, initial state) of a packed row equal
+    separate calls per document (1-token documents, starts at t = 0), with the layer's default (exact) solve."""
+    from tests.ops.test_varlen import LAYOUTS, T, check_packed
+
+    torch.manual_seed(3)
+    layer = layer_class(6, expansion=1.5).double()
+    x = torch.randn(len(LAYOUTS), T, 6, dtype=F64)
+    state = None
+    if with_state:
+        state = torch.randn(len(LAYOUTS), layer.d_inner, *layer.state_tail, dtype=F64) * 0.5
+
+    def run(time_inputs, shared, state, starts):
+        return layer(time_inputs[0], state, document_starts=starts)
+    check_packed(run, [x], [1], [], 1, initial_state=state, parameters=list(layer.parameters()))
+    assert not layer.last_result.fell_back

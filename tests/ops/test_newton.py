@@ -295,25 +295,60 @@ def test_slstm_op_impl_newton():
     x = torch.randn(2, 9, 4, 2, 4, generator=g, dtype=F64)
     R = torch.randn(4, 2, 4, 4, generator=g, dtype=F64) * 0.5
     torch.testing.assert_close(slstm(x, R, impl="newton")[0], slstm(x, R, impl="reference")[0], rtol=0, atol=1e-10)
-    with pytest.raises(ValueError, match="document_starts"):
-        slstm(x, R, impl="newton", document_starts=torch.zeros(2, 9, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("name", ["paragru", "paralstm"])
-def test_document_starts_equal_separate_calls(name):
+# document starts --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", CELLS)
+@pytest.mark.parametrize("method", METHODS)
+def test_document_starts_equal_separate_calls(name, method):
     cell, x, h0, weights = make_problem(name, 2, 14)
     starts = torch.zeros(2, 14, dtype=torch.bool)
-    starts[0, 5] = starts[1, 0] = starts[1, 9] = True
-    h, result = newton_solve(cell, x, h0, weights, document_starts=starts)
-    torch.testing.assert_close(h, sequential_solve(cell, x, h0, weights, starts), rtol=0, atol=1e-12)
-    zero = torch.zeros_like(h0[:1])
-    torch.testing.assert_close(h[0, 5:], newton_solve(cell, x[:1, 5:], zero, weights)[0][0], rtol=0, atol=1e-12)
-    torch.testing.assert_close(h[1, :9], newton_solve(cell, x[1:, :9], zero, weights)[0][0], rtol=0, atol=1e-12)
+    starts[0, 5] = starts[0, 6] = starts[1, 0] = starts[1, 9] = True  # a 1-token document at 5; a start at t = 0
+    h, result = newton_solve(cell, x, h0, weights, method=method, document_starts=starts)
+    assert result.converged and not result.fell_back
+    torch.testing.assert_close(h, sequential_solve(cell, x, h0, weights, starts), rtol=0, atol=1e-10)
+    empty = cell.restart(h0[:1], torch.tensor(True))
+    for row, start, stop in ((0, 0, 5), (0, 5, 6), (0, 6, 14), (1, 0, 9), (1, 9, 14)):
+        first = h0[row:row + 1] if (row, start) == (0, 0) else empty
+        alone = newton_solve(cell, x[row:row + 1, start:stop], first, weights, method=method)[0][0]
+        torch.testing.assert_close(h[row, start:stop], alone, rtol=0, atol=1e-10)
     leaves = [t.clone().requires_grad_() for t in (x, h0, *weights)]
-    got = torch.autograd.grad(newton_solve(cell, leaves[0], leaves[1], tuple(leaves[2:]),
+    got = torch.autograd.grad(newton_solve(cell, leaves[0], leaves[1], tuple(leaves[2:]), method=method,
                                            document_starts=starts)[0].square().sum(), leaves)
     want = torch.autograd.grad(sequential_solve(cell, leaves[0], leaves[1], tuple(leaves[2:]),
                                                 starts).square().sum(), leaves)
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=0, atol=1e-10)
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-9)
     assert got[1][1].abs().max() == 0  # the second row starts a document at t = 0: h0 does not matter
+    assert got[1][0].abs().max() > 0
+
+
+def _slstm_newton_run(time_inputs, shared, state, starts):
+    from revival.ops import slstm
+
+    return slstm(time_inputs[0], shared[0], state, impl="newton", document_starts=starts)
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_slstm_op_newton_packed_equals_separate(with_state):
+    """Packed rows (1-token documents, starts at t = 0 and on chunk edges) == separate calls: outputs, every
+    document's final state, gradients of x, R and the initial state; and the outputs equal the reference's."""
+    from revival.ops import slstm
+    from revival.ops._documents import from_lengths
+    from tests.ops.test_varlen import LAYOUTS, T, check_packed
+
+    g = torch.Generator().manual_seed(7)
+    B, H, d = len(LAYOUTS), 2, 3
+    x = torch.randn(B, T, 4, H, d, generator=g, dtype=F64) * 2
+    R = torch.randn(4, H, d, d, generator=g, dtype=F64) * 0.5
+    state = None
+    if with_state:
+        state = (torch.randn(B, H, d, generator=g, dtype=F64), torch.rand(B, H, d, generator=g, dtype=F64) + 0.5,
+                 torch.randn(B, H, d, generator=g, dtype=F64), torch.randn(B, H, d, generator=g, dtype=F64))
+    check_packed(_slstm_newton_run, [x], [1], [R], 1, initial_state=state)
+    starts = from_lengths(LAYOUTS)
+    if with_state:
+        starts[:, 0] = False
+    torch.testing.assert_close(slstm(x, R, state, impl="newton", document_starts=starts)[0],
+                               slstm(x, R, state, impl="reference", document_starts=starts)[0], rtol=0, atol=1e-10)

@@ -20,7 +20,8 @@ Cells here (x holds the input contributions W x_t + b, computed outside by one m
 - SLSTM (xLSTM's sLSTM, memory mixing per head): state [l, u, y] per head (B, T, H, 3d), x (B, T, 4, H, d)
   (gates i, f, z, o), R (4, H, d, d). With l = log of the normaliser (m + log n) and u = c / n the stabiliser
   disappears: l' = logaddexp(logsigmoid(f) + l, i), w = exp(i - l'), u' = u + w (tanh z - u), y' = sigmoid(o) u',
-  pre-activations x + y R. Same y as `revival.ops.slstm`; J is a full 3d x 3d block per head.
+  pre-activations x + y R. Same y as `revival.ops.slstm`; J is a full 3d x 3d block per head. A document starts
+  from the empty memory [-inf, 0, 0] (`empty_state`), where the step gives l' = i, u' = tanh z.
 - DENSE_GRU / DENSE_LSTM (classic cells, full recurrent matrices, torch.func Jacobian; state (B, T, 1, d) and
   (B, T, 1, 2d) = [c, h]): x (B, T, 3, d) (r, z, n) / (B, T, 4, d) (i, f, g, o); W (3 or 4, d, d) applied as
   h @ W[g]; the GRU also has b_hn (d,) inside the reset product as in torch.nn.GRUCell.
@@ -45,6 +46,14 @@ class Cell:
     structure: str  # "diagonal" or "block"
     step: Callable[..., torch.Tensor]
     analytic_jacobian: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    # the state a document starts from, shaped like its argument (None: zeros; the sLSTM's empty memory has l = -inf)
+    empty_state: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def restart(self, h_prev: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """h_prev with the empty state wherever `at` (a bool tensor broadcastable to h_prev) is True."""
+        if self.empty_state is None:
+            return h_prev.masked_fill(at, 0.0)
+        return torch.where(at, self.empty_state(h_prev), h_prev)
 
     def jacobian(self, h_prev, x, *weights, diagonal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(step(h_prev, x, *weights), dstep/dh_prev) at every (b, t); diagonal=True: the diagonal only."""
@@ -176,7 +185,14 @@ def slstm_jacobian(state, x, R, *, diagonal: bool = False):
     return value, torch.cat(rows, dim=-2)
 
 
-SLSTM = Cell("slstm", "block", slstm_step, slstm_jacobian)
+def slstm_empty_state(like: torch.Tensor) -> torch.Tensor:
+    """[l, u, y] = [-inf, 0, 0]: no memory (n = 0), what the op's zero state (c, n, m, y) = 0 is."""
+    empty = torch.zeros_like(like)
+    empty[..., : like.shape[-1] // 3] = float("-inf")
+    return empty
+
+
+SLSTM = Cell("slstm", "block", slstm_step, slstm_jacobian, slstm_empty_state)
 
 
 # classic dense cells (torch.func Jacobians) ------------------------------------------------------------------------

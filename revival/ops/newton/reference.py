@@ -15,11 +15,11 @@ __all__ = ["sequential_solve"]
 
 def sequential_solve(cell: Cell, x: torch.Tensor, h0: torch.Tensor, weights: tuple = (),
                      document_starts: torch.Tensor | None = None) -> torch.Tensor:
-    """document_starts: (B, T) bool or None; the state is zero before each start."""
+    """document_starts: (B, T) bool or None; the state is the cell's empty state (zeros) before each start."""
     h, outputs = h0, []
     for t in range(x.shape[1]):
         if document_starts is not None:
-            h = h.masked_fill(document_starts[:, t].reshape(-1, *(1,) * (h.ndim - 1)), 0.0)
+            h = cell.restart(h, document_starts[:, t].reshape(-1, *(1,) * (h.ndim - 1)))
         h = cell.step(h[:, None], x[:, t:t + 1], *weights)[:, 0]
         outputs.append(h)
     return torch.stack(outputs, dim=1)

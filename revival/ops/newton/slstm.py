@@ -34,7 +34,8 @@ def slstm_state_from_newton(h: torch.Tensor) -> tuple:
 def slstm_newton(x_gates: torch.Tensor, recurrent_weight: torch.Tensor, state, **solver_options
                  ) -> tuple[torch.Tensor, tuple, NewtonResult]:
     """x_gates (B, T, 4, H, d), recurrent_weight (4, H, d, d), state (c, n, m, y) each (B, H, d), all in the
-    computation dtype. Returns y (B, T, H, d), the final state and the solver's record."""
+    computation dtype. Returns y (B, T, H, d), the final state and the solver's record. `document_starts` (B, T)
+    bool, among the solver options: each start restarts from the empty memory (what the op's zero state is)."""
     h, result = newton_solve(SLSTM, x_gates, slstm_state_to_newton(state), (recurrent_weight,), **solver_options)
     d = recurrent_weight.shape[-1]
     return h[..., 2 * d:], slstm_state_from_newton(h[:, -1]), result

@@ -58,10 +58,10 @@ class NewtonConvergenceError(RuntimeError):
         self.result = result
 
 
-def _shift(h: torch.Tensor, h0: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
-    """h_{t-1} for t = 1..T: h0 then h_1..h_{T-1}; zero where a document starts."""
+def _shift(cell: Cell, h: torch.Tensor, h0: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
+    """h_{t-1} for t = 1..T: h0 then h_1..h_{T-1}; the cell's empty state (zeros) where a document starts."""
     prev = torch.cat((h0[:, None], h[:, :-1]), dim=1)
-    return prev if starts is None else prev.masked_fill(_expand(starts, prev), 0.0)
+    return prev if starts is None else cell.restart(prev, _expand(starts, prev))
 
 
 def _expand(starts: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -70,7 +70,7 @@ def _expand(starts: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def _jacobian(cell: Cell, h, h0, x, weights, starts, diagonal: bool):
     """Step value and Jacobian at the iterate h; the Jacobian is zero where a document starts (no dependence)."""
-    value, jac = cell.jacobian(_shift(h, h0, starts), x, *weights, diagonal=diagonal)
+    value, jac = cell.jacobian(_shift(cell, h, h0, starts), x, *weights, diagonal=diagonal)
     return value, (jac if starts is None else jac.masked_fill(_expand(starts, jac), 0.0))
 
 
@@ -149,7 +149,7 @@ def _solve(cell, x, h0, weights, options) -> tuple[torch.Tensor, NewtonResult]:
     guess, starts = options["initial_guess"], options["document_starts"]
     if guess is None:  # f(0, x_t) at every t (h0 at t = 1): the first state is then already exact
         zeros = torch.zeros((x.shape[0], x.shape[1], *h0.shape[1:]), dtype=h0.dtype, device=h0.device)
-        guess = cell.step(_shift(zeros, h0, starts), x, *weights)
+        guess = cell.step(_shift(cell, zeros, h0, starts), x, *weights)
     h, result = _iterate(cell, x, h0, weights, guess, options["method"], options["tol"], options["max_iters"],
                          options["damping"], options["trust_radius"], options["scan_impl"], starts)
     if result.converged or options["on_failure"] == "return":
@@ -157,7 +157,7 @@ def _solve(cell, x, h0, weights, options) -> tuple[torch.Tensor, NewtonResult]:
     if options["on_failure"] == "raise":
         raise NewtonConvergenceError(result)
     h = sequential_solve(cell, x, h0, weights, starts)
-    value = cell.step(_shift(h, h0, starts), x, *weights)
+    value = cell.step(_shift(cell, h, h0, starts), x, *weights)
     result.residual, result.fell_back = _residual(value, h), True
     return h, result
 
@@ -174,7 +174,7 @@ class _NewtonFunction(torch.autograd.Function):
     def backward(ctx, grad_h):
         h0, x, h, *weights = ctx.saved_tensors
         cell = ctx.cell
-        h_prev = _shift(h, h0, ctx.starts)
+        h_prev = _shift(cell, h, h0, ctx.starts)
         _, jac = _jacobian(cell, h, h0, x, weights, ctx.starts, diagonal=False)
         later = torch.cat((jac[:, 1:], torch.zeros_like(jac[:, :1])), dim=1)  # J_{t+1}, and 0 after the end
         coeff = later if cell.structure == "diagonal" else later.transpose(-1, -2)
@@ -219,7 +219,8 @@ def newton_solve(
     (always enough with damping = 0), 2T + 32 with damping > 0. initial_guess: (B, T, *S), e.g. a previous
     solution; None: f(0, x_t). on_failure: "raise" (NewtonConvergenceError), "sequential" (run the loop;
     result.fell_back) or "return" (keep the last iterate; result.converged False). document_starts: (B, T) bool
-    or None; the state restarts from zeros at each start (h_{t-1} := 0 there, so J_t = 0): packed documents.
+    or None; the state restarts at each start from the cell's empty state (zeros; the sLSTM's empty memory):
+    h_{t-1} := empty there, so J_t = 0 and the step is f(empty, x_t): packed documents, exactly.
     Computes in float64 for float64 x, else float32 (16-bit x is read as is), autocast off; h is in that dtype.
     Gradients flow to x, h0 and the weights through the adjoint scan at the returned trajectory.
     """

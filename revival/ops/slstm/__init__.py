@@ -76,7 +76,7 @@ def slstm(
     "newton" (parallel over T by Newton's method, exact (falls back to the loop if it does not converge); see
     revival/ops/newton/slstm.py).
     document_starts: (B, T) bool or None; the state (c, n, m, y) is zero before each start, so a packed row equals
-    separate calls per document (revival/ops/_documents.py); every impl but "newton" takes them.
+    separate calls per document (revival/ops/_documents.py); every impl takes them.
     """
     check_floating("x_gates", x_gates)
     if x_gates.ndim != 5 or x_gates.shape[2] != 4 or x_gates.shape[1] == 0:
@@ -96,14 +96,12 @@ def slstm(
             x_gates = x_gates.to(torch.get_autocast_dtype(device_type))
         with torch.autocast(device_type, enabled=False):
             return slstm_triton(x_gates, recurrent_weight, state, document_starts=document_starts)
-    if impl == "newton" and document_starts is not None:
-        raise ValueError("document_starts: impl='newton' takes no document starts yet; use 'auto' or 'fused'")
     args = (x_gates.to(dtype), recurrent_weight.to(dtype), state)
     with torch.autocast(x_gates.device.type, enabled=False):  # the recurrence runs in float32 (or float64)
         if impl == "newton":
             from ..newton import slstm_newton
 
-            y, state, _ = slstm_newton(*args, on_failure="sequential")
+            y, state, _ = slstm_newton(*args, on_failure="sequential", document_starts=document_starts)
         elif impl == "reference":
             y, state = slstm_reference(*args, document_starts)
         else:
