@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._documents import check_document_starts
 from ..ops.delta_rule import gated_delta_rule
+from ._inputs import check_mixer_input, unpack_state
 from .conv import CausalConv1d
 from .ffn import init_projections_
-from .kinds import LayerKind, LayerOptions
-from .mamba2 import init_decay_, unpack_state
+from .kinds import LayerKind
+from .mamba2 import DecayInitOptions, init_decay_
 from .norms import MultiHeadNorm
 
 __all__ = ["GatedDeltaNet"]
@@ -72,15 +72,11 @@ class GatedDeltaNet(nn.Module):
         self.norm.reset_parameters()
         init_decay_(self.dt_bias, self.A_log, self.dt_min, self.dt_max, self.dt_init_floor, self.A_init_range)
 
-    def forward(
-        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None,
-        document_starts: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        if x.ndim != 3 or x.shape[-1] != self.d_model or x.shape[1] == 0:
-            raise ValueError(f"x: expected shape (B, T >= 1, {self.d_model}), got {tuple(x.shape)}")
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None,
+                document_starts: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        document_starts = check_mixer_input(x, self.d_model, document_starts)
         conv_state, delta_state = unpack_state(state, ("conv_state", "delta_state"))
         batch, T, _ = x.shape
-        document_starts = check_document_starts(document_starts, batch, T, x.device)
         H, Dk, Dv = self.num_heads, self.head_k_dim, self.head_v_dim
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
         qkv, conv_state = self.conv(qkv, conv_state, document_starts)  # SiLU(conv(.))
@@ -98,7 +94,7 @@ class GatedDeltaNet(nn.Module):
 
 
 @dataclass(frozen=True)
-class GatedDeltaNetOptions(LayerOptions):
+class GatedDeltaNetOptions(DecayInitOptions):
     """Options of letter d (`layer_options["d"]`); None: derived from the model (see `derive`)."""
 
     num_heads: int | None = None  # num_heads
@@ -106,10 +102,6 @@ class GatedDeltaNetOptions(LayerOptions):
     expand_v: float = 2.0
     conv_kernel: int = 4
     chunk_size: int | None = None  # chunk_size
-    dt_min: float = 1e-3
-    dt_max: float = 0.1
-    dt_init_floor: float = 1e-4
-    A_init_range: tuple[float, float] = (1.0, 16.0)
     norm_eps: float = 1e-6
     bias: bool | None = None  # use_bias
     conv_bias: bool = False

@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import inspect
 import pkgutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -74,6 +75,14 @@ class LayerOptions:
         derived = self.derive(config)
         return dataclasses.replace(self, **{k: v for k, v in derived.items() if getattr(self, k) is None})
 
+    @classmethod
+    def listed_fields(cls) -> list[dataclasses.Field]:
+        """The fields in the order users see them: the kind's own first, then those of a shared base (a dataclass
+        puts a base's fields first, so DecayInitOptions' dt_min would lead Mamba-2's list)."""
+        own = inspect.get_annotations(cls)
+        fields = dataclasses.fields(cls)
+        return [f for f in fields if f.name in own] + [f for f in fields if f.name not in own]
+
     def kwargs(self) -> dict[str, Any]:
         """The layer constructor's keyword arguments."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -84,7 +93,7 @@ class LayerOptions:
         the valid ones."""
         if not isinstance(options, dict):
             raise ValueError(f"layer_options[{letter!r}]: expected a dict of options, got {options!r}")
-        valid = [f.name for f in dataclasses.fields(cls)] + list(BLOCK_OPTIONS)
+        valid = [f.name for f in cls.listed_fields()] + list(BLOCK_OPTIONS)
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise ValueError(f"layer_options[{letter!r}]: unknown option(s) {unknown}; valid options: {valid}")
@@ -132,7 +141,7 @@ class LayerKind:
         """A few lines for the docs: letter, block, options with defaults (None: derived, shown for `config`)."""
         lines = [f"{self.letter}  {self.name}: {self.equation}"]
         derived = self.options().derive(config)
-        for f in dataclasses.fields(self.options):
+        for f in self.options.listed_fields():
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             note = f" (derived: {derived[f.name]!r} here)" if default is None and f.name in derived else ""
             lines.append(f"     {f.name} = {default!r}{note}")

@@ -21,14 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._documents import check_document_starts
 from ..ops.ssd import ssd
+from ._inputs import check_mixer_input, unpack_state
 from .conv import CausalConv1d
 from .ffn import init_projections_
 from .kinds import LayerKind, LayerOptions
 from .norms import MultiHeadNorm
 
-__all__ = ["Mamba2", "init_decay_", "unpack_state"]
+__all__ = ["DecayInitOptions", "Mamba2", "init_decay_"]
 
 
 def init_decay_(dt_bias: torch.Tensor, A_log: torch.Tensor, dt_min: float, dt_max: float, dt_init_floor: float,
@@ -42,13 +42,14 @@ def init_decay_(dt_bias: torch.Tensor, A_log: torch.Tensor, dt_min: float, dt_ma
         A_log.copy_(torch.log(torch.empty_like(A_log).uniform_(*A_init_range)))
 
 
-def unpack_state(state, names: tuple[str, str]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """state None -> (None, None); a 2-tuple -> its parts; anything else -> ValueError naming the expected parts."""
-    if state is None:
-        return None, None
-    if not isinstance(state, (tuple, list)) or len(state) != 2:
-        raise ValueError(f"state: expected a tuple ({names[0]}, {names[1]}) or None, got {type(state).__name__}")
-    return state[0], state[1]
+@dataclass(frozen=True)
+class DecayInitOptions(LayerOptions):
+    """The options of `init_decay_`, shared by the kinds with a Mamba-style dt / A (they come first in their lists)."""
+
+    dt_min: float = 1e-3
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    A_init_range: tuple[float, float] = (1.0, 16.0)
 
 
 class Mamba2(nn.Module):
@@ -89,15 +90,11 @@ class Mamba2(nn.Module):
         with torch.no_grad():
             self.D.fill_(1.0)
 
-    def forward(
-        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None,
-        document_starts: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        if x.ndim != 3 or x.shape[-1] != self.d_model or x.shape[1] == 0:
-            raise ValueError(f"x: expected shape (B, T >= 1, {self.d_model}), got {tuple(x.shape)}")
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None,
+                document_starts: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        document_starts = check_mixer_input(x, self.d_model, document_starts)
         conv_state, ssm_state = unpack_state(state, ("conv_state", "ssm_state"))
         batch, T, _ = x.shape
-        document_starts = check_document_starts(document_starts, batch, T, x.device)
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.d_state
         z, xBC, dt_raw = self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1)
         xBC, conv_state = self.conv(xBC, conv_state, document_starts)  # SiLU(conv(xBC))
@@ -112,7 +109,7 @@ class Mamba2(nn.Module):
 
 
 @dataclass(frozen=True)
-class Mamba2Options(LayerOptions):
+class Mamba2Options(DecayInitOptions):
     """Options of letter M (`layer_options["M"]`); None: derived from the model (see `derive`)."""
 
     d_state: int = 128
@@ -121,10 +118,6 @@ class Mamba2Options(LayerOptions):
     n_groups: int = 1
     conv_kernel: int = 4
     chunk_size: int | None = None  # chunk_size
-    dt_min: float = 1e-3
-    dt_max: float = 0.1
-    dt_init_floor: float = 1e-4
-    A_init_range: tuple[float, float] = (1.0, 16.0)
     norm_eps: float = 1e-5
     bias: bool | None = None  # use_bias
     conv_bias: bool = True

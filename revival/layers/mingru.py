@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..ops._documents import check_document_starts, drop_state_at_first_start
+from ..ops._documents import drop_state_at_first_start
 from ..ops.linear_scan import IMPLS as SCAN_IMPLS
 from ..ops.linear_scan import mingru_scan, mingru_step
+from ._inputs import check_mixer_input, unpack_state
 from .conv import CausalConv1d
 from .ffn import small_init_, wang_init_
 from .kinds import LayerKind, LayerOptions
@@ -70,14 +71,10 @@ class MinRNNBase(nn.Module):
         if self.conv is not None:
             self.conv.reset_parameters()
 
-    def forward(
-        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None,
-        document_starts: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        if x.ndim != 3 or x.shape[-1] != self.d_model or x.shape[1] == 0:
-            raise ValueError(f"x: expected shape (B, T >= 1, {self.d_model}), got {tuple(x.shape)}")
-        document_starts = check_document_starts(document_starts, x.shape[0], x.shape[1], x.device)
-        conv_state, h0 = drop_state_at_first_start(_unpack_state(state), document_starts)
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None,
+                document_starts: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        document_starts = check_mixer_input(x, self.d_model, document_starts)
+        conv_state, h0 = drop_state_at_first_start(unpack_state(state, ("conv_state", "h")), document_starts)
         if h0 is not None and tuple(h0.shape) != (x.shape[0], self.d_inner):
             raise ValueError(f"state[1] (h): expected shape {(x.shape[0], self.d_inner)}, got {tuple(h0.shape)}")
         if self.conv is not None:
@@ -100,14 +97,6 @@ class MinRNNBase(nn.Module):
 
     def _step(self, *branches_and_h):
         raise NotImplementedError
-
-
-def _unpack_state(state) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    if state is None:
-        return None, None
-    if not isinstance(state, (tuple, list)) or len(state) != 2:
-        raise ValueError(f"state: expected a tuple (conv_state, h) or None, got {type(state).__name__}")
-    return state[0], state[1]
 
 
 class MinGRU(MinRNNBase):

@@ -83,6 +83,8 @@ def test_docs_and_presets_come_from_the_declarations():
             assert kind.preset in PRESET_NAMES
             assert set(preset_config(kind.preset).pattern) == {kind.letter}
     assert "head_dim = None (derived: 128 here)" in text  # the default ModelConfig: 2 * 256 / 4
+    mamba2 = [f.name for f in layer_kinds()["M"].options.listed_fields()]  # its own fields, then the shared dt / A
+    assert mamba2[0] == "d_state" and mamba2[-5:] == ["conv_bias", "dt_min", "dt_max", "dt_init_floor", "A_init_range"]
 
 
 def test_bench_sizes_come_from_the_declarations():
