@@ -33,7 +33,10 @@ from .._documents import check_document_starts
 from .chunkwise import mamba3_chunkwise
 from .reference import mamba3_recurrent, rotate
 
-__all__ = ["mamba3", "mamba3_reference", "rotate", "zero_state"]
+__all__ = ["IMPLS", "mamba3", "mamba3_reference", "rotate", "zero_state"]
+
+IMPLS = ("auto", "chunkwise", "triton")
+_TRITON_MAX_DIM = 256  # the SSD kernels hold a chunk's (L, P) and (L, N) tiles whole
 
 
 def zero_state(n: int, H: int, R: int, P: int, N: int, *, device=None, dtype=torch.float32) -> tuple:
@@ -77,12 +80,38 @@ def mamba3_reference(x, dt, A, lam, B, C, theta, D=None, state=None, *,
     return mamba3_recurrent(x, dt, A, lam, B, C, theta, D, state, document_starts)
 
 
+def _resolve_impl(impl, x, N: int) -> str:
+    """"auto": the Triton path (`triton.py`, SSD's kernels) on CUDA for SISO (R = 1), 16/32-bit inputs and P, N up
+    to 256, else "chunkwise"; "triton" with R > 1 is refused (MIMO runs chunkwise)."""
+    from .._triton import resolve_impl
+
+    R, P = x.shape[3], x.shape[4]
+    impl = resolve_impl(impl, x, R == 1 and max(P, N) <= _TRITON_MAX_DIM, IMPLS)
+    if impl == "triton":
+        from .triton import check_siso
+
+        check_siso(x)
+    return impl
+
+
 def mamba3(x, dt, A, lam, B, C, theta, D=None, state=None, *, chunk_size: int = 64,
-           document_starts: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple]:
-    """Mamba-3 chunkwise (`chunkwise.py`). Shapes as in the module doc. Returns (y (n, T, H, R, P), state)."""
+           document_starts: torch.Tensor | None = None, impl: str = "auto") -> tuple[torch.Tensor, tuple]:
+    """Mamba-3 chunkwise. Shapes as in the module doc. Returns (y (n, T, H, R, P), state). `impl`: "chunkwise"
+    (PyTorch, `chunkwise.py`), "triton" (SISO only: SSD's Triton kernels, `triton.py`; one token without gradients
+    takes SSD's decode step kernel) or "auto" (triton where it runs, see `_resolve_impl`)."""
+    given_state = state
     state = _validate(x, dt, A, lam, B, C, theta, D, state)
     document_starts = check_document_starts(document_starts, x.shape[0], x.shape[1], x.device)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
+    if _resolve_impl(impl, x, B.shape[-1]) == "triton":
+        from .triton import mamba3_step_triton, mamba3_triton
+
+        tensors = (x, dt, A, lam, B, C, theta, D, *(given_state or ()))
+        if x.shape[1] == 1 and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                                     for t in tensors)):
+            return mamba3_step_triton(x, dt, A, lam, B, C, theta, D, state, document_starts=document_starts)
+        return mamba3_triton(x, dt, A, lam, B, C, theta, D, state, chunk_size=chunk_size,
+                             document_starts=document_starts)
     y, state = mamba3_chunkwise(x, dt, A, lam, B, C, theta, D, state, chunk_size, document_starts)
     return y.to(x.dtype), state

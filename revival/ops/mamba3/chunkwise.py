@@ -4,6 +4,8 @@ Inputs are validated, the state given whole. Computation in float32 (float64 for
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .._common import chunk_spans, compute_dtype
@@ -14,34 +16,64 @@ from .reference import rotate
 def mamba3_chunkwise(x, dt, A, lam, B, C, theta, D, state, chunk_size: int,
                      document_starts=None) -> tuple[torch.Tensor, tuple]:
     """RoPE on B and C by the cumulative angle, the trapezoid as a rank-2R input, then scalar-decay chunks."""
-    n, T, H, R, P = x.shape
+    T = x.shape[1]
+    frame = rotating_frame(x, dt, A, lam, B, C, theta, state, document_starts)
+    dt = frame.dt[..., None, None]
+    inputs = torch.cat([dt * frame.current_weight[..., None, None] * frame.x,
+                        dt * frame.previous_weight[..., None, None] * frame.x_prev], dim=3)  # (n, T, H, 2R, P)
+    keys = torch.cat([frame.B_rot, frame.B_prev], dim=3)  # (n, T, H, 2R, N)
+    g = frame.g0
+    outputs = []
+    for start, stop, L in chunk_spans(T, chunk_size):
+        starts = None if document_starts is None else document_starts[:, start:stop]
+        y, g = _equal_chunks(inputs[:, start:stop], keys[:, start:stop], frame.C_rot[:, start:stop],
+                             frame.log_decay[:, start:stop], g, L, starts)
+        outputs.append(y)
+    y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+    if D is not None:
+        y = y + D.to(y.dtype)[:, None, None] * frame.x
+    return y, frame.final_state(g)
+
+
+class RotatingFrame(NamedTuple):
+    """Mamba-3's inputs in the state's rotating frame, in the compute dtype (module doc of `revival.ops.mamba3`):
+    g_t = exp(log_decay_t) g_{t-1} + dt_t (current_weight_t x_t B_rot_t^T + previous_weight_t x_prev_t B_prev_t^T),
+    y_t = g_t C_rot_t; current_weight = lam, previous_weight = (1 - lam) a (0 at a document start)."""
+
+    x: torch.Tensor  # (n, T, H, R, P)
+    x_prev: torch.Tensor  # (n, T, H, R, P): x_{t-1}, the state's previous x at t = 0
+    dt: torch.Tensor  # (n, T, H)
+    log_decay: torch.Tensor  # (n, T, H): dt A
+    current_weight: torch.Tensor  # (n, T, H)
+    previous_weight: torch.Tensor  # (n, T, H)
+    B_rot: torch.Tensor  # (n, T, H, R, N): R(phi_t)^T B_t
+    B_prev: torch.Tensor  # (n, T, H, R, N): B_rot_{t-1}, the state's previous B rotated by its angle at t = 0
+    C_rot: torch.Tensor  # (n, T, H, R, N)
+    angle: torch.Tensor  # (n, T, H, N/2): phi_t
+    g0: torch.Tensor  # (n, H, P, N): the memory before the first token
+    B_last: torch.Tensor  # (n, H, R, N): B_{T-1} as given (the next call's previous B)
+
+    def final_state(self, g: torch.Tensor) -> tuple:
+        """The op's state after the last token, given the memory g at T."""
+        return self.angle[:, -1], g, self.B_last, self.x[:, -1]
+
+
+def rotating_frame(x, dt, A, lam, B, C, theta, state, document_starts) -> RotatingFrame:
+    """The angles (restarted at document starts), RoPE on B and C, the previous token's x and B, the trapezoid's
+    weights without their dt factor; computation in float32 (float64 for float64)."""
     dtype = compute_dtype(x)
     x, dt, A, lam, B, C, theta = (t.to(dtype) for t in (x, dt, A, lam, B, C, theta))
-    angle0, g, prev_B, prev_x = (t.to(dtype) for t in state)
+    angle0, g0, prev_B, prev_x = (t.to(dtype) for t in state)
     angle = _angles(angle0, dt[..., None] * theta, document_starts)  # phi_t, (n, T, H, N/2)
     B_rot = rotate(B, -angle[:, :, :, None, :])  # R(phi_t)^T B_t: the state's rotating frame
     C_rot = rotate(C, -angle[:, :, :, None, :])
     B_prev = torch.cat([rotate(prev_B, -angle0[:, :, None, :])[:, None], B_rot[:, :-1]], dim=1)
     x_prev = torch.cat([prev_x[:, None], x[:, :-1]], dim=1)
-    alpha = torch.exp(dt * A)
-    beta = (1 - lam) * dt * alpha
-    if document_starts is not None:  # a document's first token has no previous token
-        beta = torch.where(document_starts[..., None], 0.0, beta)
-    beta = beta[..., None, None]
-    gamma = (lam * dt)[..., None, None]
-    inputs = torch.cat([gamma * x, beta * x_prev], dim=3)  # (n, T, H, 2R, P): current and previous terms
-    keys = torch.cat([B_rot, B_prev], dim=3)  # (n, T, H, 2R, N)
     log_decay = dt * A
-    outputs = []
-    for start, stop, L in chunk_spans(T, chunk_size):
-        starts = None if document_starts is None else document_starts[:, start:stop]
-        y, g = _equal_chunks(inputs[:, start:stop], keys[:, start:stop], C_rot[:, start:stop],
-                             log_decay[:, start:stop], g, L, starts)
-        outputs.append(y)
-    y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-    if D is not None:
-        y = y + D.to(dtype)[:, None, None] * x
-    return y, (angle[:, -1], g, B[:, -1], x[:, -1])
+    previous_weight = (1 - lam) * torch.exp(log_decay)
+    if document_starts is not None:  # a document's first token has no previous token
+        previous_weight = torch.where(document_starts[..., None], 0.0, previous_weight)
+    return RotatingFrame(x, x_prev, dt, log_decay, lam, previous_weight, B_rot, B_prev, C_rot, angle, g0, B[:, -1])
 
 
 def _angles(angle0, steps, document_starts) -> torch.Tensor:
