@@ -1,13 +1,15 @@
-"""GPU benchmark of revival's Triton Gated DeltaNet and Mamba-2 SSD kernels, one process (< 5 minutes on an H200).
+"""GPU benchmark of revival's Triton Gated DeltaNet, Mamba-2 SSD and Mamba-3 kernels, one process (< 7 minutes on an
+H200).
 
 Run on a CUDA machine:  python benchmarks/gpu_siblings.py [--out DIR]   (default: $OUT, else runs/)
 It (1) checks the Triton kernels (outputs, final state and every gradient, bfloat16 and float32) against the float64
 chunkwise path (itself tested equal to the float64 loop) at real shapes, (2) times forward and forward+backward
 (CUDA-event medians) of revival's Triton kernels, their chunkwise PyTorch paths and, where importable, fla's
 chunk_gated_delta_rule and mamba-ssm's mamba_chunk_scan_combined (an ImportError or a refusal is recorded as such) at
-(B, T, H, D) = (8, 8192, 16, 128) and (1, 65536, 16, 128) (SSD: P = 128, N = 128, one group), (3) times the decode
-steps, and writes gpu_siblings.json. `--smoke` runs the same flow at tiny shapes (also on the CPU under
-TRITON_INTERPRET=1) to check the script itself.
+(B, T, H, D) = (8, 8192, 16, 128) and (1, 65536, 16, 128) (SSD: P = 128, N = 128, one group), and Mamba-3 SISO (Triton
+on SSD's kernels, and chunkwise) beside SSD's kernels at the 125M layers' heads (24 heads, P = 64; Mamba-3 N = 64,
+Mamba-2 N = 128), (3) times the decode steps, and writes gpu_siblings.json. `--smoke` runs the same flow at tiny
+shapes (also on the CPU under TRITON_INTERPRET=1) to check the script itself.
 """
 
 from __future__ import annotations
@@ -29,13 +31,17 @@ SHAPES = [(8, 8192, 16, 128), (1, 65536, 16, 128)]  # B, T, H, D
 # B, T, H, D (GDN: Dk = D, Dv = expand_v * D; SSD: P = D, N = 128), expand_v, dtype, packed documents (starts every
 # ~700 tokens), kinds. Dv = 256 is the 125M Gated DeltaNet preset's head (d_model 768, 6 heads, expand_v 2).
 CHECKS = [
-    (2, 4100, 8, 128, 1, torch.bfloat16, False, ("gdn", "ssd")),
-    (2, 4100, 8, 128, 1, torch.float32, False, ("gdn", "ssd")),
-    (1, 2049, 4, 64, 1, torch.bfloat16, False, ("gdn", "ssd")),
-    (2, 4100, 8, 128, 1, torch.bfloat16, True, ("gdn", "ssd")),
+    (2, 4100, 8, 128, 1, torch.bfloat16, False, ("gdn", "ssd", "mamba3")),
+    (2, 4100, 8, 128, 1, torch.float32, False, ("gdn", "ssd", "mamba3")),
+    (1, 2049, 4, 64, 1, torch.bfloat16, False, ("gdn", "ssd", "mamba3")),
+    (2, 4100, 8, 128, 1, torch.bfloat16, True, ("gdn", "ssd", "mamba3")),
     (2, 2049, 6, 128, 2, torch.bfloat16, False, ("gdn",)),
 ]
 STEP_SHAPES = [(8, 16, 128), (1, 16, 128)]  # B, H, D
+# B, T, H, P, N of Mamba-3 at the 125M preset (d_model 768, expand 2, 24 heads of 64, d_state 64); SSD beside it at
+# the same heads with N = 64 (the kernels' cost per head, Mamba-3 runs them on 2H heads) and N = 128 (the Mamba-2 layer)
+MAMBA3_SHAPES = [(8, 8192, 24, 64, 64), (1, 65536, 24, 64, 64)]
+MAMBA3_NAMES = "y state dx ddt dA dlam dB dC dtheta dD dangle0 dssm0 dprev_B0 dprev_x0"
 
 
 def gdn_inputs(B, T, H, D, dtype, device, seed=0, beta_max=2.0, expand_v=1):
@@ -60,6 +66,20 @@ def ssd_inputs(B, T, H, P, dtype, device, seed=0, N=128, G=1):
     D = r(H)
     state = r(B, H, P, N) * 0.1
     return [x, dt, A, Bm, Cm, D, state]
+
+
+def mamba3_inputs(B, T, H, P, dtype, device, seed=0, N=128):
+    """x, dt, A, lam, B, C, theta, D, then the initial state's four parts (angle, ssm, previous B, previous x); SISO."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, device=device, generator=g)  # noqa: E731
+    x = r(B, T, H, 1, P).to(dtype)
+    dt = F.softplus(r(B, T, H) - 3.0)
+    A = -torch.rand(H, device=device, generator=g) * 4 - 0.5
+    lam = torch.rand(B, T, H, device=device, generator=g)
+    Bm, Cm = (r(B, T, H, 1, N) * N**-0.5).to(dtype), (r(B, T, H, 1, N) * N**-0.5).to(dtype)
+    theta = r(B, T, H, N // 2)
+    state = [r(B, H, N // 2), r(B, H, P, N) * 0.1, r(B, H, 1, N) * N**-0.5, r(B, H, 1, P)]
+    return [x, dt, A, lam, Bm, Cm, theta, r(H), *state]
 
 
 def sync(device):
@@ -97,9 +117,13 @@ def _rel(got, ref):
     return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def outputs_and_grads(fn, inputs, weights):
+def outputs_and_grads(fn, inputs, seed):
+    """Outputs and every gradient of sum(out * w_out) + sum(state * w_state), the weights float64 normals from `seed`
+    (the same for every fn of the same output shapes)."""
     leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
     out, state = fn(*leaves)
+    gen = torch.Generator(device=out.device).manual_seed(seed)
+    weights = [torch.randn(t.shape, device=t.device, generator=gen, dtype=torch.float64) for t in (out, state)]
     ((out.double() * weights[0]).sum() + (state.double() * weights[1]).sum()).backward()
     return [out.detach(), state.detach()] + [x.grad for x in leaves]
 
@@ -116,6 +140,17 @@ def ssd_fn(impl, starts=None):
     from revival.ops.ssd import ssd
 
     return lambda x, dt, A, B, C, D, state: ssd(x, dt, A, B, C, D, state, impl=impl, document_starts=starts)
+
+
+def mamba3_fn(impl, starts=None):
+    """Mamba-3 on (inputs, four state parts) -> (y, the final state flattened into one (B, size) tensor)."""
+    from revival.ops.mamba3 import mamba3
+
+    def fn(*a):
+        y, state = mamba3(*a[:8], state=tuple(a[8:]), impl=impl, document_starts=starts)
+        return y, torch.cat([part.flatten(1) for part in state], dim=1)
+
+    return fn
 
 
 def fla_gdn():
@@ -141,31 +176,33 @@ def mamba_ssd():
 # ------------------------------------------------------------------------------------------------ the sections
 def check(kind, B, T, H, D, expand_v, dtype, packed, device):
     """Triton vs the float64 chunkwise path: relative errors of outputs, final state and every gradient."""
+    initial_states = 1
     if kind == "gdn":
         inputs = gdn_inputs(B, T, H, D, dtype, device, expand_v=expand_v)
         names, make = "o state dq dk dv dg dbeta dstate0", gdn_fn
         low = (0, 1, 2)
-    else:
+    elif kind == "ssd":
         inputs, names, make = ssd_inputs(B, T, H, D, dtype, device), "y state dx ddt dA dB dC dD dstate0", ssd_fn
         low = (0, 3, 4)
+    else:
+        inputs, names, make = mamba3_inputs(B, T, H, D, dtype, device), MAMBA3_NAMES, mamba3_fn
+        low, initial_states = (0, 4, 5), 4
     gen = torch.Generator(device=device).manual_seed(1)
     ref_inputs = [x.double() for x in inputs]
-    out_shape = inputs[2].shape if kind == "gdn" else inputs[0].shape
-    weights = (torch.randn(out_shape, device=device, generator=gen, dtype=torch.float64),
-               torch.randn(inputs[-1].shape, device=device, generator=gen, dtype=torch.float64))
     starts = None
     if packed:
         starts = torch.rand(B, T, device=device, generator=gen) < 1 / 700
         starts[0, 0] = True
-    got = outputs_and_grads(make("triton", starts), inputs, weights)
-    ref = outputs_and_grads(make("chunkwise", starts), ref_inputs, weights)
+    got = outputs_and_grads(make("triton", starts), inputs, 2)
+    ref = outputs_and_grads(make("chunkwise", starts), ref_inputs, 2)
     errors = {name: _rel(g, r) for name, g, r in zip(names.split(), got, ref)}
     if packed:  # row 0 starts at t = 0: its initial state gets no gradient (zero in both)
-        errors["dstate0"] = _rel(got[-1][1:], ref[-1][1:])
+        for index in range(-initial_states, 0):
+            errors[names.split()[index]] = _rel(got[index][1:], ref[index][1:])
     finite = all(bool(torch.isfinite(g).all()) for g in got)
     tol = 2e-2 if dtype != torch.float32 else 1e-3
     del got, ref
-    shape = [B, T, H, D] + ([D * expand_v] if kind == "gdn" else [])
+    shape = [B, T, H, D] + ([D * expand_v] if kind == "gdn" else [128] if kind == "mamba3" else [])
     return {"kind": kind, "shape": shape, "dtype": str(dtype).split(".")[-1], "packed": packed,
             "errors": errors,
             "finite": finite, "tolerance": tol, "ok": finite and max(errors.values()) < tol,
@@ -200,29 +237,57 @@ def timings(kind, B, T, H, D, device):
         inputs, out_index = ssd_inputs(B, T, H, D, torch.bfloat16, device), 0
         candidates = {"revival_triton": lambda: ssd_fn("triton"), "revival_chunkwise": lambda: ssd_fn("chunkwise"),
                       "mamba_ssm_chunk_scan_combined": mamba_ssd}
-    rows = {}
-    for name, make in candidates.items():
-        try:
-            fwd, fwd_bwd = time_one(make, inputs, out_index, device)
-            rows[name] = {"fwd_ms": round(fwd, 3), "fwd_bwd_ms": round(fwd_bwd, 3)}
-        except ImportError as error:
-            rows[name] = {"import_error": str(error)}
-        except Exception as error:  # a refusal (e.g. fla on Hopper with an old Triton) or OOM: recorded as such
-            rows[name] = {"error": f"{type(error).__name__}: {str(error)[:400]}"}
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        print(f"  {kind} {B}x{T}x{H}x{D} {name}: {rows[name]}", flush=True)
-    fast, slow = rows["revival_triton"], rows["revival_chunkwise"]
-    if "fwd_bwd_ms" in fast and "fwd_bwd_ms" in slow:
-        rows["speedup_triton_vs_chunkwise_fwd_bwd"] = round(slow["fwd_bwd_ms"] / fast["fwd_bwd_ms"], 2)
+    rows = {name: timing_row(make, inputs, out_index, device, f"{kind} {B}x{T}x{H}x{D} {name}")
+            for name, make in candidates.items()}
+    add_ratio(rows, "speedup_triton_vs_chunkwise_fwd_bwd", "revival_chunkwise", "revival_triton")
     return {"kind": kind, "shape": [B, T, H, D], "dtype": "bfloat16", **rows}
+
+
+def timing_row(make, inputs, out_index, device, label):
+    """{fwd_ms, fwd_bwd_ms} of make(), or the ImportError / refusal / OOM recorded as such."""
+    try:
+        fwd, fwd_bwd = time_one(make, inputs, out_index, device)
+        row = {"fwd_ms": round(fwd, 3), "fwd_bwd_ms": round(fwd_bwd, 3)}
+    except ImportError as error:
+        row = {"import_error": str(error)}
+    except Exception as error:  # a refusal (e.g. fla on Hopper with an old Triton) or OOM: recorded as such
+        row = {"error": f"{type(error).__name__}: {str(error)[:400]}"}
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    print(f"  {label}: {row}", flush=True)
+    return row
+
+
+def add_ratio(rows, key, numerator, denominator):
+    """rows[key] = fwd+bwd ms of rows[numerator] / rows[denominator], where both were timed."""
+    top, bottom = rows[numerator], rows[denominator]
+    if "fwd_bwd_ms" in top and "fwd_bwd_ms" in bottom:
+        rows[key] = round(top["fwd_bwd_ms"] / bottom["fwd_bwd_ms"], 2)
+
+
+def mamba3_timings(B, T, H, P, N, device):
+    """Mamba-3 SISO Triton vs its chunkwise path, and SSD's Triton kernels at the same heads (N and the Mamba-2
+    layer's N = 128): Mamba-3 runs SSD on 2H heads plus elementwise RoPE/shift passes."""
+    m3 = mamba3_inputs(B, T, H, P, torch.bfloat16, device, N=N)
+    rows = {name: timing_row(lambda impl=impl: mamba3_fn(impl), m3, 0, device, f"mamba3 {B}x{T}x{H}x{P}x{N} {name}")
+            for name, impl in (("mamba3_triton", "triton"), ("mamba3_chunkwise", "chunkwise"))}
+    del m3
+    for n_state in dict.fromkeys((N, 128)):
+        rows[f"ssd_triton_N{n_state}"] = timing_row(lambda: ssd_fn("triton"),
+                                                    ssd_inputs(B, T, H, P, torch.bfloat16, device, N=n_state), 0,
+                                                    device, f"ssd {B}x{T}x{H}x{P}x{n_state} triton")
+    add_ratio(rows, "speedup_triton_vs_chunkwise_fwd_bwd", "mamba3_chunkwise", "mamba3_triton")
+    add_ratio(rows, f"mamba3_triton_over_ssd_triton_N{N}_fwd_bwd", "mamba3_triton", f"ssd_triton_N{N}")
+    add_ratio(rows, "mamba3_triton_over_ssd_triton_N128_fwd_bwd", "mamba3_triton", "ssd_triton_N128")
+    return {"kind": "mamba3", "shape": [B, T, H, P, N], "dtype": "bfloat16", **rows}
 
 
 def step_timings(B, H, D, device):
     """Decode: one token through the Triton step kernels vs the chunkwise path at T = 1 (no gradients)."""
     result = {"shape": [B, H, D]}
     gdn, ssd = gdn_inputs(B, 1, H, D, torch.bfloat16, device), ssd_inputs(B, 1, H, D, torch.bfloat16, device)
-    for kind, inputs, make in (("gdn", gdn, gdn_fn), ("ssd", ssd, ssd_fn)):
+    m3 = mamba3_inputs(B, 1, H, D, torch.bfloat16, device)
+    for kind, inputs, make in (("gdn", gdn, gdn_fn), ("ssd", ssd, ssd_fn), ("mamba3", m3, mamba3_fn)):
         for impl in ("triton", "chunkwise"):
             fn = make(impl)
             with torch.no_grad():
@@ -239,9 +304,11 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("no CUDA device: run on a GPU, or with TRITON_INTERPRET=1 and --smoke to check the script")
-    shapes, checks, steps = SHAPES, CHECKS, STEP_SHAPES
+    shapes, checks, steps, mamba3_shapes = SHAPES, CHECKS, STEP_SHAPES, MAMBA3_SHAPES
     if args.smoke:
-        shapes, checks, steps = [(1, 40, 2, 16)], [(2, 37, 2, 16, 2, torch.float32, True, ("gdn", "ssd"))], [(1, 2, 16)]
+        shapes, steps, mamba3_shapes = [(1, 40, 2, 16)], [(1, 2, 16)], [(1, 40, 2, 16, 16)]
+        checks = [(2, 37, 2, 16, 2, torch.float32, True, ("gdn", "ssd")), (2, 37, 2, 16, 1, torch.float32, True,
+                                                                         ("mamba3",))]
     import triton
 
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
@@ -261,6 +328,8 @@ def main():
     for B, T, H, D in shapes:
         for kind in ("gdn", "ssd"):
             result["timings"].append(timings(kind, B, T, H, D, device))
+    for B, T, H, P, N in mamba3_shapes:
+        result["timings"].append(mamba3_timings(B, T, H, P, N, device))
     print("decode steps:", flush=True)
     for B, H, D in steps:
         result["steps"].append(step_timings(B, H, D, device))
