@@ -1,7 +1,7 @@
 """Chunkwise SSD backward in Triton: two kernels (notation of forward.py; a = cumsum(dt A) in the chunk).
 
-1. `_dstates_kernel`, one program per (P-tile, batch*head) walking the chunks backwards: stores the gradient of the
-   state at the end of each chunk, dS <- exp(a_L) dS + (dy exp(a))^T C; what is left is the initial state's gradient.
+1. forward.py's `_walk_kernel` walking the chunks backwards: stores the gradient of the state at the end of each
+   chunk, dS <- exp(a_L) dS + (dy exp(a))^T C; what is left is the initial state's gradient.
 2. `_grads_kernel`, every (chunk, batch*head) in parallel, from the chunk's entering state S and end gradient dS':
        dx = (B C^T * decay^T * dt) dy + (exp(a_L - a) dt) B dS'^T
        dC = (dy x^T * decay * dt_s) B + exp(a) dy S
@@ -29,30 +29,8 @@ from .forward import (
     pow2,
     precision,
     state_tile,
+    walk_chunks,
 )
-
-
-@triton.jit
-def _dstates_kernel(
-    dy_ptr, dt_ptr, A_ptr, c_ptr, starts_ptr, ds_last_ptr, dstates_ptr, ds0_ptr,
-    T, H, G, NC, P, N,
-    L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
-):
-    ip = tl.program_id(0)
-    row = tl.program_id(1)
-    first, mask = state_tile(row, 0, 1, P, N, BP, BN, ip, False)
-    dS = tl.load(ds_last_ptr + first, mask=mask, other=0.0)
-    for cc in range(0, NC):
-        c = NC - 1 - cc
-        here, _ = state_tile(row, c, NC, P, N, BP, BN, ip, False)
-        tl.store(dstates_ptr + here, dS, mask=mask)
-        tokens, group_tokens, valid = chunk_tokens(row, c, T, H, G, L)
-        _, a, a_total = load_decay(dt_ptr, A_ptr, row, H, tokens, valid)
-        _, from_state, _, keeps = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
-        dyT = load_cols(dy_ptr, tokens, valid, P, BP, ip * BP) * (tl.exp(a) * from_state)[None, :]
-        dS = tl.exp(a_total) * keeps * dS + tl.dot(dyT, load_rows(c_ptr, group_tokens, valid, N, BN, 0),
-                                           input_precision=PRECISION)
-    tl.store(ds0_ptr + first, dS, mask=mask)
 
 
 @triton.jit
@@ -135,14 +113,9 @@ def ssd_backward(x, dt, A, B, C, starts, states, dy, dS_T, L: int, cfg):
     NC = triton.cdiv(T, L)
     BP, BN = pow2(P), pow2(N)
     f32 = dict(device=x.device, dtype=torch.float32)
-    dstates = torch.empty(n * H, NC, P, N, **f32)
-    dS0 = torch.empty(n * H, P, N, **f32)
+    dstates, dS0 = walk_chunks(dy, dt, A, C, starts, dS_T, L, cfg.block_p_dstates, cfg.warps_dstates, reverse=True)
     documents = dict(HAS_STARTS=starts is not None)
     starts = dt if starts is None else starts  # any tensor when HAS_STARTS is off: never read
-    block_p = min(cfg.block_p_dstates, BP)
-    launch(_dstates_kernel, (triton.cdiv(P, block_p), n * H),
-        dy, dt, A, C, starts, dS_T, dstates, dS0, T, H, G, NC, P, N, L=L, BP=block_p, BN=BN,
-        PRECISION=precision(x.dtype), num_warps=cfg.warps_dstates, **documents)
     dx = torch.empty_like(x)
     ddt = torch.empty(n, T, H, **f32)
     dB_heads, dC_heads = torch.empty(n, T, H, N, **f32), torch.empty(n, T, H, N, **f32)

@@ -1,8 +1,8 @@
 """Chunkwise SSD forward in Triton (the algorithm in `revival.ops.ssd`'s module doc), without the D skip term.
 
 Two kernels:
-1. `_states_kernel`, one program per (P-tile, batch*head) walking the chunks in order: stores the state entering
-   each chunk, S <- exp(a_L) S + (x * exp(a_L - a) dt)^T B, and the final state.
+1. `_walk_kernel`, one program per (P-tile, batch*head) walking the chunks in order: stores the state entering
+   each chunk, S <- exp(a_L) S + (x * exp(a_L - a) dt)^T B, and the final state (the backward walks it in reverse).
 2. `_output_kernel`, every (chunk, batch*head, P-tile) in parallel:
    y = (C B^T * causal decay * dt_s) x + exp(a) * C S^T.
 a is the cumulative log decay dt * A inside the chunk. A transposed operand of a matrix product is always loaded
@@ -60,25 +60,31 @@ def state_tile(row, c, NC, P, N, BP: tl.constexpr, BN: tl.constexpr, ip, TRANSPO
 
 
 @triton.jit
-def _states_kernel(
-    x_ptr, dt_ptr, A_ptr, b_ptr, starts_ptr, s0_ptr, states_ptr, s_out_ptr,
+def _walk_kernel(
+    u_ptr, dt_ptr, A_ptr, v_ptr, starts_ptr, s_first_ptr, states_ptr, s_last_ptr,
     T, H, G, NC, P, N,
     L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
+    REVERSE: tl.constexpr,
 ):
+    """One (P-tile, batch*head) walking the chunks: forwards (u = x, v = B) the state entering each chunk,
+    S <- exp(a_L) S + (x * exp(a_L - a) dt)^T B; backwards (REVERSE, u = dy, v = C) the gradient of the state at
+    each chunk's end, dS <- exp(a_L) dS + (dy exp(a))^T C. Stores each chunk's value before its update, and the last."""
     ip = tl.program_id(0)
     row = tl.program_id(1)
     first, mask = state_tile(row, 0, 1, P, N, BP, BN, ip, False)
-    S = tl.load(s0_ptr + first, mask=mask, other=0.0)
-    for c in range(0, NC):
+    S = tl.load(s_first_ptr + first, mask=mask, other=0.0)
+    for i in range(0, NC):
+        c = NC - 1 - i if REVERSE else i
         here, _ = state_tile(row, c, NC, P, N, BP, BN, ip, False)
         tl.store(states_ptr + here, S, mask=mask)
         tokens, group_tokens, valid = chunk_tokens(row, c, T, H, G, L)
         dt, a, a_total = load_decay(dt_ptr, A_ptr, row, H, tokens, valid)
-        _, _, to_end, keeps = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
-        xT = load_cols(x_ptr, tokens, valid, P, BP, ip * BP) * (tl.exp(a_total - a) * dt * to_end)[None, :]
-        Bm = load_rows(b_ptr, group_tokens, valid, N, BN, 0)
-        S = tl.exp(a_total) * keeps * S + tl.dot(xT, Bm, input_precision=PRECISION)
-    tl.store(s_out_ptr + first, S, mask=mask)
+        _, from_state, to_end, keeps = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
+        weight = tl.exp(a) * from_state if REVERSE else tl.exp(a_total - a) * dt * to_end
+        uT = load_cols(u_ptr, tokens, valid, P, BP, ip * BP) * weight[None, :]
+        vm = load_rows(v_ptr, group_tokens, valid, N, BN, 0)
+        S = tl.exp(a_total) * keeps * S + tl.dot(uT, vm, input_precision=PRECISION)
+    tl.store(s_last_ptr + first, S, mask=mask)
 
 
 @triton.jit
@@ -114,6 +120,21 @@ def pow2(x: int, floor: int = 16) -> int:
     return max(floor, 1 << max(x - 1, 0).bit_length())
 
 
+def walk_chunks(u, dt, A, v, starts, S_first, L: int, block_p: int, num_warps: int, reverse: bool):
+    """`_walk_kernel` over u (n, T, H, P), v (n, T, G, N), from S_first (n*H, P, N) float32: the value at every
+    chunk (n*H, NC, P, N) and the last one (n*H, P, N)."""
+    n, T, H, P = u.shape
+    G, N = v.shape[2], v.shape[3]
+    NC = triton.cdiv(T, L)
+    block_p = min(block_p, pow2(P))
+    states = torch.empty(n * H, NC, P, N, device=u.device, dtype=torch.float32)
+    S_last = torch.empty(n * H, P, N, device=u.device, dtype=torch.float32)
+    launch(_walk_kernel, (triton.cdiv(P, block_p), n * H),  # dt stands in for absent starts: never read
+        u, dt, A, v, dt if starts is None else starts, S_first, states, S_last, T, H, G, NC, P, N, L=L, BP=block_p,
+        BN=pow2(N), PRECISION=precision(u.dtype), HAS_STARTS=starts is not None, REVERSE=reverse, num_warps=num_warps)
+    return states, S_last
+
+
 def ssd_forward(x, dt, A, B, C, S0, starts, L: int, cfg):
     """x (n, T, H, P), B, C (n, T, G, N) contiguous, one dtype; dt (n, T, H), A (H,) float32; S0 (n*H, P, N)
     float32; starts (n, T) int8 document starts or None; L a power of two; cfg a complete LaunchConfig. Returns
@@ -121,18 +142,10 @@ def ssd_forward(x, dt, A, B, C, S0, starts, L: int, cfg):
     n, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     NC = triton.cdiv(T, L)
-    BP, BN = pow2(P), pow2(N)
-    states = torch.empty(n * H, NC, P, N, device=x.device, dtype=torch.float32)
-    S_T = torch.empty(n * H, P, N, device=x.device, dtype=torch.float32)
+    states, S_T = walk_chunks(x, dt, A, B, starts, S0, L, cfg.block_p_states, cfg.warps_states, reverse=False)
     y = torch.empty_like(x)
-    documents = dict(HAS_STARTS=starts is not None)
-    starts = dt if starts is None else starts  # any tensor when HAS_STARTS is off: never read
-    block_p = min(cfg.block_p_states, BP)
-    launch(_states_kernel, (triton.cdiv(P, block_p), n * H),
-        x, dt, A, B, starts, S0, states, S_T, T, H, G, NC, P, N, L=L, BP=block_p, BN=BN,
-        PRECISION=precision(x.dtype), num_warps=cfg.warps_states, **documents)
-    block_p = min(cfg.block_p_output, BP)
-    launch(_output_kernel, (NC, n * H, triton.cdiv(P, block_p)),
-        x, dt, A, B, C, starts, states, y, T, H, G, NC, P, N, L=L, BP=block_p, BN=BN,
-        PRECISION=precision(x.dtype), num_warps=cfg.warps_output, **documents)
+    block_p = min(cfg.block_p_output, pow2(P))
+    launch(_output_kernel, (NC, n * H, triton.cdiv(P, block_p)),  # dt stands in for absent starts
+        x, dt, A, B, C, dt if starts is None else starts, states, y, T, H, G, NC, P, N, L=L, BP=block_p,
+        BN=pow2(N), PRECISION=precision(x.dtype), HAS_STARTS=starts is not None, num_warps=cfg.warps_output)
     return y, S_T, states
