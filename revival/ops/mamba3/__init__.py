@@ -10,8 +10,9 @@ Per head h, with R ranks r (R = 1 is SISO) and the state h_t: (P, N) in the mode
 
 lam = 1 is Mamba-2's exponential-Euler step (SSD). In the rotating frame g_t = R(phi_t)^T h_t the rotation moves onto
 the inputs (B~ = R(phi)^T B, C~ = R(phi)^T C) and the step is a scalar-decay SSM whose input has rank 2R (the current
-and the previous token): `mamba3` computes that chunkwise (`chunkwise.py`), `mamba3_reference` the recurrence above
-one step at a time (`reference.py`, the float64 reference of the tests).
+and the previous token): `mamba3` computes that chunkwise (`chunkwise.py`; for SISO, `impl="triton"` or "auto" on
+CUDA, as SSD on 2H heads with SSD's Triton kernels, `triton.py`), `mamba3_reference` the recurrence above one step at
+a time (`reference.py`, the float64 reference of the tests).
 
 Shapes (batch n, time T, heads H, ranks R, head dim P, state size N even):
     x (n, T, H, R, P), dt (n, T, H) > 0, A (H,) < 0, lam (n, T, H), B and C (n, T, H, R, N), theta (n, T, H, N/2),
