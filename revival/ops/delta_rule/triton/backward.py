@@ -27,9 +27,10 @@ from .forward import (
     load_decay,
     load_gates,
     load_rows,
+    load_state,
     pow2,
     precisions,
-    state_offsets,
+    store_state,
     unit_triangular_inverse,
     value_tile,
 )
@@ -53,20 +54,17 @@ def _dstates_kernel(
 ):
     iv = tl.program_id(0)
     row = tl.program_id(1)
-    first, mask_kv = state_offsets(row, 0, 1, DK, DV, BK, BV, iv)
-    dS = tl.load(ds_last_ptr + first, mask=mask_kv, other=0.0)
-    offs_v = iv * BV + tl.arange(0, BV)
+    dS = load_state(ds_last_ptr, row, 0, 1, DK, DV, BK, BV, iv)
     for cc in range(0, NC):
         c = NC - 1 - cc
-        here, _ = state_offsets(row, c, NC, DK, DV, BK, BV, iv)
-        tl.store(dstates_ptr + here, dS, mask=mask_kv)
+        store_state(dstates_ptr, dS, row, c, NC, DK, DV, BK, BV, iv)
         tokens, valid = chunk_tokens(row, c, T, H, L)
         gamma, g_total = load_decay(g_ptr, tokens, valid)
         same, from_state, to_end, keeps = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
         k = load_rows(k_ptr, tokens, valid, DK, BK, 0)
         qT = load_cols(q_ptr, tokens, valid, DK, BK, 0) * scale
         scores_T = tl.dot(k, qT, input_precision=PRECISION) * _upper_decay(gamma, same, False, L)  # [s, t]
-        u_offs, mask_u = value_tile(tokens, valid, offs_v, DV)
+        u_offs, mask_u = value_tile(tokens, valid, iv, DV, BV)
         do = tl.load(do_ptr + u_offs, mask=mask_u, other=0.0).to(tl.float32)
         du = tl.dot(scores_T, do, input_precision=PRECISION)
         du += tl.dot(k * (tl.exp(g_total - gamma) * to_end)[:, None], dS, input_precision=PRECISION)
@@ -74,7 +72,7 @@ def _dstates_kernel(
         dS = tl.exp(g_total) * keeps * dS + tl.dot(qT * (tl.exp(gamma) * from_state)[None, :], do,
                                                    input_precision=PRECISION)
         dS -= tl.dot(load_cols(w_ptr, tokens, valid, DK, BK, 0), du, input_precision=PRECISION)
-    tl.store(ds0_ptr + first, dS, mask=mask_kv)
+    store_state(ds0_ptr, dS, row, 0, 1, DK, DV, BK, BV, iv)
 
 
 @triton.jit

@@ -63,8 +63,9 @@ def load_gates(g_ptr, beta_ptr, tokens, valid):
 
 
 @triton.jit
-def value_tile(tokens, valid, offs_v, DV):
-    """Offsets and mask of the columns offs_v of the rows `tokens` of a (n, T, H, Dv) tensor."""
+def value_tile(tokens, valid, iv, DV, BV: tl.constexpr):
+    """Offsets and mask of the Dv-tile iv (BV columns) of the rows `tokens` of a (n, T, H, Dv) tensor."""
+    offs_v = iv * BV + tl.arange(0, BV)
     return tokens[:, None] * DV + offs_v[None, :], valid[:, None] & (offs_v < DV)[None, :]
 
 
@@ -124,6 +125,20 @@ def state_offsets(row, c, NC, DK, DV, BK: tl.constexpr, BV: tl.constexpr, iv):
 
 
 @triton.jit
+def load_state(ptr, row, c, NC, DK, DV, BK: tl.constexpr, BV: tl.constexpr, iv):
+    """The (BK, BV) Dv-tile iv of the state entering chunk c (zeros past Dk, Dv) from a (n*H, NC, Dk, Dv) buffer."""
+    offs, mask = state_offsets(row, c, NC, DK, DV, BK, BV, iv)
+    return tl.load(ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def store_state(ptr, S, row, c, NC, DK, DV, BK: tl.constexpr, BV: tl.constexpr, iv):
+    """Stores S as that tile."""
+    offs, mask = state_offsets(row, c, NC, DK, DV, BK, BV, iv)
+    tl.store(ptr + offs, S, mask=mask)
+
+
+@triton.jit
 def _wy_kernel(
     k_ptr, v_ptr, g_ptr, beta_ptr, starts_ptr, w_ptr, u0_ptr,
     T, H, DK, DV,
@@ -158,22 +173,19 @@ def _states_kernel(
 ):
     iv = tl.program_id(0)
     row = tl.program_id(1)
-    first, mask_kv = state_offsets(row, 0, 1, DK, DV, BK, BV, iv)
-    S = tl.load(s0_ptr + first, mask=mask_kv, other=0.0)
-    offs_v = iv * BV + tl.arange(0, BV)
+    S = load_state(s0_ptr, row, 0, 1, DK, DV, BK, BV, iv)
     for c in range(0, NC):
-        here, _ = state_offsets(row, c, NC, DK, DV, BK, BV, iv)
-        tl.store(states_ptr + here, S, mask=mask_kv)
+        store_state(states_ptr, S, row, c, NC, DK, DV, BK, BV, iv)
         tokens, valid = chunk_tokens(row, c, T, H, L)
         gamma, g_total = load_decay(g_ptr, tokens, valid)
         w = load_rows(w_ptr, tokens, valid, DK, BK, 0)
-        u_offs, mask_u = value_tile(tokens, valid, offs_v, DV)
+        u_offs, mask_u = value_tile(tokens, valid, iv, DV, BV)
         u = tl.load(u0_ptr + u_offs, mask=mask_u, other=0.0) - tl.dot(w, S, input_precision=PRECISION)
         tl.store(u_ptr + u_offs, u, mask=mask_u)
         _, _, to_end, keeps = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
         k_to_end = load_cols(k_ptr, tokens, valid, DK, BK, 0) * (tl.exp(g_total - gamma) * to_end)[None, :]
         S = tl.exp(g_total) * keeps * S + tl.dot(k_to_end, u, input_precision=PRECISION)
-    tl.store(s_out_ptr + first, S, mask=mask_kv)
+    store_state(s_out_ptr, S, row, 0, 1, DK, DV, BK, BV, iv)
 
 
 @triton.jit
@@ -191,10 +203,8 @@ def _output_kernel(
     scores = tl.dot(q, load_cols(k_ptr, tokens, valid, DK, BK, 0), input_precision=PRECISION)
     same, from_state, _, _ = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
     scores *= decay_matrix(gamma, same, False, L)
-    here, mask_kv = state_offsets(row, c, NC, DK, DV, BK, BV, iv)
-    S = tl.load(states_ptr + here, mask=mask_kv, other=0.0)
-    offs_v = iv * BV + tl.arange(0, BV)
-    u_offs, mask_u = value_tile(tokens, valid, offs_v, DV)
+    S = load_state(states_ptr, row, c, NC, DK, DV, BK, BV, iv)
+    u_offs, mask_u = value_tile(tokens, valid, iv, DV, BV)
     u = tl.load(u_ptr + u_offs, mask=mask_u, other=0.0)
     o = tl.dot(q * (tl.exp(gamma) * from_state)[:, None], S, input_precision=PRECISION)
     o += tl.dot(scores, u, input_precision=PRECISION)
