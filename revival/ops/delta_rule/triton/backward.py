@@ -28,8 +28,8 @@ from .forward import (
     load_gates,
     load_rows,
     load_state,
-    pow2,
     precisions,
+    sizes,
     store_state,
     unit_triangular_inverse,
     value_tile,
@@ -181,10 +181,7 @@ def _grads_kernel(
 
 def delta_rule_backward(q, k, v, g, beta, starts, w, u, states, do, dS_T, scale: float, L: int, cfg):
     """Gradients of delta_rule_forward's (o, final state) with respect to q, k, v, g, beta and the initial state."""
-    n, T, H, Dk = q.shape
-    Dv = v.shape[-1]
-    NC = triton.cdiv(T, L)
-    BK, BV = pow2(Dk), pow2(Dv)
+    n, T, H, Dk, Dv, NC, BK, BV = sizes(q, v, L)
     precision, inverse_precision = precisions(q.dtype)
     f32 = dict(device=q.device, dtype=torch.float32)
     dstates = torch.empty(n * H, NC, Dk, Dv, **f32)

@@ -241,15 +241,19 @@ def pow2(x: int, floor: int = 16) -> int:
     return max(floor, 1 << max(x - 1, 0).bit_length())
 
 
+def sizes(q, v, L: int) -> tuple[int, ...]:
+    """(n, T, H, Dk, Dv) of q (n, T, H, Dk) and v (n, T, H, Dv), the number of chunks NC and the tile widths BK, BV."""
+    n, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    return n, T, H, Dk, Dv, triton.cdiv(T, L), pow2(Dk), pow2(Dv)
+
+
 def delta_rule_forward(q, k, v, g, beta, S0, starts, scale: float, L: int, cfg):
     """q, k (n, T, H, Dk), v (n, T, H, Dv) contiguous, one dtype; g, beta (n, T, H) float32; S0 (n*H, Dk, Dv)
     float32; starts (n, T) int8 document starts or None; L a power of two; cfg a complete LaunchConfig. Returns
     o (like v), the final state (n*H, Dk, Dv) and what the backward reads: W, U (n, T, H, D) float32 and the chunk
     states (n*H, NC, Dk, Dv)."""
-    n, T, H, Dk = q.shape
-    Dv = v.shape[-1]
-    NC = triton.cdiv(T, L)
-    BK, BV = pow2(Dk), pow2(Dv)
+    n, T, H, Dk, Dv, NC, BK, BV = sizes(q, v, L)
     precision, inverse_precision = precisions(q.dtype)
     f32 = dict(device=q.device, dtype=torch.float32)
     w, u0, u = torch.empty(n, T, H, Dk, **f32), torch.empty(n, T, H, Dv, **f32), torch.empty(n, T, H, Dv, **f32)
