@@ -7,6 +7,7 @@ error ||out - ref|| / ||ref||; NaN never passes (the comparison is made on finit
 from __future__ import annotations
 
 import importlib
+import re
 
 import pytest
 import torch
@@ -468,6 +469,26 @@ def test_step_validation(name, bad_shape):
     args[name] = torch.zeros(bad_shape)
     with pytest.raises(ValueError, match=rf"^{name}\b.*expected.*got"):
         mlstm_step(**args)
+
+
+@pytest.mark.parametrize("where, bad", [
+    ("k", torch.zeros(2, 3, 4, dtype=torch.int64)),  # right shape, not floating
+    ("v", [[0.0]]),  # not a tensor
+    ("state[0] (C)", torch.zeros(2, 3, 4, 4)),
+    ("state[1] (n)", torch.zeros(2, 3, 4, dtype=torch.int32)),
+    ("state[2] (m)", torch.zeros(3, 2)),
+])
+def test_step_validation_names_the_argument(where, bad):
+    """The step's inputs pass one cheap test; any miss goes to the checks that name the argument."""
+    (q, k, v, i, f), _ = make_inputs(2, 3, 1, 4, 3, seed=1, dtype=torch.float32)
+    args = dict(q=q[:, :, 0], k=k[:, :, 0], v=v[:, :, 0], i=i[:, :, 0], f=f[:, :, 0])
+    state = [torch.zeros(2, 3, 4, 3), torch.zeros(2, 3, 4), torch.zeros(2, 3)]
+    if where.startswith("state"):
+        state[int(where[6])] = bad
+    else:
+        args[where] = bad
+    with pytest.raises(ValueError, match=rf"^{re.escape(where)}: expected"):
+        mlstm_step(**args, state=tuple(state))
 
 
 def test_auto_choice_by_device_and_dtype(monkeypatch):

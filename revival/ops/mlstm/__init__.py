@@ -29,10 +29,16 @@ def _prepare_state(state, B: int, H: int, Dk: int, Dv: int, like: torch.Tensor, 
     if not isinstance(state, (tuple, list)) or len(state) != 3:
         raise ValueError(f"state: expected a tuple (C, n, m) or None, got {type(state).__name__}")
     C, n, m = state
-    check_shape("state[0] (C)", C, (B, H, Dk, Dv))
-    check_shape("state[1] (n)", n, (B, H, Dk))
-    check_shape("state[2] (m)", m, (B, H))
-    return C.to(dtype), n.to(dtype), m.to(dtype)
+    for name, x, want in (("state[0] (C)", C, (B, H, Dk, Dv)), ("state[1] (n)", n, (B, H, Dk)),
+                          ("state[2] (m)", m, (B, H))):
+        if not _is_floating_of_shape(x, want):  # the detailed check (its error names the argument) only on a miss
+            check_shape(name, x, want)
+    # .to() of a tensor already in `dtype` returns it but costs a dispatch (~6 us of a decode step's host time)
+    return tuple(x if x.dtype == dtype else x.to(dtype) for x in (C, n, m))
+
+
+def _is_floating_of_shape(x, shape) -> bool:
+    return isinstance(x, torch.Tensor) and x.shape == shape and x.is_floating_point()
 
 
 def _validate(q, k, v, i, f, time_axis: bool) -> None:
@@ -41,11 +47,15 @@ def _validate(q, k, v, i, f, time_axis: bool) -> None:
     if q.ndim != expected_ndim:
         layout = "(B, H, T, Dk)" if time_axis else "(B, H, Dk)"
         raise ValueError(f"q: expected shape {layout}, got {tuple(q.shape)}")
-    lead = tuple(q.shape[:-1])  # (B, H, T) or (B, H)
-    check_shape("k", k, (*lead, q.shape[-1]))
-    check_shape("v", v, (*lead, None))
-    check_shape("i", i, lead)
-    check_shape("f", f, lead)
+    lead = q.shape[:-1]  # (B, H, T) or (B, H)
+    v_ok = isinstance(v, torch.Tensor) and v.shape[:-1] == lead and v.ndim == q.ndim and v.is_floating_point()
+    if not (v_ok and _is_floating_of_shape(k, q.shape) and _is_floating_of_shape(i, lead)
+            and _is_floating_of_shape(f, lead)):  # one cheap test; the checks below name the bad argument
+        lead = tuple(lead)
+        check_shape("k", k, (*lead, q.shape[-1]))
+        check_shape("v", v, (*lead, None))
+        check_shape("i", i, lead)
+        check_shape("f", f, lead)
     if time_axis and q.shape[2] == 0:
         raise ValueError(f"q: expected a sequence length T >= 1, got shape {tuple(q.shape)}")
 
@@ -151,8 +161,8 @@ def mlstm_step(
     dtype = compute_dtype(q)
     state = _prepare_state(state, B, H, Dk, v.shape[-1], q, dtype)
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, i, f, *state))
-    if q.device.type == "cuda" and not needs_grad and _triton_available():  # the step kernel is forward-only
-        from .triton import mlstm_step_triton
+    if q.is_cuda and not needs_grad and _triton_available():  # the step kernel is forward-only
+        from .triton.step import mlstm_step_triton
 
         return mlstm_step_triton(q, k, v, i, f, state, eps=eps)
     h, state = mlstm_step_reference(*(x.to(dtype) for x in (q, k, v, i, f)), state, eps)

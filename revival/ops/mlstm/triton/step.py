@@ -11,10 +11,11 @@ Three ways to tile C, chosen by `StepLaunch.variant` (all give the same result u
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
-import triton
+import triton  # noqa: F401
 import triton.language as tl
 
 from ..._triton import CompiledLaunch
@@ -50,6 +51,7 @@ class StepLaunch:
             raise ValueError(f"num_stages: expected an int >= 1, got {self.num_stages!r}")
 
 
+@functools.lru_cache(maxsize=64)  # a pure function of its ints; building the dataclass costs ~5 us per step
 def step_launch(rows: int, Dk: int, Dv: int) -> StepLaunch:
     """The default launch of the step for `rows` = batch*head and head dims Dk, Dv (change the default here)."""
     return StepLaunch(variant="tile", block_v=max(16, min(_pow2(Dv), 8192 // _pow2(Dk))), num_warps=4)
@@ -201,12 +203,29 @@ def _check_out(out, shapes, state) -> None:
     if not isinstance(out, (tuple, list)) or len(out) != 4:
         raise ValueError(f"out: expected a tuple (h, C, n, m) of tensors or None, got {type(out).__name__}")
     for name, x, (shape, dtype) in zip(("h", "C", "n", "m"), out, shapes):
-        if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape or x.dtype != dtype or not x.is_contiguous():
+        if not (isinstance(x, torch.Tensor) and x.shape == shape and x.dtype == dtype and x.is_contiguous()):
             got = (tuple(x.shape), x.dtype, x.is_contiguous()) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"out ({name}): expected a contiguous {dtype} tensor of shape {shape}, got {got}")
     for name, x, s in zip(("n", "m"), out[2:], state[1:]):
         if x.data_ptr() == s.data_ptr():
             raise ValueError(f"out ({name}): must not be the input state's {name} (only C can be updated in place)")
+
+
+@functools.lru_cache(maxsize=256)
+def _geometry(rows: int, Dk: int, Dv: int, cfg: StepLaunch):
+    """(grid, constexprs, number of Dk blocks, summing kernel's grid and constexprs) of one launch; cached: a pure
+    function of its arguments whose Python costs more host time than the decode kernel's GPU time at small shapes."""
+    BKF = _pow2(Dk)
+    BV = min(cfg.block_v, _pow2(Dv))
+    BK = min(cfg.block_k, BKF)
+    grid = (rows, -(-Dv // BV))
+    if cfg.variant == "tile":
+        return grid, {"BKF": BKF, "BV": BV}, 1, None, None
+    if cfg.variant == "stream":
+        return grid, {"BKF": BKF, "BK": BK, "BV": BV, "STAGES": cfg.num_stages}, 1, None, None
+    nsplit = -(-Dk // BK)
+    BVS = min(cfg.block_v_sum, _pow2(Dv))
+    return (*grid, nsplit), {"BK": BK, "BV": BV}, nsplit, (rows, -(-Dv // BVS)), {"BKF": BKF, "BV": BVS}
 
 
 def mlstm_step_triton(q, k, v, i, f, state, eps: float = 1e-6, launch: StepLaunch | None = None, out=None):
@@ -224,27 +243,22 @@ def mlstm_step_triton(q, k, v, i, f, state, eps: float = 1e-6, launch: StepLaunc
         h = torch.empty(B, H, Dv, device=q.device, dtype=q.dtype)
         C_new, n_new, m_new = torch.empty_like(C), torch.empty_like(n), torch.empty_like(m)
     else:
-        _check_out(out, (((B, H, Dv), q.dtype), ((B, H, Dk, Dv), torch.float32), ((B, H, Dk), torch.float32),
-                         ((B, H), torch.float32)), (C, n, m))
+        _check_out(out, ((v.shape, q.dtype), (C.shape, torch.float32), (n.shape, torch.float32),
+                         (m.shape, torch.float32)), (C, n, m))
         h, C_new, n_new, m_new = out
-    BKF = _pow2(Dk)
-    BV = min(cfg.block_v, _pow2(Dv))
+    grid, constexprs, nsplit, sum_grid, sum_constexprs = _geometry(rows, Dk, Dv, cfg)
+    scale = Dk**-0.5
     args = (q, k, v, i, f, C, n, m)
     if cfg.variant == "tile":
-        _STEP((rows, triton.cdiv(Dv, BV)), *args, h, C_new, n_new, m_new, Dk, Dv, Dk**-0.5, eps,
-              constexprs={"BKF": BKF, "BV": BV}, num_warps=cfg.num_warps)
+        _STEP(grid, *args, h, C_new, n_new, m_new, Dk, Dv, scale, eps, constexprs=constexprs,
+              num_warps=cfg.num_warps)
     elif cfg.variant == "stream":
-        BK = min(cfg.block_k, BKF)
-        _STEP_STREAM((rows, triton.cdiv(Dv, BV)), *args, h, C_new, n_new, m_new, Dk, Dv, Dk**-0.5, eps,
-                     constexprs={"BKF": BKF, "BK": BK, "BV": BV, "STAGES": cfg.num_stages},
+        _STEP_STREAM(grid, *args, h, C_new, n_new, m_new, Dk, Dv, scale, eps, constexprs=constexprs,
                      num_warps=cfg.num_warps)
     else:
-        BK = min(cfg.block_k, BKF)
-        nsplit = triton.cdiv(Dk, BK)
         partial = torch.empty(rows, nsplit, Dv, device=q.device, dtype=torch.float32)
-        _STEP_SPLIT((rows, triton.cdiv(Dv, BV), nsplit), *args, partial, C_new, n_new, m_new, Dk, Dv, nsplit,
-                    Dk**-0.5, constexprs={"BK": BK, "BV": BV}, num_warps=cfg.num_warps)
-        BVS = min(cfg.block_v_sum, _pow2(Dv))
-        _STEP_SUM((rows, triton.cdiv(Dv, BVS)), partial, q, n_new, m_new, h, Dk, Dv, nsplit, Dk**-0.5, eps,
-                  constexprs={"BKF": BKF, "BV": BVS}, num_warps=4)
+        _STEP_SPLIT(grid, *args, partial, C_new, n_new, m_new, Dk, Dv, nsplit, scale, constexprs=constexprs,
+                    num_warps=cfg.num_warps)
+        _STEP_SUM(sum_grid, partial, q, n_new, m_new, h, Dk, Dv, nsplit, scale, eps, constexprs=sum_constexprs,
+                  num_warps=4)
     return h, (C_new, n_new, m_new)
