@@ -45,13 +45,16 @@ def packed_starts() -> torch.Tensor:
     return starts
 
 
-def assert_documents_close(got, ref, names, tol=1e-5):
-    """As assert_close, but row 0 of dstate0 (the last gradient) gets none: that row starts at t = 0."""
+def check_packed_documents(reference, kernel, inputs, weights, names):
+    """`kernel(*inputs, document_starts=...)` against `reference` in float64 on the `packed_starts()` rows: outputs,
+    final state and every gradient within 1e-5, but row 0 of dstate0 (the last gradient) is zero: it starts at t = 0."""
+    starts = packed_starts()
+    ref = run_weighted(lambda *a: reference(*a, document_starts=starts), [x.double() for x in inputs], weights, "cpu")
+    got = run_weighted(lambda *a: kernel(*a, document_starts=starts.to(DEVICE)), inputs, weights, DEVICE)
     errors = {name: rel(g, r) for name, g, r in zip(names, got, ref)}
     errors[names[-1]] = rel(got[-1][1], ref[-1][1])
     assert got[-1][0].abs().max() == 0
-    assert max(errors.values()) < tol, errors
-
+    assert max(errors.values()) < 1e-5, errors
 
 
 def check_dispatch(op, full, one_token):

@@ -19,15 +19,7 @@ from revival.ops.delta_rule.triton import (
     gated_delta_rule_triton,
     kernel_chunk_size,
 )
-from tests.ops._triton_helpers import (
-    DEVICE,
-    assert_close,
-    assert_documents_close,
-    check_dispatch,
-    packed_starts,
-    rel,
-    run_weighted,
-)
+from tests.ops._triton_helpers import DEVICE, assert_close, check_dispatch, check_packed_documents, rel, run_weighted
 
 LOW = (0, 1, 2)  # q, k, v: the inputs given in the 16-bit dtype
 NAMES = ("o", "state", "dq", "dk", "dv", "dg", "dbeta", "dstate0")
@@ -139,12 +131,8 @@ def test_document_starts_match_reference():
     """Packed documents: starts at t = 0, twice in a row, on a chunk boundary (16, 32) and at the last token; the
     second row has one start inside a chunk. Outputs, final state and every gradient against float64."""
     inputs, weights = _inputs(2, 40, 2, 16, 24, seed=13, beta_max=2.0)
-    starts = packed_starts()
-    ref = _run(lambda *a: gated_delta_rule_reference(*a, document_starts=starts), [x.double() for x in inputs],
-               weights, "cpu")
-    got = _run(lambda *a: gated_delta_rule_triton(*a, 0.25, chunk_size=16, document_starts=starts.to(DEVICE)),
-               inputs, weights, DEVICE)
-    assert_documents_close(got, ref, NAMES)
+    kernel = partial(gated_delta_rule_triton, scale=0.25, chunk_size=16)
+    check_packed_documents(gated_delta_rule_reference, kernel, inputs, weights, NAMES)
 
 
 def test_dispatch():

@@ -10,15 +10,7 @@ import torch
 
 from revival.ops.ssd import ssd, ssd_reference
 from revival.ops.ssd.triton import LaunchConfig, kernel_chunk_size, ssd_step_triton, ssd_triton
-from tests.ops._triton_helpers import (
-    DEVICE,
-    assert_close,
-    assert_documents_close,
-    check_dispatch,
-    packed_starts,
-    rel,
-    run_weighted,
-)
+from tests.ops._triton_helpers import DEVICE, assert_close, check_dispatch, check_packed_documents, rel, run_weighted
 
 NAMES = ("y", "state", "dx", "ddt", "dA", "dB", "dC", "dD", "dstate0")
 LOW = (0, 3, 4)  # x, B, C: the inputs given in the 16-bit dtype
@@ -110,10 +102,7 @@ def test_document_starts_match_reference():
     """Packed documents: starts at t = 0, twice in a row, on a chunk boundary (16, 32) and at the last token; the
     second row has one start inside a chunk. Outputs, final state and every gradient against float64."""
     inputs, weights = _inputs(2, 40, 4, 16, 2, 24, seed=13)
-    starts = packed_starts()
-    ref = _run(lambda *a: ssd_reference(*a, document_starts=starts), [t.double() for t in inputs], weights, "cpu")
-    got = _run(lambda *a: ssd_triton(*a, chunk_size=16, document_starts=starts.to(DEVICE)), inputs, weights, DEVICE)
-    assert_documents_close(got, ref, NAMES)
+    check_packed_documents(ssd_reference, partial(ssd_triton, chunk_size=16), inputs, weights, NAMES)
 
 
 def test_dispatch():
