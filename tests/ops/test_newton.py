@@ -68,7 +68,9 @@ def test_linear_scan_matches_loop(T, reverse):
     b = torch.randn(2, T, 4, generator=g, dtype=F64)
     A = torch.randn(2, T, 3, 4, 4, generator=g, dtype=F64) * 0.5
     bb = torch.randn(2, T, 3, 4, generator=g, dtype=F64)
-    for coeff, rhs, structure in ((a, b, "diagonal"), (A, bb, "block")):
+    A2 = torch.randn(2, T, 3, 2, 2, generator=g, dtype=F64) * 0.7  # 2 x 2 blocks: the elementwise path
+    b2 = torch.randn(2, T, 3, 2, generator=g, dtype=F64)
+    for coeff, rhs, structure in ((a, b, "diagonal"), (A, bb, "block"), (A2, b2, "block"), (A2.mT, b2, "block")):
         got = linear_scan(coeff, rhs, structure=structure, reverse=reverse)
         want = linear_scan_reference(coeff, rhs, structure=structure, reverse=reverse)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
