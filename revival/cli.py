@@ -64,6 +64,12 @@ non_negative_int = number(int, "an integer >= 0", lambda value: value >= 0)
 positive_float = number(float, "a positive number", lambda value: value > 0)
 
 
+def add_command(subparsers, name: str, *, help: str, description: str, epilog: str | None = None):
+    """A subcommand whose description and epilog keep the line breaks they are written with (its examples)."""
+    return subparsers.add_parser(name, help=help, description=description, epilog=epilog,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 # ------------------------------------------------------------------------------------------------- parser, main
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__

@@ -45,9 +45,10 @@ def _list(parse):
 
 def add_arguments(subparsers) -> argparse.ArgumentParser:
     """Add `bench` to an argparse subparsers object; returns the new parser."""
-    bench = subparsers.add_parser(
-        "bench", help="measure training / prefill / decode speed and memory of presets (JSON + PNG)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    from ..cli import add_command
+
+    bench = add_command(
+        subparsers, "bench", help="measure training / prefill / decode speed and memory of presets (JSON + PNG)",
         description="Benchmark presets (random weights) and, when transformers is installed, its xLSTMForCausalLM and "
         "LlamaForCausalLM at the same sizes. Writes bench_<study>.json (device, versions, config, every figure) and "
         "bench_<study>.png to --out.",

@@ -17,12 +17,11 @@ DEFAULT_MODELS = "xlstm[1:1],llama,mamba2"
 
 
 def add_arguments(subparsers) -> argparse.ArgumentParser:
-    from ..cli import non_negative_int
+    from ..cli import add_command, non_negative_int
     from .tasks import RECIPES, SIZES
 
-    task = subparsers.add_parser(
-        "eval task", help="train presets on a synthetic task (MQAR, parity, ...) and report accuracy",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    task = add_command(
+        subparsers, "eval task", help="train presets on a synthetic task (MQAR, parity, ...) and report accuracy",
         description="Train each preset of --models on a synthetic task of revival.data.tasks and measure its test "
         "accuracy (the best learning rate of the recipe's sweep per model, setting and width). Writes "
         "results.json (every run, the recipe, the device) and accuracy.png to --out. --size tiny runs on a CPU "

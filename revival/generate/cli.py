@@ -10,12 +10,11 @@ from ..errors import UserError
 
 
 def add_arguments(subparsers) -> argparse.ArgumentParser:
-    from ..cli import non_negative_int, positive_float, positive_int
+    from ..cli import add_command, non_negative_int, positive_float, positive_int
     from ..train.eval_cli import EPILOG_CHECKPOINT
 
-    generate = subparsers.add_parser(
-        "generate", help="sample text from a checkpoint", epilog=EPILOG_CHECKPOINT,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    generate = add_command(
+        subparsers, "generate", help="sample text from a checkpoint", epilog=EPILOG_CHECKPOINT,
         description="Sample a continuation of a prompt: one prefill, then one token per step with the state carried.")
     generate.add_argument("checkpoint", metavar="CHECKPOINT", help="run directory or model directory")
     generate.add_argument("--prompt", required=True, help="text to continue")

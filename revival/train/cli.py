@@ -18,11 +18,10 @@ an out_dir that holds an earlier run needs --resume (continue it) or --overwrite
 
 
 def add_arguments(subparsers) -> argparse.ArgumentParser:
-    from ..cli import positive_int
+    from ..cli import add_command, positive_int
 
-    train = subparsers.add_parser(
-        "train", help="train a model from a YAML run config", epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    train = add_command(
+        subparsers, "train", help="train a model from a YAML run config", epilog=EPILOG,
         description="Train a model from a YAML run config (sections model, data, train; see configs/).")
     train.add_argument("--config", metavar="FILE.yaml", help="run config (required; e.g. configs/xlstm-tiny.yaml)")
     train.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")

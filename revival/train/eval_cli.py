@@ -15,11 +15,10 @@ CHECKPOINT is a run directory (its latest checkpoint is used), a checkpoints/ fo
 
 
 def add_arguments(subparsers) -> argparse.ArgumentParser:
-    from ..cli import positive_int
+    from ..cli import add_command, positive_int
 
-    evaluate = subparsers.add_parser(
-        "eval", help="evaluate a checkpoint: loss, perplexity, bits per byte", epilog=EPILOG_CHECKPOINT,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    evaluate = add_command(
+        subparsers, "eval", help="evaluate a checkpoint: loss, perplexity, bits per byte", epilog=EPILOG_CHECKPOINT,
         description="Evaluate a checkpoint on whole documents of a corpus split (state carried across segments). "
         "The validation numbers the training log prints read only the first train.eval_docs documents (up to "
         "train.eval_max_tokens tokens), so they differ from this command's, which reads the whole split.")
