@@ -14,3 +14,11 @@ class UserError(ValueError):
 
 class MissingPathError(UserError, FileNotFoundError):
     """A path given by the user does not exist (also a `FileNotFoundError`)."""
+
+
+def reject_unknown(given, valid: list[str], where: str, noun: str = "key", error: type = ValueError) -> None:
+    """Raise `error`("<where>: unknown <noun>(s) [...]; valid <noun>s: <valid>") where `given` names any not in
+    `valid` (ValueError for a library argument, UserError for a config file's key)."""
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        raise error(f"{where}: unknown {noun}(s) {unknown}; valid {noun}s: {valid}")

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import reject_unknown
+
 __all__ = ["GENERATORS", "IGNORE", "PAD_ID", "TaskData", "bracket_matching", "generate", "modular_arithmetic",
            "mqar", "parity", "selective_copying"]
 
@@ -273,8 +275,6 @@ def generate(task: str, **arguments) -> TaskData:
     if task not in GENERATORS:
         raise ValueError(f"task: expected one of {list(GENERATORS)}, got {task!r}")
     function = GENERATORS[task]
-    valid = list(function.__code__.co_varnames[: function.__code__.co_argcount])
-    unknown = sorted(set(arguments) - set(valid))
-    if unknown:
-        raise ValueError(f"{task}: unknown argument(s) {unknown}; valid arguments: {valid}")
+    reject_unknown(arguments, list(function.__code__.co_varnames[: function.__code__.co_argcount]), task,
+                   noun="argument")
     return function(**arguments)

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..data.tasks import GENERATORS, IGNORE, TaskData, generate
 from ..devices import resolve_device
-from ..errors import UserError
+from ..errors import UserError, reject_unknown
 from ..models import LanguageModel, ModelConfig, preset_config
 from ..train.schedule import warmup_cosine
 
@@ -82,10 +82,7 @@ class TaskRecipe:
     def from_dict(cls, raw: dict[str, Any]) -> TaskRecipe:
         if not isinstance(raw, dict):
             raise UserError(f"recipe: expected a mapping, got {type(raw).__name__}")
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(raw) - set(valid))
-        if unknown:
-            raise UserError(f"recipe: unknown key(s) {unknown}; valid keys: {valid}")
+        reject_unknown(raw, [f.name for f in dataclasses.fields(cls)], "recipe", error=UserError)
         raw = dict(raw)
         for name in ("settings", "d_models", "lrs"):
             if name in raw:

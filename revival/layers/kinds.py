@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from ..errors import reject_unknown
 from .moe import MoEOptions
 
 __all__ = ["LayerKind", "LayerOptions", "NORMS", "FFNS", "layer_kinds"]
@@ -94,9 +95,7 @@ class LayerOptions:
         if not isinstance(options, dict):
             raise ValueError(f"layer_options[{letter!r}]: expected a dict of options, got {options!r}")
         valid = [f.name for f in cls.listed_fields()] + list(BLOCK_OPTIONS)
-        unknown = sorted(set(options) - set(valid))
-        if unknown:
-            raise ValueError(f"layer_options[{letter!r}]: unknown option(s) {unknown}; valid options: {valid}")
+        reject_unknown(options, valid, f"layer_options[{letter!r}]", noun="option")
         if options.get("moe") is not None:
             MoEOptions.from_dict(letter, options["moe"])  # rejects unknown or invalid MoE options
         return cls(**{k: v for k, v in options.items() if k not in BLOCK_OPTIONS})

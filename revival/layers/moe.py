@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import reject_unknown
 from ..ops._common import compute_dtype
 from .ffn import SwiGLU, ffn_hidden_dim, small_init_, wang_init_
 
@@ -155,10 +156,8 @@ class MoEOptions:
         """From `layer_options[letter]["moe"]`; unknown keys are rejected with the valid ones."""
         if not isinstance(options, dict):
             raise ValueError(f"layer_options[{letter!r}]['moe']: expected a dict of MoE options, got {options!r}")
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(options) - set(valid))
-        if unknown:
-            raise ValueError(f"layer_options[{letter!r}]['moe']: unknown option(s) {unknown}; valid options: {valid}")
+        reject_unknown(options, [f.name for f in dataclasses.fields(cls)], f"layer_options[{letter!r}]['moe']",
+                       noun="option")
         return cls(**options)
 
     def applies_to(self, block_index: int) -> bool:

@@ -22,6 +22,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import reject_unknown
 from ..layers.kinds import layer_kinds
 from ..ops.mlstm import PRECISIONS as MLSTM_PRECISIONS
 
@@ -172,10 +173,7 @@ class ModelConfig:
         """Build from a plain dict; unknown keys are rejected with the list of valid keys."""
         if not isinstance(d, dict):
             raise ValueError(f"config: expected a dict, got {type(d).__name__}")
-        valid = cls.field_names()
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"config: unknown key(s) {unknown}; valid keys: {valid}")
+        reject_unknown(d, cls.field_names(), "config")
         return cls(**d)
 
     @classmethod
@@ -204,10 +202,8 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (validated, unknown keys rejected)."""
+        reject_unknown(changes, self.field_names(), "config")
         d = self.to_dict()
-        unknown = sorted(set(changes) - set(d))
-        if unknown:
-            raise ValueError(f"config: unknown key(s) {unknown}; valid keys: {self.field_names()}")
         d.update(changes)
         return ModelConfig.from_dict(d)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import MissingPathError, UserError
+from ..errors import MissingPathError, UserError, reject_unknown
 
 
 @dataclass
@@ -153,9 +153,7 @@ class RunConfig:
 
 def _build(cls, values: dict[str, Any], section: str):
     valid = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(valid)
-    if unknown:
-        raise UserError(f"{section}: unknown key(s) {sorted(unknown)}; valid keys: {sorted(valid)}")
+    reject_unknown(values, sorted(valid), section, error=UserError)
     kwargs = {}
     for name, value in values.items():
         default = getattr(cls(), name)
