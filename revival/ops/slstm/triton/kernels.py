@@ -12,15 +12,21 @@ _FP32_PRODUCTS = tl.constexpr("ieee" if INTERPRET else "tf32x3")
 
 
 @triton.jit
-def _weight_tile(r_ptr, g, h, H, d, D: tl.constexpr, TRANSPOSE: tl.constexpr):
-    """R[g, h] as a (D, D) tile (zero padded); transposed if TRANSPOSE."""
-    rows = tl.arange(0, D)[:, None]
-    cols = tl.arange(0, D)[None, :]
-    mask = (rows < d) & (cols < d)
+def _weight_columns(r_ptr, g, h, H, d, units, D: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """(D, U) tile: R[g, h][:, units] (TRANSPOSE: R[g, h][units, :]^T), zero padded."""
+    k = tl.arange(0, D)[:, None]
+    mask = (k < d) & (units < d)
     base = r_ptr + (g * H + h) * d * d
     if TRANSPOSE:
-        return tl.load(base + cols * d + rows, mask=mask, other=0.0)
-    return tl.load(base + rows * d + cols, mask=mask, other=0.0)
+        return tl.load(base + units * d + k, mask=mask, other=0.0)
+    return tl.load(base + k * d + units, mask=mask, other=0.0)
+
+
+@triton.jit
+def _weight_tile(r_ptr, g, h, H, d, D: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """R[g, h] as a (D, D) tile (zero padded); transposed if TRANSPOSE."""
+    return _weight_columns(r_ptr, g, h, H, d, tl.arange(0, D)[None, :], D, TRANSPOSE)
+
 
 @triton.jit
 def _matmul(a, w, DOT_BF16: tl.constexpr):

@@ -21,7 +21,17 @@ import triton
 import triton.language as tl
 
 from ..._triton import INTERPRET
-from .kernels import _cell_step, _document_cell_grads, _load4, _matmul, _starts_at, _store4, _store_state, weight_budget
+from .kernels import (
+    _cell_step,
+    _document_cell_grads,
+    _load4,
+    _matmul,
+    _starts_at,
+    _store4,
+    _store_state,
+    _weight_columns,
+    weight_budget,
+)
 
 
 @triton.jit
@@ -41,17 +51,6 @@ def _program_lanes(B, d, block_offset, D: tl.constexpr, BLOCK_B: tl.constexpr, U
     units = tl.program_id(2) * U + tl.arange(0, U)[None, :]
     all_units = tl.arange(0, D)[None, :]
     return rows, units, (rows < B) & (units < d), all_units, (rows < B) & (all_units < d)
-
-
-@triton.jit
-def _weight_columns(r_ptr, g, h, H, d, units, D: tl.constexpr, TRANSPOSE: tl.constexpr):
-    """(D, U) tile: R[g, h][:, units] (TRANSPOSE: R[g, h][units, :]^T), zero padded."""
-    k = tl.arange(0, D)[:, None]
-    mask = (k < d) & (units < d)
-    base = r_ptr + (g * H + h) * d * d
-    if TRANSPOSE:
-        return tl.load(base + units * d + k, mask=mask, other=0.0)
-    return tl.load(base + k * d + units, mask=mask, other=0.0)
 
 
 @triton.jit
