@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ..._triton import CompiledLaunch
-from .forward import pow2
+from .forward import load_state, pow2, store_state
 
 
 @triton.jit
@@ -22,20 +22,18 @@ def _step_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     iv = tl.program_id(1)
+    S = load_state(s_ptr, row, 0, 1, DK, DV, BK, BV, iv) * tl.exp(tl.load(g_ptr + row).to(tl.float32))
     offs_k = tl.arange(0, BK)
     offs_v = iv * BV + tl.arange(0, BV)
     mask_k = offs_k < DK
     mask_v = offs_v < DV
-    mask = mask_k[:, None] & mask_v[None, :]
-    offs = row * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
-    S = tl.load(s_ptr + offs, mask=mask, other=0.0) * tl.exp(tl.load(g_ptr + row).to(tl.float32))
     k = tl.load(k_ptr + row * DK + offs_k, mask=mask_k, other=0.0).to(tl.float32)
     q = tl.load(q_ptr + row * DK + offs_k, mask=mask_k, other=0.0).to(tl.float32) * scale
     v = tl.load(v_ptr + row * DV + offs_v, mask=mask_v, other=0.0).to(tl.float32)
     u = tl.load(beta_ptr + row).to(tl.float32) * (v - tl.sum(S * k[:, None], 0))
     S += k[:, None] * u[None, :]
     tl.store(o_ptr + row * DV + offs_v, tl.sum(S * q[:, None], 0).to(o_ptr.dtype.element_ty), mask=mask_v)
-    tl.store(s_out_ptr + offs, S, mask=mask)
+    store_state(s_out_ptr, S, row, 0, 1, DK, DV, BK, BV, iv)
 
 
 _STEP = CompiledLaunch(_step_kernel)
