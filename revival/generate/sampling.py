@@ -189,6 +189,15 @@ def stream(model, input_ids, max_new_tokens: int | None = None, temperature: flo
     """Yield each new token (an int for a single sequence, a (B,) tensor for a batch) as soon as it is sampled.
 
     The Hugging Face-style arguments are accepted too (see `generate`)."""
+    return _checked_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                           stop_tokens, seed, do_sample, max_length, eos_token_id, num_return_sequences,
+                           attention_mask)[2]
+
+
+def _checked_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_tokens,
+                    seed, do_sample, max_length, eos_token_id, num_return_sequences, attention_mask):
+    """`stream`'s and `generate`'s arguments checked: the prompt rows (B, T), whether the input was one sequence,
+    and the iterator over the new tokens (nothing runs before its first token is asked for)."""
     vocab_size = model.config.vocab_size
     ids, single = _as_batch(input_ids, vocab_size)
     ids, max_new_tokens, temperature, stop_tokens = _resolve_hf_arguments(
@@ -196,8 +205,9 @@ def stream(model, input_ids, max_new_tokens: int | None = None, temperature: flo
         attention_mask)
     single = single and num_return_sequences == 1
     stops = _check_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_tokens, seed, vocab_size)
-    return _stream(model, ids, single, max_new_tokens, float(temperature), top_k, top_p, float(repetition_penalty),
-                   stops, seed, _padding(attention_mask, num_return_sequences))
+    tokens = _stream(model, ids, single, max_new_tokens, float(temperature), top_k, top_p, float(repetition_penalty),
+                     stops, seed, _padding(attention_mask, num_return_sequences))
+    return ids, single, tokens
 
 
 def _padding(attention_mask: torch.Tensor | None, num_return_sequences: int) -> torch.Tensor | None:
@@ -257,21 +267,16 @@ def generate(model, input_ids, max_new_tokens: int | None = None, temperature: f
     0/1 for left-padded prompts of different lengths: each row generates exactly what its unpadded prompt alone
     would (the pad is a document of its own that the prompt never sees, docs/math.md).
     """
-    vocab_size = model.config.vocab_size
-    ids, single = _as_batch(input_ids, vocab_size)
-    ids, max_new_tokens, temperature, stop_tokens = _resolve_hf_arguments(
-        ids, max_new_tokens, temperature, stop_tokens, do_sample, max_length, eos_token_id, num_return_sequences,
-        attention_mask)
-    single = single and num_return_sequences == 1
-    stops = _check_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_tokens, seed, vocab_size)
+    ids, single, tokens = _checked_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p,
+                                          repetition_penalty, stop_tokens, seed, do_sample, max_length, eos_token_id,
+                                          num_return_sequences, attention_mask)
     if streamer is not None and not (callable(streamer) or hasattr(streamer, "put")):
         raise UserError(f"streamer: expected a callable or an object with put() and end(), got {type(streamer)}")
     has_put = hasattr(streamer, "put")
     if has_put:
         streamer.put(ids.cpu())
     new = []
-    for token in _stream(model, ids, single, max_new_tokens, float(temperature), top_k, top_p,
-                         float(repetition_penalty), stops, seed, _padding(attention_mask, num_return_sequences)):
+    for token in tokens:
         new.append(token)
         if has_put:
             streamer.put(torch.tensor([token]) if single else token.cpu())
