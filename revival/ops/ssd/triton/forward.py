@@ -50,13 +50,18 @@ def decay_matrix(a, same, L: tl.constexpr):
 @triton.jit
 def state_tile(row, c, NC, P, N, BP: tl.constexpr, BN: tl.constexpr, ip, TRANSPOSED: tl.constexpr):
     """Offsets and mask of the P-tile ip of the state entering chunk c in a (n*H, NC, P, N) buffer, as a (BP, BN)
-    tile or (TRANSPOSED) a (BN, BP) one."""
+    tile or (TRANSPOSED) a (BN, BP) one. One return: compiled Triton refuses two returns of different shapes
+    (BP != BN) even under a constexpr branch; the interpreter does not."""
     offs_p = ip * BP + tl.arange(0, BP)
     offs_n = tl.arange(0, BN)
     base = (row.to(tl.int64) * NC + c) * P * N
     if TRANSPOSED:
-        return base + offs_n[:, None] + offs_p[None, :] * N, (offs_n < N)[:, None] & (offs_p < P)[None, :]
-    return base + offs_p[:, None] * N + offs_n[None, :], (offs_p < P)[:, None] & (offs_n < N)[None, :]
+        offsets = base + offs_n[:, None] + offs_p[None, :] * N
+        mask = (offs_n < N)[:, None] & (offs_p < P)[None, :]
+    else:
+        offsets = base + offs_p[:, None] * N + offs_n[None, :]
+        mask = (offs_p < P)[:, None] & (offs_n < N)[None, :]
+    return offsets, mask
 
 
 @triton.jit
