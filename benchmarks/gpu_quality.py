@@ -168,6 +168,13 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_results(path: str, header: dict, results: list) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump({**header, "results": results, "table": table(results)}, f, indent=1,
+                  default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else str(v))
+    os.replace(path + ".tmp", path)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--corpus", required=True, help="a text file (tiny Shakespeare)")
@@ -188,6 +195,8 @@ def main() -> int:
               "device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "settings": settings, "smoke": args.smoke}
     print(json.dumps(header), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "gpu_quality.json")
     results, start = [], time.perf_counter()
     for preset in [m.strip() for m in args.models.split(",") if m.strip()]:
         began = time.perf_counter()
@@ -202,15 +211,10 @@ def main() -> int:
         results.append(result)
         print(f"{preset}: {result['seconds_total']:.0f} s", json.dumps(
             {k: v for k, v in result.items() if k in ("parameters", "validation", "error")}), flush=True)
+        header["seconds"] = time.perf_counter() - start
+        write_results(path, header, results)  # after every model: a run stopped from outside keeps what finished
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    header["seconds"] = time.perf_counter() - start
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "gpu_quality.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({**header, "results": results, "table": table(results)}, f, indent=1,
-                  default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else str(v))
-    os.replace(path + ".tmp", path)
     print(table(results))
     print(f"total {header['seconds']:.0f} s; wrote {path}")
     return 0
