@@ -111,13 +111,19 @@ def _state_tile(DK, DV, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, pi
     row = row.to(tl.int64)
     ik = pid_kv // NV
     iv = pid_kv % NV
-    offs_k = ik * BK + tl.arange(0, BK)
-    offs_v = iv * BV + tl.arange(0, BV)
+    offs_k, offs_v, mask_k, mask_v, mask_kv, state_off = _kv_tile(row, ik * BK, iv * BV, DK, DV, BK, BV)
+    return row, ik, iv, offs_k, offs_v, mask_k, mask_v, mask_kv, state_off
+
+
+@triton.jit
+def _kv_tile(row, k0, v0, DK, DV, BK: tl.constexpr, BV: tl.constexpr):
+    """Offsets and masks of the (BK, BV) tile at (k0, v0) of batch-head `row`'s (DK, DV) state (row: int64)."""
+    offs_k = k0 + tl.arange(0, BK)
+    offs_v = v0 + tl.arange(0, BV)
     mask_k = offs_k < DK
     mask_v = offs_v < DV
     mask_kv = mask_k[:, None] & mask_v[None, :]
-    state_off = row * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
-    return row, ik, iv, offs_k, offs_v, mask_k, mask_v, mask_kv, state_off
+    return offs_k, offs_v, mask_k, mask_v, mask_kv, row * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
 
 
 @triton.jit

@@ -19,7 +19,7 @@ import triton  # noqa: F401
 import triton.language as tl
 
 from ..._triton import CompiledLaunch
-from .forward import _log_sigmoid, _pow2
+from .forward import _kv_tile, _log_sigmoid, _pow2
 
 STEP_VARIANTS = ("tile", "stream", "split")
 
@@ -76,12 +76,7 @@ def _step_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     iv = tl.program_id(1)
-    offs_k = tl.arange(0, BKF)
-    offs_v = iv * BV + tl.arange(0, BV)
-    mask_k = offs_k < DK
-    mask_v = offs_v < DV
-    mask_kv = mask_k[:, None] & mask_v[None, :]
-    state_off = row * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
+    offs_k, offs_v, mask_k, mask_v, mask_kv, state_off = _kv_tile(row, 0, iv * BV, DK, DV, BKF, BV)
     C = tl.load(c_ptr + state_off, mask=mask_kv, other=0.0)
     n = tl.load(n_ptr + row * DK + offs_k, mask=mask_k, other=0.0)
     q = tl.load(q_ptr + row * DK + offs_k, mask=mask_k, other=0.0).to(tl.float32) * scale
@@ -125,10 +120,7 @@ def _step_stream_kernel(
     v = tl.load(v_ptr + row * DV + offs_v, mask=mask_v, other=0.0).to(tl.float32)
     num = tl.zeros((BV,), dtype=tl.float32)
     for k0 in tl.range(0, DK, BK, num_stages=STAGES):
-        offs_k = k0 + tl.arange(0, BK)
-        mask_k = offs_k < DK
-        mask_kv = mask_k[:, None] & mask_v[None, :]
-        state_off = row * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
+        offs_k, _, mask_k, _, mask_kv, state_off = _kv_tile(row, k0, iv * BV, DK, DV, BK, BV)
         C = tl.load(c_ptr + state_off, mask=mask_kv, other=0.0)
         kb = tl.load(k_ptr + row * DK + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         qb = tl.load(q_ptr + row * DK + offs_k, mask=mask_k, other=0.0).to(tl.float32) * scale
@@ -149,12 +141,7 @@ def _step_split_kernel(
     iv = tl.program_id(1)
     ik = tl.program_id(2)
     m_new, f_bar, i_bar = _gates(i_ptr, f_ptr, m_ptr, row)
-    offs_k = ik * BK + tl.arange(0, BK)
-    offs_v = iv * BV + tl.arange(0, BV)
-    mask_k = offs_k < DK
-    mask_v = offs_v < DV
-    mask_kv = mask_k[:, None] & mask_v[None, :]
-    state_off = row * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
+    offs_k, offs_v, mask_k, mask_v, mask_kv, state_off = _kv_tile(row, ik * BK, iv * BV, DK, DV, BK, BV)
     C = tl.load(c_ptr + state_off, mask=mask_kv, other=0.0)
     q = tl.load(q_ptr + row * DK + offs_k, mask=mask_k, other=0.0).to(tl.float32) * scale
     k = tl.load(k_ptr + row * DK + offs_k, mask=mask_k, other=0.0).to(tl.float32)
