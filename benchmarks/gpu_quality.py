@@ -47,10 +47,10 @@ from revival.train import evaluate  # noqa: E402
 from revival.train.schedule import warmup_cosine  # noqa: E402
 
 MODELS = ["xlstm-large", "xlstm[7:1]", "llama", "mingru", "mamba2", "gated-deltanet", "hybrid"]
-FULL = dict(params=4_000_000, d_model=256, context=256, batch=64, steps=600, lr=2e-3, lm_seconds=25,
+FULL = dict(params=4_000_000, d_model=256, context=256, batch=64, steps=600, lr=2e-3, lm_seconds=20,
             eval_tokens=32_768, extrapolate_rows=4,
-            mqar=dict(d_model=128, train=20_000, test=1_000, steps=1_500, batch=128, lr=2e-3, seconds=9),
-            parity=dict(d_model=64, train=50_000, test=1_000, steps=1_500, batch=128, lr=1e-3, seconds=9))
+            mqar=dict(d_model=128, train=20_000, test=1_000, steps=1_500, batch=128, lr=2e-3, seconds=7),
+            parity=dict(d_model=64, train=50_000, test=1_000, steps=1_500, batch=128, lr=1e-3, seconds=7))
 SMOKE = dict(params=60_000, d_model=32, context=32, batch=4, steps=3, lr=2e-3, lm_seconds=30, eval_tokens=256,
              extrapolate_rows=1,
              mqar=dict(d_model=32, train=64, test=16, steps=2, batch=8, lr=2e-3, seconds=30),
