@@ -338,14 +338,14 @@ class Engine:
         if params.repetition_penalty != 1.0:
             request.history = torch.tensor([request.prompt], dtype=torch.long, device=self.device)
         token = self._sample(request.logits[None], [request])
-        if self._emit(request, int(token[0])):
-            self._end(request, self._finish_reason(request))
-            return
+        # take the slot before the first token goes out: a client that sees it also sees the slot in use
         slot = len(self._active)
         self.pool.write(slot, request.state)
         self.input_ids[slot, 0] = token[0]
         request.state = request.logits = None
         self._active.append(request)
+        if self._emit(request, int(token[0])):
+            self._leave(slot, self._finish_reason(request), snapshot=False)
 
     # ------------------------------------------------------------------------------------------ decode
     def _bucket(self, n: int) -> int:
