@@ -1,5 +1,6 @@
 """What every Triton kernel of revival.ops asks first (is Triton importable, can its kernels run here), and the
-host-side helpers the ops' Triton wrappers share: impl resolution, input limits, chunk size, launch-config merge."""
+host-side helpers the ops' Triton wrappers share: impl resolution, the chunkwise entry points' input checks and casts,
+chunk size, launch-config merge."""
 
 from __future__ import annotations
 
@@ -95,16 +96,6 @@ def resolve_impl(impl, tensor: torch.Tensor, fits_kernels: bool, impls: tuple[st
     return impl
 
 
-def check_kernel_inputs(x_name: str, x: torch.Tensor, sizes_name: str, what: str, **sizes: int) -> None:
-    """The chunkwise kernels take float32/bfloat16/float16 `x` and `sizes` up to 256 (tiles held whole on chip): a
-    ValueError naming the arguments otherwise."""
-    if x.dtype == torch.float64:
-        raise ValueError(f"{x_name}: impl='triton' supports float32/bfloat16/float16 inputs, got float64")
-    if max(sizes.values()) > 256:
-        got = ", ".join(f"{name}={size}" for name, size in sizes.items())
-        raise ValueError(f"{sizes_name}: impl='triton' supports {what} up to 256, got {got}")
-
-
 def kernel_chunk_size(chunk_size: int, max_chunk: int = 64) -> int:
     """The chunk a chunkwise kernel uses for a requested `chunk_size`: a power of two in [16, max_chunk] (results
     agree to rounding: the chunking is exact)."""
@@ -122,9 +113,23 @@ def merged_launch_config(requested, default):
     return dataclasses.replace(default, **{name: value for name, value in chosen.items() if value is not None})
 
 
-def kernel_state_and_starts(state, shape: tuple[int, ...], document_starts, device):
-    """The initial state as the kernels read it (float32, contiguous; zeros of `shape` for None) and the document
-    starts as int8 (or None)."""
-    S0 = torch.zeros(shape, device=device) if state is None else state.float().contiguous()
+def chunkwise_kernel_inputs(matrices: dict[str, torch.Tensor], gates: tuple[torch.Tensor, ...], state,
+                            state_shape: tuple[int, ...], document_starts, *, sizes_of: str, what: str,
+                            **sizes: int):
+    """The host-side prologue of a chunkwise Triton entry point. Checks that Triton is importable and that the
+    inputs fit the kernels: the first of `matrices` float32/bfloat16/float16 and `sizes` (dims of the tensors
+    `sizes_of` names) up to 256, tiles held whole on chip; a ValueError naming the arguments otherwise. Returns the
+    inputs as the kernels read them, all contiguous: `matrices` in the first one's dtype, `gates` float32, the
+    initial state float32 (zeros of `state_shape` for None) and the document starts int8 (or None)."""
+    require_triton()
+    x_name, x = next(iter(matrices.items()))
+    if x.dtype == torch.float64:
+        raise ValueError(f"{x_name}: impl='triton' supports float32/bfloat16/float16 inputs, got float64")
+    if max(sizes.values()) > 256:
+        got = ", ".join(f"{name}={size}" for name, size in sizes.items())
+        raise ValueError(f"{sizes_of}: impl='triton' supports {what} up to 256, got {got}")
+    matrices = tuple(m.to(x.dtype).contiguous() for m in matrices.values())
+    gates = tuple(g.float().contiguous() for g in gates)
+    S0 = torch.zeros(state_shape, device=x.device) if state is None else state.float().contiguous()
     starts = None if document_starts is None else document_starts.to(torch.int8).contiguous()
-    return S0, starts
+    return matrices, gates, S0, starts

@@ -127,6 +127,17 @@ def test_kernel_chunk_size():
     assert [kernel_chunk_size(c) for c in (1, 16, 30, 64, 128)] == [16, 16, 32, 64, 64]
 
 
+def test_inputs_outside_the_kernels_limits_are_named():
+    """float64 q and a value head dim over 256 (tiles held whole on chip): ValueErrors naming the arguments, before
+    any kernel runs."""
+    q, k, v, g, beta, state = _inputs(1, 4, 1, 16, 16, seed=5)[0]
+    with pytest.raises(ValueError, match=r"^q: impl='triton' supports float32/bfloat16/float16 inputs, got float64"):
+        gated_delta_rule_triton(q.double(), k, v, g, beta, state, 0.25)
+    wide = torch.randn(1, 4, 1, 300)
+    with pytest.raises(ValueError, match=r"^q, v: impl='triton' supports head dims up to 256, got Dk=16, Dv=300$"):
+        gated_delta_rule_triton(q, k, wide, g, beta, None, 0.25)
+
+
 def test_document_starts_match_reference():
     """Packed documents: starts at t = 0, twice in a row, on a chunk boundary (16, 32) and at the last token; the
     second row has one start inside a chunk. Outputs, final state and every gradient against float64."""

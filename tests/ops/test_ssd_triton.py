@@ -98,6 +98,18 @@ def test_kernel_chunk_size():
     assert [kernel_chunk_size(c) for c in (1, 16, 30, 64, 256)] == [16, 16, 32, 64, 64]
 
 
+def test_inputs_outside_the_kernels_limits_are_named():
+    """float64 x and a head dim over 256 (tiles held whole on chip): ValueErrors naming the arguments, before any
+    kernel runs."""
+    x, dt, A, B, C, D, state = _inputs(1, 4, 1, 16, 1, 16, seed=5)[0]
+    with pytest.raises(ValueError, match=r"^x: impl='triton' supports float32/bfloat16/float16 inputs, got float64"):
+        ssd_triton(x.double(), dt, A, B, C, D, state)
+    wide = torch.randn(1, 4, 1, 300)
+    with pytest.raises(ValueError, match=r"^x, B: impl='triton' supports head dims and state sizes up to 256, "
+                                         r"got P=300, N=16$"):
+        ssd_triton(wide, dt, A, B, C, D, None)
+
+
 def test_document_starts_match_reference():
     """Packed documents: starts at t = 0, twice in a row, on a chunk boundary (16, 32) and at the last token; the
     second row has one start inside a chunk. Outputs, final state and every gradient against float64."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._triton import available, check_kernel_inputs, kernel_chunk_size, kernel_state_and_starts, require_triton
+from ..._triton import available, chunkwise_kernel_inputs, kernel_chunk_size, require_triton
 from .config import LaunchConfig, launch_config
 
 __all__ = ["LaunchConfig", "available", "gated_delta_rule_step_triton", "gated_delta_rule_triton",
@@ -52,15 +52,12 @@ def gated_delta_rule_triton(q, k, v, g, beta, state, scale: float, *, chunk_size
     None; document_starts (n, T) bool or None (validated). Returns o (n, T, H, Dv) in q's dtype and the final state
     (n, H, Dk, Dv) float32; differentiable in every input and the initial state. `launch` overrides launch settings
     (`LaunchConfig`)."""
-    require_triton()
     n, T, H, Dk = q.shape
     Dv = v.shape[-1]
-    check_kernel_inputs("q", q, "q, v", "head dims", Dk=Dk, Dv=Dv)
+    (q, k, v), (g, beta), S0, starts = chunkwise_kernel_inputs(
+        {"q": q, "k": k, "v": v}, (g, beta), state, (n, H, Dk, Dv), document_starts, sizes_of="q, v",
+        what="head dims", Dk=Dk, Dv=Dv)
     cfg = launch_config(Dk, Dv, n * H, launch)
-    dtype = q.dtype
-    q, k, v = (x.to(dtype).contiguous() for x in (q, k, v))
-    g, beta = g.float().contiguous(), beta.float().contiguous()
-    S0, starts = kernel_state_and_starts(state, (n, H, Dk, Dv), document_starts, q.device)
     # the (L, L) decay and inverse tiles and the (L, D) tiles of the gradient kernel stay on chip up to L = 64
     return _GatedDeltaRule.apply(q, k, v, g, beta, S0, starts, scale, kernel_chunk_size(chunk_size), cfg)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._triton import available, check_kernel_inputs, kernel_chunk_size, kernel_state_and_starts, require_triton
+from ..._triton import available, chunkwise_kernel_inputs, kernel_chunk_size, require_triton
 from .config import LaunchConfig, launch_config
 
 __all__ = ["LaunchConfig", "available", "kernel_chunk_size", "launch_config", "ssd_step_triton", "ssd_triton"]
@@ -49,19 +49,16 @@ def ssd_triton(x, dt, A, B, C, D=None, state=None, *, chunk_size: int = 64,
     or None; document_starts (n, T) bool or None (validated). Returns y (n, T, H, P) in x's dtype and the final
     state (n, H, P, N) float32; differentiable in every input and the initial state. `launch` overrides launch
     settings (`LaunchConfig`)."""
-    require_triton()
     n, T, H, P = x.shape
     N = B.shape[-1]
-    check_kernel_inputs("x", x, "x, B", "head dims and state sizes", P=P, N=N)
+    (xs, B, C), (dt, A), S0, starts = chunkwise_kernel_inputs(
+        {"x": x, "B": B, "C": C}, (dt, A), state, (n, H, P, N), document_starts, sizes_of="x, B",
+        what="head dims and state sizes", P=P, N=N)
     cfg = launch_config(P, N, n * H, launch)
-    dtype = x.dtype
-    xs, B, C = (t.to(dtype).contiguous() for t in (x, B, C))
-    dt, A = dt.float().contiguous(), A.float().contiguous()
-    S0, starts = kernel_state_and_starts(state, (n, H, P, N), document_starts, x.device)
     # the (L, L) score tiles and the (L, P), (L, N) tiles of the gradient kernel stay on chip up to L = 64
     y, S_T = _SSD.apply(xs, dt, A, B, C, S0, starts, kernel_chunk_size(chunk_size), cfg)
     if D is not None:  # the skip term in PyTorch: one elementwise pass, differentiated by autograd
-        y = (y.float() + D.float()[:, None] * xs.float()).to(dtype)
+        y = (y.float() + D.float()[:, None] * xs.float()).to(x.dtype)
     return y, S_T
 
 
