@@ -67,6 +67,31 @@ def timed_round(trainer: Trainer, steps: int) -> float:
     return (trainer.tokens_seen - tokens_before) / (time.perf_counter() - start)
 
 
+def profile_step(trainer: Trainer, top: int = 15) -> dict:
+    """One train step under torch.profiler: wall time, the GPU's busy time (kernels and copies), launches, and the
+    ops with most device / host time. Busy time near the wall time: the GPU is the limit; far below: the host is."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if trainer.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    sync(trainer.device)
+    with torch.profiler.profile(activities=activities) as profiler:
+        start = time.perf_counter()
+        trainer.train_step()
+        sync(trainer.device)
+        wall = time.perf_counter() - start
+    device_events = [event for event in profiler.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+    averages = profiler.key_averages()
+
+    def table(key: str) -> list[dict]:
+        rows = sorted(averages, key=lambda a: -getattr(a, key))[:top]
+        return [{"name": a.key, "calls": a.count, "device_ms": a.self_device_time_total / 1e3,
+                 "host_ms": a.self_cpu_time_total / 1e3} for a in rows]
+
+    return {"wall_ms": 1e3 * wall, "device_busy_ms": sum(event.self_device_time_total for event in device_events) / 1e3,
+            "device_events": len(device_events), "top_device": table("self_device_time_total"),
+            "top_host": table("self_cpu_time_total")}
+
+
 def measure(preset: str, args, corpus, out_dir: Path) -> dict:
     trainers = {mode: build_trainer(preset, args, mode, corpus, out_dir) for mode in MODES}
     device = trainers["none"].device
@@ -80,6 +105,9 @@ def measure(preset: str, args, corpus, out_dir: Path) -> dict:
             record["modes"][mode]["rounds_tokens_per_s"].append(timed_round(trainer, args.steps))
     for entry in record["modes"].values():
         entry["tokens_per_s"] = statistics.median(entry["rounds_tokens_per_s"])
+    if args.profile:
+        for mode, trainer in trainers.items():
+            record["modes"][mode]["profile"] = profile_step(trainer)
     if device.type == "cuda":
         record["peak_memory_bytes_both_trainers"] = torch.cuda.max_memory_allocated(device)
     ratio = record["modes"]["fsdp"]["tokens_per_s"] / record["modes"]["none"]["tokens_per_s"]
@@ -97,8 +125,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="default: 16 (x 2048 = 32768 tokens a step)")
     parser.add_argument("--context", type=int, default=2048, help="default: 2048")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per mode first (default: 3)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per round (default: 10)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per mode (default: 3)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per round (default: 20)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per mode (default: 5)")
+    parser.add_argument("--profile", action="store_true", help="also profile one step per mode (torch.profiler)")
     parser.add_argument("--device", default="cuda", help="default: cuda (cpu: a smoke test of the script)")
     args = parser.parse_args()
     out = Path(args.out)
