@@ -25,7 +25,7 @@ from torch import nn
 from ..ops.mamba3 import mamba3
 from .ffn import init_projections_
 from .kinds import LayerKind, LayerOptions
-from .mamba2 import init_decay_
+from .mamba2 import Mamba2Options, init_decay_
 from .norms import MultiHeadNorm, RMSNorm
 
 __all__ = ["Mamba3"]
@@ -117,9 +117,7 @@ class Mamba3Options(LayerOptions):
     norm_eps: float = 1e-5
     bias: bool | None = None  # use_bias
 
-    def derive(self, config):
-        return dict(head_dim=self.expand * config.d_model // config.num_heads, chunk_size=config.chunk_size,
-                    bias=config.use_bias)
+    derive = Mamba2Options.derive  # head_dim from expand and the model's heads, its chunk_size and use_bias
 
 
 LAYER_KINDS = (LayerKind(letter="3", name="Mamba-3 block", layer=Mamba3, options=Mamba3Options, norm="rms",
