@@ -63,6 +63,7 @@ class TaskRecipe:
     warmup_steps: int = 100
     eval_every: int = 0  # evaluate on the test split every this many steps (0: only at the end)
     early_stop_accuracy: float | None = None  # stop a run once its test accuracy reaches this (Zoology: 0.99)
+    max_seconds: float | None = None  # stop a run after the step that passes this wall time (a CPU budget)
     layer_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per pattern letter, as in ModelConfig
 
     def __post_init__(self) -> None:
@@ -72,6 +73,9 @@ class TaskRecipe:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"{name}: expected a positive integer, got {value!r}")
+        if self.max_seconds is not None and (isinstance(self.max_seconds, bool) or
+                                             not isinstance(self.max_seconds, (int, float)) or self.max_seconds <= 0):
+            raise UserError(f"max_seconds: expected a positive number of seconds or null, got {self.max_seconds!r}")
         if not self.d_models or not self.lrs or not self.settings:
             raise UserError("d_models, lrs, settings: expected at least one value each")
         for setting in self.settings:
@@ -256,8 +260,10 @@ def train_on_task(model: LanguageModel, train: TaskData, test: TaskData, *, step
                   early_stop_accuracy: float | None = None, seed: int = 0, progress=None,
                   max_seconds: float | None = None) -> dict[str, Any]:
     """Train `model` in place on `train` (AdamW, warmup + cosine to 0.1 lr, clip 1.0, batches drawn by a seeded
-    permutation per epoch); returns {"steps" (done), "final_loss", "seconds", "history": [{"step", "accuracy"}],
-    "stopped_by_time"}. `max_seconds` stops after the step that passes it (a time budget; steps then < `steps`)."""
+    permutation per epoch); returns {"steps" (done), "final_loss", "seconds", "stopped_by_time", "history": the
+    learning curve, one {"step", "seconds" (wall since the start, evaluations included), "loss" (that step's batch),
+    "accuracy" (test)} per `eval_every` steps}.
+    `max_seconds` stops after the step that passes it (a time budget; steps then < `steps`)."""
     device = model.device
     decay = [p for name, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in name]
     no_decay = [p for name, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in name)]
@@ -289,7 +295,8 @@ def train_on_task(model: LanguageModel, train: TaskData, test: TaskData, *, step
                 break
         if eval_every and step % eval_every == 0 and step < steps:
             measured = accuracy(model, test, batch_size)["accuracy"]
-            history.append({"step": step, "accuracy": measured})
+            history.append({"step": step, "seconds": time.perf_counter() - start, "loss": float(loss.detach()),
+                            "accuracy": measured})
             if early_stop_accuracy is not None and measured >= early_stop_accuracy:
                 if progress is not None:
                     progress.update(steps - step)
@@ -334,7 +341,7 @@ def run_task(task_recipe: TaskRecipe, models: list[str], device: str | torch.dev
                                             weight_decay=task_recipe.weight_decay,
                                             warmup_steps=task_recipe.warmup_steps, eval_every=task_recipe.eval_every,
                                             early_stop_accuracy=task_recipe.early_stop_accuracy, seed=seed,
-                                            progress=progress)
+                                            progress=progress, max_seconds=task_recipe.max_seconds)
                     measured = accuracy(model, test, max(1, min(batch_size, 256)),
                                         length_bins=8 if variable_length else 0)
                     runs.append({"model": preset, "pattern": config.pattern, "setting": task_recipe.setting_label(
@@ -344,7 +351,8 @@ def run_task(task_recipe: TaskRecipe, models: list[str], device: str | torch.dev
     progress.close()
     table = _best_per_lr(runs)
     return {"task": task_recipe.task, "recipe": task_recipe.to_dict(), "device": str(device),
-            "torch": torch.__version__, "models": list(models), "runs": runs, "table": table}
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "models": list(models),
+            "runs": runs, "table": table}
 
 
 def _head(data: TaskData, count: int) -> TaskData:

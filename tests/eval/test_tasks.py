@@ -12,6 +12,7 @@ import yaml
 
 from revival.cli import main
 from revival.data.tasks import IGNORE, bracket_matching, generate, modular_arithmetic, mqar, parity, selective_copying
+from revival.errors import UserError
 from revival.eval.tasks import RECIPES, TaskRecipe, accuracy, recipe, run_task, task_model_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,3 +152,19 @@ def test_run_task_reports_best_lr_per_cell():
     result = run_task(TaskRecipe.from_dict(small), ["llama"], device="cpu", show_progress=False)
     best = max(result["runs"], key=lambda run: run["accuracy"])
     assert len(result["table"]) == 1 and result["table"][0]["accuracy"] == best["accuracy"]
+
+
+def test_runs_record_a_learning_curve_and_stop_at_the_time_budget():
+    small = dict(RECIPES["parity"]["tiny"], steps=6, eval_every=2, batch_size=8)
+    small["train_data"] = dict(small["train_data"], num_examples=32)
+    small["test_data"] = dict(small["test_data"], num_examples=8)
+    full = run_task(TaskRecipe.from_dict(small), ["llama"], device="cpu", show_progress=False)["runs"][0]
+    assert [point["step"] for point in full["history"]] == [2, 4] and full["steps"] == 6
+    assert all(set(point) == {"step", "seconds", "loss", "accuracy"} for point in full["history"])
+    assert 0 < full["history"][0]["seconds"] < full["history"][1]["seconds"] <= full["seconds"]
+    assert not full["stopped_by_time"]
+    capped = run_task(TaskRecipe.from_dict(dict(small, max_seconds=1e-9)), ["llama"], device="cpu",
+                      show_progress=False)["runs"][0]
+    assert capped["steps"] == 1 and capped["stopped_by_time"] and capped["history"] == []
+    with pytest.raises(UserError, match="max_seconds"):
+        TaskRecipe.from_dict(dict(small, max_seconds=0))
