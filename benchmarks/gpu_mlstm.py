@@ -20,6 +20,7 @@ import traceback
 
 import torch
 import torch.nn.functional as F
+from _timing import do_bench_ms, graphed_ms
 
 TOKENS = 65536
 SHAPES = [  # heads, Dk, Dv, T
@@ -57,12 +58,6 @@ def make_inputs(H, Dk, Dv, T, dtype=torch.bfloat16, B=None, seed=0):
     q, k, v = r(B, H, T, Dk).to(dtype), r(B, H, T, Dk).to(dtype), r(B, H, T, Dv).to(dtype)
     i, f = r(B, H, T), r(B, H, T) + 3.0
     return q, k, v, i, f
-
-
-def bench(fn, grads=None):
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=25, rep=200, grad_to_none=grads, return_mode="median")
 
 
 def poison():
@@ -133,8 +128,9 @@ def check(H, Dk, Dv, T, B, dtype, chunk, seed, with_state=True, precision="auto"
 # ----------------------------------------------------------------------------------------------- anchors
 ANCHOR_CODE = r'''
 import json, sys, torch
-sys.path.insert(0, ".")
-from benchmarks.gpu_mlstm import make_inputs, bench, SHAPES
+sys.path[:0] = ["benchmarks", "."]
+from _timing import do_bench_ms
+from gpu_mlstm import make_inputs, SHAPES
 name = sys.argv[1]
 res = {}
 def emit():
@@ -168,7 +164,7 @@ for (H, Dk, Dv, T) in SHAPES:
             o.backward(dh)
         o = call(); o = o[0] if isinstance(o, tuple) else o
         dh = torch.randn_like(o)
-        res[key] = {"fwd_ms": bench(fwd_fn), "fwdbwd_ms": bench(fb_fn, xs)}
+        res[key] = {"fwd_ms": do_bench_ms(fwd_fn), "fwdbwd_ms": do_bench_ms(fb_fn, xs)}
     except Exception as e:
         res[key] = "error: " + type(e).__name__ + ": " + str(e)[:300]
     emit()
@@ -212,17 +208,17 @@ def sdpa_times():
 
             def fb(xs=xs, dh=dh):
                 F.scaled_dot_product_attention(*xs, is_causal=True).backward(dh)
-            res[key] = {"fwd_ms": bench(fwd), "fwdbwd_ms": bench(fb, xs)}
+            res[key] = {"fwd_ms": do_bench_ms(fwd), "fwdbwd_ms": do_bench_ms(fb, xs)}
     return res
 
 
 def ceilings():
     x = torch.randn(1 << 28, device="cuda")
     y = torch.empty_like(x)
-    ms = bench(lambda: y.copy_(x))
+    ms = do_bench_ms(lambda: y.copy_(x))
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    mm = bench(lambda: a @ b)
+    mm = do_bench_ms(lambda: a @ b)
     return {"copy_TBps": 2 * x.numel() * 4 / ms / 1e9, "bf16_matmul_TFLOPs": 2 * 8192**3 / mm / 1e9}
 
 
@@ -287,7 +283,7 @@ def main():
             key = f"{H},{Dk},{Dv},{T}"
             try:
                 fwd, fb, xs = revival_fns(H, Dk, Dv, T, int(chunk[1:]), precision=mode, launch=launch)
-                res[key] = {"fwd_ms": bench(fwd), "fwdbwd_ms": bench(fb, xs)}
+                res[key] = {"fwd_ms": do_bench_ms(fwd), "fwdbwd_ms": do_bench_ms(fb, xs)}
             except Exception as e:  # noqa: BLE001
                 res[key] = "error: " + type(e).__name__ + ": " + str(e)[:300]
             print("revival", variant, key, res[key], flush=True)
@@ -348,26 +344,12 @@ def varlen_times(mean_document=500):
             def fwdbwd(xs=xs, dh=dh, document_starts=document_starts):
                 mlstm(*xs, impl="triton", document_starts=document_starts)[0].backward(dh)
 
-            row[name] = {"fwd_ms": bench(fwd), "fwdbwd_ms": bench(fwdbwd, xs)}
+            row[name] = {"fwd_ms": do_bench_ms(fwd), "fwdbwd_ms": do_bench_ms(fwdbwd, xs)}
         row["packed_over_plain_fwdbwd"] = row["packed"]["fwdbwd_ms"] / row["plain"]["fwdbwd_ms"]
         rows[f"{H},{Dk},{Dv},{T}"] = row
         print("varlen", f"{H},{Dk},{Dv},{T}", row, flush=True)
         torch.cuda.empty_cache()
     return rows
-
-
-def graphed_bench(fn):
-    """Median ms of `fn` replayed from a CUDA graph: the GPU time alone, without the host's launch overhead."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return bench(graph.replay)
 
 
 def step_time(step_fn, copy_tbps):
@@ -384,12 +366,12 @@ def step_time(step_fn, copy_tbps):
         a = [g(B, H, Dk).bfloat16(), g(B, H, Dk).bfloat16(), g(B, H, Dv).bfloat16(), g(B, H), g(B, H) + 3]
         st = (g(B, H, Dk, Dv), g(B, H, Dk), g(B, H))
         ours = lambda a=a, st=st: step_fn(*a, st)  # noqa: E731
-        row = {"shape_B_H_Dk_Dv": (B, H, Dk, Dv), "revival_ms": bench(ours), "revival_graph_ms": graphed_bench(ours),
-               "floor_ms": 2 * B * H * (Dk * Dv + Dk + 1) * 4 / (copy_tbps * 1e9)}
+        row = {"shape_B_H_Dk_Dv": (B, H, Dk, Dv), "revival_ms": do_bench_ms(ours),
+               "revival_graph_ms": graphed_ms(ours), "floor_ms": 2 * B * H * (Dk * Dv + Dk + 1) * 4 / (copy_tbps * 1e9)}
         if official is not None:
             oa = [*a[:3], a[3][..., None], a[4][..., None], st[0], st[1], st[2][..., None]]
             theirs = lambda oa=oa: official(*oa)  # noqa: E731
-            row["official_ms"], row["official_graph_ms"] = bench(theirs), graphed_bench(theirs)
+            row["official_ms"], row["official_graph_ms"] = do_bench_ms(theirs), graphed_ms(theirs)
             row["ratio_to_official"] = row["revival_ms"] / row["official_ms"]
         else:
             row["official"] = official_error

@@ -110,9 +110,9 @@ def host_us(fn, calls=300):
 def timings(fn, smoke):
     if smoke:
         return {"eager_ms": None, "graph_ms": None, "host_us": None}
-    from gpu_mlstm import bench, graphed_bench
+    from _timing import do_bench_ms, graphed_ms
 
-    return {"eager_ms": bench(fn), "graph_ms": graphed_bench(fn), "host_us": host_us(fn)}
+    return {"eager_ms": do_bench_ms(fn), "graph_ms": graphed_ms(fn), "host_us": host_us(fn)}
 
 
 def official_step():
@@ -132,7 +132,7 @@ def main():
     args = ap.parse_args()
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: it reads the variable once
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # gpu_mlstm's bench / graphed_bench
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _timing's do_bench_ms / graphed_ms
     import torch
     import triton
 
@@ -150,11 +150,11 @@ def main():
     except Exception as e:  # noqa: BLE001
         result["mlstm_kernels"] = f"not importable: {type(e).__name__}: {e}"
     if not args.smoke:
-        from gpu_mlstm import bench
+        from _timing import do_bench_ms
 
         big = torch.randn(1 << 28, device=device)
         dst = torch.empty_like(big)
-        result["copy_TBps"] = 2 * big.numel() * 4 / bench(lambda: dst.copy_(big)) / 1e9
+        result["copy_TBps"] = 2 * big.numel() * 4 / do_bench_ms(lambda: dst.copy_(big)) / 1e9
         del big, dst
     shapes = {}
     for (B, H, Dk, Dv) in SMOKE_SHAPES if args.smoke else SHAPES:

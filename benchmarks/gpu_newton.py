@@ -20,10 +20,10 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import time
 
 import torch
+from _timing import median_ms, wall_ms
 
 from revival.ops import mingru_scan, slstm
 from revival.ops.newton import DENSE_GRU, PARAGRU, PARALSTM, SLSTM, newton_solve, sequential_solve
@@ -34,17 +34,7 @@ B = 16
 
 def time_ms(fn, reps: int) -> float:
     """Median wall time of fn() in ms (one warm-up call); CUDA-synchronised."""
-    fn()
-    times = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return median_ms(fn, "cuda" if torch.cuda.is_available() else "cpu", reps, clock=wall_ms)
 
 
 def guarded(fn):

@@ -22,6 +22,7 @@ import time
 import traceback
 
 import torch
+from _timing import do_bench_ms, median_ms, wall_ms
 from torch import nn
 
 B, T, D = 64, 4096, 256
@@ -30,30 +31,10 @@ ANCHORS_MS = {"cudnn_fwd": 45.7, "lstmcell_loop_fwd": 418.7, "naive_log_scan_fwd
 
 
 def bench(fn, grads=None, rep=200):
-    from triton.testing import do_bench
-
+    """do_bench's median on the GPU; under --smoke one call's wall time (checks the script, times nothing real)."""
     if DEV == "cpu":
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-
-    return do_bench(fn, warmup=25, rep=rep, grad_to_none=grads, return_mode="median")
-
-
-def bench_events(fn, reps):
-    """Median of `reps` timed calls after one warm-up (for the slow LSTMCell loop)."""
-    if DEV == "cpu":
-        return bench(fn)
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+        return wall_ms(fn, DEV)
+    return do_bench_ms(fn, grads, rep)
 
 
 def set_precision(mode: str) -> None:
@@ -170,16 +151,19 @@ def sweep():
                 best = (ms, tiles)
         return best
 
+    chosen = {}
     with torch.no_grad():
-        pick("forward", ("block_t", "block_d", "num_warps"), lambda launch: ts.minlstm_scan_triton(*x, launch=launch))
+        chosen["forward"] = pick("forward", ("block_t", "block_d", "num_warps"),
+                                 lambda launch: ts.minlstm_scan_triton(*x, launch=launch))
     leaves = [t.requires_grad_() for t in x]
 
     def backward(launch):
         h, _ = ts.minlstm_scan_triton(*leaves, launch=launch)
         return torch.autograd.grad(h, leaves, dh)
 
-    pick("backward", ("backward_block_t", "backward_block_d", "backward_num_warps"), backward)
+    chosen["backward"] = pick("backward", ("backward_block_t", "backward_block_d", "backward_num_warps"), backward)
     results["default"] = dataclasses.asdict(ts.LaunchConfig())
+    results["chosen"] = chosen  # (ms, tiles) of the fastest per kernel, None where every tile failed
     return results
 
 
@@ -247,7 +231,7 @@ def time_all(mode: str, loop_reps: int):
         x.grad = None
         lstmcell_loop(cell, x).backward(dy)
 
-    times["nn.LSTMCell loop"] = {"fwd": bench_events(loop_fwd, loop_reps), "fwd_bwd": bench_events(loop_fwd_bwd, 2),
+    times["nn.LSTMCell loop"] = {"fwd": median_ms(loop_fwd, DEV, loop_reps), "fwd_bwd": median_ms(loop_fwd_bwd, DEV, 2),
                                  "reps": {"fwd": loop_reps, "fwd_bwd": 2}}
     print(f"  [{mode}] nn.LSTMCell loop: {times['nn.LSTMCell loop']}", flush=True)
     times["layer default path"] = "cuBLAS + Triton scan"

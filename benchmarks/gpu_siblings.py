@@ -18,12 +18,14 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 import traceback
 
 import torch
 import torch.nn.functional as F
+from _timing import event_ms, wall_ms
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -82,34 +84,12 @@ def mamba3_inputs(B, T, H, P, dtype, device, seed=0, N=128):
     return [x, dt, A, lam, Bm, Cm, theta, r(H), *state]
 
 
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(fn, device, budget_s=6.0, max_reps=20):
     """Median ms of fn() after one warm-up call; as many repetitions as fit in `budget_s` (at least 1)."""
     fn()
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    first = time.perf_counter() - start
-    reps = max(1, min(max_reps, int(budget_s / max(first, 1e-6))))
-    times = [first * 1e3]
-    for _ in range(reps - 1):
-        if device == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(begin.elapsed_time(end))
-        else:
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
+    first = wall_ms(fn, device)
+    reps = max(1, min(max_reps, int(budget_s / max(first / 1e3, 1e-6))))
+    return statistics.median([first] + [event_ms(fn, device) for _ in range(reps - 1)])
 
 
 def _rel(got, ref):

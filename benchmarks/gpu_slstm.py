@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
+from _timing import median_ms
 
 SHAPES = [(16, 2048, 4, 128), (16, 2048, 8, 64), (16, 2048, 4, 192)]  # B, T, H, d (the last: xLSTM 125M's sLSTM)
 SMOKE_SHAPES = [(2, 8, 2, 16)]
@@ -72,25 +71,6 @@ def check(shape, device):
     return result
 
 
-def time_ms(fn, device, reps):
-    """Median milliseconds of `fn` (one warm-up call first)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def timings(shape, device, reps):
     from revival.ops.slstm import slstm
 
@@ -115,7 +95,7 @@ def timings(shape, device, reps):
         n = reps if impl == "triton" else max(2, reps // 5)
         key = f"{impl}_{str(dtype).replace('torch.', '')}"
         try:
-            out[key] = {"fwd_ms": time_ms(fwd, device, n), "fwd_bwd_ms": time_ms(fwd_bwd, device, n)}
+            out[key] = {"fwd_ms": median_ms(fwd, device, n), "fwd_bwd_ms": median_ms(fwd_bwd, device, n)}
         except Exception as error:
             out[key] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
             continue
@@ -152,16 +132,18 @@ def sweep(shape, device, reps):
 
         key = mode + "," + ",".join(f"{k}={v}" for k, v in launch.items())
         try:
-            out[key] = time_ms(fwd_bwd, device, reps)
+            out[key] = median_ms(fwd_bwd, device, reps)
         except Exception as error:  # a setting that does not compile (registers, shared memory) is recorded
             out[key] = f"failed: {type(error).__name__}: {str(error)[:200]}"
     return out
 
 
 OFFICIAL_SCRIPT = r"""
-import json, statistics, sys, time, torch
+import json, sys, time, torch
 from xlstm.blocks.slstm.cell import sLSTMCell, sLSTMCellConfig
 B, T, H, d, reps = map(int, sys.argv[1:6])
+sys.path.insert(0, sys.argv[6])  # the benchmarks folder
+from _timing import median_ms
 t0 = time.perf_counter()
 config = sLSTMCellConfig(hidden_size=H * d, num_heads=H, batch_size=B, backend="cuda", dtype="bfloat16",
                          recurrent_weight_init="standard")
@@ -180,15 +162,8 @@ def fwd_bwd():
     if dy is None:
         dy = torch.randn_like(y)
     y.backward(dy)
-def time_ms(fn):
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(); fn(); end.record(); torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-print("RESULT" + json.dumps({"fwd_ms": time_ms(fwd), "fwd_bwd_ms": time_ms(fwd_bwd), "compile_s": compile_s}))
+print("RESULT" + json.dumps({"fwd_ms": median_ms(fwd, "cuda", reps), "fwd_bwd_ms": median_ms(fwd_bwd, "cuda", reps),
+                            "compile_s": compile_s}))
 """
 
 
@@ -201,7 +176,8 @@ def official(shape, reps, timeout_s):
     except ImportError as error:
         return {"status": f"not installed: {error}"}
     try:
-        proc = subprocess.run([sys.executable, "-c", OFFICIAL_SCRIPT, *map(str, shape), str(reps)],
+        proc = subprocess.run([sys.executable, "-c", OFFICIAL_SCRIPT, *map(str, shape), str(reps),
+                               os.path.dirname(os.path.abspath(__file__))],
                               capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
     except subprocess.TimeoutExpired:
         return {"status": f"did not finish within {timeout_s} s (compile + timing)"}
