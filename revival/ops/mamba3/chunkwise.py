@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 
 from .._common import chunk_spans, compute_dtype
-from .._documents import chunk_masks
+from ..ssd.chunkwise import intra_chunk_decay, states_before_chunks
 from .reference import rotate
 
 
@@ -103,12 +103,9 @@ def _equal_chunks(inputs, keys, queries, log_decay, S, L: int,
     cum = torch.cumsum(log_decay.reshape(n, NC, L, H), dim=2)
 
     # Intra-chunk: y_t += sum_{s <= t} exp(cum_t - cum_s) sum_k (q_t . keys_{s,k}) inputs_{s,k}.
-    causal = torch.ones(L, L, dtype=torch.bool, device=inputs.device).tril()[None, None, :, :, None]
-    if document_starts is not None:
-        same, continues, to_end_mask, keeps = chunk_masks(document_starts.reshape(n, NC, L))
-        causal = causal & same[..., None]
-    differences = cum[:, :, :, None, :] - cum[:, :, None, :, :]  # (n, NC, L_t, L_s, H)
-    decay = torch.exp(torch.where(causal, differences, torch.full_like(differences, float("-inf"))))
+    decay, masks = intra_chunk_decay(cum, document_starts)
+    if masks is not None:
+        _, continues, to_end_mask, keeps = masks
     scores = torch.einsum("nclhrk,ncshqk->nclshrq", queries, keys) * decay[..., None, None]
     y = torch.einsum("nclshrq,ncshqp->nclhrp", scores, inputs)
 
@@ -121,10 +118,6 @@ def _equal_chunks(inputs, keys, queries, log_decay, S, L: int,
         chunk_decay = chunk_decay * keeps[..., None]
         from_start = from_start * continues[..., None, None, None]
     S_local = torch.einsum("nclh,nclhqp,nclhqk->nchpk", to_end, inputs, keys)
-    starts = []
-    for c in range(NC):
-        starts.append(S)
-        S = chunk_decay[:, c, :, None, None] * S + S_local[:, c]
-    starts = torch.stack(starts, dim=1)  # (n, NC, H, P, N)
+    starts, S = states_before_chunks(S, chunk_decay, S_local)
     y = y + torch.einsum("nclhrk,nchpk->nclhrp", queries, starts) * from_start
     return y.reshape(n, T, H, R, P), S

@@ -29,6 +29,30 @@ def ssd_chunkwise(x, dt, A, Bh, Ch, D, state, chunk_size: int, document_starts) 
     return y.to(x.dtype), S
 
 
+def intra_chunk_decay(cum: torch.Tensor, document_starts=None):
+    """The decay inside each chunk, exp(cum_t - cum_s) for key s <= query t of one document and 0 elsewhere:
+    (n, NC, L_t, L_s, H) from the cumulative log decay `cum` (n, NC, L, H). Also `chunk_masks` of `document_starts`
+    (n, T) chunked like cum, or None without."""
+    n, NC, L, _ = cum.shape
+    causal = torch.ones(L, L, dtype=torch.bool, device=cum.device).tril()[None, None, :, :, None]
+    masks = None
+    if document_starts is not None:
+        masks = chunk_masks(document_starts.reshape(n, NC, L))
+        causal = causal & masks[0][..., None]
+    log_decay = cum[:, :, :, None, :] - cum[:, :, None, :, :]  # (n, NC, L_t, L_s, H)
+    return torch.exp(torch.where(causal, log_decay, torch.full_like(log_decay, float("-inf")))), masks
+
+
+def states_before_chunks(S: torch.Tensor, chunk_decay: torch.Tensor, S_local: torch.Tensor):
+    """Sequential over chunks: the state before each chunk (n, NC, H, P, N) and the final state, from the state
+    before the first S (n, H, P, N), each chunk's decay (n, NC, H) and its own contribution S_local (n, NC, H, P, N)."""
+    starts = []
+    for c in range(chunk_decay.shape[1]):
+        starts.append(S)
+        S = chunk_decay[:, c, :, None, None] * S + S_local[:, c]
+    return torch.stack(starts, dim=1), S
+
+
 def _equal_chunks(x, dt, A, B, C, S, L: int, document_starts=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise SSD for T a multiple of L, without the D skip term. B, C already per head: (n, T, H, N)."""
     n, T, H, P = x.shape
@@ -41,12 +65,9 @@ def _equal_chunks(x, dt, A, B, C, S, L: int, document_starts=None) -> tuple[torc
     cum = torch.cumsum(dt * A, dim=2)  # cumulative log decay inside each chunk, (n, NC, L, H)
 
     # Intra-chunk: y_t += sum_{s <= t} exp(cum_t - cum_s) (C_t . B_s) dt_s x_s.
-    causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()[None, None, :, :, None]
-    if document_starts is not None:
-        same, continues, to_end_mask, keeps = chunk_masks(document_starts.reshape(n, NC, L))
-        causal = causal & same[..., None]
-    log_decay = cum[:, :, :, None, :] - cum[:, :, None, :, :]  # (n, NC, L_t, L_s, H)
-    decay = torch.exp(torch.where(causal, log_decay, torch.full_like(log_decay, float("-inf"))))
+    decay, masks = intra_chunk_decay(cum, document_starts)
+    if masks is not None:
+        _, continues, to_end_mask, keeps = masks
     scores = torch.einsum("nclhk,ncshk->nclsh", C, B) * decay * dt[:, :, None, :, :]
     y = torch.einsum("nclsh,ncshp->nclhp", scores, x)
 
@@ -62,11 +83,7 @@ def _equal_chunks(x, dt, A, B, C, S, L: int, document_starts=None) -> tuple[torc
     if document_starts is not None:  # a chunk with a start passes no earlier state on; later documents read none
         chunk_decay = chunk_decay * keeps[..., None]
         from_start = from_start * continues[..., None, None]
-    starts = []
-    for c in range(NC):
-        starts.append(S)
-        S = chunk_decay[:, c, :, None, None] * S + S_local[:, c]
-    starts = torch.stack(starts, dim=1)  # (n, NC, H, P, N)
+    starts, S = states_before_chunks(S, chunk_decay, S_local)
 
     # The state before the chunk, decayed to position t, read by C_t.
     y = y + torch.einsum("nclhk,nchpk->nclhp", C, starts) * from_start
