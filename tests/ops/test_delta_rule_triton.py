@@ -165,3 +165,91 @@ def test_gradients_at_a_real_shape_on_the_gpu(Dv):
     ref = _run(gated_delta_rule_reference, rounded, weights, "cuda")
     got = _run(lambda *a: gated_delta_rule_triton(*a, 128**-0.5), inputs, weights, "cuda", dtype=torch.bfloat16)
     assert_close(got, ref, NAMES, 2e-2)
+
+
+def _record_launches(monkeypatch) -> list[dict]:
+    """Every kernel launch of the chunkwise forward and backward: {"kernel", "q" (dtype of the first tensor),
+    **options} (the launches still run)."""
+    from revival.ops.delta_rule.triton import backward, forward
+
+    calls, launch = [], forward.launch
+
+    def recording(kernel, grid, *args, **options):
+        calls.append({"kernel": kernel.__name__, "first": args[0].dtype, **options})
+        launch(kernel, grid, *args, **options)
+
+    monkeypatch.setattr(forward, "launch", recording)
+    monkeypatch.setattr(backward, "launch", recording)
+    return calls
+
+
+def test_autocast_dtypes_take_the_16_bit_products(monkeypatch):
+    """Under bf16 autocast the layer hands float32 q, k (F.normalize runs in float32) and a bf16 v: the kernels
+    read all three in bf16 with tf32 products (float32 "ieee" products compiled for minutes on the H200), o comes
+    back in q's dtype, and the results are those of bf16 inputs."""
+    calls = _record_launches(monkeypatch)
+    inputs, weights = _inputs(1, 40, 2, 16, 32, seed=5)
+    inputs[2] = inputs[2].bfloat16()
+    ref = _reference([x.bfloat16().double() if i < 3 else x for i, x in enumerate(inputs)], weights)
+    got = _run(lambda *a: gated_delta_rule_triton(*a, 0.25, chunk_size=16), inputs, weights, DEVICE)
+    assert got[0].dtype == torch.float32 and got[2].dtype == torch.float32 and got[4].dtype == torch.bfloat16
+    assert sorted({call["kernel"] for call in calls}) == ["_dstates_kernel", "_grads_kernel", "_output_kernel",
+                                                         "_states_kernel", "_wy_kernel"]
+    assert {call["PRECISION"] for call in calls} == {"tf32"}
+    assert {call["first"] for call in calls if call["kernel"] in ("_wy_kernel", "_output_kernel")} == {torch.bfloat16}
+    assert_close(got, ref, NAMES, 1e-2)
+
+
+def test_no_cuda_core_products_and_an_unpipelined_gradient_kernel(monkeypatch):
+    """float32 inputs use three-pass tf32, not "ieee" (CUDA-core (64, 64) products: ~100 KB of spills per thread,
+    minutes of compilation on sm_90); the gradient kernel launches with num_stages=1 (pipelined it asks sm_90 for
+    more shared memory than it has, so each new shape compiled it twice)."""
+    from revival.ops.delta_rule.triton.forward import precisions
+
+    assert "ieee" not in precisions(torch.float32) + precisions(torch.bfloat16) + precisions(torch.float16)
+    calls = _record_launches(monkeypatch)
+    inputs, weights = _inputs(1, 20, 1, 16, 16, seed=2)
+    _run(lambda *a: gated_delta_rule_triton(*a, 0.25, chunk_size=16), inputs, weights, DEVICE)
+    assert [call.get("num_stages") for call in calls if call["kernel"] == "_grads_kernel"] == [1]
+
+
+def test_kernels_do_not_specialise_on_the_sequence_length():
+    """T and the chunk count are not specialisation keys of the chunkwise kernels (Triton compiles again for an
+    integer argument equal to 1 or divisible by 16: tasks with lengths 3-256 compiled each kernel several times);
+    the head dims stay keys. Checked on the JIT kernels, in a process without TRITON_INTERPRET."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from revival.ops.delta_rule.triton import backward, forward\n"
+        "for kernel in (forward._wy_kernel, forward._states_kernel, forward._output_kernel,\n"
+        "               backward._dstates_kernel, backward._grads_kernel):\n"
+        "    fixed = sorted(p.name for p in kernel.params if p.do_not_specialize)\n"
+        "    print(kernel.__name__, ','.join(fixed))\n")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    unspecialised = dict(line.partition(" ")[::2] for line in done.stdout.splitlines())
+    assert unspecialised == {"_wy_kernel": "T", "_states_kernel": "NC,T", "_output_kernel": "NC,T",
+                             "_dstates_kernel": "NC,T", "_grads_kernel": "NC,T"}
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="counts compiled kernels: needs CUDA")
+def test_one_compilation_per_kernel_across_lengths_on_the_gpu():
+    """bf16 forward + backward at T = 3 ... 256 (the parity task's lengths) compile each kernel once: every length
+    after the first finds its kernels in Triton's cache. Head dims (40, 56) that no other test uses."""
+    from revival.ops.delta_rule.triton import backward, forward
+
+    kernels = (forward._wy_kernel, forward._states_kernel, forward._output_kernel, backward._dstates_kernel,
+               backward._grads_kernel)
+
+    def compiled() -> list[int]:
+        return [sum(len(entry[0]) for entry in kernel.device_caches.values()) for kernel in kernels]
+
+    counts = []
+    for T in (40, 3, 16, 64, 65, 100, 256):
+        inputs, weights = _inputs(2, T, 2, 40, 56, seed=T)
+        _run(lambda *a: gated_delta_rule_triton(*a, 40**-0.5), inputs, weights, "cuda", dtype=torch.bfloat16)
+        counts.append(compiled())
+    assert all(count == counts[0] for count in counts), counts

@@ -3,8 +3,9 @@ decode step.
 
 `gated_delta_rule_triton(q, k, v, g, beta, state, scale, chunk_size=64, document_starts=None, launch=None)` has the
 contract of `revival.ops.delta_rule.gated_delta_rule` (inputs validated, `scale` resolved);
-`gated_delta_rule_step_triton` is one token of it. Computation in float32 (products on tf32 matrix units for 16-bit
-inputs); o in the inputs' dtype, the state float32. `available()`: Triton importable and a CUDA device (or
+`gated_delta_rule_step_triton` is one token of it. Computation in float32 (products on tf32 matrix units: one pass
+for 16-bit inputs, three for float32, `forward.precisions`); q, k, v read in the narrowest of their dtypes
+(`kernel_dtype`), o in q's dtype, the state float32. `available()`: Triton importable and a CUDA device (or
 `TRITON_INTERPRET=1` for CPU tests).
 """
 
@@ -54,12 +55,23 @@ def gated_delta_rule_triton(q, k, v, g, beta, state, scale: float, *, chunk_size
     (`LaunchConfig`)."""
     n, T, H, Dk = q.shape
     Dv = v.shape[-1]
+    out_dtype, dtype = q.dtype, kernel_dtype(q, k, v)
     (q, k, v), (g, beta), S0, starts = chunkwise_kernel_inputs(
-        {"q": q, "k": k, "v": v}, (g, beta), state, (n, H, Dk, Dv), document_starts, sizes_of="q, v",
+        {"q": q.to(dtype), "k": k, "v": v}, (g, beta), state, (n, H, Dk, Dv), document_starts, sizes_of="q, v",
         what="head dims", Dk=Dk, Dv=Dv)
     cfg = launch_config(Dk, Dv, n * H, launch)
     # the (L, L) decay and inverse tiles and the (L, D) tiles of the gradient kernel stay on chip up to L = 64
-    return _GatedDeltaRule.apply(q, k, v, g, beta, S0, starts, scale, kernel_chunk_size(chunk_size), cfg)
+    o, S_T = _GatedDeltaRule.apply(q, k, v, g, beta, S0, starts, scale, kernel_chunk_size(chunk_size), cfg)
+    return o.to(out_dtype), S_T
+
+
+def kernel_dtype(q, k, v) -> torch.dtype:
+    """The dtype the kernels read q, k, v in: the narrowest of the three (q's when it is float64, refused later).
+    Under bf16 autocast F.normalize gives float32 q, k beside a bf16 v: the kernels then take the 16-bit products
+    (`forward.precisions`), not float32's, which compile for minutes on sm_90 (docs/kernels.md)."""
+    if q.dtype == torch.float64:
+        return q.dtype
+    return min((q.dtype, k.dtype, v.dtype), key=lambda dtype: dtype.itemsize)
 
 
 def gated_delta_rule_step_triton(q, k, v, g, beta, state, scale: float):

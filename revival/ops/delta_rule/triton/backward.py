@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .forward import (
+    LENGTHS,
     chunk_tokens,
     decay_matrix,
     document_masks,
@@ -45,7 +46,7 @@ def _upper_decay(gamma, same, STRICT: tl.constexpr, L: tl.constexpr):
     return tl.exp(tl.where(keep & same, gamma[None, :] - gamma[:, None], float("-inf")))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTHS)
 def _dstates_kernel(
     q_ptr, k_ptr, w_ptr, g_ptr, starts_ptr, do_ptr, ds_last_ptr,
     dstates_ptr, du_ptr, ds0_ptr,
@@ -75,7 +76,7 @@ def _dstates_kernel(
     store_state(ds0_ptr, dS, row, 0, 1, DK, DV, BK, BV, iv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTHS)
 def _grads_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, starts_ptr, u_ptr, states_ptr, dstates_ptr, do_ptr, du_ptr,
     dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr,
@@ -198,5 +199,5 @@ def delta_rule_backward(q, k, v, g, beta, starts, w, u, states, do, dS_T, scale:
     launch(_grads_kernel, (NC, n * H),
         q, k, v, g, beta, starts, u, states, dstates, do, du, dq, dk, dv, dg, dbeta, T, H, NC, Dk, Dv, scale,
         L=L, LOG2_L=L.bit_length() - 1, BK=BK, BV=min(cfg.block_v_grads, BV), PRECISION=precision,
-        INVERSE_PRECISION=inverse_precision, num_warps=cfg.warps_grads, **documents)
+        INVERSE_PRECISION=inverse_precision, num_warps=cfg.warps_grads, num_stages=cfg.stages_grads, **documents)
     return dq, dk, dv, dg, dbeta, dS0

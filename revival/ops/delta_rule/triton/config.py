@@ -14,7 +14,7 @@ class LaunchConfig:
     block_v_states / block_v_output / block_v_dstates: the Dv-tile of the sequential state kernel, the output kernel
     and the sequential state-gradient kernel (narrower tiles: more programs for the sequential walks); block_v_wy /
     block_v_grads: the Dv-tile the WY and gradient kernels loop over (fewer live tiles); warps_*: num_warps per
-    kernel."""
+    kernel; stages_grads: num_stages of the gradient kernel."""
 
     block_v_wy: int | None = None
     block_v_grads: int | None = None
@@ -26,15 +26,18 @@ class LaunchConfig:
     warps_output: int | None = None
     warps_dstates: int | None = None
     warps_grads: int | None = None
+    stages_grads: int | None = None
 
 
 def default_launch_config(Dk: int, Dv: int, rows: int) -> LaunchConfig:
     """Fixed settings per shape class (no autotuning): with few batch*head rows the sequential kernels split Dv
     into narrower tiles so that more programs run at once."""
     narrow = 32 if rows < 64 else 64
+    # the gradient kernel unpipelined: pipelined it asks sm_90 for 400 KB of shared memory at (Dk, Dv) = (64, 128)
+    # (227 KB there), so its first call compiled twice (`forward.launch`); its Dv loops run Dv / 64 times
     return LaunchConfig(block_v_wy=128, block_v_grads=64, block_v_states=narrow, block_v_output=128,
                         block_v_dstates=narrow, warps_wy=4, warps_states=4, warps_output=4, warps_dstates=4,
-                        warps_grads=8)
+                        warps_grads=8, stages_grads=1)
 
 
 def launch_config(Dk: int, Dv: int, rows: int, requested: LaunchConfig | None = None) -> LaunchConfig:

@@ -23,6 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
+# Not specialised on: the sequence length and chunk count (Triton compiles an integer argument apart when it is 1,
+# divisible by 16 or neither: up to 9 variants of a kernel across lengths); head dims and tiles are.
+LENGTHS = ("T", "NC")
+
 
 @triton.jit
 def chunk_tokens(row, c, T, H, L: tl.constexpr):
@@ -138,7 +142,7 @@ def store_state(ptr, S, row, c, NC, DK, DV, BK: tl.constexpr, BV: tl.constexpr, 
     tl.store(ptr + offs, S, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTHS)
 def _wy_kernel(
     k_ptr, v_ptr, g_ptr, beta_ptr, starts_ptr, w_ptr, u0_ptr,
     T, H, DK, DV,
@@ -164,7 +168,7 @@ def _wy_kernel(
         tl.store(u0_ptr + tokens[:, None] * DV + offs_v[None, :], u0, mask=valid[:, None] & (offs_v < DV)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTHS)
 def _states_kernel(
     k_ptr, w_ptr, u0_ptr, g_ptr, starts_ptr, s0_ptr,
     states_ptr, u_ptr, s_out_ptr,
@@ -188,7 +192,7 @@ def _states_kernel(
     store_state(s_out_ptr, S, row, 0, 1, DK, DV, BK, BV, iv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTHS)
 def _output_kernel(
     q_ptr, k_ptr, g_ptr, starts_ptr, states_ptr, u_ptr, o_ptr,
     T, H, NC, DK, DV, scale,
@@ -232,9 +236,10 @@ def launch(kernel, grid: tuple, *args, **options) -> None:
 
 
 def precisions(dtype: torch.dtype) -> tuple[str, str]:
-    """(products, the WY inverse's squarings): float32 inputs in full float32; 16-bit inputs on tf32 matrix units,
-    the inverse (whose powers compound rounding) in three-pass tf32."""
-    return ("ieee", "ieee") if dtype == torch.float32 else ("tf32", "tf32x3")
+    """(products, the WY inverse's squarings): 16-bit inputs on tf32 matrix units, the inverse (whose powers compound
+    rounding) in three-pass tf32; float32 inputs in three-pass tf32 throughout (float32-level accuracy). Not "ieee":
+    CUDA-core products of (64, 64) tiles spill ~100 KB per thread and compile for minutes on sm_90 (docs/kernels.md)."""
+    return ("tf32x3", "tf32x3") if dtype == torch.float32 else ("tf32", "tf32x3")
 
 
 def pow2(x: int, floor: int = 16) -> int:
