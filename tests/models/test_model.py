@@ -8,8 +8,8 @@ import torch
 
 from revival import LanguageModel, ModelConfig, preset_config
 from revival.models import PATTERN_LETTERS, state_bytes, xlstm_pattern
+from tests.models._helpers import VOCAB, prefill_then_steps, randomized, rel_err, short_and_long_states
 
-VOCAB = 37
 PATTERNS = ["m", "s", "x", "a", "mmsm", "xa", "msxa", "gl", "Md"]
 SMALL_MAMBA = {"M": {"head_dim": 8, "d_state": 8}}
 
@@ -21,16 +21,7 @@ def tiny_config(pattern: str, d_model: int = 16, **overrides) -> ModelConfig:
 
 def tiny_model(pattern: str, dtype=torch.float64, seed: int = 0, **overrides) -> LanguageModel:
     torch.manual_seed(seed)
-    model = LanguageModel(tiny_config(pattern, **overrides)).to(dtype)
-    # Randomize everything (gate biases, norms, zero-initialised recurrent weights) so no path hides behind an init.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return model.eval()
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
+    return randomized(LanguageModel(tiny_config(pattern, **overrides)).to(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -43,12 +34,7 @@ def test_prefill_then_steps_matches_full_forward(pattern, dtype):
         assert torch.isfinite(full).all()
         tol = 1e-12 if dtype == torch.float64 else 2e-5
         for prefill in (1, 6, 17):  # shorter than, not a multiple of, and longer than a chunk
-            logits, state = model(ids[:, :prefill])
-            pieces = [logits]
-            for t in range(prefill, ids.shape[1]):
-                logits, state = model(ids[:, t:t + 1], state)
-                pieces.append(logits)
-            assert rel_err(torch.cat(pieces, 1), full) < tol, (pattern, dtype, prefill)
+            assert rel_err(prefill_then_steps(model, ids, prefill), full) < tol, (pattern, dtype, prefill)
         # Uneven multi-token chunks continue exactly too.
         logits_a, state = model(ids[:, :9])
         logits_b, state = model(ids[:, 9:20], state)
@@ -59,10 +45,7 @@ def test_prefill_then_steps_matches_full_forward(pattern, dtype):
 @pytest.mark.parametrize("pattern", ["m", "s", "x", "ms", "mx", "g", "l", "M", "d"])
 def test_recurrent_state_bytes_do_not_grow_with_context(pattern):
     model = tiny_model(pattern, torch.float32, d_model=8)
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        _, short = model(torch.randint(0, VOCAB, (1, 16), generator=gen))
-        _, long = model(torch.randint(0, VOCAB, (1, 4096), generator=gen))
+    short, long = short_and_long_states(model, 4096, seed=2)
     assert state_bytes(short) == state_bytes(long) == model.state_bytes(long) > 0
     shapes = lambda s: [tuple(t.shape) for t in _flatten(s)]  # noqa: E731
     assert shapes(short) == shapes(long)

@@ -12,8 +12,8 @@ import yaml
 
 from revival import LanguageModel, preset_config
 from revival.models import state_bytes
+from tests.models._helpers import VOCAB, prefill_then_steps, randomized, rel_err, short_and_long_states
 
-VOCAB = 37
 # preset -> depth at the tiny size (deep enough that each kind of block in the preset's pattern appears)
 PRESETS = {
     "xlstm[1:0]": 2, "xlstm[7:1]": 3, "xlstm-large": 2, "llama": 2, "mingru": 2, "minlstm": 2, "mamba2": 2,
@@ -27,20 +27,11 @@ def tiny_model(name: str, dtype: torch.dtype, d_model: int = 16, seed: int = 0) 
     config = preset_config(name, vocab_size=VOCAB, d_model=d_model, num_heads=2, num_blocks=PRESETS[name],
                            chunk_size=8, layer_options={"M": {"d_state": 8}} if "M" in _pattern(name) else {})
     torch.manual_seed(seed)
-    model = LanguageModel(config).to(dtype)
-    # Perturb every parameter (gate biases, norms, zero-initialised weights) so no path hides behind an init.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return model.eval()
+    return randomized(LanguageModel(config).to(dtype))
 
 
 def _pattern(name: str) -> str:
     return preset_config(name, num_blocks=PRESETS[name]).pattern
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_sibling_preset_patterns():
@@ -76,21 +67,13 @@ def test_prefill_then_single_token_steps_match_full_forward(name):
     with torch.no_grad():
         full, _ = model(ids)
         assert torch.isfinite(full).all()
-        logits, state = model(ids[:, :prefill])
-        pieces = [logits]
-        for t in range(prefill, total):
-            logits, state = model(ids[:, t:t + 1], state)
-            pieces.append(logits)
-    assert rel_err(torch.cat(pieces, 1), full) < 1e-12, (name, prefill)
+    assert rel_err(prefill_then_steps(model, ids, prefill), full) < 1e-12, (name, prefill)
 
 
 @pytest.mark.parametrize("name", RECURRENT_ONLY)
 def test_recurrent_presets_hold_a_constant_state(name):
     model = tiny_model(name, torch.float32, d_model=8)
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        _, short = model(torch.randint(0, VOCAB, (1, 16), generator=gen))
-        _, long = model(torch.randint(0, VOCAB, (1, 2048), generator=gen))
+    short, long = short_and_long_states(model, 2048, seed=5)
     assert state_bytes(short) == state_bytes(long) > 0
 
 
