@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from revival.ops.delta_rule import gated_delta_rule, gated_delta_rule_reference
+from tests.ops._helpers import check_float32_and_bfloat16
 
 F64 = torch.float64
 
@@ -89,13 +90,7 @@ def test_continuation_equals_one_call():
 
 
 def test_float32_and_bfloat16():
-    inputs = make_inputs(4, 130)
-    o_ref, s_ref = gated_delta_rule_reference(*inputs)
-    o, s = gated_delta_rule(*[t.float() for t in inputs])
-    assert o.dtype == torch.float32 and s.dtype == torch.float32
-    assert rel_err(o.double(), o_ref) < 1e-5 and rel_err(s.double(), s_ref) < 1e-5
-    o, s = gated_delta_rule(*[t.bfloat16() for t in inputs])
-    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    check_float32_and_bfloat16(gated_delta_rule, gated_delta_rule_reference, make_inputs(4, 130))
 
 
 def test_validation_errors_name_the_argument():

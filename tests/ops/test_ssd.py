@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from revival.ops.ssd import ssd, ssd_reference
+from tests.ops._helpers import check_float32_and_bfloat16
 
 F64 = torch.float64
 
@@ -75,13 +76,7 @@ def test_continuation_equals_one_call():
 
 
 def test_float32_and_bfloat16():
-    inputs = make_inputs(5, 130)
-    y_ref, s_ref = ssd_reference(*inputs)
-    y, s = ssd(*[t.float() for t in inputs])
-    assert y.dtype == torch.float32 and s.dtype == torch.float32
-    assert rel_err(y.double(), y_ref) < 1e-5 and rel_err(s.double(), s_ref) < 1e-5
-    y, s = ssd(*[t.bfloat16() for t in inputs])
-    assert y.dtype == torch.bfloat16 and s.dtype == torch.float32
+    check_float32_and_bfloat16(ssd, ssd_reference, make_inputs(5, 130))
 
 
 def test_validation_errors_name_the_argument():
