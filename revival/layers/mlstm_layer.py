@@ -28,6 +28,7 @@ from torch import nn
 from ..ops._documents import check_document_starts, drop_state_at_first_start
 from ..ops.mlstm import IMPLS, PRECISIONS, mlstm, mlstm_step
 from ..ops.mlstm.projections import gates_from_inputs, heads_channel_major, headwise_linear
+from ._inputs import unpack_state
 from .conv import CausalConv1d
 from .ffn import round_up, small_init_, wang_init_
 from .kinds import LayerKind, LayerOptions
@@ -130,14 +131,6 @@ class MLSTMLayer(nn.Module):
         self.outnorm.reset_parameters()
         nn.init.ones_(self.learnable_skip)
 
-    @staticmethod
-    def _split_state(state):
-        if state is None:
-            return None, None
-        if not isinstance(state, (tuple, list)) or len(state) != 2:
-            raise ValueError(f"state: expected (conv_state, (C, n, m)) or None, got {type(state).__name__}")
-        return state
-
     def _gate_parameters(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """[igate; fgate] weight (2H, 3 inner) and bias (2H,) in the gates' dtype: float32 (float64 for float64)."""
         gate_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -157,7 +150,8 @@ class MLSTMLayer(nn.Module):
             raise ValueError(f"x: expected shape (B, T, {self.d_model}), got {tuple(x.shape)}")
         B, T, _ = x.shape
         document_starts = check_document_starts(document_starts, B, T, x.device)
-        conv_state, cell_state = drop_state_at_first_start(self._split_state(state), document_starts)
+        state = unpack_state(state, ("conv_state", "(C, n, m)"))
+        conv_state, cell_state = drop_state_at_first_start(state, document_starts)
         if T == 1:
             return self._step(x, conv_state, cell_state)
         H, inner, N = self.num_heads, self.inner_dim, B * T

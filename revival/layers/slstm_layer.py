@@ -25,6 +25,7 @@ from torch import nn
 from ..ops._documents import check_document_starts, drop_state_at_first_start
 from ..ops.slstm import IMPLS, slstm, slstm_step
 from ..ops.slstm.gates import headwise_gates
+from ._inputs import unpack_state
 from .conv import CausalConv1d
 from .kinds import LayerKind, LayerOptions
 from .mlstm_layer import HeadwiseLinear
@@ -87,21 +88,14 @@ class SLSTMLayer(nn.Module):
                 self.gate_bias[1].copy_(forget.to(self.gate_bias.dtype).expand(self.num_heads, -1))
         self.group_norm.reset_parameters()
 
-    @staticmethod
-    def _split_state(state):
-        if state is None:
-            return None, None
-        if not isinstance(state, (tuple, list)) or len(state) != 2:
-            raise ValueError(f"state: expected (conv_state, (c, n, m, y)) or None, got {type(state).__name__}")
-        return state
-
     def forward(self, x: torch.Tensor, state=None, document_starts: torch.Tensor | None = None):
         """document_starts (B, T) bool or None: conv window and cell state restart at each document."""
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected shape (B, T, {self.d_model}), got {tuple(x.shape)}")
         B, T, D = x.shape
         document_starts = check_document_starts(document_starts, B, T, x.device)
-        conv_state, cell_state = drop_state_at_first_start(self._split_state(state), document_starts)
+        state = unpack_state(state, ("conv_state", "(c, n, m, y)"))
+        conv_state, cell_state = drop_state_at_first_start(state, document_starts)
         if self.conv is None:
             conv_act = F.silu(x) if self.silu_without_conv else x
             conv_state = x.new_zeros(B, 0, D)
