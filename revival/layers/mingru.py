@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..ops._documents import drop_state_at_first_start
 from ..ops.linear_scan import IMPLS as SCAN_IMPLS
 from ..ops.linear_scan import mingru_scan, mingru_step
 from ._inputs import check_mixer_input, unpack_state
@@ -74,7 +73,7 @@ class MinRNNBase(nn.Module):
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None,
                 document_starts: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         document_starts = check_mixer_input(x, self.d_model, document_starts)
-        conv_state, h0 = drop_state_at_first_start(unpack_state(state, ("conv_state", "h")), document_starts)
+        conv_state, h0 = unpack_state(state, ("conv_state", "h"), document_starts)
         if h0 is not None and tuple(h0.shape) != (x.shape[0], self.d_inner):
             raise ValueError(f"state[1] (h): expected shape {(x.shape[0], self.d_inner)}, got {tuple(h0.shape)}")
         if self.conv is not None:

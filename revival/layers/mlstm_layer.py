@@ -25,10 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._documents import check_document_starts, drop_state_at_first_start
 from ..ops.mlstm import IMPLS, PRECISIONS, mlstm, mlstm_step
 from ..ops.mlstm.projections import gates_from_inputs, heads_channel_major, headwise_linear
-from ._inputs import unpack_state
+from ._inputs import check_mixer_input, unpack_state
 from .conv import CausalConv1d
 from .ffn import round_up, small_init_, wang_init_
 from .kinds import LayerKind, LayerOptions
@@ -146,12 +145,9 @@ class MLSTMLayer(nn.Module):
     def forward(self, x: torch.Tensor, state=None, document_starts: torch.Tensor | None = None):
         """document_starts (B, T) bool or None: conv window and cell state restart at each document
         (revival/ops/_documents.py)."""
-        if x.ndim != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x: expected shape (B, T, {self.d_model}), got {tuple(x.shape)}")
+        document_starts = check_mixer_input(x, self.d_model, document_starts)
+        conv_state, cell_state = unpack_state(state, ("conv_state", "(C, n, m)"), document_starts)
         B, T, _ = x.shape
-        document_starts = check_document_starts(document_starts, B, T, x.device)
-        state = unpack_state(state, ("conv_state", "(C, n, m)"))
-        conv_state, cell_state = drop_state_at_first_start(state, document_starts)
         if T == 1:
             return self._step(x, conv_state, cell_state)
         H, inner, N = self.num_heads, self.inner_dim, B * T

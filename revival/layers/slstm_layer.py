@@ -22,10 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._documents import check_document_starts, drop_state_at_first_start
 from ..ops.slstm import IMPLS, slstm, slstm_step
 from ..ops.slstm.gates import headwise_gates
-from ._inputs import unpack_state
+from ._inputs import check_mixer_input, unpack_state
 from .conv import CausalConv1d
 from .kinds import LayerKind, LayerOptions
 from .mlstm_layer import HeadwiseLinear
@@ -90,12 +89,9 @@ class SLSTMLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, state=None, document_starts: torch.Tensor | None = None):
         """document_starts (B, T) bool or None: conv window and cell state restart at each document."""
-        if x.ndim != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x: expected shape (B, T, {self.d_model}), got {tuple(x.shape)}")
+        document_starts = check_mixer_input(x, self.d_model, document_starts)
+        conv_state, cell_state = unpack_state(state, ("conv_state", "(c, n, m, y)"), document_starts)
         B, T, D = x.shape
-        document_starts = check_document_starts(document_starts, B, T, x.device)
-        state = unpack_state(state, ("conv_state", "(c, n, m, y)"))
-        conv_state, cell_state = drop_state_at_first_start(state, document_starts)
         if self.conv is None:
             conv_act = F.silu(x) if self.silu_without_conv else x
             conv_state = x.new_zeros(B, 0, D)
