@@ -13,7 +13,7 @@ import yaml
 from revival.cli import main
 from revival.data.tasks import IGNORE, bracket_matching, generate, modular_arithmetic, mqar, parity, selective_copying
 from revival.errors import UserError
-from revival.eval.tasks import RECIPES, TaskRecipe, accuracy, recipe, run_task, task_model_config
+from revival.eval.tasks import RECIPES, TaskRecipe, accuracy, load_recipe, recipe, run_task, task_model_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -168,3 +168,11 @@ def test_runs_record_a_learning_curve_and_stop_at_the_time_budget():
     assert capped["steps"] == 1 and capped["stopped_by_time"] and capped["history"] == []
     with pytest.raises(UserError, match="max_seconds"):
         TaskRecipe.from_dict(dict(small, max_seconds=0))
+
+
+def test_parity_cpu_recipe_keeps_the_paper_model_and_data():
+    cpu = load_recipe(ROOT / "configs" / "tasks" / "parity_cpu.yaml")
+    paper = recipe("parity", "paper")
+    for name in ("train_data", "test_data", "d_models", "num_blocks", "weight_decay", "warmup_steps"):
+        assert getattr(cpu, name) == getattr(paper, name), name
+    assert cpu.early_stop_accuracy == 0.99 and cpu.max_seconds is not None
