@@ -383,16 +383,20 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def plot_task(result: dict[str, Any], path: str | Path) -> Path:
-    """Accuracy per model: against d_model for each setting (or one bar per model for a single width), and against
-    the test length where the test lengths vary; written to `path` (PNG)."""
+    """Accuracy per model: against d_model for each setting (or one bar per model for a single width), against
+    the test length where the test lengths vary, and against the training step where runs have a learning curve
+    (the best lr's runs); written to `path` (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     settings = list(dict.fromkeys(row["setting"] for row in result["table"]))
-    by_length = [run for run in result["runs"] if "accuracy_by_length" in run]
-    panels = len(settings) + (1 if by_length else 0)
+    best = {(row["model"], row["setting"], row["d_model"], row["lr"]) for row in result["table"]}
+    best_runs = [run for run in result["runs"] if (run["model"], run["setting"], run["d_model"], run["lr"]) in best]
+    by_length = [run for run in best_runs if "accuracy_by_length" in run]
+    curves = [run for run in best_runs if run.get("history")]
+    panels = len(settings) + (1 if by_length else 0) + (1 if curves else 0)
     figure, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), squeeze=False)
     for axis, setting in zip(axes[0], settings):
         rows = [row for row in result["table"] if row["setting"] == setting]
@@ -412,17 +416,25 @@ def plot_task(result: dict[str, Any], path: str | Path) -> Path:
         axis.set_ylabel("accuracy")
         axis.set_title(result["task"] if setting == result["task"] else f"{result['task']}: {setting}", fontsize=9)
     if by_length:
-        axis = axes[0][-1]
-        best = {(row["model"], row["setting"], row["d_model"], row["lr"]) for row in result["table"]}
+        axis = axes[0][len(settings)]
         for run in by_length:
-            if (run["model"], run["setting"], run["d_model"], run["lr"]) in best:
-                bins = run["accuracy_by_length"]
-                centers = [sum(int(x) for x in label.split("-")) / 2 for label in bins]
-                axis.plot(centers, list(bins.values()), marker=".", label=f"{run['model']} d={run['d_model']}")
+            bins = run["accuracy_by_length"]
+            centers = [sum(int(x) for x in label.split("-")) / 2 for label in bins]
+            axis.plot(centers, list(bins.values()), marker=".", label=f"{run['model']} d={run['d_model']}")
         axis.set_xlabel("test length")
         axis.set_ylabel("accuracy")
         axis.set_ylim(0, 1.02)
         axis.set_title(f"{result['task']}: accuracy by length", fontsize=9)
+    if curves:
+        axis = axes[0][-1]
+        for run in curves:
+            steps = [point["step"] for point in run["history"]] + [run["steps"]]
+            values = [point["accuracy"] for point in run["history"]] + [run["accuracy"]]
+            axis.plot(steps, values, marker=".", label=f"{run['model']} d={run['d_model']}")
+        axis.set_xlabel("training step")
+        axis.set_ylabel("test accuracy")
+        axis.set_ylim(0, 1.02)
+        axis.set_title(f"{result['task']}: learning curve", fontsize=9)
     handles, labels = axes[0][-1].get_legend_handles_labels()
     if not handles:
         handles, labels = axes[0][0].get_legend_handles_labels()

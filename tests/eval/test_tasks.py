@@ -154,7 +154,9 @@ def test_run_task_reports_best_lr_per_cell():
     assert len(result["table"]) == 1 and result["table"][0]["accuracy"] == best["accuracy"]
 
 
-def test_runs_record_a_learning_curve_and_stop_at_the_time_budget():
+def test_runs_record_a_learning_curve_and_stop_at_the_time_budget(tmp_path):
+    from revival.eval.tasks import plot_task
+
     small = dict(RECIPES["parity"]["tiny"], steps=6, eval_every=2, batch_size=8)
     small["train_data"] = dict(small["train_data"], num_examples=32)
     small["test_data"] = dict(small["test_data"], num_examples=8)
@@ -163,6 +165,8 @@ def test_runs_record_a_learning_curve_and_stop_at_the_time_budget():
     assert all(set(point) == {"step", "seconds", "loss", "accuracy"} for point in full["history"])
     assert 0 < full["history"][0]["seconds"] < full["history"][1]["seconds"] <= full["seconds"]
     assert not full["stopped_by_time"]
+    result = run_task(TaskRecipe.from_dict(small), ["llama"], device="cpu", show_progress=False)
+    assert plot_task(result, tmp_path / "curve.png").stat().st_size > 1000  # bar, by length, learning curve
     capped = run_task(TaskRecipe.from_dict(dict(small, max_seconds=1e-9)), ["llama"], device="cpu",
                       show_progress=False)["runs"][0]
     assert capped["steps"] == 1 and capped["stopped_by_time"] and capped["history"] == []
