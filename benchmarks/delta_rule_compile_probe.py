@@ -1,0 +1,142 @@
+"""Compile the Triton gated delta rule kernels for a GPU target on this machine (no GPU needed) and record, per
+kernel, the compile seconds, shared memory, registers and spill stores that ptxas reports.
+
+    python benchmarks/delta_rule_compile_probe.py [--cases ieee:64x128,tf32:64x128] [--arch 90] [--out DIR] [--smoke]
+
+A case is PRODUCTS:DKxDV: PRODUCTS the products' input_precision ("ieee": the float32 path before tf32x3, "tf32x3":
+float32 inputs now, "tf32": 16-bit inputs; the WY inverse takes "tf32x3" unless PRODUCTS is "ieee"), the head dims
+Dk, Dv. Launch settings are the wrapper's defaults (`launch_config` for 64+ batch*head rows, chunk 64). A kernel
+whose shared memory exceeds the target's (sm_90: 227 KB) raises OutOfResources on the GPU; `forward.launch` then
+compiles it again with num_stages=1, which this probe does too (both compiles counted). Compiles run in a fresh
+Triton cache (several minutes for "ieee"). Writes delta_rule_compile.json under --out (default: $OUT, else runs/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+SHARED_LIMIT = {90: 232448, 100: 232448, 80: 166912}  # bytes of shared memory one block may use
+
+
+def kernel_cases(products: str, Dk: int, Dv: int, grads_stages: int | None):
+    """(name, kernel, data dtype, its pointers, constexprs, num_warps, num_stages) as the wrapper launches them;
+    `grads_stages` 0 is the config's num_stages for the gradient kernel, None Triton's default."""
+    from revival.ops.delta_rule.triton import backward, forward
+    from revival.ops.delta_rule.triton.config import default_launch_config
+
+    cfg = default_launch_config(Dk, Dv, 64)
+    inverse = "ieee" if products == "ieee" else "tf32x3"
+    data = "bf16" if products == "tf32" else "fp32"
+    BK, BV = forward.pow2(Dk), forward.pow2(Dv)
+    common = dict(L=64, BK=BK, PRECISION=products, HAS_STARTS=False)
+    wy = dict(common, LOG2_L=6, INVERSE_PRECISION=inverse)
+    inputs = ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dq_ptr", "dk_ptr", "dv_ptr")
+    return [
+        ("wy", forward._wy_kernel, data, inputs, dict(wy, BV=min(cfg.block_v_wy, BV)), cfg.warps_wy, None),
+        ("states", forward._states_kernel, data, inputs, dict(common, BV=min(cfg.block_v_states, BV)),
+         cfg.warps_states, None),
+        ("output", forward._output_kernel, data, inputs, dict(common, BV=min(cfg.block_v_output, BV)),
+         cfg.warps_output, None),
+        ("dstates", backward._dstates_kernel, data, inputs, dict(common, BV=min(cfg.block_v_dstates, BV)),
+         cfg.warps_dstates, None),
+        ("grads", backward._grads_kernel, data, inputs, dict(wy, BV=min(cfg.block_v_grads, BV)), cfg.warps_grads,
+         cfg.stages_grads if grads_stages == 0 else grads_stages),
+    ]
+
+
+def compile_kernel(kernel, data: str, inputs: tuple, constexprs: dict, num_warps: int, num_stages: int | None,
+                   arch: int, sizes: dict) -> dict:
+    """One compile: the signature as the JIT builds it for contiguous 16-byte-aligned tensors and the int `sizes`."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + (data if name in inputs else "fp32")
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif name == "scale":
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if sizes[name] % 16 == 0 and not any(p.name == name and p.do_not_specialize for p in kernel.params):
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    options = {"num_warps": num_warps} | ({} if num_stages is None else {"num_stages": num_stages})
+    knobs.nvidia.dump_ptxas_log = True
+    log = io.StringIO()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                                  options=options)
+    seconds = time.perf_counter() - start
+    text = log.getvalue()
+    registers = [int(x) for x in re.findall(r"Used (\d+) registers", text)]
+    spills = [int(x) for x in re.findall(r"(\d+) bytes spill stores", text)]
+    return {"seconds": round(seconds, 2), "shared_bytes": compiled.metadata.shared, "num_stages": num_stages,
+            "registers": max(registers, default=None), "spill_store_bytes": max(spills, default=None)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", default="ieee:64x128,tf32x3:64x128,tf32:64x128,tf32:16x32")
+    parser.add_argument("--kernels", default="wy,states,output,dstates,grads")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (default: 90, Hopper)")
+    parser.add_argument("--out", default=os.environ.get("OUT", "runs"))
+    parser.add_argument("--grads-stages", type=int, default=0,
+                        help="num_stages of the gradient kernel (default 0: the launch config's; 3: before b72e8c2)")
+    parser.add_argument("--smoke", action="store_true", help="one small case, the states kernel: checks the script")
+    args = parser.parse_args()
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="delta_rule_compile_")  # every compile from scratch
+    import triton
+
+    cases = ["tf32:16x32"] if args.smoke else args.cases.split(",")
+    wanted = ["states"] if args.smoke else args.kernels.split(",")
+    limit = SHARED_LIMIT.get(args.arch)
+    results = []
+    for case in cases:
+        products, dims = case.split(":")
+        Dk, Dv = (int(x) for x in dims.split("x"))
+        sizes = dict(T=256, H=4, NC=4, DK=Dk, DV=Dv)
+        for name, kernel, data, inputs, constexprs, warps, stages in kernel_cases(products, Dk, Dv, args.grads_stages):
+            if name not in wanted:
+                continue
+            row = {"products": products, "Dk": Dk, "Dv": Dv, "kernel": name, "data": data,
+                   **compile_kernel(kernel, data, inputs, constexprs, warps, stages, args.arch, sizes)}
+            if limit is not None and row["shared_bytes"] > limit and stages != 1:  # what forward.launch does next
+                row["unpipelined"] = compile_kernel(kernel, data, inputs, constexprs, warps, 1, args.arch, sizes)
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    totals = {}
+    for row in results:
+        key = f"{row['products']}:{row['Dk']}x{row['Dv']}"
+        totals[key] = round(totals.get(key, 0.0) + row["seconds"] + row.get("unpipelined", {}).get("seconds", 0.0), 1)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "delta_rule_compile.json")
+    with open(path, "w") as f:
+        json.dump({"arch": args.arch, "triton": triton.__version__, "host": platform.processor() or platform.machine(),
+                   "cpus": os.cpu_count(), "shared_limit_bytes": limit, "results": results,
+                   "compile_seconds_per_case": totals}, f, indent=1)
+    print("compile seconds per case (all kernels):", json.dumps(totals))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
