@@ -209,8 +209,6 @@ STEP_LAUNCHES = [  # every variant, with blocks that leave masked tails in Dk an
     ("tile", dict(block_v=16, num_warps=2)),
     ("stream", dict(block_k=8, block_v=16, num_stages=2)),
     ("stream", dict(block_k=16, block_v=64, num_stages=3)),
-    ("split", dict(block_k=8, block_v=16, block_v_sum=16)),
-    ("split", dict(block_k=16, block_v=64)),  # whole Dv rows per program
 ]
 STEP_SHAPES = [(2, 3, 20, 40), (1, 4, 32, 64), (1, 1, 24, 1)]  # B, H, Dk, Dv: odd dims, batch 1 (7B-like), Dv = 1
 
@@ -236,7 +234,28 @@ def test_step_variants_match_reference(launch, shape):
     assert max(errors.values()) < 1e-5, errors
 
 
-@pytest.mark.parametrize("variant", ["tile", "stream", "split"])
+def test_step_default_launch_per_shape():
+    """The H200 probe's winners (benchmarks/results/gpu_mlstm_step_variants.json): stream BK 32 / BV 64 at
+    (16, 8, 256, 512), tile at (1, 8, 256, 512) and (16, 4, 96, 192)."""
+    from revival.ops.mlstm.triton.step import StepLaunch, step_launch
+
+    assert step_launch(16 * 8, 256, 512) == StepLaunch("stream", block_k=32, block_v=64, num_warps=4, num_stages=2)
+    assert step_launch(1 * 8, 256, 512) == StepLaunch("tile", block_v=32, num_warps=4)
+    assert step_launch(16 * 4, 96, 192) == StepLaunch("tile", block_v=64, num_warps=4)
+
+
+def test_step_default_stream_launch_matches_reference():
+    """The default launch of large states (an interpreted 4M-element state takes ~15 s) at a small shape: several
+    BK-row blocks with a masked tail in Dk (100 = 3 x 32 + 4) and in Dv (72 = 64 + 8)."""
+    from revival.ops.mlstm.triton.step import step_launch
+
+    x, state, (h_ref, (C_ref, n_ref, m_ref)) = _step_case(1, 2, 100, 72, torch.float32, seed=1)
+    h, (C, n, m) = mlstm_step_triton(*x, state, launch=step_launch(16 * 8, 256, 512))
+    errors = {"h": _rel(h, h_ref), "C": _rel(C, C_ref), "n": _rel(n, n_ref), "m": _rel(m, m_ref)}
+    assert max(errors.values()) < 1e-5, errors
+
+
+@pytest.mark.parametrize("variant", ["tile", "stream"])
 def test_step_writes_into_out_and_updates_C_in_place(variant):
     from revival.ops.mlstm.triton.step import StepLaunch
 

@@ -1,12 +1,11 @@
 """One mLSTM step (decode) in Triton, state in float32.
 
 Reads C (Dk x Dv), n, m once and writes the new ones: the step is bound by those bytes (2 * 4 * Dk * Dv per head).
-Three ways to tile C, chosen by `StepLaunch.variant` (all give the same result up to float32 summation order):
+Two ways to tile C, chosen by `StepLaunch.variant` (both give the same result up to float32 summation order):
 - "tile": one program per (batch*head, Dv tile) holds the whole Dk x BV tile of C in registers;
-- "stream": the same grid, each program walks Dk in BK-row blocks (fewer registers, a pipelined loop);
-- "split": one program per (batch*head, Dv tile, Dk block) writes its partial q.C to a float32 workspace and a
-  second small kernel sums the Dk blocks in a fixed order and normalizes (more programs in flight for small B*H;
-  with BV >= Dv a program's C block is one contiguous span of memory).
+- "stream": the same grid, each program walks Dk in BK-row blocks (fewer registers, a pipelined loop).
+A third, "split" (a grid dim over Dk blocks plus a summing kernel), never won on the H200 and was deleted
+(benchmarks/results/gpu_mlstm_step_variants.json).
 """
 
 from __future__ import annotations
@@ -21,16 +20,15 @@ import triton.language as tl
 from ..._triton import CompiledLaunch
 from .forward import _kv_tile, _log_sigmoid, _pow2
 
-STEP_VARIANTS = ("tile", "stream", "split")
+STEP_VARIANTS = ("tile", "stream")
 
 
 @dataclass(frozen=True)
 class StepLaunch:
     """How the step kernel tiles the state (C is Dk x Dv per batch*head row).
 
-    variant: one of STEP_VARIANTS; block_k: rows of C per loop iteration ("stream") or per program ("split"),
-    unused by "tile" (whole Dk); block_v: Dv columns per program; num_warps; num_stages: software pipelining depth
-    of the "stream" loop; block_v_sum: Dv columns per program of the "split" variant's summing kernel.
+    variant: one of STEP_VARIANTS; block_k: rows of C per loop iteration of "stream", unused by "tile" (whole Dk);
+    block_v: Dv columns per program; num_warps; num_stages: software pipelining depth of the "stream" loop.
     """
 
     variant: str = "tile"
@@ -38,12 +36,11 @@ class StepLaunch:
     block_v: int = 32
     num_warps: int = 4
     num_stages: int = 2
-    block_v_sum: int = 512
 
     def __post_init__(self):
         if self.variant not in STEP_VARIANTS:
             raise ValueError(f"variant: expected one of {STEP_VARIANTS}, got {self.variant!r}")
-        for name in ("block_k", "block_v", "num_warps", "block_v_sum"):
+        for name in ("block_k", "block_v", "num_warps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1 or value & (value - 1):
                 raise ValueError(f"{name}: expected a power of two >= 1, got {value!r}")
@@ -51,9 +48,15 @@ class StepLaunch:
             raise ValueError(f"num_stages: expected an int >= 1, got {self.num_stages!r}")
 
 
+_STREAM_MIN_STATE = 1 << 22  # elements of C (16 MiB float32); between the measured 1.2M and 16.8M, not itself measured
+
+
 @functools.lru_cache(maxsize=64)  # a pure function of its ints; building the dataclass costs ~5 us per step
 def step_launch(rows: int, Dk: int, Dv: int) -> StepLaunch:
     """The default launch of the step for `rows` = batch*head and head dims Dk, Dv (change the default here)."""
+    # H200 probe (benchmarks/results/gpu_mlstm_step_variants.json): stream wins at 16.8M state elements, tile at ~1.2M
+    if rows * Dk * Dv >= _STREAM_MIN_STATE:
+        return StepLaunch(variant="stream", block_k=32, block_v=64, num_warps=4, num_stages=2)
     return StepLaunch(variant="tile", block_v=max(16, min(_pow2(Dv), 8192 // _pow2(Dk))), num_warps=4)
 
 
@@ -130,58 +133,8 @@ def _step_stream_kernel(
     tl.store(h_ptr + row * DV + offs_v, (num / den).to(h_ptr.dtype.element_ty), mask=mask_v)
 
 
-@triton.jit
-def _step_split_kernel(
-    q_ptr, k_ptr, v_ptr, i_ptr, f_ptr, c_ptr, n_ptr, m_ptr,
-    num_ptr, c_out_ptr, n_out_ptr, m_out_ptr,
-    DK, DV, NSPLIT, scale,
-    BK: tl.constexpr, BV: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    iv = tl.program_id(1)
-    ik = tl.program_id(2)
-    m_new, f_bar, i_bar = _gates(i_ptr, f_ptr, m_ptr, row)
-    offs_k, offs_v, mask_k, mask_v, mask_kv, state_off = _kv_tile(row, ik * BK, iv * BV, DK, DV, BK, BV)
-    C = tl.load(c_ptr + state_off, mask=mask_kv, other=0.0)
-    q = tl.load(q_ptr + row * DK + offs_k, mask=mask_k, other=0.0).to(tl.float32) * scale
-    k = tl.load(k_ptr + row * DK + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + row * DV + offs_v, mask=mask_v, other=0.0).to(tl.float32)
-    C = f_bar * C + (i_bar * k)[:, None] * v[None, :]
-    tl.store(c_out_ptr + state_off, C, mask=mask_kv)
-    # partial numerators laid out (row, Dk block, Dv): the summing kernel reads a row's blocks contiguously
-    tl.store(num_ptr + (row * NSPLIT + ik) * DV + offs_v, tl.sum(q[:, None] * C, 0), mask=mask_v)
-    if iv == 0:
-        n = tl.load(n_ptr + row * DK + offs_k, mask=mask_k, other=0.0)
-        tl.store(n_out_ptr + row * DK + offs_k, f_bar * n + i_bar * k, mask=mask_k)
-        if ik == 0:
-            tl.store(m_out_ptr + row, m_new)
-
-
-@triton.jit
-def _step_sum_kernel(
-    num_ptr, q_ptr, n_out_ptr, m_out_ptr, h_ptr,
-    DK, DV, NSPLIT, scale, eps,
-    BKF: tl.constexpr, BV: tl.constexpr,
-):
-    """h = (sum of the Dk blocks' partial numerators, in block order) / normalizer; reads the new n and m."""
-    row = tl.program_id(0).to(tl.int64)
-    offs_v = tl.program_id(1) * BV + tl.arange(0, BV)
-    mask_v = offs_v < DV
-    offs_k = tl.arange(0, BKF)
-    mask_k = offs_k < DK
-    q = tl.load(q_ptr + row * DK + offs_k, mask=mask_k, other=0.0).to(tl.float32) * scale
-    n = tl.load(n_out_ptr + row * DK + offs_k, mask=mask_k, other=0.0)
-    den = tl.maximum(tl.abs(tl.sum(q * n, 0)), tl.exp(-tl.load(m_out_ptr + row))) + eps
-    num = tl.zeros((BV,), dtype=tl.float32)
-    for s in range(NSPLIT):
-        num += tl.load(num_ptr + (row * NSPLIT + s) * DV + offs_v, mask=mask_v, other=0.0)
-    tl.store(h_ptr + row * DV + offs_v, (num / den).to(h_ptr.dtype.element_ty), mask=mask_v)
-
-
 _STEP = CompiledLaunch(_step_kernel)
 _STEP_STREAM = CompiledLaunch(_step_stream_kernel)
-_STEP_SPLIT = CompiledLaunch(_step_split_kernel)
-_STEP_SUM = CompiledLaunch(_step_sum_kernel)
 
 
 def _check_out(out, shapes, state) -> None:
@@ -200,19 +153,14 @@ def _check_out(out, shapes, state) -> None:
 
 @functools.lru_cache(maxsize=256)
 def _geometry(rows: int, Dk: int, Dv: int, cfg: StepLaunch):
-    """(grid, constexprs, number of Dk blocks, summing kernel's grid and constexprs) of one launch; cached: a pure
-    function of its arguments whose Python costs more host time than the decode kernel's GPU time at small shapes."""
+    """(grid, constexprs) of one launch; cached: a pure function of its arguments whose Python costs more host time
+    than the decode kernel's GPU time at small shapes."""
     BKF = _pow2(Dk)
     BV = min(cfg.block_v, _pow2(Dv))
-    BK = min(cfg.block_k, BKF)
     grid = (rows, -(-Dv // BV))
     if cfg.variant == "tile":
-        return grid, {"BKF": BKF, "BV": BV}, 1, None, None
-    if cfg.variant == "stream":
-        return grid, {"BKF": BKF, "BK": BK, "BV": BV, "STAGES": cfg.num_stages}, 1, None, None
-    nsplit = -(-Dk // BK)
-    BVS = min(cfg.block_v_sum, _pow2(Dv))
-    return (*grid, nsplit), {"BK": BK, "BV": BV}, nsplit, (rows, -(-Dv // BVS)), {"BKF": BKF, "BV": BVS}
+        return grid, {"BKF": BKF, "BV": BV}
+    return grid, {"BKF": BKF, "BK": min(cfg.block_k, BKF), "BV": BV, "STAGES": cfg.num_stages}
 
 
 def mlstm_step_triton(q, k, v, i, f, state, eps: float = 1e-6, launch: StepLaunch | None = None, out=None):
@@ -233,19 +181,8 @@ def mlstm_step_triton(q, k, v, i, f, state, eps: float = 1e-6, launch: StepLaunc
         _check_out(out, ((v.shape, q.dtype), (C.shape, torch.float32), (n.shape, torch.float32),
                          (m.shape, torch.float32)), (C, n, m))
         h, C_new, n_new, m_new = out
-    grid, constexprs, nsplit, sum_grid, sum_constexprs = _geometry(rows, Dk, Dv, cfg)
-    scale = Dk**-0.5
-    args = (q, k, v, i, f, C, n, m)
-    if cfg.variant == "tile":
-        _STEP(grid, *args, h, C_new, n_new, m_new, Dk, Dv, scale, eps, constexprs=constexprs,
-              num_warps=cfg.num_warps)
-    elif cfg.variant == "stream":
-        _STEP_STREAM(grid, *args, h, C_new, n_new, m_new, Dk, Dv, scale, eps, constexprs=constexprs,
-                     num_warps=cfg.num_warps)
-    else:
-        partial = torch.empty(rows, nsplit, Dv, device=q.device, dtype=torch.float32)
-        _STEP_SPLIT(grid, *args, partial, C_new, n_new, m_new, Dk, Dv, nsplit, scale, constexprs=constexprs,
-                    num_warps=cfg.num_warps)
-        _STEP_SUM(sum_grid, partial, q, n_new, m_new, h, Dk, Dv, nsplit, scale, eps, constexprs=sum_constexprs,
-                  num_warps=4)
+    grid, constexprs = _geometry(rows, Dk, Dv, cfg)
+    kernel = _STEP if cfg.variant == "tile" else _STEP_STREAM
+    kernel(grid, q, k, v, i, f, C, n, m, h, C_new, n_new, m_new, Dk, Dv, Dk**-0.5, eps, constexprs=constexprs,
+           num_warps=cfg.num_warps)
     return h, (C_new, n_new, m_new)
