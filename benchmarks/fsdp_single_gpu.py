@@ -1,15 +1,18 @@
 """World size 1 FSDP against the plain trainer on one GPU (issue 24 point 3): is `train.parallel=fsdp` on one device
 within 5% of `train.parallel=none` in training tokens/s?
 
-Run on a CUDA machine:  python benchmarks/fsdp_single_gpu.py --out $OUT        (about 2-3 minutes on an H200)
+Run on a CUDA machine:  python benchmarks/fsdp_single_gpu.py --out $OUT   (5 variants x 2 presets: several minutes
+on an H200; --rounds 3 --steps 10, or fewer --variants, for a quicker look)
 
-Per preset (125M parameters, `revival.bench.models.bench_config`) it builds two `revival.train.Trainer`s from one run
-config that differ only in `train.parallel` (none; fsdp, a process group of one), both bf16 (autocast; FSDP gathers bf16
-parameters and reduces fp32 gradients), and times their `train_step` (the step `Trainer.train` runs: forward,
-backward, clipping, AdamW, scheduler) in alternating rounds after warm-up steps, so drift of the GPU's clock hits both
-alike. tokens/s of a mode is the median over its rounds. Writes fsdp_single_gpu.json: every round, the medians, the
-ratio fsdp / none, `within_5_percent`, peak memory and the first losses of each mode (close, not equal: bf16
-parameters under FSDP, fp32 parameters under autocast in the plain trainer).
+Per preset (125M parameters, `revival.bench.models.bench_config`) it builds one `revival.train.Trainer` per variant
+(`VARIANTS`, `--variants`) from one run config: `train.parallel` none or fsdp (a process group of one), AdamW fused
+(the default on CUDA) or foreach, FSDP blocks keeping their gathered parameters to the backward (the default at world
+size 1) or resharding after forward; all bf16 (autocast; FSDP gathers bf16 parameters and reduces fp32 gradients). It
+times their `train_step` (the step `Trainer.train` runs: forward, backward, clipping, AdamW, scheduler) in
+alternating rounds after warm-up steps, so drift of the GPU's clock hits all alike. tokens/s of a variant is the
+median over its rounds. Writes fsdp_single_gpu.json: every round, the medians, the ratio fsdp / none of the defaults,
+`within_5_percent`, the same ratio before issue 24 point 3 (fsdp-foreach-reshard / none-foreach), peak memory and the
+first losses of each variant (close, not equal: bf16 parameters under FSDP, fp32 under autocast in the plain trainer).
 """
 
 from __future__ import annotations
@@ -32,7 +35,12 @@ from revival.models import preset_config  # noqa: E402
 from revival.train.config import RunConfig  # noqa: E402
 from revival.train.trainer import Trainer  # noqa: E402
 
-MODES = ("none", "fsdp")
+# variant: (train.parallel, fused AdamW, blocks reshard after forward; None: the trainer's default). The first two are
+# the defaults (the target ratio is fsdp / none); the others undo issue 24 point 3's changes (foreach AdamW, resharding
+# blocks) one by one, to see what each bought.
+VARIANTS = {"none": ("none", None, None), "fsdp": ("fsdp", None, None),
+            "none-foreach": ("none", False, None), "fsdp-foreach": ("fsdp", False, False),
+            "fsdp-foreach-reshard": ("fsdp", False, True)}
 
 
 def model_section(preset: str, size: str) -> dict:
@@ -42,14 +50,30 @@ def model_section(preset: str, size: str) -> dict:
     return {"preset": preset, **{key: value for key, value in config.items() if value != default.get(key)}}
 
 
-def build_trainer(preset: str, args, parallel: str, corpus, out_dir: Path) -> Trainer:
+class VariantTrainer(Trainer):
+    """A Trainer whose AdamW is fused or foreach as the variant says (None: the default, fused on CUDA)."""
+
+    def __init__(self, run: RunConfig, fused: bool | None, **kwargs):
+        self.fused = fused
+        super().__init__(run, **kwargs)
+
+    def _make_optimizer(self, fused: bool | None = None) -> torch.optim.Optimizer:
+        return super()._make_optimizer(fused=self.fused)
+
+
+def build_trainer(preset: str, args, variant: str, corpus, out_dir: Path) -> Trainer:
+    parallel, fused, reshard = VARIANTS[variant]
     run = RunConfig.from_dict({
         "model": model_section(preset, args.size),
         "data": {"corpus": "stdlib-notests", "tokenizer": "byte", "context_length": args.context},
         "train": {"steps": 10**6, "batch_size": args.batch_size, "warmup_steps": 10, "device": args.device,
                   "precision": "auto", "parallel": parallel, "progress": False, "tensorboard": False,
-                  "out_dir": str(out_dir / f"{preset}-{parallel}")}})
-    return Trainer(run, corpus=corpus, force=True)
+                  "out_dir": str(out_dir / f"{preset}-{variant}")}})
+    trainer = VariantTrainer(run, fused=fused, corpus=corpus, force=True)
+    if reshard:  # FSDP2's runtime switch; the root keeps its parameters (as wrap_model sets it)
+        trainer.model.set_reshard_after_forward(True)
+        trainer.model.set_reshard_after_forward(False, recurse=False)
+    return trainer
 
 
 def sync(device: torch.device) -> None:
@@ -92,28 +116,35 @@ def profile_step(trainer: Trainer, top: int = 15) -> dict:
             "top_host": table("self_cpu_time_total")}
 
 
-def measure(preset: str, args, corpus, out_dir: Path) -> dict:
-    trainers = {mode: build_trainer(preset, args, mode, corpus, out_dir) for mode in MODES}
-    device = trainers["none"].device
-    record = {"preset": preset, "parameters": trainers["none"].model.num_parameters(),
+def measure(preset: str, args, variants: list[str], corpus, out_dir: Path) -> dict:
+    trainers = {variant: build_trainer(preset, args, variant, corpus, out_dir) for variant in variants}
+    device = trainers[variants[0]].device
+    record = {"preset": preset, "parameters": trainers[variants[0]].model.num_parameters(),
               "model": model_section(preset, args.size), "modes": {}}
-    for mode, trainer in trainers.items():
+    for variant, trainer in trainers.items():
         losses = [trainer.train_step() for _ in range(args.warmup)]  # compiles kernels, warms the allocator
-        record["modes"][mode] = {"first_losses": losses, "rounds_tokens_per_s": []}
+        parallel, _, reshard = VARIANTS[variant]
+        record["modes"][variant] = {"parallel": parallel, "fused": bool(trainer.optimizer.defaults["fused"]),
+                                    "blocks_reshard": (trainer.world.world_size > 1 if reshard is None else reshard)
+                                    if parallel == "fsdp" else None,  # None resolved as wrap_model does
+                                    "first_losses": losses, "rounds_tokens_per_s": []}
     for _ in range(args.rounds):
-        for mode, trainer in trainers.items():
-            record["modes"][mode]["rounds_tokens_per_s"].append(timed_round(trainer, args.steps))
+        for variant, trainer in trainers.items():
+            record["modes"][variant]["rounds_tokens_per_s"].append(timed_round(trainer, args.steps))
     for entry in record["modes"].values():
         entry["tokens_per_s"] = statistics.median(entry["rounds_tokens_per_s"])
     if args.profile:
-        for mode, trainer in trainers.items():
-            record["modes"][mode]["profile"] = profile_step(trainer)
+        for variant, trainer in trainers.items():
+            record["modes"][variant]["profile"] = profile_step(trainer)
     if device.type == "cuda":
-        record["peak_memory_bytes_both_trainers"] = torch.cuda.max_memory_allocated(device)
-    ratio = record["modes"]["fsdp"]["tokens_per_s"] / record["modes"]["none"]["tokens_per_s"]
+        record["peak_memory_bytes_all_trainers"] = torch.cuda.max_memory_allocated(device)
+    speed = {variant: entry["tokens_per_s"] for variant, entry in record["modes"].items()}
+    ratio = speed["fsdp"] / speed["none"]
     record.update(fsdp_over_none=ratio, within_5_percent=ratio >= 0.95)
-    print(f"{preset}: none {record['modes']['none']['tokens_per_s']:,.0f} tokens/s, fsdp "
-          f"{record['modes']['fsdp']['tokens_per_s']:,.0f} tokens/s, ratio {ratio:.3f}", flush=True)
+    if "none-foreach" in speed and "fsdp-foreach-reshard" in speed:
+        record["before_fsdp_over_none"] = speed["fsdp-foreach-reshard"] / speed["none-foreach"]
+    print(f"{preset}: " + ", ".join(f"{variant} {value:,.0f}" for variant, value in speed.items())
+          + f" tokens/s; fsdp / none {ratio:.3f}", flush=True)
     return record
 
 
@@ -128,15 +159,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round (default: 20)")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per mode (default: 5)")
     parser.add_argument("--profile", action="store_true", help="also profile one step per mode (torch.profiler)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated, must include none and fsdp (default: all of {list(VARIANTS)})")
     parser.add_argument("--device", default="cuda", help="default: cuda (cpu: a smoke test of the script)")
     args = parser.parse_args()
+    variants = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = [name for name in variants if name not in VARIANTS]
+    if unknown or not {"none", "fsdp"} <= set(variants):
+        parser.error(f"--variants: expected names from {list(VARIANTS)} including none and fsdp, got {variants}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     corpus = load_corpus("stdlib-notests", show_progress=False)
     results = {"benchmark": "fsdp_single_gpu", "settings": vars(args), "corpus": corpus.describe(), "presets": []}
     with tempfile.TemporaryDirectory() as runs:  # the trainers' out_dirs (nothing is saved)
         for preset in [name.strip() for name in args.presets.split(",") if name.strip()]:
-            results["presets"].append(measure(preset, args, corpus, Path(runs)))
+            results["presets"].append(measure(preset, args, variants, corpus, Path(runs)))
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     results["environment"] = environment(torch.device(args.device))

@@ -194,5 +194,54 @@ def test_resume_one_rank_on_two(runs, parallel):
     assert_same(final_weights(root / f"{parallel}_resume"), final_weights(root / "one_rank"))
 
 
+
+# -- one process: a group of one, in this process ----------------------------------------------------------------------
+def test_fsdp_one_process_keeps_blocks_gathered_and_matches_plain(tmp_path, one_thread):
+    """At world size 1 the blocks keep their gathered parameters from forward to backward (a shard is the whole
+    parameter: resharding would only add copies), and training matches the plain trainer to the bit (fp32 on the CPU,
+    clipping inactive; the reduction of one rank is the gradient itself)."""
+    from torch.distributed.tensor import DTensor
+
+    plain = Trainer(run_config(tmp_path / "none"), corpus=corpus())
+    fsdp = Trainer(run_config(tmp_path / "fsdp", "fsdp"), corpus=corpus())
+    try:
+        assert fsdp.world.world_size == 1
+        assert [plain.train_step() for _ in range(STEPS)] == [fsdp.train_step() for _ in range(STEPS)]
+        block = fsdp.model.blocks[0]
+        assert all(isinstance(param, DTensor) for param in block.parameters())  # resharded after backward
+        with torch.no_grad():
+            fsdp.train_module(fsdp.dataset.batch(0, BATCH).input_ids)
+        assert not any(isinstance(param, DTensor) for param in block.parameters())  # still gathered after forward
+        plain_state = plain.model.state_dict()
+        for name, value in fsdp.model.state_dict().items():
+            assert torch.equal(value.full_tensor() if isinstance(value, DTensor) else value, plain_state[name]), name
+    finally:
+        distributed.shutdown(fsdp.world)
+
+
+
+class FusedAdamTrainer(Trainer):
+    def _make_optimizer(self, fused: bool | None = None) -> torch.optim.Optimizer:
+        return super()._make_optimizer(fused=True)
+
+
+def test_fused_adamw_on_fsdp_shards_matches_foreach(tmp_path, one_thread):
+    """Fused AdamW (the default on CUDA) steps FSDP's DTensor shards as foreach AdamW (the CPU default) steps plain
+    parameters, up to float32 rounding; torch's fused kernel runs on the CPU too, so this checks the DTensor path."""
+    from torch.distributed.tensor import DTensor
+
+    plain = Trainer(run_config(tmp_path / "none"), corpus=corpus())
+    fsdp = FusedAdamTrainer(run_config(tmp_path / "fsdp", "fsdp"), corpus=corpus())
+    try:
+        assert plain.optimizer.defaults["fused"] is None and fsdp.optimizer.defaults["fused"] is True
+        losses = [fsdp.train_step() for _ in range(STEPS)]
+        torch.testing.assert_close(losses, [plain.train_step() for _ in range(STEPS)], rtol=LOSS_RTOL, atol=0)
+        weights = {name: value.full_tensor() if isinstance(value, DTensor) else value
+                   for name, value in fsdp.model.state_dict().items()}
+        assert_close_under_adam(weights, plain.model.state_dict())
+    finally:
+        distributed.shutdown(fsdp.world)
+
+
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]))
