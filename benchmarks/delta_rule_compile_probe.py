@@ -5,10 +5,11 @@ kernel, the compile seconds, shared memory, registers and spill stores that ptxa
 
 A case is PRODUCTS:DKxDV: PRODUCTS the products' input_precision ("ieee": the float32 path before tf32x3, "tf32x3":
 float32 inputs now, "tf32": 16-bit inputs; the WY inverse takes "tf32x3" unless PRODUCTS is "ieee"), the head dims
-Dk, Dv. Launch settings are the wrapper's defaults (`launch_config` for 64+ batch*head rows, chunk 64). A kernel
-whose shared memory exceeds the target's (sm_90: 227 KB) raises OutOfResources on the GPU; `forward.launch` then
-compiles it again with num_stages=1, which this probe does too (both compiles counted). Compiles run in a fresh
-Triton cache (several minutes for "ieee"). Writes delta_rule_compile.json under --out (default: $OUT, else runs/).
+Dk, Dv. Launch settings are the wrapper's defaults (`launch_config` for --rows batch*head rows, default 64, and
+the case's dtype: float32 for "ieee" / "tf32x3", bfloat16 for "tf32"; chunk 64). A kernel whose shared memory
+exceeds the target's (sm_90: 227 KB) raises OutOfResources on the GPU; `forward.launch` then compiles it again with
+num_stages=1, which this probe does too (both compiles counted). Each case compiles in a
+fresh Triton cache (several minutes for "ieee"). Writes delta_rule_compile.json under --out (default: $OUT, else runs/).
 """
 
 from __future__ import annotations
@@ -29,15 +30,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 SHARED_LIMIT = {90: 232448, 100: 232448, 80: 166912}  # bytes of shared memory one block may use
 
 
-def kernel_cases(products: str, Dk: int, Dv: int, grads_stages: int | None):
+def kernel_cases(products: str, Dk: int, Dv: int, rows: int, grads_stages: int | None):
     """(name, kernel, data dtype, its pointers, constexprs, num_warps, num_stages) as the wrapper launches them;
     `grads_stages` 0 is the config's num_stages for the gradient kernel, None Triton's default."""
+    import torch
+
     from revival.ops.delta_rule.triton import backward, forward
     from revival.ops.delta_rule.triton.config import default_launch_config
 
-    cfg = default_launch_config(Dk, Dv, 64)
-    inverse = "ieee" if products == "ieee" else "tf32x3"
     data = "bf16" if products == "tf32" else "fp32"
+    cfg = default_launch_config(Dk, Dv, rows, torch.bfloat16 if data == "bf16" else torch.float32)
+    inverse = "ieee" if products == "ieee" else "tf32x3"
     BK, BV = forward.pow2(Dk), forward.pow2(Dv)
     common = dict(L=64, BK=BK, PRECISION=products, HAS_STARTS=False)
     wy = dict(common, LOG2_L=6, INVERSE_PRECISION=inverse)
@@ -49,8 +52,9 @@ def kernel_cases(products: str, Dk: int, Dv: int, grads_stages: int | None):
         ("output", forward._output_kernel, data, inputs, dict(common, BV=min(cfg.block_v_output, BV)),
          cfg.warps_output, None),
         ("dstates", backward._dstates_kernel, data, inputs, dict(common, BV=min(cfg.block_v_dstates, BV)),
-         cfg.warps_dstates, None),
-        ("grads", backward._grads_kernel, data, inputs, dict(wy, BV=min(cfg.block_v_grads, BV)), cfg.warps_grads,
+         cfg.warps_dstates, cfg.stages_dstates),
+        ("grads", backward._grads_kernel, data, inputs,
+         dict(wy, BV=min(cfg.block_v_grads, BV), RELOAD=cfg.reload_grads), cfg.warps_grads,
          cfg.stages_grads if grads_stages == 0 else grads_stages),
     ]
 
@@ -97,13 +101,14 @@ def main() -> int:
     parser.add_argument("--kernels", default="wy,states,output,dstates,grads")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (default: 90, Hopper)")
     parser.add_argument("--out", default=os.environ.get("OUT", "runs"))
+    parser.add_argument("--rows", type=int, default=64,
+                        help="batch*heads the launch defaults are chosen for (default 64; below 64: narrower tiles)")
     parser.add_argument("--grads-stages", type=int, default=0,
                         help="num_stages of the gradient kernel (default 0: the launch config's; 3: before b72e8c2)")
     parser.add_argument("--smoke", action="store_true", help="one small case, the states kernel: checks the script")
     args = parser.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="delta_rule_compile_")  # every compile from scratch
     import triton
 
     cases = ["tf32:16x32"] if args.smoke else args.cases.split(",")
@@ -113,11 +118,15 @@ def main() -> int:
     for case in cases:
         products, dims = case.split(":")
         Dk, Dv = (int(x) for x in dims.split("x"))
+        # every case from scratch (Dv is no specialisation key: 128x256 would find 128x128's kernels cached)
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="delta_rule_compile_")
         sizes = dict(T=256, H=4, NC=4, DK=Dk, DV=Dv)
-        for name, kernel, data, inputs, constexprs, warps, stages in kernel_cases(products, Dk, Dv, args.grads_stages):
+        cases_here = kernel_cases(products, Dk, Dv, args.rows, args.grads_stages)
+        for name, kernel, data, inputs, constexprs, warps, stages in cases_here:
             if name not in wanted:
                 continue
-            row = {"products": products, "Dk": Dk, "Dv": Dv, "kernel": name, "data": data,
+            row = {"products": products, "Dk": Dk, "Dv": Dv, "rows": args.rows, "kernel": name, "data": data,
+                   "BV": constexprs["BV"], **({"reload": constexprs["RELOAD"]} if "RELOAD" in constexprs else {}),
                    **compile_kernel(kernel, data, inputs, constexprs, warps, stages, args.arch, sizes)}
             if limit is not None and row["shared_bytes"] > limit and stages != 1:  # what forward.launch does next
                 row["unpipelined"] = compile_kernel(kernel, data, inputs, constexprs, warps, 1, args.arch, sizes)

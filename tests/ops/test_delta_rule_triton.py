@@ -18,6 +18,7 @@ from revival.ops.delta_rule.triton import (
     gated_delta_rule_step_triton,
     gated_delta_rule_triton,
     kernel_chunk_size,
+    launch_config,
 )
 from tests.ops._triton_helpers import DEVICE, assert_close, check_dispatch, check_packed_documents, rel, run_weighted
 
@@ -62,6 +63,51 @@ def test_forward_backward_match_float64_reference(n, T, H, Dk, Dv, chunk, beta_m
                DEVICE)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
     assert_close(got, ref, NAMES, 1e-5)
+
+
+def test_gradient_kernel_reloading_its_inputs_matches_float64_reference():
+    """The float32 launch at Dk > 64 (`reload_grads`: q, k read again for each product, the state-gradient kernel
+    unpipelined), here forced at head dims that are not powers of two (masked reads), beta up to 2."""
+    inputs, weights = _inputs(2, 45, 1, 24, 20, seed=89, beta_max=2.0)
+    ref = _reference(inputs, weights)
+    launch = LaunchConfig(reload_grads=True, stages_dstates=1, block_v_grads=16)
+    got = _run(lambda *a: gated_delta_rule_triton(*a, 24**-0.5, chunk_size=16, launch=launch), inputs, weights,
+               DEVICE)
+    assert_close(got, ref, NAMES, 1e-5)
+
+
+def test_float32_launch_defaults_at_dk_128_fit_shared_memory():
+    """float32 at Dk = 128 (three-pass tf32 keeps two copies of each product operand in shared memory): the gradient
+    kernel reloads its inputs (held, they needed 256 KB on sm_90, over its 227 KB), the state-gradient kernel runs
+    unpipelined, the states / output kernels take narrower Dv-tiles; bfloat16 and float32 at Dk = 64 keep the
+    settings their speed was measured with (benchmarks/delta_rule_compile_probe.py measures the bytes)."""
+    f32 = launch_config(128, 256, 64, torch.float32)
+    assert (f32.reload_grads, f32.stages_dstates, f32.block_v_states, f32.block_v_output) == (True, 1, 32, 64)
+    for Dk, dtype in ((128, torch.bfloat16), (128, torch.float16), (64, torch.float32)):
+        cfg = launch_config(Dk, 128, 64, dtype)
+        assert (cfg.reload_grads, cfg.stages_dstates, cfg.block_v_states, cfg.block_v_output) == (False, None, 64, 128)
+    assert launch_config(128, 128, 64, torch.float32, LaunchConfig(reload_grads=False)).reload_grads is False
+
+
+@pytest.mark.slow
+def test_float32_kernels_at_dk_128_fit_sm90_shared_memory(tmp_path):
+    """Every delta-rule kernel compiled for sm_90 on this machine (no GPU) at float32 (Dk, Dv) = (128, 128) with the
+    launch defaults: shared memory under the H200's 232448 bytes with 16 KB to spare (the gradient kernel asked for
+    262144 before it reloaded its inputs). About a minute of compilation."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    probe = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "delta_rule_compile_probe.py")
+    done = subprocess.run([sys.executable, probe, "--cases", "tf32x3:128x128", "--out", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "delta_rule_compile.json").read_text())["results"]
+    shared = {row["kernel"]: row["shared_bytes"] for row in rows}
+    assert sorted(shared) == ["dstates", "grads", "output", "states", "wy"]
+    assert max(shared.values()) <= 232448 - 16384, shared
 
 
 def test_bfloat16_inputs():
@@ -155,16 +201,18 @@ def test_dispatch():
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA: the transposed-MMA-layout failure (fla #640) shows on Hopper")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("Dv", [128, 256])  # 256: the 125M preset's value heads (expand_v 2)
-def test_gradients_at_a_real_shape_on_the_gpu(Dv):
-    """bfloat16 at (2, 1024, 4, 128, Dv), beta up to 2: every gradient within 2e-2 of float64 (the float64
-    reference on the GPU). A `tl.trans` of a matrix-unit result feeding another product gave wrong dk, dbeta on
-    Hopper with Triton < 3.7.1 in fla's kernels; these kernels never do that, and this test would see it."""
+def test_gradients_at_a_real_shape_on_the_gpu(Dv, dtype):
+    """(2, 1024, 4, 128, Dv), beta up to 2: every gradient within 2e-2 (bfloat16) or 1e-3 (float32: three-pass tf32,
+    launch settings that fit sm_90's shared memory at Dk = 128) of float64 (the reference on the GPU). A `tl.trans`
+    of a matrix-unit result feeding another product gave wrong dk, dbeta on Hopper with Triton < 3.7.1 in fla's
+    kernels; these kernels never do that, and this test would see it."""
     inputs, weights = _inputs(2, 1024, 4, 128, Dv, seed=11, beta_max=2.0)
-    rounded = [x.bfloat16().double() if index < 3 else x.double() for index, x in enumerate(inputs)]
+    rounded = [x.to(dtype).double() if index < 3 else x.double() for index, x in enumerate(inputs)]
     ref = _run(gated_delta_rule_reference, rounded, weights, "cuda")
-    got = _run(lambda *a: gated_delta_rule_triton(*a, 128**-0.5), inputs, weights, "cuda", dtype=torch.bfloat16)
-    assert_close(got, ref, NAMES, 2e-2)
+    got = _run(lambda *a: gated_delta_rule_triton(*a, 128**-0.5), inputs, weights, "cuda", dtype=dtype)
+    assert_close(got, ref, NAMES, 2e-2 if dtype == torch.bfloat16 else 1e-3)
 
 
 def _record_launches(monkeypatch) -> list[dict]:

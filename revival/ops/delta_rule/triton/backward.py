@@ -76,13 +76,25 @@ def _dstates_kernel(
     store_state(ds0_ptr, dS, row, 0, 1, DK, DV, BK, BV, iv)
 
 
+@triton.jit
+def _operand(tile, ptr, tokens, valid, DK, BK: tl.constexpr, factor, TRANSPOSED: tl.constexpr, RELOAD: tl.constexpr):
+    """A (L, Dk) input tile for one product: `tile` as held, or with RELOAD read again (times `factor`, transposed
+    like load_cols), so that its split copies in shared memory live only as long as that product."""
+    if RELOAD:
+        if TRANSPOSED:
+            tile = load_cols(ptr, tokens, valid, DK, BK, 0) * factor
+        else:
+            tile = load_rows(ptr, tokens, valid, DK, BK, 0) * factor
+    return tile
+
+
 @triton.jit(do_not_specialize=LENGTHS)
 def _grads_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, starts_ptr, u_ptr, states_ptr, dstates_ptr, do_ptr, du_ptr,
     dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr,
     T, H, NC, DK, DV, scale,
     L: tl.constexpr, LOG2_L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr, INVERSE_PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
+    PRECISION: tl.constexpr, INVERSE_PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr, RELOAD: tl.constexpr,
 ):
     c = tl.program_id(0)
     row = tl.program_id(1)
@@ -133,11 +145,18 @@ def _grads_kernel(
     # through the outputs O = diag(exp(gamma)) Q S + (causal decay * Q K^T) U
     decay = decay_matrix(gamma, same, False, L)
     dq_state = from_start[:, None] * do_S
-    dq = dq_state + tl.dot(decay * do_u, k, input_precision=PRECISION)
+    dq = dq_state + tl.dot(decay * do_u, _operand(k, k_ptr, tokens, valid, DK, BK, 1.0, False, RELOAD),
+                           input_precision=PRECISION)
+    if RELOAD:  # q as B operand here, as A operand after the store: two reads, not merged into one long-lived copy
+        dk = tl.dot(_upper_decay(gamma, same, False, L) * u_do, _operand(q, q_ptr, tokens, valid, DK, BK, scale,
+                                                                          False, RELOAD), input_precision=PRECISION)
     tl.store(dq_ptr + tokens[:, None] * DK + offs_k[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask_k)
-    pairs = decay * do_u * tl.dot(q, kT, input_precision=PRECISION)  # d(loss)/d(gamma_t - gamma_s)
+    qk = tl.dot(_operand(q, q_ptr, tokens, valid, DK, BK, scale, False, RELOAD),
+                _operand(kT, k_ptr, tokens, valid, DK, BK, 1.0, True, RELOAD), input_precision=PRECISION)
+    pairs = decay * do_u * qk  # d(loss)/d(gamma_t - gamma_s)
     dgamma = tl.sum(q * dq_state, 1) + tl.sum(pairs, 1) - tl.sum(pairs, 0)
-    dk = tl.dot(_upper_decay(gamma, same, False, L) * u_do, q, input_precision=PRECISION)
+    if not RELOAD:
+        dk = tl.dot(_upper_decay(gamma, same, False, L) * u_do, q, input_precision=PRECISION)
 
     # through the end state S' = exp(gamma_L) S + (exp(gamma_L - gamma) K)^T U
     dk_end = (tl.exp(g_total - gamma) * to_end)[:, None] * u_dS
@@ -149,7 +168,8 @@ def _grads_kernel(
     # through U = T diag(beta) V - T diag(beta exp(gamma)) K S, T = (I + M)^-1
     decay_strict = decay_matrix(gamma, same, True, L)
     decay_strict_T = _upper_decay(gamma, same, True, L)
-    kk = tl.dot(k, kT, input_precision=PRECISION)  # symmetric
+    kk = tl.dot(_operand(k, k_ptr, tokens, valid, DK, BK, 1.0, False, RELOAD),
+                _operand(kT, k_ptr, tokens, valid, DK, BK, 1.0, True, RELOAD), input_precision=PRECISION)  # symmetric
     inverse = unit_triangular_inverse(beta[:, None] * decay_strict * kk, L, LOG2_L, INVERSE_PRECISION)
     inverse_T = unit_triangular_inverse(beta[None, :] * decay_strict_T * kk, L, LOG2_L, INVERSE_PRECISION)
     dk_tilde = tl.dot(inverse_T, dw, input_precision=PRECISION)
@@ -165,8 +185,9 @@ def _grads_kernel(
     dbeta += tl.sum(dM_kk, 1)
     pairs = beta[:, None] * dM_kk
     dgamma += tl.sum(pairs, 1) - tl.sum(pairs, 0)
-    dk += tl.dot(beta[:, None] * dM * decay_strict, k, input_precision=PRECISION)
-    dk += tl.dot(beta[None, :] * dM_T * decay_strict_T, k, input_precision=PRECISION)
+    k_again = _operand(k, k_ptr, tokens, valid, DK, BK, 1.0, False, RELOAD)
+    dk += tl.dot(beta[:, None] * dM * decay_strict, k_again, input_precision=PRECISION)
+    dk += tl.dot(beta[None, :] * dM_T * decay_strict_T, k_again, input_precision=PRECISION)
     tl.store(dk_ptr + tokens[:, None] * DK + offs_k[None, :], dk.to(dk_ptr.dtype.element_ty), mask=mask_k)
 
     # dV = diag(beta) T^T dU, one Dv-tile at a time
@@ -193,11 +214,17 @@ def delta_rule_backward(q, k, v, g, beta, starts, w, u, states, do, dS_T, scale:
     block_v = min(cfg.block_v_dstates, BV)
     launch(_dstates_kernel, (triton.cdiv(Dv, block_v), n * H),
         q, k, w, g, starts, do, dS_T, dstates, du, dS0, T, H, NC, Dk, Dv, scale, L=L, BK=BK, BV=block_v,
-        PRECISION=precision, num_warps=cfg.warps_dstates, **documents)
+        PRECISION=precision, num_warps=cfg.warps_dstates, **stages(cfg.stages_dstates), **documents)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dg, dbeta = torch.empty(n, T, H, **f32), torch.empty(n, T, H, **f32)
     launch(_grads_kernel, (NC, n * H),
         q, k, v, g, beta, starts, u, states, dstates, do, du, dq, dk, dv, dg, dbeta, T, H, NC, Dk, Dv, scale,
         L=L, LOG2_L=L.bit_length() - 1, BK=BK, BV=min(cfg.block_v_grads, BV), PRECISION=precision,
-        INVERSE_PRECISION=inverse_precision, num_warps=cfg.warps_grads, num_stages=cfg.stages_grads, **documents)
+        INVERSE_PRECISION=inverse_precision, RELOAD=cfg.reload_grads, num_warps=cfg.warps_grads,
+        num_stages=cfg.stages_grads, **documents)
     return dq, dk, dv, dg, dbeta, dS0
+
+
+def stages(num_stages: int | None) -> dict:
+    """The num_stages launch option, or none (Triton's default)."""
+    return {} if num_stages is None else {"num_stages": num_stages}

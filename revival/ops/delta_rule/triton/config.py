@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import torch
 
 from ..._triton import merged_launch_config
 
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Block sizes and warps; a field left None takes its shape-keyed default (`launch_config`).
+    """Block sizes and warps; a field left None takes its shape- and dtype-keyed default (`launch_config`).
 
     block_v_states / block_v_output / block_v_dstates: the Dv-tile of the sequential state kernel, the output kernel
     and the sequential state-gradient kernel (narrower tiles: more programs for the sequential walks); block_v_wy /
     block_v_grads: the Dv-tile the WY and gradient kernels loop over (fewer live tiles); warps_*: num_warps per
-    kernel; stages_grads: num_stages of the gradient kernel."""
+    kernel; stages_grads / stages_dstates: num_stages of the gradient and state-gradient kernels (None for the
+    latter: Triton's default); reload_grads: the gradient kernel reads its (L, Dk) inputs again for each product
+    instead of holding them (less shared memory, more reads)."""
 
     block_v_wy: int | None = None
     block_v_grads: int | None = None
@@ -27,19 +31,31 @@ class LaunchConfig:
     warps_dstates: int | None = None
     warps_grads: int | None = None
     stages_grads: int | None = None
+    stages_dstates: int | None = None
+    reload_grads: bool | None = None
 
 
-def default_launch_config(Dk: int, Dv: int, rows: int) -> LaunchConfig:
-    """Fixed settings per shape class (no autotuning): with few batch*head rows the sequential kernels split Dv
-    into narrower tiles so that more programs run at once."""
+def default_launch_config(Dk: int, Dv: int, rows: int, dtype: torch.dtype) -> LaunchConfig:
+    """Fixed settings per shape class and kernel dtype (no autotuning): with few batch*head rows the sequential
+    kernels split Dv into narrower tiles so that more programs run at once; float32 at Dk > 64 takes smaller
+    shared-memory footprints (below)."""
     narrow = 32 if rows < 64 else 64
     # the gradient kernel unpipelined: pipelined it asks sm_90 for 400 KB of shared memory at (Dk, Dv) = (64, 128)
     # (227 KB there), so its first call compiled twice (`forward.launch`); its Dv loops run Dv / 64 times
-    return LaunchConfig(block_v_wy=128, block_v_grads=64, block_v_states=narrow, block_v_output=128,
-                        block_v_dstates=narrow, warps_wy=4, warps_states=4, warps_output=4, warps_dstates=4,
-                        warps_grads=8, stages_grads=1)
+    cfg = LaunchConfig(block_v_wy=128, block_v_grads=64, block_v_states=narrow, block_v_output=128,
+                       block_v_dstates=narrow, warps_wy=4, warps_states=4, warps_output=4, warps_dstates=4,
+                       warps_grads=8, stages_grads=1, reload_grads=False)
+    if dtype == torch.float32 and Dk > 64:
+        # three-pass tf32 keeps a high and a low copy of every product operand in shared memory; at (Dk, Dv) =
+        # (128, 128) for sm_90 (227 KB) the gradient kernel held eight (L, Dk) copies (256 KB: OutOfResources, it is
+        # already unpipelined) and 160 KB reloading; the state-gradient kernel pipelined needs 280+ KB at any Dv-tile
+        # (96 KB unpipelined); states / output at 64- / 128-wide tiles 225 / 192 KB (177 / 128 KB at 32 / 64)
+        cfg = replace(cfg, block_v_states=32, block_v_output=64, stages_dstates=1, reload_grads=True)
+    return cfg
 
 
-def launch_config(Dk: int, Dv: int, rows: int, requested: LaunchConfig | None = None) -> LaunchConfig:
-    """The launch config of one call: the fields `requested` sets, the shape-keyed defaults for the others."""
-    return merged_launch_config(requested, default_launch_config(Dk, Dv, rows))
+def launch_config(Dk: int, Dv: int, rows: int, dtype: torch.dtype,
+                  requested: LaunchConfig | None = None) -> LaunchConfig:
+    """The launch config of one call (`dtype`: the kernels' q, k, v dtype): the fields `requested` sets, the shape-
+    and dtype-keyed defaults for the others."""
+    return merged_launch_config(requested, default_launch_config(Dk, Dv, rows, dtype))
