@@ -1,15 +1,17 @@
 """GPU benchmark of revival's Triton Gated DeltaNet, Mamba-2 SSD and Mamba-3 kernels, one process (< 7 minutes on an
 H200).
 
-Run on a CUDA machine:  python benchmarks/gpu_siblings.py [--out DIR]   (default: $OUT, else runs/)
+Run on a CUDA machine:  python benchmarks/gpu_siblings.py [--out DIR] [--sections checks,timings,mamba3,steps]
+(--out default: $OUT, else runs/; --sections default: all four, in that order)
 It (1) checks the Triton kernels (outputs, final state and every gradient, bfloat16 and float32) against the float64
 chunkwise path (itself tested equal to the float64 loop) at real shapes, (2) times forward and forward+backward
 (CUDA-event medians) of revival's Triton kernels, their chunkwise PyTorch paths and, where importable, fla's
 chunk_gated_delta_rule and mamba-ssm's mamba_chunk_scan_combined (an ImportError or a refusal is recorded as such) at
 (B, T, H, D) = (8, 8192, 16, 128) and (1, 65536, 16, 128) (SSD: P = 128, N = 128, one group), and Mamba-3 SISO (Triton
 on SSD's kernels, and chunkwise) beside SSD's kernels at the 125M layers' heads (24 heads, P = 64; Mamba-3 N = 64,
-Mamba-2 N = 128), (3) times the decode steps, and writes gpu_siblings.json. `--smoke` runs the same flow at tiny
-shapes (also on the CPU under TRITON_INTERPRET=1) to check the script itself.
+Mamba-2 N = 128) ("mamba3"), (3) times the decode steps ("steps"), and writes gpu_siblings.json after every check
+row and timing group ("complete": false until the end: a run cut short keeps what it measured). `--smoke` runs the
+same flow at tiny shapes (also on the CPU under TRITON_INTERPRET=1) to check the script itself.
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ CHECKS = [
     (1, 2049, 4, 64, 1, torch.bfloat16, False, ("gdn", "ssd", "mamba3")),
     (2, 4100, 8, 128, 1, torch.bfloat16, True, ("gdn", "ssd", "mamba3")),
     (2, 2049, 6, 128, 2, torch.bfloat16, False, ("gdn",)),
+    (2, 2049, 6, 128, 2, torch.float32, False, ("gdn",)),  # float32 at Dv = 256: the kernels' widest tiles
+    (1, 2049, 4, 64, 1, torch.float32, False, ("gdn",)),
 ]
+SECTIONS = ("checks", "timings", "mamba3", "steps")
 STEP_SHAPES = [(8, 16, 128), (1, 16, 128)]  # B, H, D
 # B, T, H, P, N of Mamba-3 at the 125M preset (d_model 768, expand 2, 24 heads of 64, d_state 64); SSD beside it at
 # the same heads with N = 64 (the kernels' cost per head, Mamba-3 runs them on 2H heads) and N = 128 (the Mamba-2 layer)
@@ -276,11 +281,31 @@ def step_timings(B, H, D, device):
     return result
 
 
+def parse_sections(text: str) -> list[str]:
+    """The comma-separated section names of --sections, each one of SECTIONS, in the order given."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SECTIONS]
+    if unknown or not names:
+        raise SystemExit(f"--sections: expected comma-separated names from {','.join(SECTIONS)}, got {text!r}")
+    return list(dict.fromkeys(names))
+
+
+def write(result: dict, path: str, begin: float, complete: bool) -> None:
+    """gpu_siblings.json as measured so far (replaced whole, never half-written)."""
+    result["seconds"], result["complete"] = round(time.perf_counter() - begin, 1), complete
+    with open(path + ".tmp", "w") as fh:
+        json.dump(result, fh, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT") or "runs")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help=f"comma-separated sections to run, from {','.join(SECTIONS)} (default: all)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: check the script itself (CPU: interpreter)")
     args = ap.parse_args()
+    sections = parse_sections(args.sections)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("no CUDA device: run on a GPU, or with TRITON_INTERPRET=1 and --smoke to check the script")
@@ -293,34 +318,45 @@ def main():
 
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-              "checks": [], "timings": [], "steps": []}
+              "sections": sections, "checks": [], "timings": [], "steps": []}
     begin = time.perf_counter()
-    print("checks against float64:", flush=True)
-    for B, T, H, D, expand_v, dtype, packed, kinds in checks:
-        for kind in kinds:
-            try:
-                row = check(kind, B, T, H, D, expand_v, dtype, packed, device)
-            except Exception:
-                row = {"kind": kind, "shape": [B, T, H, D], "error": traceback.format_exc(limit=3)}
-            result["checks"].append(row)
-            print(f"  {row}", flush=True)
-    print("timings (ms, bfloat16):", flush=True)
-    for B, T, H, D in shapes:
-        for kind in ("gdn", "ssd"):
-            result["timings"].append(timings(kind, B, T, H, D, device))
-    for B, T, H, P, N in mamba3_shapes:
-        result["timings"].append(mamba3_timings(B, T, H, P, N, device))
-    print("decode steps:", flush=True)
-    for B, H, D in steps:
-        result["steps"].append(step_timings(B, H, D, device))
-        print(f"  {result['steps'][-1]}", flush=True)
-    result["all_checks_ok"] = all(row.get("ok", False) for row in result["checks"])
-    result["seconds"] = round(time.perf_counter() - begin, 1)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "gpu_siblings.json")
-    with open(path, "w") as fh:
-        json.dump(result, fh, indent=1)
-    print(f"wrote {path} ({result['seconds']} s; all checks ok: {result['all_checks_ok']})", flush=True)
+    for section in sections:
+        if section == "checks":
+            print("checks against float64:", flush=True)
+            for B, T, H, D, expand_v, dtype, packed, kinds in checks:
+                for kind in kinds:
+                    try:
+                        row = check(kind, B, T, H, D, expand_v, dtype, packed, device)
+                    except Exception:
+                        row = {"kind": kind, "shape": [B, T, H, D] + ([D * expand_v] if kind == "gdn" else []),
+                               "dtype": str(dtype).split(".")[-1], "packed": packed,
+                               "error": traceback.format_exc(limit=3)}
+                    result["checks"].append(row)
+                    print(f"  {row}", flush=True)
+                    write(result, path, begin, False)
+            result["all_checks_ok"] = all(row.get("ok", False) for row in result["checks"])
+        elif section == "timings":
+            print("timings (ms, bfloat16):", flush=True)
+            for B, T, H, D in shapes:
+                for kind in ("gdn", "ssd"):
+                    result["timings"].append(timings(kind, B, T, H, D, device))
+                    write(result, path, begin, False)
+        elif section == "mamba3":
+            print("Mamba-3 timings (ms, bfloat16):", flush=True)
+            for B, T, H, P, N in mamba3_shapes:
+                result["timings"].append(mamba3_timings(B, T, H, P, N, device))
+                write(result, path, begin, False)
+        else:
+            print("decode steps:", flush=True)
+            for B, H, D in steps:
+                result["steps"].append(step_timings(B, H, D, device))
+                print(f"  {result['steps'][-1]}", flush=True)
+                write(result, path, begin, False)
+    write(result, path, begin, True)
+    print(f"wrote {path} ({result['seconds']} s; all checks ok: {result.get('all_checks_ok', 'not run')})",
+          flush=True)
 
 
 if __name__ == "__main__":
