@@ -409,7 +409,8 @@ def test_a_request_past_its_timeout_gets_504_and_frees_its_slot(limited):
 def test_a_client_that_disconnects_frees_its_slot(limited):
     engine = limited.engine
     cancelled = engine.metrics["requests_cancelled"]
-    body = {"prompt": "a", "max_tokens": 100_000, "stream": True}
+    # greedy (as the 504 test): a sampled end-of-text token would finish the request before the client leaves
+    body = {"prompt": "a", "max_tokens": 100_000, "stream": True, "temperature": 0}
     with httpx.stream("POST", limited.url + "/v1/completions", json=body, headers=AUTH, timeout=WAIT) as response:
         assert response.status_code == 200
         next(response.iter_lines())  # generation is under way
@@ -417,7 +418,7 @@ def test_a_client_that_disconnects_frees_its_slot(limited):
     wait_until(lambda: engine.metrics["requests_cancelled"] > cancelled, "the stream's request to be cancelled")
     wait_until(lambda: engine.stats()["active_slots"] == 0, "the slot to be freed")
     with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up frees its slot too
-        post(limited.url, "/v1/completions", timeout=0.5, json={"prompt": "a", "max_tokens": 100_000})
+        post(limited.url, "/v1/completions", timeout=0.5, json={"prompt": "a", "max_tokens": 100_000, "temperature": 0})
     wait_until(lambda: engine.metrics["requests_cancelled"] > cancelled + 1, "the request to be cancelled")
     wait_until(lambda: engine.stats()["active_slots"] == 0, "the slot to be freed")
 
