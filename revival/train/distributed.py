@@ -146,16 +146,14 @@ def barrier(world: World) -> None:
 
 
 # -- the model ---------------------------------------------------------------------------------------------------------
-def wrap_model(model: nn.Module, world: World, param_dtype: torch.dtype | None = None,
-               reshard_after_forward: bool | None = None) -> nn.Module:
+def wrap_model(model: nn.Module, world: World, param_dtype: torch.dtype | None = None) -> nn.Module:
     """The module to train: `model` itself (``none``), a DDP wrapper around it (``ddp``), or `model` sharded in place
     by ``fully_shard`` per block and at the root (``fsdp``; `param_dtype` bf16 gathers bf16 parameters and reduces
     fp32 gradients). Build the optimizer after this: FSDP replaces the parameters by their shards.
 
-    `reshard_after_forward` (``fsdp``): free each block's gathered parameters after its forward and gather them again
-    in backward (True), or keep them to the backward (False). None: True on several ranks, False on one, where a
-    shard is the whole parameter and resharding saves no memory, only costs copies. The root never reshards (FSDP2's
-    advice: backward needs it first)."""
+    Under ``fsdp`` each block frees its gathered parameters after its forward and gathers them again in backward on
+    several ranks; on one rank, where a shard is the whole parameter and resharding saves no memory, only costs
+    copies, it keeps them. The root never reshards (FSDP2's advice: backward needs it first)."""
     if world.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -164,8 +162,7 @@ def wrap_model(model: nn.Module, world: World, param_dtype: torch.dtype | None =
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        if reshard_after_forward is None:
-            reshard_after_forward = world.world_size > 1
+        reshard_after_forward = world.world_size > 1
         mesh = init_device_mesh(world.device.type, (world.world_size,))
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
         for block in model.blocks:
