@@ -1,0 +1,104 @@
+"""Launch-setting probe of the Gated DeltaNet and SSD Triton kernels at the 125M training shapes (issue 20).
+
+Run on a CUDA machine:  python benchmarks/gpu_sibling_launch.py --out $OUT [--kinds gdn,ssd]
+
+`benchmarks/gpu_profile_train.py` found the gradient kernels (`_grads_kernel`) at about a quarter of the step of
+gated-deltanet and mamba2 at 125M / 2k context. This probe times the op's forward and forward+backward (CUDA-event
+medians, bf16 inputs) at the shapes those models run, (B, T) = (16, 2048): the delta rule at H = 6, Dk = 128,
+Dv = 256 and SSD at H = 24, P = 64, N = 128, under the default `LaunchConfig` and under variants that change one
+field (warps, the Dv / P tile, pipelining, reloads) or the chunk size, and fla's chunk_gated_delta_rule as the
+anchor where it runs (a refusal is recorded). Writes gpu_sibling_launch.json after every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from gpu_siblings import fla_gdn, gdn_inputs, ssd_inputs, time_one  # noqa: E402
+
+from revival.bench.report import environment, write_json  # noqa: E402
+
+GDN_SHAPE = dict(B=16, T=2048, H=6, D=128, expand_v=2)  # gated-deltanet / hybrid at 125M
+SSD_SHAPE = dict(B=16, T=2048, H=24, P=64, N=128)  # mamba2 at 125M
+# name: (LaunchConfig fields, chunk size); "default" first
+GDN_VARIANTS = {
+    "default": ({}, 64), "chunk32": ({}, 32), "warps_grads4": ({"warps_grads": 4}, 64),
+    "block_v_grads32": ({"block_v_grads": 32}, 64), "block_v_grads128": ({"block_v_grads": 128}, 64),
+    "reload_grads": ({"reload_grads": True}, 64), "stages_grads2": ({"stages_grads": 2}, 64),
+    "warps_dstates8": ({"warps_dstates": 8}, 64), "block_v_dstates32": ({"block_v_dstates": 32}, 64),
+    "warps_wy8": ({"warps_wy": 8}, 64), "warps_output8": ({"warps_output": 8}, 64),
+}
+SSD_VARIANTS = {
+    "default": ({}, 64), "chunk32": ({}, 32), "chunk128": ({}, 128), "warps_grads4": ({"warps_grads": 4}, 64),
+    "block_p_grads32": ({"block_p_grads": 32}, 64), "warps_dstates8": ({"warps_dstates": 8}, 64),
+    "block_p_dstates16": ({"block_p_dstates": 16}, 64),
+}
+
+
+def gdn_call(fields: dict, chunk_size: int):
+    from revival.ops.delta_rule.triton import LaunchConfig, gated_delta_rule_triton
+
+    launch = LaunchConfig(**fields)
+    return lambda: (lambda q, k, v, g, beta, state: gated_delta_rule_triton(
+        q, k, v, g, beta, state, q.shape[-1] ** -0.5, chunk_size=chunk_size, launch=launch))
+
+
+def ssd_call(fields: dict, chunk_size: int):
+    from revival.ops.ssd.triton import LaunchConfig, ssd_triton
+
+    launch = LaunchConfig(**fields)
+    return lambda: (lambda x, dt, A, B, C, D, state: ssd_triton(x, dt, A, B, C, D, state, chunk_size=chunk_size,
+                                                                launch=launch))
+
+
+def row(make, inputs, out_index, device) -> dict:
+    try:
+        forward_ms, forward_backward_ms = time_one(make, inputs, out_index, device)
+    except Exception as error:  # OutOfResources, a refusal: recorded as such
+        return {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+    return {"forward_ms": forward_ms, "forward_backward_ms": forward_backward_ms,
+            "backward_ms": forward_backward_ms - forward_ms}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kinds", default="gdn,ssd")
+    parser.add_argument("--out", default=os.environ.get("OUT", "runs"))
+    args = parser.parse_args()
+    device = "cuda"
+    result = {"what": "issue 20: launch settings of the GDN / SSD Triton kernels at 125M training shapes (ms)",
+              "environment": environment(torch.device(device)), "gdn_shape": GDN_SHAPE, "ssd_shape": SSD_SHAPE,
+              "rows": {}}
+    path = os.path.join(args.out, "gpu_sibling_launch.json")
+    os.makedirs(args.out, exist_ok=True)
+    begin = time.time()
+    for kind in args.kinds.split(","):
+        if kind == "gdn":
+            s = GDN_SHAPE
+            inputs, out_index = gdn_inputs(s["B"], s["T"], s["H"], s["D"], torch.bfloat16, device, beta_max=1.0,
+                                           expand_v=s["expand_v"]), 2
+            makes = {name: gdn_call(*variant) for name, variant in GDN_VARIANTS.items()}
+            makes["fla_chunk_gated_delta_rule"] = fla_gdn
+        else:
+            s = SSD_SHAPE
+            inputs, out_index = ssd_inputs(s["B"], s["T"], s["H"], s["P"], torch.bfloat16, device, N=s["N"]), 0
+            makes = {name: ssd_call(*variant) for name, variant in SSD_VARIANTS.items()}
+        for name, make in makes.items():
+            entry = row(make, inputs, out_index, device)
+            result["rows"][f"{kind}/{name}"] = entry
+            shown = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items())
+            print(f"{kind}/{name}: {shown}  ({time.time() - begin:.0f} s)", flush=True)
+            write_json(result, path)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
