@@ -35,12 +35,13 @@ from revival.models import preset_config  # noqa: E402
 from revival.train.config import RunConfig  # noqa: E402
 from revival.train.trainer import Trainer  # noqa: E402
 
-# variant: (train.parallel, fused AdamW, blocks reshard after forward; None: the trainer's default). The first two are
-# the defaults (the target ratio is fsdp / none); the others undo issue 24 point 3's changes (foreach AdamW, resharding
-# blocks) one by one, to see what each bought.
-VARIANTS = {"none": ("none", None, None), "fsdp": ("fsdp", None, None),
-            "none-foreach": ("none", False, None), "fsdp-foreach": ("fsdp", False, False),
-            "fsdp-foreach-reshard": ("fsdp", False, True)}
+# variant: (train.parallel, fused AdamW, blocks reshard after forward, clipping on the local shards; None: the
+# trainer's default). The first two are the defaults (the target ratio is fsdp / none); the others undo issue 24 point
+# 3's changes (foreach AdamW, resharding blocks, torch's clip_grad_norm_ on the DTensors) one by one, to see what each
+# bought.
+VARIANTS = {"none": ("none", None, None, None), "fsdp": ("fsdp", None, None, None),
+            "none-foreach": ("none", False, None, None), "fsdp-foreach": ("fsdp", False, False, None),
+            "fsdp-foreach-reshard": ("fsdp", False, True, None), "fsdp-dtensor-clip": ("fsdp", None, None, False)}
 
 
 def model_section(preset: str, size: str) -> dict:
@@ -51,25 +52,31 @@ def model_section(preset: str, size: str) -> dict:
 
 
 class VariantTrainer(Trainer):
-    """A Trainer whose AdamW is fused or foreach as the variant says (None: the default, fused on CUDA)."""
+    """A Trainer whose AdamW is fused or foreach as the variant says (None: the default, fused on CUDA), and whose
+    clipping is the trainer's (local shards under FSDP) or, with `local_clip` False, torch's on the whole model."""
 
-    def __init__(self, run: RunConfig, fused: bool | None, **kwargs):
-        self.fused = fused
+    def __init__(self, run: RunConfig, fused: bool | None, local_clip: bool | None, **kwargs):
+        self.fused, self.local_clip = fused, local_clip
         super().__init__(run, **kwargs)
 
     def _make_optimizer(self, fused: bool | None = None) -> torch.optim.Optimizer:
         return super()._make_optimizer(fused=self.fused)
 
+    def _clip_gradients(self) -> torch.Tensor:
+        if self.local_clip is False:
+            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        return super()._clip_gradients()
+
 
 def build_trainer(preset: str, args, variant: str, corpus, out_dir: Path) -> Trainer:
-    parallel, fused, reshard = VARIANTS[variant]
+    parallel, fused, reshard, local_clip = VARIANTS[variant]
     run = RunConfig.from_dict({
         "model": model_section(preset, args.size),
         "data": {"corpus": "stdlib-notests", "tokenizer": "byte", "context_length": args.context},
         "train": {"steps": 10**6, "batch_size": args.batch_size, "warmup_steps": 10, "device": args.device,
                   "precision": "auto", "parallel": parallel, "progress": False, "tensorboard": False,
                   "out_dir": str(out_dir / f"{preset}-{variant}")}})
-    trainer = VariantTrainer(run, fused=fused, corpus=corpus, force=True)
+    trainer = VariantTrainer(run, fused=fused, local_clip=local_clip, corpus=corpus, force=True)
     if reshard:  # FSDP2's runtime switch; the root keeps its parameters (as wrap_model sets it)
         trainer.model.set_reshard_after_forward(True)
         trainer.model.set_reshard_after_forward(False, recurse=False)
@@ -123,7 +130,7 @@ def measure(preset: str, args, variants: list[str], corpus, out_dir: Path) -> di
               "model": model_section(preset, args.size), "modes": {}}
     for variant, trainer in trainers.items():
         losses = [trainer.train_step() for _ in range(args.warmup)]  # compiles kernels, warms the allocator
-        parallel, _, reshard = VARIANTS[variant]
+        parallel, _, reshard, _ = VARIANTS[variant]
         record["modes"][variant] = {"parallel": parallel, "fused": bool(trainer.optimizer.defaults["fused"]),
                                     "blocks_reshard": (trainer.world.world_size > 1 if reshard is None else reshard)
                                     if parallel == "fsdp" else None,  # None resolved as wrap_model does

@@ -323,6 +323,10 @@ class Trainer:
         if resume_from is not None:
             self._restore(resume_from, resume_state, changed_train)
 
+    def _clip_gradients(self) -> torch.Tensor:
+        """Clip the gradients' global norm to train.grad_clip (FSDP: on the local shards); returns the norm."""
+        return distributed.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+
     def _make_optimizer(self, fused: bool | None = None) -> torch.optim.Optimizer:
         """AdamW, weight decay on matrices only. `fused`: torch's fused AdamW, a few multi-tensor kernels for the whole
         update (plain tensors and FSDP's DTensors alike; foreach's are several times more, and slower on DTensors);
@@ -490,7 +494,7 @@ class Trainer:
                     f"(train.max_bad_steps={self.cfg.max_bad_steps}); lower train.lr or check the data")
             return total
         self.bad_steps_in_a_row = 0
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self._clip_gradients()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -220,6 +220,33 @@ def test_fsdp_one_process_keeps_blocks_gathered_and_matches_plain(tmp_path, one_
 
 
 
+def test_fsdp_clipping_on_local_shards_matches_torch_on_plain_gradients(tmp_path, one_thread):
+    """`distributed.clip_grad_norm_` on FSDP's DTensor gradients (foreach over the local shards, then the mesh's sum)
+    returns the norm torch's `clip_grad_norm_` computes on the same plain gradients, and scales them alike (an active
+    clip: max_norm far below the norm)."""
+    import torch.nn.functional as F
+    from torch.distributed.tensor import DTensor
+
+    plain = Trainer(run_config(tmp_path / "none"), corpus=corpus())
+    fsdp = Trainer(run_config(tmp_path / "fsdp", "fsdp"), corpus=corpus())
+    try:
+        batch = plain.dataset.batch(0, BATCH)
+        for trainer in (plain, fsdp):
+            logits, _ = trainer.train_module(batch.input_ids)
+            F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten()).backward()
+        expected = torch.nn.utils.clip_grad_norm_(plain.model.parameters(), 1e-3)
+        got = distributed.clip_grad_norm_(fsdp.model.parameters(), 1e-3)
+        assert expected.item() > 1e-2  # the clip is active
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+        plain_grads = {name: p.grad for name, p in plain.model.named_parameters()}
+        for name, param in fsdp.model.named_parameters():
+            assert isinstance(param.grad, DTensor), name
+            torch.testing.assert_close(param.grad.full_tensor(), plain_grads[name], rtol=1e-5, atol=1e-9)
+    finally:
+        distributed.shutdown(fsdp.world)
+
+
+
 class FusedAdamTrainer(Trainer):
     def _make_optimizer(self, fused: bool | None = None) -> torch.optim.Optimizer:
         return super()._make_optimizer(fused=True)
