@@ -72,3 +72,149 @@ def test_errors_name_the_argument():
         causal_conv1d(x, weight[:2], bias, state)
     with pytest.raises(ValueError, match="activation"):
         causal_conv1d(x, weight, bias, state, activation="gelu")
+
+
+# ----------------------------------------------------------------------------------------------- impl="triton"
+# The Triton kernels (revival/ops/conv/triton.py) against the float64 reference: on the GPU when there is one, else
+# in Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py) at tiny shapes. Full shapes and timings:
+# benchmarks/gpu_conv.py.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL_TILES = dict(block_t=8, block_d=4, num_warps=1, backward_block_t=8, backward_block_d=4, backward_chunk_t=16,
+                   backward_num_warps=1)  # several time tiles, channel tiles with a ragged edge, backward chunks
+
+
+def _triton_available():
+    from revival.ops.conv.triton import available
+
+    return available()
+
+
+needs_triton = pytest.mark.skipif(not _triton_available(), reason="Triton cannot run here")
+
+
+def _starts(B, T):
+    """A start at t = 0 in row 0 (it drops the state); 1-token documents; a start on the last step."""
+    starts = torch.zeros(B, T, dtype=torch.bool)
+    starts[0, 0] = True
+    if T >= 3:
+        starts[1, 1] = starts[1, 2] = True
+    if T > 30:
+        starts[0, 5] = starts[0, 6] = starts[1, 20] = starts[1, T - 1] = True
+    return starts.to(DEVICE)
+
+
+def _check_against_reference(fast, leaves, starts, activation, dtype=F64, rtol=1e-12):
+    """y, new state and the gradients of every leaf of `fast` (on `leaves` cast to dtype) vs the float64 reference
+    on the same (rounded) values; `rtol` bounds each result's relative error in norm."""
+    leaves = [None if t is None else t.to(DEVICE, dtype) for t in leaves]
+    dy = torch.randn(leaves[0].shape, generator=torch.Generator().manual_seed(3), dtype=F64).to(DEVICE)
+
+    def reference(x, weight, bias, state):
+        y, new_state = causal_conv1d_reference(x, weight, bias, state, document_starts=starts)
+        return (F.silu(y) if activation == "silu" else y), new_state
+
+    got = _outputs_and_grads(fast, leaves, dy.to(dtype))
+    ref = _outputs_and_grads(reference, [None if t is None else t.double() for t in leaves], dy)
+    assert len(got) == len(ref)
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert a.dtype == dtype and a.shape == b.shape, (i, a.dtype, a.shape, b.shape)
+        error = (a.double() - b).norm() / max(b.norm(), 1e-30)
+        assert error <= rtol, f"result {i} (y, new state, grads of x, weight, bias, state): {error:.2e}"
+
+
+FLAGS = [  # with_state, with_bias, activation, document starts
+    (False, False, None, False), (True, True, "silu", False), (True, False, "silu", True), (False, True, None, True)]
+
+
+@needs_triton
+@pytest.mark.parametrize("K", [1, 2, 4])
+@pytest.mark.parametrize("T", [1, 3, 37])
+@pytest.mark.parametrize("with_state,with_bias,activation,documents", FLAGS)
+def test_triton_matches_the_reference_in_float64(K, T, with_state, with_bias, activation, documents):
+    leaves = _inputs(2, T, 5, K, seed=100 + 10 * K + T, with_state=with_state, with_bias=with_bias)
+    starts = _starts(2, T) if documents else None
+
+    def fast(x, weight, bias, state):
+        return causal_conv1d(x, weight, bias, state, activation=activation, document_starts=starts, impl="triton")
+
+    _check_against_reference(fast, leaves, starts, activation)
+    with torch.no_grad():  # the forward kernel without the autograd Function
+        y, _ = fast(*[None if t is None else t.to(DEVICE) for t in leaves])
+    y_ref, _ = causal_conv1d_reference(*[None if t is None else t.to(DEVICE) for t in leaves], document_starts=starts)
+    torch.testing.assert_close(y, F.silu(y_ref) if activation == "silu" else y_ref, rtol=1e-12, atol=1e-12)
+
+
+@needs_triton
+def test_triton_small_tiles_in_float64():
+    """Several programs along time and channels, and backward chunks whose weight/bias partial sums are added up."""
+    from revival.ops.conv.triton import LaunchConfig, causal_conv1d_triton
+
+    leaves = _inputs(2, 21, 5, 4, seed=7)
+    starts = _starts(2, 21)
+    starts[0, 9] = starts[0, 16] = True  # on a tile edge (padded position 8 + 8) and in the second chunk
+    launch = LaunchConfig(**SMALL_TILES)
+
+    def fast(x, weight, bias, state):
+        y = causal_conv1d_triton(x, weight, bias, state, silu=True, document_starts=starts, launch=launch)
+        return y, causal_conv1d(x, weight, bias, state, document_starts=starts, impl="shifted")[1]
+
+    _check_against_reference(fast, leaves, starts, "silu")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else []))
+def test_triton_in_16_and_32_bits_with_strided_inputs(dtype):
+    """x a channel slice of a wider tensor (time stride 2 D), the incoming gradient in a feature-major layout."""
+    x, weight, bias, state = _inputs(2, 37, 6, 4, seed=8)
+    wide = torch.cat([x, torch.randn_like(x)], dim=-1)
+    starts = _starts(2, 37)
+
+    def fast(wide, weight, bias, state):
+        return causal_conv1d(wide[..., :6], weight, bias, state, activation="silu", document_starts=starts,
+                             impl="triton")
+
+    def reference_on_slice(wide, weight, bias, state):
+        return causal_conv1d_reference(wide[..., :6], weight, bias, state, document_starts=starts)
+
+    leaves = [t.to(DEVICE, dtype) for t in (wide, weight, bias, state)]
+    dy = torch.randn(2, 37, 6, generator=torch.Generator().manual_seed(3), dtype=F64).to(DEVICE)
+    feature_major = dy.to(dtype).transpose(1, 2).contiguous().transpose(1, 2)  # y's gradient gets this layout
+    got = _outputs_and_grads(fast, leaves, feature_major)
+    ref = _outputs_and_grads(lambda *a: (F.silu(reference_on_slice(*a)[0]), reference_on_slice(*a)[1]),
+                             [t.double() for t in leaves], dy)
+    rtol = 1e-6 if dtype == torch.float32 else 1e-2
+    for i, (a, b) in enumerate(zip(got, ref)):
+        error = (a.double() - b).norm() / b.norm()
+        assert a.dtype == dtype and error <= rtol, f"result {i}: {a.dtype}, {error:.2e}"
+
+
+def test_impl_is_checked_and_auto_resolves():
+    from revival.ops.conv import IMPLS, _resolve_impl
+
+    x, weight, bias, state = _inputs(2, 5, 3, 4, seed=0)
+    with pytest.raises(ValueError, match=r"impl: expected one of \('auto', 'shifted', 'triton'\), got 'fast'"):
+        causal_conv1d(x, weight, bias, state, impl="fast")
+    assert IMPLS == ("auto", "shifted", "triton")
+    assert _resolve_impl("auto", x, needs_grad=True) == "shifted"  # CPU
+    assert _resolve_impl("shifted", x, needs_grad=True) == "shifted"
+    if torch.cuda.is_available():
+        on_gpu = x.to("cuda", torch.bfloat16)
+        assert _resolve_impl("auto", on_gpu, needs_grad=True) == "triton"
+        assert _resolve_impl("auto", on_gpu, needs_grad=False) == "triton"  # prefill
+        assert _resolve_impl("auto", on_gpu[:, :1], needs_grad=False) == "shifted"  # a decode step
+        assert _resolve_impl("auto", on_gpu.double(), needs_grad=True) == "shifted"
+
+
+def test_gpu_conv_benchmark_parses_its_arguments():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "gpu_conv.py")
+    spec = importlib.util.spec_from_file_location("gpu_conv", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.parse_args(["--out", "somewhere", "--shapes", "16x2048x3072", "--document-length", "300"])
+    assert (args.out, args.shapes, args.document_length) == ("somewhere", [(16, 2048, 3072)], 300)
+    assert module.parse_args([]).shapes == [(16, 2048, 3072), (16, 2048, 1792)]
+    with pytest.raises(SystemExit):
+        module.parse_args(["--shapes", "16x2048"])
