@@ -71,6 +71,7 @@ def row(make, inputs, out_index, device) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kinds", default="gdn,ssd")
+    parser.add_argument("--variants", default=None, help="comma-separated variant names to run (default: all)")
     parser.add_argument("--out", default=os.environ.get("OUT", "runs"))
     args = parser.parse_args()
     device = "cuda"
@@ -91,7 +92,10 @@ def main() -> None:
             s = SSD_SHAPE
             inputs, out_index = ssd_inputs(s["B"], s["T"], s["H"], s["P"], torch.bfloat16, device, N=s["N"]), 0
             makes = {name: ssd_call(*variant) for name, variant in SSD_VARIANTS.items()}
+        chosen = None if args.variants is None else set(args.variants.split(","))
         for name, make in makes.items():
+            if chosen is not None and name not in chosen:
+                continue
             entry = row(make, inputs, out_index, device)
             result["rows"][f"{kind}/{name}"] = entry
             shown = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items())
