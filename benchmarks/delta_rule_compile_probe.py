@@ -1,12 +1,14 @@
 """Compile the Triton gated delta rule kernels for a GPU target on this machine (no GPU needed) and record, per
 kernel, the compile seconds, shared memory, registers and spill stores that ptxas reports.
 
-    python benchmarks/delta_rule_compile_probe.py [--cases ieee:64x128,tf32:64x128] [--arch 90] [--out DIR] [--smoke]
+    python benchmarks/delta_rule_compile_probe.py [--cases ieee:64x128,tf32:64x128] [--kernels grads_output,grads_wy]
+        [--launch block_v_grads=64,warps_grads=4] [--arch 90] [--out DIR] [--smoke]
 
 A case is PRODUCTS:DKxDV: PRODUCTS the products' input_precision ("ieee": the float32 path before tf32x3, "tf32x3":
 float32 inputs now, "tf32": 16-bit inputs; the WY inverse takes "tf32x3" unless PRODUCTS is "ieee"), the head dims
 Dk, Dv. Launch settings are the wrapper's defaults (`launch_config` for --rows batch*head rows, default 64, and
-the case's dtype: float32 for "ieee" / "tf32x3", bfloat16 for "tf32"; chunk 64). A kernel whose shared memory
+the case's dtype: float32 for "ieee" / "tf32x3", bfloat16 for "tf32"; chunk 64), with --launch's LaunchConfig fields
+over them. A kernel whose shared memory
 exceeds the target's (sm_90: 227 KB) raises OutOfResources on the GPU; `forward.launch` then compiles it again with
 num_stages=1, which this probe does too (both compiles counted). Each case compiles in a
 fresh Triton cache (several minutes for "ieee"). Writes delta_rule_compile.json under --out (default: $OUT, else runs/).
@@ -30,20 +32,23 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 SHARED_LIMIT = {90: 232448, 100: 232448, 80: 166912}  # bytes of shared memory one block may use
 
 
-def kernel_cases(products: str, Dk: int, Dv: int, rows: int, grads_stages: int | None):
+def kernel_cases(products: str, Dk: int, Dv: int, rows: int, grads_stages: int | None, launch: dict):
     """(name, kernel, data dtype, its pointers, constexprs, num_warps, num_stages) as the wrapper launches them;
-    `grads_stages` 0 is the config's num_stages for the gradient kernel, None Triton's default."""
+    `grads_stages` 0 is the config's num_stages for the gradient kernels, None Triton's default; `launch`:
+    LaunchConfig fields set over the defaults."""
     import torch
 
     from revival.ops.delta_rule.triton import backward, forward
-    from revival.ops.delta_rule.triton.config import default_launch_config
+    from revival.ops.delta_rule.triton.config import LaunchConfig, launch_config
 
     data = "bf16" if products == "tf32" else "fp32"
-    cfg = default_launch_config(Dk, Dv, rows, torch.bfloat16 if data == "bf16" else torch.float32)
+    cfg = launch_config(Dk, Dv, rows, torch.bfloat16 if data == "bf16" else torch.float32, LaunchConfig(**launch))
     inverse = "ieee" if products == "ieee" else "tf32x3"
     BK, BV = forward.pow2(Dk), forward.pow2(Dv)
     common = dict(L=64, BK=BK, PRECISION=products, HAS_STARTS=False)
     wy = dict(common, LOG2_L=6, INVERSE_PRECISION=inverse)
+    grads = dict(common, RELOAD=cfg.reload_grads)
+    grads_stages = cfg.stages_grads if grads_stages == 0 else grads_stages
     inputs = ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dq_ptr", "dk_ptr", "dv_ptr")
     return [
         ("wy", forward._wy_kernel, data, inputs, dict(wy, BV=min(cfg.block_v_wy, BV)), cfg.warps_wy, None),
@@ -53,9 +58,11 @@ def kernel_cases(products: str, Dk: int, Dv: int, rows: int, grads_stages: int |
          cfg.warps_output, None),
         ("dstates", backward._dstates_kernel, data, inputs, dict(common, BV=min(cfg.block_v_dstates, BV)),
          cfg.warps_dstates, cfg.stages_dstates),
-        ("grads", backward._grads_kernel, data, inputs,
-         dict(wy, BV=min(cfg.block_v_grads, BV), RELOAD=cfg.reload_grads), cfg.warps_grads,
-         cfg.stages_grads if grads_stages == 0 else grads_stages),
+        ("grads_output", backward._output_grads_kernel, data, inputs, dict(grads, BV=min(cfg.block_v_grads, BV)),
+         cfg.warps_grads, grads_stages),
+        ("inverse", backward._inverse_kernel, data, inputs, wy, cfg.warps_wy, None),
+        ("grads_wy", backward._wy_grads_kernel, data, inputs, dict(grads, BV=min(cfg.block_v_grads, BV)),
+         cfg.warps_grads, grads_stages),
     ]
 
 
@@ -98,7 +105,8 @@ def compile_kernel(kernel, data: str, inputs: tuple, constexprs: dict, num_warps
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default="ieee:64x128,tf32x3:64x128,tf32:64x128,tf32:16x32")
-    parser.add_argument("--kernels", default="wy,states,output,dstates,grads")
+    parser.add_argument("--kernels", default="wy,states,output,dstates,inverse,grads_output,grads_wy")
+    parser.add_argument("--launch", default="", help="LaunchConfig fields over the defaults: warps_grads=4,...")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (default: 90, Hopper)")
     parser.add_argument("--out", default=os.environ.get("OUT", "runs"))
     parser.add_argument("--rows", type=int, default=64,
@@ -112,6 +120,8 @@ def main() -> int:
     import triton
 
     cases = ["tf32:16x32"] if args.smoke else args.cases.split(",")
+    launch = {key: (value == "True" if value in ("True", "False") else int(value))
+              for key, _, value in (field.partition("=") for field in args.launch.split(",") if field)}
     wanted = ["states"] if args.smoke else args.kernels.split(",")
     limit = SHARED_LIMIT.get(args.arch)
     results = []
@@ -121,12 +131,13 @@ def main() -> int:
         # every case from scratch (Dv is no specialisation key: 128x256 would find 128x128's kernels cached)
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="delta_rule_compile_")
         sizes = dict(T=256, H=4, NC=4, DK=Dk, DV=Dv)
-        cases_here = kernel_cases(products, Dk, Dv, args.rows, args.grads_stages)
+        cases_here = kernel_cases(products, Dk, Dv, args.rows, args.grads_stages, launch)
         for name, kernel, data, inputs, constexprs, warps, stages in cases_here:
             if name not in wanted:
                 continue
             row = {"products": products, "Dk": Dk, "Dv": Dv, "rows": args.rows, "kernel": name, "data": data,
-                   "BV": constexprs["BV"], **({"reload": constexprs["RELOAD"]} if "RELOAD" in constexprs else {}),
+                   **({"launch": launch} if launch else {}), "warps": warps,
+                   "BV": constexprs.get("BV"), **({"reload": constexprs["RELOAD"]} if "RELOAD" in constexprs else {}),
                    **compile_kernel(kernel, data, inputs, constexprs, warps, stages, args.arch, sizes)}
             if limit is not None and row["shared_bytes"] > limit and stages != 1:  # what forward.launch does next
                 row["unpipelined"] = compile_kernel(kernel, data, inputs, constexprs, warps, 1, args.arch, sizes)

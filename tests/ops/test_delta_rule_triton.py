@@ -66,8 +66,8 @@ def test_forward_backward_match_float64_reference(n, T, H, Dk, Dv, chunk, beta_m
 
 
 def test_gradient_kernel_reloading_its_inputs_matches_float64_reference():
-    """The float32 launch at Dk > 64 (`reload_grads`: q, k read again for each product, the state-gradient kernel
-    unpipelined), here forced at head dims that are not powers of two (masked reads), beta up to 2."""
+    """`reload_grads` (q, k read again for each product of the gradient kernels) with the state-gradient kernel
+    unpipelined, at head dims that are not powers of two (masked reads), beta up to 2."""
     inputs, weights = _inputs(2, 45, 1, 24, 20, seed=89, beta_max=2.0)
     ref = _reference(inputs, weights)
     launch = LaunchConfig(reload_grads=True, stages_dstates=1, block_v_grads=16)
@@ -77,23 +77,24 @@ def test_gradient_kernel_reloading_its_inputs_matches_float64_reference():
 
 
 def test_float32_launch_defaults_at_dk_128_fit_shared_memory():
-    """float32 at Dk = 128 (three-pass tf32 keeps two copies of each product operand in shared memory): the gradient
-    kernel reloads its inputs (held, they needed 256 KB on sm_90, over its 227 KB), the state-gradient kernel runs
-    unpipelined, the states / output kernels take narrower Dv-tiles; bfloat16 and float32 at Dk = 64 keep the
-    settings their speed was measured with (benchmarks/delta_rule_compile_probe.py measures the bytes)."""
+    """float32 at Dk = 128 (three-pass tf32 keeps two copies of each product operand in shared memory): the
+    state-gradient kernel runs unpipelined, the states / output kernels take narrower Dv-tiles; the split gradient
+    kernels hold their inputs (96 KB on sm_90) at every dtype; bfloat16 and float32 at Dk = 64 keep the settings
+    their speed was measured with (benchmarks/delta_rule_compile_probe.py measures the bytes)."""
     f32 = launch_config(128, 256, 64, torch.float32)
-    assert (f32.reload_grads, f32.stages_dstates, f32.block_v_states, f32.block_v_output) == (True, 1, 32, 64)
+    assert (f32.reload_grads, f32.stages_dstates, f32.block_v_states, f32.block_v_output) == (False, 1, 32, 64)
     for Dk, dtype in ((128, torch.bfloat16), (128, torch.float16), (64, torch.float32)):
         cfg = launch_config(Dk, 128, 64, dtype)
         assert (cfg.reload_grads, cfg.stages_dstates, cfg.block_v_states, cfg.block_v_output) == (False, None, 64, 128)
-    assert launch_config(128, 128, 64, torch.float32, LaunchConfig(reload_grads=False)).reload_grads is False
+    assert launch_config(128, 128, 64, torch.float32, LaunchConfig(reload_grads=True)).reload_grads is True
 
 
 @pytest.mark.slow
 def test_float32_kernels_at_dk_128_fit_sm90_shared_memory(tmp_path):
     """Every delta-rule kernel compiled for sm_90 on this machine (no GPU) at float32 (Dk, Dv) = (128, 128) with the
-    launch defaults: shared memory under the H200's 232448 bytes with 16 KB to spare (the gradient kernel asked for
-    262144 before it reloaded its inputs). About a minute of compilation."""
+    launch defaults: shared memory under the H200's 232448 bytes with 16 KB to spare (the single gradient kernel
+    asked for 262144 before it reloaded its inputs; split, each part holds them in 96 KB). About a minute of
+    compilation."""
     import json
     import os
     import subprocess
@@ -106,7 +107,7 @@ def test_float32_kernels_at_dk_128_fit_sm90_shared_memory(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "delta_rule_compile.json").read_text())["results"]
     shared = {row["kernel"]: row["shared_bytes"] for row in rows}
-    assert sorted(shared) == ["dstates", "grads", "output", "states", "wy"]
+    assert sorted(shared) == ["dstates", "grads_output", "grads_wy", "inverse", "output", "states", "wy"]
     assert max(shared.values()) <= 232448 - 16384, shared
 
 
@@ -241,8 +242,9 @@ def test_autocast_dtypes_take_the_16_bit_products(monkeypatch):
     ref = _reference([x.bfloat16().double() if i < 3 else x for i, x in enumerate(inputs)], weights)
     got = _run(lambda *a: gated_delta_rule_triton(*a, 0.25, chunk_size=16), inputs, weights, DEVICE)
     assert got[0].dtype == torch.float32 and got[2].dtype == torch.float32 and got[4].dtype == torch.bfloat16
-    assert sorted({call["kernel"] for call in calls}) == ["_dstates_kernel", "_grads_kernel", "_output_kernel",
-                                                         "_states_kernel", "_wy_kernel"]
+    assert sorted({call["kernel"] for call in calls}) == ["_dstates_kernel", "_inverse_kernel", "_output_grads_kernel",
+                                                         "_output_kernel", "_states_kernel", "_wy_grads_kernel",
+                                                         "_wy_kernel"]
     assert {call["PRECISION"] for call in calls} == {"tf32"}
     assert {call["first"] for call in calls if call["kernel"] in ("_wy_kernel", "_output_kernel")} == {torch.bfloat16}
     assert_close(got, ref, NAMES, 1e-2)
@@ -250,15 +252,16 @@ def test_autocast_dtypes_take_the_16_bit_products(monkeypatch):
 
 def test_no_cuda_core_products_and_an_unpipelined_gradient_kernel(monkeypatch):
     """float32 inputs use three-pass tf32, not "ieee" (CUDA-core (64, 64) products: ~100 KB of spills per thread,
-    minutes of compilation on sm_90); the gradient kernel launches with num_stages=1 (pipelined it asks sm_90 for
-    more shared memory than it has, so each new shape compiled it twice)."""
+    minutes of compilation on sm_90); the gradient kernels launch with num_stages=1 (pipelined, the single kernel
+    before them asked sm_90 for more shared memory than it has, so each new shape compiled it twice)."""
     from revival.ops.delta_rule.triton.forward import precisions
 
     assert "ieee" not in precisions(torch.float32) + precisions(torch.bfloat16) + precisions(torch.float16)
     calls = _record_launches(monkeypatch)
     inputs, weights = _inputs(1, 20, 1, 16, 16, seed=2)
     _run(lambda *a: gated_delta_rule_triton(*a, 0.25, chunk_size=16), inputs, weights, DEVICE)
-    assert [call.get("num_stages") for call in calls if call["kernel"] == "_grads_kernel"] == [1]
+    grads = ("_output_grads_kernel", "_wy_grads_kernel")
+    assert [call.get("num_stages") for call in calls if call["kernel"] in grads] == [1, 1]
 
 
 def test_kernels_do_not_specialise_on_the_sequence_length():
@@ -272,7 +275,8 @@ def test_kernels_do_not_specialise_on_the_sequence_length():
     script = (
         "from revival.ops.delta_rule.triton import backward, forward\n"
         "for kernel in (forward._wy_kernel, forward._states_kernel, forward._output_kernel,\n"
-        "               backward._dstates_kernel, backward._grads_kernel):\n"
+        "               backward._dstates_kernel, backward._inverse_kernel, backward._output_grads_kernel,\n"
+        "               backward._wy_grads_kernel):\n"
         "    fixed = sorted(p.name for p in kernel.params if p.do_not_specialize)\n"
         "    print(kernel.__name__, ','.join(fixed))\n")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
@@ -280,7 +284,8 @@ def test_kernels_do_not_specialise_on_the_sequence_length():
     assert done.returncode == 0, done.stderr
     unspecialised = dict(line.partition(" ")[::2] for line in done.stdout.splitlines())
     assert unspecialised == {"_wy_kernel": "T", "_states_kernel": "NC,T", "_output_kernel": "NC,T",
-                             "_dstates_kernel": "NC,T", "_grads_kernel": "NC,T"}
+                             "_dstates_kernel": "NC,T", "_inverse_kernel": "NC,T", "_output_grads_kernel": "NC,T",
+                             "_wy_grads_kernel": "NC,T"}
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="counts compiled kernels: needs CUDA")
@@ -290,7 +295,7 @@ def test_one_compilation_per_kernel_across_lengths_on_the_gpu():
     from revival.ops.delta_rule.triton import backward, forward
 
     kernels = (forward._wy_kernel, forward._states_kernel, forward._output_kernel, backward._dstates_kernel,
-               backward._grads_kernel)
+               backward._inverse_kernel, backward._output_grads_kernel, backward._wy_grads_kernel)
 
     def compiled() -> list[int]:
         return [sum(len(entry[0]) for entry in kernel.device_caches.values()) for kernel in kernels]

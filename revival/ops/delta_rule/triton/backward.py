@@ -1,13 +1,19 @@
-"""Chunkwise gated delta rule backward in Triton: two kernels (notation of forward.py; per chunk, S the entering
+"""Chunkwise gated delta rule backward in Triton: four kernels (notation of forward.py; per chunk, S the entering
 state, dS' the gradient of the state at its end, T = (I + M)^-1).
 
 1. `_dstates_kernel`, one program per (Dv-tile, batch*head) walking the chunks backwards: the gradient of U (through
    the outputs and the end state) dU = (causal decay * Q K^T)^T dO + diag(exp(gamma_L - gamma)) K dS', stored, and
    dS <- exp(gamma_L) dS' + (exp(gamma) Q)^T dO - W^T dU; what is left is the initial state's gradient.
-2. `_grads_kernel`, every (chunk, batch*head) in parallel: dQ, dK, dV, dg, dbeta. With U = U0 - W S, the gradient of
-   M simplifies to dM = -T^T dU U^T (and its transpose -U dU^T T), so both T and T^T are built (each by its own
-   squarings of M or M^T) and no computed tile is ever transposed (`tl.trans` of a matrix-unit result feeding another
-   product is the pattern behind fla #640); K K^T is symmetric, so one product serves both orientations.
+2. `_inverse_kernel`, every (chunk, batch*head): T and A = strict decay * K K^T (M = diag(beta) A) into a scratch
+   buffer.
+3. `_output_grads_kernel`, every (chunk, batch*head): dQ and the parts of dK, dg through the outputs and the end
+   state (float32 scratch).
+4. `_wy_grads_kernel`, every (chunk, batch*head): the parts through U = U0 - W S, added to 3.'s: dK, dV, dg, dbeta.
+   With U = U0 - W S the gradient of M simplifies to dM = -T^T dU U^T (and its transpose -U dU^T T); T^T is read
+   transposed from 2.'s buffer and no computed tile is ever transposed (`tl.trans` of a matrix-unit result feeding
+   another product is the pattern behind fla #640).
+Why four, not one gradient kernel: one held 4 (L, L) and 3 (L, Dk) float32 accumulators over its Dv loop plus both
+inverses' squarings, and spilled ~5 KB per thread on sm_90 (benchmarks/results/delta_rule_compile_split.json).
 Log-decay gradients: each (t, s) pair's exp(gamma_t - gamma_s) gives +row sum -column sum, the entering state
 exp(gamma_t) and exp(gamma_L), W's exp(gamma_t), then dg = reverse cumsum over the chunk.
 """
@@ -89,115 +95,165 @@ def _operand(tile, ptr, tokens, valid, DK, BK: tl.constexpr, factor, TRANSPOSED:
 
 
 @triton.jit(do_not_specialize=LENGTHS)
-def _grads_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, starts_ptr, u_ptr, states_ptr, dstates_ptr, do_ptr, du_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr,
+def _output_grads_kernel(
+    q_ptr, k_ptr, g_ptr, starts_ptr, u_ptr, states_ptr, dstates_ptr, do_ptr,
+    dq_ptr, dk_out_ptr, dg_out_ptr,
     T, H, NC, DK, DV, scale,
-    L: tl.constexpr, LOG2_L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr, INVERSE_PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr, RELOAD: tl.constexpr,
+    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
+    RELOAD: tl.constexpr,
 ):
+    """dQ, and the parts of dK and dg through the outputs and the end state (float32: `_wy_grads_kernel` adds the
+    rest). dg is stored summed (a masked tail chunk would drop dgamma_total at L - 1)."""
     c = tl.program_id(0)
     row = tl.program_id(1)
     tokens, valid = chunk_tokens(row, c, T, H, L)
-    gamma, g_total, beta = load_gates(g_ptr, beta_ptr, tokens, valid)
+    gamma, g_total = load_decay(g_ptr, tokens, valid)
     offs = tl.arange(0, L)
     same, from_state, to_end, keeps = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
-    from_start = tl.exp(gamma) * from_state  # how the entering state reaches each token
-
-    q = load_rows(q_ptr, tokens, valid, DK, BK, 0) * scale
-    k = load_rows(k_ptr, tokens, valid, DK, BK, 0)
-    kT = load_cols(k_ptr, tokens, valid, DK, BK, 0)
     offs_k = tl.arange(0, BK)
     mask_k = valid[:, None] & (offs_k < DK)[None, :]
     base = (row.to(tl.int64) * NC + c) * DK * DV
 
-    # Everything that sums over Dv, one Dv-tile at a time (BV wide): products with the state and the end state's
-    # gradient, and the (L, L) products of dO, dU and U
+    # the sums over Dv, one Dv-tile at a time (BV wide): products of dO with U and the state, of U with the end
+    # state's gradient
     do_u = tl.zeros((L, L), tl.float32)  # [t, s] = dO_t . U_s
     u_do = tl.zeros((L, L), tl.float32)  # [s, t]
-    du_u = tl.zeros((L, L), tl.float32)  # [t, s] = dU_t . U_s
-    u_du = tl.zeros((L, L), tl.float32)  # [s, t]
     do_S = tl.zeros((L, BK), tl.float32)  # dO S^T
-    dw = tl.zeros((L, BK), tl.float32)  # -dU S^T (U = U0 - W S)
     u_dS = tl.zeros((L, BK), tl.float32)  # U dS'^T
     S_dS = tl.zeros((BK,), tl.float32)  # row sums of S * dS'
     for start in range(0, DV, BV):
         u = load_rows(u_ptr, tokens, valid, DV, BV, start)
         do = load_rows(do_ptr, tokens, valid, DV, BV, start)
-        du = load_rows(du_ptr, tokens, valid, DV, BV, start)
-        uT = load_cols(u_ptr, tokens, valid, DV, BV, start)
-        do_u += tl.dot(do, uT, input_precision=PRECISION)
-        du_u += tl.dot(du, uT, input_precision=PRECISION)
+        do_u += tl.dot(do, load_cols(u_ptr, tokens, valid, DV, BV, start), input_precision=PRECISION)
         u_do += tl.dot(u, load_cols(do_ptr, tokens, valid, DV, BV, start), input_precision=PRECISION)
-        u_du += tl.dot(u, load_cols(du_ptr, tokens, valid, DV, BV, start), input_precision=PRECISION)
         offs_v = start + tl.arange(0, BV)
         here = base + offs_k[:, None] * DV + offs_v[None, :]
         mask_kv = (offs_k < DK)[:, None] & (offs_v < DV)[None, :]
         here_T = base + offs_k[None, :] * DV + offs_v[:, None]
         mask_T = (offs_v < DV)[:, None] & (offs_k < DK)[None, :]
-        S_T = tl.load(states_ptr + here_T, mask=mask_T, other=0.0)  # (BV, BK)
-        do_S += tl.dot(do, S_T, input_precision=PRECISION)
-        dw -= tl.dot(du, S_T, input_precision=PRECISION)
+        do_S += tl.dot(do, tl.load(states_ptr + here_T, mask=mask_T, other=0.0), input_precision=PRECISION)
         u_dS += tl.dot(u, tl.load(dstates_ptr + here_T, mask=mask_T, other=0.0), input_precision=PRECISION)
         S_dS += tl.sum(tl.load(states_ptr + here, mask=mask_kv, other=0.0) *
                        tl.load(dstates_ptr + here, mask=mask_kv, other=0.0), 1)
 
+    # through the end state S' = exp(gamma_L) S + (exp(gamma_L - gamma) K)^T U, first: U dS'^T's last use; q, k are
+    # read after the loop (not held through it)
+    k = load_rows(k_ptr, tokens, valid, DK, BK, 0)
+    dk = (tl.exp(g_total - gamma) * to_end)[:, None] * u_dS
+    r = tl.sum(k * dk, 1)
+    dgamma = tl.where(offs == L - 1, tl.exp(g_total) * keeps * tl.sum(S_dS, 0) + tl.sum(r, 0), 0.0) - r
+
     # through the outputs O = diag(exp(gamma)) Q S + (causal decay * Q K^T) U
+    q = load_rows(q_ptr, tokens, valid, DK, BK, 0) * scale
     decay = decay_matrix(gamma, same, False, L)
-    dq_state = from_start[:, None] * do_S
+    dq_state = (tl.exp(gamma) * from_state)[:, None] * do_S
+    dgamma += tl.sum(q * dq_state, 1)
     dq = dq_state + tl.dot(decay * do_u, _operand(k, k_ptr, tokens, valid, DK, BK, 1.0, False, RELOAD),
                            input_precision=PRECISION)
-    if RELOAD:  # q as B operand here, as A operand after the store: two reads, not merged into one long-lived copy
-        dk = tl.dot(_upper_decay(gamma, same, False, L) * u_do, _operand(q, q_ptr, tokens, valid, DK, BK, scale,
-                                                                          False, RELOAD), input_precision=PRECISION)
+    # q as B operand before the store, as A operand after it: with RELOAD two reads, not merged into one copy
+    dk += tl.dot(_upper_decay(gamma, same, False, L) * u_do,
+                 _operand(q, q_ptr, tokens, valid, DK, BK, scale, False, RELOAD), input_precision=PRECISION)
     tl.store(dq_ptr + tokens[:, None] * DK + offs_k[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask_k)
     qk = tl.dot(_operand(q, q_ptr, tokens, valid, DK, BK, scale, False, RELOAD),
-                _operand(kT, k_ptr, tokens, valid, DK, BK, 1.0, True, RELOAD), input_precision=PRECISION)
+                load_cols(k_ptr, tokens, valid, DK, BK, 0), input_precision=PRECISION)
     pairs = decay * do_u * qk  # d(loss)/d(gamma_t - gamma_s)
-    dgamma = tl.sum(q * dq_state, 1) + tl.sum(pairs, 1) - tl.sum(pairs, 0)
-    if not RELOAD:
-        dk = tl.dot(_upper_decay(gamma, same, False, L) * u_do, q, input_precision=PRECISION)
-
-    # through the end state S' = exp(gamma_L) S + (exp(gamma_L - gamma) K)^T U
-    dk_end = (tl.exp(g_total - gamma) * to_end)[:, None] * u_dS
-    dk += dk_end
-    r = tl.sum(k * dk_end, 1)
-    dgamma_total = tl.exp(g_total) * keeps * tl.sum(S_dS, 0) + tl.sum(r, 0)
-    dgamma += tl.where(offs == L - 1, dgamma_total, 0.0) - r
-
-    # through U = T diag(beta) V - T diag(beta exp(gamma)) K S, T = (I + M)^-1
-    decay_strict = decay_matrix(gamma, same, True, L)
-    decay_strict_T = _upper_decay(gamma, same, True, L)
-    kk = tl.dot(_operand(k, k_ptr, tokens, valid, DK, BK, 1.0, False, RELOAD),
-                _operand(kT, k_ptr, tokens, valid, DK, BK, 1.0, True, RELOAD), input_precision=PRECISION)  # symmetric
-    inverse = unit_triangular_inverse(beta[:, None] * decay_strict * kk, L, LOG2_L, INVERSE_PRECISION)
-    inverse_T = unit_triangular_inverse(beta[None, :] * decay_strict_T * kk, L, LOG2_L, INVERSE_PRECISION)
-    dk_tilde = tl.dot(inverse_T, dw, input_precision=PRECISION)
-    k_dk_tilde = tl.sum(k * dk_tilde, 1)
-    dbeta = from_start * k_dk_tilde
-    dk += (beta * from_start)[:, None] * dk_tilde
-    dgamma += beta * from_start * k_dk_tilde
-
-    # through M = diag(beta) (strict decay * K K^T): dM = -T^T dU U^T, dM^T = -U dU^T T
-    dM = -tl.dot(inverse_T, du_u, input_precision=PRECISION)
-    dM_T = -tl.dot(u_du, inverse, input_precision=PRECISION)
-    dM_kk = dM * decay_strict * kk  # zero on and above the diagonal
-    dbeta += tl.sum(dM_kk, 1)
-    pairs = beta[:, None] * dM_kk
     dgamma += tl.sum(pairs, 1) - tl.sum(pairs, 0)
-    k_again = _operand(k, k_ptr, tokens, valid, DK, BK, 1.0, False, RELOAD)
-    dk += tl.dot(beta[:, None] * dM * decay_strict, k_again, input_precision=PRECISION)
-    dk += tl.dot(beta[None, :] * dM_T * decay_strict_T, k_again, input_precision=PRECISION)
-    tl.store(dk_ptr + tokens[:, None] * DK + offs_k[None, :], dk.to(dk_ptr.dtype.element_ty), mask=mask_k)
+    tl.store(dk_out_ptr + tokens[:, None] * DK + offs_k[None, :], dk, mask=mask_k)
+    tl.store(dg_out_ptr + tokens, tl.cumsum(dgamma, 0, reverse=True), mask=valid)
 
-    # dV = diag(beta) T^T dU, one Dv-tile at a time
+
+@triton.jit(do_not_specialize=LENGTHS)
+def _inverse_kernel(
+    k_ptr, g_ptr, beta_ptr, starts_ptr, inverse_ptr,
+    T, H, NC, DK,
+    L: tl.constexpr, LOG2_L: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr, INVERSE_PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
+):
+    """T = (I + M)^-1 of each chunk, as the forward's `_wy_kernel` builds it, and A = strict decay * K K^T (M =
+    diag(beta) A) into a (n*H, NC, 2, L, L) buffer: the gradient kernel reads T, T^T (transposed from memory) and A
+    instead of holding the squarings' tiles and K^T."""
+    c = tl.program_id(0)
+    row = tl.program_id(1)
+    tokens, valid = chunk_tokens(row, c, T, H, L)
+    same, _, _, _ = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
+    gamma, _, beta = load_gates(g_ptr, beta_ptr, tokens, valid)
+    kk = tl.dot(load_rows(k_ptr, tokens, valid, DK, BK, 0), load_cols(k_ptr, tokens, valid, DK, BK, 0),
+                input_precision=PRECISION)
+    a = decay_matrix(gamma, same, True, L) * kk
+    offs = tl.arange(0, L)
+    here = inverse_ptr + (row.to(tl.int64) * NC + c) * 2 * L * L + offs[:, None] * L + offs[None, :]
+    tl.store(here + L * L, a)
+    tl.store(here, unit_triangular_inverse(beta[:, None] * a, L, LOG2_L, INVERSE_PRECISION))
+
+
+@triton.jit(do_not_specialize=LENGTHS)
+def _wy_grads_kernel(
+    k_ptr, v_ptr, g_ptr, beta_ptr, starts_ptr, u_ptr, states_ptr, du_ptr, inverse_ptr, dk_out_ptr, dg_out_ptr,
+    dk_ptr, dv_ptr, dg_ptr, dbeta_ptr,
+    T, H, NC, DK, DV,
+    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr, RELOAD: tl.constexpr,
+):
+    """The parts through U = U0 - W S (dK's rest, dV, dbeta, dg's rest), added to `_output_grads_kernel`'s float32
+    dK and dg (dk_out, dg_out); stores dK, dV, dg and dbeta. With T^T read first, one Dv loop forms dV~ = T^T dU
+    and from it dM = -dV~ U^T and dK~ = T^T dW = -dV~ S^T (no (L, L) dU U^T or (L, Dk) dW accumulated)."""
+    c = tl.program_id(0)
+    row = tl.program_id(1)
+    tokens, valid = chunk_tokens(row, c, T, H, L)
+    gamma, _, beta = load_gates(g_ptr, beta_ptr, tokens, valid)
+    same, from_state, _, _ = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
+    from_start = tl.exp(gamma) * from_state  # how the entering state reaches each token
+    offs = tl.arange(0, L)
+    offs_k = tl.arange(0, BK)
+    mask_k = valid[:, None] & (offs_k < DK)[None, :]
+    base = (row.to(tl.int64) * NC + c) * DK * DV
+    inverse_base = inverse_ptr + (row.to(tl.int64) * NC + c) * 2 * L * L  # T, then A
+
+    # U = T diag(beta) V - T diag(beta exp(gamma)) K S, T = (I + M)^-1, M = diag(beta) (strict decay * K K^T).
+    # The sums over Dv, one Dv-tile at a time (BV wide): dV = diag(beta) dV~, dM and dK~ from dV~; U dU^T for
+    # dM^T = -U dU^T T after the loop
+    inverse_T = tl.load(inverse_base + offs[None, :] * L + offs[:, None])
+    dM = tl.zeros((L, L), tl.float32)
+    u_du = tl.zeros((L, L), tl.float32)  # [s, t] = U_s . dU_t
+    dk_tilde = tl.zeros((L, BK), tl.float32)
+    dbeta = tl.zeros((L,), tl.float32)
     for start in range(0, DV, BV):
         dv_tilde = tl.dot(inverse_T, load_rows(du_ptr, tokens, valid, DV, BV, start), input_precision=PRECISION)
         dbeta += tl.sum(load_rows(v_ptr, tokens, valid, DV, BV, start) * dv_tilde, 1)
         offs_v = start + tl.arange(0, BV)
         dv = (beta[:, None] * dv_tilde).to(dv_ptr.dtype.element_ty)
         tl.store(dv_ptr + tokens[:, None] * DV + offs_v[None, :], dv, mask=valid[:, None] & (offs_v < DV)[None, :])
-    tl.store(dg_ptr + tokens, tl.cumsum(dgamma, 0, reverse=True), mask=valid)
+        dM -= tl.dot(dv_tilde, load_cols(u_ptr, tokens, valid, DV, BV, start), input_precision=PRECISION)
+        here_T = base + offs_k[None, :] * DV + offs_v[:, None]
+        mask_T = (offs_v < DV)[:, None] & (offs_k < DK)[None, :]
+        dk_tilde -= tl.dot(dv_tilde, tl.load(states_ptr + here_T, mask=mask_T, other=0.0), input_precision=PRECISION)
+        u_du += tl.dot(load_rows(u_ptr, tokens, valid, DV, BV, start), load_cols(du_ptr, tokens, valid, DV, BV, start),
+                       input_precision=PRECISION)
+
+    # dM^T = -U dU^T T (U dU^T's last use)
+    dM_T = -tl.dot(u_du, tl.load(inverse_base + offs[:, None] * L + offs[None, :]), input_precision=PRECISION)
+
+    # through W = T diag(beta exp(gamma)) K (dK~'s last use first)
+    k = load_rows(k_ptr, tokens, valid, DK, BK, 0)
+    k_dk_tilde = tl.sum(k * dk_tilde, 1)
+    dbeta += from_start * k_dk_tilde
+    dgamma = beta * from_start * k_dk_tilde
+    dk = (beta * from_start)[:, None] * dk_tilde
+
+    # through M = diag(beta) (strict decay * K K^T)
+    decay_strict = decay_matrix(gamma, same, True, L)
+    dM_kk = dM * tl.load(inverse_base + L * L + offs[:, None] * L + offs[None, :])  # zero on and above the diagonal
+    dbeta += tl.sum(dM_kk, 1)
+    pairs = beta[:, None] * dM_kk
+    dgamma += tl.sum(pairs, 1) - tl.sum(pairs, 0)
+    dk += tl.dot(beta[:, None] * dM * decay_strict, _operand(k, k_ptr, tokens, valid, DK, BK, 1.0, False, RELOAD),
+                 input_precision=PRECISION)
+    dk += tl.dot(beta[None, :] * dM_T * _upper_decay(gamma, same, True, L),
+                 _operand(k, k_ptr, tokens, valid, DK, BK, 1.0, False, RELOAD), input_precision=PRECISION)
+    dk += tl.load(dk_out_ptr + tokens[:, None] * DK + offs_k[None, :], mask=mask_k, other=0.0)
+    tl.store(dk_ptr + tokens[:, None] * DK + offs_k[None, :], dk.to(dk_ptr.dtype.element_ty), mask=mask_k)
+    dg = tl.load(dg_out_ptr + tokens, mask=valid, other=0.0) + tl.cumsum(dgamma, 0, reverse=True)
+    tl.store(dg_ptr + tokens, dg, mask=valid)
     tl.store(dbeta_ptr + tokens, dbeta, mask=valid)
 
 
@@ -216,12 +272,18 @@ def delta_rule_backward(q, k, v, g, beta, starts, w, u, states, do, dS_T, scale:
         q, k, w, g, starts, do, dS_T, dstates, du, dS0, T, H, NC, Dk, Dv, scale, L=L, BK=BK, BV=block_v,
         PRECISION=precision, num_warps=cfg.warps_dstates, **stages(cfg.stages_dstates), **documents)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dk_out, dg_out = torch.empty(n, T, H, Dk, **f32), torch.empty(n, T, H, **f32)  # the first kernel's parts
     dg, dbeta = torch.empty(n, T, H, **f32), torch.empty(n, T, H, **f32)
-    launch(_grads_kernel, (NC, n * H),
-        q, k, v, g, beta, starts, u, states, dstates, do, du, dq, dk, dv, dg, dbeta, T, H, NC, Dk, Dv, scale,
-        L=L, LOG2_L=L.bit_length() - 1, BK=BK, BV=min(cfg.block_v_grads, BV), PRECISION=precision,
-        INVERSE_PRECISION=inverse_precision, RELOAD=cfg.reload_grads, num_warps=cfg.warps_grads,
-        num_stages=cfg.stages_grads, **documents)
+    inverse = torch.empty(n * H, NC, 2, L, L, **f32)  # T and A per chunk
+    grads = dict(L=L, BK=BK, PRECISION=precision, **documents)
+    launch(_inverse_kernel, (NC, n * H), k, g, beta, starts, inverse, T, H, NC, Dk, LOG2_L=L.bit_length() - 1,
+           INVERSE_PRECISION=inverse_precision, num_warps=cfg.warps_wy, **grads)
+    grads.update(BV=min(cfg.block_v_grads, BV), RELOAD=cfg.reload_grads, num_warps=cfg.warps_grads,
+                 num_stages=cfg.stages_grads)
+    launch(_output_grads_kernel, (NC, n * H),
+        q, k, g, starts, u, states, dstates, do, dq, dk_out, dg_out, T, H, NC, Dk, Dv, scale, **grads)
+    launch(_wy_grads_kernel, (NC, n * H),
+        k, v, g, beta, starts, u, states, du, inverse, dk_out, dg_out, dk, dv, dg, dbeta, T, H, NC, Dk, Dv, **grads)
     return dq, dk, dv, dg, dbeta, dS0
 
 

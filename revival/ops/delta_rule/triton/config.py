@@ -15,10 +15,10 @@ class LaunchConfig:
 
     block_v_states / block_v_output / block_v_dstates: the Dv-tile of the sequential state kernel, the output kernel
     and the sequential state-gradient kernel (narrower tiles: more programs for the sequential walks); block_v_wy /
-    block_v_grads: the Dv-tile the WY and gradient kernels loop over (fewer live tiles); warps_*: num_warps per
-    kernel; stages_grads / stages_dstates: num_stages of the gradient and state-gradient kernels (None for the
-    latter: Triton's default); reload_grads: the gradient kernel reads its (L, Dk) inputs again for each product
-    instead of holding them (less shared memory, more reads)."""
+    block_v_grads: the Dv-tile the WY and the two gradient kernels loop over (fewer live tiles); warps_*: num_warps
+    per kernel (warps_wy also the backward's inverse kernel, warps_grads both gradient kernels); stages_grads /
+    stages_dstates: num_stages of the gradient and state-gradient kernels (None for the latter: Triton's default);
+    reload_grads: the gradient kernels read their (L, Dk) inputs again for each product instead of holding them."""
 
     block_v_wy: int | None = None
     block_v_grads: int | None = None
@@ -40,17 +40,17 @@ def default_launch_config(Dk: int, Dv: int, rows: int, dtype: torch.dtype) -> La
     kernels split Dv into narrower tiles so that more programs run at once; float32 at Dk > 64 takes smaller
     shared-memory footprints (below)."""
     narrow = 32 if rows < 64 else 64
-    # the gradient kernel unpipelined: pipelined it asks sm_90 for 400 KB of shared memory at (Dk, Dv) = (64, 128)
-    # (227 KB there), so its first call compiled twice (`forward.launch`); its Dv loops run Dv / 64 times
-    cfg = LaunchConfig(block_v_wy=128, block_v_grads=64, block_v_states=narrow, block_v_output=128,
+    # the gradient kernels unpipelined (pipelined, the single kernel before them asked sm_90 for 400 KB of shared
+    # memory at (Dk, Dv) = (64, 128), 227 KB there); Dv-tile 32: fewer spills than 64 at Dk = 128 (the probe)
+    cfg = LaunchConfig(block_v_wy=128, block_v_grads=32, block_v_states=narrow, block_v_output=128,
                        block_v_dstates=narrow, warps_wy=4, warps_states=4, warps_output=4, warps_dstates=4,
                        warps_grads=8, stages_grads=1, reload_grads=False)
     if dtype == torch.float32 and Dk > 64:
         # three-pass tf32 keeps a high and a low copy of every product operand in shared memory; at (Dk, Dv) =
-        # (128, 128) for sm_90 (227 KB) the gradient kernel held eight (L, Dk) copies (256 KB: OutOfResources, it is
-        # already unpipelined) and 160 KB reloading; the state-gradient kernel pipelined needs 280+ KB at any Dv-tile
-        # (96 KB unpipelined); states / output at 64- / 128-wide tiles 225 / 192 KB (177 / 128 KB at 32 / 64)
-        cfg = replace(cfg, block_v_states=32, block_v_output=64, stages_dstates=1, reload_grads=True)
+        # (128, 128) for sm_90 (227 KB) the state-gradient kernel pipelined needs 280+ KB at any Dv-tile (96 KB
+        # unpipelined); states / output at 64- / 128-wide tiles 225 / 192 KB (177 / 128 KB at 32 / 64). The split
+        # gradient kernels fit holding their inputs (96 KB each; the single kernel before them needed reload_grads)
+        cfg = replace(cfg, block_v_states=32, block_v_output=64, stages_dstates=1)
     return cfg
 
 
