@@ -30,10 +30,9 @@ GDN_SHAPE = dict(B=16, T=2048, H=6, D=128, expand_v=2)  # gated-deltanet / hybri
 SSD_SHAPE = dict(B=16, T=2048, H=24, P=64, N=128)  # mamba2 at 125M
 # name: (LaunchConfig fields, chunk size); "default" first
 GDN_VARIANTS = {
-    "default": ({}, 64), "chunk32": ({}, 32), "chunk64": ({"max_chunk": 64}, 64),
-    "warps_grads4": ({"warps_grads": 4}, 64), "block_v_grads32": ({"block_v_grads": 32}, 64),
-    "block_v_grads64": ({"block_v_grads": 64}, 64), "block_v_grads128": ({"block_v_grads": 128}, 64),
-    "chunk64_block_v_grads64": ({"block_v_grads": 64, "max_chunk": 64}, 64),
+    "default": ({}, 64), "chunk32": ({}, 32), "warps_grads4": ({"warps_grads": 4}, 64),
+    "block_v_grads32": ({"block_v_grads": 32}, 64), "block_v_grads64": ({"block_v_grads": 64}, 64),
+    "block_v_grads128": ({"block_v_grads": 128}, 64), "chunk32_block_v_grads64": ({"block_v_grads": 64}, 32),
     "reload_grads": ({"reload_grads": True}, 64), "stages_grads2": ({"stages_grads": 2}, 64),
     "warps_dstates8": ({"warps_dstates": 8}, 64), "block_v_dstates32": ({"block_v_dstates": 32}, 64),
     "warps_wy8": ({"warps_wy": 8}, 64), "warps_output8": ({"warps_output": 8}, 64),

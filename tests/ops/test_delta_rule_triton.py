@@ -174,19 +174,6 @@ def test_kernel_chunk_size():
     assert [kernel_chunk_size(c) for c in (1, 16, 30, 64, 128)] == [16, 16, 32, 64, 64]
 
 
-def test_sixteen_bit_inputs_at_dk_128_take_chunks_of_32():
-    """Measured on the H200 (results/gpu_sibling_launch.json): 16-bit at Dk = 128 runs faster in chunks of 32; float32
-    and Dk <= 64 keep 64. A requested chunk_size is capped by the launch's max_chunk, and an explicit one wins."""
-    from revival.ops.delta_rule.triton.config import LaunchConfig, launch_config
-
-    assert launch_config(128, 256, 96, torch.bfloat16).max_chunk == 32
-    assert launch_config(128, 256, 96, torch.float16).max_chunk == 32
-    assert launch_config(128, 256, 96, torch.float32).max_chunk == 64
-    assert launch_config(64, 128, 96, torch.bfloat16).max_chunk == 64
-    assert launch_config(128, 256, 96, torch.bfloat16, LaunchConfig(max_chunk=64)).max_chunk == 64
-    assert kernel_chunk_size(64, 32) == 32
-
-
 def test_inputs_outside_the_kernels_limits_are_named():
     """float64 q and a value head dim over 256 (tiles held whole on chip): ValueErrors naming the arguments, before
     any kernel runs."""

@@ -18,9 +18,7 @@ class LaunchConfig:
     block_v_grads: the Dv-tile the WY and the two gradient kernels loop over (fewer live tiles); warps_*: num_warps
     per kernel (warps_wy also the backward's inverse kernel, warps_grads both gradient kernels); stages_grads /
     stages_dstates: num_stages of the gradient and state-gradient kernels (None for the latter: Triton's default);
-    reload_grads: the gradient kernels read their (L, Dk) inputs again for each product instead of holding them;
-    max_chunk: the largest chunk the kernels take (a requested chunk_size is rounded up to a power of two in
-    [16, max_chunk]; results agree to rounding)."""
+    reload_grads: the gradient kernels read their (L, Dk) inputs again for each product instead of holding them."""
 
     block_v_wy: int | None = None
     block_v_grads: int | None = None
@@ -35,7 +33,6 @@ class LaunchConfig:
     stages_grads: int | None = None
     stages_dstates: int | None = None
     reload_grads: bool | None = None
-    max_chunk: int | None = None
 
 
 def default_launch_config(Dk: int, Dv: int, rows: int, dtype: torch.dtype) -> LaunchConfig:
@@ -47,11 +44,7 @@ def default_launch_config(Dk: int, Dv: int, rows: int, dtype: torch.dtype) -> La
     # memory at (Dk, Dv) = (64, 128), 227 KB there); Dv-tile 32: fewer spills than 64 at Dk = 128 (the probe)
     cfg = LaunchConfig(block_v_wy=128, block_v_grads=32, block_v_states=narrow, block_v_output=128,
                        block_v_dstates=narrow, warps_wy=4, warps_states=4, warps_output=4, warps_dstates=4,
-                       warps_grads=8, stages_grads=1, reload_grads=False, max_chunk=64)
-    if dtype != torch.float32 and Dk > 64:
-        # H200, 125M shape (16, 2048, 6, 128, 256), bf16, one gradient kernel: fwd+bwd 9.39 ms at chunk 64, 7.34 at
-        # 32 (results/gpu_sibling_launch.json): (L, L) tiles a quarter the size, (L, Dk) half
-        cfg = replace(cfg, max_chunk=32)
+                       warps_grads=8, stages_grads=1, reload_grads=False)
     if dtype == torch.float32 and Dk > 64:
         # three-pass tf32 keeps a high and a low copy of every product operand in shared memory; at (Dk, Dv) =
         # (128, 128) for sm_90 (227 KB) the state-gradient kernel pipelined needs 280+ KB at any Dv-tile (96 KB
