@@ -65,6 +65,9 @@ class TaskRecipe:
     early_stop_accuracy: float | None = None  # stop a run once its test accuracy reaches this (Zoology: 0.99)
     max_seconds: float | None = None  # stop a run after the step that passes this wall time (a CPU budget)
     layer_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per pattern letter, as in ModelConfig
+    # a length curriculum for the formal languages: max_length of the training stages before the last (which trains
+    # on train_data itself); the steps split evenly over the stages, each with its own warmup + cosine (empty: none)
+    curriculum: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.task not in GENERATORS:
@@ -81,6 +84,19 @@ class TaskRecipe:
         for setting in self.settings:
             if not isinstance(setting, dict):
                 raise UserError(f"settings: expected a list of mappings, got {setting!r}")
+        if self.curriculum:
+            low, high = self.train_data.get("min_length"), self.train_data.get("max_length")
+            if low is None or high is None:
+                raise UserError(f"curriculum: needs a task with lengths (train_data min_length / max_length), got "
+                                f"task {self.task!r}")
+            stages = list(self.curriculum)
+            if any(isinstance(v, bool) or not isinstance(v, int) for v in stages) or \
+                    stages != sorted(set(stages)) or stages[0] < low or stages[-1] >= high:
+                raise UserError(f"curriculum: expected increasing integer max lengths in [{low}, {high}) "
+                                f"(train_data's min_length, max_length), got {stages}")
+            if self.steps < len(stages) + 1:
+                raise UserError(f"steps: expected at least one step per curriculum stage ({len(stages) + 1}), got "
+                                f"{self.steps}")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TaskRecipe:
@@ -88,7 +104,7 @@ class TaskRecipe:
             raise UserError(f"recipe: expected a mapping, got {type(raw).__name__}")
         reject_unknown(raw, [f.name for f in dataclasses.fields(cls)], "recipe", error=UserError)
         raw = dict(raw)
-        for name in ("settings", "d_models", "lrs"):
+        for name in ("settings", "d_models", "lrs", "curriculum"):
             if name in raw:
                 raw[name] = tuple(raw[name])
         if "lrs" in raw:
@@ -97,7 +113,7 @@ class TaskRecipe:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for name in ("settings", "d_models", "lrs"):
+        for name in ("settings", "d_models", "lrs", "curriculum"):
             d[name] = list(d[name])
         return d
 
@@ -337,11 +353,8 @@ def run_task(task_recipe: TaskRecipe, models: list[str], device: str | torch.dev
                 for lr in task_recipe.lrs:
                     torch.manual_seed(seed)
                     model = LanguageModel(config).to(device)
-                    trained = train_on_task(model, train, test, steps=steps, batch_size=batch_size, lr=lr,
-                                            weight_decay=task_recipe.weight_decay,
-                                            warmup_steps=task_recipe.warmup_steps, eval_every=task_recipe.eval_every,
-                                            early_stop_accuracy=task_recipe.early_stop_accuracy, seed=seed,
-                                            progress=progress, max_seconds=task_recipe.max_seconds)
+                    trained = _train_in_stages(task_recipe, data_args, model, train, test, steps, batch_size, lr,
+                                               seed, progress)
                     measured = accuracy(model, test, max(1, min(batch_size, 256)),
                                         length_bins=8 if variable_length else 0)
                     runs.append({"model": preset, "pattern": config.pattern, "setting": task_recipe.setting_label(
@@ -353,6 +366,41 @@ def run_task(task_recipe: TaskRecipe, models: list[str], device: str | torch.dev
     return {"task": task_recipe.task, "recipe": task_recipe.to_dict(), "device": str(device),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "models": list(models),
             "runs": runs, "table": table}
+
+
+def _train_in_stages(task_recipe: TaskRecipe, data_args: dict, model, train: TaskData, test: TaskData, steps: int,
+                     batch_size: int, lr: float, seed: int, progress) -> dict[str, Any]:
+    """`train_on_task` once, or once per curriculum stage (shorter training lengths first, the last stage on `train`);
+    the stages' histories are joined with global step numbers and the time budget is shared."""
+    stages = [*task_recipe.curriculum, None]
+    per_stage = [steps // len(stages)] * len(stages)
+    per_stage[-1] += steps - sum(per_stage)
+    joined: dict[str, Any] = {"steps": 0, "history": [], "seconds": 0.0, "stopped_by_time": False}
+    done_stages = []
+    for index, (max_length, stage_steps) in enumerate(zip(stages, per_stage)):
+        stage_train = train if max_length is None else generate(
+            task_recipe.task, **{**task_recipe.train_data, **data_args, "max_length": max_length,
+                                 "seed": task_recipe.train_data.get("seed", 0) + 1000 * (index + 1)})
+        budget = None if task_recipe.max_seconds is None else task_recipe.max_seconds - joined["seconds"]
+        trained = train_on_task(model, stage_train, test, steps=stage_steps, batch_size=batch_size, lr=lr,
+                                weight_decay=task_recipe.weight_decay, warmup_steps=task_recipe.warmup_steps,
+                                eval_every=task_recipe.eval_every, early_stop_accuracy=task_recipe.early_stop_accuracy,
+                                seed=seed + index, progress=progress, max_seconds=budget)
+        joined["history"] += [{**point, "step": point["step"] + joined["steps"],
+                               "seconds": point["seconds"] + joined["seconds"]} for point in trained["history"]]
+        if task_recipe.curriculum:
+            done_stages.append({"max_length": max_length or task_recipe.train_data["max_length"],
+                                "longest_sequence": int(stage_train.lengths.max()), "steps": trained["steps"]})
+        joined["steps"] += trained["steps"]
+        joined["seconds"] += trained["seconds"]
+        joined["final_loss"], joined["stopped_by_time"] = trained["final_loss"], trained["stopped_by_time"]
+        if trained["steps"] < stage_steps:  # stopped by time, early stop or a non-finite loss: the run ends here
+            if progress is not None:
+                progress.update(sum(per_stage[index + 1:]))
+            break
+    if task_recipe.curriculum:
+        joined["curriculum"] = done_stages  # per stage: its max_length, its longest training sequence, steps taken
+    return joined
 
 
 def _head(data: TaskData, count: int) -> TaskData:

@@ -180,3 +180,21 @@ def test_parity_cpu_recipe_keeps_the_paper_model_and_data():
     for name in ("train_data", "test_data", "d_models", "num_blocks", "weight_decay", "warmup_steps"):
         assert getattr(cpu, name) == getattr(paper, name), name
     assert cpu.early_stop_accuracy == 0.99 and cpu.max_seconds is not None
+
+
+def test_a_length_curriculum_trains_on_shorter_examples_first():
+    small = dict(RECIPES["parity"]["tiny"], steps=6, eval_every=2, batch_size=8, curriculum=[6])
+    small["train_data"] = dict(small["train_data"], num_examples=32)
+    small["test_data"] = dict(small["test_data"], num_examples=8)
+    run = run_task(TaskRecipe.from_dict(small), ["llama"], device="cpu", show_progress=False)["runs"][0]
+    assert run["steps"] == 6 and [point["step"] for point in run["history"]] == [2, 5]  # stages of 3 + 3 steps
+    assert [stage["steps"] for stage in run["curriculum"]] == [3, 3]
+    assert [stage["max_length"] for stage in run["curriculum"]] == [6, 12]
+    # a parity sequence is its bits and QUERY
+    assert run["curriculum"][0]["longest_sequence"] <= 7 < run["curriculum"][1]["longest_sequence"] <= 13
+    assert TaskRecipe.from_dict(small).to_dict()["curriculum"] == [6]
+    for bad in ([12], [2], [8, 6], [6, 6]):  # not below max_length 12, below min_length 3, not increasing
+        with pytest.raises(UserError, match="curriculum"):
+            TaskRecipe.from_dict(dict(small, curriculum=bad))
+    with pytest.raises(UserError, match="curriculum: needs a task with lengths"):
+        TaskRecipe.from_dict(dict(RECIPES["mqar"]["tiny"], curriculum=[8]))
