@@ -180,6 +180,10 @@ def test_parity_cpu_recipe_keeps_the_paper_model_and_data():
     for name in ("train_data", "test_data", "d_models", "num_blocks", "weight_decay", "warmup_steps"):
         assert getattr(cpu, name) == getattr(paper, name), name
     assert cpu.early_stop_accuracy == 0.99 and cpu.max_seconds is not None
+    staged = load_recipe(ROOT / "configs" / "tasks" / "parity_cpu_curriculum.yaml")
+    for name in ("train_data", "test_data", "d_models", "num_blocks", "weight_decay"):
+        assert getattr(staged, name) == getattr(paper, name), name
+    assert staged.curriculum == (12, 24)
 
 
 def test_a_length_curriculum_trains_on_shorter_examples_first():
