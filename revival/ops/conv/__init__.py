@@ -94,8 +94,8 @@ def causal_conv1d(
         y = causal_conv1d_triton(x, weight, bias, state, silu=silu, document_starts=document_starts)
         return y, _last_inputs(x, state, K, document_starts)
     if document_starts is not None:
-        y, new_state = conv_documents(x, state, weight, bias, document_starts)
-        return (F.silu(y) if silu else y), new_state
+        y = conv_documents(x, state, weight, bias, document_starts)
+        return (F.silu(y) if silu else y), _last_inputs(x, state, K, document_starts)
     if needs_grad:
         y = CausalConvFunction.apply(x, state, weight, bias, silu)
     else:

@@ -78,7 +78,7 @@ class CausalConvFunction(torch.autograd.Function):
 
 
 def conv_documents(x, state, weight, bias, document_starts):
-    """`conv_forward` with every tap masked to the output's document. Also returns the masked new state."""
+    """`conv_forward` with every tap masked to the output's document (y only; the new state is the caller's)."""
     B, T, D = x.shape
     K = weight.shape[1]
     ids = torch.cumsum(document_starts.long(), dim=1)  # (B, T); 0 is the document the state belongs to
@@ -88,5 +88,4 @@ def conv_documents(x, state, weight, bias, document_starts):
     for j in range(K - 1):
         same = (padded_ids[:, j : j + T] == ids)[..., None]
         y = y + padded[:, j : j + T] * same * weight[:, j]
-    last = padded[:, T:] * (padded_ids[:, T:] == ids[:, -1:])[..., None]
-    return y, last
+    return y
