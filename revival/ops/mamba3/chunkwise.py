@@ -70,10 +70,16 @@ def rotating_frame(x, dt, A, lam, B, C, theta, state, document_starts) -> Rotati
     B_prev = torch.cat([rotate(prev_B, -angle0[:, :, None, :])[:, None], B_rot[:, :-1]], dim=1)
     x_prev = torch.cat([prev_x[:, None], x[:, :-1]], dim=1)
     log_decay = dt * A
-    previous_weight = (1 - lam) * torch.exp(log_decay)
+    return RotatingFrame(x, x_prev, dt, log_decay, lam, previous_weight(log_decay, lam, document_starts), B_rot,
+                         B_prev, C_rot, angle, g0, B[:, -1])
+
+
+def previous_weight(log_decay, lam, document_starts) -> torch.Tensor:
+    """The trapezoid's weight of the previous token without its dt factor, (1 - lam) a (0 at a document start)."""
+    weight = (1 - lam) * torch.exp(log_decay)
     if document_starts is not None:  # a document's first token has no previous token
-        previous_weight = torch.where(document_starts[..., None], 0.0, previous_weight)
-    return RotatingFrame(x, x_prev, dt, log_decay, lam, previous_weight, B_rot, B_prev, C_rot, angle, g0, B[:, -1])
+        weight = torch.where(document_starts[..., None], 0.0, weight)
+    return weight
 
 
 def _angles(angle0, steps, document_starts) -> torch.Tensor:

@@ -8,9 +8,10 @@ SSD (S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T, y_t = S_t C_t) on 2H heads shar
     head H + h:  x_t <- (1 - lam_t) a_t x_{t-1},   B_t <- B~_{t-1}   (weight 0 at a document start)
     y = y_h + y_{H+h} + D x,   g_T = S_h + S_{H+h},   S_0 = (g_0, 0)
 
-SSD's forward and backward kernels do the chunks and their gradients; the angles, RoPE on B and C, the shift by one
-token and the weights are elementwise PyTorch (`chunkwise.rotating_frame`, shared with the chunkwise path),
-differentiated by autograd. A one-SSD form exists (fold the previous-token term into the state: input weight
+SSD's forward and backward kernels do the chunks and their gradients; the angles and RoPE on B and C, written
+straight into the 2H-head keys and queries, are a Triton kernel pair of their own (`frame_triton.py`, forward and
+backward); the shift of x by one token and the weights are elementwise PyTorch, differentiated by autograd. A
+one-SSD form exists (fold the previous-token term into the state: input weight
 lam_t dt_t + (1 - lam_{t+1}) dt_{t+1} plus a diagonal correction of y) but needs that weight divided by dt_t for SSD's
 dt-weighted input, whose gradient then cancels large terms in 16 bits; the 2H form divides by nothing.
 
@@ -23,9 +24,11 @@ from __future__ import annotations
 
 import torch
 
+from .._common import compute_dtype
 from .._documents import drop_state_at_first_start
 from ..ssd.triton import LaunchConfig, ssd_step_triton, ssd_triton
-from .chunkwise import rotating_frame
+from .chunkwise import previous_weight, rotating_frame
+from .frame_triton import rotating_frame_triton
 
 __all__ = ["mamba3_step_triton", "mamba3_triton"]
 
@@ -42,19 +45,23 @@ def mamba3_triton(x, dt, A, lam, B, C, theta, D, state, *, chunk_size: int = 64,
     """SISO Mamba-3 as SSD on 2H heads (module doc). Shapes as `revival.ops.mamba3` with R = 1; `state` the whole
     tuple (angle, ssm, previous B, previous x); `launch` reaches the SSD kernels. Returns (y, state)."""
     check_siso(x)
-    frame = rotating_frame(x, dt, A, lam, B, C, theta, state, document_starts)
+    dtype = compute_dtype(x)
+    angle0, g0, prev_B, prev_x = (t.to(dtype) for t in state)
+    # keys (n, T, 2H, N): one group a head, B~_t then B~_{t-1}; queries C~_t for both; in x's dtype for SSD
+    keys, queries, angle_last = rotating_frame_triton(dt, theta, B[:, :, :, 0], C[:, :, :, 0], angle0,
+                                                      prev_B[:, :, 0], document_starts, dtype=x.dtype)
     H = x.shape[2]
-    inputs = torch.cat([frame.current_weight[..., None] * frame.x[:, :, :, 0],
-                        frame.previous_weight[..., None] * frame.x_prev[:, :, :, 0]], dim=2).to(x.dtype)
-    keys = torch.cat([frame.B_rot[:, :, :, 0], frame.B_prev[:, :, :, 0]], dim=2)  # (n, T, 2H, N): one group a head
-    queries = frame.C_rot[:, :, :, 0].repeat(1, 1, 2, 1)
-    S0 = torch.cat([frame.g0, torch.zeros_like(frame.g0)], dim=1)
-    y, S = ssd_triton(inputs, frame.dt.repeat(1, 1, 2), A.repeat(2), keys, queries, None,
+    xs, dt, lam = x[:, :, :, 0].to(dtype), dt.to(dtype), lam.to(dtype)
+    x_prev = torch.cat([prev_x[:, None, :, 0], xs[:, :-1]], dim=1)
+    weight = previous_weight(dt * A.to(dtype), lam, document_starts)
+    inputs = torch.cat([lam[..., None] * xs, weight[..., None] * x_prev], dim=2).to(x.dtype)
+    S0 = torch.cat([g0, torch.zeros_like(g0)], dim=1)
+    y, S = ssd_triton(inputs, dt.repeat(1, 1, 2), A.repeat(2), keys, queries, None,
                       S0, chunk_size=chunk_size, document_starts=document_starts, launch=launch)
     y = (y[:, :, :H].float() + y[:, :, H:].float())[:, :, :, None]
     if D is not None:
-        y = y + D.float()[:, None, None] * frame.x
-    return y.to(x.dtype), frame.final_state(S[:, :H] + S[:, H:])
+        y = y + D.float()[:, None, None] * xs[:, :, :, None]
+    return y.to(x.dtype), (angle_last, S[:, :H] + S[:, H:], B[:, -1].to(dtype), xs[:, -1, :, None])
 
 
 def mamba3_step_triton(x, dt, A, lam, B, C, theta, D, state, *, document_starts: torch.Tensor | None = None):
