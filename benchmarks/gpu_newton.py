@@ -161,7 +161,15 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT") or "runs")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, any device: checks the script")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--sections", default="pararnn,slstm,dense_gru",
+                        help="comma-separated subset of pararnn, slstm, dense_gru")
+    parser.add_argument("--slstm-lengths", default="1024,4096",
+                        help="sequence lengths of the sLSTM rows (16k: the full Jacobians do not fit)")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    unknown = sections - {"pararnn", "slstm", "dense_gru"}
+    if unknown:
+        parser.error(f"--sections: unknown {sorted(unknown)}; expected a subset of pararnn, slstm, dense_gru")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.smoke:
         lengths, hiddens, slstm_heads, seq_max_T, dense = [64], [32], [(4, 8)], 64, [(32, 8)]
@@ -170,19 +178,20 @@ def main():
         dense = [(1024, 64), (4096, 64)]
     started = time.time()
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-               "B": B, "pararnn": [], "slstm": [], "dense_gru": []}
-    for cell in (PARAGRU, PARALSTM):
+               "B": B, "sections": sorted(sections), "pararnn": [], "slstm": [], "dense_gru": []}
+    for cell in (PARAGRU, PARALSTM) if "pararnn" in sections else ():
         for N in hiddens:
             for T in lengths:
                 entry = guarded(functools.partial(bench_pararnn, cell, T, N, device, args.reps, seq_max_T))
                 results["pararnn"].append(entry)
                 print(json.dumps(entry), flush=True)
-    for H, d in slstm_heads:
-        for T in lengths[:2]:  # 16k: the full Jacobians do not fit (B T H (3d)^2 floats)
+    slstm_lengths = lengths if args.smoke else [int(n) for n in args.slstm_lengths.split(",")]
+    for H, d in slstm_heads if "slstm" in sections else ():
+        for T in slstm_lengths:
             entry = guarded(functools.partial(bench_slstm, T, H, d, device, args.reps, seq_max_T))
             results["slstm"].append(entry)
             print(json.dumps(entry), flush=True)
-    for T, d in dense:
+    for T, d in dense if "dense_gru" in sections else ():
         entry = bench_dense_gru(T, d, device, args.reps)
         results["dense_gru"].append(entry)
         print(json.dumps(entry), flush=True)
