@@ -21,10 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.delta_rule import gated_delta_rule
+from ..ops.fused import gated_head_norm, l2_normalize_heads
 from ._inputs import check_mixer_input, unpack_state
 from .conv import CausalConv1d
 from .ffn import init_projections_
 from .kinds import LayerKind
+from .linear import linear_concat, linear_many
 from .mamba2 import DecayInitOptions, init_decay_
 from .norms import MultiHeadNorm
 
@@ -64,10 +66,14 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = nn.Linear(self.value_dim, d_model, bias=bias)
         self.reset_parameters()
 
+    @property
+    def _reading(self) -> tuple[nn.Linear, ...]:
+        """The projections reading x, in the order of the packed product: q, k, v (the conv's input), gate, a, b."""
+        return (self.q_proj, self.k_proj, self.v_proj, self.gate_proj, self.a_proj, self.b_proj)
+
     def reset_parameters(self, *, block_index: int = 0, num_blocks: int = 1) -> None:
         """Small init for the projections reading x, Wang init out, Mamba-style dt_bias, A uniform in A_init_range."""
-        reading = (self.q_proj, self.k_proj, self.v_proj, self.gate_proj, self.a_proj, self.b_proj)
-        init_projections_(reading, self.out_proj, self.d_model, num_blocks)
+        init_projections_(self._reading, self.out_proj, self.d_model, num_blocks)
         self.conv.reset_parameters()
         self.norm.reset_parameters()
         init_decay_(self.dt_bias, self.A_log, self.dt_min, self.dt_max, self.dt_init_floor, self.A_init_range)
@@ -78,18 +84,25 @@ class GatedDeltaNet(nn.Module):
         conv_state, delta_state = unpack_state(state, ("conv_state", "delta_state"))
         batch, T, _ = x.shape
         H, Dk, Dv = self.num_heads, self.head_k_dim, self.head_v_dim
-        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        # the projections reading x as one product; q|k|v side by side, as the conv reads them (no torch.cat)
+        widths = [2 * self.key_dim + self.value_dim, self.value_dim, H, H]
+        if self.q_proj.bias is None:
+            qkv, gate, a, b = linear_concat(x, self._reading).split(widths, dim=-1)
+        else:  # a, b never have a bias, and one product takes all layers with a bias or none
+            qkv, gate = linear_concat(x, self._reading[:4]).split(widths[:2], dim=-1)
+            a, b = linear_many(x, self._reading[4:])
         qkv, conv_state = self.conv(qkv, conv_state, document_starts)  # SiLU(conv(.))
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = F.normalize(q.reshape(batch, T, H, Dk), dim=-1)
-        k = F.normalize(k.reshape(batch, T, H, Dk), dim=-1)
-        beta = torch.sigmoid(self.b_proj(x))
+        # contiguous q, k in qkv's dtype (16-bit under autocast, as v: the kernels' 16-bit products either way)
+        q = l2_normalize_heads(q.reshape(batch, T, H, Dk))
+        k = l2_normalize_heads(k.reshape(batch, T, H, Dk))
+        beta = torch.sigmoid(b.contiguous())  # (B, T, H), small; CPU sigmoid rounds strided views differently
         if self.allow_neg_eigval:  # beta in (0, 2): I - beta k k^T can reflect (eigenvalue 1 - beta < 0)
             beta = 2 * beta
-        g = -torch.exp(self.A_log) * F.softplus(self.a_proj(x) + self.dt_bias)
+        g = -torch.exp(self.A_log) * F.softplus(a + self.dt_bias)
         o, delta_state = gated_delta_rule(q, k, v.reshape(batch, T, H, Dv), g, beta, delta_state,
                                           scale=Dk**-0.5, chunk_size=self.chunk_size, document_starts=document_starts)
-        y = self.norm(o) * F.silu(self.gate_proj(x))
+        y = gated_head_norm(o, gate, self.norm.weight, self.norm.bias, self.norm.eps, kind="rms", gate="silu")
         return self.out_proj(y), (conv_state, delta_state)
 
 

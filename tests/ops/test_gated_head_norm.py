@@ -21,10 +21,11 @@ def _rel(a, b):
     return ((a.double().cpu() - b).norm() / b.norm()).item()
 
 
+@pytest.mark.parametrize("kind,gate", [("layer", "sigmoid"), ("rms", "silu"), ("rms", "sigmoid"), ("layer", "silu")])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-3)])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("B,T,H,D", [(2, 37, 3, 24), (1, 70, 2, 64), (1, 5, 2, 300)])
-def test_kernel_matches_float64(B, T, H, D, bias, dtype, tol):
+def test_kernel_matches_float64(B, T, H, D, bias, dtype, tol, kind, gate):
     g = torch.Generator().manual_seed(B * T + D)
     h = torch.randn(B, T, H, D, generator=g) * 3 + 1
     packed = torch.randn(B, T, 2 * H * D, generator=g) * 2  # o as a strided view, as the layer passes it
@@ -33,7 +34,7 @@ def test_kernel_matches_float64(B, T, H, D, bias, dtype, tol):
 
     def run(h, packed, weight, bias_t, dout, fn, device):
         leaves = [x.to(device).requires_grad_(True) if x is not None else None for x in (h, packed, weight, bias_t)]
-        out = fn(leaves[0], leaves[1][..., H * D:], leaves[2], leaves[3], 1e-6)
+        out = fn(leaves[0], leaves[1][..., H * D:], leaves[2], leaves[3], 1e-6, kind=kind, gate=gate)
         out.backward(dout.to(device).to(out.dtype))
         return [out.detach()] + [x.grad for x in leaves if x is not None]
 
@@ -47,6 +48,29 @@ def test_kernel_matches_float64(B, T, H, D, bias, dtype, tol):
     assert errors["do"] >= 0 and got[2][..., : H * D].abs().max() == 0  # o's gradient lands in its own columns
     errors["do"] = _rel(got[2][..., H * D:], ref[2][..., H * D:])
     assert max(errors.values()) < tol, errors
+
+
+def test_rms_silu_reference_is_the_gated_deltanet_output_stage():
+    """kind "rms", gate "silu" is MultiHeadNorm(kind="rms")(h) * silu(o), the Gated DeltaNet layer's former form."""
+    from revival.layers.norms import MultiHeadNorm
+
+    g = torch.Generator().manual_seed(5)
+    norm = MultiHeadNorm(3, 10, eps=1e-5, kind="rms", bias=True).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(30, generator=g, dtype=torch.float64) + 0.5)
+        norm.bias.copy_(torch.randn(30, generator=g, dtype=torch.float64))
+    h, o = torch.randn(2, 4, 3, 10, generator=g, dtype=torch.float64), torch.randn(2, 4, 30, generator=g,
+                                                                                  dtype=torch.float64)
+    got = gated_head_norm_reference(h, o, norm.weight, norm.bias, norm.eps, kind="rms", gate="silu")
+    torch.testing.assert_close(got, norm(h) * torch.nn.functional.silu(o), rtol=1e-13, atol=1e-13)
+
+
+def test_options_are_checked():
+    h, o, w = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 32), torch.ones(32)
+    with pytest.raises(ValueError, match="kind: expected one of"):
+        gated_head_norm(h, o, w, None, 1e-6, kind="group")
+    with pytest.raises(ValueError, match="gate: expected one of"):
+        gated_head_norm(h, o, w, None, 1e-6, gate="tanh")
 
 
 def test_shapes_are_checked():

@@ -1,8 +1,10 @@
-"""The xLSTM-7B layer's output stage: sigmoid(o) * (per-head LayerNorm(h) * weight + bias).
+"""A gated per-head norm output stage: gate(o) * (per-head norm(h) * weight + bias).
 
-`gated_head_norm(h, o, weight, bias, eps)` with h (..., H, D), o (..., H * D) -> (..., H * D) in h's dtype. Each head's
-D features are normalized (mean removed, eps inside the square root), then scaled by weight (H * D) and shifted by
-bias (or none), then gated by sigmoid(o). `gated_head_norm_reference` is that in float32 (float64 for float64 inputs)
+`gated_head_norm(h, o, weight, bias, eps, kind=, gate=)` with h (..., H, D), o (..., H * D) -> (..., H * D) in h's
+dtype. Each head's D features are normalized (eps inside the square root; kind "layer" removes the mean first, as the
+xLSTM-7B layer's LayerNorm, kind "rms" does not, as Gated DeltaNet's RMSNorm), then scaled by weight (H * D) and
+shifted by bias (or none), then gated by sigmoid(o) (gate "sigmoid", xLSTM-7B) or silu(o) (gate "silu", Gated
+DeltaNet). `gated_head_norm_reference` is that in float32 (float64 for float64 inputs)
 in PyTorch. On CUDA one Triton pass each way (`_GatedHeadNormFunction`) replaces the float32 copies and the ~8
 elementwise passes forward and ~12 backward that the PyTorch form takes, computing in float32 and rounding once.
 """
@@ -22,21 +24,30 @@ if HAVE_TRITON:
 __all__ = ["gated_head_norm", "gated_head_norm_reference"]
 
 
+KINDS = ("layer", "rms")
+GATES = ("sigmoid", "silu")
+
+
 def gated_head_norm_reference(h: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                              eps: float) -> torch.Tensor:
-    """sigmoid(o) * (LayerNorm over each head's D features of h, times weight, plus bias), in float32 (float64 for
-    float64 inputs), returned in h's dtype. h: (..., H, D); o: (..., H * D); weight, bias: (H * D,)."""
+                              eps: float, *, kind: str = "layer", gate: str = "sigmoid") -> torch.Tensor:
+    """gate(o) * (LayerNorm (kind "layer") or RMSNorm (kind "rms") over each head's D features of h, times weight,
+    plus bias), gate sigmoid or silu, in float32 (float64 for float64 inputs), returned in h's dtype.
+    h: (..., H, D); o: (..., H * D); weight, bias: (H * D,)."""
+    _check_options(kind, gate)
     compute = compute_dtype(h)
-    y = F.layer_norm(h.to(compute), (h.shape[-1],), eps=eps).flatten(-2) * weight.to(compute)
+    normalize = F.layer_norm if kind == "layer" else F.rms_norm
+    y = normalize(h.to(compute), (h.shape[-1],), eps=eps).flatten(-2) * weight.to(compute)
     if bias is not None:
         y = y + bias.to(compute)
-    return (torch.sigmoid(o.to(compute)) * y).to(h.dtype)
+    activation = torch.sigmoid if gate == "sigmoid" else F.silu
+    return (activation(o.to(compute)) * y).to(h.dtype)
 
 
 def gated_head_norm(h: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    eps: float, *, impl: str = "auto") -> torch.Tensor:
+                    eps: float, *, kind: str = "layer", gate: str = "sigmoid", impl: str = "auto") -> torch.Tensor:
     """`gated_head_norm_reference`; impl "auto" runs it by the Triton kernels on CUDA (float32/bfloat16/float16),
     "triton" forces them (on the CPU under TRITON_INTERPRET=1), "reference" the PyTorch form."""
+    _check_options(kind, gate)
     *lead, H, D = h.shape
     if o.shape != (*lead, H * D):
         raise ValueError(f"o: expected shape {(*lead, H * D)} for h of shape {tuple(h.shape)}, got {tuple(o.shape)}")
@@ -45,9 +56,17 @@ def gated_head_norm(h: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, bias
                          f"{None if bias is None else tuple(bias.shape)}")
     supported = HAVE_TRITON and (h.is_cuda or INTERPRET) and h.dtype in (torch.float32, torch.bfloat16, torch.float16)
     if not use_fused_kernel(impl, supported, h.is_cuda, f"h: {h.dtype} on {h.device.type}"):
-        return gated_head_norm_reference(h, o, weight, bias, eps)
-    out = _GatedHeadNormFunction.apply(h.reshape(-1, H * D), o.reshape(-1, H * D), weight, bias, H, eps)
+        return gated_head_norm_reference(h, o, weight, bias, eps, kind=kind, gate=gate)
+    out = _GatedHeadNormFunction.apply(h.reshape(-1, H * D), o.reshape(-1, H * D), weight, bias, H, eps,
+                                       kind == "rms", gate == "silu")
     return out.view(*lead, H * D)
+
+
+def _check_options(kind: str, gate: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+    if gate not in GATES:
+        raise ValueError(f"gate: expected one of {GATES}, got {gate!r}")
 
 
 def _rows_per_program(D: int) -> int:
@@ -58,17 +77,20 @@ if HAVE_TRITON:
 
     @triton.jit
     def _tile(h_ptr, o_ptr, w_ptr, b_ptr, N, D, h_stride, o_stride, eps,
-              HAS_BIAS: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+              HAS_BIAS: tl.constexpr, RMS: tl.constexpr, SILU: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
         """This program's (block of BN rows, head) tile: rows, feature offsets, masks, the normalized h, its
-        reciprocal standard deviations per row, w, y = norm * w + b and the gate sigmoid(o), all float32."""
+        reciprocal standard deviations (RMS: root mean squares) per row, w, y = norm * w + b, the gate sigmoid(o)
+        or silu(o) and its derivative in o, all float32."""
         rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
         cols = tl.arange(0, BD)
         cmask = cols < D
         mask = (rows < N)[:, None] & cmask[None, :]
         feat = tl.program_id(1) * D + cols
         x = tl.load(h_ptr + rows[:, None] * h_stride + feat[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, 1) / D
-        centered = tl.where(mask, x - mean[:, None], 0.0)
+        if RMS:
+            centered = x
+        else:
+            centered = tl.where(mask, x - (tl.sum(x, 1) / D)[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, 1) / D + eps)
         norm = centered * rstd[:, None]
         w = tl.load(w_ptr + feat, mask=cmask, other=0.0).to(tl.float32)
@@ -76,34 +98,42 @@ if HAVE_TRITON:
         if HAS_BIAS:
             y += tl.load(b_ptr + feat, mask=cmask, other=0.0).to(tl.float32)[None, :]
         o = tl.load(o_ptr + rows[:, None] * o_stride + feat[None, :], mask=mask, other=0.0).to(tl.float32)
-        gate = 1.0 / (1.0 + tl.exp(-o))
-        return rows, feat, mask, cmask, norm, rstd, w, y, gate
+        sig = 1.0 / (1.0 + tl.exp(-o))
+        if SILU:
+            gate = o * sig
+            dgate = sig * (1.0 + o * (1.0 - sig))
+        else:
+            gate = sig
+            dgate = sig * (1.0 - sig)
+        return rows, feat, mask, cmask, norm, rstd, w, y, gate, dgate
 
     @triton.jit
     def _gated_head_norm_kernel(h_ptr, o_ptr, w_ptr, b_ptr, out_ptr, N, D, h_stride, o_stride, out_stride, eps,
-                                HAS_BIAS: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-        """One (block of BN rows, head): out = sigmoid(o) * (norm(h) * w + b) over the head's D features."""
-        rows, feat, mask, _, _, _, _, y, gate = _tile(h_ptr, o_ptr, w_ptr, b_ptr, N, D, h_stride, o_stride, eps,
-                                                      HAS_BIAS, BN, BD)
+                                HAS_BIAS: tl.constexpr, RMS: tl.constexpr, SILU: tl.constexpr, BN: tl.constexpr,
+                                BD: tl.constexpr):
+        """One (block of BN rows, head): out = gate(o) * (norm(h) * w + b) over the head's D features."""
+        rows, feat, mask, _, _, _, _, y, gate, _ = _tile(h_ptr, o_ptr, w_ptr, b_ptr, N, D, h_stride, o_stride, eps,
+                                                         HAS_BIAS, RMS, SILU, BN, BD)
         tl.store(out_ptr + rows[:, None] * out_stride + feat[None, :], (gate * y).to(out_ptr.dtype.element_ty),
                  mask=mask)
 
     @triton.jit
     def _gated_head_norm_backward_kernel(h_ptr, o_ptr, w_ptr, b_ptr, dout_ptr, dh_ptr, do_ptr, dw_ptr, db_ptr,
-                                         N, D, HD, h_stride, o_stride, dout_stride, eps,
-                                         HAS_BIAS: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                                         N, D, HD, h_stride, o_stride, dout_stride, eps, HAS_BIAS: tl.constexpr,
+                                         RMS: tl.constexpr, SILU: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
         """Gradients of h and o for a (block of rows, head), and this block's sums for weight and bias
         (dw_ptr, db_ptr: (blocks, H * D) float32, reduced afterwards)."""
         block = tl.program_id(0)
-        rows, feat, mask, cmask, norm, rstd, w, y, gate = _tile(h_ptr, o_ptr, w_ptr, b_ptr, N, D, h_stride, o_stride,
-                                                                eps, HAS_BIAS, BN, BD)
+        rows, feat, mask, cmask, norm, rstd, w, y, gate, dgate = _tile(h_ptr, o_ptr, w_ptr, b_ptr, N, D, h_stride,
+                                                                       o_stride, eps, HAS_BIAS, RMS, SILU, BN, BD)
         dout = tl.load(dout_ptr + rows[:, None] * dout_stride + feat[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = dout * gate
-        d_o = dout * y * gate * (1.0 - gate)
+        d_o = dout * y * dgate
         dnorm = dy * w[None, :]
-        mean_dnorm = tl.sum(dnorm, 1) / D
-        mean_dnorm_norm = tl.sum(dnorm * norm, 1) / D
-        dx = (dnorm - mean_dnorm[:, None] - norm * mean_dnorm_norm[:, None]) * rstd[:, None]
+        dx = dnorm - norm * (tl.sum(dnorm * norm, 1) / D)[:, None]
+        if not RMS:  # the mean's removal: project out the constant direction too
+            dx -= tl.sum(dnorm, 1)[:, None] / D
+        dx = dx * rstd[:, None]
         offsets = rows[:, None] * HD + feat[None, :]
         tl.store(dh_ptr + offsets, dx.to(dh_ptr.dtype.element_ty), mask=mask)
         tl.store(do_ptr + offsets, d_o.to(do_ptr.dtype.element_ty), mask=mask)
@@ -116,7 +146,7 @@ class _GatedHeadNormFunction(torch.autograd.Function):
     """h2, o2: (N, H * D) with contiguous rows (any row stride); out (N, H * D) contiguous in h's dtype."""
 
     @staticmethod
-    def forward(ctx, h2, o2, weight, bias, H, eps):
+    def forward(ctx, h2, o2, weight, bias, H, eps, rms, silu):
         if h2.stride(-1) != 1:
             h2 = h2.contiguous()
         if o2.stride(-1) != 1:
@@ -127,10 +157,10 @@ class _GatedHeadNormFunction(torch.autograd.Function):
         out = torch.empty(N, HD, device=h2.device, dtype=h2.dtype)
         _gated_head_norm_kernel[(triton.cdiv(N, BN), H)](
             h2, o2, weight, bias if bias is not None else weight, out, N, D, h2.stride(0), o2.stride(0), out.stride(0),
-            eps, HAS_BIAS=bias is not None, BN=BN, BD=triton.next_power_of_2(D), num_warps=8,
+            eps, HAS_BIAS=bias is not None, RMS=rms, SILU=silu, BN=BN, BD=triton.next_power_of_2(D), num_warps=8,
         )
         ctx.save_for_backward(h2, o2, weight, bias)
-        ctx.H, ctx.eps = H, eps
+        ctx.H, ctx.eps, ctx.rms, ctx.silu = H, eps, rms, silu
         return out
 
     @staticmethod
@@ -150,8 +180,8 @@ class _GatedHeadNormFunction(torch.autograd.Function):
         _gated_head_norm_backward_kernel[(blocks, H)](
             h2, o2, weight, bias if bias is not None else weight, dout, dh, do, dw, db, N, D, HD,
             h2.stride(0), o2.stride(0), dout.stride(0), ctx.eps,
-            HAS_BIAS=bias is not None, BN=BN, BD=triton.next_power_of_2(D), num_warps=8,
+            HAS_BIAS=bias is not None, RMS=ctx.rms, SILU=ctx.silu, BN=BN, BD=triton.next_power_of_2(D), num_warps=8,
         )
         dweight = dw.sum(0).to(weight.dtype)
         dbias = db.sum(0).to(bias.dtype) if bias is not None else None
-        return dh, do, dweight, dbias, None, None
+        return dh, do, dweight, dbias, None, None, None, None
