@@ -79,7 +79,7 @@ def test_errors_name_the_argument():
 # in Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py) at tiny shapes. Full shapes and timings:
 # benchmarks/gpu_conv.py.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SMALL_TILES = dict(block_t=8, block_d=4, num_warps=1, backward_block_t=8, backward_block_d=4, backward_chunk_t=16,
+SMALL_TILES = dict(block_t=8, block_d=4, num_warps=1, backward_rows=3, backward_block_d=4, backward_chunk_t=7,
                    backward_num_warps=1)  # several time tiles, channel tiles with a ragged edge, backward chunks
 
 
@@ -159,6 +159,40 @@ def test_triton_small_tiles_in_float64():
         return y, causal_conv1d(x, weight, bias, state, document_starts=starts, impl="shifted")[1]
 
     _check_against_reference(fast, leaves, starts, "silu")
+
+
+@needs_triton
+@pytest.mark.parametrize("K,chunk,rows", [(4, 1, 1), (3, 2, 4), (4, 5, 2), (3, 6, 3)])
+def test_triton_backward_chunk_edges_in_float64(K, chunk, rows):
+    """Backward chunks shorter than their K-1 warm-up and finishing steps, steps per iteration not dividing them, and
+    document starts on chunk edges (padded position c0 = chunk * i - (K-1)) and one step either side."""
+    from revival.ops.conv.triton import LaunchConfig, causal_conv1d_triton
+
+    T = 23
+    leaves = _inputs(2, T, 5, K, seed=11 + K + chunk)
+    starts = torch.zeros(2, T, dtype=torch.bool)
+    edges = [chunk * i - (K - 1) for i in range(1, T)]
+    for t in edges[:4]:
+        for row, offset in ((0, 0), (1, -1), (1, 1)):
+            if 0 <= t + offset < T:
+                starts[row, t + offset] = True
+    starts = starts.to(DEVICE)
+    launch = LaunchConfig(backward_rows=rows, backward_block_d=4, backward_chunk_t=chunk, backward_num_warps=1)
+
+    def fast(x, weight, bias, state):
+        y = causal_conv1d_triton(x, weight, bias, state, silu=True, document_starts=starts, launch=launch)
+        return y, causal_conv1d(x, weight, bias, state, document_starts=starts, impl="shifted")[1]
+
+    _check_against_reference(fast, leaves, starts, "silu")
+
+
+def test_launch_config_is_checked():
+    from revival.ops.conv.triton import LaunchConfig
+
+    with pytest.raises(ValueError, match="backward_block_d: expected a power of two, got 48"):
+        LaunchConfig(backward_block_d=48)
+    with pytest.raises(ValueError, match="backward_rows: expected >= 1, got 0"):
+        LaunchConfig(backward_rows=0)
 
 
 @needs_triton

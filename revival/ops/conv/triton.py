@@ -5,11 +5,14 @@ carried state), accumulates y = bias + sum_j w_j * padded[t + j] in float32 (flo
 SiLU, one read of x and one write of y. A tap at shift s = K-1-j is live for output t while no document starts in
 (t - s, t]: `alive` narrows as s grows, one int8 load of the starts per tap.
 
-Backward: one program per (chunk of padded positions p in [-(K-1), T), D-tile, batch row) walks its chunk in tiles.
-With g = dy (times SiLU' of the recomputed pre-activation: it is not saved), d padded[p] = sum_j w_j g[p + s_j] over
-the taps live at output p + s_j; p < 0 is the state's gradient. dweight / dbias are sums over (b, t): each program
-writes its chunk's partial sums (float32, (programs, K, D)) and torch sums them, deterministic without atomics; the
-chunks keep that buffer small (~7 MB at (16, 2048, 3072)).
+Backward: one program per (chunk of padded positions p in [-(K-1), T), D-tile, batch row) walks its chunk one time
+step u at a time, each row of x and dy read once (a row is BD contiguous channels): it recomputes the pre-activation
+z[u] from a window of the last K padded rows held in registers, g = dy[u] (times SiLU'(z[u]); z is not saved), adds
+taps[s] * g to the window of partial d padded[u - s] and stores d padded[u - (K-1)], now complete (p < 0 is the
+state's gradient). A document start resets a scalar count of steps since the last start, which masks the taps it
+cuts. The chunk re-reads K-1 rows before it (warm-up) and K-1 after (outputs that still reach its last positions).
+dweight / dbias are sums over (b, t): each program writes its chunk's partial sums (float32, (programs, K, D)) and torch
+sums them, deterministic without atomics (~13 MB at (16, 2048, 3072)).
 
 The kernels take x, dy with any (batch, time) strides and channel stride 1; weight (D, K), bias, state are made
 contiguous. `launch` sets tiles and warps (`LaunchConfig`); results do not depend on them beyond rounding order.
@@ -34,16 +37,26 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Tiles (time steps x channels) and warps of the conv kernels; `backward_chunk_t` padded positions per backward
-    program (its weight/bias partial sums cover them). Not tuned yet (benchmarks/gpu_conv.py)."""
+    """Forward: tiles (time steps x channels) and warps. Backward: `backward_block_d` channels per program, which
+    walks `backward_chunk_t` padded positions one step at a time, `backward_rows` steps' loads issued together (its
+    weight/bias partial sums cover the chunk). Not tuned yet (benchmarks/gpu_conv.py)."""
 
     block_t: int = 32
     block_d: int = 64
     num_warps: int = 4
-    backward_block_t: int = 32
-    backward_block_d: int = 64
-    backward_chunk_t: int = 256
-    backward_num_warps: int = 4
+    backward_rows: int = 4
+    backward_block_d: int = 256
+    backward_chunk_t: int = 128
+    backward_num_warps: int = 2
+
+    def __post_init__(self):
+        for name in ("block_t", "block_d", "backward_block_d"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name}: expected a power of two, got {value}")
+        for name in ("num_warps", "backward_rows", "backward_chunk_t", "backward_num_warps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
 
 
 if HAVE_TRITON:
@@ -91,60 +104,99 @@ if HAVE_TRITON:
         tl.store(y_ptr + b * T * D + rows[:, None] * D + cols[None, :], acc, mask=mask)
 
     @triton.jit
+    def _push(window, new, N: tl.constexpr):
+        """(new, window[0], ..., window[N-2]): the window of the last N rows one step later."""
+        out = (new,)
+        for i in tl.static_range(N - 1):
+            out = out + (window[i],)
+        return out
+
+    @triton.jit
+    def _padded_row(x_ptr, state_ptr, x_base, state_base, u, cols, cmask, T, D, sx_t, K: tl.constexpr,
+                    HAS_STATE: tl.constexpr, ACC: tl.constexpr):
+        """padded[u] on the channels `cols`: x[u] for 0 <= u < T, state[u + K-1] for -(K-1) <= u < 0, else 0."""
+        inside = tl.where((u >= 0) & (u < T), cmask, False)  # not cmask & scalar: the interpreter makes that int32
+        value = tl.load(x_ptr + x_base + u * sx_t + cols, mask=inside, other=0.0).to(ACC)
+        if HAS_STATE:
+            value += tl.load(state_ptr + state_base + (u + K - 1) * D + cols,
+                             mask=tl.where((u < 0) & (u >= -(K - 1)), cmask, False), other=0.0).to(ACC)
+        return value
+
+    @triton.jit
     def _conv_bwd_kernel(dy_ptr, x_ptr, state_ptr, starts_ptr, w_ptr, b_ptr, dx_ptr, dstate_ptr, dw_ptr, db_ptr,
-                         T, D, sx_b, sx_t, sdy_b, sdy_t, sst_b, tiles,
+                         T, D, sx_b, sx_t, sdy_b, sdy_t, sst_b, chunk, iters,
                          K: tl.constexpr, HAS_STATE: tl.constexpr, HAS_BIAS: tl.constexpr,
                          HAS_STARTS: tl.constexpr, SILU: tl.constexpr, NEED_DW: tl.constexpr,
-                         NEED_DB: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                         ACC: tl.constexpr):
+                         NEED_DB: tl.constexpr, R: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr):
         pid_c, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         cols = pid_d * BD + tl.arange(0, BD)
         cmask = cols < D
-        taps = tl.arange(0, BK)
         x_base, state_base, starts_base = b * sx_b, b * (K - 1) * D, b * sst_b
-        dw = tl.zeros((BK, BD), dtype=ACC)
-        db = tl.zeros((BD,), dtype=ACC)
-        for i in range(tiles):
-            p = (pid_c * tiles + i) * BT - (K - 1) + tl.arange(0, BT)  # padded positions; p < 0 is the state
-            inside = (p >= 0) & (p < T)
-            padded = tl.load(x_ptr + x_base + p[:, None] * sx_t + cols[None, :],
-                             mask=inside[:, None] & cmask[None, :], other=0.0).to(ACC)
-            if HAS_STATE:
-                padded += tl.load(state_ptr + state_base + (p + K - 1)[:, None] * D + cols[None, :],
-                                  mask=(p < 0)[:, None] & cmask[None, :], other=0.0).to(ACC)
-            dpad = tl.zeros((BT, BD), dtype=ACC)
-            alive = p < T
-            for s in tl.static_range(K):
-                u = p + s  # the output that reads p through tap K-1-s
+        c0 = pid_c * chunk - (K - 1)  # this program's padded positions [c0, c1); p < 0 is the state
+        c1 = tl.minimum(c0 + chunk, T)
+        zero = tl.zeros((BD,), dtype=ACC)
+        taps = ()  # taps[s]: the weight of the tap that reads padded[u - s] for output u
+        for s in tl.static_range(K):
+            taps = taps + (tl.load(w_ptr + cols * K + (K - 1 - s), mask=cmask, other=0.0).to(ACC),)
+        bias = zero
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(ACC)
+        previous = ()  # previous[i] = padded[u-1-i]
+        partial = ()  # partial[i] = d padded[u-1-i] so far (outputs up to u-1 added)
+        dw = ()  # dw[s]: the gradient of taps[s]
+        for _ in tl.static_range(K):
+            previous = previous + (zero,)
+            partial = partial + (zero,)
+            dw = dw + (zero,)
+        db = zero
+        since = tl.full((), K, tl.int32)  # steps since the last document start (K: none within reach)
+        u0 = c0 - (K - 1)  # K-1 steps of warm-up: the window of padded rows and of starts before c0
+        for i in range(iters):
+            # R rows' loads first (the stores below may alias them for the compiler), then the walk through them
+            rows, grads, starts = (), (), ()
+            for r in tl.static_range(R):
+                u = u0 + i * R + r
+                rows = rows + (_padded_row(x_ptr, state_ptr, x_base, state_base, u, cols, cmask, T, D, sx_t, K,
+                                           HAS_STATE, ACC),)
+                grads = grads + (tl.load(dy_ptr + b * sdy_b + u * sdy_t + cols,
+                                         mask=tl.where((u >= 0) & (u < T), cmask, False), other=0.0).to(ACC),)
                 if HAS_STARTS:
-                    if s > 0:  # a start in (p, p + s] cuts the tap
-                        start = tl.load(starts_ptr + starts_base + u, mask=(u >= 0) & (u < T), other=0)
-                        alive = alive & (start == 0)
-                live = alive & (u >= 0) & (u < T)
-                g = tl.load(dy_ptr + b * sdy_b + u[:, None] * sdy_t + cols[None, :],
-                            mask=live[:, None] & cmask[None, :], other=0.0).to(ACC)
+                    starts = starts + (tl.load(starts_ptr + starts_base + u, mask=(u >= 0) & (u < T), other=0),)
+            for r in tl.static_range(R):
+                u = u0 + i * R + r
+                value = rows[r]
+                if HAS_STARTS:
+                    since = tl.where(starts[r] != 0, 0, tl.minimum(since + 1, K))
+                g = grads[r]
                 if SILU:  # SiLU'(z) = sigmoid(z) (1 + z (1 - sigmoid(z))) at the recomputed pre-activation
-                    z = _pre_activation(x_ptr, state_ptr, starts_ptr, w_ptr, b_ptr, x_base, state_base,
-                                        starts_base, u, cols, cmask, T, D, sx_t, K, HAS_STATE, HAS_BIAS,
-                                        HAS_STARTS, BT, BD, ACC)
+                    z = bias + taps[0] * value
+                    for s in tl.static_range(1, K):  # tap s is cut by a start in (u - s, u]
+                        z += tl.where(since >= s, taps[s] * previous[s - 1], 0.0)
                     sig = 1.0 / (1.0 + tl.exp(-z))
                     g = g * sig * (1.0 + z * (1.0 - sig))
-                w = tl.load(w_ptr + cols * K + (K - 1 - s), mask=cmask, other=0.0).to(ACC)
-                dpad += w[None, :] * g
+                own = (u >= c0) & (u < c1)  # dweight, dbias: each output is counted by one program
                 if NEED_DW:
-                    dw += tl.where(taps[:, None] == K - 1 - s, tl.sum(g * padded, axis=0)[None, :], 0.0)
+                    dw_new = (dw[0] + tl.where(own, g * value, 0.0),)
+                    for s in tl.static_range(1, K):
+                        dw_new = dw_new + (dw[s] + tl.where(own & (since >= s), g * previous[s - 1], 0.0),)
+                    dw = dw_new
                 if NEED_DB:
-                    if s == 0:
-                        db += tl.sum(g, axis=0)
-            tl.store(dx_ptr + b * T * D + p[:, None] * D + cols[None, :], dpad,
-                     mask=inside[:, None] & cmask[None, :])
-            if HAS_STATE:
-                tl.store(dstate_ptr + state_base + (p + K - 1)[:, None] * D + cols[None, :], dpad,
-                         mask=((p < 0) & (p >= -(K - 1)))[:, None] & cmask[None, :])
+                    db += tl.where(own, g, 0.0)
+                updated = ()
+                for s in tl.static_range(1, K):  # output u's gradient reaches padded[u - s] through taps[s]
+                    updated = updated + (partial[s - 1] + tl.where(since >= s, taps[s] * g, 0.0),)
+                partial = _push(updated + (zero,), taps[0] * g, K)
+                previous = _push(previous, value, K)
+                p = u - (K - 1)  # no later output reads padded[p]: its gradient is complete
+                tl.store(dx_ptr + b * T * D + p * D + cols, partial[K - 1],
+                         mask=tl.where((p >= c0) & (p >= 0) & (p < c1), cmask, False))
+                if HAS_STATE:
+                    tl.store(dstate_ptr + state_base + (p + K - 1) * D + cols, partial[K - 1],
+                             mask=tl.where((p >= c0) & (p < 0), cmask, False))
         part = b * tl.num_programs(0) + pid_c
         if NEED_DW:
-            tl.store(dw_ptr + part * K * D + taps[:, None] * D + cols[None, :], dw,
-                     mask=(taps < K)[:, None] & cmask[None, :])
+            for s in tl.static_range(K):
+                tl.store(dw_ptr + part * K * D + (K - 1 - s) * D + cols, dw[s], mask=cmask)
         if NEED_DB:
             tl.store(db_ptr + part * D + cols, db, mask=cmask)
 
@@ -178,8 +230,9 @@ def _backward(dy, x, state, weight, bias, starts, silu, need_dw, need_db, launch
     K = weight.shape[1]
     dy = _channels_last(dy)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    tiles = triton.cdiv(min(launch.backward_chunk_t, T + K - 1), launch.backward_block_t)
-    chunks = triton.cdiv(T + K - 1, tiles * launch.backward_block_t)
+    chunk = min(launch.backward_chunk_t, T + K - 1)
+    chunks = triton.cdiv(T + K - 1, chunk)
+    iters = triton.cdiv(chunk + 2 * (K - 1), launch.backward_rows)  # K-1 warm-up steps, K-1 to finish the chunk
     dx = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
     dstate = None if state is None else torch.empty_like(state)
     state = state if K > 1 else None  # as in _forward; dstate stays empty
@@ -189,11 +242,10 @@ def _backward(dy, x, state, weight, bias, starts, silu, need_dw, need_db, launch
     _conv_bwd_kernel[grid](dy, x, x if state is None else state, x if starts is None else starts, weight,
                            weight if bias is None else bias, dx, dx if state is None else dstate,
                            dx if dw is None else dw, dx if db is None else db, T, D, x.stride(0), x.stride(1),
-                           dy.stride(0), dy.stride(1), 0 if starts is None else starts.stride(0), tiles, K=K,
+                           dy.stride(0), dy.stride(1), 0 if starts is None else starts.stride(0), chunk, iters, K=K,
                            HAS_STATE=state is not None, HAS_BIAS=bias is not None, HAS_STARTS=starts is not None,
-                           SILU=silu, NEED_DW=need_dw, NEED_DB=need_db, BK=triton.next_power_of_2(K),
-                           BT=launch.backward_block_t, BD=launch.backward_block_d, ACC=_acc_dtype(x),
-                           num_warps=launch.backward_num_warps)
+                           SILU=silu, NEED_DW=need_dw, NEED_DB=need_db, R=launch.backward_rows,
+                           BD=launch.backward_block_d, ACC=_acc_dtype(x), num_warps=launch.backward_num_warps)
     dw = None if dw is None else dw.sum(dim=0).t().to(weight.dtype).contiguous()
     db = None if db is None else db.sum(dim=0).to(bias.dtype)
     return dx, dstate, dw, db
