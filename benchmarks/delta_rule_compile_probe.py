@@ -17,19 +17,15 @@ fresh Triton cache (several minutes for "ieee"). Writes delta_rule_compile.json 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
-import platform
-import re
 import sys
 import tempfile
-import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-SHARED_LIMIT = {90: 232448, 100: 232448, 80: 166912}  # bytes of shared memory one block may use
+from _compile_probe import SHARED_LIMIT, compile_kernel, parse_launch, write_results  # noqa: E402
 
 
 def kernel_cases(products: str, Dk: int, Dv: int, rows: int, grads_stages: int | None, launch: dict):
@@ -47,7 +43,6 @@ def kernel_cases(products: str, Dk: int, Dv: int, rows: int, grads_stages: int |
     BK, BV = forward.pow2(Dk), forward.pow2(Dv)
     common = dict(L=64, BK=BK, PRECISION=products, HAS_STARTS=False)
     wy = dict(common, LOG2_L=6, INVERSE_PRECISION=inverse)
-    grads = dict(common, RELOAD=cfg.reload_grads)
     grads_stages = cfg.stages_grads if grads_stages == 0 else grads_stages
     inputs = ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dq_ptr", "dk_ptr", "dv_ptr")
     return [
@@ -58,48 +53,12 @@ def kernel_cases(products: str, Dk: int, Dv: int, rows: int, grads_stages: int |
          cfg.warps_output, None),
         ("dstates", backward._dstates_kernel, data, inputs, dict(common, BV=min(cfg.block_v_dstates, BV)),
          cfg.warps_dstates, cfg.stages_dstates),
-        ("grads_output", backward._output_grads_kernel, data, inputs, dict(grads, BV=min(cfg.block_v_grads, BV)),
+        ("grads_output", backward._output_grads_kernel, data, inputs, dict(common, BV=min(cfg.block_v_grads, BV)),
          cfg.warps_grads, grads_stages),
         ("inverse", backward._inverse_kernel, data, inputs, wy, cfg.warps_wy, None),
-        ("grads_wy", backward._wy_grads_kernel, data, inputs, dict(grads, BV=min(cfg.block_v_grads, BV)),
+        ("grads_wy", backward._wy_grads_kernel, data, inputs, dict(common, BV=min(cfg.block_v_grads, BV)),
          cfg.warps_grads, grads_stages),
     ]
-
-
-def compile_kernel(kernel, data: str, inputs: tuple, constexprs: dict, num_warps: int, num_stages: int | None,
-                   arch: int, sizes: dict) -> dict:
-    """One compile: the signature as the JIT builds it for contiguous 16-byte-aligned tensors and the int `sizes`."""
-    import triton
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    signature, attrs = {}, {}
-    for index, name in enumerate(kernel.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = "*" + (data if name in inputs else "fp32")
-            attrs[(index,)] = [["tt.divisibility", 16]]
-        elif name == "scale":
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-            if sizes[name] % 16 == 0 and not any(p.name == name and p.do_not_specialize for p in kernel.params):
-                attrs[(index,)] = [["tt.divisibility", 16]]
-    options = {"num_warps": num_warps} | ({} if num_stages is None else {"num_stages": num_stages})
-    knobs.nvidia.dump_ptxas_log = True
-    log = io.StringIO()
-    start = time.perf_counter()
-    with contextlib.redirect_stdout(log):
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
-                                  options=options)
-    seconds = time.perf_counter() - start
-    text = log.getvalue()
-    registers = [int(x) for x in re.findall(r"Used (\d+) registers", text)]
-    spills = [int(x) for x in re.findall(r"(\d+) bytes spill stores", text)]
-    return {"seconds": round(seconds, 2), "shared_bytes": compiled.metadata.shared, "num_stages": num_stages,
-            "registers": max(registers, default=None), "spill_store_bytes": max(spills, default=None)}
 
 
 def main() -> int:
@@ -117,11 +76,9 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    import triton
 
     cases = ["tf32:16x32"] if args.smoke else args.cases.split(",")
-    launch = {key: (value == "True" if value in ("True", "False") else int(value))
-              for key, _, value in (field.partition("=") for field in args.launch.split(",") if field)}
+    launch = parse_launch(args.launch)
     wanted = ["states"] if args.smoke else args.kernels.split(",")
     limit = SHARED_LIMIT.get(args.arch)
     results = []
@@ -137,7 +94,7 @@ def main() -> int:
                 continue
             row = {"products": products, "Dk": Dk, "Dv": Dv, "rows": args.rows, "kernel": name, "data": data,
                    **({"launch": launch} if launch else {}), "warps": warps,
-                   "BV": constexprs.get("BV"), **({"reload": constexprs["RELOAD"]} if "RELOAD" in constexprs else {}),
+                   "BV": constexprs.get("BV"),
                    **compile_kernel(kernel, data, inputs, constexprs, warps, stages, args.arch, sizes)}
             if limit is not None and row["shared_bytes"] > limit and stages != 1:  # what forward.launch does next
                 row["unpipelined"] = compile_kernel(kernel, data, inputs, constexprs, warps, 1, args.arch, sizes)
@@ -147,12 +104,7 @@ def main() -> int:
     for row in results:
         key = f"{row['products']}:{row['Dk']}x{row['Dv']}"
         totals[key] = round(totals.get(key, 0.0) + row["seconds"] + row.get("unpipelined", {}).get("seconds", 0.0), 1)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "delta_rule_compile.json")
-    with open(path, "w") as f:
-        json.dump({"arch": args.arch, "triton": triton.__version__, "host": platform.processor() or platform.machine(),
-                   "cpus": os.cpu_count(), "shared_limit_bytes": limit, "results": results,
-                   "compile_seconds_per_case": totals}, f, indent=1)
+    path = write_results(args.out, "delta_rule_compile.json", args.arch, results, totals)
     print("compile seconds per case (all kernels):", json.dumps(totals))
     print(f"wrote {path}")
     return 0

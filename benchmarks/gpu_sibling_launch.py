@@ -33,7 +33,7 @@ GDN_VARIANTS = {
     "default": ({}, 64), "chunk32": ({}, 32), "warps_grads4": ({"warps_grads": 4}, 64),
     "block_v_grads32": ({"block_v_grads": 32}, 64), "block_v_grads64": ({"block_v_grads": 64}, 64),
     "block_v_grads128": ({"block_v_grads": 128}, 64), "chunk32_block_v_grads64": ({"block_v_grads": 64}, 32),
-    "reload_grads": ({"reload_grads": True}, 64), "stages_grads2": ({"stages_grads": 2}, 64),
+    "stages_grads2": ({"stages_grads": 2}, 64),
     "warps_dstates8": ({"warps_dstates": 8}, 64), "block_v_dstates32": ({"block_v_dstates": 32}, 64),
     "warps_wy8": ({"warps_wy": 8}, 64), "warps_output8": ({"warps_output": 8}, 64),
 }

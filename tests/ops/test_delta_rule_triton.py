@@ -65,12 +65,11 @@ def test_forward_backward_match_float64_reference(n, T, H, Dk, Dv, chunk, beta_m
     assert_close(got, ref, NAMES, 1e-5)
 
 
-def test_gradient_kernel_reloading_its_inputs_matches_float64_reference():
-    """`reload_grads` (q, k read again for each product of the gradient kernels) with the state-gradient kernel
-    unpipelined, at head dims that are not powers of two (masked reads), beta up to 2."""
+def test_unpipelined_state_gradient_kernel_matches_float64_reference():
+    """The state-gradient kernel unpipelined, at head dims that are not powers of two (masked reads), beta up to 2."""
     inputs, weights = _inputs(2, 45, 1, 24, 20, seed=89, beta_max=2.0)
     ref = _reference(inputs, weights)
-    launch = LaunchConfig(reload_grads=True, stages_dstates=1, block_v_grads=16)
+    launch = LaunchConfig(stages_dstates=1, block_v_grads=16)
     got = _run(lambda *a: gated_delta_rule_triton(*a, 24**-0.5, chunk_size=16, launch=launch), inputs, weights,
                DEVICE)
     assert_close(got, ref, NAMES, 1e-5)
@@ -82,11 +81,11 @@ def test_float32_launch_defaults_at_dk_128_fit_shared_memory():
     kernels hold their inputs (96 KB on sm_90) at every dtype; bfloat16 and float32 at Dk = 64 keep the settings
     their speed was measured with (benchmarks/delta_rule_compile_probe.py measures the bytes)."""
     f32 = launch_config(128, 256, 64, torch.float32)
-    assert (f32.reload_grads, f32.stages_dstates, f32.block_v_states, f32.block_v_output) == (False, 1, 32, 64)
+    assert (f32.stages_dstates, f32.block_v_states, f32.block_v_output) == (1, 32, 64)
     for Dk, dtype in ((128, torch.bfloat16), (128, torch.float16), (64, torch.float32)):
         cfg = launch_config(Dk, 128, 64, dtype)
-        assert (cfg.reload_grads, cfg.stages_dstates, cfg.block_v_states, cfg.block_v_output) == (False, None, 64, 128)
-    assert launch_config(128, 128, 64, torch.float32, LaunchConfig(reload_grads=True)).reload_grads is True
+        assert (cfg.stages_dstates, cfg.block_v_states, cfg.block_v_output) == (None, 64, 128)
+    assert launch_config(128, 128, 64, torch.float32, LaunchConfig(stages_dstates=2)).stages_dstates == 2
 
 
 @pytest.mark.slow

@@ -82,25 +82,12 @@ def _dstates_kernel(
     store_state(ds0_ptr, dS, row, 0, 1, DK, DV, BK, BV, iv)
 
 
-@triton.jit
-def _operand(tile, ptr, tokens, valid, DK, BK: tl.constexpr, factor, TRANSPOSED: tl.constexpr, RELOAD: tl.constexpr):
-    """A (L, Dk) input tile for one product: `tile` as held, or with RELOAD read again (times `factor`, transposed
-    like load_cols), so that its split copies in shared memory live only as long as that product."""
-    if RELOAD:
-        if TRANSPOSED:
-            tile = load_cols(ptr, tokens, valid, DK, BK, 0) * factor
-        else:
-            tile = load_rows(ptr, tokens, valid, DK, BK, 0) * factor
-    return tile
-
-
 @triton.jit(do_not_specialize=LENGTHS)
 def _output_grads_kernel(
     q_ptr, k_ptr, g_ptr, starts_ptr, u_ptr, states_ptr, dstates_ptr, do_ptr,
     dq_ptr, dk_out_ptr, dg_out_ptr,
     T, H, NC, DK, DV, scale,
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
-    RELOAD: tl.constexpr,
 ):
     """dQ, and the parts of dK and dg through the outputs and the end state (float32: `_wy_grads_kernel` adds the
     rest). dg is stored summed (a masked tail chunk would drop dgamma_total at L - 1)."""
@@ -148,14 +135,10 @@ def _output_grads_kernel(
     decay = decay_matrix(gamma, same, False, L)
     dq_state = (tl.exp(gamma) * from_state)[:, None] * do_S
     dgamma += tl.sum(q * dq_state, 1)
-    dq = dq_state + tl.dot(decay * do_u, _operand(k, k_ptr, tokens, valid, DK, BK, 1.0, False, RELOAD),
-                           input_precision=PRECISION)
-    # q as B operand before the store, as A operand after it: with RELOAD two reads, not merged into one copy
-    dk += tl.dot(_upper_decay(gamma, same, False, L) * u_do,
-                 _operand(q, q_ptr, tokens, valid, DK, BK, scale, False, RELOAD), input_precision=PRECISION)
+    dq = dq_state + tl.dot(decay * do_u, k, input_precision=PRECISION)
+    dk += tl.dot(_upper_decay(gamma, same, False, L) * u_do, q, input_precision=PRECISION)
     tl.store(dq_ptr + tokens[:, None] * DK + offs_k[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask_k)
-    qk = tl.dot(_operand(q, q_ptr, tokens, valid, DK, BK, scale, False, RELOAD),
-                load_cols(k_ptr, tokens, valid, DK, BK, 0), input_precision=PRECISION)
+    qk = tl.dot(q, load_cols(k_ptr, tokens, valid, DK, BK, 0), input_precision=PRECISION)
     pairs = decay * do_u * qk  # d(loss)/d(gamma_t - gamma_s)
     dgamma += tl.sum(pairs, 1) - tl.sum(pairs, 0)
     tl.store(dk_out_ptr + tokens[:, None] * DK + offs_k[None, :], dk, mask=mask_k)
@@ -192,7 +175,7 @@ def _wy_grads_kernel(
     dk_ptr, dv_ptr, dg_ptr, dbeta_ptr,
     T, H, NC, DK, DV,
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr, RELOAD: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
 ):
     """The parts through U = U0 - W S (dK's rest, dV, dbeta, dg's rest), added to `_output_grads_kernel`'s float32
     dK and dg (dk_out, dg_out); stores dK, dV, dg and dbeta. With T^T read first, one Dv loop forms dV~ = T^T dU
@@ -246,10 +229,8 @@ def _wy_grads_kernel(
     dbeta += tl.sum(dM_kk, 1)
     pairs = beta[:, None] * dM_kk
     dgamma += tl.sum(pairs, 1) - tl.sum(pairs, 0)
-    dk += tl.dot(beta[:, None] * dM * decay_strict, _operand(k, k_ptr, tokens, valid, DK, BK, 1.0, False, RELOAD),
-                 input_precision=PRECISION)
-    dk += tl.dot(beta[None, :] * dM_T * _upper_decay(gamma, same, True, L),
-                 _operand(k, k_ptr, tokens, valid, DK, BK, 1.0, False, RELOAD), input_precision=PRECISION)
+    dk += tl.dot(beta[:, None] * dM * decay_strict, k, input_precision=PRECISION)
+    dk += tl.dot(beta[None, :] * dM_T * _upper_decay(gamma, same, True, L), k, input_precision=PRECISION)
     dk += tl.load(dk_out_ptr + tokens[:, None] * DK + offs_k[None, :], mask=mask_k, other=0.0)
     tl.store(dk_ptr + tokens[:, None] * DK + offs_k[None, :], dk.to(dk_ptr.dtype.element_ty), mask=mask_k)
     dg = tl.load(dg_out_ptr + tokens, mask=valid, other=0.0) + tl.cumsum(dgamma, 0, reverse=True)
@@ -278,7 +259,7 @@ def delta_rule_backward(q, k, v, g, beta, starts, w, u, states, do, dS_T, scale:
     grads = dict(L=L, BK=BK, PRECISION=precision, **documents)
     launch(_inverse_kernel, (NC, n * H), k, g, beta, starts, inverse, T, H, NC, Dk, LOG2_L=L.bit_length() - 1,
            INVERSE_PRECISION=inverse_precision, num_warps=cfg.warps_wy, **grads)
-    grads.update(BV=min(cfg.block_v_grads, BV), RELOAD=cfg.reload_grads, num_warps=cfg.warps_grads,
+    grads.update(BV=min(cfg.block_v_grads, BV), num_warps=cfg.warps_grads,
                  num_stages=cfg.stages_grads)
     launch(_output_grads_kernel, (NC, n * H),
         q, k, g, starts, u, states, dstates, do, dq, dk_out, dg_out, T, H, NC, Dk, Dv, scale, **grads)

@@ -17,8 +17,7 @@ class LaunchConfig:
     and the sequential state-gradient kernel (narrower tiles: more programs for the sequential walks); block_v_wy /
     block_v_grads: the Dv-tile the WY and the two gradient kernels loop over (fewer live tiles); warps_*: num_warps
     per kernel (warps_wy also the backward's inverse kernel, warps_grads both gradient kernels); stages_grads /
-    stages_dstates: num_stages of the gradient and state-gradient kernels (None for the latter: Triton's default);
-    reload_grads: the gradient kernels read their (L, Dk) inputs again for each product instead of holding them."""
+    stages_dstates: num_stages of the gradient and state-gradient kernels (None for the latter: Triton's default)."""
 
     block_v_wy: int | None = None
     block_v_grads: int | None = None
@@ -32,7 +31,6 @@ class LaunchConfig:
     warps_grads: int | None = None
     stages_grads: int | None = None
     stages_dstates: int | None = None
-    reload_grads: bool | None = None
 
 
 def default_launch_config(Dk: int, Dv: int, rows: int, dtype: torch.dtype) -> LaunchConfig:
@@ -44,12 +42,12 @@ def default_launch_config(Dk: int, Dv: int, rows: int, dtype: torch.dtype) -> La
     # memory at (Dk, Dv) = (64, 128), 227 KB there); Dv-tile 32: fewer spills than 64 at Dk = 128 (the probe)
     cfg = LaunchConfig(block_v_wy=128, block_v_grads=32, block_v_states=narrow, block_v_output=128,
                        block_v_dstates=narrow, warps_wy=4, warps_states=4, warps_output=4, warps_dstates=4,
-                       warps_grads=8, stages_grads=1, reload_grads=False)
+                       warps_grads=8, stages_grads=1)
     if dtype == torch.float32 and Dk > 64:
         # three-pass tf32 keeps a high and a low copy of every product operand in shared memory; at (Dk, Dv) =
         # (128, 128) for sm_90 (227 KB) the state-gradient kernel pipelined needs 280+ KB at any Dv-tile (96 KB
         # unpipelined); states / output at 64- / 128-wide tiles 225 / 192 KB (177 / 128 KB at 32 / 64). The split
-        # gradient kernels fit holding their inputs (96 KB each; the single kernel before them needed reload_grads)
+        # gradient kernels fit holding their inputs (96 KB each)
         cfg = replace(cfg, block_v_states=32, block_v_output=64, stages_dstates=1)
     return cfg
 
