@@ -48,7 +48,8 @@ CASES = [
 def test_forward_backward_match_float64_reference(n, T, H, P, G, N, chunk):
     inputs, weights = _inputs(n, T, H, P, G, N, seed=T + P + N)
     ref = _reference(inputs, weights)
-    launch = LaunchConfig(block_p_states=16, block_p_dstates=16, block_p_grads=16)  # several tiles even at small P
+    launch = LaunchConfig(block_p_states=16, block_p_dstates=16, block_p_dx=16,  # several tiles even at small P
+                          block_p_grads=16)
     got = _run(lambda *a: ssd_triton(*a, chunk_size=chunk, launch=launch), inputs, weights, DEVICE)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
     assert_close(got, ref, NAMES, 1e-5)

@@ -11,17 +11,20 @@ from ..._triton import merged_launch_config
 class LaunchConfig:
     """Block sizes and warps; a field left None takes its shape-keyed default (`launch_config`).
 
-    block_p_states / block_p_output / block_p_dstates: the P-tile (head dim) of the sequential state kernel, the
-    output kernel and the sequential state-gradient kernel (narrower tiles: more programs for the sequential walks);
-    block_p_grads: the P-tile the gradient kernel loops over (fewer live tiles); warps_*: num_warps per kernel."""
+    block_p_states / block_p_output / block_p_dstates / block_p_dx: the P-tile (head dim) of the sequential state
+    kernel, the output kernel, the sequential state-gradient kernel and the dx kernel (narrower tiles: more programs
+    for the sequential walks); block_p_grads: the P-tile the dB and dC kernels loop over (fewer live tiles);
+    warps_*: num_warps per kernel (warps_grads: the dB and dC kernels)."""
 
     block_p_grads: int | None = None
     block_p_states: int | None = None
     block_p_output: int | None = None
     block_p_dstates: int | None = None
+    block_p_dx: int | None = None
     warps_states: int | None = None
     warps_output: int | None = None
     warps_dstates: int | None = None
+    warps_dx: int | None = None
     warps_grads: int | None = None
 
 
@@ -30,7 +33,7 @@ def default_launch_config(P: int, N: int, rows: int) -> LaunchConfig:
     into narrower tiles so that more programs run at once."""
     narrow = 16 if rows < 64 else 32
     return LaunchConfig(block_p_grads=64, block_p_states=narrow, block_p_output=128, block_p_dstates=narrow,
-                        warps_states=4, warps_output=4, warps_dstates=4, warps_grads=8)
+                        block_p_dx=128, warps_states=4, warps_output=4, warps_dstates=4, warps_dx=4, warps_grads=8)
 
 
 def launch_config(P: int, N: int, rows: int, requested: LaunchConfig | None = None) -> LaunchConfig:
