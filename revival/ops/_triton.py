@@ -10,11 +10,19 @@ import os
 import torch
 
 try:
-    import triton  # noqa: F401
+    import triton
 
     HAVE_TRITON = True
 except ImportError:  # pragma: no cover - depends on the environment
     HAVE_TRITON = False
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def linear_recurrence_combine(a1, x1, a2, x2):
+        """`tl.associative_scan`'s combine for S -> a S + x: S -> a1 S + x1 followed by S -> a2 S + x2."""
+        return a1 * a2, a2 * x1 + x2
+
 
 # Triton reads TRITON_INTERPRET once, when it is imported: kernels then run on the CPU (tests at tiny shapes)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

@@ -31,6 +31,8 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from .._triton import linear_recurrence_combine
+
 __all__ = ["LaunchConfig", "available", "linear_recurrence_triton", "mingru_scan_triton", "minlstm_scan_triton"]
 
 LINEAR, MINGRU, MINLSTM = 0, 1, 2  # kernel modes; the number of inputs is 2, 2, 3
@@ -50,10 +52,6 @@ class LaunchConfig:
 
 
 if HAVE_TRITON:
-
-    @triton.jit
-    def _combine(a1, b1, a2, b2):
-        return a1 * a2, a2 * b1 + b2
 
     @triton.jit
     def _softplus(x):
@@ -93,7 +91,7 @@ if HAVE_TRITON:
         """Solve one (BT, BD) tile from the state `carry` (BD,); returns (h tile, new carry)."""
         a = tl.where(mask, a, 1.0)
         b = tl.where(mask, b, 0.0)
-        a_cum, b_cum = tl.associative_scan((a, b), 0, _combine)
+        a_cum, b_cum = tl.associative_scan((a, b), 0, linear_recurrence_combine)
         h = a_cum * carry[None, :] + b_cum
         return h, tl.sum(tl.where(rows[:, None] == BT - 1, h, 0.0), axis=0)
 

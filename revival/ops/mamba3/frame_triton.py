@@ -36,6 +36,8 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from .._triton import linear_recurrence_combine
+
 __all__ = ["LaunchConfig", "rotating_frame_triton"]
 
 
@@ -50,10 +52,6 @@ class LaunchConfig:
 
 
 if HAVE_TRITON:
-
-    @triton.jit
-    def _combine(a1, b1, a2, b2):
-        return a1 * a2, a2 * b1 + b2
 
     @triton.jit
     def _unrotate(first, second, cos, sin):
@@ -80,7 +78,7 @@ if HAVE_TRITON:
         theta = tl.load(theta_ptr + n * sth_n + h * sth_h + t[:, None] * sth_t + cols[None, :] * sth_k,
                         mask=mask, other=0.0).to(ACC)
         keep = tl.broadcast_to(_keep(starts_ptr, n, t, T, HAS_STARTS, ACC)[:, None], (BT, BK))
-        keep_cum, step_cum = tl.associative_scan((keep, dt[:, None] * theta), 0, _combine)
+        keep_cum, step_cum = tl.associative_scan((keep, dt[:, None] * theta), 0, linear_recurrence_combine)
         return keep_cum * carry[None, :] + step_cum, dt, theta
 
     @triton.jit
@@ -173,8 +171,8 @@ if HAVE_TRITON:
             _store_pair(dc_ptr, grads, g1 * cos - g2 * sin, g1 * sin + g2 * cos, mask, K)
             # G_t = d phi_t + keep_{t+1} G_{t+1}: the forward scan run from the tile's end
             keep_next = tl.broadcast_to(_keep(starts_ptr, n, t + 1, T, HAS_STARTS, ACC)[:, None], (BT, BK))
-            keep_cum, dphi_cum = tl.associative_scan((keep_next, tl.where(mask, dphi, 0.0)), 0, _combine,
-                                                     reverse=True)
+            keep_cum, dphi_cum = tl.associative_scan((keep_next, tl.where(mask, dphi, 0.0)), 0,
+                                                     linear_recurrence_combine, reverse=True)
             G = keep_cum * grad[None, :] + dphi_cum
             grad = tl.sum(tl.where(rows[:, None] == 0, G, 0.0), axis=0)
             tl.store(ddt_ptr + (n * T + t) * H + h, tl.sum(tl.where(mask, theta * G, 0.0), axis=1), mask=tmask)

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._triton import linear_recurrence_combine
 from .config import PRESETS, LaunchConfig, _pow2
 
 
@@ -249,12 +250,6 @@ def _chunk_update_kernel(
 
 
 @triton.jit
-def _linear_combine(a1, x1, a2, x2):
-    """Compose S -> a1 S + x1 with S -> a2 S + x2."""
-    return a1 * a2, a2 * x1 + x2
-
-
-@triton.jit
 def _chunk_scan_kernel(buf_ptr, init_ptr, edge_ptr, decay_ptr, NC, E,
                        REVERSE: tl.constexpr, G: tl.constexpr, BE: tl.constexpr, UPCAST: tl.constexpr):
     """In place, for BE of the E elements of one batch*head row: S = init; over the chunks c in order (REVERSE: from
@@ -282,7 +277,7 @@ def _chunk_scan_kernel(buf_ptr, init_ptr, edge_ptr, decay_ptr, NC, E,
         update = tl.load(buf_ptr + buf_off, mask=in_buf, other=0.0).to(tl.float32)
         update += tl.load(edge_ptr + edge_off, mask=at_edge, other=0.0)
         decays = tl.broadcast_to(decay[:, None], (G, BE))
-        scale, offset = tl.associative_scan((decays, update), 0, _linear_combine)
+        scale, offset = tl.associative_scan((decays, update), 0, linear_recurrence_combine)
         S_all = scale * S[None, :] + offset
         tl.store(buf_ptr + buf_off, _cast(S_all, buf_ptr.dtype.element_ty, UPCAST), mask=in_buf)
         tl.store(edge_ptr + edge_off, S_all, mask=at_edge)
