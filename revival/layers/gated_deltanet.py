@@ -84,13 +84,12 @@ class GatedDeltaNet(nn.Module):
         conv_state, delta_state = unpack_state(state, ("conv_state", "delta_state"))
         batch, T, _ = x.shape
         H, Dk, Dv = self.num_heads, self.head_k_dim, self.head_v_dim
-        # the projections reading x as one product; q|k|v side by side, as the conv reads them (no torch.cat)
-        widths = [2 * self.key_dim + self.value_dim, self.value_dim, H, H]
-        if self.q_proj.bias is None:
-            qkv, gate, a, b = linear_concat(x, self._reading).split(widths, dim=-1)
-        else:  # a, b never have a bias, and one product takes all layers with a bias or none
-            qkv, gate = linear_concat(x, self._reading[:4]).split(widths[:2], dim=-1)
-            a, b = linear_many(x, self._reading[4:])
+        # q|k|v|gate as one product (q|k|v side by side, as the conv reads them: no torch.cat), a and b apart: with
+        # them the product's row width (2 Dk H + 2 Dv H + 2 H) loses its 16-byte alignment and cuBLAS falls back to
+        # sm80 "align2" kernels for its backward (the H200 profile of the 125M step)
+        qkv, gate = linear_concat(x, self._reading[:4]).split([2 * self.key_dim + self.value_dim, self.value_dim],
+                                                               dim=-1)
+        a, b = linear_many(x, self._reading[4:])
         qkv, conv_state = self.conv(qkv, conv_state, document_starts)  # SiLU(conv(.))
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         # contiguous q, k in qkv's dtype (16-bit under autocast, as v: the kernels' 16-bit products either way)
