@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from revival.layers.attention import Attention
+from revival.layers.linear import FUSE_MIN_ROWS
 from revival.ops.attention import append_kv, apply_rope, causal_attention, causal_mask, rope_cos_sin
 
 DT = torch.float64
@@ -144,6 +145,22 @@ def test_split_chunks_equal_one_forward(split):
     y2, state = layer(x[:, split:], state)  # a multi-token continuation chunk uses the offset mask
     assert torch.allclose(torch.cat([y1, y2], dim=1), y_full, atol=1e-12)
     assert state[0].shape[2] == 10
+
+
+def test_training_shape_matches_reference_with_gradients():
+    """The shape a task run trains on (B*T >= FUSE_MIN_ROWS: fused q/k/v product, SDPA is_causal, grad enabled): the
+    output and the input gradient equal the naive reference's (issue 22: llama's MQAR plateau is not this layer)."""
+    torch.manual_seed(5)
+    layer = Attention(32, 4, num_kv_heads=2).to(DT)
+    x = torch.randn(4, 64, 32, dtype=DT, requires_grad=True)
+    assert x.shape[0] * x.shape[1] >= FUSE_MIN_ROWS
+    y, _ = layer(x)
+    ref = _layer_reference(layer, x)
+    assert torch.allclose(y, ref, atol=1e-12)
+    g = torch.randn_like(y)
+    (dx,) = torch.autograd.grad((y * g).sum(), x)
+    (dx_ref,) = torch.autograd.grad((ref * g).sum(), x)
+    assert torch.allclose(dx, dx_ref, atol=1e-12)
 
 
 def test_gradients_float32_and_init():
