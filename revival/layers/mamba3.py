@@ -96,7 +96,7 @@ class Mamba3(nn.Module):
         xs = xs * self.mimo_x if self.mimo_x is not None else xs
         y, state = mamba3(xs, dt, -torch.exp(self.A_log), torch.sigmoid(lam_raw), B, C, theta, self.D, state,
                           chunk_size=self.chunk_size, document_starts=document_starts)
-        y = (y * self.mimo_y).sum(dim=3) if self.mimo_y is not None else y[:, :, :, 0]
+        y = (y * self.mimo_y).sum(dim=3) if self.mimo_y is not None else y.squeeze(3)  # a view, unlike select
         y = self.norm((y.reshape(batch, T, self.d_inner) * F.silu(z))[:, :, None, :])
         return self.out_proj(y.reshape(batch, T, self.d_inner)), state
 

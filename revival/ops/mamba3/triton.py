@@ -10,7 +10,8 @@ SSD (S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T, y_t = S_t C_t) on 2H heads shar
 
 SSD's forward and backward kernels do the chunks and their gradients; the angles and RoPE on B and C, written
 straight into the 2H-head keys and queries, are a Triton kernel pair of their own (`frame_triton.py`, forward and
-backward); the shift of x by one token and the weights are elementwise PyTorch, differentiated by autograd. A
+backward); the shift of x by one token with the trapezoid's weights into the 2H heads, and the sum of the two heads'
+outputs with the skip term D x, are one Triton pass each way (`glue_triton.py`). A
 one-SSD form exists (fold the previous-token term into the state: input weight
 lam_t dt_t + (1 - lam_{t+1}) dt_{t+1} plus a diagonal correction of y) but needs that weight divided by dt_t for SSD's
 dt-weighted input, whose gradient then cancels large terms in 16 bits; the 2H form divides by nothing.
@@ -27,8 +28,9 @@ import torch
 from .._common import compute_dtype
 from .._documents import drop_state_at_first_start
 from ..ssd.triton import LaunchConfig, ssd_step_triton, ssd_triton
-from .chunkwise import previous_weight, rotating_frame
+from .chunkwise import rotating_frame
 from .frame_triton import rotating_frame_triton
+from .glue_triton import combine_heads, two_head_inputs
 
 __all__ = ["mamba3_step_triton", "mamba3_triton"]
 
@@ -48,20 +50,16 @@ def mamba3_triton(x, dt, A, lam, B, C, theta, D, state, *, chunk_size: int = 64,
     dtype = compute_dtype(x)
     angle0, g0, prev_B, prev_x = (t.to(dtype) for t in state)
     # keys (n, T, 2H, N): one group a head, B~_t then B~_{t-1}; queries C~_t for both; in x's dtype for SSD
-    keys, queries, angle_last = rotating_frame_triton(dt, theta, B[:, :, :, 0], C[:, :, :, 0], angle0,
-                                                      prev_B[:, :, 0], document_starts, dtype=x.dtype)
+    keys, queries, angle_last = rotating_frame_triton(dt, theta, B.squeeze(3), C.squeeze(3), angle0,
+                                                      prev_B.squeeze(2), document_starts, dtype=x.dtype)
     H = x.shape[2]
-    xs, dt, lam = x[:, :, :, 0].to(dtype), dt.to(dtype), lam.to(dtype)
-    x_prev = torch.cat([prev_x[:, None, :, 0], xs[:, :-1]], dim=1)
-    weight = previous_weight(dt * A.to(dtype), lam, document_starts)
-    inputs = torch.cat([lam[..., None] * xs, weight[..., None] * x_prev], dim=2).to(x.dtype)
+    xs = x.squeeze(3)  # a view (squeeze, not select: select's backward writes a zero tensor, then copies)
+    inputs = two_head_inputs(xs, dt, A, lam, prev_x.squeeze(2), document_starts)
     S0 = torch.cat([g0, torch.zeros_like(g0)], dim=1)
     y, S = ssd_triton(inputs, dt.repeat(1, 1, 2), A.repeat(2), keys, queries, None,
                       S0, chunk_size=chunk_size, document_starts=document_starts, launch=launch)
-    y = (y[:, :, :H].float() + y[:, :, H:].float())[:, :, :, None]
-    if D is not None:
-        y = y + D.float()[:, None, None] * xs[:, :, :, None]
-    return y.to(x.dtype), (angle_last, S[:, :H] + S[:, H:], B[:, -1].to(dtype), xs[:, -1, :, None])
+    y = combine_heads(y, xs, D)[:, :, :, None]
+    return y, (angle_last, S[:, :H] + S[:, H:], B[:, -1].to(dtype), xs[:, -1, :, None].to(dtype))
 
 
 def mamba3_step_triton(x, dt, A, lam, B, C, theta, D, state, *, document_starts: torch.Tensor | None = None):
