@@ -12,6 +12,8 @@ import re
 import time
 
 SHARED_LIMIT = {90: 232448, 100: 232448, 80: 166912}  # bytes of shared memory one block may use
+# per SM: (32-bit registers, resident warps, resident blocks, shared bytes; 1 KB more is reserved per block)
+SM_LIMITS = {90: (65536, 64, 32, 233472), 100: (65536, 64, 32, 233472), 80: (65536, 64, 32, 167936)}
 
 
 def compile_kernel(kernel, data: str, inputs: tuple, constexprs: dict, num_warps: int, num_stages: int | None,
@@ -49,6 +51,21 @@ def compile_kernel(kernel, data: str, inputs: tuple, constexprs: dict, num_warps
     spills = [int(x) for x in re.findall(r"(\d+) bytes spill stores", text)]
     return {"seconds": round(seconds, 2), "shared_bytes": compiled.metadata.shared, "num_stages": num_stages,
             "registers": max(registers, default=None), "spill_store_bytes": max(spills, default=None)}
+
+
+def programs_per_sm(registers: int | None, shared_bytes: int, num_warps: int, arch: int) -> dict | None:
+    """How many programs of one kernel an SM holds at once, and which resource binds: registers are allocated per
+    warp in units of 256 (a thread's count rounded up to 8), shared memory per block with 1 KB reserved for the
+    system (CUDA occupancy calculator rules). None for an unknown arch or a missing register count."""
+    if arch not in SM_LIMITS or registers is None:
+        return None
+    regs, warps, blocks, shared = SM_LIMITS[arch]
+    per_warp = -(-registers * 32 // 256) * 256
+    limits = {"registers": regs // per_warp // num_warps, "warps": warps // num_warps, "blocks": blocks,
+              "shared": shared // (shared_bytes + 1024)}
+    count = min(limits.values())
+    return {"programs_per_sm": count, "warps_per_sm": count * num_warps,
+            "bound_by": [name for name, value in limits.items() if value == count]}
 
 
 def parse_launch(text: str) -> dict:

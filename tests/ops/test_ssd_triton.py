@@ -41,6 +41,7 @@ CASES = [
     (2, 45, 4, 24, 2, 20, 16),  # groups, P and N not powers of two
     (1, 20, 2, 48, 2, 16, 16),  # P over several state tiles of the sequential kernels
     (1, 9, 1, 16, 1, 16, 64),  # one partial chunk
+    (1, 30, 2, 16, 1, 40, 16),  # three N-tiles of the dB / dC kernels, the last one partial
 ]
 
 
@@ -49,7 +50,7 @@ def test_forward_backward_match_float64_reference(n, T, H, P, G, N, chunk):
     inputs, weights = _inputs(n, T, H, P, G, N, seed=T + P + N)
     ref = _reference(inputs, weights)
     launch = LaunchConfig(block_p_states=16, block_p_dstates=16, block_p_dx=16,  # several tiles even at small P
-                          block_p_grads=16)
+                          block_p_grads=16, block_n_grads=16)
     got = _run(lambda *a: ssd_triton(*a, chunk_size=chunk, launch=launch), inputs, weights, DEVICE)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
     assert_close(got, ref, NAMES, 1e-5)
@@ -125,6 +126,25 @@ def test_dispatch():
     x = [t.to(DEVICE) for t in inputs]
     one = [x[0][:, :1], x[1][:, :1], x[2], x[3][:, :1], x[4][:, :1], x[5], x[6]]
     check_dispatch(ssd, x, one)
+
+
+@pytest.mark.slow
+def test_gradient_kernels_fit_two_programs_per_sm90(tmp_path):
+    """_dc_kernel and _db_kernel compiled for sm_90 on this machine (no GPU) at the 125M shape (P 64, N 128, bf16)
+    with the launch defaults: no spills and two programs per SM (whole-N tiles held one). About 10 s of compiling."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    probe = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "ssd_compile_probe.py")
+    done = subprocess.run([sys.executable, probe, "--cases", "tf32:64x128", "--kernels", "dc,db", "--out",
+                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "ssd_compile.json").read_text())["results"]
+    got = {row["kernel"]: (row["spill_store_bytes"], row["occupancy"]["programs_per_sm"]) for row in rows}
+    assert got == {"dc": (0, 2), "db": (0, 2)}, got
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA: checks the kernels' bfloat16 gradients on the GPU (Hopper)")

@@ -48,12 +48,12 @@ def decay_matrix(a, same, L: tl.constexpr):
 
 
 @triton.jit
-def state_tile(row, c, NC, P, N, BP: tl.constexpr, BN: tl.constexpr, ip, TRANSPOSED: tl.constexpr):
-    """Offsets and mask of the P-tile ip of the state entering chunk c in a (n*H, NC, P, N) buffer, as a (BP, BN)
-    tile or (TRANSPOSED) a (BN, BP) one. One return: compiled Triton refuses two returns of different shapes
-    (BP != BN) even under a constexpr branch; the interpreter does not."""
+def state_tile(row, c, NC, P, N, BP: tl.constexpr, BN: tl.constexpr, ip, TRANSPOSED: tl.constexpr, i_n):
+    """Offsets and mask of the (P-tile ip, N-tile i_n) of the state entering chunk c in a (n*H, NC, P, N) buffer, as
+    a (BP, BN) tile or (TRANSPOSED) a (BN, BP) one. One return: compiled Triton refuses two returns of different
+    shapes (BP != BN) even under a constexpr branch; the interpreter does not."""
     offs_p = ip * BP + tl.arange(0, BP)
-    offs_n = tl.arange(0, BN)
+    offs_n = i_n * BN + tl.arange(0, BN)
     base = (row.to(tl.int64) * NC + c) * P * N
     if TRANSPOSED:
         offsets = base + offs_n[:, None] + offs_p[None, :] * N
@@ -76,11 +76,11 @@ def _walk_kernel(
     each chunk's end, dS <- exp(a_L) dS + (dy exp(a))^T C. Stores each chunk's value before its update, and the last."""
     ip = tl.program_id(0)
     row = tl.program_id(1)
-    first, mask = state_tile(row, 0, 1, P, N, BP, BN, ip, False)
+    first, mask = state_tile(row, 0, 1, P, N, BP, BN, ip, False, 0)
     S = tl.load(s_first_ptr + first, mask=mask, other=0.0)
     for i in range(0, NC):
         c = NC - 1 - i if REVERSE else i
-        here, _ = state_tile(row, c, NC, P, N, BP, BN, ip, False)
+        here, _ = state_tile(row, c, NC, P, N, BP, BN, ip, False, 0)
         tl.store(states_ptr + here, S, mask=mask)
         tokens, group_tokens, valid = chunk_tokens(row, c, T, H, G, L)
         dt, a, a_total = load_decay(dt_ptr, A_ptr, row, H, tokens, valid)
@@ -107,7 +107,7 @@ def _output_kernel(
     scores = tl.dot(Cm, load_cols(b_ptr, group_tokens, valid, N, BN, 0), input_precision=PRECISION)
     same, from_state, _, _ = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
     scores *= decay_matrix(a, same, L) * dt[None, :]
-    here, mask = state_tile(row, c, NC, P, N, BP, BN, ip, True)
+    here, mask = state_tile(row, c, NC, P, N, BP, BN, ip, True, 0)
     ST = tl.load(states_ptr + here, mask=mask, other=0.0)
     y = tl.dot(scores, load_rows(x_ptr, tokens, valid, P, BP, ip * BP), input_precision=PRECISION)
     y += (tl.exp(a) * from_state)[:, None] * tl.dot(Cm, ST, input_precision=PRECISION)
