@@ -39,7 +39,7 @@ def test_two_head_inputs_match_float64_reference(n, T, H, P, with_starts):
     prev_x = torch.randn(n, H, P, generator=gen, dtype=torch.float64)
     starts = None
     if with_starts:
-        starts = torch.zeros(n, T, dtype=torch.bool)
+        starts = torch.zeros(n, T, dtype=torch.bool, device=DEVICE)
         starts[:, 0] = True
         starts[-1, T // 2] = True
     weight = torch.randn(n, T, 2 * H, P, generator=gen, dtype=torch.float64)
