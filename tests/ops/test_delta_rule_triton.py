@@ -58,7 +58,7 @@ CASES = [
 def test_forward_backward_match_float64_reference(n, T, H, Dk, Dv, chunk, beta_max):
     inputs, weights = _inputs(n, T, H, Dk, Dv, seed=T + Dk + Dv, beta_max=beta_max)
     ref = _reference(inputs, weights)
-    launch = LaunchConfig(block_v_states=16, block_v_dstates=32, block_v_wy=16, block_v_grads=16)  # several tiles
+    launch = LaunchConfig(block_v_states=16, block_v_dstates=32, block_v_wy=16, block_v_grads=32)  # several tiles
     got = _run(lambda *a: gated_delta_rule_triton(*a, Dk**-0.5, chunk_size=chunk, launch=launch), inputs, weights,
                DEVICE)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
@@ -69,7 +69,7 @@ def test_unpipelined_state_gradient_kernel_matches_float64_reference():
     """The state-gradient kernel unpipelined, at head dims that are not powers of two (masked reads), beta up to 2."""
     inputs, weights = _inputs(2, 45, 1, 24, 20, seed=89, beta_max=2.0)
     ref = _reference(inputs, weights)
-    launch = LaunchConfig(stages_dstates=1, block_v_grads=16)
+    launch = LaunchConfig(stages_dstates=1)
     got = _run(lambda *a: gated_delta_rule_triton(*a, 24**-0.5, chunk_size=16, launch=launch), inputs, weights,
                DEVICE)
     assert_close(got, ref, NAMES, 1e-5)
@@ -261,6 +261,24 @@ def test_no_cuda_core_products_and_an_unpipelined_gradient_kernel(monkeypatch):
     _run(lambda *a: gated_delta_rule_triton(*a, 0.25, chunk_size=16), inputs, weights, DEVICE)
     grads = ("_output_grads_kernel", "_wy_grads_kernel")
     assert [call.get("num_stages") for call in calls if call["kernel"] in grads] == [1, 1]
+
+
+def test_gradient_kernels_take_dv_tiles_of_at_least_32(monkeypatch):
+    """Dv = 16 at chunk 64 with block_v_grads=16 asked for: both gradient kernels launch with 32-wide Dv-tiles
+    (16-wide, `_wy_grads_kernel` read shared memory out of bounds on the H200 in float32; docs/kernels.md), and the
+    gradients still match float64 (the masks cover the tile's unused half)."""
+    from revival.ops.delta_rule.triton.config import grads_block_v
+
+    assert [grads_block_v(block, BV) for block, BV in ((16, 16), (16, 128), (32, 16), (64, 32), (64, 256))] == [
+        32, 32, 32, 32, 64]
+    calls = _record_launches(monkeypatch)
+    inputs, weights = _inputs(1, 9, 2, 16, 16, seed=41)
+    ref = _reference(inputs, weights)
+    got = _run(lambda *a: gated_delta_rule_triton(*a, 0.25, chunk_size=64, launch=LaunchConfig(block_v_grads=16)),
+               inputs, weights, DEVICE)
+    grads = ("_output_grads_kernel", "_wy_grads_kernel")
+    assert [(call["kernel"], call["BV"]) for call in calls if call["kernel"] in grads] == [(k, 32) for k in grads]
+    assert_close(got, ref, NAMES, 1e-5)
 
 
 def test_kernels_do_not_specialise_on_the_sequence_length():

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .config import grads_block_v
 from .forward import (
     LENGTHS,
     chunk_tokens,
@@ -259,8 +260,7 @@ def delta_rule_backward(q, k, v, g, beta, starts, w, u, states, do, dS_T, scale:
     grads = dict(L=L, BK=BK, PRECISION=precision, **documents)
     launch(_inverse_kernel, (NC, n * H), k, g, beta, starts, inverse, T, H, NC, Dk, LOG2_L=L.bit_length() - 1,
            INVERSE_PRECISION=inverse_precision, num_warps=cfg.warps_wy, **grads)
-    grads.update(BV=min(cfg.block_v_grads, BV), num_warps=cfg.warps_grads,
-                 num_stages=cfg.stages_grads)
+    grads.update(BV=grads_block_v(cfg.block_v_grads, BV), num_warps=cfg.warps_grads, num_stages=cfg.stages_grads)
     launch(_output_grads_kernel, (NC, n * H),
         q, k, g, starts, u, states, dstates, do, dq, dk_out, dg_out, T, H, NC, Dk, Dv, scale, **grads)
     launch(_wy_grads_kernel, (NC, n * H),
