@@ -35,7 +35,7 @@ def kernel_cases(products: str, Dk: int, Dv: int, rows: int, grads_stages: int |
     import torch
 
     from revival.ops.delta_rule.triton import backward, forward
-    from revival.ops.delta_rule.triton.config import LaunchConfig, launch_config
+    from revival.ops.delta_rule.triton.config import LaunchConfig, grads_block_v, launch_config
 
     data = "bf16" if products == "tf32" else "fp32"
     cfg = launch_config(Dk, Dv, rows, torch.bfloat16 if data == "bf16" else torch.float32, LaunchConfig(**launch))
@@ -44,6 +44,7 @@ def kernel_cases(products: str, Dk: int, Dv: int, rows: int, grads_stages: int |
     common = dict(L=64, BK=BK, PRECISION=products, HAS_STARTS=False)
     wy = dict(common, LOG2_L=6, INVERSE_PRECISION=inverse)
     grads_stages = cfg.stages_grads if grads_stages == 0 else grads_stages
+    grads = dict(common, BV=grads_block_v(cfg.block_v_grads, BV))  # the tile the wrapper launches
     inputs = ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dq_ptr", "dk_ptr", "dv_ptr")
     return [
         ("wy", forward._wy_kernel, data, inputs, dict(wy, BV=min(cfg.block_v_wy, BV)), cfg.warps_wy, None),
@@ -53,11 +54,9 @@ def kernel_cases(products: str, Dk: int, Dv: int, rows: int, grads_stages: int |
          cfg.warps_output, None),
         ("dstates", backward._dstates_kernel, data, inputs, dict(common, BV=min(cfg.block_v_dstates, BV)),
          cfg.warps_dstates, cfg.stages_dstates),
-        ("grads_output", backward._output_grads_kernel, data, inputs, dict(common, BV=min(cfg.block_v_grads, BV)),
-         cfg.warps_grads, grads_stages),
+        ("grads_output", backward._output_grads_kernel, data, inputs, grads, cfg.warps_grads, grads_stages),
         ("inverse", backward._inverse_kernel, data, inputs, wy, cfg.warps_wy, None),
-        ("grads_wy", backward._wy_grads_kernel, data, inputs, dict(common, BV=min(cfg.block_v_grads, BV)),
-         cfg.warps_grads, grads_stages),
+        ("grads_wy", backward._wy_grads_kernel, data, inputs, grads, cfg.warps_grads, grads_stages),
     ]
 
 
