@@ -2,18 +2,31 @@
 
     result = extrapolate(model, sequences, train_context=256, multipliers=[1, 2, 4, 8, 16])
 
-`sequences` (N, L + 1) are token rows of at least max(multipliers) * train_context + 1 tokens. Modes:
+`sequences` (N, L + 1) are token rows of at least max(multipliers) * train_context + 1 tokens (`corpus_sequences`
+cuts them from evenly spaced offsets over a whole split). Every model is scored in two modes on the same targets:
 
     carried   one pass over each row in segments of `train_context` tokens, the state carried from segment to
               segment: every token sees its whole prefix. For a recurrent model this is how it runs on long inputs;
               for attention it is full context, RoPE positions beyond the trained ones (the KV cache grows).
-    window    (models with attention) each token is scored from a window of the last train_context // 2 to
-              train_context - 1 tokens, read from a fresh state (stride train_context // 2, as `revival eval`
-              scores attention models): positions never exceed the trained ones.
+    window    each token is scored from a window of the last train_context // 2 to train_context - 1 tokens, read
+              from a fresh state (stride train_context // 2, as `revival eval` scores attention models): the model
+              at its training context, never a position or a state older than the trained ones.
 
-`loss_by_length[m]`: the mean next-token loss over the first m * train_context targets of each row, i.e. the loss of
-the model run on a context of m times its training context. `ratio_to_1x[m]` = loss_by_length[m] / loss_by_length[1].
-`loss_by_position`: the mean loss in bins of train_context // 4 positions (the curve of the plot).
+The headline numbers compare the two modes on the very same tokens, so the text's difficulty cancels:
+
+    ratio_to_window[m]          carried / window mean loss over the targets [0, m * train_context) of every row
+    beyond_ratio_to_window[m]   the same over the targets beyond the training context only, [train_context,
+                                m * train_context), for m >= 2: the extrapolation test proper
+
+Targets [0, train_context) see the same prefix in both modes (for an even train_context the windows start at
+position 0 there), so ratio_to_window["1x"] is 1 up to rounding. A ratio above 1 says the model does worse with its
+whole prefix than with its training window; below 1, that the longer prefix helps.
+
+Per mode (content-confounded: later positions are different text, so these mix the model with the text):
+`loss_by_length[m]`, the mean loss over the first m * train_context targets; `ratio_to_1x[m]` = loss_by_length[m] /
+loss_by_length[1] (the old headline: a model that never reads beyond its context moves it too when the later text
+is harder or easier); `loss_beyond_context[m]`, the mean over [train_context, m * train_context); `loss_by_position`,
+the mean loss in bins of train_context // 4 positions (the curve of the plot: where a model breaks).
 """
 
 from __future__ import annotations
@@ -26,9 +39,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..train.trainer import uses_attention
 
-__all__ = ["extrapolate", "parse_multipliers", "plot_extrapolation", "position_losses", "window_position_losses"]
+__all__ = ["corpus_sequences", "extrapolate", "parse_multipliers", "plot_extrapolation", "position_losses",
+           "spaced_rows", "window_position_losses"]
 
 
 def parse_multipliers(text: str) -> list[int]:
@@ -87,6 +100,8 @@ def _summary(losses: torch.Tensor, train_context: int, multipliers: list[int]) -
     bins = [(start, min(start + bin_size, losses.numel())) for start in range(0, losses.numel(), bin_size)]
     return {"loss_by_length": by_length,
             "ratio_to_1x": {key: value / base for key, value in by_length.items()} if base else None,
+            "loss_beyond_context": {f"{m}x": float(losses[train_context : m * train_context].mean())
+                                    for m in multipliers if m >= 2},
             "position_bins": [[start, end] for start, end in bins],
             "loss_by_position": [float(losses[start:end].mean()) for start, end in bins]}
 
@@ -101,14 +116,21 @@ def extrapolate(model, sequences: torch.Tensor, train_context: int, multipliers:
     sequences = sequences[:, :needed].to(model.device)
     was_training = model.training
     model.eval()
-    modes = {"carried": _summary(position_losses(model, sequences, train_context, autocast), train_context,
-                                 multipliers)}
-    if uses_attention(model):
-        modes["window"] = _summary(window_position_losses(model, sequences, train_context, autocast), train_context,
-                                   multipliers)
+    # float64 means: every row has the same targets, so the mean of the per-position means is the mean over tokens
+    carried = position_losses(model, sequences, train_context, autocast).double()
+    window = window_position_losses(model, sequences, train_context, autocast).double()
     model.train(was_training)
+
+    def ratio(start: int, end: int) -> float:
+        return float(carried[start:end].mean() / window[start:end].mean())
+
     return {"train_context": train_context, "multipliers": multipliers, "sequences": int(sequences.shape[0]),
-            "tokens_per_sequence": needed, "pattern": model.config.pattern, "modes": modes}
+            "tokens_per_sequence": needed, "pattern": model.config.pattern,
+            "ratio_to_window": {f"{m}x": ratio(0, m * train_context) for m in multipliers},
+            "beyond_ratio_to_window": {f"{m}x": ratio(train_context, m * train_context)
+                                       for m in multipliers if m >= 2},
+            "modes": {"carried": _summary(carried, train_context, multipliers),
+                      "window": _summary(window, train_context, multipliers)}}
 
 
 def plot_extrapolation(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
@@ -141,23 +163,33 @@ def plot_extrapolation(results: dict[str, dict[str, Any]], path: str | Path) -> 
     return save_figure(figure, path)
 
 
+def spaced_rows(stream: torch.Tensor, length: int, count: int) -> torch.Tensor:
+    """(min(count, len(stream) // length), length) rows of `stream` (T,) from evenly spaced offsets: the first row at
+    the start, the last ending at the end, none overlapping, so the rows sample the whole stream."""
+    if length < 1 or count < 1:
+        raise ValueError(f"spaced_rows: expected length and count >= 1, got length {length}, count {count}")
+    count = min(count, stream.numel() // length)
+    if count == 0:
+        return stream.new_empty((0, length))
+    spare = stream.numel() - length  # offsets i * spare // (count - 1) are >= length apart: count <= len // length
+    offsets = [i * spare // (count - 1) for i in range(count)] if count > 1 else [0]
+    return torch.stack([stream[offset : offset + length] for offset in offsets])
+
+
 def corpus_sequences(documents: list, tokenizer, length: int, max_sequences: int) -> torch.Tensor:
-    """Up to `max_sequences` rows of `length` tokens cut from the documents joined in order ([eos] + document each,
-    as the trainer packs them); UserError when the documents hold fewer than one row."""
+    """Up to `max_sequences` rows of `length` tokens cut at evenly spaced offsets (`spaced_rows`) from the whole
+    split, its documents joined in order ([eos] + document each, as the trainer packs them); UserError when the
+    documents hold fewer than one row."""
     from ..data.packing import iter_document_tokens
 
-    pieces, total = [], 0
-    for tokens in iter_document_tokens(documents, tokenizer):
-        pieces.append(tokens)
-        total += tokens.numel()
-        if total >= length * max_sequences:
-            break
+    if max_sequences < 1:
+        raise UserError(f"--sequences: expected at least 1 row, got {max_sequences}")
+    pieces = list(iter_document_tokens(documents, tokenizer))
     stream = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.long)
-    count = min(max_sequences, stream.numel() // length)
-    if count == 0:
+    if stream.numel() < length:
         raise UserError(f"--extrapolate: the split holds {stream.numel():,} tokens, fewer than one row of {length:,} "
                         "(the largest multiplier times the context); use smaller multipliers or --context-length")
-    return stream[: count * length].view(count, length)
+    return spaced_rows(stream, length, max_sequences)
 
 
 def run_extrapolation(args) -> int:
@@ -189,11 +221,15 @@ def run_extrapolation(args) -> int:
     temporary.replace(out / "extrapolation.json")
     png = plot_extrapolation({model.config.pattern: result}, out / "extrapolation.png")
     print(f"checkpoint: {directory}\ncorpus: {corpus.name}, split {args.split}: {result['sequences']} rows of "
-          f"{result['tokens_per_sequence']:,} tokens, training context {context}")
+          f"{result['tokens_per_sequence']:,} tokens (evenly spaced over the split), training context {context}")
+    beyond = "  ".join(f"{key} {value:.4f}" for key, value in result["beyond_ratio_to_window"].items())
+    print(f"carried / window on the same tokens, beyond the training context: {beyond or '- (needs 2x or more)'}")
+    print("carried / window on the same tokens, all targets up to m x context: "
+          + "  ".join(f"{key} {value:.4f}" for key, value in result["ratio_to_window"].items()))
     for mode, summary in result["modes"].items():
         cells = "  ".join(f"{key} {value:.4f}" for key, value in summary["loss_by_length"].items())
         ratio = summary["ratio_to_1x"]
-        worst = f"  (max / 1x: {max(ratio.values()):.3f})" if ratio else ""
+        worst = f"  (max / 1x, content-confounded: {max(ratio.values()):.3f})" if ratio else ""
         print(f"{mode:8s} loss  {cells}{worst}")
     print(f"wrote {out / 'extrapolation.json'} and {png}")
     return 0
