@@ -11,14 +11,17 @@ For each of xlstm-large, xlstm[7:1], llama, mingru, mamba2, gated-deltanet and h
      model (AdamW, warmup + cosine, bf16 autocast); validation loss and bits per byte as `revival eval` computes them
      (revival.train.evaluate: state carried for recurrent models, windows of the context for attention) on the
      first 32k bytes of the validation split, as documents of 8 KiB.
-  2. extrapolation of that model to 4x its training context (revival.eval.extrapolate; "carried" = state carried /
-     full attention, "window" = attention limited to its training context).
+  2. extrapolation of that model to 4x its training context on 32 rows from evenly spaced offsets of the validation
+     split (revival.eval.extrapolate; "carried" = state carried / full attention, "window" = a fresh state reading
+     at most the training context, every model): the headline is carried / window mean loss on the same targets
+     beyond the training context (`beyond_ratio_to_window`); 4x / 1x of one mode compares different text.
   3. MQAR at (seq_len 256, 16 key-value pairs), vocab 8192, d_model 128, 2 blocks (revival.eval.tasks), one lr.
   4. parity: 2 blocks, d_model 64, train lengths 3-40, test lengths 40-256.
 Targets (issue 22): sLSTM-containing xLSTM >= 0.99 parity accuracy on 40-256 where llama fails; mLSTM/GDN >= 0.95
-MQAR at (256,16) d=128; recurrent models' loss at 4x the training context <= 1.05x their loss at 1x. The study's
-budgets (steps, time caps) are far below the papers' (Zoology: 64 epochs of 100k examples and an lr sweep; xLSTM:
-longer parity training), so a missed target here is the number measured at this budget, not the papers' result.
+MQAR at (256,16) d=128; recurrent models' loss at 4x the training context <= 1.05x their loss at 1x (read here as
+carried / window on the same targets beyond the context, docs/eval.md). The study's budgets (steps, time caps) are
+far below the papers' (Zoology: 64 epochs of 100k examples and an lr sweep; xLSTM: longer parity training), so a
+missed target here is the number measured at this budget, not the papers' result.
 Each training stage starts with one forward + backward whose gradients are dropped, so kernels compile outside the
 time caps; `stage_seconds` in the JSON (and a log line per stage as it ends) say where each model's time went.
 Writes gpu_quality.json; `--smoke` runs the same flow at tiny sizes (CPU too) to check the script itself.
@@ -42,7 +45,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from revival.data import ByteTokenizer  # noqa: E402
 from revival.data.tasks import mqar, parity  # noqa: E402
-from revival.eval.extrapolate import extrapolate  # noqa: E402
+from revival.eval.extrapolate import extrapolate, spaced_rows  # noqa: E402
 from revival.eval.tasks import accuracy, minimum_depth, task_model_config, train_on_task  # noqa: E402
 from revival.models import LanguageModel, preset_config  # noqa: E402
 from revival.train import evaluate  # noqa: E402
@@ -50,11 +53,11 @@ from revival.train.schedule import warmup_cosine  # noqa: E402
 
 MODELS = ["xlstm-large", "xlstm[7:1]", "llama", "mingru", "mamba2", "gated-deltanet", "hybrid"]
 FULL = dict(params=4_000_000, d_model=256, context=256, batch=64, steps=600, lr=2e-3, lm_seconds=20,
-            eval_tokens=32_768, extrapolate_rows=4,
+            eval_tokens=32_768, extrapolate_rows=32,
             mqar=dict(d_model=128, train=20_000, test=1_000, steps=1_500, batch=128, lr=2e-3, seconds=7),
             parity=dict(d_model=64, train=50_000, test=1_000, steps=1_500, batch=128, lr=1e-3, seconds=7))
 SMOKE = dict(params=60_000, d_model=32, context=32, batch=4, steps=3, lr=2e-3, lm_seconds=30, eval_tokens=256,
-             extrapolate_rows=1,
+             extrapolate_rows=2,
              mqar=dict(d_model=32, train=64, test=16, steps=2, batch=8, lr=2e-3, seconds=30),
              parity=dict(d_model=32, train=64, test=16, steps=2, batch=8, lr=1e-3, seconds=30))
 
@@ -157,8 +160,7 @@ def run_model(preset: str, settings: dict, train_stream, validation_text: bytes,
     clock.lap("lm_validation")
     length = 4 * settings["context"] + 1
     validation_ids = torch.tensor(tokenizer.encode(validation_text), dtype=torch.long)
-    rows = min(settings["extrapolate_rows"], validation_ids.numel() // length)
-    sequences = validation_ids[: rows * length].view(rows, length)
+    sequences = spaced_rows(validation_ids, length, settings["extrapolate_rows"])
     out["extrapolation"] = extrapolate(model, sequences, settings["context"], [1, 2, 4], lambda: autocast(device))
     clock.lap("extrapolation")
     del model
@@ -194,18 +196,23 @@ def run_model(preset: str, settings: dict, train_stream, validation_text: bytes,
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| model | params | tokens | val loss | bits/byte | 4x/1x loss (carried) | 4x/1x (window) | "
-             "MQAR (256,16) d=128 | parity 40-256 |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | params | tokens | val loss | bits/byte | 4x carried / window | 4x/1x loss (carried) | "
+             "4x/1x (window) | MQAR (256,16) d=128 | parity 40-256 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['model']} | error: {r['error'].splitlines()[-1][:80]} |")
             continue
-        modes = r["extrapolation"]["modes"]
+        extrapolation = r["extrapolation"]
+        modes = extrapolation["modes"]
         window = f"{modes['window']['ratio_to_1x']['4x']:.3f}" if "window" in modes else "-"
+        # carried / window on the same targets, those beyond the training context: the content-controlled ratio
+        beyond = extrapolation.get("beyond_ratio_to_window", {}).get("4x")
+        beyond = f"{beyond:.3f}" if beyond is not None else "-"
         lines.append(
             f"| {r['model']} | {r['parameters'] / 1e6:.2f}M | {r['train']['tokens'] / 1e6:.1f}M"
             f"{' (time cap)' if r['train']['stopped_by_time'] else ''} | {r['validation']['loss']:.4f} | "
-            f"{r['validation']['bits_per_byte']:.4f} | {modes['carried']['ratio_to_1x']['4x']:.3f} | {window} | "
+            f"{r['validation']['bits_per_byte']:.4f} | {beyond} | {modes['carried']['ratio_to_1x']['4x']:.3f} | "
+            f"{window} | "
             f"{r['mqar_256_16']['accuracy']:.3f} | {r['parity_40_256']['accuracy']:.3f} |")
     return "\n".join(lines)
 
