@@ -1,5 +1,5 @@
 """Compile the Triton gated delta rule kernels for a GPU target on this machine (no GPU needed) and record, per
-kernel, the compile seconds, shared memory, registers and spill stores that ptxas reports.
+kernel, the compile seconds, shared memory, registers and spill stores that ptxas reports, and programs per SM.
 
     python benchmarks/delta_rule_compile_probe.py [--cases ieee:64x128,tf32:64x128] [--kernels grads_output,grads_wy]
         [--launch block_v_grads=64,warps_grads=4] [--arch 90] [--out DIR] [--smoke]
@@ -25,7 +25,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from _compile_probe import SHARED_LIMIT, compile_kernel, parse_launch, write_results  # noqa: E402
+from _compile_probe import SHARED_LIMIT, compile_kernel, parse_launch, programs_per_sm, write_results  # noqa: E402
 
 
 def kernel_cases(products: str, Dk: int, Dv: int, rows: int, grads_stages: int | None, launch: dict):
@@ -52,6 +52,8 @@ def kernel_cases(products: str, Dk: int, Dv: int, rows: int, grads_stages: int |
          cfg.warps_states, None),
         ("output", forward._output_kernel, data, inputs, dict(common, BV=min(cfg.block_v_output, BV)),
          cfg.warps_output, None),
+        ("local_du", backward._local_du_kernel, data, inputs, dict(common, BV=min(cfg.block_v_du, BV)), cfg.warps_du,
+         None),
         ("dstates", backward._dstates_kernel, data, inputs, dict(common, BV=min(cfg.block_v_dstates, BV)),
          cfg.warps_dstates, cfg.stages_dstates),
         ("grads_output", backward._output_grads_kernel, data, inputs, grads, cfg.warps_grads, grads_stages),
@@ -63,7 +65,7 @@ def kernel_cases(products: str, Dk: int, Dv: int, rows: int, grads_stages: int |
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default="ieee:64x128,tf32x3:64x128,tf32:64x128,tf32:16x32")
-    parser.add_argument("--kernels", default="wy,states,output,dstates,inverse,grads_output,grads_wy")
+    parser.add_argument("--kernels", default="wy,states,output,local_du,dstates,inverse,grads_output,grads_wy")
     parser.add_argument("--launch", default="", help="LaunchConfig fields over the defaults: warps_grads=4,...")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (default: 90, Hopper)")
     parser.add_argument("--out", default=os.environ.get("OUT", "runs"))
@@ -97,6 +99,8 @@ def main() -> int:
                    **compile_kernel(kernel, data, inputs, constexprs, warps, stages, args.arch, sizes)}
             if limit is not None and row["shared_bytes"] > limit and stages != 1:  # what forward.launch does next
                 row["unpipelined"] = compile_kernel(kernel, data, inputs, constexprs, warps, 1, args.arch, sizes)
+            launched = row.get("unpipelined", row)  # the compile that runs
+            row["occupancy"] = programs_per_sm(launched["registers"], launched["shared_bytes"], warps, args.arch)
             results.append(row)
             print(json.dumps(row), flush=True)
     totals = {}

@@ -1,9 +1,12 @@
-"""Chunkwise gated delta rule backward in Triton: four kernels (notation of forward.py; per chunk, S the entering
+"""Chunkwise gated delta rule backward in Triton: five kernels (notation of forward.py; per chunk, S the entering
 state, dS' the gradient of the state at its end, T = (I + M)^-1).
 
-1. `_dstates_kernel`, one program per (Dv-tile, batch*head) walking the chunks backwards: the gradient of U (through
-   the outputs and the end state) dU = (causal decay * Q K^T)^T dO + diag(exp(gamma_L - gamma)) K dS', stored, and
-   dS <- exp(gamma_L) dS' + (exp(gamma) Q)^T dO - W^T dU; what is left is the initial state's gradient.
+0. `_local_du_kernel`, every (chunk, batch*head, Dv-tile): the part of the gradient of U through the chunk's own
+   outputs, (causal decay * Q K^T)^T dO, into dU (it does not depend on dS', so it leaves the sequential walk).
+1. `_dstates_kernel`, one program per (Dv-tile, batch*head) walking the chunks backwards: adds the part through the
+   end state, dU += diag(exp(gamma_L - gamma)) K dS', and
+   dS <- exp(gamma_L) dS' + (exp(gamma) Q)^T dO - W^T dU; what is left is the initial state's gradient. Per chunk two
+   (L, Dk) x (Dk, BV) / (Dk, L) x (L, BV) products hang on dS (K dS', W^T dU), one does not ((exp(gamma) Q)^T dO).
 2. `_inverse_kernel`, every (chunk, batch*head): T and A = strict decay * K K^T (M = diag(beta) A) into a scratch
    buffer.
 3. `_output_grads_kernel`, every (chunk, batch*head): dQ and the parts of dK, dg through the outputs and the end
@@ -12,7 +15,7 @@ state, dS' the gradient of the state at its end, T = (I + M)^-1).
    With U = U0 - W S the gradient of M simplifies to dM = -T^T dU U^T (and its transpose -U dU^T T); T^T is read
    transposed from 2.'s buffer and no computed tile is ever transposed (`tl.trans` of a matrix-unit result feeding
    another product is the pattern behind fla #640).
-Why four, not one gradient kernel: one held 4 (L, L) and 3 (L, Dk) float32 accumulators over its Dv loop plus both
+Why 2.-4., not one gradient kernel: one held 4 (L, L) and 3 (L, Dk) float32 accumulators over its Dv loop plus both
 inverses' squarings, and spilled ~5 KB per thread on sm_90 (benchmarks/results/delta_rule_compile_split.json).
 Log-decay gradients: each (t, s) pair's exp(gamma_t - gamma_s) gives +row sum -column sum, the entering state
 exp(gamma_t) and exp(gamma_L), W's exp(gamma_t), then dg = reverse cumsum over the chunk.
@@ -54,12 +57,35 @@ def _upper_decay(gamma, same, STRICT: tl.constexpr, L: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=LENGTHS)
+def _local_du_kernel(
+    q_ptr, k_ptr, g_ptr, starts_ptr, do_ptr, du_ptr,
+    T, H, DK, DV, scale,
+    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
+):
+    """Every (chunk, batch*head, Dv-tile): the part of dU through the chunk's own outputs, (causal decay *
+    Q K^T)^T dO, which does not depend on the state gradient (the walk adds the rest in place)."""
+    c = tl.program_id(0)
+    row = tl.program_id(1)
+    iv = tl.program_id(2)
+    tokens, valid = chunk_tokens(row, c, T, H, L)
+    gamma, _ = load_decay(g_ptr, tokens, valid)
+    same, _, _, _ = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
+    k = load_rows(k_ptr, tokens, valid, DK, BK, 0)
+    qT = load_cols(q_ptr, tokens, valid, DK, BK, 0) * scale
+    scores_T = tl.dot(k, qT, input_precision=PRECISION) * _upper_decay(gamma, same, False, L)  # [s, t]
+    u_offs, mask_u = value_tile(tokens, valid, iv, DV, BV)
+    do = tl.load(do_ptr + u_offs, mask=mask_u, other=0.0).to(tl.float32)
+    tl.store(du_ptr + u_offs, tl.dot(scores_T, do, input_precision=PRECISION), mask=mask_u)
+
+
+@triton.jit(do_not_specialize=LENGTHS)
 def _dstates_kernel(
     q_ptr, k_ptr, w_ptr, g_ptr, starts_ptr, do_ptr, ds_last_ptr,
     dstates_ptr, du_ptr, ds0_ptr,
     T, H, NC, DK, DV, scale,
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
 ):
+    """du_ptr holds `_local_du_kernel`'s part of dU on entry, the whole dU on return."""
     iv = tl.program_id(0)
     row = tl.program_id(1)
     dS = load_state(ds_last_ptr, row, 0, 1, DK, DV, BK, BV, iv)
@@ -68,16 +94,15 @@ def _dstates_kernel(
         store_state(dstates_ptr, dS, row, c, NC, DK, DV, BK, BV, iv)
         tokens, valid = chunk_tokens(row, c, T, H, L)
         gamma, g_total = load_decay(g_ptr, tokens, valid)
-        same, from_state, to_end, keeps = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
-        k = load_rows(k_ptr, tokens, valid, DK, BK, 0)
-        qT = load_cols(q_ptr, tokens, valid, DK, BK, 0) * scale
-        scores_T = tl.dot(k, qT, input_precision=PRECISION) * _upper_decay(gamma, same, False, L)  # [s, t]
+        _, from_state, to_end, keeps = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
         u_offs, mask_u = value_tile(tokens, valid, iv, DV, BV)
-        do = tl.load(do_ptr + u_offs, mask=mask_u, other=0.0).to(tl.float32)
-        du = tl.dot(scores_T, do, input_precision=PRECISION)
-        du += tl.dot(k * (tl.exp(g_total - gamma) * to_end)[:, None], dS, input_precision=PRECISION)
+        # the tokens' scalings on the (L, BV) sides of the products: k, q go to the matrix units as loaded
+        k_dS = tl.dot(load_rows(k_ptr, tokens, valid, DK, BK, 0), dS, input_precision=PRECISION)
+        du = tl.load(du_ptr + u_offs, mask=mask_u, other=0.0) + (tl.exp(g_total - gamma) * to_end)[:, None] * k_dS
         tl.store(du_ptr + u_offs, du, mask=mask_u)
-        dS = tl.exp(g_total) * keeps * dS + tl.dot(qT * (tl.exp(gamma) * from_state)[None, :], do,
+        do_from_state = tl.load(do_ptr + u_offs, mask=mask_u, other=0.0).to(tl.float32) * (
+            scale * tl.exp(gamma) * from_state)[:, None]
+        dS = tl.exp(g_total) * keeps * dS + tl.dot(load_cols(q_ptr, tokens, valid, DK, BK, 0), do_from_state,
                                                    input_precision=PRECISION)
         dS -= tl.dot(load_cols(w_ptr, tokens, valid, DK, BK, 0), du, input_precision=PRECISION)
     store_state(ds0_ptr, dS, row, 0, 1, DK, DV, BK, BV, iv)
@@ -249,6 +274,10 @@ def delta_rule_backward(q, k, v, g, beta, starts, w, u, states, do, dS_T, scale:
     dS0 = torch.empty(n * H, Dk, Dv, **f32)
     documents = dict(HAS_STARTS=starts is not None)
     starts = g if starts is None else starts  # any tensor when HAS_STARTS is off: never read
+    block_v = min(cfg.block_v_du, BV)
+    launch(_local_du_kernel, (NC, n * H, triton.cdiv(Dv, block_v)),
+        q, k, g, starts, do, du, T, H, Dk, Dv, scale, L=L, BK=BK, BV=block_v, PRECISION=precision,
+        num_warps=cfg.warps_du, **documents)
     block_v = min(cfg.block_v_dstates, BV)
     launch(_dstates_kernel, (triton.cdiv(Dv, block_v), n * H),
         q, k, w, g, starts, do, dS_T, dstates, du, dS0, T, H, NC, Dk, Dv, scale, L=L, BK=BK, BV=block_v,

@@ -13,21 +13,24 @@ from ..._triton import merged_launch_config
 class LaunchConfig:
     """Block sizes and warps; a field left None takes its shape- and dtype-keyed default (`launch_config`).
 
-    block_v_states / block_v_output / block_v_dstates: the Dv-tile of the sequential state kernel, the output kernel
-    and the sequential state-gradient kernel (narrower tiles: more programs for the sequential walks); block_v_wy /
-    block_v_grads: the Dv-tile the WY and the two gradient kernels loop over (fewer live tiles); warps_*: num_warps
-    per kernel (warps_wy also the backward's inverse kernel, warps_grads both gradient kernels); stages_grads /
-    stages_dstates: num_stages of the gradient and state-gradient kernels (None for the latter: Triton's default)."""
+    block_v_states / block_v_output / block_v_dstates / block_v_du: the Dv-tile of the sequential state kernel, the
+    output kernel, the sequential state-gradient kernel and the chunk-local dU kernel before it (narrower tiles: more
+    programs for the sequential walks); block_v_wy / block_v_grads: the Dv-tile the WY and the two gradient kernels
+    loop over (fewer live tiles); warps_*: num_warps per kernel (warps_wy also the backward's inverse kernel,
+    warps_grads both gradient kernels, warps_du the chunk-local dU kernel); stages_grads / stages_dstates: num_stages
+    of the gradient and state-gradient kernels (None for the latter: Triton's default)."""
 
     block_v_wy: int | None = None
     block_v_grads: int | None = None
     block_v_states: int | None = None
     block_v_output: int | None = None
     block_v_dstates: int | None = None
+    block_v_du: int | None = None
     warps_wy: int | None = None
     warps_states: int | None = None
     warps_output: int | None = None
     warps_dstates: int | None = None
+    warps_du: int | None = None
     warps_grads: int | None = None
     stages_grads: int | None = None
     stages_dstates: int | None = None
@@ -38,11 +41,14 @@ def default_launch_config(Dk: int, Dv: int, rows: int, dtype: torch.dtype) -> La
     kernels split Dv into narrower tiles so that more programs run at once; float32 at Dk > 64 takes smaller
     shared-memory footprints (below)."""
     narrow = 32 if rows < 64 else 64
+    # the state-gradient walk at 8 warps with few rows: at (128, 256) bf16 and 32-wide tiles 220 registers and no
+    # spills against 255 and 176 bytes at 4 warps, and one program per SM either way (shared memory)
+    warps_dstates = 8 if rows < 64 else 4
     # the gradient kernels unpipelined (pipelined, the single kernel before them asked sm_90 for 400 KB of shared
     # memory at (Dk, Dv) = (64, 128), 227 KB there); Dv-tile 32: fewer spills than 64 at Dk = 128 (the probe)
     cfg = LaunchConfig(block_v_wy=128, block_v_grads=32, block_v_states=narrow, block_v_output=128,
-                       block_v_dstates=narrow, warps_wy=4, warps_states=4, warps_output=4, warps_dstates=4,
-                       warps_grads=8, stages_grads=1)
+                       block_v_dstates=narrow, block_v_du=128, warps_wy=4, warps_states=4, warps_output=4,
+                       warps_dstates=warps_dstates, warps_du=4, warps_grads=8, stages_grads=1)
     if dtype == torch.float32 and Dk > 64:
         # three-pass tf32 keeps a high and a low copy of every product operand in shared memory; at (Dk, Dv) =
         # (128, 128) for sm_90 (227 KB) the state-gradient kernel pipelined needs 280+ KB at any Dv-tile (96 KB
