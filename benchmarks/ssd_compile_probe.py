@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from _compile_probe import SHARED_LIMIT, compile_kernel, parse_launch, programs_per_sm, write_results  # noqa: E402
 
-# the pointers that carry the data dtype (x's); every other pointer is float32 (dt, A, states, gradients of B, C)
-INPUTS = ("x_ptr", "b_ptr", "c_ptr", "dy_ptr", "dx_ptr", "y_ptr", "u_ptr", "v_ptr")
+# the pointers that carry the data dtype (x's, also dB's and dC's); every other pointer is float32 (dt, A, states)
+INPUTS = ("x_ptr", "b_ptr", "c_ptr", "dy_ptr", "dx_ptr", "y_ptr", "u_ptr", "v_ptr", "db_ptr", "dc_ptr")
 
 
 def kernel_cases(P: int, N: int, rows: int, launch: dict):

@@ -4,23 +4,25 @@ entering it, dS' the gradient of the state at its end).
 1. forward.py's `_walk_kernel` walking the chunks backwards: stores dS' of each chunk,
    dS <- exp(a_L) dS + (dy exp(a))^T C; what is left is the initial state's gradient.
 2. `_dx_kernel`, every (chunk, batch*head, P-tile):  dx = (B C^T * decay^T * dt) dy + (exp(a_L - a) dt) B dS'^T.
-3. `_dc_kernel`, every (N-tile, chunk, batch*head), summing dy x^T and dy S over P-tiles:
-       dC = (dy x^T * decay * dt_s) B + exp(a) dy S
+3. `_dc_kernel`, every (N-tile, chunk, batch*group), looping over the group's heads, summing dy x^T and dy S over
+   P-tiles:  dC = (dy x^T * decay * dt_s) B + exp(a) dy S, summed over the group's heads in registers
    and its part of dt's gradient: the pairs (t, s) of the scores (+row sum -column sum of d/d(a_t - a_s), and the
    factor dt_s), the entering state +exp(a_t) dy_t . S C_t (= C_t . (dy S)_t).
-4. `_db_kernel`, every (N-tile, chunk, batch*head), summing x dy^T, x dS' and S * dS' over P-tiles:
+4. `_db_kernel`, the same grid and head loop, summing x dy^T, x dS' and S * dS' over P-tiles:
        dB = (x dy^T * decay^T * dt) C + (exp(a_L - a) dt) x dS'
    and the end state's part of dt's gradient (through dt_s, a_L - a_s and exp(a_L)).
    Each part: da = reverse cumsum of its point terms, ddt += A da, dA += sum dt da (all linear, so parts add).
-Per N-tile (LaunchConfig.block_n_grads): dB, dC's columns of the tile are exact; dy x^T / x dy^T (over P) are
-recomputed by every N-tile's program; C B^T, C_t . (dy S)_t, S * dS' and B_s . x dS' are sums over N, so each program
-stores its tile's part of ddt and dA in float32 scratch (kernel, ..., N-tile), summed by torch afterwards
-(deterministic, no atomics). Why: whole-N programs held (L, N) accumulators at 250 registers x 8 warps, one program
-per SM; (P 16, N 32) tiles at 8 warps take <= 128, two (benchmarks/results/ssd_compile_occupancy.json).
+dB and dC are stored once per group in B's dtype: no (n, T, H, N) float32 per-head buffers (2 x 400 MB at the 125M
+shape) and no torch reductions over them. Per N-tile (LaunchConfig.block_n_grads): dB, dC's columns of the tile are
+exact; dy x^T / x dy^T (over P) are recomputed by every N-tile's program; C B^T, C_t . (dy S)_t, S * dS' and
+B_s . x dS' are sums over N, so each program stores its tile's part of ddt and dA per head in float32 scratch
+(kernel, ..., N-tile), summed by torch afterwards (deterministic, no atomics). Why N-tiles: whole-N programs held
+(L, N) accumulators at 250 registers x 8 warps. The head loop costs registers (sm_90, P 64, N 128, (P 16, N 32)
+tiles, 8 warps: dc 112 -> 214, db 104 -> 185, no spills, 2 -> 1 programs per SM), paid for by G x fewer programs.
 Why not one gradient kernel: it held 3 (L, L) and 2 (L, N) float32 accumulators and B, C over its P loop and spilled
 ~2 KB per thread on sm_90 at P 64, N 128 (benchmarks/results/ssd_compile_before.json, _after.json).
 Every transposed operand is computed from operands loaded transposed from memory (x dy^T beside dy x^T, B C^T beside
-C B^T), never `tl.trans` of a computed tile (fla #640). dB and dC come per head and are summed over each group's heads.
+C B^T), never `tl.trans` of a computed tile (fla #640).
 """
 
 from __future__ import annotations
@@ -51,6 +53,15 @@ def _decay_T(a, same, L: tl.constexpr):
     """exp(a_t - a_s) at [s, t] for s <= t within one document, else 0: the transposed decay, built directly."""
     offs = tl.arange(0, L)
     return tl.exp(tl.where((offs[None, :] >= offs[:, None]) & same, a[None, :] - a[:, None], float("-inf")))
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """float32 x in `dtype`, to nearest even for bfloat16 also under the interpreter (whose cast truncates)."""
+    if dtype == tl.bfloat16:  # zero the low 16 bits after adding half an ulp (ties to even): exact in bfloat16
+        bits = x.to(tl.uint32, bitcast=True)
+        x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -87,37 +98,44 @@ def _dc_kernel(
 ):
     i_n = tl.program_id(0)  # fastest: a chunk's N-tiles run together and share x, dy, B, C through L2
     c = tl.program_id(1)
-    row = tl.program_id(2)
+    b = tl.program_id(2) // G
+    g = tl.program_id(2) % G
+    heads = H // G
     n_tiles = tl.num_programs(0)
-    tokens, group_tokens, valid = chunk_tokens(row, c, T, H, G, L)
-    dy_x = tl.zeros((L, L), tl.float32)  # [t, s] = dy_t . x_s, the same in every N-tile's program
-    dy_S = tl.zeros((L, BN), tl.float32)
-    for start in range(0, P, BP):
-        dy = load_rows(dy_ptr, tokens, valid, P, BP, start)
-        dy_x += tl.dot(dy, load_cols(x_ptr, tokens, valid, P, BP, start), input_precision=PRECISION)
-        here, mask = state_tile(row, c, NC, P, N, BP, BN, start // BP, False, i_n)
-        dy_S += tl.dot(dy, tl.load(states_ptr + here, mask=mask, other=0.0), input_precision=PRECISION)
-
-    dt, a, _ = load_decay(dt_ptr, A_ptr, row, H, tokens, valid)
-    same, from_state, _, _ = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
-    decayed = decay_matrix(a, same, L) * dy_x  # [t, s]; decay and dy_x are dead from here
-    from_start = tl.exp(a) * from_state
-    # this N-tile's part of dt's gradient first: C and C B^T are dead before B is loaded (fewer live tiles)
+    _first, group_tokens, valid = chunk_tokens(b * H + g * heads, c, T, H, G, L)
+    same, from_state, _to_end, _keeps = document_masks(starts_ptr, b, c, T, L, HAS_STARTS)
+    # the group's C, B and C B^T over this N-tile serve every head of the group
     Cm = load_rows(c_ptr, group_tokens, valid, N, BN, i_n * BN)
-    dy_y_state = tl.sum(Cm * dy_S, 1)  # this N-tile's part of dy_t . (the entering state's part of y_t)
-    pairs = decayed * tl.dot(Cm, load_cols(b_ptr, group_tokens, valid, N, BN, i_n * BN),
-                             input_precision=PRECISION)  # d(loss)/d(dt_s) of the scores over this N-tile, per (t, s)
-    ddt = tl.sum(pairs, 0)
-    pairs *= dt[None, :]  # now d(loss)/d(a_t - a_s)
-    da = tl.cumsum(from_start * dy_y_state + tl.sum(pairs, 1) - tl.sum(pairs, 0), 0, reverse=True)
-    ddt += tl.load(A_ptr + row % H) * da
-    tl.store(da_ptr + (row.to(tl.int64) * NC + c) * n_tiles + i_n, tl.sum(dt * da, 0))
-    tl.store(ddt_ptr + tokens * n_tiles + i_n, ddt, mask=valid)
+    CB = tl.dot(Cm, load_cols(b_ptr, group_tokens, valid, N, BN, i_n * BN), input_precision=PRECISION)
+    dC = tl.zeros((L, BN), tl.float32)  # the group's: summed over its heads here, stored once
+    for j in range(0, heads):
+        row = b * H + g * heads + j
+        tokens = chunk_tokens(row, c, T, H, G, L)[0]
+        dy_x = tl.zeros((L, L), tl.float32)  # [t, s] = dy_t . x_s, the same in every N-tile's program
+        dy_S = tl.zeros((L, BN), tl.float32)
+        for start in range(0, P, BP):
+            dy = load_rows(dy_ptr, tokens, valid, P, BP, start)
+            dy_x += tl.dot(dy, load_cols(x_ptr, tokens, valid, P, BP, start), input_precision=PRECISION)
+            here, mask = state_tile(row, c, NC, P, N, BP, BN, start // BP, False, i_n)
+            dy_S += tl.dot(dy, tl.load(states_ptr + here, mask=mask, other=0.0), input_precision=PRECISION)
 
-    Bm = load_rows(b_ptr, group_tokens, valid, N, BN, i_n * BN)
-    dC = tl.dot(decayed * dt[None, :], Bm, input_precision=PRECISION) + from_start[:, None] * dy_S
+        dt, a, _ = load_decay(dt_ptr, A_ptr, row, H, tokens, valid)
+        decayed = decay_matrix(a, same, L) * dy_x  # [t, s]
+        from_start = tl.exp(a) * from_state
+        dy_y_state = tl.sum(Cm * dy_S, 1)  # this N-tile's part of dy_t . (the entering state's part of y_t)
+        pairs = decayed * CB  # d(loss)/d(dt_s) of the scores over this N-tile, per (t, s)
+        ddt = tl.sum(pairs, 0)
+        pairs *= dt[None, :]  # now d(loss)/d(a_t - a_s)
+        da = tl.cumsum(from_start * dy_y_state + tl.sum(pairs, 1) - tl.sum(pairs, 0), 0, reverse=True)
+        ddt += tl.load(A_ptr + row % H) * da
+        tl.store(da_ptr + (row.to(tl.int64) * NC + c) * n_tiles + i_n, tl.sum(dt * da, 0))
+        tl.store(ddt_ptr + tokens * n_tiles + i_n, ddt, mask=valid)
+        # B reloaded per head (an L1 / L2 hit): one tile fewer held across the head loop
+        Bm = load_rows(b_ptr, group_tokens, valid, N, BN, i_n * BN)
+        dC += tl.dot(decayed * dt[None, :], Bm, input_precision=PRECISION) + from_start[:, None] * dy_S
     offs_n = i_n * BN + tl.arange(0, BN)
-    tl.store(dc_ptr + tokens[:, None] * N + offs_n[None, :], dC, mask=valid[:, None] & (offs_n < N)[None, :])
+    tl.store(dc_ptr + group_tokens[:, None] * N + offs_n[None, :], round_to(dC, dc_ptr.dtype.element_ty),
+             mask=valid[:, None] & (offs_n < N)[None, :])
 
 
 @triton.jit
@@ -129,36 +147,43 @@ def _db_kernel(
 ):
     i_n = tl.program_id(0)  # fastest: a chunk's N-tiles run together and share x, dy, B, C through L2
     c = tl.program_id(1)
-    row = tl.program_id(2)
+    b = tl.program_id(2) // G
+    g = tl.program_id(2) % G
+    heads = H // G
     n_tiles = tl.num_programs(0)
-    tokens, group_tokens, valid = chunk_tokens(row, c, T, H, G, L)
-    x_dy = tl.zeros((L, L), tl.float32)  # [s, t] = x_s . dy_t, the same in every N-tile's program
-    x_dS = tl.zeros((L, BN), tl.float32)  # x dS'
-    S_dS = tl.zeros((BN,), tl.float32)  # column sums of S * dS'
-    for start in range(0, P, BP):
-        x = load_rows(x_ptr, tokens, valid, P, BP, start)
-        x_dy += tl.dot(x, load_cols(dy_ptr, tokens, valid, P, BP, start), input_precision=PRECISION)
-        here, mask = state_tile(row, c, NC, P, N, BP, BN, start // BP, False, i_n)
-        dS_end = tl.load(dstates_ptr + here, mask=mask, other=0.0)
-        x_dS += tl.dot(x, dS_end, input_precision=PRECISION)
-        S_dS += tl.sum(tl.load(states_ptr + here, mask=mask, other=0.0) * dS_end, 0)
-
-    dt, a, a_total = load_decay(dt_ptr, A_ptr, row, H, tokens, valid)
-    same, _, to_end_mask, keeps = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
-    to_end = tl.exp(a_total - a) * dt * to_end_mask
-    Cm = load_rows(c_ptr, group_tokens, valid, N, BN, i_n * BN)
-    dB = tl.dot(_decay_T(a, same, L) * x_dy * dt[:, None], Cm, input_precision=PRECISION) + to_end[:, None] * x_dS
-    offs_n = i_n * BN + tl.arange(0, BN)
-    tl.store(db_ptr + tokens[:, None] * N + offs_n[None, :], dB, mask=valid[:, None] & (offs_n < N)[None, :])
-
-    # this N-tile's part of dt's gradient through the end state (linear in r and S_dS: the tiles' parts add)
-    r = tl.sum(load_rows(b_ptr, group_tokens, valid, N, BN, i_n * BN) * x_dS, 1)  # x_s . dS' B_s over the N-tile
+    _first, group_tokens, valid = chunk_tokens(b * H + g * heads, c, T, H, G, L)
+    same, _from_state, to_end_mask, keeps = document_masks(starts_ptr, b, c, T, L, HAS_STARTS)
     offs = tl.arange(0, L)
-    da_total = tl.exp(a_total) * keeps * tl.sum(S_dS, 0) + tl.sum(to_end * r, 0)
-    da = tl.cumsum(tl.where(offs == L - 1, da_total, 0.0) - to_end * r, 0, reverse=True)
-    ddt = tl.exp(a_total - a) * to_end_mask * r + tl.load(A_ptr + row % H) * da
-    tl.store(da_ptr + (row.to(tl.int64) * NC + c) * n_tiles + i_n, tl.sum(dt * da, 0))
-    tl.store(ddt_ptr + tokens * n_tiles + i_n, ddt, mask=valid)
+    Cm = load_rows(c_ptr, group_tokens, valid, N, BN, i_n * BN)  # the group's, for every head of it
+    dB = tl.zeros((L, BN), tl.float32)  # the group's: summed over its heads here, stored once
+    for j in range(0, heads):
+        row = b * H + g * heads + j
+        tokens = chunk_tokens(row, c, T, H, G, L)[0]
+        x_dy = tl.zeros((L, L), tl.float32)  # [s, t] = x_s . dy_t, the same in every N-tile's program
+        x_dS = tl.zeros((L, BN), tl.float32)  # x dS'
+        S_dS = tl.zeros((BN,), tl.float32)  # column sums of S * dS'
+        for start in range(0, P, BP):
+            x = load_rows(x_ptr, tokens, valid, P, BP, start)
+            x_dy += tl.dot(x, load_cols(dy_ptr, tokens, valid, P, BP, start), input_precision=PRECISION)
+            here, mask = state_tile(row, c, NC, P, N, BP, BN, start // BP, False, i_n)
+            dS_end = tl.load(dstates_ptr + here, mask=mask, other=0.0)
+            x_dS += tl.dot(x, dS_end, input_precision=PRECISION)
+            S_dS += tl.sum(tl.load(states_ptr + here, mask=mask, other=0.0) * dS_end, 0)
+
+        dt, a, a_total = load_decay(dt_ptr, A_ptr, row, H, tokens, valid)
+        to_end = tl.exp(a_total - a) * dt * to_end_mask
+        dB += tl.dot(_decay_T(a, same, L) * x_dy * dt[:, None], Cm, input_precision=PRECISION) \
+            + to_end[:, None] * x_dS
+        # this N-tile's part of dt's gradient through the end state (linear in r and S_dS: the tiles' parts add)
+        r = tl.sum(load_rows(b_ptr, group_tokens, valid, N, BN, i_n * BN) * x_dS, 1)  # x_s . dS' B_s, the N-tile
+        da_total = tl.exp(a_total) * keeps * tl.sum(S_dS, 0) + tl.sum(to_end * r, 0)
+        da = tl.cumsum(tl.where(offs == L - 1, da_total, 0.0) - to_end * r, 0, reverse=True)
+        ddt = tl.exp(a_total - a) * to_end_mask * r + tl.load(A_ptr + row % H) * da
+        tl.store(da_ptr + (row.to(tl.int64) * NC + c) * n_tiles + i_n, tl.sum(dt * da, 0))
+        tl.store(ddt_ptr + tokens * n_tiles + i_n, ddt, mask=valid)
+    offs_n = i_n * BN + tl.arange(0, BN)
+    tl.store(db_ptr + group_tokens[:, None] * N + offs_n[None, :], round_to(dB, db_ptr.dtype.element_ty),
+             mask=valid[:, None] & (offs_n < N)[None, :])
 
 
 def training_kernels(cfg):
@@ -192,14 +217,12 @@ def ssd_backward(x, dt, A, B, C, starts, states, dy, dS_T, L: int, cfg):
     n_tiles = triton.cdiv(N, block_n)
     ddt_parts = torch.empty(2, n, T, H, n_tiles, **f32)
     dA_parts = torch.empty(2, n * H, NC, n_tiles, **f32)
-    dB_heads, dC_heads = torch.empty(n, T, H, N, **f32), torch.empty(n, T, H, N, **f32)
+    dB, dC = torch.empty_like(B), torch.empty_like(C)  # per group, in B's dtype: each program sums its heads
     grads = dict(shapes, BN=block_n, BP=min(cfg.block_p_grads, pow2(P)), num_warps=cfg.warps_grads)
-    launch(_dc_kernel, (n_tiles, NC, n * H), x, dt, A, B, C, starts, states, dy, ddt_parts[0], dC_heads,
+    launch(_dc_kernel, (n_tiles, NC, n * G), x, dt, A, B, C, starts, states, dy, ddt_parts[0], dC,
            dA_parts[0], *sizes, **grads)
-    launch(_db_kernel, (n_tiles, NC, n * H), x, dt, A, B, C, starts, states, dstates, dy, ddt_parts[1], dB_heads,
+    launch(_db_kernel, (n_tiles, NC, n * G), x, dt, A, B, C, starts, states, dstates, dy, ddt_parts[1], dB,
            dA_parts[1], *sizes, **grads)
     ddt = ddt_parts.sum((0, 4))
-    dB = dB_heads.reshape(n, T, G, H // G, N).sum(3).to(B.dtype)
-    dC = dC_heads.reshape(n, T, G, H // G, N).sum(3).to(C.dtype)
     dA = dA_parts.reshape(2, n, H, NC, n_tiles).sum((0, 1, 3, 4))
     return dx, ddt, dA, dB, dC, dS0
