@@ -39,15 +39,13 @@ def kernel_cases(products: str, Dk: int, Dv: int, rows: int, grads_stages: int |
 
     data = "bf16" if products == "tf32" else "fp32"
     cfg = launch_config(Dk, Dv, rows, torch.bfloat16 if data == "bf16" else torch.float32, LaunchConfig(**launch))
-    inverse = "ieee" if products == "ieee" else "tf32x3"
     BK, BV = forward.pow2(Dk), forward.pow2(Dv)
     common = dict(L=64, BK=BK, PRECISION=products, HAS_STARTS=False)
-    wy = dict(common, LOG2_L=6, INVERSE_PRECISION=inverse)
     grads_stages = cfg.stages_grads if grads_stages == 0 else grads_stages
     grads = dict(common, BV=grads_block_v(cfg.block_v_grads, BV))  # the tile the wrapper launches
     inputs = ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dq_ptr", "dk_ptr", "dv_ptr")
     return [
-        ("wy", forward._wy_kernel, data, inputs, dict(wy, BV=min(cfg.block_v_wy, BV)), cfg.warps_wy, None),
+        ("wy", forward._wy_kernel, data, inputs, dict(common, BV=min(cfg.block_v_wy, BV)), cfg.warps_wy, None),
         ("states", forward._states_kernel, data, inputs, dict(common, BV=min(cfg.block_v_states, BV)),
          cfg.warps_states, None),
         ("output", forward._output_kernel, data, inputs, dict(common, BV=min(cfg.block_v_output, BV)),
@@ -57,7 +55,7 @@ def kernel_cases(products: str, Dk: int, Dv: int, rows: int, grads_stages: int |
         ("dstates", backward._dstates_kernel, data, inputs, dict(common, BV=min(cfg.block_v_dstates, BV)),
          cfg.warps_dstates, cfg.stages_dstates),
         ("grads_output", backward._output_grads_kernel, data, inputs, grads, cfg.warps_grads, grads_stages),
-        ("inverse", backward._inverse_kernel, data, inputs, wy, cfg.warps_wy, None),
+        ("inverse", backward._inverse_kernel, data, inputs, common, cfg.warps_wy, None),
         ("grads_wy", backward._wy_grads_kernel, data, inputs, grads, cfg.warps_grads, grads_stages),
     ]
 

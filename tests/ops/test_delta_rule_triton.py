@@ -257,9 +257,9 @@ def test_no_cuda_core_products_and_an_unpipelined_gradient_kernel(monkeypatch):
     """float32 inputs use three-pass tf32, not "ieee" (CUDA-core (64, 64) products: ~100 KB of spills per thread,
     minutes of compilation on sm_90); the gradient kernels launch with num_stages=1 (pipelined, the single kernel
     before them asked sm_90 for more shared memory than it has, so each new shape compiled it twice)."""
-    from revival.ops.delta_rule.triton.forward import precisions
+    from revival.ops.delta_rule.triton.forward import product_precision
 
-    assert "ieee" not in precisions(torch.float32) + precisions(torch.bfloat16) + precisions(torch.float16)
+    assert "ieee" not in {product_precision(dtype) for dtype in (torch.float32, torch.bfloat16, torch.float16)}
     calls = _record_launches(monkeypatch)
     inputs, weights = _inputs(1, 20, 1, 16, 16, seed=2)
     _run(lambda *a: gated_delta_rule_triton(*a, 0.25, chunk_size=16), inputs, weights, DEVICE)

@@ -39,7 +39,7 @@ from .forward import (
     load_gates,
     load_rows,
     load_state,
-    precisions,
+    product_precision,
     sizes,
     store_state,
     unit_triangular_inverse,
@@ -175,12 +175,11 @@ def _output_grads_kernel(
 def _inverse_kernel(
     k_ptr, g_ptr, beta_ptr, starts_ptr, inverse_ptr,
     T, H, NC, DK,
-    L: tl.constexpr, LOG2_L: tl.constexpr, BK: tl.constexpr,
-    PRECISION: tl.constexpr, INVERSE_PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
+    L: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
 ):
     """T = (I + M)^-1 of each chunk, as the forward's `_wy_kernel` builds it, and A = strict decay * K K^T (M =
     diag(beta) A) into a (n*H, NC, 2, L, L) buffer: the gradient kernel reads T, T^T (transposed from memory) and A
-    instead of holding the squarings' tiles and K^T."""
+    instead of holding the inverse's tiles and K^T."""
     c = tl.program_id(0)
     row = tl.program_id(1)
     tokens, valid = chunk_tokens(row, c, T, H, L)
@@ -192,7 +191,7 @@ def _inverse_kernel(
     offs = tl.arange(0, L)
     here = inverse_ptr + (row.to(tl.int64) * NC + c) * 2 * L * L + offs[:, None] * L + offs[None, :]
     tl.store(here + L * L, a)
-    tl.store(here, unit_triangular_inverse(beta[:, None] * a, L, LOG2_L, INVERSE_PRECISION))
+    tl.store(here, unit_triangular_inverse(beta[:, None] * a, L))
 
 
 @triton.jit(do_not_specialize=LENGTHS)
@@ -267,7 +266,7 @@ def _wy_grads_kernel(
 def delta_rule_backward(q, k, v, g, beta, starts, w, u, states, do, dS_T, scale: float, L: int, cfg):
     """Gradients of delta_rule_forward's (o, final state) with respect to q, k, v, g, beta and the initial state."""
     n, T, H, Dk, Dv, NC, BK, BV = sizes(q, v, L)
-    precision, inverse_precision = precisions(q.dtype)
+    precision = product_precision(q.dtype)
     f32 = dict(device=q.device, dtype=torch.float32)
     dstates = torch.empty(n * H, NC, Dk, Dv, **f32)
     du = torch.empty(n, T, H, Dv, **f32)
@@ -287,8 +286,8 @@ def delta_rule_backward(q, k, v, g, beta, starts, w, u, states, do, dS_T, scale:
     dg, dbeta = torch.empty(n, T, H, **f32), torch.empty(n, T, H, **f32)
     inverse = torch.empty(n * H, NC, 2, L, L, **f32)  # T and A per chunk
     grads = dict(L=L, BK=BK, PRECISION=precision, **documents)
-    launch(_inverse_kernel, (NC, n * H), k, g, beta, starts, inverse, T, H, NC, Dk, LOG2_L=L.bit_length() - 1,
-           INVERSE_PRECISION=inverse_precision, num_warps=cfg.warps_wy, **grads)
+    launch(_inverse_kernel, (NC, n * H), k, g, beta, starts, inverse, T, H, NC, Dk,
+           num_warps=cfg.warps_wy, **grads)
     grads.update(BV=grads_block_v(cfg.block_v_grads, BV), num_warps=cfg.warps_grads, num_stages=cfg.stages_grads)
     launch(_output_grads_kernel, (NC, n * H),
         q, k, g, starts, u, states, dstates, do, dq, dk_out, dg_out, T, H, NC, Dk, Dv, scale, **grads)

@@ -1,8 +1,8 @@
 """Chunkwise gated delta rule forward in Triton (WY form; the algorithm in `revival.ops.delta_rule`'s module doc).
 
 Three kernels:
-1. `_wy_kernel`, every (chunk, batch*head) in parallel: the chunk's (I + M)^-1 (M strictly lower triangular, so
-   (I + M)^-1 = (I - M)(I + M^2)(I + M^4)... exactly, log2(L) squarings on the matrix units), then
+1. `_wy_kernel`, every (chunk, batch*head) in parallel: the chunk's (I + M)^-1 (M strictly lower triangular, by
+   forward substitution, `unit_triangular_inverse`), then
    W = (I + M)^-1 diag(beta exp(gamma)) K and U0 = (I + M)^-1 diag(beta) V.
 2. `_states_kernel`, one program per (Dv-tile, batch*head) walking the chunks in order: stores the state entering
    each chunk, U = U0 - W S for each chunk, and the final state.
@@ -106,16 +106,18 @@ def decay_matrix(gamma, same, STRICT: tl.constexpr, L: tl.constexpr):
 
 
 @triton.jit
-def unit_triangular_inverse(M, L: tl.constexpr, LOG2_L: tl.constexpr, PRECISION: tl.constexpr):
-    """(I + M)^-1 for M strictly (lower or upper) triangular (L, L): M^L = 0, so it is
-    sum_j (-M)^j = prod_i (I + (-M)^(2^i))."""
+def unit_triangular_inverse(M, L: tl.constexpr):
+    """(I + M)^-1 for M strictly lower triangular (L, L), by forward substitution one column at a time: row j of the
+    inverse is final once columns < j are eliminated, then every row i > j takes -M[i, j] times it (float32 on CUDA
+    cores). Not the product of (I + (-M)^(2^i)): exact in exact arithmetic, but for correlated keys (a repeated
+    token) the powers of M grow like binomial coefficients and cancel to garbage
+    (tests/ops/test_delta_rule_triton_stability.py)."""
     offs = tl.arange(0, L)
-    eye = tl.where(offs[:, None] == offs[None, :], 1.0, 0.0)
-    power = -M
-    inverse = eye + power
-    for _ in tl.static_range(LOG2_L - 1):
-        power = tl.dot(power, power, input_precision=PRECISION)
-        inverse += tl.dot(inverse, power, input_precision=PRECISION)
+    inverse = tl.where(offs[:, None] == offs[None, :], 1.0, 0.0)
+    for j in range(0, L - 1):
+        column = tl.sum(tl.where(offs[None, :] == j, M, 0.0), 1)  # M[:, j]
+        row = tl.sum(tl.where(offs[:, None] == j, inverse, 0.0), 0)  # inverse[j, :], final
+        inverse -= column[:, None] * row[None, :]
     return inverse
 
 
@@ -146,8 +148,7 @@ def store_state(ptr, S, row, c, NC, DK, DV, BK: tl.constexpr, BV: tl.constexpr, 
 def _wy_kernel(
     k_ptr, v_ptr, g_ptr, beta_ptr, starts_ptr, w_ptr, u0_ptr,
     T, H, DK, DV,
-    L: tl.constexpr, LOG2_L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr, INVERSE_PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
+    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
 ):
     c = tl.program_id(0)
     row = tl.program_id(1)
@@ -157,7 +158,7 @@ def _wy_kernel(
     k = load_rows(k_ptr, tokens, valid, DK, BK, 0)
     kk = tl.dot(k, load_cols(k_ptr, tokens, valid, DK, BK, 0), input_precision=PRECISION)
     M = beta[:, None] * decay_matrix(gamma, same, True, L) * kk
-    inverse = unit_triangular_inverse(M, L, LOG2_L, INVERSE_PRECISION)
+    inverse = unit_triangular_inverse(M, L)
     w = tl.dot(inverse, k * (beta * tl.exp(gamma) * from_state)[:, None], input_precision=PRECISION)
     offs_k = tl.arange(0, BK)
     tl.store(w_ptr + tokens[:, None] * DK + offs_k[None, :], w, mask=valid[:, None] & (offs_k < DK)[None, :])
@@ -235,11 +236,11 @@ def launch(kernel, grid: tuple, *args, **options) -> None:
     kernel[grid](*args, **{**options, "num_stages": 1})
 
 
-def precisions(dtype: torch.dtype) -> tuple[str, str]:
-    """(products, the WY inverse's squarings): 16-bit inputs on tf32 matrix units, the inverse (whose powers compound
-    rounding) in three-pass tf32; float32 inputs in three-pass tf32 throughout (float32-level accuracy). Not "ieee":
-    CUDA-core products of (64, 64) tiles spill ~100 KB per thread and compile for minutes on sm_90 (docs/kernels.md)."""
-    return ("tf32x3", "tf32x3") if dtype == torch.float32 else ("tf32", "tf32x3")
+def product_precision(dtype: torch.dtype) -> str:
+    """The products' input_precision: 16-bit inputs on tf32 matrix units, float32 inputs in three-pass tf32
+    (float32-level accuracy). Not "ieee": CUDA-core products of (64, 64) tiles spill ~100 KB per thread and compile
+    for minutes on sm_90 (docs/kernels.md)."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def pow2(x: int, floor: int = 16) -> int:
@@ -259,7 +260,7 @@ def delta_rule_forward(q, k, v, g, beta, S0, starts, scale: float, L: int, cfg):
     o (like v), the final state (n*H, Dk, Dv) and what the backward reads: W, U (n, T, H, D) float32 and the chunk
     states (n*H, NC, Dk, Dv)."""
     n, T, H, Dk, Dv, NC, BK, BV = sizes(q, v, L)
-    precision, inverse_precision = precisions(q.dtype)
+    precision = product_precision(q.dtype)
     f32 = dict(device=q.device, dtype=torch.float32)
     w, u0, u = torch.empty(n, T, H, Dk, **f32), torch.empty(n, T, H, Dv, **f32), torch.empty(n, T, H, Dv, **f32)
     states = torch.empty(n * H, NC, Dk, Dv, **f32)
@@ -267,8 +268,8 @@ def delta_rule_forward(q, k, v, g, beta, S0, starts, scale: float, L: int, cfg):
     o = torch.empty_like(v)
     documents = dict(HAS_STARTS=starts is not None)
     starts = g if starts is None else starts  # any tensor when HAS_STARTS is off: never read
-    launch(_wy_kernel, (NC, n * H), k, v, g, beta, starts, w, u0, T, H, Dk, Dv, L=L, LOG2_L=L.bit_length() - 1,
-           BK=BK, BV=min(cfg.block_v_wy, BV), PRECISION=precision, INVERSE_PRECISION=inverse_precision,
+    launch(_wy_kernel, (NC, n * H), k, v, g, beta, starts, w, u0, T, H, Dk, Dv, L=L,
+           BK=BK, BV=min(cfg.block_v_wy, BV), PRECISION=precision,
            num_warps=cfg.warps_wy, **documents)
     block_v = min(cfg.block_v_states, BV)
     launch(_states_kernel, (triton.cdiv(Dv, block_v), n * H),
