@@ -41,7 +41,7 @@ SSD_VARIANTS = {
     "default": ({}, 64), "chunk32": ({}, 32), "chunk128": ({}, 128), "warps_grads4": ({"warps_grads": 4}, 64),
     "block_p_grads32": ({"block_p_grads": 32}, 64), "warps_dstates8": ({"warps_dstates": 8}, 64),
     "block_p_dstates16": ({"block_p_dstates": 16}, 64),
-    # dB / dC kernels' (N-tile, P-tile, warps): the default is (32, 16, 8); whole N was the tiling before N-tiles
+    # dB / dC kernels' (N-tile, P-tile, warps): the default is (32, 32, 2), (32, 16, 8) before session 15
     "grads_n128_p64": ({"block_n_grads": 128, "block_p_grads": 64}, 64),
     "grads_n64_p32": ({"block_n_grads": 64, "block_p_grads": 32}, 64),
     "grads_n32_p32_w4": ({"block_n_grads": 32, "block_p_grads": 32, "warps_grads": 4}, 64),

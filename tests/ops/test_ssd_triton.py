@@ -129,10 +129,10 @@ def test_dispatch():
 
 
 @pytest.mark.slow
-def test_gradient_kernels_compile_without_spills_for_sm90(tmp_path):
+def test_gradient_kernels_compile_for_sm90_at_four_programs_per_sm(tmp_path):
     """_dc_kernel and _db_kernel compiled for sm_90 on this machine (no GPU) at the 125M shape (P 64, N 128, bf16)
-    with the launch defaults: no spills and at least one program per SM (their head loop holds ~200 registers at
-    8 warps; whole-N tiles spilled). About 10 s of compiling."""
+    with the launch defaults: four programs per SM and spills under 1 KB per thread (the defaults were chosen by
+    H200 time, ~700 bytes spilled; a change that spills more is a change to re-time). About 10 s of compiling."""
     import json
     import os
     import subprocess
@@ -145,7 +145,7 @@ def test_gradient_kernels_compile_without_spills_for_sm90(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "ssd_compile.json").read_text())["results"]
     got = {row["kernel"]: (row["spill_store_bytes"], row["occupancy"]["programs_per_sm"]) for row in rows}
-    assert set(got) == {"dc", "db"} and all(spills == 0 and programs >= 1 for spills, programs in got.values()), got
+    assert set(got) == {"dc", "db"} and all(spills < 1024 and programs == 4 for spills, programs in got.values()), got
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA: checks the kernels' bfloat16 gradients on the GPU (Hopper)")

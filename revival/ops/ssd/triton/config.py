@@ -31,12 +31,13 @@ class LaunchConfig:
 
 def default_launch_config(P: int, N: int, rows: int) -> LaunchConfig:
     """Fixed settings per shape class (no autotuning): with few batch*head rows the sequential kernels split P
-    into narrower tiles so that more programs run at once; the dB / dC kernels take (P 16, N 32) tiles at 8 warps
-    (one program per SM since they loop over a group's heads: ~200 registers, no spills; backward.py)."""
+    into narrower tiles so that more programs run at once; the dB / dC kernels take (P 32, N 32) tiles at 2 warps:
+    four programs per SM at ~700 bytes of spills, the fastest on the H200 (SSD fwd+bwd at the 125M shape 5.05 ms;
+    (P 16, N 32, 8 warps), one program per SM without spills, 8.44; benchmarks/results/gpu_sibling_launch_ssd.json)."""
     narrow = 16 if rows < 64 else 32
-    return LaunchConfig(block_p_grads=16, block_n_grads=32, block_p_states=narrow, block_p_output=128,
+    return LaunchConfig(block_p_grads=32, block_n_grads=32, block_p_states=narrow, block_p_output=128,
                         block_p_dstates=narrow, block_p_dx=128, warps_states=4, warps_output=4, warps_dstates=4,
-                        warps_dx=4, warps_grads=8)
+                        warps_dx=4, warps_grads=2)
 
 
 def launch_config(P: int, N: int, rows: int, requested: LaunchConfig | None = None) -> LaunchConfig:
