@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from revival.ops.mamba3.chunkwise import _angles
-from revival.ops.mamba3.frame_triton import LaunchConfig, rotating_frame_triton
+from revival.ops.mamba3.frame_triton import LaunchConfig, default_segments, rotating_frame_triton
 from revival.ops.mamba3.reference import rotate
 from tests.ops._triton_helpers import DEVICE, packed_starts, rel
 
@@ -101,6 +101,24 @@ def test_document_starts(block_t):
     _check(inputs, weights, 2, starts=packed_starts(), launch=LaunchConfig(block_t=block_t))
 
 
+@pytest.mark.parametrize("segments,with_starts", [(1, True), (3, True), (20, True), (20, False)])
+def test_segments_match_float64_pieces(segments, with_starts):
+    """T split into segments that run in parallel (the B = 1 long-context path; 20 tiles of 2): 1 is the single walk,
+    3 uneven segments of several tiles, 20 more than one block (16) of the carry between segments; without starts
+    angle0 and d angle_last cross every segment."""
+    inputs, weights = _inputs(2, 40, 2, 12, seed=11)
+    _check(inputs, weights, 2, starts=packed_starts() if with_starts else None,
+           launch=LaunchConfig(block_t=2, segments=segments))
+
+
+def test_default_segments():
+    """One walk while batch*heads fill the SMs (125M at 2k: 16 x 24 rows), 4 programs per SM when they do not
+    (B = 1 at 32k: 24 rows -> 22 segments), never more than the tiles."""
+    assert default_segments(384, 64, 132) == 1
+    assert default_segments(24, 1024, 132) == 22
+    assert default_segments(2, 5, 132) == 5
+
+
 def test_float32_matches_float64():
     inputs, weights = _inputs(1, 50, 2, 16, seed=2)
     ref = _run(_frame_reference, inputs, weights, "cpu", 2)
@@ -117,6 +135,8 @@ def test_bad_arguments_are_named():
         rotating_frame_triton(dt, theta[..., :3], B, C, angle0, prev_B)
     with pytest.raises(ValueError, match="launch: expected a LaunchConfig"):
         rotating_frame_triton(dt, theta, B, C, angle0, prev_B, launch=32)
+    with pytest.raises(ValueError, match="launch.segments: expected None or an int"):
+        rotating_frame_triton(dt, theta, B, C, angle0, prev_B, launch=LaunchConfig(segments=0))
 
 
 def test_mamba3_triton_with_the_layers_layouts():
@@ -155,5 +175,21 @@ def test_float32_at_a_real_shape_on_the_gpu():
     ref = _run(_frame_reference, inputs, weights, "cuda", 8, document_starts=starts.cuda())
     torch32 = _run(_frame_reference, [t.float() for t in inputs], weights, "cuda", 8, document_starts=starts.cuda())
     got = _run(rotating_frame_triton, [t.float() for t in inputs], weights, "cuda", 8, document_starts=starts.cuda())
+    errors = {name: (rel(g, r), rel(p, r)) for name, g, p, r in zip(NAMES, got, torch32, ref)}
+    assert all(kernel <= 3 * pytorch + 1e-6 for kernel, pytorch in errors.values()), errors
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA: the 125M Mamba-3 shape at batch 1, 32k tokens")
+@pytest.mark.parametrize("segments", [1, None])
+def test_float32_at_batch_1_32k_on_the_gpu(segments):
+    """(1, 32768, 24, N=64), the shape where T is split into segments (None: 22 on an H200; 1: the single walk), with
+    angles growing to ~1e4 rad and rare documents: within 3x the float32 PyTorch pieces' error against float64."""
+    inputs, weights = _inputs(1, 32768, 24, 64, seed=5)
+    inputs[1] = inputs[1].abs()
+    starts = (torch.rand(1, 32768, generator=torch.Generator().manual_seed(6)) < 1 / 5000).cuda()
+    ref = _run(_frame_reference, inputs, weights, "cuda", 24, document_starts=starts)
+    torch32 = _run(_frame_reference, [t.float() for t in inputs], weights, "cuda", 24, document_starts=starts)
+    got = _run(rotating_frame_triton, [t.float() for t in inputs], weights, "cuda", 24, document_starts=starts,
+               launch=LaunchConfig(segments=segments))
     errors = {name: (rel(g, r), rel(p, r)) for name, g, p, r in zip(NAMES, got, torch32, ref)}
     assert all(kernel <= 3 * pytorch + 1e-6 for kernel, pytorch in errors.values()), errors

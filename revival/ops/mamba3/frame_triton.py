@@ -19,6 +19,15 @@ d dt_t = sum_k theta_t G_t, d theta_t = dt_t G_t per head, d angle0 = (1 - start
 theta's gradient is written per head, (n, T, H, N/2) float32: the layer passes theta as a stride-0 expand over heads
 and a Function must return its input's shape, so autograd's expand backward sums the heads (one reduction kernel).
 
+Segments (the B = 1 long-context case): with few batch*heads rows (125M at batch 1: 24 programs for 132 SMs, each
+walking 1024 tiles at 32k) T's tiles are split into `segments` equal runs, one program per (row, segment), a
+two-level scan. Forward: `_frame_sums_kernel` writes each segment's angle map phi -> keep phi + step (keep 0 if the
+segment holds a start), and each forward program composes the maps of the segments before it (16 at a time,
+`_carry_in`) onto angle0 before walking its own tiles. Backward: the first pass writes dB, dC and d phi (into
+dtheta's buffer) and each segment's map G -> keep G + value; `_frame_bwd_scan_kernel` composes the later segments'
+maps onto d angle_last, runs G over its own tiles from d phi and writes d dt, d theta and angle0's G term. One
+segment is the single walk (one kernel each way, no sums), the default while rows >= the SMs (`default_segments`).
+
 Inputs are read through their strides (theta's stride 0 over heads included, B and C any layout), computation in
 float32 (float64 for float64 inputs). `launch` sets tiles and warps (`LaunchConfig`); results do not depend on them
 beyond rounding order.
@@ -26,6 +35,7 @@ beyond rounding order.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -41,14 +51,30 @@ if HAVE_TRITON:
 __all__ = ["LaunchConfig", "rotating_frame_triton"]
 
 
+MAX_SEGMENTS = 256  # parts of T per (batch, head); the carry between them is combined _SEGMENT_BLOCK at a time
+_SEGMENT_BLOCK = 16
+_FALLBACK_SM_COUNT = 132  # an H200's: the interpreter (CPU tests) takes the GPU's segment choice at its shapes
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
     """Time steps per tile (one size for both kernels: the backward starts its tiles from the forward's saved
-    carries) and warps of the forward and backward kernels (not tuned yet)."""
+    carries), warps of the forward and backward kernels (not tuned yet), and `segments`: parts of T that run in
+    parallel per (batch, head), 1 to MAX_SEGMENTS (None: `default_segments`; 1 is the single walk over T)."""
 
     block_t: int = 32
     num_warps: int = 4
     backward_num_warps: int = 4
+    segments: int | None = None
+
+
+def default_segments(rows: int, tiles: int, sm_count: int) -> int:
+    """1 (one walk over T per program) while the batch*heads `rows` programs cover the SMs; else enough segments
+    for 4 programs per SM: at B = 1 the rows alone leave SMs idle while each walks all of T (125M, 32k: 24 programs,
+    1024 tiles each; split, 528 programs of 47 tiles)."""
+    if rows >= sm_count:
+        return 1
+    return max(1, min(tiles, MAX_SEGMENTS, -(-4 * sm_count // rows)))
 
 
 if HAVE_TRITON:
@@ -68,18 +94,65 @@ if HAVE_TRITON:
         return keep
 
     @triton.jit
+    def _load_dt_theta(dt_ptr, theta_ptr, n, h, t, cols, T, sdt_n, sdt_t, sdt_h, sth_n, sth_t, sth_h, sth_k, K,
+                       ACC: tl.constexpr):
+        """dt (BT,) and theta (BT, BK) at the tile's times, 0 past T."""
+        tmask = t < T
+        dt = tl.load(dt_ptr + n * sdt_n + h * sdt_h + t * sdt_t, mask=tmask, other=0.0).to(ACC)
+        theta = tl.load(theta_ptr + n * sth_n + h * sth_h + t[:, None] * sth_t + cols[None, :] * sth_k,
+                        mask=tmask[:, None] & (cols < K)[None, :], other=0.0).to(ACC)
+        return dt, theta
+
+    @triton.jit
+    def _tile_scan(dt_ptr, theta_ptr, starts_ptr, n, h, t, cols, T, sdt_n, sdt_t, sdt_h,
+                   sth_n, sth_t, sth_h, sth_k, K, HAS_STARTS: tl.constexpr, BT: tl.constexpr,
+                   BK: tl.constexpr, ACC: tl.constexpr):
+        """The tile's (keep, step) scan: phi_t = keep_cum_t carry + step_cum_t; also dt (BT,) and theta (BT, BK)."""
+        dt, theta = _load_dt_theta(dt_ptr, theta_ptr, n, h, t, cols, T, sdt_n, sdt_t, sdt_h, sth_n, sth_t, sth_h,
+                                   sth_k, K, ACC)
+        keep = tl.broadcast_to(_keep(starts_ptr, n, t, T, HAS_STARTS, ACC)[:, None], (BT, BK))
+        keep_cum, step_cum = tl.associative_scan((keep, dt[:, None] * theta), 0, linear_recurrence_combine)
+        return keep_cum, step_cum, dt, theta
+
+    @triton.jit
     def _tile_angles(dt_ptr, theta_ptr, starts_ptr, n, h, t, cols, T, carry, sdt_n, sdt_t, sdt_h,
                      sth_n, sth_t, sth_h, sth_k, K, HAS_STARTS: tl.constexpr, BT: tl.constexpr,
                      BK: tl.constexpr, ACC: tl.constexpr):
         """phi at the tile's times t (BT,) from the angle `carry` before the tile; also dt (BT,) and theta (BT, BK)."""
-        tmask = t < T
-        mask = tmask[:, None] & (cols < K)[None, :]
-        dt = tl.load(dt_ptr + n * sdt_n + h * sdt_h + t * sdt_t, mask=tmask, other=0.0).to(ACC)
-        theta = tl.load(theta_ptr + n * sth_n + h * sth_h + t[:, None] * sth_t + cols[None, :] * sth_k,
-                        mask=mask, other=0.0).to(ACC)
-        keep = tl.broadcast_to(_keep(starts_ptr, n, t, T, HAS_STARTS, ACC)[:, None], (BT, BK))
-        keep_cum, step_cum = tl.associative_scan((keep, dt[:, None] * theta), 0, linear_recurrence_combine)
+        keep_cum, step_cum, dt, theta = _tile_scan(dt_ptr, theta_ptr, starts_ptr, n, h, t, cols, T, sdt_n, sdt_t,
+                                                   sdt_h, sth_n, sth_t, sth_h, sth_k, K, HAS_STARTS, BT, BK, ACC)
         return keep_cum * carry[None, :] + step_cum, dt, theta
+
+    @triton.jit
+    def _row_at(values, rows, i):
+        """Row i of a (BT, BK) tile, (BK,)."""
+        return tl.sum(tl.where(rows[:, None] == i, values, 0.0), axis=0)
+
+    @triton.jit
+    def _segment_tiles(seg, tiles_per_segment, tiles):
+        """The tiles [first, stop) of segment `seg`."""
+        first = seg * tiles_per_segment
+        return first, tl.minimum(first + tiles_per_segment, tiles)
+
+    @triton.jit
+    def _carry_in(sums_ptr, row, seg, segments, carry, cols, BK: tl.constexpr, SB: tl.constexpr,
+                  REVERSE: tl.constexpr):
+        """The carry entering segment `seg`: `carry` (angle0; backwards d angle_last) through the maps
+        v -> keep v + value of the segments before it (REVERSE: after it), sums (n*H, segments, 2, BK)."""
+        blocks = tl.cdiv(segments, SB)
+        count = blocks - seg // SB if REVERSE else tl.cdiv(seg, SB)
+        offs = tl.arange(0, SB)
+        for i in range(0, count):
+            s = (blocks - 1 - i if REVERSE else i) * SB + offs
+            use = ((s > seg) & (s < segments)) if REVERSE else s < seg
+            ptrs = sums_ptr + (row * segments + s[:, None]) * 2 * BK + cols[None, :]
+            keep = tl.load(ptrs, mask=use[:, None], other=1.0)
+            value = tl.load(ptrs + BK, mask=use[:, None], other=0.0)
+            keep_cum, value_cum = tl.associative_scan((keep, value), 0, linear_recurrence_combine, reverse=REVERSE)
+            pick = offs[:, None] == (0 if REVERSE else SB - 1)
+            carry = (tl.sum(tl.where(pick, keep_cum, 0.0), axis=0) * carry
+                     + tl.sum(tl.where(pick, value_cum, 0.0), axis=0))
+        return carry
 
     @triton.jit
     def _load_pair(ptr, off, stride_k, mask, K, ACC: tl.constexpr):
@@ -92,28 +165,55 @@ if HAVE_TRITON:
         tl.store(ptr + off + K, second.to(ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _frame_fwd_kernel(dt_ptr, theta_ptr, b_ptr, c_ptr, starts_ptr, angle0_ptr, prev_b_ptr,
-                          keys_ptr, queries_ptr, angle_last_ptr, carries_ptr, T, H, K,
+    def _frame_sums_kernel(dt_ptr, theta_ptr, starts_ptr, sums_ptr, T, H, K, segments, tiles_per_segment,
+                           sdt_n, sdt_t, sdt_h, sth_n, sth_t, sth_h, sth_k,
+                           HAS_STARTS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):
+        """Per (batch*head, segment): the segment's angle map phi -> keep phi + step (keep 0 if it holds a start)."""
+        row = tl.program_id(0).to(tl.int64)
+        seg = tl.program_id(1)
+        n, h = row // H, row % H
+        rows, cols = tl.arange(0, BT), tl.arange(0, BK)
+        first, stop = _segment_tiles(seg, tiles_per_segment, tl.cdiv(T, BT))
+        keep = tl.full((BK,), 1.0, ACC)
+        step = tl.zeros((BK,), ACC)
+        for tile in range(first, stop):
+            keep_cum, step_cum, _, _ = _tile_scan(dt_ptr, theta_ptr, starts_ptr, n, h, tile * BT + rows, cols, T,
+                                                  sdt_n, sdt_t, sdt_h, sth_n, sth_t, sth_h, sth_k, K, HAS_STARTS,
+                                                  BT, BK, ACC)
+            last_keep = _row_at(keep_cum, rows, BT - 1)  # rows past T: keep 1, step 0
+            keep, step = keep * last_keep, last_keep * step + _row_at(step_cum, rows, BT - 1)
+        out = sums_ptr + (row * segments + seg) * 2 * BK + cols
+        tl.store(out, keep)
+        tl.store(out + BK, step)
+
+    @triton.jit
+    def _frame_fwd_kernel(dt_ptr, theta_ptr, b_ptr, c_ptr, starts_ptr, angle0_ptr, prev_b_ptr, sums_ptr,
+                          keys_ptr, queries_ptr, angle_last_ptr, carries_ptr, T, H, K, segments, tiles_per_segment,
                           sdt_n, sdt_t, sdt_h, sth_n, sth_t, sth_h, sth_k,
                           sb_n, sb_t, sb_h, sb_k, sc_n, sc_t, sc_h, sc_k,
-                          HAS_STARTS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):
+                          HAS_STARTS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, SB: tl.constexpr,
+                          ACC: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)  # batch * H + head
+        seg = tl.program_id(1)
         n, h = row // H, row % H
         rows, cols = tl.arange(0, BT), tl.arange(0, BK)
         kmask = cols < K
         N = 2 * K
-        carry = tl.load(angle0_ptr + row * K + cols, mask=kmask, other=0.0).to(ACC)
-        first, second = _load_pair(prev_b_ptr, row * N + cols, 1, kmask, K, ACC)
-        first, second = _unrotate(first, second, tl.cos(carry), tl.sin(carry))
-        _store_pair(keys_ptr, (n * T * 2 * H + H + h) * N + cols, first, second, kmask, K)  # keys[:, 0, H + h]
+        angle0 = tl.load(angle0_ptr + row * K + cols, mask=kmask, other=0.0).to(ACC)
+        if seg == 0:
+            first, second = _load_pair(prev_b_ptr, row * N + cols, 1, kmask, K, ACC)
+            first, second = _unrotate(first, second, tl.cos(angle0), tl.sin(angle0))
+            _store_pair(keys_ptr, (n * T * 2 * H + H + h) * N + cols, first, second, kmask, K)  # keys[:, 0, H + h]
+        carry = _carry_in(sums_ptr, row, seg, segments, angle0, cols, BK, SB, False)
         tiles = tl.cdiv(T, BT)
-        for tile in range(0, tiles):
+        first_tile, stop = _segment_tiles(seg, tiles_per_segment, tiles)
+        for tile in range(first_tile, stop):
             t = tile * BT + rows
             mask = (t < T)[:, None] & kmask[None, :]
             tl.store(carries_ptr + (row * tiles + tile) * BK + cols, carry, mask=kmask)
             phi, _, _ = _tile_angles(dt_ptr, theta_ptr, starts_ptr, n, h, t, cols, T, carry, sdt_n, sdt_t, sdt_h,
                                      sth_n, sth_t, sth_h, sth_k, K, HAS_STARTS, BT, BK, ACC)
-            carry = tl.sum(tl.where(rows[:, None] == BT - 1, phi, 0.0), axis=0)  # rows past T keep phi_{T-1}
+            carry = _row_at(phi, rows, BT - 1)  # rows past T keep phi_{T-1}
             cos, sin = tl.cos(phi), tl.sin(phi)
             b1, b2 = _load_pair(b_ptr, n * sb_n + h * sb_h + t[:, None] * sb_t + cols[None, :] * sb_k, sb_k,
                                 mask, K, ACC)
@@ -126,24 +226,34 @@ if HAVE_TRITON:
             _store_pair(keys_ptr, out + (2 * H + H) * N, b1, b2, mask & (t + 1 < T)[:, None], K)  # t + 1, H + h
             _store_pair(queries_ptr, out, c1, c2, mask, K)
             _store_pair(queries_ptr, out + H * N, c1, c2, mask, K)
-        tl.store(angle_last_ptr + row * K + cols, carry, mask=kmask)
+        if seg == segments - 1:
+            tl.store(angle_last_ptr + row * K + cols, carry, mask=kmask)
 
     @triton.jit
     def _frame_bwd_kernel(dt_ptr, theta_ptr, b_ptr, c_ptr, starts_ptr, angle0_ptr, prev_b_ptr, carries_ptr,
-                          dkeys_ptr, dqueries_ptr, dangle_last_ptr,
+                          dkeys_ptr, dqueries_ptr, dangle_last_ptr, sums_ptr,
                           ddt_ptr, dtheta_ptr, db_ptr, dc_ptr, dangle0_ptr, dprev_b_ptr, T, H, K,
-                          sdt_n, sdt_t, sdt_h, sth_n, sth_t, sth_h, sth_k,
+                          segments, tiles_per_segment, sdt_n, sdt_t, sdt_h, sth_n, sth_t, sth_h, sth_k,
                           sb_n, sb_t, sb_h, sb_k, sc_n, sc_t, sc_h, sc_k,
-                          HAS_STARTS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):
+                          HAS_STARTS: tl.constexpr, SINGLE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                          ACC: tl.constexpr):
+        """SINGLE (one segment): the whole backward, G from d angle_last. Else the first pass of a segment: dB, dC,
+        d phi into dtheta's buffer and the segment's map G -> keep G + value into sums (`_frame_bwd_scan_kernel`)."""
         row = tl.program_id(0).to(tl.int64)
+        seg = tl.program_id(1)
         n, h = row // H, row % H
         rows, cols = tl.arange(0, BT), tl.arange(0, BK)
         kmask = cols < K
         N = 2 * K
-        grad = tl.load(dangle_last_ptr + row * K + cols, mask=kmask, other=0.0).to(ACC)  # G_T: d angle_last
+        if SINGLE:
+            grad = tl.load(dangle_last_ptr + row * K + cols, mask=kmask, other=0.0).to(ACC)  # G_T: d angle_last
+        else:
+            grad = tl.zeros((BK,), ACC)
+        keep_total = tl.full((BK,), 1.0, ACC)
         tiles = tl.cdiv(T, BT)
-        for i in range(0, tiles):
-            tile = tiles - 1 - i
+        first_tile, stop = _segment_tiles(seg, tiles_per_segment, tiles)
+        for i in range(0, stop - first_tile):
+            tile = stop - 1 - i
             t = tile * BT + rows
             tmask = t < T
             mask = tmask[:, None] & kmask[None, :]
@@ -174,23 +284,88 @@ if HAVE_TRITON:
             keep_cum, dphi_cum = tl.associative_scan((keep_next, tl.where(mask, dphi, 0.0)), 0,
                                                      linear_recurrence_combine, reverse=True)
             G = keep_cum * grad[None, :] + dphi_cum
-            grad = tl.sum(tl.where(rows[:, None] == 0, G, 0.0), axis=0)
+            grad = _row_at(G, rows, 0)
+            dtheta = dtheta_ptr + ((n * T + t[:, None]) * H + h) * K + cols[None, :]
+            if SINGLE:
+                tl.store(ddt_ptr + (n * T + t) * H + h, tl.sum(tl.where(mask, theta * G, 0.0), axis=1), mask=tmask)
+                tl.store(dtheta, dt[:, None] * G, mask=mask)
+            else:
+                keep_total *= _row_at(keep_cum, rows, 0)
+                tl.store(dtheta, dphi, mask=mask)
+        if not SINGLE:
+            sums = sums_ptr + (row * segments + seg) * 2 * BK + cols
+            tl.store(sums, keep_total)
+            tl.store(sums + BK, grad)
+        if seg == 0:
+            # angle0 reaches phi_0 unless t = 0 starts a document, and rotates prev_B into keys[:, 0, H + h]
+            zero = tl.arange(0, 1)
+            keep0 = tl.sum(_keep(starts_ptr, n, zero, T, HAS_STARTS, ACC), axis=0)
+            angle0 = tl.load(angle0_ptr + row * K + cols, mask=kmask, other=0.0).to(ACC)
+            cos, sin = tl.cos(angle0), tl.sin(angle0)
+            b1, b2 = _load_pair(prev_b_ptr, row * N + cols, 1, kmask, K, ACC)
+            u1, u2 = _unrotate(b1, b2, cos, sin)
+            g1, g2 = _load_pair(dkeys_ptr, (n * T * 2 * H + H + h) * N + cols, 1, kmask, K, ACC)
+            _store_pair(dprev_b_ptr, row * N + cols, g1 * cos - g2 * sin, g1 * sin + g2 * cos, kmask, K)
+            dangle0 = g1 * u2 - g2 * u1
+            if SINGLE:  # else the scan kernel adds it
+                dangle0 += keep0 * grad
+            tl.store(dangle0_ptr + row * K + cols, dangle0, mask=kmask)
+
+    @triton.jit
+    def _frame_bwd_scan_kernel(dt_ptr, theta_ptr, starts_ptr, sums_ptr, dangle_last_ptr, ddt_ptr, dtheta_ptr,
+                               dangle0_ptr, T, H, K, segments, tiles_per_segment,
+                               sdt_n, sdt_t, sdt_h, sth_n, sth_t, sth_h, sth_k,
+                               HAS_STARTS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, SB: tl.constexpr,
+                               ACC: tl.constexpr):
+        """Second backward pass of a segment: G entering from d angle_last through the later segments' maps, each
+        tile's G from the d phi in dtheta's buffer; then d dt = sum_k theta G, d theta = dt G,
+        d angle0 += keep_0 G_0."""
+        row = tl.program_id(0).to(tl.int64)
+        seg = tl.program_id(1)
+        n, h = row // H, row % H
+        rows, cols = tl.arange(0, BT), tl.arange(0, BK)
+        kmask = cols < K
+        grad = tl.load(dangle_last_ptr + row * K + cols, mask=kmask, other=0.0).to(ACC)
+        grad = _carry_in(sums_ptr, row, seg, segments, grad, cols, BK, SB, True)
+        first_tile, stop = _segment_tiles(seg, tiles_per_segment, tl.cdiv(T, BT))
+        for i in range(0, stop - first_tile):
+            t = (stop - 1 - i) * BT + rows
+            tmask = t < T
+            mask = tmask[:, None] & kmask[None, :]
+            dt, theta = _load_dt_theta(dt_ptr, theta_ptr, n, h, t, cols, T, sdt_n, sdt_t, sdt_h, sth_n, sth_t, sth_h,
+                                       sth_k, K, ACC)
+            dtheta = dtheta_ptr + ((n * T + t[:, None]) * H + h) * K + cols[None, :]
+            dphi = tl.load(dtheta, mask=mask, other=0.0)
+            keep_next = tl.broadcast_to(_keep(starts_ptr, n, t + 1, T, HAS_STARTS, ACC)[:, None], (BT, BK))
+            keep_cum, dphi_cum = tl.associative_scan((keep_next, dphi), 0, linear_recurrence_combine, reverse=True)
+            G = keep_cum * grad[None, :] + dphi_cum
+            grad = _row_at(G, rows, 0)
             tl.store(ddt_ptr + (n * T + t) * H + h, tl.sum(tl.where(mask, theta * G, 0.0), axis=1), mask=tmask)
-            tl.store(dtheta_ptr + ((n * T + t[:, None]) * H + h) * K + cols[None, :], dt[:, None] * G, mask=mask)
-        # angle0 reaches phi_0 unless t = 0 starts a document, and rotates prev_B into keys[:, 0, H + h]
-        zero = tl.arange(0, 1)
-        keep0 = tl.sum(_keep(starts_ptr, n, zero, T, HAS_STARTS, ACC), axis=0)
-        angle0 = tl.load(angle0_ptr + row * K + cols, mask=kmask, other=0.0).to(ACC)
-        cos, sin = tl.cos(angle0), tl.sin(angle0)
-        b1, b2 = _load_pair(prev_b_ptr, row * N + cols, 1, kmask, K, ACC)
-        u1, u2 = _unrotate(b1, b2, cos, sin)
-        g1, g2 = _load_pair(dkeys_ptr, (n * T * 2 * H + H + h) * N + cols, 1, kmask, K, ACC)
-        _store_pair(dprev_b_ptr, row * N + cols, g1 * cos - g2 * sin, g1 * sin + g2 * cos, kmask, K)
-        tl.store(dangle0_ptr + row * K + cols, keep0 * grad + g1 * u2 - g2 * u1, mask=kmask)
+            tl.store(dtheta, dt[:, None] * G, mask=mask)
+        if seg == 0:
+            zero = tl.arange(0, 1)
+            keep0 = tl.sum(_keep(starts_ptr, n, zero, T, HAS_STARTS, ACC), axis=0)
+            dangle0 = dangle0_ptr + row * K + cols
+            tl.store(dangle0, tl.load(dangle0, mask=kmask, other=0.0) + keep0 * grad, mask=kmask)
 
 
 def _strides(dt, theta, B, C) -> tuple[int, ...]:
     return (*dt.stride(), *theta.stride(), *B.stride(), *C.stride())
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _FALLBACK_SM_COUNT
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _segments(T: int, rows: int, launch: LaunchConfig, device: torch.device) -> tuple[int, int]:
+    """(segments, tiles per segment): T's tiles split into equal runs, none empty."""
+    tiles = triton.cdiv(T, launch.block_t)
+    wanted = default_segments(rows, tiles, _sm_count(device)) if launch.segments is None else launch.segments
+    per = triton.cdiv(tiles, min(wanted, tiles))
+    return triton.cdiv(tiles, per), per
 
 
 class _Frame(torch.autograd.Function):
@@ -199,18 +374,28 @@ class _Frame(torch.autograd.Function):
         n, T, H, N = B.shape
         K = N // 2
         acc = torch.float64 if torch.float64 in (dt.dtype, theta.dtype, B.dtype, C.dtype) else torch.float32
+        ACC = tl.float64 if acc == torch.float64 else tl.float32
         angle0, prev_B = angle0.contiguous(), prev_B.contiguous()
         keys = torch.empty(n, T, 2 * H, N, device=B.device, dtype=dtype)
         queries = torch.empty_like(keys)
         angle_last = torch.empty(n, H, K, device=B.device, dtype=acc)
         BK = triton.next_power_of_2(K)
         carries = torch.empty(n * H, triton.cdiv(T, launch.block_t), BK, device=B.device, dtype=acc)
-        _frame_fwd_kernel[(n * H,)](
-            dt, theta, B, C, dt if starts is None else starts, angle0, prev_B, keys, queries, angle_last, carries,
-            T, H, K, *_strides(dt, theta, B, C), HAS_STARTS=starts is not None, BT=launch.block_t, BK=BK,
-            ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=launch.num_warps)
+        segments, per = _segments(T, n * H, launch, B.device)
+        starts_arg = dt if starts is None else starts  # dt stands in for absent starts: never read
+        strides = _strides(dt, theta, B, C)
+        sums = carries  # one segment: no sums, never read
+        if segments > 1:
+            sums = torch.empty(n * H, segments, 2, BK, device=B.device, dtype=acc)
+            _frame_sums_kernel[(n * H, segments)](
+                dt, theta, starts_arg, sums, T, H, K, segments, per, *strides[:7], HAS_STARTS=starts is not None,
+                BT=launch.block_t, BK=BK, ACC=ACC, num_warps=launch.num_warps)
+        _frame_fwd_kernel[(n * H, segments)](
+            dt, theta, B, C, starts_arg, angle0, prev_B, sums, keys, queries, angle_last, carries,
+            T, H, K, segments, per, *strides, HAS_STARTS=starts is not None, BT=launch.block_t, BK=BK,
+            SB=_SEGMENT_BLOCK, ACC=ACC, num_warps=launch.num_warps)
         ctx.save_for_backward(dt, theta, B, C, starts, angle0, prev_B, carries)
-        ctx.acc, ctx.launch = acc, launch
+        ctx.acc, ctx.launch, ctx.segments = acc, launch, (segments, per)
         return keys, queries, angle_last
 
     @staticmethod
@@ -218,6 +403,8 @@ class _Frame(torch.autograd.Function):
         dt, theta, B, C, starts, angle0, prev_B, carries = ctx.saved_tensors
         n, T, H, N = B.shape
         K, acc, launch = N // 2, ctx.acc, ctx.launch
+        ACC = tl.float64 if acc == torch.float64 else tl.float32
+        segments, per = ctx.segments
         BK = triton.next_power_of_2(K)
         zeros = torch.zeros(n, T, 2 * H, N, device=B.device, dtype=acc)
         dkeys = zeros if dkeys is None else dkeys.contiguous()
@@ -226,11 +413,20 @@ class _Frame(torch.autograd.Function):
         ddt, dtheta = (torch.empty(shape, device=B.device, dtype=acc) for shape in ((n, T, H), (n, T, H, K)))
         dB, dC = (torch.empty(n, T, H, N, device=B.device, dtype=acc) for _ in range(2))
         dangle0, dprev_B = (torch.empty(shape, device=B.device, dtype=acc) for shape in ((n, H, K), (n, H, N)))
-        _frame_bwd_kernel[(n * H,)](
-            dt, theta, B, C, dt if starts is None else starts, angle0, prev_B, carries, dkeys, dqueries, dangle_last,
-            ddt, dtheta, dB, dC, dangle0, dprev_B, T, H, K, *_strides(dt, theta, B, C),
-            HAS_STARTS=starts is not None, BT=launch.block_t, BK=BK,
-            ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=launch.backward_num_warps)
+        starts_arg = dt if starts is None else starts
+        strides = _strides(dt, theta, B, C)
+        single = segments == 1
+        sums = carries if single else torch.empty(n * H, segments, 2, BK, device=B.device, dtype=acc)
+        _frame_bwd_kernel[(n * H, segments)](
+            dt, theta, B, C, starts_arg, angle0, prev_B, carries, dkeys, dqueries, dangle_last, sums,
+            ddt, dtheta, dB, dC, dangle0, dprev_B, T, H, K, segments, per, *strides,
+            HAS_STARTS=starts is not None, SINGLE=single, BT=launch.block_t, BK=BK, ACC=ACC,
+            num_warps=launch.backward_num_warps)
+        if not single:  # the angle gradient's scan across segments, then within each
+            _frame_bwd_scan_kernel[(n * H, segments)](
+                dt, theta, starts_arg, sums, dangle_last, ddt, dtheta, dangle0, T, H, K, segments, per,
+                *strides[:7], HAS_STARTS=starts is not None, BT=launch.block_t, BK=BK, SB=_SEGMENT_BLOCK, ACC=ACC,
+                num_warps=launch.backward_num_warps)
         return (ddt.to(dt.dtype), dtheta.to(theta.dtype), dB.to(B.dtype), dC.to(C.dtype), dangle0.to(angle0.dtype),
                 dprev_B.to(prev_B.dtype), None, None, None)
 
@@ -253,6 +449,9 @@ def rotating_frame_triton(dt, theta, B, C, angle0, prev_B, document_starts=None,
     launch = LaunchConfig() if launch is None else launch
     if not isinstance(launch, LaunchConfig):
         raise ValueError(f"launch: expected a LaunchConfig or None, got {type(launch).__name__}")
+    segments = launch.segments
+    if segments is not None and not (isinstance(segments, int) and 1 <= segments <= MAX_SEGMENTS):
+        raise ValueError(f"launch.segments: expected None or an int in [1, {MAX_SEGMENTS}], got {launch.segments!r}")
     if dtype is None:
         dtype = torch.float64 if torch.float64 in (dt.dtype, theta.dtype, B.dtype, C.dtype) else torch.float32
     starts = None if document_starts is None else document_starts.to(torch.int8).contiguous()
