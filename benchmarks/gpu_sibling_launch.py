@@ -33,9 +33,20 @@ GDN_VARIANTS = {
     "default": ({}, 64), "chunk32": ({}, 32), "warps_grads4": ({"warps_grads": 4}, 64),
     "block_v_grads32": ({"block_v_grads": 32}, 64), "block_v_grads64": ({"block_v_grads": 64}, 64),
     "block_v_grads128": ({"block_v_grads": 128}, 64), "chunk32_block_v_grads64": ({"block_v_grads": 64}, 32),
-    "stages_grads2": ({"stages_grads": 2}, 64),
+    "stages_grads2": ({"stages_grads": 2}, 64),  # after the -dV~ accumulate: no spills in either kernel (below)
     "warps_dstates8": ({"warps_dstates": 8}, 64), "block_v_dstates32": ({"block_v_dstates": 32}, 64),
     "warps_wy8": ({"warps_wy": 8}, 64), "warps_output8": ({"warps_output": 8}, 64),
+    # sm_90 probe, bf16 (128, 256), 96 rows (registers / spill bytes / shared KB / programs per SM; default
+    # dstates 255 / 728 / 48 / 2 unpipelined, grads_output 249 / 0 / 80 / 1, grads_wy 250 / 0 / 52 / 1):
+    # pipelined state-gradient walk, 8 warps: 255 / 44 / 184 / 1 (384 programs)
+    "dstates_w8_s2": ({"warps_dstates": 8, "stages_dstates": 2}, 64),
+    # the same at Dv-tile 32: 220 / 0 / 140 / 1 (768 programs, ~5.8 waves of 132 SMs)
+    "dstates_v32_w8_s2": ({"block_v_dstates": 32, "warps_dstates": 8, "stages_dstates": 2}, 64),
+    # both gradient kernels pipelined without spills (grads_output 254 / 0 / 112, grads_wy 255 / 0 / 116), with that
+    # walk
+    "dstates_v32_w8_s2_grads_s2": ({"block_v_dstates": 32, "warps_dstates": 8, "stages_dstates": 2,
+                                    "stages_grads": 2}, 64),
+    "dstates_w8_s2_grads_s2": ({"warps_dstates": 8, "stages_dstates": 2, "stages_grads": 2}, 64),
 }
 SSD_VARIANTS = {
     "default": ({}, 64), "chunk32": ({}, 32), "chunk128": ({}, 128), "warps_grads4": ({"warps_grads": 4}, 64),

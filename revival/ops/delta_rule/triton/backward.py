@@ -231,10 +231,13 @@ def _wy_grads_kernel(
         offs_v = start + tl.arange(0, BV)
         dv = (beta[:, None] * dv_tilde).to(dv_ptr.dtype.element_ty)
         tl.store(dv_ptr + tokens[:, None] * DV + offs_v[None, :], dv, mask=valid[:, None] & (offs_v < DV)[None, :])
-        dM -= tl.dot(dv_tilde, load_cols(u_ptr, tokens, valid, DV, BV, start), input_precision=PRECISION)
+        # -dV~ into both accumulators in place (Triton fuses acc + dot, not acc - dot: a (L, L) and an (L, Dk)
+        # float32 temporary less; sm_90 bf16 probe: 36 -> 0 spill bytes)
+        dM = tl.dot(-dv_tilde, load_cols(u_ptr, tokens, valid, DV, BV, start), acc=dM, input_precision=PRECISION)
         here_T = base + offs_k[None, :] * DV + offs_v[:, None]
         mask_T = (offs_v < DV)[:, None] & (offs_k < DK)[None, :]
-        dk_tilde -= tl.dot(dv_tilde, tl.load(states_ptr + here_T, mask=mask_T, other=0.0), input_precision=PRECISION)
+        dk_tilde = tl.dot(-dv_tilde, tl.load(states_ptr + here_T, mask=mask_T, other=0.0), acc=dk_tilde,
+                          input_precision=PRECISION)
         u_du += tl.dot(load_rows(u_ptr, tokens, valid, DV, BV, start), load_cols(du_ptr, tokens, valid, DV, BV, start),
                        input_precision=PRECISION)
 
