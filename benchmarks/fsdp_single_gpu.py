@@ -1,15 +1,16 @@
 """World size 1 FSDP against the plain trainer on one GPU (issue 24 point 3): is `train.parallel=fsdp` on one device
 within 5% of `train.parallel=none` in training tokens/s?
 
-Run on a CUDA machine:  python benchmarks/fsdp_single_gpu.py --out $OUT   (5 variants x 2 presets: several minutes
+Run on a CUDA machine:  python benchmarks/fsdp_single_gpu.py --out $OUT   (7 variants x 2 presets: several minutes
 on an H200; --rounds 3 --steps 10, or fewer --variants, for a quicker look)
 
 Per preset (125M parameters, `revival.bench.models.bench_config`) it builds one `revival.train.Trainer` per variant
 (`VARIANTS`, `--variants`) from one run config: `train.parallel` none or fsdp (a process group of one), AdamW fused
-(the default on CUDA) or foreach, FSDP blocks keeping their gathered parameters to the backward (the default at world
-size 1) or resharding after forward; all bf16 (autocast; FSDP gathers bf16 parameters and reduces fp32 gradients). It
-times their `train_step` (the step `Trainer.train` runs: forward, backward, clipping, AdamW, scheduler) in
-alternating rounds after warm-up steps, so drift of the GPU's clock hits all alike. tokens/s of a variant is the
+(the default on CUDA) or foreach, under FSDP on the local shards (the default) or on the DTensors, FSDP blocks keeping
+their gathered parameters to the backward (the default at world size 1) or resharding after forward, clipping on the
+local shards (the default) or on the DTensors; all bf16 (autocast; FSDP gathers bf16 parameters and reduces fp32
+gradients). It times their `train_step` (the step `Trainer.train` runs: forward, backward, clipping, AdamW, scheduler)
+in alternating rounds after warm-up steps, so drift of the GPU's clock hits all alike. tokens/s of a variant is the
 median over its rounds. Writes fsdp_single_gpu.json: every round, the medians, the ratio fsdp / none of the defaults,
 `within_5_percent`, the same ratio before issue 24 point 3 (fsdp-foreach-reshard / none-foreach), peak memory and the
 first losses of each variant (close, not equal: bf16 parameters under FSDP, fp32 under autocast in the plain trainer).
@@ -33,15 +34,18 @@ from revival.bench.report import environment, write_json  # noqa: E402
 from revival.data import ByteTokenizer, load_corpus  # noqa: E402
 from revival.models import preset_config  # noqa: E402
 from revival.train.config import RunConfig  # noqa: E402
+from revival.train.distributed import LocalShardAdamW  # noqa: E402
 from revival.train.trainer import Trainer  # noqa: E402
 
-# variant: (train.parallel, fused AdamW, blocks reshard after forward, clipping on the local shards; None: the
-# trainer's default). The first two are the defaults (the target ratio is fsdp / none); the others undo issue 24 point
-# 3's changes (foreach AdamW, resharding blocks, torch's clip_grad_norm_ on the DTensors) one by one, to see what each
-# bought.
-VARIANTS = {"none": ("none", None, None, None), "fsdp": ("fsdp", None, None, None),
-            "none-foreach": ("none", False, None, None), "fsdp-foreach": ("fsdp", False, False, None),
-            "fsdp-foreach-reshard": ("fsdp", False, True, None), "fsdp-dtensor-clip": ("fsdp", None, None, False)}
+# variant: (train.parallel, fused AdamW, blocks reshard after forward, clipping on the local shards, AdamW on the local
+# shards; None: the trainer's default). The first two are the defaults (the target ratio is fsdp / none); the others
+# undo issue 24 point 3's changes one by one, to see what each bought: foreach AdamW, resharding blocks, torch's
+# clip_grad_norm_ on the DTensors, torch's AdamW on the DTensors; fsdp-foreach-reshard undoes them all (the "before").
+VARIANTS = {"none": ("none", None, None, None, None), "fsdp": ("fsdp", None, None, None, None),
+            "none-foreach": ("none", False, None, None, None), "fsdp-foreach": ("fsdp", False, False, None, None),
+            "fsdp-foreach-reshard": ("fsdp", False, True, False, False),
+            "fsdp-dtensor-clip": ("fsdp", None, None, False, None),
+            "fsdp-dtensor-adamw": ("fsdp", None, None, None, False)}
 
 
 def model_section(preset: str, size: str) -> dict:
@@ -52,15 +56,17 @@ def model_section(preset: str, size: str) -> dict:
 
 
 class VariantTrainer(Trainer):
-    """A Trainer whose AdamW is fused or foreach as the variant says (None: the default, fused on CUDA), and whose
-    clipping is the trainer's (local shards under FSDP) or, with `local_clip` False, torch's on the whole model."""
+    """A Trainer whose AdamW is fused or foreach, on FSDP's local shards or on its DTensors, as the variant says (None:
+    the defaults: fused on CUDA, local shards under FSDP), and whose clipping is the trainer's (local shards under FSDP)
+    or, with `local_clip` False, torch's on the whole model."""
 
-    def __init__(self, run: RunConfig, fused: bool | None, local_clip: bool | None, **kwargs):
-        self.fused, self.local_clip = fused, local_clip
+    def __init__(self, run: RunConfig, fused: bool | None, local_clip: bool | None, local_adamw: bool | None,
+                 **kwargs):
+        self.fused, self.local_clip, self.local_adamw = fused, local_clip, local_adamw
         super().__init__(run, **kwargs)
 
-    def _make_optimizer(self, fused: bool | None = None) -> torch.optim.Optimizer:
-        return super()._make_optimizer(fused=self.fused)
+    def _make_optimizer(self, fused: bool | None = None, local_shards: bool | None = None) -> torch.optim.Optimizer:
+        return super()._make_optimizer(fused=self.fused, local_shards=self.local_adamw)
 
     def _clip_gradients(self) -> torch.Tensor:
         if self.local_clip is False:
@@ -69,14 +75,15 @@ class VariantTrainer(Trainer):
 
 
 def build_trainer(preset: str, args, variant: str, corpus, out_dir: Path) -> Trainer:
-    parallel, fused, reshard, local_clip = VARIANTS[variant]
+    parallel, fused, reshard, local_clip, local_adamw = VARIANTS[variant]
     run = RunConfig.from_dict({
         "model": model_section(preset, args.size),
         "data": {"corpus": "stdlib-notests", "tokenizer": "byte", "context_length": args.context},
         "train": {"steps": 10**6, "batch_size": args.batch_size, "warmup_steps": 10, "device": args.device,
                   "precision": "auto", "parallel": parallel, "progress": False, "tensorboard": False,
                   "out_dir": str(out_dir / f"{preset}-{variant}")}})
-    trainer = VariantTrainer(run, fused=fused, local_clip=local_clip, corpus=corpus, force=True)
+    trainer = VariantTrainer(run, fused=fused, local_clip=local_clip, local_adamw=local_adamw, corpus=corpus,
+                             force=True)
     if reshard:  # FSDP2's runtime switch; the root keeps its parameters (as wrap_model sets it)
         trainer.model.set_reshard_after_forward(True)
         trainer.model.set_reshard_after_forward(False, recurse=False)
@@ -130,8 +137,9 @@ def measure(preset: str, args, variants: list[str], corpus, out_dir: Path) -> di
               "model": model_section(preset, args.size), "modes": {}}
     for variant, trainer in trainers.items():
         losses = [trainer.train_step() for _ in range(args.warmup)]  # compiles kernels, warms the allocator
-        parallel, _, reshard, _ = VARIANTS[variant]
+        parallel, _, reshard, _, _ = VARIANTS[variant]
         record["modes"][variant] = {"parallel": parallel, "fused": bool(trainer.optimizer.defaults["fused"]),
+                                    "local_shard_adamw": isinstance(trainer.optimizer, LocalShardAdamW),
                                     "blocks_reshard": (trainer.world.world_size > 1 if reshard is None else reshard)
                                     if parallel == "fsdp" else None,  # None resolved as wrap_model does
                                     "first_losses": losses, "rounds_tokens_per_s": []}

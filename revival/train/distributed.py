@@ -215,6 +215,32 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     return total
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (the attribute: `to_local()` makes a new view per call on a Parameter in torch >= 2.13,
+    host time again), any other tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
+
+
+class LocalShardAdamW(torch.optim.AdamW):
+    """torch's AdamW, stepping FSDP's DTensor parameters through their local shards: the update is elementwise, so
+    each rank updating its shard as plain tensors (torch's fused or foreach kernels, as the group says) is the update
+    of the whole parameter, without the DTensor dispatch of every multi-tensor op (host time the GPU waits for,
+    `docs/distributed.md`). The state is torch's, created by torch's code: exp_avg / exp_avg_sq are DTensors like
+    their parameters, so `state_dict`, torch.distributed.checkpoint and `load_optimizer_state` see exactly what
+    torch's AdamW holds, and a checkpoint of either resumes with the other. Plain parameters step as in torch's."""
+
+    def _init_group(self, group, *arguments):
+        # torch's step fills these lists (params, grads, moments, steps) here and hands them to its functional adam():
+        # swapping in the local shards is the whole change (older torch's own AdamW passes a bool `amsgrad` among them)
+        has_complex = super()._init_group(group, *arguments)
+        for tensors in arguments:
+            if isinstance(tensors, list):
+                tensors[:] = [_local(tensor) for tensor in tensors]
+        return has_complex
+
+
 def rank_position(position: int, batch_size: int, world: World) -> int:
     """The first position of this rank's rows in the micro-batch of all ranks that starts at `position`."""
     return position + world.rank * batch_size

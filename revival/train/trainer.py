@@ -327,20 +327,25 @@ class Trainer:
         """Clip the gradients' global norm to train.grad_clip (FSDP: on the local shards); returns the norm."""
         return distributed.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
 
-    def _make_optimizer(self, fused: bool | None = None) -> torch.optim.Optimizer:
+    def _make_optimizer(self, fused: bool | None = None, local_shards: bool | None = None) -> torch.optim.Optimizer:
         """AdamW, weight decay on matrices only. `fused`: torch's fused AdamW, a few multi-tensor kernels for the whole
         update (plain tensors and FSDP's DTensors alike; foreach's are several times more, and slower on DTensors);
-        None: fused on CUDA only, so the CPU keeps foreach (the reference of the bit-exact distributed tests)."""
+        None: fused on CUDA only, so the CPU keeps foreach (the reference of the bit-exact distributed tests).
+        `local_shards`: step FSDP's DTensor parameters through their local shards (`distributed.LocalShardAdamW`, the
+        same update and state without DTensor dispatch); None: under FSDP only."""
         if fused is None:
             fused = self.device.type == "cuda"
+        if local_shards is None:
+            local_shards = self.world.parallel == "fsdp"
         decay, no_decay = [], []
         for name, param in self.model.named_parameters():
             if not param.requires_grad:
                 continue
             (decay if param.ndim >= 2 and "embedding" not in name else no_decay).append(param)
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
-                                 fused=True if fused else None)  # False would turn off foreach too; None keeps it
+        adamw = distributed.LocalShardAdamW if local_shards else torch.optim.AdamW
+        return adamw(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
+                     fused=True if fused else None)  # False would turn off foreach too; None keeps it
 
     def _autocast(self):
         if self.autocast_dtype is None:

@@ -44,16 +44,40 @@ LOSS_RTOL = 1e-5  # batch 2b vs 2 ranks x b: float32 summation order, then the n
 WEIGHT_ATOL = 1e-5  # measured: 31 of 35268 weights beyond it (Adam on noise-level gradients), the rest below 3e-6
 NOISY_FRACTION = 0.002
 NO_CLIP = 1e9  # train.grad_clip above any gradient norm here: clipping inactive
-TWO_RANK_RUNS = {  # name: (train.parallel, grad_accum, grad_clip, resume from the 1-rank checkpoint at step 2)
-    "ddp": ("ddp", 1, NO_CLIP, False), "fsdp": ("fsdp", 1, NO_CLIP, False),
-    "ddp_accum": ("ddp", 2, 1.0, False), "fsdp_accum": ("fsdp", 2, 1.0, False),
-    "ddp_resume": ("ddp", 1, NO_CLIP, True), "fsdp_resume": ("fsdp", 1, NO_CLIP, True),
+CLIP = 0.05  # train.grad_clip below every step's gradient norm here (checked): clipping active
+CLIP_RTOL = 1e-6  # an active clip: FSDP's norm sums shard by shard, so its factor may differ in the last bits
+CLIP_ATOL = CLIP_RTOL * LR * STEPS  # ... and so may each Adam update, of size up to lr (measured: 6e-8 at most)
+TWO_RANK_RUNS = {  # name: (train.parallel, grad_accum, grad_clip, resume at step 2 from: None, "one_rank" or a run
+    # of this launch)
+    "ddp": ("ddp", 1, NO_CLIP, None), "fsdp": ("fsdp", 1, NO_CLIP, None),
+    "ddp_accum": ("ddp", 2, 1.0, None), "fsdp_accum": ("fsdp", 2, 1.0, None),
+    "fsdp_clip": ("fsdp", 1, CLIP, None),
+    "ddp_resume": ("ddp", 1, NO_CLIP, "one_rank"), "fsdp_resume": ("fsdp", 1, NO_CLIP, "one_rank"),
+    "fsdp_resume_fsdp": ("fsdp", 1, NO_CLIP, "fsdp"),
 }
 
 
 def run_config(out_dir, parallel="none", batch_size=BATCH, grad_accum=1, grad_clip=NO_CLIP):
     return tiny_run(out_dir, model=RECURRENT_MODEL, parallel=parallel, batch_size=batch_size, grad_accum=grad_accum,
                     grad_clip=grad_clip, steps=STEPS, checkpoint_every=2, lr=LR)
+
+
+def record_clip_norms(trainer: Trainer) -> list[float]:
+    """The gradient norms `trainer` clips from now on, one a step."""
+    norms, clip = [], trainer._clip_gradients
+
+    def recorded_clip():
+        norms.append(clip().item())
+        return norms[-1]
+
+    trainer._clip_gradients = recorded_clip
+    return norms
+
+
+def copy_checkpoints_at_step_2(source, target) -> None:
+    """`target` starts as `source`'s run stopped at step 2 (its checkpoints, latest pointing at step 2)."""
+    shutil.copytree(Path(source) / "checkpoints", Path(target) / "checkpoints")
+    point_latest_at(target, 2)
 
 
 def corpus():
@@ -113,11 +137,16 @@ def _count_reductions(trainer: Trainer) -> list[int]:
 def _worker(root: Path) -> None:
     results = {}
     for name, (parallel, grad_accum, grad_clip, resume) in TWO_RANK_RUNS.items():
+        if resume in results:  # a run of this launch: rank 0 copies its checkpoints while the others wait
+            if torch.distributed.get_rank() == 0:
+                copy_checkpoints_at_step_2(root / resume, root / name)
+            torch.distributed.barrier()
         trainer = Trainer(run_config(root / name, parallel, grad_accum=grad_accum, grad_clip=grad_clip),
-                          resume=resume, corpus=corpus())
+                          resume=resume is not None, corpus=corpus())
         calls = _count_reductions(trainer)
         summary = trainer.train()
-        results[name] = {"losses": summary["losses"], "reductions": calls[0], "world_size": trainer.world.world_size}
+        results[name] = {"losses": summary["losses"], "reductions": calls[0], "world_size": trainer.world.world_size,
+                         "local_shard_adamw": isinstance(trainer.optimizer, distributed.LocalShardAdamW)}
     if trainer.world.is_main:
         (root / "results.json").write_text(json.dumps(results))
     distributed.shutdown(trainer.world)
@@ -142,9 +171,8 @@ def runs(tmp_path_factory, one_thread):
                                                grad_accum=grad_accum, grad_clip=grad_clip), corpus=corpus()).train()
                 for grad_accum, grad_clip in ((1, NO_CLIP), (2, 1.0))}  # the references of "ddp", "ddp_accum"
     for name, (_, _, _, resume) in TWO_RANK_RUNS.items():
-        if resume:  # the 1-rank run's checkpoint at step 2, to be continued on 2 ranks
-            shutil.copytree(root / "one_rank" / "checkpoints", root / name / "checkpoints")
-            point_latest_at(root / name, 2)
+        if resume == "one_rank":  # the 1-rank run's checkpoint at step 2, to be continued on 2 ranks
+            copy_checkpoints_at_step_2(root / "one_rank", root / name)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__, str(root)]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
@@ -165,6 +193,26 @@ def test_two_ranks_batch_b_match_one_rank_batch_2b(runs, parallel):
     root, _, batch_2b, results = runs
     torch.testing.assert_close(results[parallel]["losses"], batch_2b[1]["losses"], rtol=LOSS_RTOL, atol=0)
     assert_close_under_adam(final_weights(root / parallel), final_weights(root / "one_rank_2b_accum1"))
+
+
+def test_fsdp_runs_step_adamw_on_local_shards(runs):
+    _, _, _, results = runs
+    assert {name: run["local_shard_adamw"] for name, run in results.items()} == {
+        name: parallel == "fsdp" for name, (parallel, _, _, _) in TWO_RANK_RUNS.items()}
+
+
+def test_two_ranks_active_clip_match_one_rank(runs):
+    """2 ranks x batch b with the gradients clipped every step (on the local shards, norm summed over the mesh) and
+    AdamW on the local shards, against 1 rank with torch's clip and AdamW on the same gradients: the clip factors
+    differ in their last bits, the weights after step 1 by as little, and from step 2 on the gradient entries that
+    are rounding noise differ with them, which Adam turns into steps of up to lr (module docstring)."""
+    root, _, _, results = runs
+    trainer = Trainer(run_config(root / "one_rank_clip", grad_accum=2, grad_clip=CLIP), corpus=corpus())
+    norms = record_clip_norms(trainer)
+    expected = trainer.train()["losses"]
+    assert len(norms) == STEPS and min(norms) > 2 * CLIP  # the clip is active at every step
+    torch.testing.assert_close(results["fsdp_clip"]["losses"], expected, rtol=CLIP_RTOL, atol=0)
+    assert_close_under_adam(final_weights(root / "fsdp_clip"), final_weights(root / "one_rank_clip"))
 
 
 @pytest.mark.parametrize("parallel, reductions_per_step", [("ddp", 1), ("fsdp", 3)])  # 1 bucket; 2 blocks + root
@@ -192,6 +240,14 @@ def test_resume_one_rank_on_two(runs, parallel):
     root, reference, _, results = runs
     assert results[f"{parallel}_resume"]["losses"] == reference["losses"][2:]
     assert_same(final_weights(root / f"{parallel}_resume"), final_weights(root / "one_rank"))
+
+
+def test_resume_two_ranks_fsdp_on_two_ranks_fsdp(runs):
+    """The local-shard AdamW's state through dcp/ and back, sharded alike: the run continues bit-identically."""
+    root, reference, _, results = runs
+    assert results["fsdp_resume_fsdp"]["losses"] == reference["losses"][2:]
+    assert_same(final_weights(root / "fsdp_resume_fsdp"), final_weights(root / "fsdp"))
+    assert_same(final_weights(root / "fsdp_resume_fsdp"), final_weights(root / "one_rank"))
 
 
 
@@ -247,25 +303,85 @@ def test_fsdp_clipping_on_local_shards_matches_torch_on_plain_gradients(tmp_path
 
 
 
-class FusedAdamTrainer(Trainer):
-    def _make_optimizer(self, fused: bool | None = None) -> torch.optim.Optimizer:
-        return super()._make_optimizer(fused=True)
+class AdamTrainer(Trainer):
+    """A Trainer whose AdamW is fused or not, and steps FSDP's DTensors on their local shards or through DTensor
+    dispatch, as its class attributes say."""
+
+    fused: bool | None = None
+    local_shards: bool | None = None
+
+    def _make_optimizer(self, fused: bool | None = None, local_shards: bool | None = None) -> torch.optim.Optimizer:
+        return super()._make_optimizer(fused=self.fused, local_shards=self.local_shards)
 
 
-def test_fused_adamw_on_fsdp_shards_matches_foreach(tmp_path, one_thread):
-    """Fused AdamW (the default on CUDA) steps FSDP's DTensor shards as foreach AdamW (the CPU default) steps plain
-    parameters, up to float32 rounding; torch's fused kernel runs on the CPU too, so this checks the DTensor path."""
+def adam_trainer(out_dir, parallel="none", fused=None, local_shards=None, **config) -> Trainer:
+    trainer_class = type("Trainer", (AdamTrainer,), {"fused": fused, "local_shards": local_shards})
+    return trainer_class(run_config(out_dir, parallel, **config), corpus=corpus())
+
+
+def full_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     from torch.distributed.tensor import DTensor
 
+    return {name: value.full_tensor() if isinstance(value, DTensor) else value
+            for name, value in trainer.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("local_shards", [False, True])
+def test_fused_adamw_on_fsdp_shards_matches_foreach(tmp_path, one_thread, local_shards):
+    """Fused AdamW (the default on CUDA) steps FSDP's shards, as DTensors or as their local tensors, as foreach AdamW
+    (the CPU default) steps plain parameters, up to float32 rounding; torch's fused kernel runs on the CPU too."""
     plain = Trainer(run_config(tmp_path / "none"), corpus=corpus())
-    fsdp = FusedAdamTrainer(run_config(tmp_path / "fsdp", "fsdp"), corpus=corpus())
+    fsdp = adam_trainer(tmp_path / "fsdp", "fsdp", fused=True, local_shards=local_shards)
     try:
         assert plain.optimizer.defaults["fused"] is None and fsdp.optimizer.defaults["fused"] is True
+        assert isinstance(fsdp.optimizer, distributed.LocalShardAdamW) == local_shards
         losses = [fsdp.train_step() for _ in range(STEPS)]
         torch.testing.assert_close(losses, [plain.train_step() for _ in range(STEPS)], rtol=LOSS_RTOL, atol=0)
-        weights = {name: value.full_tensor() if isinstance(value, DTensor) else value
-                   for name, value in fsdp.model.state_dict().items()}
-        assert_close_under_adam(weights, plain.model.state_dict())
+        assert_close_under_adam(full_weights(fsdp), plain.model.state_dict())
+    finally:
+        distributed.shutdown(fsdp.world)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("grad_clip", [NO_CLIP, CLIP])
+def test_local_shard_adamw_matches_torch_adamw_on_plain_model(tmp_path, one_thread, monkeypatch, fused, grad_clip):
+    """FSDP (a group of one) with AdamW on the local shards against the plain model with torch's AdamW, both fused or
+    both foreach, 2 micro-batches a step, clipping off or active: no DTensor reaches torch's functional adam(), and
+    the weights agree to the bit without a clip (the same elementwise update of the same gradients), within CLIP_RTOL
+    with one (FSDP's norm sums shard by shard)."""
+    import importlib
+
+    from torch.distributed.tensor import DTensor
+
+    adam_module = importlib.import_module("torch.optim.adam")  # torch.optim's `adam` attribute is not the module
+    plain = adam_trainer(tmp_path / "none", fused=fused, grad_accum=2, grad_clip=grad_clip)
+    fsdp = adam_trainer(tmp_path / "fsdp", "fsdp", fused=fused, grad_accum=2, grad_clip=grad_clip)
+    functional, seen = adam_module.adam, []
+
+    def recorded(params, grads, exp_avgs, exp_avg_sqs, *args, **kwargs):
+        seen.append([type(tensor) for tensor in (*params, *grads, *exp_avgs, *exp_avg_sqs)])
+        return functional(params, grads, exp_avgs, exp_avg_sqs, *args, **kwargs)
+
+    monkeypatch.setattr(adam_module, "adam", recorded)
+    try:
+        assert type(plain.optimizer) is torch.optim.AdamW and isinstance(fsdp.optimizer, distributed.LocalShardAdamW)
+        norms = record_clip_norms(plain)
+        expected = [plain.train_step() for _ in range(STEPS)]
+        assert 2 * CLIP < min(norms) and max(norms) < NO_CLIP  # CLIP clips every step, NO_CLIP none
+        seen.clear()
+        losses = [fsdp.train_step() for _ in range(STEPS)]
+        assert len(seen) == 2 * STEPS and all(seen)  # two groups a step, every tensor of both seen
+        assert not any(issubclass(kind, DTensor) for kinds in seen for kind in kinds)
+        assert all(isinstance(state["exp_avg"], DTensor) for state in fsdp.optimizer.state.values())  # torch's form
+        weights, reference = full_weights(fsdp), plain.model.state_dict()
+        if grad_clip == NO_CLIP:
+            assert losses == expected
+            assert_same(weights, reference)
+        else:
+            torch.testing.assert_close(losses, expected, rtol=CLIP_RTOL, atol=0)
+            for name in reference:
+                torch.testing.assert_close(weights[name], reference[name], rtol=CLIP_RTOL, atol=CLIP_ATOL,
+                                           msg=lambda text, name=name: f"{name}: {text}")
     finally:
         distributed.shutdown(fsdp.world)
 
