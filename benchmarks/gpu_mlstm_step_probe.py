@@ -29,9 +29,6 @@ GRID = [
     ("tile", 0, 32, 4, 1), ("tile", 0, 64, 4, 1), ("tile", 0, 16, 2, 1),
     ("stream", 32, 128, 4, 2), ("stream", 32, 128, 4, 3), ("stream", 16, 256, 4, 3), ("stream", 32, 256, 8, 2),
     ("stream", 32, 64, 4, 2), ("stream", 8, 512, 4, 4),
-    # "bulk" (TMA descriptors): the stream winner's tile, then deeper pipelines and larger boxes
-    ("bulk", 32, 64, 4, 2), ("bulk", 32, 64, 4, 3), ("bulk", 32, 64, 4, 4), ("bulk", 64, 64, 4, 3),
-    ("bulk", 32, 128, 4, 3), ("bulk", 64, 128, 8, 2), ("bulk", 32, 128, 8, 4),
 ]  # "split" (results/gpu_mlstm_step_variants.json, 0b52a26) never won and was deleted
 
 

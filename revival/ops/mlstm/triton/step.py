@@ -1,12 +1,10 @@
 """One mLSTM step (decode) in Triton, state in float32.
 
 Reads C (Dk x Dv), n, m once and writes the new ones: the step is bound by those bytes (2 * 4 * Dk * Dv per head).
-Three ways to tile C, chosen by `StepLaunch.variant` (all give the same result up to float32 summation order):
+Two ways to tile C, chosen by `StepLaunch.variant` (both give the same result up to float32 summation order):
 - "tile": one program per (batch*head, Dv tile) holds the whole Dk x BV tile of C in registers;
-- "stream": the same grid, each program walks Dk in BK-row blocks (fewer registers, a pipelined loop);
-- "bulk": "stream" with C's blocks moved by tensor descriptors (TMA bulk copies on Hopper): C is described as a
-  (rows, Dk, Dv) tensor, so a block's Dk and Dv tails are zero-filled on load and clipped on store per dimension.
-A fourth, "split" (a grid dim over Dk blocks plus a summing kernel), never won on the H200 and was deleted
+- "stream": the same grid, each program walks Dk in BK-row blocks (fewer registers, a pipelined loop).
+A third, "split" (a grid dim over Dk blocks plus a summing kernel), never won on the H200 and was deleted
 (benchmarks/results/gpu_mlstm_step_variants.json).
 """
 
@@ -22,16 +20,15 @@ import triton.language as tl
 from ..._triton import CompiledLaunch
 from .forward import _kv_tile, _log_sigmoid, _pow2
 
-STEP_VARIANTS = ("tile", "stream", "bulk")
+STEP_VARIANTS = ("tile", "stream")
 
 
 @dataclass(frozen=True)
 class StepLaunch:
     """How the step kernel tiles the state (C is Dk x Dv per batch*head row).
 
-    variant: one of STEP_VARIANTS; block_k: rows of C per loop iteration of "stream" / "bulk", unused by "tile"
-    (whole Dk); block_v: Dv columns per program ("bulk": >= 4, a TMA box row is a multiple of 16 bytes); num_warps;
-    num_stages: software pipelining depth of the "stream" / "bulk" loop.
+    variant: one of STEP_VARIANTS; block_k: rows of C per loop iteration of "stream", unused by "tile" (whole Dk);
+    block_v: Dv columns per program; num_warps; num_stages: software pipelining depth of the "stream" loop.
     """
 
     variant: str = "tile"
@@ -49,8 +46,6 @@ class StepLaunch:
                 raise ValueError(f"{name}: expected a power of two >= 1, got {value!r}")
         if not isinstance(self.num_stages, int) or self.num_stages < 1:
             raise ValueError(f"num_stages: expected an int >= 1, got {self.num_stages!r}")
-        if self.variant == "bulk" and self.block_v < 4:
-            raise ValueError(f"block_v: variant 'bulk' needs >= 4 (16-byte rows of float32), got {self.block_v}")
 
 
 _STREAM_MIN_STATE = 1 << 22  # elements of C (16 MiB float32); between the measured 1.2M and 16.8M, not itself measured
@@ -138,49 +133,8 @@ def _step_stream_kernel(
     tl.store(h_ptr + row * DV + offs_v, (num / den).to(h_ptr.dtype.element_ty), mask=mask_v)
 
 
-@triton.jit
-def _step_bulk_kernel(
-    q_ptr, k_ptr, v_ptr, i_ptr, f_ptr, c_desc, n_ptr, m_ptr,
-    h_ptr, c_out_desc, n_out_ptr, m_out_ptr,
-    DK, DV, scale, eps,
-    BKF: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STAGES: tl.constexpr,
-):
-    """The "stream" walk with C read and written through (rows, DK, DV) descriptors of block (1, BK, BV). Unlike
-    "stream", n and the normalizer come after the walk: the first C block is requested once the gates are known,
-    not after a reduction over Dk (every other load is issued first and in flight meanwhile)."""
-    row = tl.program_id(0).to(tl.int64)
-    iv = tl.program_id(1)
-    offs_kf = tl.arange(0, BKF)
-    mask_kf = offs_kf < DK
-    n = tl.load(n_ptr + row * DK + offs_kf, mask=mask_kf, other=0.0)
-    k = tl.load(k_ptr + row * DK + offs_kf, mask=mask_kf, other=0.0).to(tl.float32)
-    q = tl.load(q_ptr + row * DK + offs_kf, mask=mask_kf, other=0.0).to(tl.float32) * scale
-    offs_v = iv * BV + tl.arange(0, BV)
-    mask_v = offs_v < DV
-    v = tl.load(v_ptr + row * DV + offs_v, mask=mask_v, other=0.0).to(tl.float32)
-    m_new, f_bar, i_bar = _gates(i_ptr, f_ptr, m_ptr, row)
-    num = tl.zeros((BV,), dtype=tl.float32)
-    row32 = tl.program_id(0)  # descriptor coordinates are int32
-    for k0 in tl.range(0, DK, BK, num_stages=STAGES):
-        offs_k = k0 + tl.arange(0, BK)
-        mask_k = offs_k < DK
-        C = c_desc.load([row32, k0, iv * BV]).reshape(BK, BV)  # rows past DK / columns past DV read as 0
-        kb = tl.load(k_ptr + row * DK + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        qb = tl.load(q_ptr + row * DK + offs_k, mask=mask_k, other=0.0).to(tl.float32) * scale
-        C = f_bar * C + (i_bar * kb)[:, None] * v[None, :]
-        c_out_desc.store([row32, k0, iv * BV], C.reshape(1, BK, BV))  # clipped to the (rows, DK, DV) bounds
-        num += tl.sum(qb[:, None] * C, 0)
-    n = f_bar * n + i_bar * k
-    den = tl.maximum(tl.abs(tl.sum(q * n, 0)), tl.exp(-m_new)) + eps
-    tl.store(h_ptr + row * DV + offs_v, (num / den).to(h_ptr.dtype.element_ty), mask=mask_v)
-    if iv == 0:
-        tl.store(n_out_ptr + row * DK + offs_kf, n, mask=mask_kf)
-        tl.store(m_out_ptr + row, m_new)
-
-
 _STEP = CompiledLaunch(_step_kernel)
 _STEP_STREAM = CompiledLaunch(_step_stream_kernel)
-_STEP_BULK = CompiledLaunch(_step_bulk_kernel)  # its descriptors specialise on dtype and block only (both fixed)
 
 
 def _check_out(out, shapes, state) -> None:
@@ -209,22 +163,6 @@ def _geometry(rows: int, Dk: int, Dv: int, cfg: StepLaunch):
     return grid, {"BKF": BKF, "BK": min(cfg.block_k, BKF), "BV": BV, "STAGES": cfg.num_stages}
 
 
-def _bulk_descriptors(C, C_new, rows: int, Dk: int, Dv: int, BK: int, BV: int):
-    """Descriptors of the input and output C as (rows, Dk, Dv) tensors of (1, BK, BV) blocks. TMA needs 16-byte
-    aligned bases and row strides: Dv a multiple of 4 float32, C and out's C at 16-byte aligned addresses."""
-    if Dv % 4:
-        raise ValueError(f"v: variant 'bulk' needs Dv a multiple of 4 (16-byte rows of C), got Dv={Dv}")
-    for name, x in (("state (C)", C), ("out (C)", C_new)):
-        if x.data_ptr() % 16:
-            raise ValueError(f"{name}: variant 'bulk' needs a 16-byte aligned address, got {x.data_ptr()} % 16 = "
-                             f"{x.data_ptr() % 16}")
-    from triton.tools.tensor_descriptor import TensorDescriptor  # here: Triton >= 3.4; other variants run on 3.0
-
-    shape, strides, block = [rows, Dk, Dv], [Dk * Dv, Dv, 1], [1, BK, BV]
-    c_in = TensorDescriptor(C, shape, strides, block)  # ~8 us of host time each (its checks in Python)
-    return c_in, (c_in if C_new is C else TensorDescriptor(C_new, shape, strides, block))
-
-
 def mlstm_step_triton(q, k, v, i, f, state, eps: float = 1e-6, launch: StepLaunch | None = None, out=None):
     """One token. q, k: (B, H, Dk); v: (B, H, Dv); i, f: (B, H); state (C (B, H, Dk, Dv), n (B, H, Dk), m (B, H))
     in float32. Returns h (B, H, Dv) in q's dtype and the new state: new tensors, or the buffers of `out` = (h, C,
@@ -244,10 +182,7 @@ def mlstm_step_triton(q, k, v, i, f, state, eps: float = 1e-6, launch: StepLaunc
                          (m.shape, torch.float32)), (C, n, m))
         h, C_new, n_new, m_new = out
     grid, constexprs = _geometry(rows, Dk, Dv, cfg)
-    kernel = {"tile": _STEP, "stream": _STEP_STREAM, "bulk": _STEP_BULK}[cfg.variant]
-    c_in, c_out = C, C_new
-    if cfg.variant == "bulk":
-        c_in, c_out = _bulk_descriptors(C, C_new, rows, Dk, Dv, constexprs["BK"], constexprs["BV"])
-    kernel(grid, q, k, v, i, f, c_in, n, m, h, c_out, n_new, m_new, Dk, Dv, Dk**-0.5, eps, constexprs=constexprs,
+    kernel = _STEP if cfg.variant == "tile" else _STEP_STREAM
+    kernel(grid, q, k, v, i, f, C, n, m, h, C_new, n_new, m_new, Dk, Dv, Dk**-0.5, eps, constexprs=constexprs,
            num_warps=cfg.num_warps)
     return h, (C_new, n_new, m_new)
