@@ -28,6 +28,7 @@ from revival.bench.report import environment, write_json  # noqa: E402
 
 GDN_SHAPE = dict(B=16, T=2048, H=6, D=128, expand_v=2)  # gated-deltanet / hybrid at 125M
 SSD_SHAPE = dict(B=16, T=2048, H=24, P=64, N=128)  # mamba2 at 125M
+BATCH_AT = {"2k": (16, 2048), "32k": (1, 32768)}  # --context: (B, T) of `revival bench train` at 125M
 # name: (LaunchConfig fields, chunk size); "default" first
 GDN_VARIANTS = {
     "default": ({}, 64), "chunk32": ({}, 32), "warps_grads4": ({"warps_grads": 4}, 64),
@@ -47,6 +48,13 @@ GDN_VARIANTS = {
     "dstates_v32_w8_s2_grads_s2": ({"block_v_dstates": 32, "warps_dstates": 8, "stages_dstates": 2,
                                     "stages_grads": 2}, 64),
     "dstates_w8_s2_grads_s2": ({"warps_dstates": 8, "stages_dstates": 2, "stages_grads": 2}, 64),
+    # --context 32k (batch 1: 6 rows): the walks have Dv / 32 x 6 = 48 programs on 132 SMs; 16-wide tiles double the
+    # programs at the cost of re-reading k, q, w once more per tile
+    "dstates_v16": ({"block_v_dstates": 16}, 64), "states_v16": ({"block_v_states": 16}, 64),
+    "walks_v16": ({"block_v_dstates": 16, "block_v_states": 16}, 64),
+    "walks_v16_dstates_w4": ({"block_v_dstates": 16, "block_v_states": 16, "warps_dstates": 4}, 64),
+    "walks_v16_dstates_w4_s2": ({"block_v_dstates": 16, "block_v_states": 16, "warps_dstates": 4,
+                                 "stages_dstates": 2}, 64),
 }
 SSD_VARIANTS = {
     "default": ({}, 64), "chunk32": ({}, 32), "chunk128": ({}, 128), "warps_grads4": ({"warps_grads": 4}, 64),
@@ -95,24 +103,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kinds", default="gdn,ssd")
     parser.add_argument("--variants", default=None, help="comma-separated variant names to run (default: all)")
+    parser.add_argument("--context", choices=sorted(BATCH_AT), default="2k",
+                        help="the training shape: 2k = (B, T) (16, 2048), 32k = (1, 32768) (default 2k)")
     parser.add_argument("--out", default=os.environ.get("OUT", "runs"))
     args = parser.parse_args()
     device = "cuda"
+    batch, length = BATCH_AT[args.context]
+    gdn_shape, ssd_shape = ({**shape, "B": batch, "T": length} for shape in (GDN_SHAPE, SSD_SHAPE))
     result = {"what": "issue 20: launch settings of the GDN / SSD Triton kernels at 125M training shapes (ms)",
-              "environment": environment(torch.device(device)), "gdn_shape": GDN_SHAPE, "ssd_shape": SSD_SHAPE,
+              "environment": environment(torch.device(device)), "gdn_shape": gdn_shape, "ssd_shape": ssd_shape,
               "rows": {}}
-    path = os.path.join(args.out, "gpu_sibling_launch.json")
+    path = os.path.join(args.out, f"gpu_sibling_launch{'' if args.context == '2k' else '_' + args.context}.json")
     os.makedirs(args.out, exist_ok=True)
     begin = time.time()
     for kind in args.kinds.split(","):
         if kind == "gdn":
-            s = GDN_SHAPE
+            s = gdn_shape
             inputs, out_index = gdn_inputs(s["B"], s["T"], s["H"], s["D"], torch.bfloat16, device, beta_max=1.0,
                                            expand_v=s["expand_v"]), 2
             makes = {name: gdn_call(*variant) for name, variant in GDN_VARIANTS.items()}
             makes["fla_chunk_gated_delta_rule"] = fla_gdn
         else:
-            s = SSD_SHAPE
+            s = ssd_shape
             inputs, out_index = ssd_inputs(s["B"], s["T"], s["H"], s["P"], torch.bfloat16, device, N=s["N"]), 0
             makes = {name: ssd_call(*variant) for name, variant in SSD_VARIANTS.items()}
         chosen = None if args.variants is None else set(args.variants.split(","))
