@@ -43,3 +43,28 @@ class CausalConv1d(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         state = None if state is None else state.to(x.dtype)
         return causal_conv1d(x, weight, bias, state, activation=self.activation, document_starts=document_starts)
+
+    def forward_blocks(self, blocks: list[torch.Tensor], state: torch.Tensor | None = None,
+                       document_starts: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """`forward` of the channel concatenation of `blocks` (each (B, T, D_i), views of one projection, say),
+        returned per block: each block convolved on its own comes out contiguous, where the blocks of one output are
+        strided views that kernels reading contiguous inputs copy; nor does the backward concatenate their
+        gradients. Same values as forward(cat(blocks))[0].split(...); the state is the whole one. One step
+        (decoding) runs one conv: copies of one token cost less than more launches."""
+        sizes = [block.shape[-1] for block in blocks]
+        if sum(sizes) != self.dim:
+            raise ValueError(f"blocks: expected channel blocks summing to dim = {self.dim}, got sizes {sizes}")
+        if blocks[0].shape[1] == 1:
+            y, state = self(torch.cat(blocks, dim=-1), state, document_starts)
+            return list(y.split(sizes, dim=-1)), state
+        dtype = blocks[0].dtype
+        weights = self.weight[:, 0, :].to(dtype).split(sizes)
+        biases = [None] * len(sizes) if self.bias is None else self.bias.to(dtype).split(sizes)
+        states = [None] * len(sizes) if state is None else state.to(dtype).split(sizes, dim=-1)
+        outputs, new_states = [], []
+        for block, weight, bias, block_state in zip(blocks, weights, biases, states):
+            y, block_state = causal_conv1d(block, weight, bias, block_state, activation=self.activation,
+                                           document_starts=document_starts)
+            outputs.append(y)
+            new_states.append(block_state)
+        return outputs, torch.cat(new_states, dim=-1)

@@ -84,15 +84,15 @@ class GatedDeltaNet(nn.Module):
         conv_state, delta_state = unpack_state(state, ("conv_state", "delta_state"))
         batch, T, _ = x.shape
         H, Dk, Dv = self.num_heads, self.head_k_dim, self.head_v_dim
-        # q|k|v|gate as one product (q|k|v side by side, as the conv reads them: no torch.cat), a and b apart: with
+        # q|k|v|gate as one product (its outputs views of one tensor: no torch.cat), a and b apart: with
         # them the product's row width (2 Dk H + 2 Dv H + 2 H) loses its 16-byte alignment and cuBLAS falls back to
         # sm80 "align2" kernels for its backward (the H200 profile of the 125M step)
-        qkv, gate = linear_concat(x, self._reading[:4]).split([2 * self.key_dim + self.value_dim, self.value_dim],
-                                                               dim=-1)
+        q, k, v, gate = linear_concat(x, self._reading[:4]).split(
+            [self.key_dim, self.key_dim, self.value_dim, self.value_dim], dim=-1)
         a, b = linear_many(x, self._reading[4:])
-        qkv, conv_state = self.conv(qkv, conv_state, document_starts)  # SiLU(conv(.))
-        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        # contiguous q, k in qkv's dtype (16-bit under autocast, as v: the kernels' 16-bit products either way)
+        # SiLU(conv(q|k|v)) per block: a contiguous v for the kernels (no copy), no concatenated dq|dk|dv
+        (q, k, v), conv_state = self.conv.forward_blocks([q, k, v], conv_state, document_starts)
+        # contiguous q, k in the conv's dtype (16-bit under autocast, as v: the kernels' 16-bit products either way)
         q = l2_normalize_heads(q.reshape(batch, T, H, Dk))
         k = l2_normalize_heads(k.reshape(batch, T, H, Dk))
         beta = torch.sigmoid(b.contiguous())  # (B, T, H), small; CPU sigmoid rounds strided views differently

@@ -96,9 +96,9 @@ class Mamba2(nn.Module):
         conv_state, ssm_state = unpack_state(state, ("conv_state", "ssm_state"))
         batch, T, _ = x.shape
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.d_state
-        z, xBC, dt_raw = self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1)
-        xBC, conv_state = self.conv(xBC, conv_state, document_starts)  # SiLU(conv(xBC))
-        xs, B, C = xBC.split([self.d_inner, G * N, G * N], dim=-1)
+        z, xs, B, C, dt_raw = self.in_proj(x).split([self.d_inner, self.d_inner, G * N, G * N, H], dim=-1)
+        # SiLU(conv(x|B|C)) per block: contiguous x, B, C for the SSD kernels (no copies, no concatenated gradient)
+        (xs, B, C), conv_state = self.conv.forward_blocks([xs, B, C], conv_state, document_starts)
         dt = F.softplus(dt_raw + self.dt_bias)
         A = -torch.exp(self.A_log)
         y, ssm_state = ssd(xs.reshape(batch, T, H, P), dt, A, B.reshape(batch, T, G, N), C.reshape(batch, T, G, N),
