@@ -90,8 +90,10 @@ class Mamba3(nn.Module):
         z, xs, B, C, dt_raw, lam_raw, theta = self.in_proj(x).split(self.split_sizes, dim=-1)
         B = self.B_norm(B.reshape(batch, T, 1, R, N)) + self.B_bias  # (batch, T, H, R, N)
         C = self.C_norm(C.reshape(batch, T, 1, R, N)) + self.C_bias
-        theta = theta[:, :, None, :].expand(batch, T, H, N // 2)
         dt = F.softplus(dt_raw + self.dt_bias)
+        # theta in dt's dtype (float32 under autocast): its per-head gradient is summed over the heads in float32,
+        # with no 16-bit cast of the (B, T, H, N / 2) gradient before that sum
+        theta = theta.to(dt.dtype)[:, :, None, :].expand(batch, T, H, N // 2)
         xs = xs.reshape(batch, T, H, 1, P)
         xs = xs * self.mimo_x if self.mimo_x is not None else xs
         y, state = mamba3(xs, dt, -torch.exp(self.A_log), torch.sigmoid(lam_raw), B, C, theta, self.D, state,

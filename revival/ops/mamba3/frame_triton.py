@@ -406,7 +406,8 @@ class _Frame(torch.autograd.Function):
         ACC = tl.float64 if acc == torch.float64 else tl.float32
         segments, per = ctx.segments
         BK = triton.next_power_of_2(K)
-        zeros = torch.zeros(n, T, 2 * H, N, device=B.device, dtype=acc)
+        if dkeys is None or dqueries is None:  # only then: a (n, T, 2H, N) float32 fill is a full pass
+            zeros = torch.zeros(n, T, 2 * H, N, device=B.device, dtype=acc)
         dkeys = zeros if dkeys is None else dkeys.contiguous()
         dqueries = zeros if dqueries is None else dqueries.contiguous()
         dangle_last = torch.zeros_like(angle0, dtype=acc) if dangle_last is None else dangle_last.contiguous()
