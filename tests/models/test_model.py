@@ -45,7 +45,7 @@ def test_prefill_then_steps_matches_full_forward(pattern, dtype):
 @pytest.mark.parametrize("pattern", ["m", "s", "x", "ms", "mx", "g", "l", "M", "d"])
 def test_recurrent_state_bytes_do_not_grow_with_context(pattern):
     model = tiny_model(pattern, torch.float32, d_model=8)
-    short, long = short_and_long_states(model, 4096, seed=2)
+    short, long = short_and_long_states(model, 1024, seed=2)
     assert state_bytes(short) == state_bytes(long) == model.state_bytes(long) > 0
     shapes = lambda s: [tuple(t.shape) for t in _flatten(s)]  # noqa: E731
     assert shapes(short) == shapes(long)
