@@ -94,7 +94,7 @@ def test_generator_arguments_are_checked():
 
 
 def test_training_learns_a_task_that_is_learnable_in_a_few_steps():
-    # one digit, then QUERY: the answer is the digit mod 5, a lookup any model learns within a hundred steps
+    # one digit, then QUERY: the answer is the digit mod 5, a lookup this model learns in 20 steps (seeds 0-3)
     train = modular_arithmetic(num_examples=256, min_length=1, max_length=1, seed=0)
     test = modular_arithmetic(num_examples=64, min_length=1, max_length=1, seed=1)
     torch.manual_seed(0)
@@ -103,7 +103,7 @@ def test_training_learns_a_task_that_is_learnable_in_a_few_steps():
 
     model = LanguageModel(task_model_config("llama", train.vocab_size, 32))
     before = accuracy(model, test)["accuracy"]
-    train_on_task(model, train, test, steps=80, batch_size=32, lr=1e-2, warmup_steps=5)
+    train_on_task(model, train, test, steps=30, batch_size=32, lr=1e-2, warmup_steps=5)
     after = accuracy(model, test)
     assert before < 0.5 and after["accuracy"] == 1.0 and after["scaled_accuracy"] == 1.0
 
