@@ -174,12 +174,15 @@ def wrap_model(model: nn.Module, world: World, param_dtype: torch.dtype | None =
 @contextlib.contextmanager
 def gradient_sync(module: nn.Module, world: World, enabled: bool):
     """Backward passes inside reduce gradients across ranks only when `enabled` (the last micro-batch of a step):
-    accumulation without an all-reduce / reduce-scatter per micro-batch."""
+    accumulation without an all-reduce / reduce-scatter per micro-batch.
+
+    FSDP's switch is touched only to turn syncing off, and turned back on on the way out: it is on outside this
+    context, and setting it walks every module and parameter group (host time in every step, `docs/distributed.md`)."""
     if world.parallel == "ddp" and not enabled:
         with module.no_sync():
             yield
-    elif world.parallel == "fsdp":
-        module.set_requires_gradient_sync(enabled)
+    elif world.parallel == "fsdp" and not enabled:
+        module.set_requires_gradient_sync(False)
         try:
             yield
         finally:
@@ -215,14 +218,6 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     return total
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard (the attribute: `to_local()` makes a new view per call on a Parameter in torch >= 2.13,
-    host time again), any other tensor itself."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
-
-
 class LocalShardAdamW(torch.optim.AdamW):
     """torch's AdamW, stepping FSDP's DTensor parameters through their local shards: the update is elementwise, so
     each rank updating its shard as plain tensors (torch's fused or foreach kernels, as the group says) is the update
@@ -234,10 +229,14 @@ class LocalShardAdamW(torch.optim.AdamW):
     def _init_group(self, group, *arguments):
         # torch's step fills these lists (params, grads, moments, steps) here and hands them to its functional adam():
         # swapping in the local shards is the whole change (older torch's own AdamW passes a bool `amsgrad` among them)
+        # (`_local_tensor`, not `to_local()`: that makes a new view per call on a Parameter in torch >= 2.13; the import
+        # once per group: once per tensor, 915 a step, cost ~4M instructions a step)
+        from torch.distributed.tensor import DTensor
+
         has_complex = super()._init_group(group, *arguments)
         for tensors in arguments:
             if isinstance(tensors, list):
-                tensors[:] = [_local(tensor) for tensor in tensors]
+                tensors[:] = [tensor._local_tensor if isinstance(tensor, DTensor) else tensor for tensor in tensors]
         return has_complex
 
 

@@ -327,6 +327,10 @@ class Trainer:
         """Clip the gradients' global norm to train.grad_clip (FSDP: on the local shards); returns the norm."""
         return distributed.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
 
+    def _gradient_sync(self, enabled: bool):
+        """The context of a micro-batch's forward and backward: gradients reduced across ranks only when `enabled`."""
+        return distributed.gradient_sync(self.train_module, self.world, enabled)
+
     def _make_optimizer(self, fused: bool | None = None, local_shards: bool | None = None) -> torch.optim.Optimizer:
         """AdamW, weight decay on matrices only. `fused`: torch's fused AdamW, a few multi-tensor kernels for the whole
         update (plain tensors and FSDP's DTensors alike; foreach's are several times more, and slower on DTensors);
@@ -480,7 +484,7 @@ class Trainer:
             inputs, targets = batch.input_ids.to(self.device), batch.targets.to(self.device)
             starts = batch.doc_start.to(self.device) if self.run.data.reset_at_documents else None
             last = micro_batch == self.cfg.grad_accum - 1
-            with distributed.gradient_sync(self.train_module, self.world, enabled=last):
+            with self._gradient_sync(enabled=last):
                 with self._autocast():
                     logits, _ = self.train_module(inputs, document_starts=starts)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())

@@ -251,6 +251,33 @@ def test_resume_two_ranks_fsdp_on_two_ranks_fsdp(runs):
 
 
 
+class SyncSwitch:
+    """Records what `gradient_sync` asks of FSDP's switch (`FSDPModule.set_requires_gradient_sync`)."""
+
+    def __init__(self):
+        self.calls: list[bool] = []
+
+    def set_requires_gradient_sync(self, requires_gradient_sync: bool) -> None:
+        self.calls.append(requires_gradient_sync)
+
+
+def test_fsdp_gradient_sync_sets_the_switch_only_to_turn_syncing_off():
+    """Under FSDP, a syncing micro-batch leaves FSDP's switch alone (it is on outside the context; setting it walks
+    every module, host time in every step); an accumulating one turns it off and back on, also when backward
+    raises. The 2-rank accumulation runs check the reductions themselves (test_accumulation_reduces_once_per_step)."""
+    world = distributed.World(parallel="fsdp", world_size=2)
+    switch = SyncSwitch()
+    with distributed.gradient_sync(switch, world, enabled=True):
+        assert switch.calls == []
+    assert switch.calls == []
+    with distributed.gradient_sync(switch, world, enabled=False):
+        assert switch.calls == [False]
+    assert switch.calls == [False, True]
+    with pytest.raises(RuntimeError), distributed.gradient_sync(switch, world, enabled=False):
+        raise RuntimeError("backward failed")
+    assert switch.calls == [False, True, False, True]
+
+
 # -- one process: a group of one, in this process ----------------------------------------------------------------------
 def test_fsdp_one_process_keeps_blocks_gathered_and_matches_plain(tmp_path, one_thread):
     """At world size 1 the blocks keep their gathered parameters from forward to backward (a shard is the whole
