@@ -10,6 +10,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
-    from tests._interpreter_scan import install
+    from tests._triton_interpreter import install
 
-    install()  # scans with a combine function by slices, not element by element (bit-identical, much faster)
+    install()  # faster scans and device-function calls in the interpreter (bit-identical results)

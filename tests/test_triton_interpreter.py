@@ -1,5 +1,6 @@
-"""tests/_interpreter_scan.py (the interpreter's scan by slices) equals the interpreter's own per-element scan bit for
-bit, on every combine function revival.ops scans with, along both axes of a tile, forward and reverse."""
+"""tests/_triton_interpreter.py against the interpreter's own code: the scan by slices equals the per-element scan bit
+for bit, on every combine function revival.ops scans with, along both axes of a tile, forward and reverse; device
+functions patched once per launch give the same results and leave triton.language as it was."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton.runtime import interpreter  # noqa: E402
 from triton.runtime.interpreter import ScanOps  # noqa: E402
 
 from revival.ops._triton import linear_recurrence_combine  # noqa: E402
 from revival.ops.mlstm.triton.forward import _max_plus  # noqa: E402
 from revival.ops.newton.triton.scan import _combine_block2  # noqa: E402
-from tests._interpreter_scan import sliced_generic_scan  # noqa: E402
+from tests import _triton_interpreter  # noqa: E402
+from tests._triton_interpreter import patch_lang_once, sliced_generic_scan  # noqa: E402
 
 
 @triton.jit
@@ -68,3 +71,40 @@ def test_sliced_scan_equals_the_interpreters_loop(combine, monkeypatch):
             got = _scan(sliced_generic_scan, x, axis, reverse, combine, monkeypatch)
             assert torch.equal(got, want), (axis, reverse)
             assert not torch.equal(want, x), (axis, reverse)  # the scan changed the tile
+
+
+@triton.jit
+def _twice_plus(x, c):
+    return 2.0 * x + c
+
+
+@triton.jit
+def _device_calls_kernel(x_ptr, y_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    x = tl.load(x_ptr + offs)
+    for c in tl.static_range(3):  # three device-function calls in one launch
+        x = _twice_plus(x, c)
+    tl.store(y_ptr + offs, tl.exp(x * 0.1))
+
+
+def test_device_functions_patch_once_per_launch(monkeypatch):
+    """One patching of triton.language per launch (the interpreter's: one per launch and per device-function call),
+    the same results, and tl as it was once the launch is over."""
+    assert interpreter._patch_lang is patch_lang_once  # tests/conftest.py installed it
+    patches = []
+    patch_core = interpreter._patch_lang_core
+    monkeypatch.setattr(interpreter, "_patch_lang_core", lambda *a: patches.append(a) or patch_core(*a))
+    before = (tl.exp, tl.core.tensor.__add__, tl.associative_scan)
+    x = torch.randn(16, generator=torch.Generator().manual_seed(0))
+    results, counts = {}, {}
+    for name, patch in (("interpreter", interpreter.interpreter_patch_lang), ("once", patch_lang_once)):
+        monkeypatch.setattr(interpreter, "_patch_lang", patch)
+        patches.clear()
+        results[name] = torch.zeros_like(x)
+        _device_calls_kernel[(1,)](x, results[name], N=16)
+        counts[name] = len(patches)
+    assert torch.equal(results["once"], results["interpreter"])
+    assert torch.allclose(results["once"], torch.exp(0.1 * (8 * x + 4)))  # ((2x) * 2 + 1) * 2 + 2
+    assert counts["interpreter"] == 4 * counts["once"] > 0  # the launch and 3 device calls, or the launch alone
+    assert _triton_interpreter._launches == []
+    assert (tl.exp, tl.core.tensor.__add__, tl.associative_scan) == before
