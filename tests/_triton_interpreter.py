@@ -8,7 +8,7 @@ results are bit-identical (tests/test_triton_interpreter.py checks both against 
 - Every call of a `@triton.jit` device function (a helper called from a kernel) re-patches triton.language for the
   interpreter (inspect.getmembers over tl, tl.core, tl.math: ~10% of the interpreted conv backward). The kernel
   launch around it has already patched those modules, and keeps them patched until it ends, so `patch_lang_once`
-  skips the device function's patching when its language modules are among the launch's.
+  skips the device function's patching when its language modules are among the launch's (`launch_tracked`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def sliced_generic_scan(self, input):
     return [self.to_tensor(out, arg.dtype) for out, arg in zip(outputs, input)]
 
 
-_launches: list[set[int]] = []  # ids of the language modules patched by the kernel launch running now
+_launches: list[list] = []  # per kernel launch running now: [ids of its language modules, patched yet]
 
 
 def _language_modules(fn) -> set[int]:
@@ -51,26 +51,29 @@ def _language_modules(fn) -> set[int]:
     return {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
 
 
-def patch_lang_once(fn):
-    """Replacement for triton.runtime.interpreter._patch_lang: a kernel launch (no launch running) patches as before
-    and is remembered until its scope is restored; a device function called inside it whose language modules the
-    launch patched gets an empty scope (the interpreter never restores a device function's scope)."""
+def launch_tracked(self, *args, **kwargs):
+    """Replacement for triton.runtime.interpreter.GridExecutor.__call__ (a kernel launch): the interpreter's, with the
+    launch's language modules on `_launches` while it runs."""
     from triton.runtime import interpreter
 
-    modules = _language_modules(fn)
-    if _launches and modules <= _launches[-1]:
+    _launches.append([_language_modules(self.fn), False])
+    try:
+        return interpreter.GridExecutor.interpreter_call(self, *args, **kwargs)
+    finally:
+        _launches.pop()
+
+
+def patch_lang_once(fn):
+    """Replacement for triton.runtime.interpreter._patch_lang: an empty scope for a device function called inside a
+    launch that has patched its language modules (the launch restores them when it ends; the interpreter never
+    restores a device function's scope); the interpreter's patching for the launch itself and anything else."""
+    from triton.runtime import interpreter
+
+    if _launches and _launches[-1][1] and _language_modules(fn) <= _launches[-1][0]:
         return interpreter._LangPatchScope()
     scope = interpreter.interpreter_patch_lang(fn)
-    if _launches:  # a device function reaching other modules: patched as by the interpreter, nothing to track
-        return scope
-    _launches.append(modules)
-    restore = scope.restore
-
-    def restore_and_forget():
-        _launches.pop()
-        restore()
-
-    scope.restore = restore_and_forget
+    if _launches:
+        _launches[-1][1] = True  # the launch's first patching is its own (GridExecutor.__call__ patches first)
     return scope
 
 
@@ -82,7 +85,8 @@ def install() -> bool:
     except ImportError:
         return False
     if not (callable(getattr(interpreter.ScanOps, "generic_scan", None)) and callable(
-            getattr(interpreter, "_patch_lang", None)) and hasattr(interpreter, "_LangPatchScope")):
+            getattr(interpreter, "_patch_lang", None)) and hasattr(interpreter, "_LangPatchScope")
+            and callable(getattr(interpreter, "GridExecutor", None))):
         return False
     if interpreter.ScanOps.generic_scan is not sliced_generic_scan:
         interpreter.ScanOps.interpreter_generic_scan = interpreter.ScanOps.generic_scan  # kept for the tests
@@ -90,4 +94,6 @@ def install() -> bool:
     if interpreter._patch_lang is not patch_lang_once:
         interpreter.interpreter_patch_lang = interpreter._patch_lang
         interpreter._patch_lang = patch_lang_once
+        interpreter.GridExecutor.interpreter_call = interpreter.GridExecutor.__call__
+        interpreter.GridExecutor.__call__ = launch_tracked
     return True
