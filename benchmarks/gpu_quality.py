@@ -323,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="time cap of the MQAR run, replacing the recipe's (default: 75)")
     parser.add_argument("--parity-seconds", type=positive_seconds, default=40.0,
                         help="time cap of each parity seed's run, replacing the recipe's (default: 40)")
+    parser.add_argument("--lm-seconds", type=positive_seconds, default=None,
+                        help="time cap of the language-model stage, replacing the settings' (default: 20; a model "
+                        "slower than 600 steps in 20 s, such as the sLSTM-containing xlstm[7:1], needs more for the "
+                        "same tokens)")
     parser.add_argument("--parity-seeds", type=int, default=2, help="parity runs, one per seed (default: 2)")
     parser.add_argument("--tree", default=None,
                         help="the commit the code is at, recorded per model (default: git rev-parse HEAD, if any)")
@@ -333,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     if not models:
         parser.error(f"--models: expected at least one preset name, got {args.models!r}")
     settings = SMOKE if args.smoke else FULL
+    if args.lm_seconds is not None:
+        settings = dict(settings, lm_seconds=args.lm_seconds)
     tasks = {"mqar": study_recipe("mqar", args.mqar_config, args.mqar_seconds, args.smoke),
              "parity": study_recipe("parity", args.parity_config, args.parity_seconds, args.smoke)}
     parity_seeds = list(range(args.seed, args.seed + args.parity_seeds))
