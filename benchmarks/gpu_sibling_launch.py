@@ -35,6 +35,7 @@ GDN_VARIANTS = {
     "block_v_grads32": ({"block_v_grads": 32}, 64), "block_v_grads64": ({"block_v_grads": 64}, 64),
     "block_v_grads128": ({"block_v_grads": 128}, 64), "chunk32_block_v_grads64": ({"block_v_grads": 64}, 32),
     "stages_grads2": ({"stages_grads": 2}, 64),  # after the -dV~ accumulate: no spills in either kernel (below)
+    "stages_grads1": ({"stages_grads": 1}, 64),  # the default before session 18 (2 at 16-bit Dk <= 128 since)
     "warps_dstates8": ({"warps_dstates": 8}, 64), "block_v_dstates32": ({"block_v_dstates": 32}, 64),
     "warps_wy8": ({"warps_wy": 8}, 64), "warps_output8": ({"warps_output": 8}, 64),
     # sm_90 probe, bf16 (128, 256), 96 rows (registers / spill bytes / shared KB / programs per SM; default

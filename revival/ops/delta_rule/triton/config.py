@@ -44,11 +44,13 @@ def default_launch_config(Dk: int, Dv: int, rows: int, dtype: torch.dtype) -> La
     # the state-gradient walk at 8 warps with few rows: at (128, 256) bf16 and 32-wide tiles 220 registers and no
     # spills against 255 and 176 bytes at 4 warps, and one program per SM either way (shared memory)
     warps_dstates = 8 if rows < 64 else 4
-    # the gradient kernels unpipelined (pipelined, the single kernel before them asked sm_90 for 400 KB of shared
-    # memory at (Dk, Dv) = (64, 128), 227 KB there); Dv-tile 32: fewer spills than 64 at Dk = 128 (the probe)
+    # the two gradient kernels pipelined at 16-bit Dk <= 128 (sm_90 at (128, 256), Dv-tile 32: 112 / 116 KB of shared
+    # memory, no spills; fwd+bwd 6.38 -> 5.95 ms at the 125M shape); wider keys or float32 unpipelined (227 KB)
+    stages_grads = 2 if dtype in (torch.bfloat16, torch.float16) and Dk <= 128 else 1
+    # Dv-tile 32: fewer spills than 64 at Dk = 128 (the probe)
     cfg = LaunchConfig(block_v_wy=128, block_v_grads=32, block_v_states=narrow, block_v_output=128,
                        block_v_dstates=narrow, block_v_du=128, warps_wy=4, warps_states=4, warps_output=4,
-                       warps_dstates=warps_dstates, warps_du=4, warps_grads=8, stages_grads=1)
+                       warps_dstates=warps_dstates, warps_du=4, warps_grads=8, stages_grads=stages_grads)
     if dtype == torch.float32 and Dk > 64:
         # three-pass tf32 keeps a high and a low copy of every product operand in shared memory; at (Dk, Dv) =
         # (128, 128) for sm_90 (227 KB) the state-gradient kernel pipelined needs 280+ KB at any Dv-tile (96 KB
