@@ -35,14 +35,14 @@ def kernel_cases(products: str, Dk: int, Dv: int, rows: int, grads_stages: int |
     import torch
 
     from revival.ops.delta_rule.triton import backward, forward
-    from revival.ops.delta_rule.triton.config import LaunchConfig, grads_block_v, launch_config
+    from revival.ops.delta_rule.triton.config import LaunchConfig, launch_config, wide_block_v
 
     data = "bf16" if products == "tf32" else "fp32"
     cfg = launch_config(Dk, Dv, rows, torch.bfloat16 if data == "bf16" else torch.float32, LaunchConfig(**launch))
     BK, BV = forward.pow2(Dk), forward.pow2(Dv)
     common = dict(L=64, BK=BK, PRECISION=products, HAS_STARTS=False)
     grads_stages = cfg.stages_grads if grads_stages == 0 else grads_stages
-    grads = dict(common, BV=grads_block_v(cfg.block_v_grads, BV))  # the tile the wrapper launches
+    grads = dict(common, BV=wide_block_v(cfg.block_v_grads, BV))  # the tile the wrapper launches
     inputs = ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dq_ptr", "dk_ptr", "dv_ptr")
     return [
         ("wy", forward._wy_kernel, data, inputs, dict(common, BV=min(cfg.block_v_wy, BV)), cfg.warps_wy, None),
@@ -52,7 +52,7 @@ def kernel_cases(products: str, Dk: int, Dv: int, rows: int, grads_stages: int |
          cfg.warps_output, None),
         ("local_du", backward._local_du_kernel, data, inputs, dict(common, BV=min(cfg.block_v_du, BV)), cfg.warps_du,
          None),
-        ("dstates", backward._dstates_kernel, data, inputs, dict(common, BV=min(cfg.block_v_dstates, BV)),
+        ("dstates", backward._dstates_kernel, data, inputs, dict(common, BV=wide_block_v(cfg.block_v_dstates, BV)),
          cfg.warps_dstates, cfg.stages_dstates),
         ("grads_output", backward._output_grads_kernel, data, inputs, grads, cfg.warps_grads, grads_stages),
         ("inverse", backward._inverse_kernel, data, inputs, common, cfg.warps_wy, None),

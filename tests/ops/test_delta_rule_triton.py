@@ -90,6 +90,10 @@ def test_float32_launch_defaults_at_dk_128_fit_shared_memory():
     few = launch_config(128, 256, 6, torch.bfloat16)
     assert (few.block_v_dstates, few.warps_dstates, launch_config(128, 256, 96, torch.bfloat16).warps_dstates) == (
         32, 8, 4)
+    # the gradient kernels pipelined at 16-bit Dk <= 128 (measured faster at the 125M shape), not wider or float32
+    stages = [launch_config(Dk, 256, 64, dtype).stages_grads for Dk, dtype in (
+        (128, torch.bfloat16), (64, torch.float16), (256, torch.bfloat16), (128, torch.float32))]
+    assert stages == [2, 2, 1, 1]
 
 
 @pytest.mark.slow
@@ -268,20 +272,22 @@ def test_no_cuda_core_products_and_an_unpipelined_gradient_kernel(monkeypatch):
 
 
 def test_gradient_kernels_take_dv_tiles_of_at_least_32(monkeypatch):
-    """Dv = 16 at chunk 64 with block_v_grads=16 asked for: both gradient kernels launch with 32-wide Dv-tiles
-    (16-wide, `_wy_grads_kernel` read shared memory out of bounds on the H200 in float32; docs/kernels.md), and the
-    gradients still match float64 (the masks cover the tile's unused half)."""
-    from revival.ops.delta_rule.triton.config import grads_block_v
+    """Dv = 16 at chunk 64 with 16-wide tiles asked for: both gradient kernels and the state-gradient walk launch with
+    32-wide Dv-tiles (16-wide, `_wy_grads_kernel` read shared memory out of bounds on the H200 in float32 and
+    `_dstates_kernel` took an illegal address at bf16 (128, 256); docs/kernels.md), and the gradients still match
+    float64 (the masks cover the tile's unused half)."""
+    from revival.ops.delta_rule.triton.config import wide_block_v
 
-    assert [grads_block_v(block, BV) for block, BV in ((16, 16), (16, 128), (32, 16), (64, 32), (64, 256))] == [
+    assert [wide_block_v(block, BV) for block, BV in ((16, 16), (16, 128), (32, 16), (64, 32), (64, 256))] == [
         32, 32, 32, 32, 64]
     calls = _record_launches(monkeypatch)
     inputs, weights = _inputs(1, 9, 2, 16, 16, seed=41)
     ref = _reference(inputs, weights)
-    got = _run(lambda *a: gated_delta_rule_triton(*a, 0.25, chunk_size=64, launch=LaunchConfig(block_v_grads=16)),
-               inputs, weights, DEVICE)
-    grads = ("_output_grads_kernel", "_wy_grads_kernel")
-    assert [(call["kernel"], call["BV"]) for call in calls if call["kernel"] in grads] == [(k, 32) for k in grads]
+    launch = LaunchConfig(block_v_grads=16, block_v_dstates=16)
+    got = _run(lambda *a: gated_delta_rule_triton(*a, 0.25, chunk_size=64, launch=launch), inputs, weights, DEVICE)
+    wide = ("_output_grads_kernel", "_wy_grads_kernel", "_dstates_kernel")
+    assert sorted((call["kernel"], call["BV"]) for call in calls if call["kernel"] in wide) == sorted(
+        (k, 32) for k in wide)
     assert_close(got, ref, NAMES, 1e-5)
 
 

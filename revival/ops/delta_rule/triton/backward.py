@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import grads_block_v
+from .config import wide_block_v
 from .forward import (
     LENGTHS,
     chunk_tokens,
@@ -280,7 +280,7 @@ def delta_rule_backward(q, k, v, g, beta, starts, w, u, states, do, dS_T, scale:
     launch(_local_du_kernel, (NC, n * H, triton.cdiv(Dv, block_v)),
         q, k, g, starts, do, du, T, H, Dk, Dv, scale, L=L, BK=BK, BV=block_v, PRECISION=precision,
         num_warps=cfg.warps_du, **documents)
-    block_v = min(cfg.block_v_dstates, BV)
+    block_v = wide_block_v(cfg.block_v_dstates, BV)
     launch(_dstates_kernel, (triton.cdiv(Dv, block_v), n * H),
         q, k, w, g, starts, do, dS_T, dstates, du, dS0, T, H, NC, Dk, Dv, scale, L=L, BK=BK, BV=block_v,
         PRECISION=precision, num_warps=cfg.warps_dstates, **stages(cfg.stages_dstates), **documents)
@@ -291,7 +291,7 @@ def delta_rule_backward(q, k, v, g, beta, starts, w, u, states, do, dS_T, scale:
     grads = dict(L=L, BK=BK, PRECISION=precision, **documents)
     launch(_inverse_kernel, (NC, n * H), k, g, beta, starts, inverse, T, H, NC, Dk,
            num_warps=cfg.warps_wy, **grads)
-    grads.update(BV=grads_block_v(cfg.block_v_grads, BV), num_warps=cfg.warps_grads, num_stages=cfg.stages_grads)
+    grads.update(BV=wide_block_v(cfg.block_v_grads, BV), num_warps=cfg.warps_grads, num_stages=cfg.stages_grads)
     launch(_output_grads_kernel, (NC, n * H),
         q, k, g, starts, u, states, dstates, do, dq, dk_out, dg_out, T, H, NC, Dk, Dv, scale, **grads)
     launch(_wy_grads_kernel, (NC, n * H),

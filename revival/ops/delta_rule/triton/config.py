@@ -60,11 +60,13 @@ def default_launch_config(Dk: int, Dv: int, rows: int, dtype: torch.dtype) -> La
     return cfg
 
 
-def grads_block_v(block_v_grads: int, BV: int) -> int:
-    """The Dv-tile of the two gradient kernels: the config's, at most `BV` (Dv padded to a power of two), at least
-    32 (masks cover Dv < 32). At 16, float32, chunk 64, 8 warps, `_wy_grads_kernel` read shared memory out of
-    bounds on the H200 (Triton 3.6: K = 16 operands in 64-byte-swizzled shared memory; docs/kernels.md)."""
-    return max(32, min(block_v_grads, BV))
+def wide_block_v(block_v: int, BV: int) -> int:
+    """The Dv-tile of the two gradient kernels and of the state-gradient walk: the config's, at most `BV` (Dv padded
+    to a power of two), at least 32 (masks cover Dv < 32). 16-wide tiles faulted on the H200 (Triton 3.6), though the
+    interpreter computes them right: `_wy_grads_kernel` read shared memory out of bounds at float32, chunk 64, 8 warps
+    (K = 16 operands in 64-byte-swizzled shared memory), and `_dstates_kernel` at bf16 (Dk, Dv) = (128, 256) took an
+    illegal address (docs/kernels.md)."""
+    return max(32, min(block_v, BV))
 
 
 def launch_config(Dk: int, Dv: int, rows: int, dtype: torch.dtype,
