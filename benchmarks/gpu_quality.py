@@ -271,6 +271,49 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(results: list[dict], folder: str) -> list[str]:
+    """gpu_quality.png (per model: validation bits per byte, carried / window loss at 4x the context, MQAR accuracy,
+    parity accuracy of each seed, with the issue's targets as dashed lines) and gpu_quality_extrapolation.png (loss by
+    position and by context, every model and mode); models with an error are left out. Returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from revival.eval.extrapolate import plot_extrapolation
+    from revival.eval.tasks import save_figure
+
+    done = [r for r in results if "error" not in r]
+    if not done:
+        return []
+    names = [r["model"] for r in done]
+    figure, axes = plt.subplots(1, 4, figsize=(15, 3.6))
+    panels = [
+        ("validation bits / byte", [r["validation"]["bits_per_byte"] for r in done], None),
+        ("4x context: carried / window loss", [r["extrapolation"].get("beyond_ratio_to_window", {}).get("4x", 0.0)
+                                                for r in done], 1.05),
+        ("MQAR (256, 16) accuracy", [r["mqar"]["accuracy"] for r in done], 0.95),
+    ]
+    for axis, (title, values, target) in zip(axes, panels):
+        axis.bar(range(len(done)), values, color="tab:blue")
+        if target is not None:
+            axis.axhline(target, color="grey", linestyle="--", linewidth=0.8)
+        axis.set_title(title, fontsize=9)
+    parity = axes[3]
+    for index, r in enumerate(done):
+        accuracies = [run["accuracy"] for run in r["parity"]["runs"]]
+        parity.scatter([index] * len(accuracies), accuracies, color="tab:orange", zorder=3)
+    parity.axhline(0.99, color="grey", linestyle="--", linewidth=0.8)
+    parity.set_ylim(0.0, 1.05)
+    parity.set_title("parity 40-256 accuracy, each seed", fontsize=9)
+    for axis in axes:
+        axis.set_xticks(range(len(done)), names, rotation=45, ha="right", fontsize=8)
+    paths = [str(save_figure(figure, os.path.join(folder, "gpu_quality.png")))]
+    curves = {r["model"]: r["extrapolation"] for r in done}
+    paths.append(str(plot_extrapolation(curves, os.path.join(folder, "gpu_quality_extrapolation.png"))))
+    return paths
+
+
 def in_study_order(entries: dict[str, dict]) -> list[dict]:
     """MODELS' order first, then any other preset in the order it was added."""
     names = [m for m in MODELS if m in entries] + [m for m in entries if m not in MODELS]
@@ -308,7 +351,7 @@ def positive_seconds(text: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--corpus", required=True, help="a text file (tiny Shakespeare)")
+    parser.add_argument("--corpus", help="a text file (tiny Shakespeare); required unless --plot-only")
     parser.add_argument("--out", default=os.environ.get("OUT", "runs"),
                         help="folder of gpu_quality.json, merged into if it exists (default: $OUT, else runs)")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated presets (default: the seven)")
@@ -330,7 +373,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parity-seeds", type=int, default=2, help="parity runs, one per seed (default: 2)")
     parser.add_argument("--tree", default=None,
                         help="the commit the code is at, recorded per model (default: git rev-parse HEAD, if any)")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="train nothing: draw the plots of --out's gpu_quality.json (after a run they are drawn too)")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        path = os.path.join(args.out, "gpu_quality.json")
+        if not os.path.exists(path):
+            parser.error(f"--plot-only: no gpu_quality.json in --out {args.out!r}")
+        with open(path) as handle:
+            print("wrote", ", ".join(plot(json.load(handle)["results"], args.out)))
+        return 0
+    if args.corpus is None:
+        parser.error("--corpus: required (a text file), unless --plot-only")
     if args.parity_seeds < 1:
         parser.error(f"--parity-seeds: expected at least 1, got {args.parity_seeds}")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -386,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print(table(in_study_order(entries)))
-    print(f"total {time.perf_counter() - start:.0f} s; wrote {path}")
+    plots = plot(in_study_order(entries), args.out)
+    print(f"total {time.perf_counter() - start:.0f} s; wrote {', '.join([path, *plots])}")
     return 0
 
 

@@ -144,13 +144,15 @@ def plot_extrapolation(results: dict[str, dict[str, Any]], path: str | Path) -> 
     from .tasks import save_figure
 
     figure, (by_position, by_length) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for label, result in results.items():
+    colors = plt.get_cmap("tab10").colors
+    styles = {"carried": "-", "window": "--"}  # one color per model, one line style per mode
+    for index, (label, result) in enumerate(results.items()):
         context = result["train_context"]
         for mode, summary in result["modes"].items():
-            name = f"{label} ({mode})"
+            line = dict(label=f"{label} ({mode})", color=colors[index % len(colors)], linestyle=styles.get(mode, ":"))
             centers = [(start + end) / 2 / context for start, end in summary["position_bins"]]
-            by_position.plot(centers, summary["loss_by_position"], label=name)
-            by_length.plot(result["multipliers"], list(summary["loss_by_length"].values()), marker="o", label=name)
+            by_position.plot(centers, summary["loss_by_position"], **line)
+            by_length.plot(result["multipliers"], list(summary["loss_by_length"].values()), marker="o", **line)
     for axis in (by_position, by_length):
         axis.axvline(1.0, color="grey", linewidth=0.8, linestyle="--")
         axis.set_ylabel("loss (nats / token)")
@@ -159,7 +161,7 @@ def plot_extrapolation(results: dict[str, dict[str, Any]], path: str | Path) -> 
     by_length.set_xscale("log", base=2)
     by_position.set_title("loss by position", fontsize=9)
     by_length.set_title("mean loss over the first m x context tokens", fontsize=9)
-    by_length.legend(fontsize=7)
+    by_length.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return save_figure(figure, path)
 
 

@@ -68,6 +68,11 @@ def test_smoke_runs_the_recipes_and_merges_per_model(tmp_path, corpus, one_threa
     assert len(table) == 4 and table[2].startswith("| llama |") and table[3].startswith("| mingru |")
     assert "seed 1" in table[2] and "seed 1" not in table[3]  # the table is built from the merged entries
     assert not list(out.glob("*.tmp"))
+    for name in ("gpu_quality.png", "gpu_quality_extrapolation.png"):  # drawn after each run, from the merged file
+        (out / name).unlink()
+    assert script.main(["--out", str(out), "--plot-only"]) == 0  # no corpus needed, nothing trained
+    assert (out / "gpu_quality.png").stat().st_size > 0 and (out / "gpu_quality_extrapolation.png").stat().st_size > 0
+    assert json.loads((out / "gpu_quality.json").read_text()) == second
 
 
 @pytest.mark.parametrize("key, value", [("smoke", False), ("format", 1)])
