@@ -24,14 +24,11 @@ import time
 
 SHAPES = [(16, 8, 256, 512), (1, 8, 256, 512), (16, 4, 96, 192)]
 SMOKE_SHAPES = [(2, 2, 24, 40), (1, 2, 32, 64)]
-# (variant, block_k, block_v, num_warps, num_stages[, tiles_fastest]): blocks are clipped to the shape, duplicates dropped
+# (variant, block_k, block_v, num_warps, num_stages): blocks are clipped to the shape, duplicates dropped
 GRID = [
     ("tile", 0, 32, 4, 1), ("tile", 0, 64, 4, 1), ("tile", 0, 16, 2, 1),
     ("stream", 32, 128, 4, 2), ("stream", 32, 128, 4, 3), ("stream", 16, 256, 4, 3), ("stream", 32, 256, 8, 2),
     ("stream", 32, 64, 4, 2), ("stream", 8, 512, 4, 4),
-    # session 18: the same launches with a row's Dv tiles as neighbouring programs (StepLaunch.tiles_fastest)
-    ("stream", 32, 64, 4, 2, True), ("stream", 32, 128, 4, 2, True), ("stream", 8, 512, 4, 4, True),
-    ("stream", 32, 64, 4, 3, True), ("tile", 0, 32, 4, 1, True), ("tile", 0, 64, 4, 1, True),
 ]  # "split" (results/gpu_mlstm_step_variants.json, 0b52a26) never won and was deleted
 
 
@@ -56,14 +53,12 @@ def launches(B, H, Dk, Dv):
     default = step_launch(B * H, Dk, Dv)
     rows = [("default", default, None), ("default+out", default, "out"), ("default+inplace", default, "inplace")]
     seen = {key(default)}
-    for variant, bk, bv, warps, stages, *order in GRID:
-        tiles_fastest = bool(order and order[0])
-        cfg = StepLaunch(variant=variant, block_k=bk or 32, block_v=bv, num_warps=warps, num_stages=stages,
-                         tiles_fastest=tiles_fastest)
+    for variant, bk, bv, warps, stages in GRID:
+        cfg = StepLaunch(variant=variant, block_k=bk or 32, block_v=bv, num_warps=warps, num_stages=stages)
         if key(cfg) not in seen:
             seen.add(key(cfg))
-            name = f"{variant}_BK{bk}_BV{bv}_w{warps}_s{stages}" if variant != "tile" else f"tile_BV{bv}_w{warps}"
-            rows.append((name + ("_tilesfirst" if tiles_fastest else ""), cfg, None))
+            rows.append((f"{variant}_BK{bk}_BV{bv}_w{warps}_s{stages}" if variant != "tile" else
+                         f"tile_BV{bv}_w{warps}", cfg, None))
     return rows
 
 

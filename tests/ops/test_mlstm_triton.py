@@ -209,8 +209,6 @@ STEP_LAUNCHES = [  # every variant, with blocks that leave masked tails in Dk an
     ("tile", dict(block_v=16, num_warps=2)),
     ("stream", dict(block_k=8, block_v=16, num_stages=2)),
     ("stream", dict(block_k=16, block_v=64, num_stages=3)),
-    ("tile", dict(block_v=16, tiles_fastest=True)),  # grid (tiles, rows)
-    ("stream", dict(block_k=8, block_v=16, tiles_fastest=True)),
 ]
 STEP_SHAPES = [(2, 3, 20, 40), (1, 4, 32, 64), (1, 1, 24, 1)]  # B, H, Dk, Dv: odd dims, batch 1 (7B-like), Dv = 1
 
@@ -277,8 +275,6 @@ def test_step_launch_and_out_errors_name_the_argument():
         StepLaunch(variant="rows")
     with pytest.raises(ValueError, match="block_k: expected a power of two"):
         StepLaunch(block_k=24)
-    with pytest.raises(ValueError, match="tiles_fastest: expected a bool"):
-        StepLaunch(tiles_fastest=1)
     x, state, _ = _step_case(1, 2, 16, 16, torch.float32, seed=0)
     good = (torch.empty_like(x[2]), torch.empty_like(state[0]), torch.empty_like(state[1]), torch.empty_like(state[2]))
     with pytest.raises(ValueError, match=r"out \(n\): must not be the input state's n"):

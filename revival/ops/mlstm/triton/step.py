@@ -28,9 +28,7 @@ class StepLaunch:
     """How the step kernel tiles the state (C is Dk x Dv per batch*head row).
 
     variant: one of STEP_VARIANTS; block_k: rows of C per loop iteration of "stream", unused by "tile" (whole Dk);
-    block_v: Dv columns per program; num_warps; num_stages: software pipelining depth of the "stream" loop;
-    tiles_fastest: the Dv tiles of one row are neighbouring programs (grid (tiles, rows)), so programs running at
-    once read adjacent columns of the same C rows; False: neighbouring programs take different rows.
+    block_v: Dv columns per program; num_warps; num_stages: software pipelining depth of the "stream" loop.
     """
 
     variant: str = "tile"
@@ -38,7 +36,6 @@ class StepLaunch:
     block_v: int = 32
     num_warps: int = 4
     num_stages: int = 2
-    tiles_fastest: bool = False
 
     def __post_init__(self):
         if self.variant not in STEP_VARIANTS:
@@ -49,8 +46,6 @@ class StepLaunch:
                 raise ValueError(f"{name}: expected a power of two >= 1, got {value!r}")
         if not isinstance(self.num_stages, int) or self.num_stages < 1:
             raise ValueError(f"num_stages: expected an int >= 1, got {self.num_stages!r}")
-        if not isinstance(self.tiles_fastest, bool):
-            raise ValueError(f"tiles_fastest: expected a bool, got {self.tiles_fastest!r}")
 
 
 _STREAM_MIN_STATE = 1 << 22  # elements of C (16 MiB float32); between the measured 1.2M and 16.8M, not itself measured
@@ -63,14 +58,6 @@ def step_launch(rows: int, Dk: int, Dv: int) -> StepLaunch:
     if rows * Dk * Dv >= _STREAM_MIN_STATE:
         return StepLaunch(variant="stream", block_k=32, block_v=64, num_warps=4, num_stages=2)
     return StepLaunch(variant="tile", block_v=max(16, min(_pow2(Dv), 8192 // _pow2(Dk))), num_warps=4)
-
-
-@triton.jit
-def _program(TILES_FASTEST: tl.constexpr):
-    """(batch*head row, Dv tile) of this program for the grid order of StepLaunch.tiles_fastest."""
-    if TILES_FASTEST:
-        return tl.program_id(1).to(tl.int64), tl.program_id(0)
-    return tl.program_id(0).to(tl.int64), tl.program_id(1)
 
 
 @triton.jit
@@ -88,9 +75,10 @@ def _step_kernel(
     q_ptr, k_ptr, v_ptr, i_ptr, f_ptr, c_ptr, n_ptr, m_ptr,
     h_ptr, c_out_ptr, n_out_ptr, m_out_ptr,
     DK, DV, scale, eps,
-    BKF: tl.constexpr, BV: tl.constexpr, TILES_FASTEST: tl.constexpr,
+    BKF: tl.constexpr, BV: tl.constexpr,
 ):
-    row, iv = _program(TILES_FASTEST)
+    row = tl.program_id(0).to(tl.int64)
+    iv = tl.program_id(1)
     offs_k, offs_v, mask_k, mask_v, mask_kv, state_off = _kv_tile(row, 0, iv * BV, DK, DV, BKF, BV)
     C = tl.load(c_ptr + state_off, mask=mask_kv, other=0.0)
     n = tl.load(n_ptr + row * DK + offs_k, mask=mask_k, other=0.0)
@@ -114,9 +102,10 @@ def _step_stream_kernel(
     q_ptr, k_ptr, v_ptr, i_ptr, f_ptr, c_ptr, n_ptr, m_ptr,
     h_ptr, c_out_ptr, n_out_ptr, m_out_ptr,
     DK, DV, scale, eps,
-    BKF: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STAGES: tl.constexpr, TILES_FASTEST: tl.constexpr,
+    BKF: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STAGES: tl.constexpr,
 ):
-    row, iv = _program(TILES_FASTEST)
+    row = tl.program_id(0).to(tl.int64)
+    iv = tl.program_id(1)
     m_new, f_bar, i_bar = _gates(i_ptr, f_ptr, m_ptr, row)
     # n and the normalizer once, over the whole Dk
     offs_kf = tl.arange(0, BKF)
@@ -168,12 +157,10 @@ def _geometry(rows: int, Dk: int, Dv: int, cfg: StepLaunch):
     than the decode kernel's GPU time at small shapes."""
     BKF = _pow2(Dk)
     BV = min(cfg.block_v, _pow2(Dv))
-    tiles = -(-Dv // BV)
-    grid = (tiles, rows) if cfg.tiles_fastest else (rows, tiles)
-    order = {"TILES_FASTEST": cfg.tiles_fastest}
+    grid = (rows, -(-Dv // BV))
     if cfg.variant == "tile":
-        return grid, {"BKF": BKF, "BV": BV, **order}
-    return grid, {"BKF": BKF, "BK": min(cfg.block_k, BKF), "BV": BV, "STAGES": cfg.num_stages, **order}
+        return grid, {"BKF": BKF, "BV": BV}
+    return grid, {"BKF": BKF, "BK": min(cfg.block_k, BKF), "BV": BV, "STAGES": cfg.num_stages}
 
 
 def mlstm_step_triton(q, k, v, i, f, state, eps: float = 1e-6, launch: StepLaunch | None = None, out=None):
