@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tree", default=None,
                         help="the commit the code is at, recorded per model (default: git rev-parse HEAD, if any)")
     parser.add_argument("--plot-only", action="store_true",
-                        help="train nothing: draw the plots of --out's gpu_quality.json (after a run they are drawn too)")
+                        help="train nothing: draw the plots of --out's gpu_quality.json (a run draws them too)")
     args = parser.parse_args(argv)
     if args.plot_only:
         path = os.path.join(args.out, "gpu_quality.json")
