@@ -290,8 +290,8 @@ def plot(results: list[dict], folder: str) -> list[str]:
     figure, axes = plt.subplots(1, 4, figsize=(15, 3.6))
     panels = [
         ("validation bits / byte", [r["validation"]["bits_per_byte"] for r in done], None),
-        ("4x context: carried / window loss", [r["extrapolation"].get("beyond_ratio_to_window", {}).get("4x", 0.0)
-                                                for r in done], 1.05),
+        ("4x context: carried / window loss", [r["extrapolation"].get("beyond_ratio_to_window", {}).get(
+            "4x", float("nan")) for r in done], 1.05),  # nan: no bar where the table shows "-"
         ("MQAR (256, 16) accuracy", [r["mqar"]["accuracy"] for r in done], 0.95),
     ]
     for axis, (title, values, target) in zip(axes, panels):
@@ -439,8 +439,9 @@ def main(argv: list[str] | None = None) -> int:
         write_study(path, header, model_records, entries)  # after every model: a run stopped from outside keeps it
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print(table(in_study_order(entries)))
-    plots = plot(in_study_order(entries), args.out)
+    ordered = in_study_order(entries)
+    print(table(ordered))
+    plots = plot(ordered, args.out)
     print(f"total {time.perf_counter() - start:.0f} s; wrote {', '.join([path, *plots])}")
     return 0
 
