@@ -21,11 +21,12 @@ def _rel(a, b):
     return ((a.double().cpu() - b).norm() / b.norm()).item()
 
 
+@pytest.mark.parametrize("gate_before_norm", [False, True])
 @pytest.mark.parametrize("kind,gate", [("layer", "sigmoid"), ("rms", "silu"), ("rms", "sigmoid"), ("layer", "silu")])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-3)])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("B,T,H,D", [(2, 37, 3, 24), (1, 70, 2, 64), (1, 5, 2, 300)])
-def test_kernel_matches_float64(B, T, H, D, bias, dtype, tol, kind, gate):
+@pytest.mark.parametrize("B,T,H,D", [(2, 37, 3, 24), (1, 70, 2, 64), (1, 5, 2, 300), (1, 9, 1, 1536)])
+def test_kernel_matches_float64(B, T, H, D, bias, dtype, tol, kind, gate, gate_before_norm):
     g = torch.Generator().manual_seed(B * T + D)
     h = torch.randn(B, T, H, D, generator=g) * 3 + 1
     packed = torch.randn(B, T, 2 * H * D, generator=g) * 2  # o as a strided view, as the layer passes it
@@ -34,7 +35,8 @@ def test_kernel_matches_float64(B, T, H, D, bias, dtype, tol, kind, gate):
 
     def run(h, packed, weight, bias_t, dout, fn, device):
         leaves = [x.to(device).requires_grad_(True) if x is not None else None for x in (h, packed, weight, bias_t)]
-        out = fn(leaves[0], leaves[1][..., H * D:], leaves[2], leaves[3], 1e-6, kind=kind, gate=gate)
+        out = fn(leaves[0], leaves[1][..., H * D:], leaves[2], leaves[3], 1e-6, kind=kind, gate=gate,
+                 gate_before_norm=gate_before_norm)
         out.backward(dout.to(device).to(out.dtype))
         return [out.detach()] + [x.grad for x in leaves if x is not None]
 
@@ -63,6 +65,24 @@ def test_rms_silu_reference_is_the_gated_deltanet_output_stage():
                                                                                   dtype=torch.float64)
     got = gated_head_norm_reference(h, o, norm.weight, norm.bias, norm.eps, kind="rms", gate="silu")
     torch.testing.assert_close(got, norm(h) * torch.nn.functional.silu(o), rtol=1e-13, atol=1e-13)
+
+
+def test_gate_before_norm_reference_is_the_mamba2_output_stage():
+    """gate_before_norm with kind "rms", gate "silu" is MultiHeadNorm(kind="rms")(h * silu(o)), Mamba-2's former
+    grouped RMSNorm of y * silu(z); one group (the weight inside the norm) and several."""
+    from revival.layers.norms import MultiHeadNorm
+
+    g = torch.Generator().manual_seed(6)
+    for groups in (1, 3):
+        norm = MultiHeadNorm(groups, 10, eps=1e-5, kind="rms").double()
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(groups * 10, generator=g, dtype=torch.float64) + 0.5)
+        h = torch.randn(2, 4, groups, 10, generator=g, dtype=torch.float64)
+        o = torch.randn(2, 4, groups * 10, generator=g, dtype=torch.float64)
+        got = gated_head_norm_reference(h, o, norm.weight, None, norm.eps, kind="rms", gate="silu",
+                                        gate_before_norm=True)
+        expected = norm((h.flatten(-2) * torch.nn.functional.silu(o)).unflatten(-1, (groups, 10)))
+        torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
 
 
 def test_options_are_checked():
