@@ -292,9 +292,10 @@ def test_gradient_kernels_take_dv_tiles_of_at_least_32(monkeypatch):
 
 
 def test_kernels_do_not_specialise_on_the_sequence_length():
-    """T and the chunk count are not specialisation keys of the chunkwise kernels (Triton compiles again for an
-    integer argument equal to 1 or divisible by 16: tasks with lengths 3-256 compiled each kernel several times);
-    the head dims stay keys. Checked on the JIT kernels, in a process without TRITON_INTERPRET."""
+    """T, the chunk count and the walks' segment span are not specialisation keys of the chunkwise kernels (Triton
+    compiles again for an integer argument equal to 1 or divisible by 16: tasks with lengths 3-256 compiled each
+    kernel several times); the head dims stay keys. Checked on the JIT kernels, in a process without
+    TRITON_INTERPRET."""
     import os
     import subprocess
     import sys
@@ -310,9 +311,9 @@ def test_kernels_do_not_specialise_on_the_sequence_length():
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     unspecialised = dict(line.partition(" ")[::2] for line in done.stdout.splitlines())
-    assert unspecialised == {"_wy_kernel": "T", "_states_kernel": "NC,T", "_output_kernel": "NC,T",
+    assert unspecialised == {"_wy_kernel": "T", "_states_kernel": "NC,SPAN,T", "_output_kernel": "NC,T",
                              "_local_du_kernel": "T",
-                             "_dstates_kernel": "NC,T", "_inverse_kernel": "NC,T", "_output_grads_kernel": "NC,T",
+                             "_dstates_kernel": "NC,SPAN,T", "_inverse_kernel": "NC,T", "_output_grads_kernel": "NC,T",
                              "_wy_grads_kernel": "NC,T"}
 
 

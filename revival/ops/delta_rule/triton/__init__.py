@@ -59,9 +59,10 @@ def gated_delta_rule_triton(q, k, v, g, beta, state, scale: float, *, chunk_size
     (q, k, v), (g, beta), S0, starts = chunkwise_kernel_inputs(
         {"q": q.to(dtype), "k": k, "v": v}, (g, beta), state, (n, H, Dk, Dv), document_starts, sizes_of="q, v",
         what="head dims", Dk=Dk, Dv=Dv)
-    cfg = launch_config(Dk, Dv, n * H, dtype, launch)
     # the (L, L) decay and inverse tiles and the (L, D) tiles of the gradient kernels stay on chip up to L = 64
-    o, S_T = _GatedDeltaRule.apply(q, k, v, g, beta, S0, starts, scale, kernel_chunk_size(chunk_size), cfg)
+    L = kernel_chunk_size(chunk_size)
+    cfg = launch_config(Dk, Dv, n * H, dtype, launch, chunks=-(-T // L))
+    o, S_T = _GatedDeltaRule.apply(q, k, v, g, beta, S0, starts, scale, L, cfg)
     return o.to(out_dtype), S_T
 
 

@@ -33,13 +33,14 @@ from .forward import (
     chunk_tokens,
     decay_matrix,
     document_masks,
+    initial_state,
     launch,
     load_cols,
     load_decay,
     load_gates,
     load_rows,
-    load_state,
     product_precision,
+    segmented_walk,
     sizes,
     store_state,
     unit_triangular_inverse,
@@ -78,34 +79,50 @@ def _local_du_kernel(
     tl.store(du_ptr + u_offs, tl.dot(scores_T, do, input_precision=PRECISION), mask=mask_u)
 
 
-@triton.jit(do_not_specialize=LENGTHS)
+@triton.jit(do_not_specialize=LENGTHS + ("SPAN",))
 def _dstates_kernel(
-    q_ptr, k_ptr, w_ptr, g_ptr, starts_ptr, do_ptr, ds_last_ptr,
-    dstates_ptr, du_ptr, ds0_ptr,
-    T, H, NC, DK, DV, scale,
+    q_ptr, k_ptr, w_ptr, g_ptr, starts_ptr, do_ptr, scale, ds_first_ptr,
+    dstates_ptr, du_ptr, ds_last_ptr,
+    T, H, NC, SPAN, DK, DV, WIDTH,
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
+    WALK: tl.constexpr, FIRST_SEGMENT: tl.constexpr,
 ):
-    """du_ptr holds `_local_du_kernel`'s part of dU on entry, the whole dU on return."""
+    """One (column tile, batch*head, segment) walking the segment's chunks backwards (the forward's
+    `_states_kernel` in reverse; its WALK modes and segments). du_ptr holds `_local_du_kernel`'s part of dU on
+    entry; WALK "full" adds the rest in place and stores each chunk's dS', and the initial state's gradient once
+    the first segment is done."""
     iv = tl.program_id(0)
     row = tl.program_id(1)
-    dS = load_state(ds_last_ptr, row, 0, 1, DK, DV, BK, BV, iv)
-    for cc in range(0, NC):
-        c = NC - 1 - cc
-        store_state(dstates_ptr, dS, row, c, NC, DK, DV, BK, BV, iv)
+    segment = FIRST_SEGMENT + tl.program_id(2)
+    index = segment * tl.num_programs(1) + row
+    dS = initial_state(ds_first_ptr, index, DK, WIDTH, BK, BV, iv,
+                       "load" if WALK == "full" else ("identity" if WALK == "transition" else "zeros"))
+    first = segment * SPAN
+    for cc in range(0, tl.minimum(NC, first + SPAN) - first):
+        c = tl.minimum(NC, first + SPAN) - 1 - cc
+        if WALK == "full":
+            store_state(dstates_ptr, dS, row, c, NC, DK, DV, BK, BV, iv)
         tokens, valid = chunk_tokens(row, c, T, H, L)
         gamma, g_total = load_decay(g_ptr, tokens, valid)
         _, from_state, to_end, keeps = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
-        u_offs, mask_u = value_tile(tokens, valid, iv, DV, BV)
         # the tokens' scalings on the (L, BV) sides of the products: k, q go to the matrix units as loaded
         k_dS = tl.dot(load_rows(k_ptr, tokens, valid, DK, BK, 0), dS, input_precision=PRECISION)
-        du = tl.load(du_ptr + u_offs, mask=mask_u, other=0.0) + (tl.exp(g_total - gamma) * to_end)[:, None] * k_dS
-        tl.store(du_ptr + u_offs, du, mask=mask_u)
-        do_from_state = tl.load(do_ptr + u_offs, mask=mask_u, other=0.0).to(tl.float32) * (
-            scale * tl.exp(gamma) * from_state)[:, None]
-        dS = tl.exp(g_total) * keeps * dS + tl.dot(load_cols(q_ptr, tokens, valid, DK, BK, 0), do_from_state,
-                                                   input_precision=PRECISION)
+        du = (tl.exp(g_total - gamma) * to_end)[:, None] * k_dS
+        dS = tl.exp(g_total) * keeps * dS
+        if WALK != "transition":
+            u_offs, mask_u = value_tile(tokens, valid, iv, DV, BV)
+            du += tl.load(du_ptr + u_offs, mask=mask_u, other=0.0)
+            if WALK == "full":
+                tl.store(du_ptr + u_offs, du, mask=mask_u)
+            do_from_state = tl.load(do_ptr + u_offs, mask=mask_u, other=0.0).to(tl.float32) * (
+                scale * tl.exp(gamma) * from_state)[:, None]
+            dS += tl.dot(load_cols(q_ptr, tokens, valid, DK, BK, 0), do_from_state, input_precision=PRECISION)
         dS -= tl.dot(load_cols(w_ptr, tokens, valid, DK, BK, 0), du, input_precision=PRECISION)
-    store_state(ds0_ptr, dS, row, 0, 1, DK, DV, BK, BV, iv)
+    if WALK == "full":
+        if segment == 0:
+            store_state(ds_last_ptr, dS, row, 0, 1, DK, DV, BK, BV, iv)
+    else:
+        store_state(ds_last_ptr, dS, index, 0, 1, DK, WIDTH, BK, BV, iv)
 
 
 @triton.jit(do_not_specialize=LENGTHS)
@@ -280,10 +297,10 @@ def delta_rule_backward(q, k, v, g, beta, starts, w, u, states, do, dS_T, scale:
     launch(_local_du_kernel, (NC, n * H, triton.cdiv(Dv, block_v)),
         q, k, g, starts, do, du, T, H, Dk, Dv, scale, L=L, BK=BK, BV=block_v, PRECISION=precision,
         num_warps=cfg.warps_du, **documents)
-    block_v = wide_block_v(cfg.block_v_dstates, BV)
-    launch(_dstates_kernel, (triton.cdiv(Dv, block_v), n * H),
-        q, k, w, g, starts, do, dS_T, dstates, du, dS0, T, H, NC, Dk, Dv, scale, L=L, BK=BK, BV=block_v,
-        PRECISION=precision, num_warps=cfg.warps_dstates, **stages(cfg.stages_dstates), **documents)
+    walk = dict(L=L, BK=BK, BV=wide_block_v(cfg.block_v_dstates, BV), PRECISION=precision,
+                num_warps=cfg.warps_dstates, **stages(cfg.stages_dstates), **documents)
+    segmented_walk(_dstates_kernel, (q, k, w, g, starts, do, scale), dS_T, (dstates, du), dS0, (T, H, NC), (Dk, Dv),
+                   n * H, cfg.segments, walk, reverse=True)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dk_out, dg_out = torch.empty(n, T, H, Dk, **f32), torch.empty(n, T, H, **f32)  # the first kernel's parts
     dg, dbeta = torch.empty(n, T, H, **f32), torch.empty(n, T, H, **f32)

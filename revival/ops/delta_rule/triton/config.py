@@ -18,7 +18,8 @@ class LaunchConfig:
     programs for the sequential walks); block_v_wy / block_v_grads: the Dv-tile the WY and the two gradient kernels
     loop over (fewer live tiles); warps_*: num_warps per kernel (warps_wy also the backward's inverse kernel,
     warps_grads both gradient kernels, warps_du the chunk-local dU kernel); stages_grads / stages_dstates: num_stages
-    of the gradient and state-gradient kernels (None for the latter: Triton's default)."""
+    of the gradient and state-gradient kernels (None for the latter: Triton's default); segments: how many parts of
+    the sequence the two sequential walks take at once (forward.py's `segmented_walk`; 1: one walk)."""
 
     block_v_wy: int | None = None
     block_v_grads: int | None = None
@@ -34,12 +35,24 @@ class LaunchConfig:
     warps_grads: int | None = None
     stages_grads: int | None = None
     stages_dstates: int | None = None
+    segments: int | None = None
 
 
-def default_launch_config(Dk: int, Dv: int, rows: int, dtype: torch.dtype) -> LaunchConfig:
+def default_segments(rows: int, chunks: int) -> int:
+    """Segments of the sequential walks: 1 while batch*heads fill the GPU (rows >= 64: the 2k training shapes),
+    else enough that rows x segments reaches ~128 programs' rows, each segment at least 16 chunks long (a segmented
+    walk does ~2.5 walks of work, so it pays only where rows alone leave SMs idle)."""
+    if rows >= 64:
+        return 1
+    return max(1, min(128 // rows, chunks // 16))
+
+
+def default_launch_config(Dk: int, Dv: int, rows: int, dtype: torch.dtype, chunks: int = 1) -> LaunchConfig:
     """Fixed settings per shape class and kernel dtype (no autotuning): with few batch*head rows the sequential
-    kernels split Dv into narrower tiles so that more programs run at once; float32 at Dk > 64 takes smaller
-    shared-memory footprints (below)."""
+    walks run in segments (`default_segments`) and, still with few rows, split Dv into narrower tiles so that more
+    programs run at once; float32 at Dk > 64 takes smaller shared-memory footprints (below)."""
+    segments = default_segments(rows, chunks)
+    rows *= segments  # the walks' programs per column tile
     narrow = 32 if rows < 64 else 64
     # the state-gradient walk at 8 warps with few rows: at (128, 256) bf16 and 32-wide tiles 220 registers and no
     # spills against 255 and 176 bytes at 4 warps, and one program per SM either way (shared memory)
@@ -50,7 +63,8 @@ def default_launch_config(Dk: int, Dv: int, rows: int, dtype: torch.dtype) -> La
     # Dv-tile 32: fewer spills than 64 at Dk = 128 (the probe)
     cfg = LaunchConfig(block_v_wy=128, block_v_grads=32, block_v_states=narrow, block_v_output=128,
                        block_v_dstates=narrow, block_v_du=128, warps_wy=4, warps_states=4, warps_output=4,
-                       warps_dstates=warps_dstates, warps_du=4, warps_grads=8, stages_grads=stages_grads)
+                       warps_dstates=warps_dstates, warps_du=4, warps_grads=8, stages_grads=stages_grads,
+                       segments=segments)
     if dtype == torch.float32 and Dk > 64:
         # three-pass tf32 keeps a high and a low copy of every product operand in shared memory; at (Dk, Dv) =
         # (128, 128) for sm_90 (227 KB) the state-gradient kernel pipelined needs 280+ KB at any Dv-tile (96 KB
@@ -69,8 +83,11 @@ def wide_block_v(block_v: int, BV: int) -> int:
     return max(32, min(block_v, BV))
 
 
-def launch_config(Dk: int, Dv: int, rows: int, dtype: torch.dtype,
-                  requested: LaunchConfig | None = None) -> LaunchConfig:
-    """The launch config of one call (`dtype`: the kernels' q, k, v dtype): the fields `requested` sets, the shape-
-    and dtype-keyed defaults for the others."""
-    return merged_launch_config(requested, default_launch_config(Dk, Dv, rows, dtype))
+def launch_config(Dk: int, Dv: int, rows: int, dtype: torch.dtype, requested: LaunchConfig | None = None,
+                  chunks: int = 1) -> LaunchConfig:
+    """The launch config of one call (`dtype`: the kernels' q, k, v dtype; `chunks`: chunks per sequence): the fields
+    `requested` sets, the shape- and dtype-keyed defaults for the others."""
+    cfg = merged_launch_config(requested, default_launch_config(Dk, Dv, rows, dtype, chunks))
+    if not (isinstance(cfg.segments, int) and cfg.segments >= 1):
+        raise ValueError(f"launch.segments: expected an integer >= 1, got {cfg.segments!r}")
+    return cfg

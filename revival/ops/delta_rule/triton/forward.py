@@ -169,28 +169,62 @@ def _wy_kernel(
         tl.store(u0_ptr + tokens[:, None] * DV + offs_v[None, :], u0, mask=valid[:, None] & (offs_v < DV)[None, :])
 
 
-@triton.jit(do_not_specialize=LENGTHS)
+@triton.jit
+def initial_state(ptr, index, DK, WIDTH, BK: tl.constexpr, BV: tl.constexpr, iv, INIT: tl.constexpr):
+    """The (BK, BV) tile iv of a walk's starting state: zeros, the identity (a transition's product) or loaded from
+    `index` of a (.., Dk, WIDTH) buffer."""
+    if INIT == "load":
+        S = load_state(ptr, index, 0, 1, DK, WIDTH, BK, BV, iv)
+    elif INIT == "identity":
+        offs_k = tl.arange(0, BK)
+        offs_v = iv * BV + tl.arange(0, BV)
+        S = tl.where((offs_k[:, None] == offs_v[None, :]) & (offs_k < DK)[:, None], 1.0, 0.0)
+    else:
+        S = tl.zeros((BK, BV), tl.float32)
+    return S
+
+
+@triton.jit(do_not_specialize=LENGTHS + ("SPAN",))
 def _states_kernel(
-    k_ptr, w_ptr, u0_ptr, g_ptr, starts_ptr, s0_ptr,
-    states_ptr, u_ptr, s_out_ptr,
-    T, H, NC, DK, DV,
+    k_ptr, w_ptr, u0_ptr, g_ptr, starts_ptr, s_first_ptr,
+    states_ptr, u_ptr, s_last_ptr,
+    T, H, NC, SPAN, DK, DV, WIDTH,
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
+    WALK: tl.constexpr, FIRST_SEGMENT: tl.constexpr,
 ):
+    """One (column tile, batch*head, segment) walking the segment's SPAN chunks in order, S <- A_c S + K~^T U0 with
+    A_c = exp(gamma_L) I - K~^T W (K~ the keys scaled to the chunk's end). WALK "full": from the segment's entering
+    state (`s_first_ptr` at segment*rows + row), storing each chunk's entering state and U = U0 - W S, and the final
+    state once the last segment is done; "local": from zero, only the segment's end state (to `s_last_ptr` at
+    segment*rows + row); "transition": from the identity without inputs (WIDTH = Dk columns), the segment's product
+    of A_c. Segments start at FIRST_SEGMENT + program_id(2) (forward.py's `segmented_walk`)."""
     iv = tl.program_id(0)
     row = tl.program_id(1)
-    S = load_state(s0_ptr, row, 0, 1, DK, DV, BK, BV, iv)
-    for c in range(0, NC):
-        store_state(states_ptr, S, row, c, NC, DK, DV, BK, BV, iv)
+    segment = FIRST_SEGMENT + tl.program_id(2)
+    index = segment * tl.num_programs(1) + row
+    S = initial_state(s_first_ptr, index, DK, WIDTH, BK, BV, iv,
+                      "load" if WALK == "full" else ("identity" if WALK == "transition" else "zeros"))
+    for c in range(segment * SPAN, tl.minimum(NC, segment * SPAN + SPAN)):
+        if WALK == "full":
+            store_state(states_ptr, S, row, c, NC, DK, DV, BK, BV, iv)
         tokens, valid = chunk_tokens(row, c, T, H, L)
         gamma, g_total = load_decay(g_ptr, tokens, valid)
         w = load_rows(w_ptr, tokens, valid, DK, BK, 0)
-        u_offs, mask_u = value_tile(tokens, valid, iv, DV, BV)
-        u = tl.load(u0_ptr + u_offs, mask=mask_u, other=0.0) - tl.dot(w, S, input_precision=PRECISION)
-        tl.store(u_ptr + u_offs, u, mask=mask_u)
+        if WALK == "transition":
+            u = -tl.dot(w, S, input_precision=PRECISION)
+        else:
+            u_offs, mask_u = value_tile(tokens, valid, iv, DV, BV)
+            u = tl.load(u0_ptr + u_offs, mask=mask_u, other=0.0) - tl.dot(w, S, input_precision=PRECISION)
+            if WALK == "full":
+                tl.store(u_ptr + u_offs, u, mask=mask_u)
         _, _, to_end, keeps = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
         k_to_end = load_cols(k_ptr, tokens, valid, DK, BK, 0) * (tl.exp(g_total - gamma) * to_end)[None, :]
         S = tl.exp(g_total) * keeps * S + tl.dot(k_to_end, u, input_precision=PRECISION)
-    store_state(s_out_ptr, S, row, 0, 1, DK, DV, BK, BV, iv)
+    if WALK == "full":
+        if segment == tl.num_programs(2) - 1:
+            store_state(s_last_ptr, S, row, 0, 1, DK, DV, BK, BV, iv)
+    else:
+        store_state(s_last_ptr, S, index, 0, 1, DK, WIDTH, BK, BV, iv)
 
 
 @triton.jit(do_not_specialize=LENGTHS)
@@ -271,12 +305,56 @@ def delta_rule_forward(q, k, v, g, beta, S0, starts, scale: float, L: int, cfg):
     launch(_wy_kernel, (NC, n * H), k, v, g, beta, starts, w, u0, T, H, Dk, Dv, L=L,
            BK=BK, BV=min(cfg.block_v_wy, BV), PRECISION=precision,
            num_warps=cfg.warps_wy, **documents)
-    block_v = min(cfg.block_v_states, BV)
-    launch(_states_kernel, (triton.cdiv(Dv, block_v), n * H),
-        k, w, u0, g, starts, S0, states, u, S_T, T, H, NC, Dk, Dv, L=L, BK=BK, BV=block_v, PRECISION=precision,
-        num_warps=cfg.warps_states, **documents)
+    walk = dict(L=L, BK=BK, BV=min(cfg.block_v_states, BV), PRECISION=precision, num_warps=cfg.warps_states,
+                **documents)
+    segmented_walk(_states_kernel, (k, w, u0, g, starts), S0, (states, u), S_T, (T, H, NC), (Dk, Dv), n * H,
+                   cfg.segments, walk, reverse=False)
     block_v = min(cfg.block_v_output, BV)
     launch(_output_kernel, (NC, n * H, triton.cdiv(Dv, block_v)),
         q, k, g, starts, states, u, o, T, H, NC, Dk, Dv, scale, L=L, BK=BK, BV=block_v, PRECISION=precision,
         num_warps=cfg.warps_output, **documents)
     return o, S_T, (w, u, states)
+
+
+def segments_of(chunks: int, segments: int) -> tuple[int, int]:
+    """(number of segments, chunks per segment) when `chunks` chunks are split into at most `segments` segments."""
+    span = triton.cdiv(chunks, max(1, min(segments, chunks)))
+    return triton.cdiv(chunks, span), span
+
+
+def segmented_walk(kernel, inputs, first, outputs, last, lengths, dims, rows: int, segments: int, walk: dict, *,
+                   reverse: bool) -> None:
+    """A sequential walk over the chunks (`_states_kernel`, or backward.py's `_dstates_kernel` with `reverse`) in
+    segments walked at once: each segment's map from its entering to its leaving value is affine, X -> P X + E, so
+    1. every segment but the one the walk starts in walks from zero ("local": E) and from the identity without
+       inputs ("transition": P, Dk x Dk), all in parallel;
+    2. the segments' entering values follow in order, X_next = P X + E (float32 batched products, one per segment);
+    3. every segment walks again from its entering value ("full"), storing what one walk would.
+    That is ~2.5 walks of work (Dv = 2 Dk) in exchange for `segments` times the programs: it pays when batch*heads
+    alone leave the SMs idle (long contexts at small batch), not otherwise (launch.py's default). `first` is the
+    walk's starting value (rows, Dk, Dv), `last` receives its final value; 1 segment is the plain walk."""
+    Dk, Dv = dims
+    NC = lengths[-1]
+    NS, span = segments_of(NC, segments)
+    BV = walk["BV"]
+    tiles = triton.cdiv(Dv, BV)
+    if NS == 1:
+        launch(kernel, (tiles, rows, 1), *inputs, first, *outputs, last, *lengths, span, Dk, Dv, Dv, WALK="full",
+               FIRST_SEGMENT=0, **walk)
+        return
+    f32 = dict(device=first.device, dtype=torch.float32)
+    ends, transitions = torch.empty(NS, rows, Dk, Dv, **f32), torch.empty(NS, rows, Dk, Dk, **f32)
+    # forwards the last segment's own map is not needed, backwards the first's
+    skipped = dict(FIRST_SEGMENT=1 if reverse else 0)
+    launch(kernel, (tiles, rows, NS - 1), *inputs, first, *outputs, ends, *lengths, span, Dk, Dv, Dv,
+           WALK="local", **skipped, **walk)
+    launch(kernel, (triton.cdiv(Dk, BV), rows, NS - 1), *inputs, first, *outputs, transitions, *lengths, span,
+           Dk, Dv, Dk, WALK="transition", **skipped, **walk)
+    entering = torch.empty(NS, rows, Dk, Dv, **f32)
+    order = range(NS - 1, 0, -1) if reverse else range(NS - 1)
+    entering[order[0]] = first
+    for segment in order:
+        after = segment - 1 if reverse else segment + 1
+        torch.baddbmm(ends[segment], transitions[segment], entering[segment], out=entering[after])
+    launch(kernel, (tiles, rows, NS), *inputs, entering, *outputs, last, *lengths, span, Dk, Dv, Dv, WALK="full",
+           FIRST_SEGMENT=0, **walk)
