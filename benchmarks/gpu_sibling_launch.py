@@ -56,6 +56,10 @@ GDN_VARIANTS = {
     "walks_v16_dstates_w4": ({"block_v_dstates": 16, "block_v_states": 16, "warps_dstates": 4}, 64),
     "walks_v16_dstates_w4_s2": ({"block_v_dstates": 16, "block_v_states": 16, "warps_dstates": 4,
                                  "stages_dstates": 2}, 64),
+    # the walks in segments (forward.py segmented_walk; session 19): at 32k the default takes 21 segments of 25 chunks
+    "segments1": ({"segments": 1}, 64), "segments4": ({"segments": 4}, 64), "segments8": ({"segments": 8}, 64),
+    "segments16": ({"segments": 16}, 64), "segments32": ({"segments": 32}, 64),
+    "segments16_v32": ({"segments": 16, "block_v_states": 32, "block_v_dstates": 32}, 64),
 }
 SSD_VARIANTS = {
     "default": ({}, 64), "chunk32": ({}, 32), "chunk128": ({}, 128), "warps_grads4": ({"warps_grads": 4}, 64),
