@@ -55,3 +55,17 @@ def test_segment_counts():
     assert launch_config(128, 256, 6, torch.bfloat16, chunks=512).block_v_dstates == 64  # 126 rows' tiles
     with pytest.raises(ValueError, match=r"^launch.segments: expected an integer >= 1, got 0$"):
         launch_config(128, 256, 6, torch.bfloat16, LaunchConfig(segments=0))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the 16-bit operand rounding and sm_90 code paths need CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_segmented_walks_at_a_real_shape_on_the_gpu(dtype):
+    """(1, 2048, 2, 128, 256) in 4 segments of 8 chunks, beta up to 2: every gradient within 2e-2 (bfloat16) or 1e-3
+    (float32) of float64, as the one-walk kernels (test_delta_rule_triton.py's real-shape test)."""
+    inputs, weights = _inputs(1, 2048, 2, 128, 256, seed=17, beta_max=2.0)
+    rounded = [x.to(dtype).double() if index < 3 else x.double() for index, x in enumerate(inputs)]
+    ref = _run(gated_delta_rule_reference, rounded, weights, "cuda")
+    launch = LaunchConfig(segments=4)
+    got = _run(lambda *a: gated_delta_rule_triton(*a, 128**-0.5, launch=launch), inputs, weights, "cuda",
+               dtype=dtype)
+    assert_close(got, ref, NAMES, 2e-2 if dtype == torch.bfloat16 else 1e-3)
