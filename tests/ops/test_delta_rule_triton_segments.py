@@ -19,8 +19,9 @@ from tests.ops.test_delta_rule_triton import NAMES, _inputs, _reference, _run
 @pytest.mark.parametrize("segments", [2, 3, 7])
 def test_segmented_walks_match_float64_reference(segments):
     """T = 100 in chunks of 16: 7 chunks, so 3 segments are 3 + 3 + 1 chunks and 7 one chunk each (the last chunk
-    partial); beta up to 2, Dv over two tiles and Dk over one. Outputs, final state and every gradient."""
-    inputs, weights = _inputs(1, 100, 2, 16, 24, seed=5 + segments, beta_max=2.0)
+    partial); beta up to 2, Dv over two tiles and Dk over one; weak decay (g >= -0.1), so that what a segment
+    carries into the next one matters. Outputs, final state and every gradient."""
+    inputs, weights = _inputs(1, 100, 2, 16, 24, seed=5 + segments, beta_max=2.0, g_scale=0.1)
     ref = _reference(inputs, weights)
     launch = LaunchConfig(segments=segments, block_v_states=16, block_v_dstates=32)
     got = _run(lambda *a: gated_delta_rule_triton(*a, 0.25, chunk_size=16, launch=launch), inputs, weights, DEVICE)
@@ -29,7 +30,7 @@ def test_segmented_walks_match_float64_reference(segments):
 
 def test_segmented_walks_with_a_transition_over_several_tiles():
     """Dk = 40 over 32-wide tiles: the transition walk (Dk x Dk) spans two column tiles with a masked tail."""
-    inputs, weights = _inputs(2, 50, 1, 40, 16, seed=11)
+    inputs, weights = _inputs(2, 50, 1, 40, 16, seed=11, g_scale=0.1)
     ref = _reference(inputs, weights)
     launch = LaunchConfig(segments=2, block_v_states=32, block_v_dstates=32)
     got = _run(lambda *a: gated_delta_rule_triton(*a, 40**-0.5, chunk_size=16, launch=launch), inputs, weights,
@@ -39,7 +40,7 @@ def test_segmented_walks_with_a_transition_over_several_tiles():
 
 def test_segmented_walks_with_document_starts():
     """Packed documents across segment boundaries (segments of one chunk: every start is in or at a segment)."""
-    inputs, weights = _inputs(2, 40, 2, 16, 24, seed=13, beta_max=2.0)
+    inputs, weights = _inputs(2, 40, 2, 16, 24, seed=13, beta_max=2.0, g_scale=0.1)
     kernel = partial(gated_delta_rule_triton, scale=0.25, chunk_size=16, launch=LaunchConfig(segments=3))
     check_packed_documents(gated_delta_rule_reference, kernel, inputs, weights, NAMES)
 

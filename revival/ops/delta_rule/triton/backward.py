@@ -88,15 +88,14 @@ def _dstates_kernel(
     WALK: tl.constexpr, FIRST_SEGMENT: tl.constexpr,
 ):
     """One (column tile, batch*head, segment) walking the segment's chunks backwards (the forward's
-    `_states_kernel` in reverse; its WALK modes and segments). du_ptr holds `_local_du_kernel`'s part of dU on
-    entry; WALK "full" adds the rest in place and stores each chunk's dS', and the initial state's gradient once
-    the first segment is done."""
+    `_states_kernel` in reverse, its WALK modes "full" and "local" and segments; the transitions come from the
+    forward). du_ptr holds `_local_du_kernel`'s part of dU on entry; "full" adds the rest in place and stores each
+    chunk's dS', and the initial state's gradient once the first segment is done."""
     iv = tl.program_id(0)
     row = tl.program_id(1)
     segment = FIRST_SEGMENT + tl.program_id(2)
     index = segment * tl.num_programs(1) + row
-    dS = initial_state(ds_first_ptr, index, DK, WIDTH, BK, BV, iv,
-                       "load" if WALK == "full" else ("identity" if WALK == "transition" else "zeros"))
+    dS = initial_state(ds_first_ptr, index, DK, WIDTH, BK, BV, iv, "load" if WALK == "full" else "zeros")
     first = segment * SPAN
     for cc in range(0, tl.minimum(NC, first + SPAN) - first):
         c = tl.minimum(NC, first + SPAN) - 1 - cc
@@ -105,18 +104,16 @@ def _dstates_kernel(
         tokens, valid = chunk_tokens(row, c, T, H, L)
         gamma, g_total = load_decay(g_ptr, tokens, valid)
         _, from_state, to_end, keeps = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
+        u_offs, mask_u = value_tile(tokens, valid, iv, DV, BV)
         # the tokens' scalings on the (L, BV) sides of the products: k, q go to the matrix units as loaded
         k_dS = tl.dot(load_rows(k_ptr, tokens, valid, DK, BK, 0), dS, input_precision=PRECISION)
-        du = (tl.exp(g_total - gamma) * to_end)[:, None] * k_dS
-        dS = tl.exp(g_total) * keeps * dS
-        if WALK != "transition":
-            u_offs, mask_u = value_tile(tokens, valid, iv, DV, BV)
-            du += tl.load(du_ptr + u_offs, mask=mask_u, other=0.0)
-            if WALK == "full":
-                tl.store(du_ptr + u_offs, du, mask=mask_u)
-            do_from_state = tl.load(do_ptr + u_offs, mask=mask_u, other=0.0).to(tl.float32) * (
-                scale * tl.exp(gamma) * from_state)[:, None]
-            dS += tl.dot(load_cols(q_ptr, tokens, valid, DK, BK, 0), do_from_state, input_precision=PRECISION)
+        du = tl.load(du_ptr + u_offs, mask=mask_u, other=0.0) + (tl.exp(g_total - gamma) * to_end)[:, None] * k_dS
+        if WALK == "full":
+            tl.store(du_ptr + u_offs, du, mask=mask_u)
+        do_from_state = tl.load(do_ptr + u_offs, mask=mask_u, other=0.0).to(tl.float32) * (
+            scale * tl.exp(gamma) * from_state)[:, None]
+        dS = tl.exp(g_total) * keeps * dS + tl.dot(load_cols(q_ptr, tokens, valid, DK, BK, 0), do_from_state,
+                                                   input_precision=PRECISION)
         dS -= tl.dot(load_cols(w_ptr, tokens, valid, DK, BK, 0), du, input_precision=PRECISION)
     if WALK == "full":
         if segment == 0:
@@ -283,7 +280,7 @@ def _wy_grads_kernel(
     tl.store(dbeta_ptr + tokens, dbeta, mask=valid)
 
 
-def delta_rule_backward(q, k, v, g, beta, starts, w, u, states, do, dS_T, scale: float, L: int, cfg):
+def delta_rule_backward(q, k, v, g, beta, starts, w, u, states, transitions, do, dS_T, scale: float, L: int, cfg):
     """Gradients of delta_rule_forward's (o, final state) with respect to q, k, v, g, beta and the initial state."""
     n, T, H, Dk, Dv, NC, BK, BV = sizes(q, v, L)
     precision = product_precision(q.dtype)
@@ -300,7 +297,7 @@ def delta_rule_backward(q, k, v, g, beta, starts, w, u, states, do, dS_T, scale:
     walk = dict(L=L, BK=BK, BV=wide_block_v(cfg.block_v_dstates, BV), PRECISION=precision,
                 num_warps=cfg.warps_dstates, **stages(cfg.stages_dstates), **documents)
     segmented_walk(_dstates_kernel, (q, k, w, g, starts, do, scale), dS_T, (dstates, du), dS0, (T, H, NC), (Dk, Dv),
-                   n * H, cfg.segments, walk, reverse=True)
+                   n * H, cfg.segments, walk, transitions=transitions, reverse=True)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dk_out, dg_out = torch.empty(n, T, H, Dk, **f32), torch.empty(n, T, H, **f32)  # the first kernel's parts
     dg, dbeta = torch.empty(n, T, H, **f32), torch.empty(n, T, H, **f32)

@@ -291,8 +291,8 @@ def sizes(q, v, L: int) -> tuple[int, ...]:
 def delta_rule_forward(q, k, v, g, beta, S0, starts, scale: float, L: int, cfg):
     """q, k (n, T, H, Dk), v (n, T, H, Dv) contiguous, one dtype; g, beta (n, T, H) float32; S0 (n*H, Dk, Dv)
     float32; starts (n, T) int8 document starts or None; L a power of two; cfg a complete LaunchConfig. Returns
-    o (like v), the final state (n*H, Dk, Dv) and what the backward reads: W, U (n, T, H, D) float32 and the chunk
-    states (n*H, NC, Dk, Dv)."""
+    o (like v), the final state (n*H, Dk, Dv) and what the backward reads: W, U (n, T, H, D) float32, the chunk
+    states (n*H, NC, Dk, Dv) and the walk's segment transitions (`segmented_walk`; None for one segment)."""
     n, T, H, Dk, Dv, NC, BK, BV = sizes(q, v, L)
     precision = product_precision(q.dtype)
     f32 = dict(device=q.device, dtype=torch.float32)
@@ -307,13 +307,13 @@ def delta_rule_forward(q, k, v, g, beta, S0, starts, scale: float, L: int, cfg):
            num_warps=cfg.warps_wy, **documents)
     walk = dict(L=L, BK=BK, BV=min(cfg.block_v_states, BV), PRECISION=precision, num_warps=cfg.warps_states,
                 **documents)
-    segmented_walk(_states_kernel, (k, w, u0, g, starts), S0, (states, u), S_T, (T, H, NC), (Dk, Dv), n * H,
-                   cfg.segments, walk, reverse=False)
+    transitions = segmented_walk(_states_kernel, (k, w, u0, g, starts), S0, (states, u), S_T, (T, H, NC), (Dk, Dv),
+                                 n * H, cfg.segments, walk)
     block_v = min(cfg.block_v_output, BV)
     launch(_output_kernel, (NC, n * H, triton.cdiv(Dv, block_v)),
         q, k, g, starts, states, u, o, T, H, NC, Dk, Dv, scale, L=L, BK=BK, BV=block_v, PRECISION=precision,
         num_warps=cfg.warps_output, **documents)
-    return o, S_T, (w, u, states)
+    return o, S_T, (w, u, states, transitions)
 
 
 def segments_of(chunks: int, segments: int) -> tuple[int, int]:
@@ -323,16 +323,19 @@ def segments_of(chunks: int, segments: int) -> tuple[int, int]:
 
 
 def segmented_walk(kernel, inputs, first, outputs, last, lengths, dims, rows: int, segments: int, walk: dict, *,
-                   reverse: bool) -> None:
+                   transitions: torch.Tensor | None = None, reverse: bool = False) -> torch.Tensor | None:
     """A sequential walk over the chunks (`_states_kernel`, or backward.py's `_dstates_kernel` with `reverse`) in
     segments walked at once: each segment's map from its entering to its leaving value is affine, X -> P X + E, so
-    1. every segment but the one the walk starts in walks from zero ("local": E) and from the identity without
-       inputs ("transition": P, Dk x Dk), all in parallel;
+    1. every segment but the one the walk starts in walks from zero ("local": E), in parallel;
     2. the segments' entering values follow in order, X_next = P X + E (float32 batched products, one per segment);
     3. every segment walks again from its entering value ("full"), storing what one walk would.
-    That is ~2.5 walks of work (Dv = 2 Dk) in exchange for `segments` times the programs: it pays when batch*heads
-    alone leave the SMs idle (long contexts at small batch), not otherwise (launch.py's default). `first` is the
-    walk's starting value (rows, Dk, Dv), `last` receives its final value; 1 segment is the plain walk."""
+    P, the product of the segment's A_c (Dk x Dk), comes from a walk from the identity without inputs
+    ("transition") in the forward, for every segment; the backward's maps are their transposes (the A_c^T in
+    reverse order), so it takes the forward's `transitions` instead of walking again. About 2.5 walks of work
+    forwards and 2 backwards (Dv = 2 Dk) in exchange for `segments` times the programs: it pays when batch*heads
+    alone leave SMs idle (long contexts at small batch), not otherwise (config.py's `default_segments`). `first` is
+    the walk's starting value (rows, Dk, Dv), `last` receives its final value; 1 segment is the plain walk.
+    Returns the forward's transitions (segments, rows, Dk, Dk) float32, None for one segment."""
     Dk, Dv = dims
     NC = lengths[-1]
     NS, span = segments_of(NC, segments)
@@ -341,20 +344,23 @@ def segmented_walk(kernel, inputs, first, outputs, last, lengths, dims, rows: in
     if NS == 1:
         launch(kernel, (tiles, rows, 1), *inputs, first, *outputs, last, *lengths, span, Dk, Dv, Dv, WALK="full",
                FIRST_SEGMENT=0, **walk)
-        return
+        return None
     f32 = dict(device=first.device, dtype=torch.float32)
-    ends, transitions = torch.empty(NS, rows, Dk, Dv, **f32), torch.empty(NS, rows, Dk, Dk, **f32)
-    # forwards the last segment's own map is not needed, backwards the first's
-    skipped = dict(FIRST_SEGMENT=1 if reverse else 0)
+    ends = torch.empty(NS, rows, Dk, Dv, **f32)
+    # forwards the last segment's own end is not needed, backwards the first's
     launch(kernel, (tiles, rows, NS - 1), *inputs, first, *outputs, ends, *lengths, span, Dk, Dv, Dv,
-           WALK="local", **skipped, **walk)
-    launch(kernel, (triton.cdiv(Dk, BV), rows, NS - 1), *inputs, first, *outputs, transitions, *lengths, span,
-           Dk, Dv, Dk, WALK="transition", **skipped, **walk)
+           WALK="local", FIRST_SEGMENT=1 if reverse else 0, **walk)
+    if not reverse:
+        transitions = torch.empty(NS, rows, Dk, Dk, **f32)
+        launch(kernel, (triton.cdiv(Dk, BV), rows, NS), *inputs, first, *outputs, transitions, *lengths, span,
+               Dk, Dv, Dk, WALK="transition", FIRST_SEGMENT=0, **walk)
     entering = torch.empty(NS, rows, Dk, Dv, **f32)
     order = range(NS - 1, 0, -1) if reverse else range(NS - 1)
     entering[order[0]] = first
     for segment in order:
         after = segment - 1 if reverse else segment + 1
-        torch.baddbmm(ends[segment], transitions[segment], entering[segment], out=entering[after])
+        transition = transitions[segment].mT if reverse else transitions[segment]
+        torch.baddbmm(ends[segment], transition, entering[segment], out=entering[after])
     launch(kernel, (tiles, rows, NS), *inputs, entering, *outputs, last, *lengths, span, Dk, Dv, Dv, WALK="full",
            FIRST_SEGMENT=0, **walk)
+    return transitions
