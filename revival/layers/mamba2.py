@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.fused import gated_head_norm
 from ..ops.ssd import ssd
 from ._inputs import check_mixer_input, unpack_state
 from .conv import CausalConv1d
@@ -103,8 +104,10 @@ class Mamba2(nn.Module):
         A = -torch.exp(self.A_log)
         y, ssm_state = ssd(xs.reshape(batch, T, H, P), dt, A, B.reshape(batch, T, G, N), C.reshape(batch, T, G, N),
                            self.D, ssm_state, chunk_size=self.chunk_size, document_starts=document_starts)
-        gated = y.reshape(batch, T, self.d_inner) * F.silu(z)
-        y = self.norm(gated.reshape(batch, T, G, self.d_inner // G))
+        # RMSNorm_groupwise(y * silu(z)) as one pass each way on CUDA (z read in place from the projection): not the
+        # silu, product, float32 casts and norm passes of the PyTorch form; the norm module holds weight and eps
+        y = gated_head_norm(y.reshape(batch, T, G, self.d_inner // G), z, self.norm.weight, self.norm.bias,
+                            self.norm.eps, kind="rms", gate="silu", gate_before_norm=True)
         return self.out_proj(y), (conv_state, ssm_state)
 
 

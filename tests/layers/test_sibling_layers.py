@@ -188,3 +188,29 @@ def test_shapes_and_sizes():
     y, (conv_state, h) = layer(torch.randn(3, 5, 32))
     assert y.shape == (3, 5, 32) and conv_state.shape == (3, 3, 32) and h.shape == (3, 48)
     assert MinLSTM(32, expansion=1.0, conv_kernel=0).out_proj is None
+
+
+@pytest.mark.parametrize("n_groups", [1, 2])
+def test_mamba2_fused_gated_norm_matches_the_unfused_form(n_groups, monkeypatch):
+    """The output stage by gated_head_norm(gate_before_norm=True) equals the former y * silu(z), then the grouped
+    RMSNorm module, in float64: output, state and every gradient (issue 20)."""
+    torch.manual_seed(3)
+    layer = Mamba2(D_MODEL, d_state=8, head_dim=8, n_groups=n_groups, chunk_size=8).to(F64)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = make_input(4, 19)
+    fused = forward_and_grads(layer, x)
+
+    def unfused(h, o, weight, bias, eps, *, kind, gate, gate_before_norm):
+        assert (kind, gate, gate_before_norm) == ("rms", "silu", True)
+        return layer.norm((h.flatten(-2) * torch.nn.functional.silu(o)).unflatten(-1, h.shape[-2:]))
+
+    monkeypatch.setattr(mamba2_module, "gated_head_norm", unfused)
+    before = forward_and_grads(layer, x)
+    torch.testing.assert_close(fused[0], before[0], rtol=1e-12, atol=1e-12)
+    for got, expected in zip(fused[1], before[1]):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert fused[2].keys() == before[2].keys()
+    for name in before[2]:
+        torch.testing.assert_close(fused[2][name], before[2][name], rtol=1e-12, atol=1e-12, msg=name)
