@@ -17,8 +17,8 @@ from .config import LaunchConfig, launch_config
 __all__ = ["LaunchConfig", "available", "kernel_chunk_size", "launch_config", "ssd_step_triton", "ssd_triton"]
 
 class _SSD(torch.autograd.Function):
-    """The kernels plus the skip term D x, which costs one pass each way here (in PyTorch autograd it took float32
-    copies of x and y, a product, a sum and a cast forward, six passes backward, and saved x in float32)."""
+    """The kernels, the skip term D x included: y + D x and dx + D dy in float32 before their one rounding, D's
+    gradient as per-(head, chunk) sums of dy . x in the dC kernel, summed by torch."""
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, S0, starts, L, cfg):
@@ -26,37 +26,28 @@ class _SSD(torch.autograd.Function):
 
         n, T, H, P = x.shape
         N = B.shape[-1]
-        y, S_T, states = ssd_forward(x, dt, A, B, C, S0.reshape(n * H, P, N), starts, L, cfg)
-        if D is not None:  # y + D x computed in float32 (D's dtype promotes), rounded once into y
-            y.addcmul_(x, D.float()[:, None])
+        D32 = None if D is None else D.float().contiguous()
+        y, S_T, states = ssd_forward(x, dt, A, B, C, D32, S0.reshape(n * H, P, N), starts, L, cfg)
         if any(ctx.needs_input_grad[:7]):
-            ctx.save_for_backward(x, dt, A, B, C, D, starts, states)
-            ctx.L, ctx.cfg = L, cfg
+            ctx.save_for_backward(x, dt, A, B, C, D32, starts, states)
+            ctx.L, ctx.cfg, ctx.D_dtype = L, cfg, None if D is None else D.dtype
         return y, S_T.reshape(n, H, P, N)
 
     @staticmethod
     def backward(ctx, dy, dS_T):
         from .backward import ssd_backward
 
-        x, dt, A, B, C, D, starts, states = ctx.saved_tensors
+        x, dt, A, B, C, D32, starts, states = ctx.saved_tensors
         n, T, H, P = x.shape
         N = B.shape[-1]
         dy = torch.zeros_like(x) if dy is None else dy.to(x.dtype).contiguous()
         dS_T = (torch.zeros(n * H, P, N, device=x.device) if dS_T is None
                 else dS_T.reshape(n * H, P, N).float().contiguous())
-        dx, ddt, dA, dB, dC, dS0 = ssd_backward(x, dt, A, B, C, starts, states, dy, dS_T, ctx.L, ctx.cfg)
-        dD = None
-        if D is not None:
-            dx.addcmul_(dy, D.float()[:, None])  # + D dy, in float32, rounded once
-            if ctx.needs_input_grad[5]:
-                dD = float32_product(dy, x).sum((0, 1, 3)).to(D.dtype)
+        wants_dD = D32 is not None and ctx.needs_input_grad[5]
+        dx, ddt, dA, dB, dC, dS0, dD = ssd_backward(x, dt, A, B, C, D32, starts, states, dy, dS_T, ctx.L, ctx.cfg,
+                                                    wants_dD)
+        dD = None if dD is None else dD.to(ctx.D_dtype)
         return dx, ddt, dA, dB, dC, dD, dS0.reshape(n, H, P, N), None, None, None
-
-
-def float32_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a * b in float32 in one pass for 16-bit a, b (exact: a product of two 16-bit floats fits float32): a
-    dimensioned float32 zero sets addcmul's compute and output dtype, where a * b would round to 16 bits."""
-    return torch.addcmul(torch.zeros(1, device=a.device), a, b)
 
 
 def ssd_triton(x, dt, A, B, C, D=None, state=None, *, chunk_size: int = 64,

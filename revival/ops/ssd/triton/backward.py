@@ -2,12 +2,15 @@
 entering it, dS' the gradient of the state at its end).
 
 1. forward.py's `_walk_kernel` walking the chunks backwards: stores dS' of each chunk,
-   dS <- exp(a_L) dS + (dy exp(a))^T C; what is left is the initial state's gradient.
-2. `_dx_kernel`, every (chunk, batch*head, P-tile):  dx = (B C^T * decay^T * dt) dy + (exp(a_L - a) dt) B dS'^T.
+   dS <- exp(a_L) dS + (dy exp(a))^T C; what is left is the initial state's gradient. In segments as the forward's
+   (`_carry_kernel` joins them; `_dx_kernel` corrects and stores back the dS' it reads).
+2. `_dx_kernel`, every (chunk, batch*head, P-tile):
+   dx = (B C^T * decay^T * dt) dy + (exp(a_L - a) dt) B dS'^T + D dy, rounded once.
 3. `_dc_kernel`, every (N-tile, chunk, batch*group), looping over the group's heads, summing dy x^T and dy S over
    P-tiles:  dC = (dy x^T * decay * dt_s) B + exp(a) dy S, summed over the group's heads in registers
    and its part of dt's gradient: the pairs (t, s) of the scores (+row sum -column sum of d/d(a_t - a_s), and the
-   factor dt_s), the entering state +exp(a_t) dy_t . S C_t (= C_t . (dy S)_t).
+   factor dt_s), the entering state +exp(a_t) dy_t . S C_t (= C_t . (dy S)_t). D's gradient per (head, chunk):
+   the trace of dy x^T, sum_t dy_t . x_t, stored by the first N-tile's program and summed by torch.
 4. `_db_kernel`, the same grid and head loop, summing x dy^T, x dS' and S * dS' over P-tiles:
        dB = (x dy^T * decay^T * dt) C + (exp(a_L - a) dt) x dS'
    and the end state's part of dt's gradient (through dt_s, a_L - a_s and exp(a_L)).
@@ -35,6 +38,7 @@ from .forward import (
     _output_kernel,
     _walk_kernel,
     chunk_tokens,
+    corrected_state,
     decay_matrix,
     document_masks,
     launch,
@@ -45,6 +49,7 @@ from .forward import (
     precision,
     state_tile,
     walk_chunks,
+    walk_segments,
 )
 
 
@@ -66,9 +71,10 @@ def round_to(x, dtype: tl.constexpr):
 
 @triton.jit
 def _dx_kernel(
-    dt_ptr, A_ptr, b_ptr, c_ptr, starts_ptr, dstates_ptr, dy_ptr, dx_ptr,
+    dt_ptr, A_ptr, b_ptr, c_ptr, starts_ptr, d_ptr, dstates_ptr, prefix_ptr, entering_ptr, dy_ptr, dx_ptr,
     T, H, G, NC, P, N,
     L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
+    HAS_D: tl.constexpr, SEGMENTS: tl.constexpr,
 ):
     c = tl.program_id(0)
     row = tl.program_id(1)
@@ -79,11 +85,13 @@ def _dx_kernel(
     Bm = load_rows(b_ptr, group_tokens, valid, N, BN, 0)
     scores_T = tl.dot(Bm, load_cols(c_ptr, group_tokens, valid, N, BN, 0), input_precision=PRECISION)  # [s, t]
     scores_T *= _decay_T(a, same, L) * dt[:, None]
-    dx = tl.dot(scores_T, load_rows(dy_ptr, tokens, valid, P, BP, ip * BP), input_precision=PRECISION)
-    here_T, mask_T = state_tile(row, c, NC, P, N, BP, BN, ip, True, 0)
+    dym = load_rows(dy_ptr, tokens, valid, P, BP, ip * BP)
+    dx = tl.dot(scores_T, dym, input_precision=PRECISION)
+    dS_T = corrected_state(dstates_ptr, prefix_ptr, entering_ptr, row, c, NC, P, N, BP, BN, ip, True, SEGMENTS)
     to_end = tl.exp(a_total - a) * dt * to_end_mask
-    dx += to_end[:, None] * tl.dot(Bm, tl.load(dstates_ptr + here_T, mask=mask_T, other=0.0),
-                                   input_precision=PRECISION)
+    dx += to_end[:, None] * tl.dot(Bm, dS_T, input_precision=PRECISION)
+    if HAS_D:  # the skip term's gradient in float32 before dx's one rounding
+        dx += tl.load(d_ptr + row % H) * dym
     offs_p = ip * BP + tl.arange(0, BP)
     tl.store(dx_ptr + tokens[:, None] * P + offs_p[None, :], dx.to(dx_ptr.dtype.element_ty),
              mask=valid[:, None] & (offs_p < P)[None, :])
@@ -92,9 +100,10 @@ def _dx_kernel(
 @triton.jit
 def _dc_kernel(
     x_ptr, dt_ptr, A_ptr, b_ptr, c_ptr, starts_ptr, states_ptr, dy_ptr,
-    ddt_ptr, dc_ptr, da_ptr,
+    ddt_ptr, dc_ptr, da_ptr, dd_ptr,
     T, H, G, NC, P, N,
     L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
+    HAS_DD: tl.constexpr,
 ):
     i_n = tl.program_id(0)  # fastest: a chunk's N-tiles run together and share x, dy, B, C through L2
     c = tl.program_id(1)
@@ -118,6 +127,10 @@ def _dc_kernel(
             dy_x += tl.dot(dy, load_cols(x_ptr, tokens, valid, P, BP, start), input_precision=PRECISION)
             here, mask = state_tile(row, c, NC, P, N, BP, BN, start // BP, False, i_n)
             dy_S += tl.dot(dy, tl.load(states_ptr + here, mask=mask, other=0.0), input_precision=PRECISION)
+        if HAS_DD:  # D's gradient, sum_t dy_t . x_t: dy x^T's trace (exact products, float32 sums as before)
+            diagonal = tl.arange(0, L)[:, None] == tl.arange(0, L)[None, :]
+            tl.store(dd_ptr + row.to(tl.int64) * NC + c, tl.sum(tl.sum(tl.where(diagonal, dy_x, 0.0), 1), 0),
+                     mask=i_n == 0)
 
         dt, a, _ = load_decay(dt_ptr, A_ptr, row, H, tokens, valid)
         decayed = decay_matrix(a, same, L) * dy_x  # [t, s]
@@ -189,40 +202,48 @@ def _db_kernel(
 def training_kernels(cfg):
     """(name, kernel, constexprs besides the shapes', P-tile, num_warps) of each kernel a training step launches
     under the complete LaunchConfig `cfg` (benchmarks/ssd_compile_probe.py compiles them)."""
-    return [("walk", _walk_kernel, dict(REVERSE=False), cfg.block_p_states, cfg.warps_states),
-            ("output", _output_kernel, {}, cfg.block_p_output, cfg.warps_output),
-            ("dstates", _walk_kernel, dict(REVERSE=True), cfg.block_p_dstates, cfg.warps_dstates),
-            ("dx", _dx_kernel, {}, cfg.block_p_dx, cfg.warps_dx),
-            ("dc", _dc_kernel, dict(BN=cfg.block_n_grads), cfg.block_p_grads, cfg.warps_grads),
+    one = dict(SEGMENTS=1)  # the 2k shape's walks (`config.default_segments`), with the skip term D (mamba2)
+    return [("walk", _walk_kernel, dict(one, REVERSE=False), cfg.block_p_states, cfg.warps_states),
+            ("output", _output_kernel, dict(one, HAS_D=True), cfg.block_p_output, cfg.warps_output),
+            ("dstates", _walk_kernel, dict(one, REVERSE=True), cfg.block_p_dstates, cfg.warps_dstates),
+            ("dx", _dx_kernel, dict(one, HAS_D=True), cfg.block_p_dx, cfg.warps_dx),
+            ("dc", _dc_kernel, dict(BN=cfg.block_n_grads, HAS_DD=True), cfg.block_p_grads, cfg.warps_grads),
             ("db", _db_kernel, dict(BN=cfg.block_n_grads), cfg.block_p_grads, cfg.warps_grads)]
 
 
-def ssd_backward(x, dt, A, B, C, starts, states, dy, dS_T, L: int, cfg):
-    """Gradients of ssd_forward's (y, final state) with respect to x, dt, A, B, C and the initial state."""
+def ssd_backward(x, dt, A, B, C, D, starts, states, dy, dS_T, L: int, cfg, wants_dD: bool):
+    """Gradients of ssd_forward's (y, final state) with respect to x, dt, A, B, C, the initial state and (D given
+    and `wants_dD`, else None) D, in float32."""
     n, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     NC = triton.cdiv(T, L)
     BN = pow2(N)
     f32 = dict(device=x.device, dtype=torch.float32)
-    dstates, dS0 = walk_chunks(dy, dt, A, C, starts, dS_T, L, cfg.block_p_dstates, cfg.warps_dstates, reverse=True)
+    segments = walk_segments(cfg.segments, n * H, NC)
+    dstates, dS0, correction = walk_chunks(dy, dt, A, C, starts, dS_T, L, cfg.block_p_dstates, cfg.warps_dstates,
+                                           reverse=True, segments=segments)
+    prefix, entering = (dstates, dstates) if correction is None else correction  # never read with one segment
     shapes = dict(L=L, BN=BN, PRECISION=precision(x.dtype), HAS_STARTS=starts is not None)
     starts = dt if starts is None else starts  # any tensor when HAS_STARTS is off: never read
     sizes = (T, H, G, NC, P, N)
     dx = torch.empty_like(x)
     block_p = min(cfg.block_p_dx, pow2(P))
-    launch(_dx_kernel, (NC, n * H, triton.cdiv(P, block_p)), dt, A, B, C, starts, dstates, dy, dx, *sizes,
-           BP=block_p, num_warps=cfg.warps_dx, **shapes)
+    launch(_dx_kernel, (NC, n * H, triton.cdiv(P, block_p)), dt, A, B, C, starts, dt if D is None else D, dstates,
+           prefix, entering, dy, dx, *sizes, BP=block_p, HAS_D=D is not None, SEGMENTS=segments,
+           num_warps=cfg.warps_dx, **shapes)
     # dt's and A's gradients: one part per (kernel, N-tile), summed here (deterministic, no atomics)
     block_n = min(cfg.block_n_grads, BN)
     n_tiles = triton.cdiv(N, block_n)
     ddt_parts = torch.empty(2, n, T, H, n_tiles, **f32)
     dA_parts = torch.empty(2, n * H, NC, n_tiles, **f32)
+    dD_parts = torch.empty(n, H, NC, **f32) if wants_dD else dA_parts  # never written without
     dB, dC = torch.empty_like(B), torch.empty_like(C)  # per group, in B's dtype: each program sums its heads
     grads = dict(shapes, BN=block_n, BP=min(cfg.block_p_grads, pow2(P)), num_warps=cfg.warps_grads)
     launch(_dc_kernel, (n_tiles, NC, n * G), x, dt, A, B, C, starts, states, dy, ddt_parts[0], dC,
-           dA_parts[0], *sizes, **grads)
+           dA_parts[0], dD_parts, *sizes, HAS_DD=wants_dD, **grads)
     launch(_db_kernel, (n_tiles, NC, n * G), x, dt, A, B, C, starts, states, dstates, dy, ddt_parts[1], dB,
            dA_parts[1], *sizes, **grads)
     ddt = ddt_parts.sum((0, 4))
     dA = dA_parts.reshape(2, n, H, NC, n_tiles).sum((0, 1, 3, 4))
-    return dx, ddt, dA, dB, dC, dS0
+    dD = dD_parts.sum((0, 2)) if wants_dD else None
+    return dx, ddt, dA, dB, dC, dS0, dD

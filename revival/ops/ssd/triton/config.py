@@ -14,7 +14,9 @@ class LaunchConfig:
     block_p_states / block_p_output / block_p_dstates / block_p_dx: the P-tile (head dim) of the sequential state
     kernel, the output kernel, the sequential state-gradient kernel and the dx kernel (narrower tiles: more programs
     for the sequential walks); block_p_grads: the P-tile the dB and dC kernels loop over (fewer live tiles);
-    warps_*: num_warps per kernel (warps_grads: the dB and dC kernels)."""
+    warps_*: num_warps per kernel (warps_grads: the dB and dC kernels); segments: how many segments of chunks the
+    forward state walk and the backward state-gradient walk each split into, walked side by side and joined by a
+    sequential pass over the segments (None: `default_segments`; 1: one sequential walk)."""
 
     block_p_grads: int | None = None
     block_n_grads: int | None = None
@@ -27,6 +29,7 @@ class LaunchConfig:
     warps_dstates: int | None = None
     warps_dx: int | None = None
     warps_grads: int | None = None
+    segments: int | None = None
 
 
 def default_launch_config(P: int, N: int, rows: int) -> LaunchConfig:
@@ -40,6 +43,21 @@ def default_launch_config(P: int, N: int, rows: int) -> LaunchConfig:
                         warps_dx=4, warps_grads=2)
 
 
+def default_segments(rows: int, NC: int) -> int:
+    """Segments of the walks over NC chunks for `rows` batch*heads: 1 from 64 rows (the 125M shape at 2k context has
+    384: the chip is full), else 128 // rows (batch*heads*segments ~ 96-128 programs per P-tile), at most NC // 16
+    (segments of at least ~16 chunks: the carry pass walks the segments one by one), at
+    least 1. At 32k context, batch 1, 24 heads: 5 segments of ~103 chunks."""
+    if rows >= 64:
+        return 1
+    return max(1, min(128 // rows, NC // 16))
+
+
 def launch_config(P: int, N: int, rows: int, requested: LaunchConfig | None = None) -> LaunchConfig:
-    """The launch config of one call: the fields `requested` sets, the shape-keyed defaults for the others."""
-    return merged_launch_config(requested, default_launch_config(P, N, rows))
+    """The launch config of one call: the fields `requested` sets, the shape-keyed defaults for the others
+    (segments stays None, resolved per chunk count by `forward.walk_segments`)."""
+    cfg = merged_launch_config(requested, default_launch_config(P, N, rows))
+    if cfg.segments is not None and (isinstance(cfg.segments, bool) or not isinstance(cfg.segments, int)
+                                     or cfg.segments < 1):
+        raise ValueError(f"launch.segments: expected an int >= 1 or None, got {cfg.segments!r}")
+    return cfg
