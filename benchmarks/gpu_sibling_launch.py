@@ -76,6 +76,10 @@ SSD_VARIANTS = {
     "grads_n64_p64_w4": ({"block_n_grads": 64, "block_p_grads": 64, "warps_grads": 4}, 64),
     "grads_n32_p32_w2": ({"block_n_grads": 32, "block_p_grads": 32, "warps_grads": 2}, 64),
     "grads_n16_p32_w4": ({"block_n_grads": 16, "block_p_grads": 32, "warps_grads": 4}, 64),
+    # segmented walks (`config.default_segments`: 1 at 2k's 384 batch*heads, 5 at 32k's 24): at --context 32k
+    # `--kinds ssd --variants default,segments1,segments4,segments8,segments16`
+    "segments1": ({"segments": 1}, 64), "segments4": ({"segments": 4}, 64), "segments8": ({"segments": 8}, 64),
+    "segments16": ({"segments": 16}, 64),
 }
 
 
