@@ -44,18 +44,19 @@ def kernel_cases(products: str, Dk: int, Dv: int, rows: int, grads_stages: int |
     grads_stages = cfg.stages_grads if grads_stages == 0 else grads_stages
     grads = dict(common, BV=wide_block_v(cfg.block_v_grads, BV))  # the tile the wrapper launches
     inputs = ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dq_ptr", "dk_ptr", "dv_ptr")
+    full_walk = dict(WALK="full", FIRST_SEGMENT=0)  # the walk as one segment runs it
     return [
-        ("wy", forward._wy_kernel, data, inputs, dict(common, BV=min(cfg.block_v_wy, BV)), cfg.warps_wy, None),
-        ("states", forward._states_kernel, data, inputs, dict(common, BV=min(cfg.block_v_states, BV)),
+        ("wy", forward._wy_kernel, data, inputs, dict(common, BV=min(cfg.block_v_wy, BV), SAVE_INVERSE=True),
+         cfg.warps_wy, None),
+        ("states", forward._states_kernel, data, inputs, dict(common, BV=min(cfg.block_v_states, BV), **full_walk),
          cfg.warps_states, None),
         ("output", forward._output_kernel, data, inputs, dict(common, BV=min(cfg.block_v_output, BV)),
          cfg.warps_output, None),
         ("local_du", backward._local_du_kernel, data, inputs, dict(common, BV=min(cfg.block_v_du, BV)), cfg.warps_du,
          None),
-        ("dstates", backward._dstates_kernel, data, inputs, dict(common, BV=wide_block_v(cfg.block_v_dstates, BV)),
-         cfg.warps_dstates, cfg.stages_dstates),
+        ("dstates", backward._dstates_kernel, data, inputs,
+         dict(common, BV=wide_block_v(cfg.block_v_dstates, BV), **full_walk), cfg.warps_dstates, cfg.stages_dstates),
         ("grads_output", backward._output_grads_kernel, data, inputs, grads, cfg.warps_grads, grads_stages),
-        ("inverse", backward._inverse_kernel, data, inputs, common, cfg.warps_wy, None),
         ("grads_wy", backward._wy_grads_kernel, data, inputs, grads, cfg.warps_grads, grads_stages),
     ]
 
@@ -63,7 +64,7 @@ def kernel_cases(products: str, Dk: int, Dv: int, rows: int, grads_stages: int |
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default="ieee:64x128,tf32x3:64x128,tf32:64x128,tf32:16x32")
-    parser.add_argument("--kernels", default="wy,states,output,local_du,dstates,inverse,grads_output,grads_wy")
+    parser.add_argument("--kernels", default="wy,states,output,local_du,dstates,grads_output,grads_wy")
     parser.add_argument("--launch", default="", help="LaunchConfig fields over the defaults: warps_grads=4,...")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (default: 90, Hopper)")
     parser.add_argument("--out", default=os.environ.get("OUT", "runs"))
@@ -86,7 +87,7 @@ def main() -> int:
         Dk, Dv = (int(x) for x in dims.split("x"))
         # every case from scratch (Dv is no specialisation key: 128x256 would find 128x128's kernels cached)
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="delta_rule_compile_")
-        sizes = dict(T=256, H=4, NC=4, DK=Dk, DV=Dv)
+        sizes = dict(T=256, H=4, NC=4, SPAN=4, DK=Dk, DV=Dv, WIDTH=Dv)
         cases_here = kernel_cases(products, Dk, Dv, args.rows, args.grads_stages, launch)
         for name, kernel, data, inputs, constexprs, warps, stages in cases_here:
             if name not in wanted:

@@ -114,7 +114,7 @@ def test_float32_kernels_at_dk_128_fit_sm90_shared_memory(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "delta_rule_compile.json").read_text())["results"]
     shared = {row["kernel"]: row["shared_bytes"] for row in rows}
-    assert sorted(shared) == ["dstates", "grads_output", "grads_wy", "inverse", "local_du", "output", "states", "wy"]
+    assert sorted(shared) == ["dstates", "grads_output", "grads_wy", "local_du", "output", "states", "wy"]
     assert max(shared.values()) <= 232448 - 16384, shared
 
 
@@ -249,8 +249,8 @@ def test_autocast_dtypes_take_the_16_bit_products(monkeypatch):
     ref = _reference([x.bfloat16().double() if i < 3 else x for i, x in enumerate(inputs)], weights)
     got = _run(lambda *a: gated_delta_rule_triton(*a, 0.25, chunk_size=16), inputs, weights, DEVICE)
     assert got[0].dtype == torch.float32 and got[2].dtype == torch.float32 and got[4].dtype == torch.bfloat16
-    assert sorted({call["kernel"] for call in calls}) == ["_dstates_kernel", "_inverse_kernel", "_local_du_kernel",
-                                                         "_output_grads_kernel", "_output_kernel", "_states_kernel",
+    assert sorted({call["kernel"] for call in calls}) == ["_dstates_kernel", "_local_du_kernel", "_output_grads_kernel",
+                                                         "_output_kernel", "_states_kernel",
                                                          "_wy_grads_kernel", "_wy_kernel"]
     assert {call["PRECISION"] for call in calls} == {"tf32"}
     assert {call["first"] for call in calls if call["kernel"] in ("_wy_kernel", "_output_kernel")} == {torch.bfloat16}
@@ -303,17 +303,17 @@ def test_kernels_do_not_specialise_on_the_sequence_length():
     script = (
         "from revival.ops.delta_rule.triton import backward, forward\n"
         "for kernel in (forward._wy_kernel, forward._states_kernel, forward._output_kernel,\n"
-        "               backward._local_du_kernel, backward._dstates_kernel, backward._inverse_kernel,\n"
-        "               backward._output_grads_kernel, backward._wy_grads_kernel):\n"
+        "               backward._local_du_kernel, backward._dstates_kernel, backward._output_grads_kernel,\n"
+        "               backward._wy_grads_kernel):\n"
         "    fixed = sorted(p.name for p in kernel.params if p.do_not_specialize)\n"
         "    print(kernel.__name__, ','.join(fixed))\n")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     unspecialised = dict(line.partition(" ")[::2] for line in done.stdout.splitlines())
-    assert unspecialised == {"_wy_kernel": "T", "_states_kernel": "NC,SPAN,T", "_output_kernel": "NC,T",
+    assert unspecialised == {"_wy_kernel": "NC,T", "_states_kernel": "NC,SPAN,T", "_output_kernel": "NC,T",
                              "_local_du_kernel": "T",
-                             "_dstates_kernel": "NC,SPAN,T", "_inverse_kernel": "NC,T", "_output_grads_kernel": "NC,T",
+                             "_dstates_kernel": "NC,SPAN,T", "_output_grads_kernel": "NC,T",
                              "_wy_grads_kernel": "NC,T"}
 
 
@@ -324,7 +324,7 @@ def test_one_compilation_per_kernel_across_lengths_on_the_gpu():
     from revival.ops.delta_rule.triton import backward, forward
 
     kernels = (forward._wy_kernel, forward._states_kernel, forward._output_kernel, backward._local_du_kernel,
-               backward._dstates_kernel, backward._inverse_kernel, backward._output_grads_kernel,
+               backward._dstates_kernel, backward._output_grads_kernel,
                backward._wy_grads_kernel)
 
     def compiled() -> list[int]:

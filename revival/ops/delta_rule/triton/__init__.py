@@ -26,8 +26,10 @@ class _GatedDeltaRule(torch.autograd.Function):
 
         n, T, H, Dk = q.shape
         Dv = v.shape[-1]
-        o, S_T, saved = delta_rule_forward(q, k, v, g, beta, S0.reshape(n * H, Dk, Dv), starts, scale, L, cfg)
-        if any(ctx.needs_input_grad[:6]):
+        needs_backward = any(ctx.needs_input_grad[:6])
+        o, S_T, saved = delta_rule_forward(q, k, v, g, beta, S0.reshape(n * H, Dk, Dv), starts, scale, L, cfg,
+                                           for_backward=needs_backward)
+        if needs_backward:
             ctx.save_for_backward(q, k, v, g, beta, starts, *saved)
             ctx.scale, ctx.L, ctx.cfg = scale, L, cfg
         return o, S_T.reshape(n, H, Dk, Dv)

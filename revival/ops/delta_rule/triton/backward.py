@@ -1,5 +1,6 @@
-"""Chunkwise gated delta rule backward in Triton: five kernels (notation of forward.py; per chunk, S the entering
-state, dS' the gradient of the state at its end, T = (I + M)^-1).
+"""Chunkwise gated delta rule backward in Triton: four kernels (notation of forward.py; per chunk, S the entering
+state, dS' the gradient of the state at its end, T = (I + M)^-1, which the forward's `_wy_kernel` kept with
+A = strict decay * K K^T, M = diag(beta) A, in a (n*H, NC, 2, L, L) buffer).
 
 0. `_local_du_kernel`, every (chunk, batch*head, Dv-tile): the part of the gradient of U through the chunk's own
    outputs, (causal decay * Q K^T)^T dO, into dU (it does not depend on dS', so it leaves the sequential walk).
@@ -7,15 +8,13 @@ state, dS' the gradient of the state at its end, T = (I + M)^-1).
    end state, dU += diag(exp(gamma_L - gamma)) K dS', and
    dS <- exp(gamma_L) dS' + (exp(gamma) Q)^T dO - W^T dU; what is left is the initial state's gradient. Per chunk two
    (L, Dk) x (Dk, BV) / (Dk, L) x (L, BV) products hang on dS (K dS', W^T dU), one does not ((exp(gamma) Q)^T dO).
-2. `_inverse_kernel`, every (chunk, batch*head): T and A = strict decay * K K^T (M = diag(beta) A) into a scratch
-   buffer.
-3. `_output_grads_kernel`, every (chunk, batch*head): dQ and the parts of dK, dg through the outputs and the end
+2. `_output_grads_kernel`, every (chunk, batch*head): dQ and the parts of dK, dg through the outputs and the end
    state (float32 scratch).
-4. `_wy_grads_kernel`, every (chunk, batch*head): the parts through U = U0 - W S, added to 3.'s: dK, dV, dg, dbeta.
+3. `_wy_grads_kernel`, every (chunk, batch*head): the parts through U = U0 - W S, added to 2.'s: dK, dV, dg, dbeta.
    With U = U0 - W S the gradient of M simplifies to dM = -T^T dU U^T (and its transpose -U dU^T T); T^T is read
-   transposed from 2.'s buffer and no computed tile is ever transposed (`tl.trans` of a matrix-unit result feeding
-   another product is the pattern behind fla #640).
-Why 2.-4., not one gradient kernel: one held 4 (L, L) and 3 (L, Dk) float32 accumulators over its Dv loop plus both
+   transposed from the forward's buffer and no computed tile is ever transposed (`tl.trans` of a matrix-unit
+   result feeding another product is the pattern behind fla #640).
+Why 2.-3., not one gradient kernel: one held 4 (L, L) and 3 (L, Dk) float32 accumulators over its Dv loop plus both
 inverses' squarings, and spilled ~5 KB per thread on sm_90 (benchmarks/results/delta_rule_compile_split.json).
 Log-decay gradients: each (t, s) pair's exp(gamma_t - gamma_s) gives +row sum -column sum, the entering state
 exp(gamma_t) and exp(gamma_L), W's exp(gamma_t), then dg = reverse cumsum over the chunk.
@@ -43,7 +42,6 @@ from .forward import (
     segmented_walk,
     sizes,
     store_state,
-    unit_triangular_inverse,
     value_tile,
 )
 
@@ -186,29 +184,6 @@ def _output_grads_kernel(
 
 
 @triton.jit(do_not_specialize=LENGTHS)
-def _inverse_kernel(
-    k_ptr, g_ptr, beta_ptr, starts_ptr, inverse_ptr,
-    T, H, NC, DK,
-    L: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
-):
-    """T = (I + M)^-1 of each chunk, as the forward's `_wy_kernel` builds it, and A = strict decay * K K^T (M =
-    diag(beta) A) into a (n*H, NC, 2, L, L) buffer: the gradient kernel reads T, T^T (transposed from memory) and A
-    instead of holding the inverse's tiles and K^T."""
-    c = tl.program_id(0)
-    row = tl.program_id(1)
-    tokens, valid = chunk_tokens(row, c, T, H, L)
-    same, _, _, _ = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
-    gamma, _, beta = load_gates(g_ptr, beta_ptr, tokens, valid)
-    kk = tl.dot(load_rows(k_ptr, tokens, valid, DK, BK, 0), load_cols(k_ptr, tokens, valid, DK, BK, 0),
-                input_precision=PRECISION)
-    a = decay_matrix(gamma, same, True, L) * kk
-    offs = tl.arange(0, L)
-    here = inverse_ptr + (row.to(tl.int64) * NC + c) * 2 * L * L + offs[:, None] * L + offs[None, :]
-    tl.store(here + L * L, a)
-    tl.store(here, unit_triangular_inverse(beta[:, None] * a, L))
-
-
-@triton.jit(do_not_specialize=LENGTHS)
 def _wy_grads_kernel(
     k_ptr, v_ptr, g_ptr, beta_ptr, starts_ptr, u_ptr, states_ptr, du_ptr, inverse_ptr, dk_out_ptr, dg_out_ptr,
     dk_ptr, dv_ptr, dg_ptr, dbeta_ptr,
@@ -280,7 +255,8 @@ def _wy_grads_kernel(
     tl.store(dbeta_ptr + tokens, dbeta, mask=valid)
 
 
-def delta_rule_backward(q, k, v, g, beta, starts, w, u, states, transitions, do, dS_T, scale: float, L: int, cfg):
+def delta_rule_backward(q, k, v, g, beta, starts, w, u, states, inverse, transitions, do, dS_T, scale: float, L: int,
+                        cfg):
     """Gradients of delta_rule_forward's (o, final state) with respect to q, k, v, g, beta and the initial state."""
     n, T, H, Dk, Dv, NC, BK, BV = sizes(q, v, L)
     precision = product_precision(q.dtype)
@@ -301,11 +277,8 @@ def delta_rule_backward(q, k, v, g, beta, starts, w, u, states, transitions, do,
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dk_out, dg_out = torch.empty(n, T, H, Dk, **f32), torch.empty(n, T, H, **f32)  # the first kernel's parts
     dg, dbeta = torch.empty(n, T, H, **f32), torch.empty(n, T, H, **f32)
-    inverse = torch.empty(n * H, NC, 2, L, L, **f32)  # T and A per chunk
-    grads = dict(L=L, BK=BK, PRECISION=precision, **documents)
-    launch(_inverse_kernel, (NC, n * H), k, g, beta, starts, inverse, T, H, NC, Dk,
-           num_warps=cfg.warps_wy, **grads)
-    grads.update(BV=wide_block_v(cfg.block_v_grads, BV), num_warps=cfg.warps_grads, num_stages=cfg.stages_grads)
+    grads = dict(L=L, BK=BK, PRECISION=precision, BV=wide_block_v(cfg.block_v_grads, BV), num_warps=cfg.warps_grads,
+                 num_stages=cfg.stages_grads, **documents)
     launch(_output_grads_kernel, (NC, n * H),
         q, k, g, starts, u, states, dstates, do, dq, dk_out, dg_out, T, H, NC, Dk, Dv, scale, **grads)
     launch(_wy_grads_kernel, (NC, n * H),

@@ -3,7 +3,8 @@
 Three kernels:
 1. `_wy_kernel`, every (chunk, batch*head) in parallel: the chunk's (I + M)^-1 (M strictly lower triangular, by
    forward substitution, `unit_triangular_inverse`), then
-   W = (I + M)^-1 diag(beta exp(gamma)) K and U0 = (I + M)^-1 diag(beta) V.
+   W = (I + M)^-1 diag(beta exp(gamma)) K and U0 = (I + M)^-1 diag(beta) V; for the backward it keeps the inverse
+   and strict decay * K K^T (16 KB each per chunk and head at L = 64, instead of forming them again there).
 2. `_states_kernel`, one program per (Dv-tile, batch*head) walking the chunks in order: stores the state entering
    each chunk, U = U0 - W S for each chunk, and the final state.
 3. `_output_kernel`, every (chunk, batch*head, Dv-tile) in parallel:
@@ -146,10 +147,13 @@ def store_state(ptr, S, row, c, NC, DK, DV, BK: tl.constexpr, BV: tl.constexpr, 
 
 @triton.jit(do_not_specialize=LENGTHS)
 def _wy_kernel(
-    k_ptr, v_ptr, g_ptr, beta_ptr, starts_ptr, w_ptr, u0_ptr,
-    T, H, DK, DV,
+    k_ptr, v_ptr, g_ptr, beta_ptr, starts_ptr, w_ptr, u0_ptr, inverse_ptr,
+    T, H, NC, DK, DV,
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
+    SAVE_INVERSE: tl.constexpr,
 ):
+    """SAVE_INVERSE: T = (I + M)^-1 and A = strict decay * K K^T (M = diag(beta) A) into a (n*H, NC, 2, L, L)
+    buffer for the backward (which read T, T^T transposed from memory, and A instead of forming them again)."""
     c = tl.program_id(0)
     row = tl.program_id(1)
     tokens, valid = chunk_tokens(row, c, T, H, L)
@@ -157,8 +161,13 @@ def _wy_kernel(
     gamma, _, beta = load_gates(g_ptr, beta_ptr, tokens, valid)
     k = load_rows(k_ptr, tokens, valid, DK, BK, 0)
     kk = tl.dot(k, load_cols(k_ptr, tokens, valid, DK, BK, 0), input_precision=PRECISION)
-    M = beta[:, None] * decay_matrix(gamma, same, True, L) * kk
-    inverse = unit_triangular_inverse(M, L)
+    a = decay_matrix(gamma, same, True, L) * kk
+    inverse = unit_triangular_inverse(beta[:, None] * a, L)
+    if SAVE_INVERSE:
+        offs = tl.arange(0, L)
+        here = inverse_ptr + (row.to(tl.int64) * NC + c) * 2 * L * L + offs[:, None] * L + offs[None, :]
+        tl.store(here, inverse)
+        tl.store(here + L * L, a)
     w = tl.dot(inverse, k * (beta * tl.exp(gamma) * from_state)[:, None], input_precision=PRECISION)
     offs_k = tl.arange(0, BK)
     tl.store(w_ptr + tokens[:, None] * DK + offs_k[None, :], w, mask=valid[:, None] & (offs_k < DK)[None, :])
@@ -288,11 +297,12 @@ def sizes(q, v, L: int) -> tuple[int, ...]:
     return n, T, H, Dk, Dv, triton.cdiv(T, L), pow2(Dk), pow2(Dv)
 
 
-def delta_rule_forward(q, k, v, g, beta, S0, starts, scale: float, L: int, cfg):
+def delta_rule_forward(q, k, v, g, beta, S0, starts, scale: float, L: int, cfg, *, for_backward: bool = True):
     """q, k (n, T, H, Dk), v (n, T, H, Dv) contiguous, one dtype; g, beta (n, T, H) float32; S0 (n*H, Dk, Dv)
     float32; starts (n, T) int8 document starts or None; L a power of two; cfg a complete LaunchConfig. Returns
     o (like v), the final state (n*H, Dk, Dv) and what the backward reads: W, U (n, T, H, D) float32, the chunk
-    states (n*H, NC, Dk, Dv) and the walk's segment transitions (`segmented_walk`; None for one segment)."""
+    states (n*H, NC, Dk, Dv), each chunk's T and A (n*H, NC, 2, L, L) float32 (`_wy_kernel`; None unless
+    `for_backward`) and the walk's segment transitions (`segmented_walk`; None for one segment)."""
     n, T, H, Dk, Dv, NC, BK, BV = sizes(q, v, L)
     precision = product_precision(q.dtype)
     f32 = dict(device=q.device, dtype=torch.float32)
@@ -302,9 +312,10 @@ def delta_rule_forward(q, k, v, g, beta, S0, starts, scale: float, L: int, cfg):
     o = torch.empty_like(v)
     documents = dict(HAS_STARTS=starts is not None)
     starts = g if starts is None else starts  # any tensor when HAS_STARTS is off: never read
-    launch(_wy_kernel, (NC, n * H), k, v, g, beta, starts, w, u0, T, H, Dk, Dv, L=L,
-           BK=BK, BV=min(cfg.block_v_wy, BV), PRECISION=precision,
-           num_warps=cfg.warps_wy, **documents)
+    inverse = torch.empty(n * H, NC, 2, L, L, **f32) if for_backward else None
+    launch(_wy_kernel, (NC, n * H), k, v, g, beta, starts, w, u0, w if inverse is None else inverse, T, H, NC, Dk,
+           Dv, L=L, BK=BK, BV=min(cfg.block_v_wy, BV), PRECISION=precision, num_warps=cfg.warps_wy,
+           SAVE_INVERSE=for_backward, **documents)
     walk = dict(L=L, BK=BK, BV=min(cfg.block_v_states, BV), PRECISION=precision, num_warps=cfg.warps_states,
                 **documents)
     transitions = segmented_walk(_states_kernel, (k, w, u0, g, starts), S0, (states, u), S_T, (T, H, NC), (Dk, Dv),
@@ -313,7 +324,7 @@ def delta_rule_forward(q, k, v, g, beta, S0, starts, scale: float, L: int, cfg):
     launch(_output_kernel, (NC, n * H, triton.cdiv(Dv, block_v)),
         q, k, g, starts, states, u, o, T, H, NC, Dk, Dv, scale, L=L, BK=BK, BV=block_v, PRECISION=precision,
         num_warps=cfg.warps_output, **documents)
-    return o, S_T, (w, u, states, transitions)
+    return o, S_T, (w, u, states, inverse, transitions)
 
 
 def segments_of(chunks: int, segments: int) -> tuple[int, int]:
