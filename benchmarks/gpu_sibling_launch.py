@@ -57,7 +57,8 @@ GDN_VARIANTS = {
     "walks_v16_dstates_w4_s2": ({"block_v_dstates": 16, "block_v_states": 16, "warps_dstates": 4,
                                  "stages_dstates": 2}, 64),
     # the walks in segments (forward.py segmented_walk; session 19): at 32k the default takes 21 segments of 25 chunks
-    "segments1": ({"segments": 1}, 64), "segments4": ({"segments": 4}, 64), "segments8": ({"segments": 8}, 64),
+    "segments1": ({"segments": 1}, 64), "segments2": ({"segments": 2}, 64), "segments4": ({"segments": 4}, 64),
+    "segments8": ({"segments": 8}, 64),
     "segments16": ({"segments": 16}, 64), "segments32": ({"segments": 32}, 64),
     "segments16_v32": ({"segments": 16, "block_v_states": 32, "block_v_dstates": 32}, 64),
 }
@@ -78,7 +79,8 @@ SSD_VARIANTS = {
     "grads_n16_p32_w4": ({"block_n_grads": 16, "block_p_grads": 32, "warps_grads": 4}, 64),
     # segmented walks (`config.default_segments`: 1 at 2k's 384 batch*heads, 5 at 32k's 24): at --context 32k
     # `--kinds ssd --variants default,segments1,segments4,segments8,segments16`
-    "segments1": ({"segments": 1}, 64), "segments4": ({"segments": 4}, 64), "segments8": ({"segments": 8}, 64),
+    "segments1": ({"segments": 1}, 64), "segments2": ({"segments": 2}, 64), "segments4": ({"segments": 4}, 64),
+    "segments8": ({"segments": 8}, 64),
     "segments16": ({"segments": 16}, 64),
 }
 
