@@ -29,7 +29,8 @@ def test_blocks_equal_the_split_of_one_conv(T, with_state, with_starts):
     y_ref, state_ref = conv(x, state, starts)
     for block, ref in zip(blocks, y_ref.split(sizes, dim=-1)):
         assert block.is_contiguous() or T == 1
-        torch.testing.assert_close(block, ref, rtol=0, atol=0)
+        # float64 rounding: the CPU conv may order a tap's sums differently by channel count (1 ulp on an AMD EPYC)
+        torch.testing.assert_close(block, ref, rtol=1e-15, atol=1e-15)
     torch.testing.assert_close(new_state, state_ref, rtol=0, atol=0)
 
     grad_y = torch.randn(B, T, sum(sizes), dtype=torch.float64, generator=gen)

@@ -46,7 +46,6 @@ NOISY_FRACTION = 0.002
 NO_CLIP = 1e9  # train.grad_clip above any gradient norm here: clipping inactive
 CLIP = 0.05  # train.grad_clip below every step's gradient norm here (checked): clipping active
 CLIP_RTOL = 1e-6  # an active clip: FSDP's norm sums shard by shard, so its factor may differ in the last bits
-CLIP_ATOL = CLIP_RTOL * LR * STEPS  # ... and so may each Adam update, of size up to lr (measured: 6e-8 at most)
 TWO_RANK_RUNS = {  # name: (train.parallel, grad_accum, grad_clip, resume at step 2 from: None, "one_rank" or a run
     # of this launch)
     "ddp": ("ddp", 1, NO_CLIP, None), "fsdp": ("fsdp", 1, NO_CLIP, None),
@@ -374,8 +373,8 @@ def test_fused_adamw_on_fsdp_shards_matches_foreach(tmp_path, one_thread, local_
 def test_local_shard_adamw_matches_torch_adamw_on_plain_model(tmp_path, one_thread, monkeypatch, fused, grad_clip):
     """FSDP (a group of one) with AdamW on the local shards against the plain model with torch's AdamW, both fused or
     both foreach, 2 micro-batches a step, clipping off or active: no DTensor reaches torch's functional adam(), and
-    the weights agree to the bit without a clip (the same elementwise update of the same gradients), within CLIP_RTOL
-    with one (FSDP's norm sums shard by shard)."""
+    the weights agree to the bit without a clip (the same elementwise update of the same gradients), the losses within
+    CLIP_RTOL with one (FSDP's norm sums shard by shard) and the weights as far as Adam lets that be seen."""
     import importlib
 
     from torch.distributed.tensor import DTensor
@@ -406,9 +405,9 @@ def test_local_shard_adamw_matches_torch_adamw_on_plain_model(tmp_path, one_thre
             assert_same(weights, reference)
         else:
             torch.testing.assert_close(losses, expected, rtol=CLIP_RTOL, atol=0)
-            for name in reference:
-                torch.testing.assert_close(weights[name], reference[name], rtol=CLIP_RTOL, atol=CLIP_ATOL,
-                                           msg=lambda text, name=name: f"{name}: {text}")
+            # the clip factor's last bits rescale every gradient, noise-level entries included, which Adam then
+            # moves by up to lr (module docstring): on an AMD EPYC host 28 of gate_bias's 128 entries by up to 1e-5
+            assert_close_under_adam(weights, reference)
     finally:
         distributed.shutdown(fsdp.world)
 
