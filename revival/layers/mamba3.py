@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.fused import gated_head_norm
 from ..ops.mamba3 import mamba3
 from .ffn import init_projections_
 from .kinds import LayerKind, LayerOptions
@@ -99,8 +100,10 @@ class Mamba3(nn.Module):
         y, state = mamba3(xs, dt, -torch.exp(self.A_log), torch.sigmoid(lam_raw), B, C, theta, self.D, state,
                           chunk_size=self.chunk_size, document_starts=document_starts)
         y = (y * self.mimo_y).sum(dim=3) if self.mimo_y is not None else y.squeeze(3)  # a view, unlike select
-        y = self.norm((y.reshape(batch, T, self.d_inner) * F.silu(z))[:, :, None, :])
-        return self.out_proj(y.reshape(batch, T, self.d_inner)), state
+        # RMSNorm(y * silu(z)) as one pass each way on CUDA, as Mamba-2's (the norm module holds weight and eps)
+        y = gated_head_norm(y.reshape(batch, T, 1, self.d_inner), z, self.norm.weight, self.norm.bias, self.norm.eps,
+                            kind="rms", gate="silu", gate_before_norm=True)
+        return self.out_proj(y), state
 
 
 @dataclass(frozen=True)

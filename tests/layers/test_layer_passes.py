@@ -115,8 +115,8 @@ EXPECTED = {
                     ("_to_copy", 8): 1,  # theta to dt's float32
                     ("_to_copy", 192): 1,  # CPU only: the two-head SSD input
                     ("repeat", 12): 1,  # dt for SSD's 2H heads
-                    ("_to_copy", 96): 3},  # CPU only: the heads' combined output; the gated norm: float32 in, bf16 out
-        "backward": {("_to_copy", 96): 4,  # the gated norm's gradients; CPU only: two x gradients
+                    ("_to_copy", 96): 1},  # CPU only: the heads' combined output (the gated norm is one fused kernel)
+        "backward": {("_to_copy", 96): 2,  # CPU only: two x gradients
                      ("_to_copy", 192): 1,  # CPU only: the two-head output's gradient
                      ("_to_copy", 6): 2,  # the gradients of dt_raw and lam_raw to bf16
                      ("_to_copy", 8): 1,  # theta's gradient to bf16 (summed over heads in float32 before)

@@ -8,8 +8,10 @@ import torch
 
 import revival.layers.gated_deltanet as gdn_module
 import revival.layers.mamba2 as mamba2_module
+import revival.layers.mamba3 as mamba3_module
 from revival.layers.gated_deltanet import GatedDeltaNet
 from revival.layers.mamba2 import Mamba2
+from revival.layers.mamba3 import Mamba3
 from revival.layers.mingru import MinGRU
 from revival.layers.minlstm import MinLSTM
 from revival.ops.delta_rule import gated_delta_rule_reference
@@ -190,12 +192,15 @@ def test_shapes_and_sizes():
     assert MinLSTM(32, expansion=1.0, conv_kernel=0).out_proj is None
 
 
-@pytest.mark.parametrize("n_groups", [1, 2])
+@pytest.mark.parametrize("n_groups", [1, 2, "mamba3", "mamba3-mimo"])
 def test_mamba2_fused_gated_norm_matches_the_unfused_form(n_groups, monkeypatch):
     """The output stage by gated_head_norm(gate_before_norm=True) equals the former y * silu(z), then the grouped
-    RMSNorm module, in float64: output, state and every gradient (issue 20)."""
+    RMSNorm module, in float64: output, state and every gradient (issue 20); Mamba-3's (one group) the same."""
     torch.manual_seed(3)
-    layer = Mamba2(D_MODEL, d_state=8, head_dim=8, n_groups=n_groups, chunk_size=8).to(F64)
+    module = mamba2_module if isinstance(n_groups, int) else mamba3_module
+    layer = (Mamba2(D_MODEL, d_state=8, head_dim=8, n_groups=n_groups, chunk_size=8) if module is mamba2_module
+             else Mamba3(D_MODEL, d_state=8, head_dim=8, chunk_size=8, mimo_rank=2 if "mimo" in n_groups else 1))
+    layer = layer.to(F64)
     with torch.no_grad():
         for p in layer.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -206,7 +211,7 @@ def test_mamba2_fused_gated_norm_matches_the_unfused_form(n_groups, monkeypatch)
         assert (kind, gate, gate_before_norm) == ("rms", "silu", True)
         return layer.norm((h.flatten(-2) * torch.nn.functional.silu(o)).unflatten(-1, h.shape[-2:]))
 
-    monkeypatch.setattr(mamba2_module, "gated_head_norm", unfused)
+    monkeypatch.setattr(module, "gated_head_norm", unfused)
     before = forward_and_grads(layer, x)
     torch.testing.assert_close(fused[0], before[0], rtol=1e-12, atol=1e-12)
     for got, expected in zip(fused[1], before[1]):
