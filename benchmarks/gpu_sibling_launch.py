@@ -61,6 +61,8 @@ GDN_VARIANTS = {
     "segments8": ({"segments": 8}, 64),
     "segments16": ({"segments": 16}, 64), "segments32": ({"segments": 32}, 64),
     "segments16_v32": ({"segments": 16, "block_v_states": 32, "block_v_dstates": 32}, 64),
+    # the WY inverse's diagonal blocks (session 20; default 16): 64 is the plain substitution of one (64, 64) block
+    "inverse_block32": ({"inverse_block": 32}, 64), "inverse_block64": ({"inverse_block": 64}, 64),
 }
 SSD_VARIANTS = {
     "default": ({}, 64), "chunk32": ({}, 32), "chunk128": ({}, 128), "warps_grads4": ({"warps_grads": 4}, 64),

@@ -19,7 +19,9 @@ class LaunchConfig:
     loop over (fewer live tiles); warps_*: num_warps per kernel (warps_wy also the backward's inverse kernel,
     warps_grads both gradient kernels, warps_du the chunk-local dU kernel); stages_grads / stages_dstates: num_stages
     of the gradient and state-gradient kernels (None for the latter: Triton's default); segments: how many parts of
-    the sequence the two sequential walks take at once (forward.py's `segmented_walk`; 1: one walk)."""
+    the sequence the two sequential walks take at once (forward.py's `segmented_walk`; 1: one walk); inverse_block:
+    the diagonal blocks of the WY inverse's substitution (forward.py's `unit_triangular_inverse`; >= the chunk size:
+    one block, plain forward substitution)."""
 
     block_v_wy: int | None = None
     block_v_grads: int | None = None
@@ -36,6 +38,7 @@ class LaunchConfig:
     stages_grads: int | None = None
     stages_dstates: int | None = None
     segments: int | None = None
+    inverse_block: int | None = None
 
 
 def default_segments(rows: int, chunks: int) -> int:
@@ -64,7 +67,7 @@ def default_launch_config(Dk: int, Dv: int, rows: int, dtype: torch.dtype, chunk
     cfg = LaunchConfig(block_v_wy=128, block_v_grads=32, block_v_states=narrow, block_v_output=128,
                        block_v_dstates=narrow, block_v_du=128, warps_wy=4, warps_states=4, warps_output=4,
                        warps_dstates=warps_dstates, warps_du=4, warps_grads=8, stages_grads=stages_grads,
-                       segments=segments)
+                       segments=segments, inverse_block=16)
     if dtype == torch.float32 and Dk > 64:
         # three-pass tf32 keeps a high and a low copy of every product operand in shared memory; at (Dk, Dv) =
         # (128, 128) for sm_90 (227 KB) the state-gradient kernel pipelined needs 280+ KB at any Dv-tile (96 KB
@@ -90,4 +93,7 @@ def launch_config(Dk: int, Dv: int, rows: int, dtype: torch.dtype, requested: La
     cfg = merged_launch_config(requested, default_launch_config(Dk, Dv, rows, dtype, chunks))
     if not (isinstance(cfg.segments, int) and cfg.segments >= 1):
         raise ValueError(f"launch.segments: expected an integer >= 1, got {cfg.segments!r}")
+    block = cfg.inverse_block
+    if not (isinstance(block, int) and block >= 16 and block & (block - 1) == 0):
+        raise ValueError(f"launch.inverse_block: expected a power of two >= 16, got {cfg.inverse_block!r}")
     return cfg

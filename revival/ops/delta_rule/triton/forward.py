@@ -107,18 +107,31 @@ def decay_matrix(gamma, same, STRICT: tl.constexpr, L: tl.constexpr):
 
 
 @triton.jit
-def unit_triangular_inverse(M, L: tl.constexpr):
-    """(I + M)^-1 for M strictly lower triangular (L, L), by forward substitution one column at a time: row j of the
-    inverse is final once columns < j are eliminated, then every row i > j takes -M[i, j] times it (float32 on CUDA
-    cores). Not the product of (I + (-M)^(2^i)): exact in exact arithmetic, but for correlated keys (a repeated
-    token) the powers of M grow like binomial coefficients and cancel to garbage
+def unit_triangular_inverse(M, L: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+    """(I + M)^-1 for M strictly lower triangular (L, L), by forward substitution in (BLOCK, BLOCK) blocks.
+    1. The diagonal blocks' inverses D, all blocks at once, one column per step (BLOCK - 1 steps): row j of a block's
+       inverse is final once its columns < j are eliminated, then every row i > j of the block takes -M[i, j] times
+       it (float32 on CUDA cores).
+    2. Block rows in order: T <- D - D M_o T (M_o the blocks below the diagonal) makes block row r final at the r-th
+       pass (it reads only final rows above it): L / BLOCK - 1 passes of two products on the matrix units.
+    BLOCK = L is plain forward substitution. Not the product of (I + (-M)^(2^i)): exact in exact arithmetic, but for
+    correlated keys (a repeated token) the powers of M grow like binomial coefficients and cancel to garbage
     (tests/ops/test_delta_rule_triton_stability.py)."""
     offs = tl.arange(0, L)
+    same_block = (offs[:, None] // BLOCK) == (offs[None, :] // BLOCK)
     inverse = tl.where(offs[:, None] == offs[None, :], 1.0, 0.0)
-    for j in range(0, L - 1):
-        column = tl.sum(tl.where(offs[None, :] == j, M, 0.0), 1)  # M[:, j]
-        row = tl.sum(tl.where(offs[:, None] == j, inverse, 0.0), 0)  # inverse[j, :], final
-        inverse -= column[:, None] * row[None, :]
+    diagonal = tl.where(same_block, M, 0.0)
+    for j in range(0, BLOCK - 1):
+        at_j = (offs % BLOCK) == j  # column j of every block
+        column = tl.sum(tl.where(at_j[None, :], diagonal, 0.0), 1)  # M[i, block(i) + j]
+        row = tl.sum(tl.where(at_j[:, None] & same_block, inverse, 0.0), 0)  # inverse[block(s) + j, s], final
+        inverse -= tl.where(same_block, column[:, None] * row[None, :], 0.0)
+    if BLOCK < L:
+        below = tl.where(same_block, 0.0, M)
+        blocks = inverse
+        for _ in range(0, L // BLOCK - 1):
+            inverse = blocks - tl.dot(blocks, tl.dot(below, inverse, input_precision=PRECISION),
+                                      input_precision=PRECISION)
     return inverse
 
 
@@ -150,7 +163,7 @@ def _wy_kernel(
     k_ptr, v_ptr, g_ptr, beta_ptr, starts_ptr, w_ptr, u0_ptr, inverse_ptr,
     T, H, NC, DK, DV,
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
-    SAVE_INVERSE: tl.constexpr,
+    SAVE_INVERSE: tl.constexpr, INVERSE_BLOCK: tl.constexpr,
 ):
     """SAVE_INVERSE: T = (I + M)^-1 and A = strict decay * K K^T (M = diag(beta) A) into a (n*H, NC, 2, L, L)
     buffer for the backward (which read T, T^T transposed from memory, and A instead of forming them again)."""
@@ -162,7 +175,7 @@ def _wy_kernel(
     k = load_rows(k_ptr, tokens, valid, DK, BK, 0)
     kk = tl.dot(k, load_cols(k_ptr, tokens, valid, DK, BK, 0), input_precision=PRECISION)
     a = decay_matrix(gamma, same, True, L) * kk
-    inverse = unit_triangular_inverse(beta[:, None] * a, L)
+    inverse = unit_triangular_inverse(beta[:, None] * a, L, INVERSE_BLOCK, PRECISION)
     if SAVE_INVERSE:
         offs = tl.arange(0, L)
         here = inverse_ptr + (row.to(tl.int64) * NC + c) * 2 * L * L + offs[:, None] * L + offs[None, :]
@@ -315,7 +328,7 @@ def delta_rule_forward(q, k, v, g, beta, S0, starts, scale: float, L: int, cfg, 
     inverse = torch.empty(n * H, NC, 2, L, L, **f32) if for_backward else None
     launch(_wy_kernel, (NC, n * H), k, v, g, beta, starts, w, u0, w if inverse is None else inverse, T, H, NC, Dk,
            Dv, L=L, BK=BK, BV=min(cfg.block_v_wy, BV), PRECISION=precision, num_warps=cfg.warps_wy,
-           SAVE_INVERSE=for_backward, **documents)
+           SAVE_INVERSE=for_backward, INVERSE_BLOCK=min(cfg.inverse_block, L), **documents)
     walk = dict(L=L, BK=BK, BV=min(cfg.block_v_states, BV), PRECISION=precision, num_warps=cfg.warps_states,
                 **documents)
     transitions = segmented_walk(_states_kernel, (k, w, u0, g, starts), S0, (states, u), S_T, (T, H, NC), (Dk, Dv),
