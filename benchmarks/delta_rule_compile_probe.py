@@ -46,7 +46,8 @@ def kernel_cases(products: str, Dk: int, Dv: int, rows: int, grads_stages: int |
     inputs = ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dq_ptr", "dk_ptr", "dv_ptr")
     full_walk = dict(WALK="full", FIRST_SEGMENT=0)  # the walk as one segment runs it
     return [
-        ("wy", forward._wy_kernel, data, inputs, dict(common, BV=min(cfg.block_v_wy, BV), SAVE_INVERSE=True),
+        ("wy", forward._wy_kernel, data, inputs, dict(common, BV=min(cfg.block_v_wy, BV), SAVE_INVERSE=True,
+                                                    INVERSE_BLOCK=min(cfg.inverse_block, 64)),
          cfg.warps_wy, None),
         ("states", forward._states_kernel, data, inputs, dict(common, BV=min(cfg.block_v_states, BV), **full_walk),
          cfg.warps_states, None),
