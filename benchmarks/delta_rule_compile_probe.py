@@ -55,7 +55,6 @@ def kernel_cases(products: str, Dk: int, Dv: int, rows: int, grads_stages: int |
          cfg.warps_output, None),
         ("local_du", backward._local_du_kernel, data, inputs, dict(common, BV=min(cfg.block_v_du, BV)), cfg.warps_du,
          None),
-        ("mixing", backward._mixing_kernel, data, inputs, common, cfg.warps_mixing, None),
         ("dstates", backward._dstates_kernel, data, inputs,
          dict(common, BV=wide_block_v(cfg.block_v_dstates, BV), **full_walk), cfg.warps_dstates, cfg.stages_dstates),
         ("grads_output", backward._output_grads_kernel, data, inputs, grads, cfg.warps_grads, grads_stages),
@@ -66,7 +65,7 @@ def kernel_cases(products: str, Dk: int, Dv: int, rows: int, grads_stages: int |
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default="ieee:64x128,tf32x3:64x128,tf32:64x128,tf32:16x32")
-    parser.add_argument("--kernels", default="wy,states,output,local_du,mixing,dstates,grads_output,grads_wy")
+    parser.add_argument("--kernels", default="wy,states,output,local_du,dstates,grads_output,grads_wy")
     parser.add_argument("--launch", default="", help="LaunchConfig fields over the defaults: warps_grads=4,...")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (default: 90, Hopper)")
     parser.add_argument("--out", default=os.environ.get("OUT", "runs"))

@@ -63,9 +63,6 @@ GDN_VARIANTS = {
     "segments16_v32": ({"segments": 16, "block_v_states": 32, "block_v_dstates": 32}, 64),
     # the WY inverse's diagonal blocks (session 20; default 16): 64 is the plain substitution of one (64, 64) block
     "inverse_block32": ({"inverse_block": 32}, 64), "inverse_block64": ({"inverse_block": 64}, 64),
-    # the state-gradient walk through the (Dk, Dk) mixing (session 20; default 8 warps, 2 stages at 16 bits, dU tile 64)
-    "mixing_dstates_w4": ({"warps_dstates": 4}, 64), "mixing_dstates_s1": ({"stages_dstates": 1}, 64),
-    "mixing_du128": ({"block_v_du": 128}, 64), "mixing_dstates_v32": ({"block_v_dstates": 32}, 64),
 }
 SSD_VARIANTS = {
     "default": ({}, 64), "chunk32": ({}, 32), "chunk128": ({}, 128), "warps_grads4": ({"warps_grads": 4}, 64),

@@ -79,18 +79,17 @@ def test_float32_launch_defaults_at_dk_128_fit_shared_memory():
     """float32 at Dk = 128 (three-pass tf32 keeps two copies of each product operand in shared memory): the
     state-gradient kernel runs unpipelined, the states / output kernels take narrower Dv-tiles; the split gradient
     kernels hold their inputs (96 KB on sm_90) at every dtype; bfloat16 and float32 at Dk = 64 keep the settings
-    their speed was measured with (benchmarks/delta_rule_compile_probe.py measures the bytes); the 16-bit
-    state-gradient walk pipelined in 2 stages (208 KB at (128, 256)), float32 at Dk = 64 at Triton's default."""
+    their speed was measured with (benchmarks/delta_rule_compile_probe.py measures the bytes)."""
     f32 = launch_config(128, 256, 64, torch.float32)
     assert (f32.stages_dstates, f32.block_v_states, f32.block_v_output) == (1, 32, 64)
-    for Dk, dtype, stages in ((128, torch.bfloat16, 2), (128, torch.float16, 2), (64, torch.float32, None)):
+    for Dk, dtype in ((128, torch.bfloat16), (128, torch.float16), (64, torch.float32)):
         cfg = launch_config(Dk, 128, 64, dtype)
-        assert (cfg.stages_dstates, cfg.block_v_states, cfg.block_v_output) == (stages, 64, 128)
+        assert (cfg.stages_dstates, cfg.block_v_states, cfg.block_v_output) == (None, 64, 128)
     assert launch_config(128, 128, 64, torch.float32, LaunchConfig(stages_dstates=2)).stages_dstates == 2
-    # few batch*heads (32k context, batch 1): narrower state-gradient walks; 8 warps at every shape
+    # few batch*heads (32k context, batch 1): narrower, 8-warp state-gradient walks
     few = launch_config(128, 256, 6, torch.bfloat16)
     assert (few.block_v_dstates, few.warps_dstates, launch_config(128, 256, 96, torch.bfloat16).warps_dstates) == (
-        32, 8, 8)
+        32, 8, 4)
     # the gradient kernels pipelined at 16-bit Dk <= 128 (measured faster at the 125M shape), not wider or float32
     stages = [launch_config(Dk, 256, 64, dtype).stages_grads for Dk, dtype in (
         (128, torch.bfloat16), (64, torch.float16), (256, torch.bfloat16), (128, torch.float32))]
@@ -250,8 +249,8 @@ def test_autocast_dtypes_take_the_16_bit_products(monkeypatch):
     ref = _reference([x.bfloat16().double() if i < 3 else x for i, x in enumerate(inputs)], weights)
     got = _run(lambda *a: gated_delta_rule_triton(*a, 0.25, chunk_size=16), inputs, weights, DEVICE)
     assert got[0].dtype == torch.float32 and got[2].dtype == torch.float32 and got[4].dtype == torch.bfloat16
-    assert sorted({call["kernel"] for call in calls}) == ["_dstates_kernel", "_local_du_kernel", "_mixing_kernel",
-                                                         "_output_grads_kernel", "_output_kernel", "_states_kernel",
+    assert sorted({call["kernel"] for call in calls}) == ["_dstates_kernel", "_local_du_kernel", "_output_grads_kernel",
+                                                         "_output_kernel", "_states_kernel",
                                                          "_wy_grads_kernel", "_wy_kernel"]
     assert {call["PRECISION"] for call in calls} == {"tf32"}
     assert {call["first"] for call in calls if call["kernel"] in ("_wy_kernel", "_output_kernel")} == {torch.bfloat16}
@@ -304,8 +303,8 @@ def test_kernels_do_not_specialise_on_the_sequence_length():
     script = (
         "from revival.ops.delta_rule.triton import backward, forward\n"
         "for kernel in (forward._wy_kernel, forward._states_kernel, forward._output_kernel,\n"
-        "               backward._local_du_kernel, backward._mixing_kernel, backward._dstates_kernel,\n"
-        "               backward._output_grads_kernel, backward._wy_grads_kernel):\n"
+        "               backward._local_du_kernel, backward._dstates_kernel, backward._output_grads_kernel,\n"
+        "               backward._wy_grads_kernel):\n"
         "    fixed = sorted(p.name for p in kernel.params if p.do_not_specialize)\n"
         "    print(kernel.__name__, ','.join(fixed))\n")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
@@ -313,7 +312,7 @@ def test_kernels_do_not_specialise_on_the_sequence_length():
     assert done.returncode == 0, done.stderr
     unspecialised = dict(line.partition(" ")[::2] for line in done.stdout.splitlines())
     assert unspecialised == {"_wy_kernel": "NC,T", "_states_kernel": "NC,SPAN,T", "_output_kernel": "NC,T",
-                             "_local_du_kernel": "NC,T", "_mixing_kernel": "NC,T",
+                             "_local_du_kernel": "T",
                              "_dstates_kernel": "NC,SPAN,T", "_output_grads_kernel": "NC,T",
                              "_wy_grads_kernel": "NC,T"}
 
@@ -325,7 +324,7 @@ def test_one_compilation_per_kernel_across_lengths_on_the_gpu():
     from revival.ops.delta_rule.triton import backward, forward
 
     kernels = (forward._wy_kernel, forward._states_kernel, forward._output_kernel, backward._local_du_kernel,
-               backward._mixing_kernel, backward._dstates_kernel, backward._output_grads_kernel,
+               backward._dstates_kernel, backward._output_grads_kernel,
                backward._wy_grads_kernel)
 
     def compiled() -> list[int]:

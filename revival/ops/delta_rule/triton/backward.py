@@ -2,16 +2,12 @@
 state, dS' the gradient of the state at its end, T = (I + M)^-1, which the forward's `_wy_kernel` kept with
 A = strict decay * K K^T, M = diag(beta) A, in a (n*H, NC, 2, L, L) buffer).
 
-0. `_local_du_kernel`, every (chunk, batch*head, Dv-tile): what does not depend on dS' (so it leaves the
-   sequential walk): the part of the gradient of U through the chunk's own outputs, dU_local = (causal decay *
-   Q K^T)^T dO, into dU, and the chunk's own part of the state gradient, C = (exp(gamma) Q)^T dO - W^T dU_local.
-1. `_dstates_kernel`, one program per (Dv-tile, batch*head) walking the chunks backwards:
-   dS <- exp(gamma_L) dS' - (K~^T W)^T dS' + C with each chunk's state mixing K~^T W (K~ = diag(exp(gamma_L -
-   gamma)) K; `_mixing_kernel`, every (chunk, batch*head), before it), one (Dk, Dk) x (Dk, BV) product on the walk's
-   dependency chain; off it, the part of dU through the end state, dU += K~ dS'. What is left is the initial
-   state's gradient. (The same recurrence as dS <- exp(gamma_L) dS'
-   + (exp(gamma) Q)^T dO - W^T dU with dU = dU_local + K~ dS', whose two chained products per chunk made the walk
-   ~4x the forward's on the H200.)
+0. `_local_du_kernel`, every (chunk, batch*head, Dv-tile): the part of the gradient of U through the chunk's own
+   outputs, (causal decay * Q K^T)^T dO, into dU (it does not depend on dS', so it leaves the sequential walk).
+1. `_dstates_kernel`, one program per (Dv-tile, batch*head) walking the chunks backwards: adds the part through the
+   end state, dU += diag(exp(gamma_L - gamma)) K dS', and
+   dS <- exp(gamma_L) dS' + (exp(gamma) Q)^T dO - W^T dU; what is left is the initial state's gradient. Per chunk two
+   (L, Dk) x (Dk, BV) / (Dk, L) x (L, BV) products hang on dS (K dS', W^T dU), one does not ((exp(gamma) Q)^T dO).
 2. `_output_grads_kernel`, every (chunk, batch*head): dQ and the parts of dK, dg through the outputs and the end
    state (float32 scratch).
 3. `_wy_grads_kernel`, every (chunk, batch*head): the parts through U = U0 - W S, added to 2.'s: dK, dV, dg, dbeta.
@@ -42,7 +38,6 @@ from .forward import (
     load_decay,
     load_gates,
     load_rows,
-    load_state,
     product_precision,
     segmented_walk,
     sizes,
@@ -62,54 +57,29 @@ def _upper_decay(gamma, same, STRICT: tl.constexpr, L: tl.constexpr):
 
 @triton.jit(do_not_specialize=LENGTHS)
 def _local_du_kernel(
-    q_ptr, k_ptr, w_ptr, g_ptr, starts_ptr, do_ptr, du_ptr, dconst_ptr,
-    T, H, NC, DK, DV, scale,
+    q_ptr, k_ptr, g_ptr, starts_ptr, do_ptr, du_ptr,
+    T, H, DK, DV, scale,
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
 ):
     """Every (chunk, batch*head, Dv-tile): the part of dU through the chunk's own outputs, (causal decay *
-    Q K^T)^T dO, and the chunk's own part of the state gradient, (exp(gamma) Q)^T dO - W^T dU_local (into a
-    (n*H, NC, Dk, Dv) buffer), neither depending on the state gradient (the walk adds the rest)."""
+    Q K^T)^T dO, which does not depend on the state gradient (the walk adds the rest in place)."""
     c = tl.program_id(0)
     row = tl.program_id(1)
     iv = tl.program_id(2)
     tokens, valid = chunk_tokens(row, c, T, H, L)
     gamma, _ = load_decay(g_ptr, tokens, valid)
-    same, from_state, _, _ = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
+    same, _, _, _ = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
     k = load_rows(k_ptr, tokens, valid, DK, BK, 0)
     qT = load_cols(q_ptr, tokens, valid, DK, BK, 0) * scale
     scores_T = tl.dot(k, qT, input_precision=PRECISION) * _upper_decay(gamma, same, False, L)  # [s, t]
     u_offs, mask_u = value_tile(tokens, valid, iv, DV, BV)
     do = tl.load(do_ptr + u_offs, mask=mask_u, other=0.0).to(tl.float32)
-    du = tl.dot(scores_T, do, input_precision=PRECISION)
-    tl.store(du_ptr + u_offs, du, mask=mask_u)
-    own = tl.dot(qT * (tl.exp(gamma) * from_state)[None, :], do, input_precision=PRECISION)
-    own = tl.dot(-load_cols(w_ptr, tokens, valid, DK, BK, 0), du, acc=own, input_precision=PRECISION)
-    store_state(dconst_ptr, own, row, c, NC, DK, DV, BK, BV, iv)
-
-
-@triton.jit(do_not_specialize=LENGTHS)
-def _mixing_kernel(
-    k_ptr, w_ptr, g_ptr, starts_ptr, mixing_ptr,
-    T, H, NC, DK,
-    L: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
-):
-    """Every (chunk, batch*head): the chunk's state mixing K~^T W (Dk, Dk), K~ = diag(exp(gamma_L - gamma)) K,
-    stored transposed (the walk reads (K~^T W)^T row-major: the K-major operand of tf32 products)."""
-    c = tl.program_id(0)
-    row = tl.program_id(1)
-    tokens, valid = chunk_tokens(row, c, T, H, L)
-    gamma, g_total = load_decay(g_ptr, tokens, valid)
-    _, _, to_end, _ = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
-    k_to_end = load_cols(k_ptr, tokens, valid, DK, BK, 0) * (tl.exp(g_total - gamma) * to_end)[None, :]
-    mixing = tl.dot(k_to_end, load_rows(w_ptr, tokens, valid, DK, BK, 0), input_precision=PRECISION)
-    offs_k = tl.arange(0, BK)
-    offs = (row.to(tl.int64) * NC + c) * DK * DK + offs_k[None, :] * DK + offs_k[:, None]
-    tl.store(mixing_ptr + offs, mixing, mask=(offs_k < DK)[:, None] & (offs_k < DK)[None, :])
+    tl.store(du_ptr + u_offs, tl.dot(scores_T, do, input_precision=PRECISION), mask=mask_u)
 
 
 @triton.jit(do_not_specialize=LENGTHS + ("SPAN",))
 def _dstates_kernel(
-    mixing_ptr, dconst_ptr, k_ptr, g_ptr, starts_ptr, ds_first_ptr,
+    q_ptr, k_ptr, w_ptr, g_ptr, starts_ptr, do_ptr, scale, ds_first_ptr,
     dstates_ptr, du_ptr, ds_last_ptr,
     T, H, NC, SPAN, DK, DV, WIDTH,
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, HAS_STARTS: tl.constexpr,
@@ -117,33 +87,32 @@ def _dstates_kernel(
 ):
     """One (column tile, batch*head, segment) walking the segment's chunks backwards (the forward's
     `_states_kernel` in reverse, its WALK modes "full" and "local" and segments; the transitions come from the
-    forward): dS <- exp(gamma_L) dS - (K~^T W)^T dS + C, the mixing transposed from `_mixing_kernel`. du_ptr holds
-    `_local_du_kernel`'s part of dU on entry; "full" adds K~ dS' in place and stores each chunk's dS', and the
-    initial state's gradient once the first segment is done."""
+    forward). du_ptr holds `_local_du_kernel`'s part of dU on entry; "full" adds the rest in place and stores each
+    chunk's dS', and the initial state's gradient once the first segment is done."""
     iv = tl.program_id(0)
     row = tl.program_id(1)
     segment = FIRST_SEGMENT + tl.program_id(2)
     index = segment * tl.num_programs(1) + row
     dS = initial_state(ds_first_ptr, index, DK, WIDTH, BK, BV, iv, "load" if WALK == "full" else "zeros")
-    offs_k = tl.arange(0, BK)
-    mask_kk = (offs_k < DK)[:, None] & (offs_k < DK)[None, :]
     first = segment * SPAN
     for cc in range(0, tl.minimum(NC, first + SPAN) - first):
         c = tl.minimum(NC, first + SPAN) - 1 - cc
-        tokens, valid = chunk_tokens(row, c, T, H, L)
-        gamma, g_total = load_decay(g_ptr, tokens, valid)
-        _, _, to_end, keeps = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
         if WALK == "full":
             store_state(dstates_ptr, dS, row, c, NC, DK, DV, BK, BV, iv)
-            u_offs, mask_u = value_tile(tokens, valid, iv, DV, BV)
-            k_dS = tl.dot(load_rows(k_ptr, tokens, valid, DK, BK, 0), dS, input_precision=PRECISION)
-            du = tl.load(du_ptr + u_offs, mask=mask_u, other=0.0) + (tl.exp(g_total - gamma) * to_end)[:, None] * k_dS
+        tokens, valid = chunk_tokens(row, c, T, H, L)
+        gamma, g_total = load_decay(g_ptr, tokens, valid)
+        _, from_state, to_end, keeps = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
+        u_offs, mask_u = value_tile(tokens, valid, iv, DV, BV)
+        # the tokens' scalings on the (L, BV) sides of the products: k, q go to the matrix units as loaded
+        k_dS = tl.dot(load_rows(k_ptr, tokens, valid, DK, BK, 0), dS, input_precision=PRECISION)
+        du = tl.load(du_ptr + u_offs, mask=mask_u, other=0.0) + (tl.exp(g_total - gamma) * to_end)[:, None] * k_dS
+        if WALK == "full":
             tl.store(du_ptr + u_offs, du, mask=mask_u)
-        # (K~^T W)^T as `_mixing_kernel` stored it, loaded straight into the product (the sign goes on dS)
-        mixing_T = tl.load(mixing_ptr + (row.to(tl.int64) * NC + c) * DK * DK + offs_k[:, None] * DK + offs_k[None, :],
-                           mask=mask_kk, other=0.0)
-        own = load_state(dconst_ptr, row, c, NC, DK, DV, BK, BV, iv)
-        dS = tl.dot(mixing_T, -dS, acc=tl.exp(g_total) * keeps * dS + own, input_precision=PRECISION)
+        do_from_state = tl.load(do_ptr + u_offs, mask=mask_u, other=0.0).to(tl.float32) * (
+            scale * tl.exp(gamma) * from_state)[:, None]
+        dS = tl.exp(g_total) * keeps * dS + tl.dot(load_cols(q_ptr, tokens, valid, DK, BK, 0), do_from_state,
+                                                   input_precision=PRECISION)
+        dS -= tl.dot(load_cols(w_ptr, tokens, valid, DK, BK, 0), du, input_precision=PRECISION)
     if WALK == "full":
         if segment == 0:
             store_state(ds_last_ptr, dS, row, 0, 1, DK, DV, BK, BV, iv)
@@ -294,20 +263,16 @@ def delta_rule_backward(q, k, v, g, beta, starts, w, u, states, inverse, transit
     f32 = dict(device=q.device, dtype=torch.float32)
     dstates = torch.empty(n * H, NC, Dk, Dv, **f32)
     du = torch.empty(n, T, H, Dv, **f32)
-    dconst = torch.empty(n * H, NC, Dk, Dv, **f32)  # each chunk's own part of the state gradient
-    mixing = torch.empty(n * H, NC, Dk, Dk, **f32)
     dS0 = torch.empty(n * H, Dk, Dv, **f32)
     documents = dict(HAS_STARTS=starts is not None)
     starts = g if starts is None else starts  # any tensor when HAS_STARTS is off: never read
-    launch(_mixing_kernel, (NC, n * H), k, w, g, starts, mixing, T, H, NC, Dk, L=L, BK=BK, PRECISION=precision,
-           num_warps=cfg.warps_mixing, **documents)
     block_v = min(cfg.block_v_du, BV)
     launch(_local_du_kernel, (NC, n * H, triton.cdiv(Dv, block_v)),
-        q, k, w, g, starts, do, du, dconst, T, H, NC, Dk, Dv, scale, L=L, BK=BK, BV=block_v, PRECISION=precision,
+        q, k, g, starts, do, du, T, H, Dk, Dv, scale, L=L, BK=BK, BV=block_v, PRECISION=precision,
         num_warps=cfg.warps_du, **documents)
     walk = dict(L=L, BK=BK, BV=wide_block_v(cfg.block_v_dstates, BV), PRECISION=precision,
                 num_warps=cfg.warps_dstates, **stages(cfg.stages_dstates), **documents)
-    segmented_walk(_dstates_kernel, (mixing, dconst, k, g, starts), dS_T, (dstates, du), dS0, (T, H, NC), (Dk, Dv),
+    segmented_walk(_dstates_kernel, (q, k, w, g, starts, do, scale), dS_T, (dstates, du), dS0, (T, H, NC), (Dk, Dv),
                    n * H, cfg.segments, walk, transitions=transitions, reverse=True)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dk_out, dg_out = torch.empty(n, T, H, Dk, **f32), torch.empty(n, T, H, **f32)  # the first kernel's parts

@@ -16,9 +16,9 @@ class LaunchConfig:
     block_v_states / block_v_output / block_v_dstates / block_v_du: the Dv-tile of the sequential state kernel, the
     output kernel, the sequential state-gradient kernel and the chunk-local dU kernel before it (narrower tiles: more
     programs for the sequential walks); block_v_wy / block_v_grads: the Dv-tile the WY and the two gradient kernels
-    loop over (fewer live tiles); warps_*: num_warps per kernel (warps_grads both gradient kernels, warps_du the
-    chunk-local dU kernel, warps_mixing the state mixing kernel); stages_grads / stages_dstates: num_stages of the
-    gradient and state-gradient kernels (None for the latter: Triton's default); segments: how many parts of
+    loop over (fewer live tiles); warps_*: num_warps per kernel (warps_wy also the backward's inverse kernel,
+    warps_grads both gradient kernels, warps_du the chunk-local dU kernel); stages_grads / stages_dstates: num_stages
+    of the gradient and state-gradient kernels (None for the latter: Triton's default); segments: how many parts of
     the sequence the two sequential walks take at once (forward.py's `segmented_walk`; 1: one walk); inverse_block:
     the diagonal blocks of the WY inverse's substitution (forward.py's `unit_triangular_inverse`; >= the chunk size:
     one block, plain forward substitution)."""
@@ -34,7 +34,6 @@ class LaunchConfig:
     warps_output: int | None = None
     warps_dstates: int | None = None
     warps_du: int | None = None
-    warps_mixing: int | None = None
     warps_grads: int | None = None
     stages_grads: int | None = None
     stages_dstates: int | None = None
@@ -58,18 +57,16 @@ def default_launch_config(Dk: int, Dv: int, rows: int, dtype: torch.dtype, chunk
     segments = default_segments(rows, chunks)
     rows *= segments  # the walks' programs per column tile
     narrow = 32 if rows < 64 else 64
-    # the state-gradient walk holds dS, C and the (Dk, Dk) mixing on its way to the matrix units: sm_90 at (128, 256)
-    # bf16, 64-wide tiles, unpipelined: 8 warps 254 registers and no spills, 4 warps 255 and 816 spill bytes;
-    # pipelined at 8 warps (2 stages) 252 registers, 208 KB of shared memory (3 stages do not fit)
-    sixteen_bit = dtype in (torch.bfloat16, torch.float16) and Dk <= 128
+    # the state-gradient walk at 8 warps with few rows: at (128, 256) bf16 and 32-wide tiles 220 registers and no
+    # spills against 255 and 176 bytes at 4 warps, and one program per SM either way (shared memory)
+    warps_dstates = 8 if rows < 64 else 4
     # the two gradient kernels pipelined at 16-bit Dk <= 128 (sm_90 at (128, 256), Dv-tile 32: 112 / 116 KB of shared
     # memory, no spills; fwd+bwd 6.38 -> 5.95 ms at the 125M shape); wider keys or float32 unpipelined (227 KB)
-    stages_grads = 2 if sixteen_bit else 1
+    stages_grads = 2 if dtype in (torch.bfloat16, torch.float16) and Dk <= 128 else 1
     # Dv-tile 32: fewer spills than 64 at Dk = 128 (the probe)
     cfg = LaunchConfig(block_v_wy=128, block_v_grads=32, block_v_states=narrow, block_v_output=128,
-                       block_v_dstates=narrow, block_v_du=64, warps_wy=4, warps_states=4, warps_output=4,
-                       warps_dstates=8, warps_du=4, warps_mixing=4, warps_grads=8, stages_grads=stages_grads,
-                       stages_dstates=2 if sixteen_bit else None,
+                       block_v_dstates=narrow, block_v_du=128, warps_wy=4, warps_states=4, warps_output=4,
+                       warps_dstates=warps_dstates, warps_du=4, warps_grads=8, stages_grads=stages_grads,
                        segments=segments, inverse_block=16)
     if dtype == torch.float32 and Dk > 64:
         # three-pass tf32 keeps a high and a low copy of every product operand in shared memory; at (Dk, Dv) =
