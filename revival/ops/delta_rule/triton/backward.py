@@ -29,6 +29,7 @@ import triton.language as tl
 from .config import wide_block_v
 from .forward import (
     LENGTHS,
+    chunk_state_dtype,
     chunk_tokens,
     decay_matrix,
     document_masks,
@@ -41,7 +42,6 @@ from .forward import (
     product_precision,
     segmented_walk,
     sizes,
-    storage_dtype,
     store_state,
     value_tile,
 )
@@ -264,7 +264,7 @@ def delta_rule_backward(q, k, v, g, beta, starts, w, u, states, inverse, transit
     n, T, H, Dk, Dv, NC, BK, BV = sizes(q, v, L)
     precision = product_precision(q.dtype)
     f32 = dict(device=q.device, dtype=torch.float32)
-    dstates = torch.empty(n * H, NC, Dk, Dv, device=q.device, dtype=storage_dtype(q.dtype))
+    dstates = torch.empty(n * H, NC, Dk, Dv, device=q.device, dtype=chunk_state_dtype(q.dtype))
     du = torch.empty(n, T, H, Dv, **f32)
     dS0 = torch.empty(n * H, Dk, Dv, **f32)
     documents = dict(HAS_STARTS=starts is not None)

@@ -15,8 +15,8 @@ tile (the pattern behind wrong gradients on Hopper in fla #640). Positions past 
 they change nothing (no padding of the inputs). Packed documents (optional (n, T) int8 starts): per chunk the masks
 of chunkwise.py (`document_masks`): M and the scores within one document, the entering state read only by the
 document running before the chunk, the end state fed only by the chunk's last document. Layout: q, k (n, T, H, Dk),
-v and the buffers W, U0, U (n, T, H, D) contiguous; g, beta (n, T, H) float32; states (n*H, NC, Dk, Dv); W float32,
-U0, U and the states float32 or, for 16-bit inputs, bfloat16 (`storage_dtype`).
+v and the buffers W, U0, U (n, T, H, D) contiguous; g, beta (n, T, H) float32; states (n*H, NC, Dk, Dv) float32, or
+bfloat16 for 16-bit inputs (`chunk_state_dtype`).
 """
 
 from __future__ import annotations
@@ -238,8 +238,7 @@ def _states_kernel(
             u = -tl.dot(w, S, input_precision=PRECISION)
         else:
             u_offs, mask_u = value_tile(tokens, valid, iv, DV, BV)
-            u0 = tl.load(u0_ptr + u_offs, mask=mask_u, other=0.0).to(tl.float32)
-            u = u0 - tl.dot(w, S, input_precision=PRECISION)
+            u = tl.load(u0_ptr + u_offs, mask=mask_u, other=0.0) - tl.dot(w, S, input_precision=PRECISION)
             if WALK == "full":
                 tl.store(u_ptr + u_offs, u, mask=mask_u)
         _, _, to_end, keeps = document_masks(starts_ptr, row // H, c, T, L, HAS_STARTS)
@@ -269,7 +268,7 @@ def _output_kernel(
     scores *= decay_matrix(gamma, same, False, L)
     S = load_state(states_ptr, row, c, NC, DK, DV, BK, BV, iv)
     u_offs, mask_u = value_tile(tokens, valid, iv, DV, BV)
-    u = tl.load(u_ptr + u_offs, mask=mask_u, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + u_offs, mask=mask_u, other=0.0)
     o = tl.dot(q * (tl.exp(gamma) * from_state)[:, None], S, input_precision=PRECISION)
     o += tl.dot(scores, u, input_precision=PRECISION)
     tl.store(o_ptr + u_offs, o.to(o_ptr.dtype.element_ty), mask=mask_u)
@@ -302,11 +301,10 @@ def product_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def storage_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the stored chunk states, state gradients and value-side buffers U0, U (what the walks, output and
-    gradient kernels read; the walks carry the states in float32): bfloat16 for 16-bit inputs, whose products round
-    their operands to 16 bits' worth already (half the bytes of the largest buffers: ~2 GB a layer at the 125M 2k
-    shape), float32 otherwise. W stays float32: it multiplies the state in every chunk."""
+def chunk_state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the stored chunk states and state gradients (what the output and gradient kernels read; the walks
+    carry them in float32): bfloat16 for 16-bit inputs, whose products round their operands to 16 bits' worth
+    already (half the bytes of the largest buffers: ~1.6 GB a layer at the 125M shape), float32 otherwise."""
     return torch.bfloat16 if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
@@ -324,16 +322,14 @@ def sizes(q, v, L: int) -> tuple[int, ...]:
 def delta_rule_forward(q, k, v, g, beta, S0, starts, scale: float, L: int, cfg, *, for_backward: bool = True):
     """q, k (n, T, H, Dk), v (n, T, H, Dv) contiguous, one dtype; g, beta (n, T, H) float32; S0 (n*H, Dk, Dv)
     float32; starts (n, T) int8 document starts or None; L a power of two; cfg a complete LaunchConfig. Returns
-    o (like v), the final state (n*H, Dk, Dv) and what the backward reads: W (n, T, H, Dk) float32, U (n, T, H, Dv)
-    and the chunk states (n*H, NC, Dk, Dv) in `storage_dtype`, each chunk's T and A (n*H, NC, 2, L, L) float32
-    (`_wy_kernel`; None unless `for_backward`) and the walk's segment transitions (`segmented_walk`; None for one
-    segment)."""
+    o (like v), the final state (n*H, Dk, Dv) and what the backward reads: W, U (n, T, H, D) float32, the chunk
+    states (n*H, NC, Dk, Dv) in `chunk_state_dtype`, each chunk's T and A (n*H, NC, 2, L, L) float32 (`_wy_kernel`;
+    None unless `for_backward`) and the walk's segment transitions (`segmented_walk`; None for one segment)."""
     n, T, H, Dk, Dv, NC, BK, BV = sizes(q, v, L)
     precision = product_precision(q.dtype)
     f32 = dict(device=q.device, dtype=torch.float32)
-    stored = dict(device=q.device, dtype=storage_dtype(q.dtype))
-    w, u0, u = torch.empty(n, T, H, Dk, **f32), torch.empty(n, T, H, Dv, **stored), torch.empty(n, T, H, Dv, **stored)
-    states = torch.empty(n * H, NC, Dk, Dv, **stored)
+    w, u0, u = torch.empty(n, T, H, Dk, **f32), torch.empty(n, T, H, Dv, **f32), torch.empty(n, T, H, Dv, **f32)
+    states = torch.empty(n * H, NC, Dk, Dv, device=q.device, dtype=chunk_state_dtype(q.dtype))
     S_T = torch.empty(n * H, Dk, Dv, **f32)
     o = torch.empty_like(v)
     documents = dict(HAS_STARTS=starts is not None)
