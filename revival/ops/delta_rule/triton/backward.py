@@ -29,7 +29,6 @@ import triton.language as tl
 from .config import wide_block_v
 from .forward import (
     LENGTHS,
-    chunk_state_dtype,
     chunk_tokens,
     decay_matrix,
     document_masks,
@@ -157,12 +156,10 @@ def _output_grads_kernel(
         mask_kv = (offs_k < DK)[:, None] & (offs_v < DV)[None, :]
         here_T = base + offs_k[None, :] * DV + offs_v[:, None]
         mask_T = (offs_v < DV)[:, None] & (offs_k < DK)[None, :]
-        do_S += tl.dot(do, tl.load(states_ptr + here_T, mask=mask_T, other=0.0).to(tl.float32),
-                       input_precision=PRECISION)
-        u_dS += tl.dot(u, tl.load(dstates_ptr + here_T, mask=mask_T, other=0.0).to(tl.float32),
-                       input_precision=PRECISION)
-        S_dS += tl.sum(tl.load(states_ptr + here, mask=mask_kv, other=0.0).to(tl.float32) *
-                       tl.load(dstates_ptr + here, mask=mask_kv, other=0.0).to(tl.float32), 1)
+        do_S += tl.dot(do, tl.load(states_ptr + here_T, mask=mask_T, other=0.0), input_precision=PRECISION)
+        u_dS += tl.dot(u, tl.load(dstates_ptr + here_T, mask=mask_T, other=0.0), input_precision=PRECISION)
+        S_dS += tl.sum(tl.load(states_ptr + here, mask=mask_kv, other=0.0) *
+                       tl.load(dstates_ptr + here, mask=mask_kv, other=0.0), 1)
 
     # through the end state S' = exp(gamma_L) S + (exp(gamma_L - gamma) K)^T U, first: U dS'^T's last use; q, k are
     # read after the loop (not held through it)
@@ -228,7 +225,7 @@ def _wy_grads_kernel(
         dM = tl.dot(-dv_tilde, load_cols(u_ptr, tokens, valid, DV, BV, start), acc=dM, input_precision=PRECISION)
         here_T = base + offs_k[None, :] * DV + offs_v[:, None]
         mask_T = (offs_v < DV)[:, None] & (offs_k < DK)[None, :]
-        dk_tilde = tl.dot(-dv_tilde, tl.load(states_ptr + here_T, mask=mask_T, other=0.0).to(tl.float32), acc=dk_tilde,
+        dk_tilde = tl.dot(-dv_tilde, tl.load(states_ptr + here_T, mask=mask_T, other=0.0), acc=dk_tilde,
                           input_precision=PRECISION)
         u_du += tl.dot(load_rows(u_ptr, tokens, valid, DV, BV, start), load_cols(du_ptr, tokens, valid, DV, BV, start),
                        input_precision=PRECISION)
@@ -264,7 +261,7 @@ def delta_rule_backward(q, k, v, g, beta, starts, w, u, states, inverse, transit
     n, T, H, Dk, Dv, NC, BK, BV = sizes(q, v, L)
     precision = product_precision(q.dtype)
     f32 = dict(device=q.device, dtype=torch.float32)
-    dstates = torch.empty(n * H, NC, Dk, Dv, device=q.device, dtype=chunk_state_dtype(q.dtype))
+    dstates = torch.empty(n * H, NC, Dk, Dv, **f32)
     du = torch.empty(n, T, H, Dv, **f32)
     dS0 = torch.empty(n * H, Dk, Dv, **f32)
     documents = dict(HAS_STARTS=starts is not None)

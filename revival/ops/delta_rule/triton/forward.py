@@ -15,8 +15,7 @@ tile (the pattern behind wrong gradients on Hopper in fla #640). Positions past 
 they change nothing (no padding of the inputs). Packed documents (optional (n, T) int8 starts): per chunk the masks
 of chunkwise.py (`document_masks`): M and the scores within one document, the entering state read only by the
 document running before the chunk, the end state fed only by the chunk's last document. Layout: q, k (n, T, H, Dk),
-v and the buffers W, U0, U (n, T, H, D) contiguous; g, beta (n, T, H) float32; states (n*H, NC, Dk, Dv) float32, or
-bfloat16 for 16-bit inputs (`chunk_state_dtype`).
+v and the buffers W, U0, U (n, T, H, D) contiguous; g, beta (n, T, H) float32; states (n*H, NC, Dk, Dv) float32.
 """
 
 from __future__ import annotations
@@ -147,15 +146,14 @@ def state_offsets(row, c, NC, DK, DV, BK: tl.constexpr, BV: tl.constexpr, iv):
 
 @triton.jit
 def load_state(ptr, row, c, NC, DK, DV, BK: tl.constexpr, BV: tl.constexpr, iv):
-    """The (BK, BV) Dv-tile iv of the state entering chunk c (zeros past Dk, Dv) from a (n*H, NC, Dk, Dv) buffer, in
-    float32."""
+    """The (BK, BV) Dv-tile iv of the state entering chunk c (zeros past Dk, Dv) from a (n*H, NC, Dk, Dv) buffer."""
     offs, mask = state_offsets(row, c, NC, DK, DV, BK, BV, iv)
-    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(ptr + offs, mask=mask, other=0.0)
 
 
 @triton.jit
 def store_state(ptr, S, row, c, NC, DK, DV, BK: tl.constexpr, BV: tl.constexpr, iv):
-    """Stores S as that tile (rounded to the buffer's dtype)."""
+    """Stores S as that tile."""
     offs, mask = state_offsets(row, c, NC, DK, DV, BK, BV, iv)
     tl.store(ptr + offs, S, mask=mask)
 
@@ -301,13 +299,6 @@ def product_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def chunk_state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the stored chunk states and state gradients (what the output and gradient kernels read; the walks
-    carry them in float32): bfloat16 for 16-bit inputs, whose products round their operands to 16 bits' worth
-    already (half the bytes of the largest buffers: ~1.6 GB a layer at the 125M shape), float32 otherwise."""
-    return torch.bfloat16 if dtype in (torch.bfloat16, torch.float16) else torch.float32
-
-
 def pow2(x: int, floor: int = 16) -> int:
     return max(floor, 1 << max(x - 1, 0).bit_length())
 
@@ -323,13 +314,13 @@ def delta_rule_forward(q, k, v, g, beta, S0, starts, scale: float, L: int, cfg, 
     """q, k (n, T, H, Dk), v (n, T, H, Dv) contiguous, one dtype; g, beta (n, T, H) float32; S0 (n*H, Dk, Dv)
     float32; starts (n, T) int8 document starts or None; L a power of two; cfg a complete LaunchConfig. Returns
     o (like v), the final state (n*H, Dk, Dv) and what the backward reads: W, U (n, T, H, D) float32, the chunk
-    states (n*H, NC, Dk, Dv) in `chunk_state_dtype`, each chunk's T and A (n*H, NC, 2, L, L) float32 (`_wy_kernel`;
-    None unless `for_backward`) and the walk's segment transitions (`segmented_walk`; None for one segment)."""
+    states (n*H, NC, Dk, Dv), each chunk's T and A (n*H, NC, 2, L, L) float32 (`_wy_kernel`; None unless
+    `for_backward`) and the walk's segment transitions (`segmented_walk`; None for one segment)."""
     n, T, H, Dk, Dv, NC, BK, BV = sizes(q, v, L)
     precision = product_precision(q.dtype)
     f32 = dict(device=q.device, dtype=torch.float32)
     w, u0, u = torch.empty(n, T, H, Dk, **f32), torch.empty(n, T, H, Dv, **f32), torch.empty(n, T, H, Dv, **f32)
-    states = torch.empty(n * H, NC, Dk, Dv, device=q.device, dtype=chunk_state_dtype(q.dtype))
+    states = torch.empty(n * H, NC, Dk, Dv, **f32)
     S_T = torch.empty(n * H, Dk, Dv, **f32)
     o = torch.empty_like(v)
     documents = dict(HAS_STARTS=starts is not None)
