@@ -52,7 +52,8 @@ def family(name: str) -> str:
 def measure(preset: str, size: str, context: int, steps: int, top: int) -> dict:
     device, dtype = torch.device("cuda"), torch.bfloat16
     # float32 weights under bf16 autocast, as `revival bench train` runs them (the weight casts and the float32
-    # AdamW are part of its step; bf16 weights made the profiled step ~9% shorter than the bench's, before session 20)
+    # AdamW are part of its step); until session 20 this built bf16 weights: not the bench's step (GDN at 2k on the
+    # H100: 129 ms here against the bench's 141 ms, the gap not yet broken down)
     runner = build_runner(preset, size, device, torch.float32, train=True)
     batch = max(1, DEFAULTS[size]["tokens_per_step"] // context)
     ids = tokens_batch(runner.config.vocab_size, batch, context + 1, device)
