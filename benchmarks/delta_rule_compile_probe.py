@@ -47,7 +47,7 @@ def kernel_cases(products: str, Dk: int, Dv: int, rows: int, grads_stages: int |
     full_walk = dict(WALK="full", FIRST_SEGMENT=0)  # the walk as one segment runs it
     return [
         ("wy", forward._wy_kernel, data, inputs, dict(common, BV=min(cfg.block_v_wy, BV), SAVE_INVERSE=True,
-                                                    INVERSE_BLOCK=min(cfg.inverse_block, 64)),
+                                                    INVERSE_BLOCK=min(cfg.inverse_block, common["L"])),
          cfg.warps_wy, None),
         ("states", forward._states_kernel, data, inputs, dict(common, BV=min(cfg.block_v_states, BV), **full_walk),
          cfg.warps_states, None),

@@ -16,12 +16,12 @@ class LaunchConfig:
     block_v_states / block_v_output / block_v_dstates / block_v_du: the Dv-tile of the sequential state kernel, the
     output kernel, the sequential state-gradient kernel and the chunk-local dU kernel before it (narrower tiles: more
     programs for the sequential walks); block_v_wy / block_v_grads: the Dv-tile the WY and the two gradient kernels
-    loop over (fewer live tiles); warps_*: num_warps per kernel (warps_wy also the backward's inverse kernel,
-    warps_grads both gradient kernels, warps_du the chunk-local dU kernel); stages_grads / stages_dstates: num_stages
-    of the gradient and state-gradient kernels (None for the latter: Triton's default); segments: how many parts of
-    the sequence the two sequential walks take at once (forward.py's `segmented_walk`; 1: one walk); inverse_block:
-    the diagonal blocks of the WY inverse's substitution (forward.py's `unit_triangular_inverse`; >= the chunk size:
-    one block, plain forward substitution)."""
+    loop over (fewer live tiles); warps_*: num_warps per kernel (warps_grads both gradient kernels, warps_du the
+    chunk-local dU kernel); stages_grads / stages_dstates: num_stages of the gradient and state-gradient kernels
+    (None for the latter: Triton's default); segments: how many parts of the sequence the two sequential walks take
+    at once (forward.py's `segmented_walk`; 1: one walk); inverse_block: the diagonal blocks of the WY inverse's
+    substitution (forward.py's `unit_triangular_inverse`; >= the chunk size: one block, plain forward
+    substitution)."""
 
     block_v_wy: int | None = None
     block_v_grads: int | None = None
@@ -95,5 +95,5 @@ def launch_config(Dk: int, Dv: int, rows: int, dtype: torch.dtype, requested: La
         raise ValueError(f"launch.segments: expected an integer >= 1, got {cfg.segments!r}")
     block = cfg.inverse_block
     if not (isinstance(block, int) and block >= 16 and block & (block - 1) == 0):
-        raise ValueError(f"launch.inverse_block: expected a power of two >= 16, got {cfg.inverse_block!r}")
+        raise ValueError(f"launch.inverse_block: expected a power of two >= 16, got {block!r}")
     return cfg

@@ -2,7 +2,7 @@
 
 Three kernels:
 1. `_wy_kernel`, every (chunk, batch*head) in parallel: the chunk's (I + M)^-1 (M strictly lower triangular, by
-   forward substitution, `unit_triangular_inverse`), then
+   blocked forward substitution, `unit_triangular_inverse`), then
    W = (I + M)^-1 diag(beta exp(gamma)) K and U0 = (I + M)^-1 diag(beta) V; for the backward it keeps the inverse
    and strict decay * K K^T (16 KB each per chunk and head at L = 64, instead of forming them again there).
 2. `_states_kernel`, one program per (Dv-tile, batch*head) walking the chunks in order: stores the state entering
